@@ -1,0 +1,28 @@
+//! Compiles proto/ with protox (pure Rust, no system protoc), generates the tonic server and client,
+//! and writes the encoded descriptor set that server reflection serves.
+
+use std::{env, fs, path::PathBuf};
+
+use prost::Message;
+
+const PROTO_ROOT: &str = "proto";
+const PROTOS: &[&str] = &["ivschat/v1/token_service.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed={PROTO_ROOT}");
+
+    // include_imports: reflection must be able to describe google.protobuf.Timestamp too.
+    let descriptors = protox::compile(PROTOS, [PROTO_ROOT])?;
+
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    fs::write(
+        out_dir.join("token_service_descriptor.bin"),
+        descriptors.encode_to_vec(),
+    )?;
+
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

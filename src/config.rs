@@ -1,0 +1,266 @@
+//! The service's one configuration: embedded defaults, then a TOML file (`--config PATH`), then `CTS_*`
+//! environment variables, each overriding the one before.
+//!
+//! Environment names are the setting's path in upper case, prefixed with `CTS_`, with `__` between a
+//! section and its field: `listen_addr` is `CTS_LISTEN_ADDR`, `local_issuer.keys_file` is
+//! `CTS_LOCAL_ISSUER__KEYS_FILE`. Durations are written as humans write them: `"60s"`, `"2m"`, `"500ms"`.
+//!
+//! A bad value stops start-up with an error naming the setting, where it came from, and why.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Toml},
+};
+use serde::Deserialize;
+
+use crate::issuer::local::{KeyError, KeySet};
+
+/// Prefix of environment variables that override settings.
+pub const ENV_PREFIX: &str = "CTS_";
+
+/// Everything the service can be told. Every field has a default, so an empty file is a valid config.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the gRPC server listens. Loopback by default, so a fresh checkout exposes nothing.
+    /// Default `127.0.0.1:50051`.
+    pub listen_addr: SocketAddr,
+
+    /// After SIGTERM or SIGINT, how long calls already in flight may take to finish before the process
+    /// exits anyway. Keep it below Kubernetes' `terminationGracePeriodSeconds`. Default `20s`.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace_period: Duration,
+
+    /// Largest request message the transport accepts, in bytes; larger ones are refused before they are
+    /// parsed. The largest valid request is under 4 KiB. Default `65536`; at least `8192`.
+    pub max_request_bytes: usize,
+
+    /// Which issuer mints tokens. `"local"`: the built-in PASETO issuer. Default `"local"`.
+    pub issuer: IssuerKind,
+
+    /// Settings of the local issuer.
+    pub local_issuer: LocalIssuerConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            shutdown_grace_period: Duration::from_secs(20),
+            max_request_bytes: 64 * 1024,
+            issuer: IssuerKind::Local,
+            local_issuer: LocalIssuerConfig::default(),
+        }
+    }
+}
+
+/// The issuers a deployment can choose from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IssuerKind {
+    /// The built-in issuer: PASETO v4.local tokens encrypted with our own keys.
+    Local,
+}
+
+/// Settings of the local issuer.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LocalIssuerConfig {
+    /// How long a minted token can be used to open a connection. IVS Chat's tokens last one minute.
+    /// Default `60s`; between `1s` and `1h`.
+    #[serde(with = "humantime_serde")]
+    pub token_ttl: Duration,
+
+    /// A key set file: several PASERK `k4.local` keys, one marked `active = true` for new tokens, all
+    /// accepted when verifying. See `deploy/local-keys.example.toml`. Default: none.
+    pub keys_file: Option<PathBuf>,
+
+    /// A single PASERK `k4.local` key, usually given as `CTS_LOCAL_ISSUER__KEY` from a secret store.
+    /// Not together with `keys_file`. With neither, the service generates an ephemeral key at start-up
+    /// and tokens do not survive a restart. Default: none.
+    pub key: Option<Secret>,
+}
+
+impl Default for LocalIssuerConfig {
+    fn default() -> Self {
+        LocalIssuerConfig {
+            token_ttl: Duration::from_secs(60),
+            keys_file: None,
+            key: None,
+        }
+    }
+}
+
+/// Where the local issuer's keys came from, for the start-up log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// `local_issuer.keys_file`.
+    File,
+    /// `local_issuer.key`.
+    Single,
+    /// Generated at start-up; lost on restart.
+    Ephemeral,
+}
+
+impl LocalIssuerConfig {
+    /// Loads the configured keys, or generates an ephemeral key when none are configured.
+    pub fn key_set(&self) -> Result<(Arc<KeySet>, KeySource), ConfigError> {
+        let invalid = |setting: &'static str, e: KeyError| ConfigError::Invalid {
+            setting,
+            reason: e.to_string(),
+        };
+        match (&self.keys_file, &self.key) {
+            (Some(_), Some(_)) => Err(ConfigError::Invalid {
+                setting: "local_issuer.key",
+                reason: "set either local_issuer.key or local_issuer.keys_file, not both".into(),
+            }),
+            (Some(path), None) => Ok((
+                Arc::new(KeySet::load(path).map_err(|e| invalid("local_issuer.keys_file", e))?),
+                KeySource::File,
+            )),
+            (None, Some(key)) => Ok((
+                Arc::new(KeySet::from_paserk(&key.0).map_err(|e| invalid("local_issuer.key", e))?),
+                KeySource::Single,
+            )),
+            (None, None) => Ok((Arc::new(KeySet::ephemeral()), KeySource::Ephemeral)),
+        }
+    }
+}
+
+/// A string that never appears in `Debug` output.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an environment variable does not parse (figment names the key and its source).
+    #[error("configuration error: {0}")]
+    Parse(Box<figment::Error>),
+    /// A value parses but is out of range.
+    #[error("configuration error: {setting}: {reason}")]
+    Invalid {
+        /// The setting's path in the file, e.g. `local_issuer.token_ttl`.
+        setting: &'static str,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Defaults, overridden by `file` (which must exist when given), overridden by `CTS_*` variables.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let config: Config = figment
+            .merge(Env::prefixed(ENV_PREFIX).split("__"))
+            .extract()
+            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Range checks that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ttl = self.local_issuer.token_ttl;
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&ttl) {
+            return Err(ConfigError::Invalid {
+                setting: "local_issuer.token_ttl",
+                reason: format!(
+                    "must be between 1s and 1h, got {}",
+                    humantime::format_duration(ttl)
+                ),
+            });
+        }
+        if self.max_request_bytes < 8192 {
+            return Err(ConfigError::Invalid {
+                setting: "max_request_bytes",
+                reason: format!(
+                    "must be at least 8192 so every valid request fits, got {}",
+                    self.max_request_bytes
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(toml: &str) -> Result<Config, ConfigError> {
+        let config: Config = Figment::new()
+            .merge(Toml::string(toml))
+            .extract()
+            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn an_empty_file_gives_the_documented_defaults() {
+        let config = load_str("").unwrap();
+        assert_eq!(config.listen_addr, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(config.shutdown_grace_period, Duration::from_secs(20));
+        assert_eq!(config.max_request_bytes, 65536);
+        assert_eq!(config.issuer, IssuerKind::Local);
+        assert_eq!(config.local_issuer.token_ttl, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let err = load_str("listen_addr = \"nowhere\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen_addr"), "{err}");
+        let err = load_str("[local_issuer]\ntoken_ttl = \"0s\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("local_issuer.token_ttl"), "{err}");
+        let err = load_str("issuer = \"aws\"").unwrap_err().to_string();
+        assert!(err.contains("issuer") && err.contains("local"), "{err}");
+        let err = load_str("listen_adr = \"127.0.0.1:1\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen_adr"), "{err}");
+    }
+
+    #[test]
+    fn key_and_keys_file_together_are_refused() {
+        let config =
+            load_str("[local_issuer]\nkey = \"k4.local.x\"\nkeys_file = \"keys.toml\"").unwrap();
+        let err = config.local_issuer.key_set().unwrap_err().to_string();
+        assert!(err.contains("not both"), "{err}");
+    }
+
+    #[test]
+    fn the_key_never_shows_in_debug_output() {
+        let config = load_str("[local_issuer]\nkey = \"k4.local.very-secret\"").unwrap();
+        assert!(!format!("{config:?}").contains("very-secret"));
+    }
+}

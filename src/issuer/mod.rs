@@ -1,0 +1,80 @@
+//! Issuers: the innermost service of the domain stack, the thing that actually mints a token.
+//!
+//! An issuer implements the small [`Issuer`] trait; [`IssuerService`] adapts any issuer to a
+//! `tower::Service<TokenRequest>` so policy and rate-limit layers can wrap it without knowing which
+//! issuer sits inside. [`local::LocalIssuer`] mints PASETO tokens itself.
+
+pub mod local;
+
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::SystemTime,
+};
+
+use crate::{error::Error, request::TokenRequest};
+
+/// A token and when it, and the session it opens, expire.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IssuedToken {
+    /// The encrypted token. A bearer secret: never log it.
+    pub token: String,
+    /// After this instant the token can no longer open a connection.
+    pub token_expires_at: SystemTime,
+    /// After this instant a session opened with the token ends.
+    pub session_expires_at: SystemTime,
+}
+
+impl fmt::Debug for IssuedToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssuedToken")
+            .field("token", &format_args!("<{} bytes>", self.token.len()))
+            .field("token_expires_at", &self.token_expires_at)
+            .field("session_expires_at", &self.session_expires_at)
+            .finish()
+    }
+}
+
+/// Something that turns a validated request into a token.
+pub trait Issuer: Send + Sync + 'static {
+    /// Mints one token for `request`.
+    fn issue(
+        &self,
+        request: TokenRequest,
+    ) -> impl Future<Output = Result<IssuedToken, Error>> + Send;
+}
+
+/// Adapts an [`Issuer`] to `tower::Service`, sharing it behind an `Arc` so the service clones cheaply.
+pub struct IssuerService<I>(Arc<I>);
+
+impl<I> IssuerService<I> {
+    /// Wraps `issuer`.
+    pub fn new(issuer: I) -> Self {
+        IssuerService(Arc::new(issuer))
+    }
+}
+
+impl<I> Clone for IssuerService<I> {
+    fn clone(&self) -> Self {
+        IssuerService(self.0.clone())
+    }
+}
+
+impl<I: Issuer> tower::Service<TokenRequest> for IssuerService<I> {
+    type Response = IssuedToken;
+    type Error = Error;
+    type Future = Pin<Box<dyn Future<Output = Result<IssuedToken, Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        // Issuers have no back-pressure of their own; concurrency is capped at the HTTP level.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: TokenRequest) -> Self::Future {
+        let issuer = self.0.clone();
+        Box::pin(async move { issuer.issue(request).await })
+    }
+}

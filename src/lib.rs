@@ -1,0 +1,47 @@
+//! chat-token-service: a gRPC service that mints Amazon IVS Chat tokens for internal callers.
+//!
+//! Callers ask `ivschat.v1.TokenService/CreateChatToken` for a token for one user in one room; the request
+//! and response mirror IVS Chat's own CreateChatToken API field for field and enforce the same limits.
+//!
+//! # Layout
+//! - [`config`]: the one [`config::Config`], from defaults, a TOML file and `CTS_*` environment variables.
+//! - [`server`]: [`server::run`] serves the token service, gRPC health and reflection, and drains on shutdown.
+//! - [`service`]: the gRPC handler, proto ⇄ domain.
+//! - [`request`]: validated domain types ([`request::TokenRequest`], [`request::RoomArn`], …).
+//! - [`stack`]: the one place the domain stack (layers + issuer) is composed.
+//! - [`issuer`]: the [`issuer::Issuer`] seam and the [`issuer::local`] PASETO issuer, with verification.
+//! - [`error`]: the single table from domain errors to gRPC codes and `google.rpc` details.
+//! - [`telemetry`]: logging set-up.
+//!
+//! # Request flow
+//! ```text
+//! client ──HTTP/2──▶ tonic server (health, reflection, 64 KiB message cap)
+//!   ▶ service::TokenService   decode + validate → request::TokenRequest, or INVALID_ARGUMENT
+//!   ▶ stack::TokenStack       tower::Service<TokenRequest, Response = IssuedToken>
+//!       ▶ issuer              local (PASETO v4.local)
+//!   ◀ IssuedToken → CreateChatTokenResponse, or error::Error → tonic::Status
+//! ```
+
+pub mod config;
+pub mod error;
+pub mod issuer;
+pub mod request;
+pub mod server;
+pub mod service;
+pub mod stack;
+pub mod telemetry;
+
+/// Generated protobuf types and gRPC stubs.
+pub mod proto {
+    /// `package ivschat.v1`.
+    pub mod ivschat {
+        #[allow(missing_docs, clippy::all)]
+        pub mod v1 {
+            tonic::include_proto!("ivschat.v1");
+        }
+    }
+
+    /// The encoded `FileDescriptorSet` of proto/ (with its imports), served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/token_service_descriptor.bin"));
+}

@@ -1,0 +1,127 @@
+//! The `chat-token-service` binary: parse flags, load the config, start logging, bind, serve.
+
+use std::{io::Read, path::PathBuf, process::ExitCode};
+
+use chat_token_service::{
+    config::Config,
+    issuer::local::{KeySet, generate_key},
+    server, stack, telemetry,
+};
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+
+/// Mints Amazon IVS Chat tokens for internal callers over gRPC.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// TOML configuration file; `CTS_*` environment variables override it.
+    #[arg(long, global = true, env = "CTS_CONFIG")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gRPC server (the default).
+    Serve,
+    /// Print a new random local-issuer key (PASERK k4.local) for a key set file or CTS_LOCAL_ISSUER__KEY.
+    GenerateKey,
+    /// Verify a local-issuer token with the configured keys and print its claims as JSON.
+    VerifyToken {
+        /// The token, or `-` to read it from standard input (keeps it out of shell history).
+        token: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::GenerateKey => {
+            println!("{}", generate_key());
+            ExitCode::SUCCESS
+        }
+        Command::VerifyToken { token } => report(verify_token(cli.config, &token)),
+        Command::Serve => {
+            telemetry::init();
+            let runtime = tokio::runtime::Runtime::new().expect("cannot start the tokio runtime");
+            report(runtime.block_on(serve(cli.config)))
+        }
+    }
+}
+
+fn report(result: Result<(), Box<dyn std::error::Error>>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("chat-token-service: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config_file: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
+    let config = Config::load(config_file.as_deref())?;
+    let stack = stack::from_config(&config)?;
+    let listener = TcpListener::bind(config.listen_addr)
+        .await
+        .map_err(|e| format!("cannot listen on {} (listen_addr): {e}", config.listen_addr))?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        issuer = ?config.issuer,
+        "chat-token-service listening"
+    );
+    server::run(listener, &config, stack, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Completes on the first SIGTERM (Kubernetes, systemd) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("cannot install the SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("cannot install the SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn verify_token(
+    config_file: Option<PathBuf>,
+    token: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let config = Config::load(config_file.as_deref())?;
+    let settings = &config.local_issuer;
+    if settings.keys_file.is_none() && settings.key.is_none() {
+        return Err(
+            "no local issuer key configured: set local_issuer.keys_file or CTS_LOCAL_ISSUER__KEY"
+                .into(),
+        );
+    }
+    let (keys, _) = settings.key_set()?;
+    let token = if token == "-" {
+        let mut buf = String::new();
+        std::io::stdin().read_to_string(&mut buf)?;
+        buf.trim().to_owned()
+    } else {
+        token.to_owned()
+    };
+    let claims = KeySet::verify(&keys, &token)?;
+    let json = serde_json::json!({
+        "tokenId": claims.token_id,
+        "roomArn": claims.room.as_str(),
+        "userId": claims.user_id.expose(),
+        "capabilities": claims.capabilities.iter().map(|c| c.ivs_name()).collect::<Vec<_>>(),
+        "attributes": claims.attributes.expose(),
+        "issuedAt": rfc3339(claims.issued_at),
+        "tokenExpirationTime": rfc3339(claims.token_expires_at),
+        "sessionExpirationTime": rfc3339(claims.session_expires_at),
+    });
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
+}
+
+fn rfc3339(at: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(at).to_string()
+}

@@ -1,0 +1,474 @@
+//! Validated domain types for a token request.
+//!
+//! The proto message is decoded once, here, into a [`TokenRequest`] whose fields can only hold values
+//! IVS Chat would accept. Everything downstream (policy, rate limits, issuers) takes these types and never
+//! re-checks them. Validation reports every bad field of a request at once, each named by its proto field.
+//!
+//! User ids and attribute values are personal data: their `Debug` output shows only their size, so a
+//! stray `?request` in a log line cannot leak them.
+
+use std::{collections::BTreeMap, collections::BTreeSet, fmt, time::Duration};
+
+use crate::error::{Error, FieldViolation};
+use crate::proto::ivschat::v1 as pb;
+
+/// Longest room ARN IVS Chat accepts, in characters.
+pub const MAX_ROOM_ARN_CHARS: usize = 128;
+/// Longest user id IVS Chat accepts, in characters (not bytes).
+pub const MAX_USER_ID_CHARS: usize = 128;
+/// Shortest session IVS Chat accepts, in minutes.
+pub const MIN_SESSION_MINUTES: u32 = 1;
+/// Longest session IVS Chat accepts, in minutes.
+pub const MAX_SESSION_MINUTES: u32 = 180;
+/// Session length IVS Chat applies when the request names none, in minutes.
+pub const DEFAULT_SESSION_MINUTES: u32 = 60;
+/// Most bytes all attribute keys and values may take together.
+pub const MAX_ATTRIBUTES_BYTES: usize = 1024;
+
+/// A request that passed IVS Chat's validation rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRequest {
+    /// The room the token opens.
+    pub room: RoomArn,
+    /// The end user the token is for.
+    pub user_id: UserId,
+    /// What the user may do besides reading.
+    pub capabilities: Capabilities,
+    /// Absent when the caller named no duration: IVS then applies its own default, and the local issuer
+    /// applies the same one through [`TokenRequest::session_duration`].
+    pub session_duration: Option<SessionDuration>,
+    /// Application data attached to the session.
+    pub attributes: Attributes,
+}
+
+impl TokenRequest {
+    /// The session length that applies: the requested one, or IVS Chat's default of 60 minutes.
+    pub fn session_duration(&self) -> SessionDuration {
+        self.session_duration
+            .unwrap_or(SessionDuration(DEFAULT_SESSION_MINUTES))
+    }
+}
+
+impl TryFrom<pb::CreateChatTokenRequest> for TokenRequest {
+    type Error = Error;
+
+    fn try_from(request: pb::CreateChatTokenRequest) -> Result<Self, Error> {
+        let mut violations = Vec::new();
+        let room = RoomArn::parse(&request.room_identifier)
+            .map_err(|why| violations.push(FieldViolation::new("room_identifier", why)))
+            .ok();
+        let user_id = UserId::parse(request.user_id)
+            .map_err(|why| violations.push(FieldViolation::new("user_id", why)))
+            .ok();
+        let capabilities = Capabilities::from_proto(&request.capabilities)
+            .map_err(|why| violations.push(FieldViolation::new("capabilities", why)))
+            .ok();
+        let session_duration = request
+            .session_duration_in_minutes
+            .map(SessionDuration::from_minutes)
+            .transpose()
+            .map_err(|why| violations.push(FieldViolation::new("session_duration_in_minutes", why)))
+            .ok();
+        let attributes = Attributes::parse(request.attributes)
+            .map_err(|why| violations.push(FieldViolation::new("attributes", why)))
+            .ok();
+
+        match (room, user_id, capabilities, session_duration, attributes) {
+            (
+                Some(room),
+                Some(user_id),
+                Some(capabilities),
+                Some(session_duration),
+                Some(attributes),
+            ) if violations.is_empty() => Ok(TokenRequest {
+                room,
+                user_id,
+                capabilities,
+                session_duration,
+                attributes,
+            }),
+            _ => Err(Error::InvalidArgument(violations)),
+        }
+    }
+}
+
+/// An IVS Chat room ARN, `arn:aws:ivschat:REGION:ACCOUNT:room/ROOM_ID`, with its parts located once.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RoomArn {
+    arn: String,
+    /// Byte ranges of region, account and room id inside `arn`, so accessors need not re-parse.
+    region: (usize, usize),
+    account: (usize, usize),
+    room_id: usize,
+}
+
+impl RoomArn {
+    const PREFIX: &'static str = "arn:aws:ivschat:";
+    const ROOM: &'static str = ":room/";
+
+    /// Accepts exactly what IVS Chat's pattern
+    /// `^arn:aws:ivschat:[a-z0-9-]+:[0-9]+:room/[a-zA-Z0-9-]+$` accepts, at most 128 characters.
+    pub fn parse(arn: &str) -> Result<Self, String> {
+        if arn.is_empty() {
+            return Err("is required".into());
+        }
+        let chars = arn.chars().count();
+        if chars > MAX_ROOM_ARN_CHARS {
+            return Err(format!(
+                "must be at most {MAX_ROOM_ARN_CHARS} characters, got {chars}"
+            ));
+        }
+        let malformed = || {
+            "must be an IVS Chat room ARN matching \
+             ^arn:aws:ivschat:[a-z0-9-]+:[0-9]+:room/[a-zA-Z0-9-]+$"
+                .to_string()
+        };
+        let rest = arn.strip_prefix(Self::PREFIX).ok_or_else(malformed)?;
+        let (region, rest) = rest.split_once(':').ok_or_else(malformed)?;
+        let (account, room_id) = rest.split_once(Self::ROOM).ok_or_else(malformed)?;
+        let region_ok = !region.is_empty()
+            && region
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        let account_ok = !account.is_empty() && account.bytes().all(|b| b.is_ascii_digit());
+        let room_ok = !room_id.is_empty()
+            && room_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !(region_ok && account_ok && room_ok) {
+            return Err(malformed());
+        }
+        let region_start = Self::PREFIX.len();
+        let account_start = region_start + region.len() + 1;
+        Ok(RoomArn {
+            arn: arn.to_owned(),
+            region: (region_start, region_start + region.len()),
+            account: (account_start, account_start + account.len()),
+            room_id: account_start + account.len() + Self::ROOM.len(),
+        })
+    }
+
+    /// The whole ARN.
+    pub fn as_str(&self) -> &str {
+        &self.arn
+    }
+
+    /// The AWS region the room lives in, e.g. `us-west-2`.
+    pub fn region(&self) -> &str {
+        &self.arn[self.region.0..self.region.1]
+    }
+
+    /// The AWS account that owns the room.
+    pub fn account(&self) -> &str {
+        &self.arn[self.account.0..self.account.1]
+    }
+
+    /// The room's own id, the part after `room/`.
+    pub fn room_id(&self) -> &str {
+        &self.arn[self.room_id..]
+    }
+}
+
+impl fmt::Debug for RoomArn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.arn)
+    }
+}
+
+impl fmt::Display for RoomArn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.arn)
+    }
+}
+
+/// The application's id for an end user: 1 to 128 characters of any UTF-8 text. Personal data.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct UserId(String);
+
+impl UserId {
+    /// Counts characters, not bytes, as IVS Chat does.
+    pub fn parse(user_id: String) -> Result<Self, String> {
+        let chars = user_id.chars().count();
+        match chars {
+            0 => Err("is required".into()),
+            1..=MAX_USER_ID_CHARS => Ok(UserId(user_id)),
+            _ => Err(format!(
+                "must be at most {MAX_USER_ID_CHARS} characters, got {chars}"
+            )),
+        }
+    }
+
+    /// The id itself. Do not log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "UserId(<{} chars>)", self.0.chars().count())
+    }
+}
+
+/// Something a user may do in a room beyond reading messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Capability {
+    /// Send messages.
+    SendMessage,
+    /// Disconnect other users (moderation).
+    DisconnectUser,
+    /// Delete messages (moderation).
+    DeleteMessage,
+}
+
+impl Capability {
+    /// All capabilities, in IVS's order.
+    pub const ALL: [Capability; 3] = [
+        Capability::SendMessage,
+        Capability::DisconnectUser,
+        Capability::DeleteMessage,
+    ];
+
+    /// The name IVS Chat uses on the wire and in tokens.
+    pub fn ivs_name(self) -> &'static str {
+        match self {
+            Capability::SendMessage => "SEND_MESSAGE",
+            Capability::DisconnectUser => "DISCONNECT_USER",
+            Capability::DeleteMessage => "DELETE_MESSAGE",
+        }
+    }
+
+    /// The inverse of [`Capability::ivs_name`].
+    pub fn from_ivs_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.ivs_name() == name)
+    }
+
+    fn to_proto(self) -> pb::ChatTokenCapability {
+        match self {
+            Capability::SendMessage => pb::ChatTokenCapability::SendMessage,
+            Capability::DisconnectUser => pb::ChatTokenCapability::DisconnectUser,
+            Capability::DeleteMessage => pb::ChatTokenCapability::DeleteMessage,
+        }
+    }
+}
+
+/// A set of capabilities: repeats in the request collapse to one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Capabilities(BTreeSet<Capability>);
+
+impl Capabilities {
+    /// Builds a set from capabilities already known to be valid.
+    pub fn new(capabilities: impl IntoIterator<Item = Capability>) -> Self {
+        Capabilities(capabilities.into_iter().collect())
+    }
+
+    /// Refuses UNSPECIFIED and numbers the proto does not define, naming each offending position.
+    fn from_proto(values: &[i32]) -> Result<Self, String> {
+        let mut set = BTreeSet::new();
+        let mut bad = Vec::new();
+        for (index, &value) in values.iter().enumerate() {
+            match pb::ChatTokenCapability::try_from(value) {
+                Ok(pb::ChatTokenCapability::SendMessage) => set.insert(Capability::SendMessage),
+                Ok(pb::ChatTokenCapability::DisconnectUser) => {
+                    set.insert(Capability::DisconnectUser)
+                }
+                Ok(pb::ChatTokenCapability::DeleteMessage) => set.insert(Capability::DeleteMessage),
+                Ok(pb::ChatTokenCapability::Unspecified) | Err(_) => {
+                    bad.push(format!("[{index}]={value}"));
+                    false
+                }
+            };
+        }
+        if bad.is_empty() {
+            Ok(Capabilities(set))
+        } else {
+            Err(format!(
+                "each capability must be SEND_MESSAGE, DISCONNECT_USER or DELETE_MESSAGE; invalid: {}",
+                bad.join(", ")
+            ))
+        }
+    }
+
+    /// The capabilities in IVS's order, each once.
+    pub fn iter(&self) -> impl Iterator<Item = Capability> + '_ {
+        self.0.iter().copied()
+    }
+
+    /// Whether the set grants `capability`.
+    pub fn contains(&self, capability: Capability) -> bool {
+        self.0.contains(&capability)
+    }
+
+    /// Whether the set grants nothing beyond reading.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The set as proto enum values.
+    pub fn to_proto(&self) -> Vec<i32> {
+        self.iter().map(|c| c.to_proto() as i32).collect()
+    }
+}
+
+/// A session length between 1 and 180 minutes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SessionDuration(u32);
+
+impl SessionDuration {
+    /// Accepts 1..=180.
+    pub fn from_minutes(minutes: i32) -> Result<Self, String> {
+        match u32::try_from(minutes) {
+            Ok(m @ MIN_SESSION_MINUTES..=MAX_SESSION_MINUTES) => Ok(SessionDuration(m)),
+            _ => Err(format!(
+                "must be between {MIN_SESSION_MINUTES} and {MAX_SESSION_MINUTES} minutes, got {minutes}"
+            )),
+        }
+    }
+
+    /// The length in minutes.
+    pub fn minutes(self) -> u32 {
+        self.0
+    }
+
+    /// The length as a duration.
+    pub fn as_duration(self) -> Duration {
+        Duration::from_secs(u64::from(self.0) * 60)
+    }
+}
+
+/// Application attributes: at most 1024 bytes of keys and values together. Values are personal data.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Attributes(BTreeMap<String, String>);
+
+impl Attributes {
+    /// Accepts maps whose keys plus values take at most 1024 bytes of UTF-8.
+    pub fn parse(attributes: impl IntoIterator<Item = (String, String)>) -> Result<Self, String> {
+        let map: BTreeMap<String, String> = attributes.into_iter().collect();
+        let bytes = byte_size(&map);
+        if bytes > MAX_ATTRIBUTES_BYTES {
+            return Err(format!(
+                "keys and values together must be at most {MAX_ATTRIBUTES_BYTES} bytes, got {bytes}"
+            ));
+        }
+        Ok(Attributes(map))
+    }
+
+    /// Total bytes of keys plus values.
+    pub fn byte_size(&self) -> usize {
+        byte_size(&self.0)
+    }
+
+    /// The keys, sorted. Keys are not secret; values are.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+
+    /// The attributes themselves. Do not log the values.
+    pub fn expose(&self) -> &BTreeMap<String, String> {
+        &self.0
+    }
+
+    /// Whether there are no attributes.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+fn byte_size(map: &BTreeMap<String, String>) -> usize {
+    map.iter().map(|(k, v)| k.len() + v.len()).sum()
+}
+
+impl fmt::Debug for Attributes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Attributes")
+            .field("keys", &self.0.keys().collect::<Vec<_>>())
+            .field("bytes", &self.byte_size())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ARN: &str = "arn:aws:ivschat:us-west-2:123456789012:room/g1H2I3j4k5L6";
+
+    #[test]
+    fn room_arn_exposes_its_parts() {
+        let arn = RoomArn::parse(ARN).unwrap();
+        assert_eq!(arn.region(), "us-west-2");
+        assert_eq!(arn.account(), "123456789012");
+        assert_eq!(arn.room_id(), "g1H2I3j4k5L6");
+        assert_eq!(arn.as_str(), ARN);
+    }
+
+    #[test]
+    fn room_arn_rejects_what_the_ivs_pattern_rejects() {
+        for bad in [
+            "",
+            "arn:aws:ivschat:us-west-2:123456789012:room/",
+            "arn:aws:ivschat::123456789012:room/abc",
+            "arn:aws:ivschat:US-WEST-2:123456789012:room/abc",
+            "arn:aws:ivschat:us-west-2:12345678901a:room/abc",
+            "arn:aws:ivschat:us-west-2::room/abc",
+            "arn:aws:ivs:us-west-2:123456789012:room/abc",
+            "arn:aws:ivschat:us-west-2:123456789012:channel/abc",
+            "arn:aws:ivschat:us-west-2:123456789012:room/ab_c",
+            "arn:aws:ivschat:us-west-2:123456789012:room/abc/def",
+            "arn:aws:ivschat:us-west-2:123:456:room/abc",
+            " arn:aws:ivschat:us-west-2:123456789012:room/abc",
+        ] {
+            assert!(RoomArn::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn user_id_debug_hides_the_id() {
+        let user = UserId::parse("alice@example.com".into()).unwrap();
+        assert_eq!(format!("{user:?}"), "UserId(<17 chars>)");
+    }
+
+    #[test]
+    fn attributes_debug_hides_values() {
+        let attrs = Attributes::parse([("name".into(), "Alice Secret".into())]).unwrap();
+        let shown = format!("{attrs:?}");
+        assert!(!shown.contains("Alice"), "{shown}");
+        assert!(shown.contains("name"), "{shown}");
+    }
+
+    #[test]
+    fn session_duration_bounds() {
+        assert!(SessionDuration::from_minutes(0).is_err());
+        assert!(SessionDuration::from_minutes(-1).is_err());
+        assert_eq!(SessionDuration::from_minutes(1).unwrap().minutes(), 1);
+        assert_eq!(SessionDuration::from_minutes(180).unwrap().minutes(), 180);
+        assert!(SessionDuration::from_minutes(181).is_err());
+        assert!(SessionDuration::from_minutes(i32::MIN).is_err());
+    }
+
+    #[test]
+    fn every_bad_field_is_reported_at_once() {
+        let err = TokenRequest::try_from(pb::CreateChatTokenRequest {
+            room_identifier: "nope".into(),
+            user_id: String::new(),
+            capabilities: vec![0, 7],
+            session_duration_in_minutes: Some(0),
+            attributes: [("k".to_string(), "v".repeat(1024))].into(),
+        })
+        .unwrap_err();
+        let Error::InvalidArgument(violations) = err else {
+            panic!("expected InvalidArgument, got {err:?}");
+        };
+        let fields: Vec<_> = violations.iter().map(|v| v.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "room_identifier",
+                "user_id",
+                "capabilities",
+                "session_duration_in_minutes",
+                "attributes"
+            ]
+        );
+    }
+}
