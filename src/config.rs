@@ -156,9 +156,9 @@ impl fmt::Debug for Secret {
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file or an environment variable does not parse (figment names the key and its source).
+    /// The file or an environment variable does not parse: each problem names the setting and its source.
     #[error("configuration error: {0}")]
-    Parse(Box<figment::Error>),
+    Parse(String),
     /// A value parses but is out of range.
     #[error("configuration error: {setting}: {reason}")]
     Invalid {
@@ -179,7 +179,7 @@ impl Config {
         let config: Config = figment
             .merge(Env::prefixed(ENV_PREFIX).split("__"))
             .extract()
-            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+            .map_err(describe)?;
         config.validate()?;
         Ok(config)
     }
@@ -209,6 +209,33 @@ impl Config {
     }
 }
 
+/// Turns figment's errors into one line per problem: `setting: why (where it came from)`.
+fn describe(errors: figment::Error) -> ConfigError {
+    let problems: Vec<String> = errors
+        .into_iter()
+        .map(|e| {
+            let setting = e.path.join(".").to_ascii_lowercase();
+            let origin = match &e.metadata {
+                Some(md) if md.name.contains("environment") => format!(
+                    " (environment variable {ENV_PREFIX}{})",
+                    e.path.join("__").to_ascii_uppercase()
+                ),
+                Some(md) => match &md.source {
+                    Some(source) => format!(" (in {source})"),
+                    None => format!(" ({})", md.name),
+                },
+                None => String::new(),
+            };
+            if setting.is_empty() {
+                format!("{}{origin}", e.kind)
+            } else {
+                format!("{setting}: {}{origin}", e.kind)
+            }
+        })
+        .collect();
+    ConfigError::Parse(problems.join("; "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,7 +244,7 @@ mod tests {
         let config: Config = Figment::new()
             .merge(Toml::string(toml))
             .extract()
-            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+            .map_err(describe)?;
         config.validate()?;
         Ok(config)
     }
@@ -248,6 +275,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("listen_adr"), "{err}");
+    }
+
+    #[test]
+    fn environment_errors_name_the_variable() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("CTS_LISTEN_ADDR", "nowhere");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("listen_addr: "), "{err}");
+            assert!(
+                err.contains("(environment variable CTS_LISTEN_ADDR)"),
+                "{err}"
+            );
+            jail.set_env("CTS_LISTEN_ADDR", "127.0.0.1:1");
+            jail.set_env("CTS_LOCAL_ISSUER__TOKEN_TTL", "soon");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(
+                err.contains("local_issuer.token_ttl: ")
+                    && err.contains("CTS_LOCAL_ISSUER__TOKEN_TTL"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_errors_name_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("cts.toml", "shutdown_grace_period = 5")?;
+            let err = Config::load(Some(Path::new("cts.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("shutdown_grace_period: "), "{err}");
+            assert!(err.contains("cts.toml"), "{err}");
+            let err = Config::load(Some(Path::new("missing.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("missing.toml"), "{err}");
+            Ok(())
+        });
     }
 
     #[test]

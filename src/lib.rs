@@ -6,6 +6,7 @@
 //! # Layout
 //! - [`config`]: the one [`config::Config`], from defaults, a TOML file and `CTS_*` environment variables.
 //! - [`server`]: [`server::run`] serves the token service, gRPC health and reflection, and drains on shutdown.
+//! - [`drain`]: counts calls in flight, so shutdown ends when the last call does.
 //! - [`service`]: the gRPC handler, proto ⇄ domain.
 //! - [`request`]: validated domain types ([`request::TokenRequest`], [`request::RoomArn`], …).
 //! - [`stack`]: the one place the domain stack (layers + issuer) is composed.
@@ -23,6 +24,7 @@
 //! ```
 
 pub mod config;
+pub mod drain;
 pub mod error;
 pub mod issuer;
 pub mod request;

@@ -4,7 +4,8 @@
 //! 1. reports NOT_SERVING for every health-checked service, so load balancers stop sending work;
 //! 2. stops accepting connections (the listener is closed) and sends HTTP/2 GOAWAY on open ones;
 //! 3. lets calls already in flight finish, for at most `shutdown_grace_period`;
-//! 4. returns `Ok(())`.
+//! 4. returns `Ok(())` as soon as no call is in flight, without waiting for idle connections to close
+//!    (see [`crate::drain`]).
 
 use std::future::Future;
 
@@ -13,6 +14,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::config::Config;
+use crate::drain::{Calls, CountCallsLayer};
 use crate::proto::{FILE_DESCRIPTOR_SET, ivschat::v1::token_service_server::TokenServiceServer};
 use crate::service::TokenService;
 use crate::stack::TokenStack;
@@ -34,19 +36,23 @@ pub async fn run(
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the descriptor set compiled by build.rs is valid");
     // grpcurl before 1.8.8 and some other tools only speak v1alpha.
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("the descriptor set compiled by build.rs is valid");
 
     let token_service = TokenServiceServer::new(TokenService::new(stack))
         .max_decoding_message_size(config.max_request_bytes);
 
+    let calls = Calls::default();
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
+        .layer(CountCallsLayer::new(calls.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -76,13 +82,20 @@ pub async fn run(
     }
     let _ = drain_tx.send(());
 
-    match tokio::time::timeout(config.shutdown_grace_period, server).await {
+    let drained = async {
+        tokio::select! {
+            result = &mut server => result,
+            () = calls.idle() => Ok(()),
+        }
+    };
+    match tokio::time::timeout(config.shutdown_grace_period, drained).await {
         Ok(result) => {
             tracing::info!("all calls finished; server stopped");
             result
         }
         Err(_) => {
             tracing::warn!(
+                in_flight = calls.in_flight(),
                 "shutdown grace period elapsed with calls still in flight; they are abandoned"
             );
             Ok(())

@@ -1,0 +1,356 @@
+//! The server around the token service: health checking, reflection, graceful shutdown, and the real
+//! binary's start-up and signal handling.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use chat_token_service::{
+    config::Config,
+    error::Error,
+    issuer::{IssuedToken, Issuer, local::LocalIssuer},
+    request::TokenRequest,
+    stack,
+};
+use common::{LocalKeys, TestServer, valid_request};
+use tokio::sync::Notify;
+use tokio_stream::StreamExt;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+#[tokio::test]
+async fn health_reports_serving_for_the_server_and_the_token_service() {
+    let keys = LocalKeys::new();
+    let server = TestServer::from_config(keys.config()).await;
+    let mut health = HealthClient::new(server.channel().await);
+    for service in ["", "ivschat.v1.TokenService"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test]
+async fn reflection_v1_lists_and_describes_the_service() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let keys = LocalKeys::new();
+    let server = TestServer::from_config(keys.config()).await;
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let requests = tokio_stream::iter([
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        },
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "ivschat.v1.TokenService".into(),
+            )),
+        },
+    ]);
+    let mut responses = client
+        .server_reflection_info(requests)
+        .await
+        .unwrap()
+        .into_inner();
+
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for expected in [
+        "ivschat.v1.TokenService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        responses.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected file descriptors");
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
+}
+
+#[tokio::test]
+async fn reflection_v1alpha_serves_older_clients() {
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let keys = LocalKeys::new();
+    let server = TestServer::from_config(keys.config()).await;
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::once(request))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    assert!(
+        list.service
+            .iter()
+            .any(|s| s.name == "ivschat.v1.TokenService")
+    );
+}
+
+/// An issuer that holds every call until the test releases it.
+struct GatedIssuer {
+    entered: Arc<Notify>,
+    release: Arc<Notify>,
+    inner: LocalIssuer,
+}
+
+impl Issuer for GatedIssuer {
+    async fn issue(&self, request: TokenRequest) -> Result<IssuedToken, Error> {
+        self.entered.notify_one();
+        self.release.notified().await;
+        self.inner.issue(request).await
+    }
+}
+
+fn gated(keys: &LocalKeys) -> (Arc<Notify>, Arc<Notify>, stack::TokenStack) {
+    let entered = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
+    let issuer = GatedIssuer {
+        entered: entered.clone(),
+        release: release.clone(),
+        inner: LocalIssuer::new(keys.keys.clone(), Duration::from_secs(60)),
+    };
+    (entered, release, stack::with_issuer(issuer))
+}
+
+async fn connection_refused(addr: SocketAddr) -> bool {
+    tokio::net::TcpStream::connect(addr).await.is_err()
+}
+
+#[tokio::test]
+async fn shutdown_reports_not_serving_refuses_connections_and_finishes_calls_in_flight() {
+    let keys = LocalKeys::new();
+    let (entered, release, stack) = gated(&keys);
+    let mut server = TestServer::start(keys.config(), stack).await;
+
+    // A health watcher on its own connection, opened before shutdown.
+    let mut health = HealthClient::new(server.channel().await);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "ivschat.v1.TokenService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+
+    let mut client = server.client().await;
+    let in_flight = tokio::spawn(async move { client.create_chat_token(valid_request()).await });
+    entered.notified().await;
+
+    server.begin_shutdown();
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status,
+        ServingStatus::NotServing as i32
+    );
+    drop(watch); // a watcher is a call in flight too; a real one goes away when its connection does
+
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !connection_refused(server.addr).await {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the listener should close once shutdown starts");
+
+    release.notify_one();
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("the call in flight completes")
+        .into_inner();
+    keys.keys
+        .verify(&response.token)
+        .expect("and its token is valid");
+    tokio::time::timeout(Duration::from_secs(5), server.shutdown())
+        .await
+        .expect("the server stops once the last call is done")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_gives_up_on_calls_that_outlast_the_grace_period() {
+    let keys = LocalKeys::new();
+    let (entered, _release, stack) = gated(&keys);
+    let config = Config {
+        shutdown_grace_period: Duration::from_millis(200),
+        ..keys.config()
+    };
+    let server = TestServer::start(config, stack).await;
+    let mut client = server.client().await;
+    let stuck = tokio::spawn(async move { client.create_chat_token(valid_request()).await });
+    entered.notified().await;
+    tokio::time::timeout(Duration::from_secs(10), server.shutdown())
+        .await
+        .expect("run returns after the grace period")
+        .unwrap();
+    // In the binary, returning from `run` ends the process and with it the abandoned call; in-process
+    // its connection task lives on, so it is dropped here rather than awaited.
+    stuck.abort();
+}
+
+/// The real binary, started with `envs`, and the address it logged.
+struct Binary {
+    child: Child,
+    addr: SocketAddr,
+    /// Lines read while waiting for the address.
+    startup_log: Vec<String>,
+    log: std::sync::mpsc::Receiver<String>,
+}
+
+impl Binary {
+    fn start(envs: &[(&str, &str)]) -> Binary {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chat-token-service"))
+            .env_clear()
+            .env("CTS_LISTEN_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", "info")
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, log) = std::sync::mpsc::channel();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut startup_log = Vec::new();
+        let addr = loop {
+            let line = log
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the binary should log its address");
+            let addr = line
+                .split("addr=")
+                .nth(1)
+                .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap());
+            startup_log.push(line);
+            if let Some(addr) = addr {
+                break addr;
+            }
+        };
+        Binary {
+            child,
+            addr,
+            startup_log,
+            log,
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for exit; returns the status and everything the binary logged.
+    fn wait(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let status = self.child.wait().unwrap();
+        let mut log = self.startup_log;
+        // The reader thread ends at EOF, which follows exit.
+        log.extend(self.log.iter());
+        (status, log)
+    }
+}
+
+#[tokio::test]
+async fn the_binary_serves_on_defaults_and_exits_0_on_sigterm_and_sigint() {
+    for signal in ["-TERM", "-INT"] {
+        let binary = Binary::start(&[]);
+        let mut client = chat_token_service::proto::ivschat::v1::token_service_client::TokenServiceClient::connect(
+            format!("http://{}", binary.addr),
+        )
+        .await
+        .unwrap();
+        client.create_chat_token(valid_request()).await.unwrap();
+        binary.signal(signal);
+        let (status, log) = binary.wait();
+        assert_eq!(status.code(), Some(0), "{signal}: {log:?}");
+        assert!(log.iter().any(|l| l.contains("server stopped")), "{log:?}");
+    }
+}
+
+#[test]
+fn the_binary_warns_when_its_key_is_ephemeral() {
+    let binary = Binary::start(&[]);
+    binary.signal("-TERM");
+    let (_, log) = binary.wait();
+    let log = log.join("\n");
+    assert!(log.contains("ephemeral key"), "{log}");
+}
+
+#[test]
+fn a_bad_setting_stops_start_up_naming_the_setting() {
+    let output = Command::new(env!("CARGO_BIN_EXE_chat-token-service"))
+        .env_clear()
+        .env("CTS_LOCAL_ISSUER__TOKEN_TTL", "2h")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("local_issuer.token_ttl"), "{stderr}");
+
+    let output = Command::new(env!("CARGO_BIN_EXE_chat-token-service"))
+        .env_clear()
+        .env("CTS_LISTEN_ADDR", "not-an-address")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("listen_addr") && stderr.contains("CTS_LISTEN_ADDR"),
+        "{stderr}"
+    );
+}
