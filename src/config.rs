@@ -80,7 +80,7 @@ pub struct LocalIssuerConfig {
     pub token_ttl: Duration,
 
     /// A key set file: several PASERK `k4.local` keys, one marked `active = true` for new tokens, all
-    /// accepted when verifying. See `deploy/local-keys.example.toml`. Default: none.
+    /// accepted when verifying; make keys with `chat-token-service generate-key`. Default: none.
     pub keys_file: Option<PathBuf>,
 
     /// A single PASERK `k4.local` key, usually given as `CTS_LOCAL_ISSUER__KEY` from a secret store.
@@ -260,6 +260,23 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid_and_shows_the_defaults() {
+        let example = load_str(include_str!("../deploy/config.example.toml")).unwrap();
+        let defaults = Config::default();
+        assert_eq!(example.listen_addr, defaults.listen_addr);
+        assert_eq!(
+            example.shutdown_grace_period,
+            defaults.shutdown_grace_period
+        );
+        assert_eq!(example.max_request_bytes, defaults.max_request_bytes);
+        assert_eq!(example.issuer, defaults.issuer);
+        assert_eq!(
+            example.local_issuer.token_ttl,
+            defaults.local_issuer.token_ttl
+        );
+    }
+
+    #[test]
     fn errors_name_the_setting() {
         let err = load_str("listen_addr = \"nowhere\"")
             .unwrap_err()
@@ -278,6 +295,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure returns figment::Error
     fn environment_errors_name_the_variable() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("CTS_LISTEN_ADDR", "nowhere");
@@ -300,6 +318,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure returns figment::Error
     fn file_errors_name_the_file() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("cts.toml", "shutdown_grace_period = 5")?;

@@ -3,13 +3,7 @@
 
 mod common;
 
-use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    process::{Child, Command, Stdio},
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, process::Command, sync::Arc, time::Duration};
 
 use chat_token_service::{
     config::Config,
@@ -18,7 +12,7 @@ use chat_token_service::{
     request::TokenRequest,
     stack,
 };
-use common::{LocalKeys, TestServer, valid_request};
+use common::{Binary, LocalKeys, TestServer, valid_request};
 use tokio::sync::Notify;
 use tokio_stream::StreamExt;
 use tonic_health::pb::{
@@ -237,74 +231,6 @@ async fn shutdown_gives_up_on_calls_that_outlast_the_grace_period() {
     stuck.abort();
 }
 
-/// The real binary, started with `envs`, and the address it logged.
-struct Binary {
-    child: Child,
-    addr: SocketAddr,
-    /// Lines read while waiting for the address.
-    startup_log: Vec<String>,
-    log: std::sync::mpsc::Receiver<String>,
-}
-
-impl Binary {
-    fn start(envs: &[(&str, &str)]) -> Binary {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chat-token-service"))
-            .env_clear()
-            .env("CTS_LISTEN_ADDR", "127.0.0.1:0")
-            .env("RUST_LOG", "info")
-            .envs(envs.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, log) = std::sync::mpsc::channel();
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut startup_log = Vec::new();
-        let addr = loop {
-            let line = log
-                .recv_timeout(Duration::from_secs(30))
-                .expect("the binary should log its address");
-            let addr = line
-                .split("addr=")
-                .nth(1)
-                .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap());
-            startup_log.push(line);
-            if let Some(addr) = addr {
-                break addr;
-            }
-        };
-        Binary {
-            child,
-            addr,
-            startup_log,
-            log,
-        }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits for exit; returns the status and everything the binary logged.
-    fn wait(mut self) -> (std::process::ExitStatus, Vec<String>) {
-        let status = self.child.wait().unwrap();
-        let mut log = self.startup_log;
-        // The reader thread ends at EOF, which follows exit.
-        log.extend(self.log.iter());
-        (status, log)
-    }
-}
-
 #[tokio::test]
 async fn the_binary_serves_on_defaults_and_exits_0_on_sigterm_and_sigint() {
     for signal in ["-TERM", "-INT"] {
@@ -353,4 +279,70 @@ fn a_bad_setting_stops_start_up_naming_the_setting() {
         stderr.contains("listen_addr") && stderr.contains("CTS_LISTEN_ADDR"),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn generate_key_then_verify_token_round_trip_through_the_cli() {
+    let bin = env!("CARGO_BIN_EXE_chat-token-service");
+    let key = Command::new(bin).arg("generate-key").output().unwrap();
+    assert!(key.status.success());
+    let key = String::from_utf8(key.stdout).unwrap().trim().to_owned();
+    assert!(key.starts_with("k4.local."), "{key}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("keys.toml");
+    std::fs::write(
+        &keys_file,
+        format!("[[keys]]\nkey = \"{key}\"\nactive = true\n"),
+    )
+    .unwrap();
+    let keys_file = keys_file.to_str().unwrap();
+
+    let binary = Binary::start(&[("CTS_LOCAL_ISSUER__KEYS_FILE", keys_file)]);
+    let mut client =
+        chat_token_service::proto::ivschat::v1::token_service_client::TokenServiceClient::connect(
+            format!("http://{}", binary.addr),
+        )
+        .await
+        .unwrap();
+    let token = client
+        .create_chat_token(valid_request())
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    binary.signal("-TERM");
+    binary.wait();
+
+    let mut verify = Command::new(bin)
+        .args(["verify-token", "-"])
+        .env("CTS_LOCAL_ISSUER__KEYS_FILE", keys_file)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    verify
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(token.as_bytes())
+        .unwrap();
+    let out = verify.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let claims: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(claims["roomArn"], common::ROOM_ARN);
+    assert_eq!(claims["userId"], "user-1");
+
+    // Another key set refuses it.
+    let other = Command::new(bin)
+        .args(["verify-token", &token])
+        .env(
+            "CTS_LOCAL_ISSUER__KEY",
+            chat_token_service::issuer::local::generate_key(),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(other.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&other.stderr).contains("key set does not hold"));
 }

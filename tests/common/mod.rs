@@ -1,7 +1,14 @@
 //! Test harness: starts the real server on 127.0.0.1:0 in-process and hands out real tonic clients.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
 
 use chat_token_service::{
     config::Config,
@@ -106,5 +113,73 @@ pub fn valid_request() -> CreateChatTokenRequest {
         room_identifier: ROOM_ARN.into(),
         user_id: "user-1".into(),
         ..Default::default()
+    }
+}
+
+/// The real binary, started with `envs`, and the address it logged.
+pub struct Binary {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// Lines read while waiting for the address.
+    startup_log: Vec<String>,
+    pub log: std::sync::mpsc::Receiver<String>,
+}
+
+impl Binary {
+    pub fn start(envs: &[(&str, &str)]) -> Binary {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chat-token-service"))
+            .env_clear()
+            .env("CTS_LISTEN_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", "info")
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, log) = std::sync::mpsc::channel();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut startup_log = Vec::new();
+        let addr = loop {
+            let line = log
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the binary should log its address");
+            let addr = line
+                .split("addr=")
+                .nth(1)
+                .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap());
+            startup_log.push(line);
+            if let Some(addr) = addr {
+                break addr;
+            }
+        };
+        Binary {
+            child,
+            addr,
+            startup_log,
+            log,
+        }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for exit; returns the status and everything the binary logged.
+    pub fn wait(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let status = self.child.wait().unwrap();
+        let mut log = self.startup_log;
+        // The reader thread ends at EOF, which follows exit.
+        log.extend(self.log.iter());
+        (status, log)
     }
 }
