@@ -21,6 +21,7 @@ use figment::{
 };
 use serde::Deserialize;
 
+use crate::identity::IdentitySource;
 use crate::issuer::local::{KeyError, KeySet};
 
 /// Prefix of environment variables that override settings.
@@ -43,6 +44,9 @@ pub struct Config {
     /// parsed. The largest valid request is under 4 KiB. Default `65536`; at least `8192`.
     pub max_request_bytes: usize,
 
+    /// How callers are identified.
+    pub identity: IdentityConfig,
+
     /// Which issuer mints tokens. `"local"`: the built-in PASETO issuer. Default `"local"`.
     pub issuer: IssuerKind,
 
@@ -56,9 +60,54 @@ impl Default for Config {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             shutdown_grace_period: Duration::from_secs(20),
             max_request_bytes: 64 * 1024,
+            identity: IdentityConfig::default(),
             issuer: IssuerKind::Local,
             local_issuer: LocalIssuerConfig::default(),
         }
+    }
+}
+
+/// Where caller identities come from. See [`crate::identity`].
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Sources tried in order, first match wins: `"mtls"` (needs `tls.client_ca_file`), `"xfcc"` (only
+    /// behind an Envoy/Istio sidecar that sets the header), `"header"` (development only). Default
+    /// `["header"]`.
+    pub sources: Vec<IdentitySource>,
+
+    /// The header the `header` source reads. Default `"x-caller-id"`.
+    pub header: String,
+
+    /// Whether callers no source identifies are let through as `anonymous_principal` (policy still
+    /// applies). Off means they get UNAUTHENTICATED. Default `true`, for local development; turn it off in
+    /// production.
+    pub allow_anonymous: bool,
+
+    /// The principal anonymous callers get in policy and rate limits. Default `"anonymous"`.
+    pub anonymous_principal: String,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            sources: vec![IdentitySource::Header],
+            header: "x-caller-id".into(),
+            allow_anonymous: true,
+            anonymous_principal: "anonymous".into(),
+        }
+    }
+}
+
+impl IdentityConfig {
+    /// The resolver these settings describe.
+    pub fn resolver(&self) -> crate::identity::Resolver {
+        crate::identity::Resolver::new(
+            self.sources.clone(),
+            &self.header,
+            self.allow_anonymous
+                .then(|| self.anonymous_principal.clone()),
+        )
     }
 }
 
@@ -194,6 +243,12 @@ impl Config {
                     "must be between 1s and 1h, got {}",
                     humantime::format_duration(ttl)
                 ),
+            });
+        }
+        if let Err(e) = http::HeaderName::from_bytes(self.identity.header.as_bytes()) {
+            return Err(ConfigError::Invalid {
+                setting: "identity.header",
+                reason: format!("not a valid header name: {e}"),
             });
         }
         if self.max_request_bytes < 8192 {

@@ -4,10 +4,13 @@
 //! and which `google.rpc` details a caller sees. Messages name what went wrong and never carry tokens,
 //! keys, user ids or attribute values.
 
-use std::fmt;
+use std::{fmt, time::Duration};
 
-use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
+use tonic::{Code, Status, metadata::MetadataValue};
+use tonic_types::{ErrorDetails, QuotaViolation, StatusExt};
+
+/// `google.rpc.ErrorInfo.domain` for errors this service decides.
+pub const ERROR_DOMAIN: &str = "chat-token-service";
 
 /// One field of a request that failed validation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,10 +44,39 @@ pub enum Error {
     #[error("invalid request: {}", join(.0))]
     InvalidArgument(Vec<FieldViolation>),
 
+    /// No identity could be resolved and no anonymous principal is configured.
+    #[error("no caller identity: {0}")]
+    Unauthenticated(&'static str),
+
+    /// Policy does not allow this caller to grant what it asked for.
+    #[error("denied by policy")]
+    PolicyDenied {
+        /// Ids of the policies that determined the decision (empty when nothing permitted it).
+        policy_ids: Vec<String>,
+    },
+
+    /// One or more rate limits are exhausted.
+    #[error("rate limited by {}", .limits.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", "))]
+    RateLimited {
+        /// Every enforced limit the request exceeded.
+        limits: Vec<ExceededLimit>,
+        /// When a retry can succeed: the longest wait among `limits`.
+        retry_after: Duration,
+    },
+
     /// A fault on our side (e.g. the local issuer could not encrypt). The message is for the server log;
     /// the caller sees a generic one.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// A rate limit a request exceeded, for `google.rpc.QuotaFailure`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExceededLimit {
+    /// The limit's configured name.
+    pub name: String,
+    /// What it limits, e.g. `100/s per caller, burst 200`. Never a key value (user ids are personal).
+    pub description: String,
 }
 
 fn join(violations: &[FieldViolation]) -> String {
@@ -65,6 +97,42 @@ impl From<Error> for Status {
                     details.add_bad_request_violation(violation.field, violation.description);
                 }
                 Status::with_error_details(Code::InvalidArgument, message, details)
+            }
+            Error::Unauthenticated(why) => {
+                Status::unauthenticated(format!("no caller identity: {why}"))
+            }
+            Error::PolicyDenied { policy_ids } => {
+                let metadata = std::collections::HashMap::from([(
+                    "policy_ids".to_string(),
+                    policy_ids.join(","),
+                )]);
+                Status::with_error_details(
+                    Code::PermissionDenied,
+                    "policy does not allow this caller to create this token",
+                    ErrorDetails::with_error_info("POLICY_DENIED", ERROR_DOMAIN, metadata),
+                )
+            }
+            Error::RateLimited {
+                limits,
+                retry_after,
+            } => {
+                let names: Vec<_> = limits.iter().map(|l| l.name.as_str()).collect();
+                let message = format!("rate limit exceeded: {}", names.join(", "));
+                let mut details = ErrorDetails::with_retry_info(Some(retry_after));
+                details.set_quota_failure(
+                    limits
+                        .into_iter()
+                        .map(|l| QuotaViolation::new(format!("limit:{}", l.name), l.description))
+                        .collect::<Vec<_>>(),
+                );
+                let mut status =
+                    Status::with_error_details(Code::ResourceExhausted, message, details);
+                // Whole seconds, rounded up: retrying at the advertised second never fails early.
+                let seconds = retry_after.as_nanos().div_ceil(1_000_000_000);
+                status
+                    .metadata_mut()
+                    .insert("retry-after", MetadataValue::from(seconds as u64));
+                status
             }
             Error::Internal(detail) => {
                 tracing::error!(error = %detail, "internal error while issuing a token");
@@ -106,6 +174,53 @@ mod tests {
                 ("room_identifier", "must be an IVS Chat room ARN")
             ]
         );
+    }
+
+    #[test]
+    fn unauthenticated_says_why() {
+        let status = Status::from(Error::Unauthenticated("no client certificate"));
+        assert_eq!(status.code(), Code::Unauthenticated);
+        assert_eq!(
+            status.message(),
+            "no caller identity: no client certificate"
+        );
+    }
+
+    #[test]
+    fn policy_denied_carries_error_info_with_the_deciding_policies() {
+        let status = Status::from(Error::PolicyDenied {
+            policy_ids: vec![
+                "moderation-needs-moderators".into(),
+                "web-max-session".into(),
+            ],
+        });
+        assert_eq!(status.code(), Code::PermissionDenied);
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "POLICY_DENIED");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+        assert_eq!(
+            info.metadata["policy_ids"],
+            "moderation-needs-moderators,web-max-session"
+        );
+    }
+
+    #[test]
+    fn rate_limited_carries_retry_info_quota_failure_and_retry_after() {
+        let status = Status::from(Error::RateLimited {
+            limits: vec![ExceededLimit {
+                name: "per-user".into(),
+                description: "5/min per user, burst 5".into(),
+            }],
+            retry_after: Duration::from_millis(12_001),
+        });
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(status.message(), "rate limit exceeded: per-user");
+        let retry = status.get_details_retry_info().expect("RetryInfo");
+        assert_eq!(retry.retry_delay, Some(Duration::from_millis(12_001)));
+        let quota = status.get_details_quota_failure().expect("QuotaFailure");
+        assert_eq!(quota.violations[0].subject, "limit:per-user");
+        assert_eq!(quota.violations[0].description, "5/min per user, burst 5");
+        assert_eq!(status.metadata().get("retry-after").unwrap(), "13");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`server`]: [`server::run`] serves the token service, gRPC health and reflection, and drains on shutdown.
 //! - [`drain`]: counts calls in flight, so shutdown ends when the last call does.
 //! - [`service`]: the gRPC handler, proto ⇄ domain.
+//! - [`identity`]: who is calling (mTLS SAN, x-forwarded-client-cert, dev header, anonymous).
 //! - [`request`]: validated domain types ([`request::TokenRequest`], [`request::RoomArn`], …).
 //! - [`stack`]: the one place the domain stack (layers + issuer) is composed.
 //! - [`issuer`]: the [`issuer::Issuer`] seam and the [`issuer::local`] PASETO issuer, with verification.
@@ -26,6 +27,7 @@
 pub mod config;
 pub mod drain;
 pub mod error;
+pub mod identity;
 pub mod issuer;
 pub mod request;
 pub mod server;

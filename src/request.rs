@@ -25,9 +25,11 @@ pub const DEFAULT_SESSION_MINUTES: u32 = 60;
 /// Most bytes all attribute keys and values may take together.
 pub const MAX_ATTRIBUTES_BYTES: usize = 1024;
 
-/// A request that passed IVS Chat's validation rules.
+/// A request that passed IVS Chat's validation rules, from an identified caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenRequest {
+    /// The internal service asking for the token (not the end user).
+    pub caller: Caller,
     /// The room the token opens.
     pub room: RoomArn,
     /// The end user the token is for.
@@ -42,17 +44,8 @@ pub struct TokenRequest {
 }
 
 impl TokenRequest {
-    /// The session length that applies: the requested one, or IVS Chat's default of 60 minutes.
-    pub fn session_duration(&self) -> SessionDuration {
-        self.session_duration
-            .unwrap_or(SessionDuration(DEFAULT_SESSION_MINUTES))
-    }
-}
-
-impl TryFrom<pb::CreateChatTokenRequest> for TokenRequest {
-    type Error = Error;
-
-    fn try_from(request: pb::CreateChatTokenRequest) -> Result<Self, Error> {
+    /// Validates `request` from `caller`, reporting every bad field at once.
+    pub fn from_proto(caller: Caller, request: pb::CreateChatTokenRequest) -> Result<Self, Error> {
         let mut violations = Vec::new();
         let room = RoomArn::parse(&request.room_identifier)
             .map_err(|why| violations.push(FieldViolation::new("room_identifier", why)))
@@ -81,6 +74,7 @@ impl TryFrom<pb::CreateChatTokenRequest> for TokenRequest {
                 Some(session_duration),
                 Some(attributes),
             ) if violations.is_empty() => Ok(TokenRequest {
+                caller,
                 room,
                 user_id,
                 capabilities,
@@ -89,6 +83,35 @@ impl TryFrom<pb::CreateChatTokenRequest> for TokenRequest {
             }),
             _ => Err(Error::InvalidArgument(violations)),
         }
+    }
+
+    /// The session length that applies: the requested one, or IVS Chat's default of 60 minutes.
+    pub fn session_duration(&self) -> SessionDuration {
+        self.session_duration
+            .unwrap_or(SessionDuration(DEFAULT_SESSION_MINUTES))
+    }
+}
+
+/// Who is calling: a SPIFFE id, DNS name, certificate CN, header value or the anonymous principal,
+/// as resolved by [`crate::identity`]. Not secret: it names a service, not a person.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Caller(String);
+
+impl Caller {
+    /// A caller known by `id`.
+    pub fn new(id: impl Into<String>) -> Self {
+        Caller(id.into())
+    }
+
+    /// The caller's id, e.g. `spiffe://cluster.local/ns/chat/sa/web`.
+    pub fn id(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -448,13 +471,16 @@ mod tests {
 
     #[test]
     fn every_bad_field_is_reported_at_once() {
-        let err = TokenRequest::try_from(pb::CreateChatTokenRequest {
-            room_identifier: "nope".into(),
-            user_id: String::new(),
-            capabilities: vec![0, 7],
-            session_duration_in_minutes: Some(0),
-            attributes: [("k".to_string(), "v".repeat(1024))].into(),
-        })
+        let err = TokenRequest::from_proto(
+            Caller::new("test"),
+            pb::CreateChatTokenRequest {
+                room_identifier: "nope".into(),
+                user_id: String::new(),
+                capabilities: vec![0, 7],
+                session_duration_in_minutes: Some(0),
+                attributes: [("k".to_string(), "v".repeat(1024))].into(),
+            },
+        )
         .unwrap_err();
         let Error::InvalidArgument(violations) = err else {
             panic!("expected InvalidArgument, got {err:?}");

@@ -46,8 +46,9 @@ pub async fn run(
         .build_v1alpha()
         .expect("the descriptor set compiled by build.rs is valid");
 
-    let token_service = TokenServiceServer::new(TokenService::new(stack))
-        .max_decoding_message_size(config.max_request_bytes);
+    let token_service =
+        TokenServiceServer::new(TokenService::new(config.identity.resolver(), stack))
+            .max_decoding_message_size(config.max_request_bytes);
 
     let calls = Calls::default();
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();

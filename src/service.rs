@@ -3,6 +3,7 @@
 use tonic::{Request, Response, Status};
 use tower::ServiceExt;
 
+use crate::identity::Resolver;
 use crate::issuer::IssuedToken;
 use crate::proto::ivschat::v1::{
     CreateChatTokenRequest, CreateChatTokenResponse, token_service_server,
@@ -13,13 +14,14 @@ use crate::stack::TokenStack;
 /// Serves `ivschat.v1.TokenService` on top of the domain stack.
 #[derive(Clone)]
 pub struct TokenService {
+    identity: Resolver,
     stack: TokenStack,
 }
 
 impl TokenService {
-    /// A handler that sends every valid request through `stack`.
-    pub fn new(stack: TokenStack) -> Self {
-        TokenService { stack }
+    /// A handler that identifies callers with `identity` and sends every valid request through `stack`.
+    pub fn new(identity: Resolver, stack: TokenStack) -> Self {
+        TokenService { identity, stack }
     }
 }
 
@@ -29,7 +31,11 @@ impl token_service_server::TokenService for TokenService {
         &self,
         request: Request<CreateChatTokenRequest>,
     ) -> Result<Response<CreateChatTokenResponse>, Status> {
-        let request = TokenRequest::try_from(request.into_inner())?;
+        let peer_certs = request.peer_certs();
+        let caller = self
+            .identity
+            .resolve(request.metadata(), peer_certs.as_deref().map(Vec::as_slice))?;
+        let request = TokenRequest::from_proto(caller, request.into_inner())?;
         let issued = self.stack.clone().oneshot(request).await?;
         Ok(Response::new(to_proto(issued)))
     }

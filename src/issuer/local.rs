@@ -11,12 +11,13 @@
 //! ```
 //! use std::{sync::Arc, time::Duration};
 //! use chat_token_service::issuer::{Issuer, local::{KeySet, LocalIssuer, generate_key}};
-//! use chat_token_service::{proto::ivschat::v1::CreateChatTokenRequest, request::TokenRequest};
+//! use chat_token_service::proto::ivschat::v1::CreateChatTokenRequest;
+//! use chat_token_service::request::{Caller, TokenRequest};
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let paserk = generate_key(); // in production: the same key the service was configured with
 //! let issuer = LocalIssuer::new(Arc::new(KeySet::from_paserk(&paserk)?), Duration::from_secs(60));
-//! let request = TokenRequest::try_from(CreateChatTokenRequest {
+//! let request = TokenRequest::from_proto(Caller::new("doc"), CreateChatTokenRequest {
 //!     room_identifier: "arn:aws:ivschat:us-west-2:123456789012:room/g1H2I3j4k5L6".into(),
 //!     user_id: "user-1".into(),
 //!     ..Default::default()
@@ -416,9 +417,11 @@ impl Issuer for LocalIssuer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::request::Caller;
 
     fn request() -> TokenRequest {
         TokenRequest {
+            caller: Caller::new("test"),
             room: RoomArn::parse("arn:aws:ivschat:us-west-2:123456789012:room/abc").unwrap(),
             user_id: UserId::parse("ユーザー".into()).unwrap(),
             capabilities: Capabilities::new([Capability::SendMessage, Capability::DeleteMessage]),
