@@ -44,8 +44,23 @@ pub struct Config {
     /// parsed. The largest valid request is under 4 KiB. Default `65536`; at least `8192`.
     pub max_request_bytes: usize,
 
+    /// Most CreateChatToken calls in flight at once on this replica; more are shed at once with
+    /// UNAVAILABLE (health checks and reflection are never shed). Default `1024`; at least 1.
+    pub max_concurrent_calls: usize,
+
+    /// How often policy and TLS files are checked for changes; SIGHUP reloads policies at once.
+    /// Default `10s`; at least `100ms`.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+
+    /// TLS termination. Absent: plaintext HTTP/2 (behind a mesh sidecar, or for development).
+    pub tls: Option<TlsConfig>,
+
     /// How callers are identified.
     pub identity: IdentityConfig,
+
+    /// Which Cedar policies decide who may mint what.
+    pub policy: PolicyConfig,
 
     /// Which issuer mints tokens. `"local"`: the built-in PASETO issuer. Default `"local"`.
     pub issuer: IssuerKind,
@@ -60,9 +75,64 @@ impl Default for Config {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             shutdown_grace_period: Duration::from_secs(20),
             max_request_bytes: 64 * 1024,
+            max_concurrent_calls: 1024,
+            reload_interval: Duration::from_secs(10),
+            tls: None,
             identity: IdentityConfig::default(),
+            policy: PolicyConfig::default(),
             issuer: IssuerKind::Local,
             local_issuer: LocalIssuerConfig::default(),
+        }
+    }
+}
+
+/// TLS settings. Files are re-read when they change (every `reload_interval`), so certificates rotated
+/// by cert-manager or SPIRE take effect without a restart; connections already open keep their session.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain, PEM, leaf first. Required.
+    pub cert_file: PathBuf,
+    /// The server's private key, PEM (PKCS#8, PKCS#1 or SEC1). Required.
+    pub key_file: PathBuf,
+    /// CA certificates, PEM, that client certificates must chain to. When set, every client must present
+    /// a valid certificate (mutual TLS) or the handshake fails; needed by the `mtls` identity source.
+    pub client_ca_file: Option<PathBuf>,
+    /// How long a client may take to complete the TLS handshake. Default `10s`.
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Policy settings. See [`crate::policy`] for what a policy sees.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Cedar policy files, evaluated as one set. Empty (the default): the embedded development policy,
+    /// which permits every valid request; it is refused unless `listen_addr` is a loopback address.
+    pub files: Vec<PathBuf>,
+
+    /// Cedar entities (JSON): callers' groups and attributes such as `accounts`. Default: none.
+    pub entities_file: Option<PathBuf>,
+
+    /// Evaluate policies and log what they would deny, but deny nothing: for trying a new policy on live
+    /// traffic. Default `false`.
+    pub shadow: bool,
+}
+
+impl PolicyConfig {
+    /// Where the policies these settings name come from.
+    pub fn source(&self) -> crate::policy::PolicySource {
+        if self.files.is_empty() {
+            crate::policy::PolicySource::Development
+        } else {
+            crate::policy::PolicySource::Files {
+                policies: self.files.clone(),
+                entities: self.entities_file.clone(),
+            }
         }
     }
 }
@@ -251,6 +321,52 @@ impl Config {
                 reason: format!("not a valid header name: {e}"),
             });
         }
+        if self.identity.sources.contains(&IdentitySource::Mtls)
+            && self
+                .tls
+                .as_ref()
+                .and_then(|t| t.client_ca_file.as_ref())
+                .is_none()
+        {
+            return Err(ConfigError::Invalid {
+                setting: "identity.sources",
+                reason:
+                    "the mtls source needs tls.client_ca_file (and tls.cert_file, tls.key_file)"
+                        .into(),
+            });
+        }
+        if self.policy.files.is_empty() && !self.listen_addr.ip().is_loopback() {
+            return Err(ConfigError::Invalid {
+                setting: "policy.files",
+                reason: format!(
+                    "no policy files: the development policy permits every request, so it is only \
+                     allowed on a loopback listen_addr, not {}; configure policies (see \
+                     deploy/policy/production.cedar)",
+                    self.listen_addr
+                ),
+            });
+        }
+        if self.policy.entities_file.is_some() && self.policy.files.is_empty() {
+            return Err(ConfigError::Invalid {
+                setting: "policy.entities_file",
+                reason: "entities need policy files that use them (policy.files is empty)".into(),
+            });
+        }
+        if self.max_concurrent_calls == 0 {
+            return Err(ConfigError::Invalid {
+                setting: "max_concurrent_calls",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.reload_interval < Duration::from_millis(100) {
+            return Err(ConfigError::Invalid {
+                setting: "reload_interval",
+                reason: format!(
+                    "must be at least 100ms, got {}",
+                    humantime::format_duration(self.reload_interval)
+                ),
+            });
+        }
         if self.max_request_bytes < 8192 {
             return Err(ConfigError::Invalid {
                 setting: "max_request_bytes",
@@ -388,6 +504,35 @@ mod tests {
             assert!(err.contains("missing.toml"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn the_development_policy_is_refused_off_loopback() {
+        let err = load_str("listen_addr = \"0.0.0.0:50051\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("policy.files"), "{err}");
+        load_str("listen_addr = \"0.0.0.0:50051\"\n[policy]\nfiles = [\"p.cedar\"]").unwrap();
+        load_str("listen_addr = \"[::1]:50051\"").unwrap();
+    }
+
+    #[test]
+    fn the_mtls_source_needs_a_client_ca() {
+        let err = load_str("[identity]\nsources = [\"mtls\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("identity.sources") && err.contains("client_ca_file"),
+            "{err}"
+        );
+        load_str(
+            "[identity]\nsources = [\"mtls\"]\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\nclient_ca_file = \"ca\"",
+        )
+        .unwrap();
+        let err = load_str("[tls]\ncert_file = \"c\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key_file"), "{err}");
     }
 
     #[test]

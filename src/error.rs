@@ -64,6 +64,13 @@ pub enum Error {
         retry_after: Duration,
     },
 
+    /// Too many token calls are in flight on this replica; shed before any work was done.
+    #[error("overloaded: {max_calls} token calls already in flight")]
+    Overloaded {
+        /// The configured cap (`max_concurrent_calls`).
+        max_calls: usize,
+    },
+
     /// A fault on our side (e.g. the local issuer could not encrypt). The message is for the server log;
     /// the caller sees a generic one.
     #[error("internal error: {0}")]
@@ -132,6 +139,19 @@ impl From<Error> for Status {
                 status
                     .metadata_mut()
                     .insert("retry-after", MetadataValue::from(seconds as u64));
+                status
+            }
+            Error::Overloaded { max_calls } => {
+                let mut status = Status::with_error_details(
+                    Code::Unavailable,
+                    format!(
+                        "server overloaded: {max_calls} token calls already in flight; retry, preferably on another replica"
+                    ),
+                    ErrorDetails::with_retry_info(Some(Duration::from_millis(100))),
+                );
+                status
+                    .metadata_mut()
+                    .insert("retry-after", MetadataValue::from(1u64));
                 status
             }
             Error::Internal(detail) => {

@@ -6,13 +6,15 @@
 //! # Layout
 //! - [`config`]: the one [`config::Config`], from defaults, a TOML file and `CTS_*` environment variables.
 //! - [`server`]: [`server::run`] serves the token service, gRPC health and reflection, and drains on shutdown.
-//! - [`drain`]: counts calls in flight, so shutdown ends when the last call does.
+//! - [`inflight`]: counts calls in flight (shutdown ends when the last one does) and caps token calls.
 //! - [`service`]: the gRPC handler, proto ⇄ domain.
 //! - [`identity`]: who is calling (mTLS SAN, x-forwarded-client-cert, dev header, anonymous).
+//! - [`policy`]: Cedar policy engine (schema-validated, reloadable) and its tower layer.
 //! - [`request`]: validated domain types ([`request::TokenRequest`], [`request::RoomArn`], …).
 //! - [`stack`]: the one place the domain stack (layers + issuer) is composed.
 //! - [`issuer`]: the [`issuer::Issuer`] seam and the [`issuer::local`] PASETO issuer, with verification.
 //! - [`error`]: the single table from domain errors to gRPC codes and `google.rpc` details.
+//! - [`tls`]: rustls termination, mutual TLS, certificate reload; [`reload`]: the file watcher both use.
 //! - [`telemetry`]: logging set-up.
 //!
 //! # Request flow
@@ -25,15 +27,18 @@
 //! ```
 
 pub mod config;
-pub mod drain;
 pub mod error;
 pub mod identity;
+pub mod inflight;
 pub mod issuer;
+pub mod policy;
+pub mod reload;
 pub mod request;
 pub mod server;
 pub mod service;
 pub mod stack;
 pub mod telemetry;
+pub mod tls;
 
 /// Generated protobuf types and gRPC stubs.
 pub mod proto {

@@ -5,22 +5,34 @@
 //! 2. stops accepting connections (the listener is closed) and sends HTTP/2 GOAWAY on open ones;
 //! 3. lets calls already in flight finish, for at most `shutdown_grace_period`;
 //! 4. returns `Ok(())` as soon as no call is in flight, without waiting for idle connections to close
-//!    (see [`crate::drain`]).
+//!    (see [`crate::inflight`]).
 
 use std::future::Future;
 
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
-use tonic_health::ServingStatus;
+use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::config::Config;
-use crate::drain::{Calls, CountCallsLayer};
+use crate::inflight::{Calls, InFlightLayer};
 use crate::proto::{FILE_DESCRIPTOR_SET, ivschat::v1::token_service_server::TokenServiceServer};
 use crate::service::TokenService;
 use crate::stack::TokenStack;
+use crate::tls::{Tls, TlsError};
 
 /// The health-check name of the token service; `""` stands for the server as a whole.
 pub const TOKEN_SERVICE_NAME: &str = "ivschat.v1.TokenService";
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// TLS settings are unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The transport failed.
+    #[error("server error: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
 
 /// Serves on `listener` until `shutdown` completes, then drains as described in the module docs.
 pub async fn run(
@@ -28,7 +40,7 @@ pub async fn run(
     config: &Config,
     stack: TokenStack,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status(TOKEN_SERVICE_NAME, ServingStatus::Serving)
@@ -51,55 +63,104 @@ pub async fn run(
             .max_decoding_message_size(config.max_request_bytes);
 
     let calls = Calls::default();
-    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
-        .layer(CountCallsLayer::new(calls.clone()))
+    let router = tonic::transport::Server::builder()
+        // In front of everything: counts every call for draining, sheds token calls over the cap
+        // before any decoding, policy or issuing work is spent on them.
+        .layer(InFlightLayer::new(
+            calls.clone(),
+            config.max_concurrent_calls,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(token_service)
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async {
-                // A dropped sender also means "drain".
-                let _ = drain_rx.await;
-            },
-        );
-    let mut server = std::pin::pin!(server);
+        .add_service(token_service);
 
-    tokio::select! {
-        result = &mut server => return result,
-        () = shutdown => {}
-    }
-
-    tracing::info!(
-        grace_period = %humantime::format_duration(config.shutdown_grace_period),
-        "shutdown requested: reporting NOT_SERVING and draining in-flight calls"
-    );
-    for service in ["", TOKEN_SERVICE_NAME] {
-        health
-            .set_service_status(service, ServingStatus::NotServing)
-            .await;
-    }
-    let _ = drain_tx.send(());
-
-    let drained = async {
-        tokio::select! {
-            result = &mut server => result,
-            () = calls.idle() => Ok(()),
-        }
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain_signal = async {
+        // A dropped sender also means "drain".
+        let _ = drain_rx.await;
     };
-    match tokio::time::timeout(config.shutdown_grace_period, drained).await {
-        Ok(result) => {
-            tracing::info!("all calls finished; server stopped");
-            result
+    let drain = Drain {
+        health,
+        calls,
+        config,
+        drain_tx,
+    };
+    match &config.tls {
+        None => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            drain
+                .serve(
+                    router.serve_with_incoming_shutdown(incoming, drain_signal),
+                    shutdown,
+                )
+                .await
         }
-        Err(_) => {
-            tracing::warn!(
-                in_flight = calls.in_flight(),
-                "shutdown grace period elapsed with calls still in flight; they are abandoned"
-            );
-            Ok(())
+        Some(settings) => {
+            let tls = Tls::load(settings)?;
+            tls.watch(config.reload_interval);
+            let incoming = tls.incoming(listener);
+            drain
+                .serve(
+                    router.serve_with_incoming_shutdown(incoming, drain_signal),
+                    shutdown,
+                )
+                .await
+        }
+    }
+}
+
+/// What the shutdown sequence needs, whichever transport serves.
+struct Drain<'a> {
+    health: HealthReporter,
+    calls: Calls,
+    config: &'a Config,
+    /// Tells the tonic server to stop accepting and send GOAWAY.
+    drain_tx: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Drain<'_> {
+    async fn serve(
+        self,
+        server: impl Future<Output = Result<(), tonic::transport::Error>>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        let mut server = std::pin::pin!(server);
+        tokio::select! {
+            result = &mut server => return Ok(result?),
+            () = shutdown => {}
+        }
+
+        let grace = self.config.shutdown_grace_period;
+        tracing::info!(
+            grace_period = %humantime::format_duration(grace),
+            "shutdown requested: reporting NOT_SERVING and draining in-flight calls"
+        );
+        for service in ["", TOKEN_SERVICE_NAME] {
+            self.health
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
+        let _ = self.drain_tx.send(());
+
+        let drained = async {
+            tokio::select! {
+                result = &mut server => result,
+                () = self.calls.idle() => Ok(()),
+            }
+        };
+        match tokio::time::timeout(grace, drained).await {
+            Ok(result) => {
+                tracing::info!("all calls finished; server stopped");
+                Ok(result?)
+            }
+            Err(_) => {
+                tracing::warn!(
+                    in_flight = self.calls.in_flight(),
+                    "shutdown grace period elapsed with calls still in flight; they are abandoned"
+                );
+                Ok(())
+            }
         }
     }
 }

@@ -1,17 +1,21 @@
 //! The one place the domain stack is composed: the tower services between the gRPC handler and the
 //! issuer, and the choice of issuer from configuration.
 
-use tower::util::BoxCloneSyncService;
+use std::{ops::ControlFlow, sync::Arc};
+
+use tower::{ServiceBuilder, util::BoxCloneSyncService};
 
 use crate::config::{Config, ConfigError, IssuerKind, KeySource};
 use crate::error::Error;
 use crate::issuer::{IssuedToken, Issuer, IssuerService, local::LocalIssuer};
+use crate::policy::{PolicyEngine, PolicyLayer, PolicySource};
+use crate::reload::{self, Trigger};
 use crate::request::TokenRequest;
 
 /// The domain stack as the handler sees it: a validated request in, a token or a domain error out.
 pub type TokenStack = BoxCloneSyncService<TokenRequest, IssuedToken, Error>;
 
-/// Builds the stack `config` describes.
+/// Builds the stack `config` describes. Starts policy reloading, so call it inside a tokio runtime.
 pub fn from_config(config: &Config) -> Result<TokenStack, ConfigError> {
     match config.issuer {
         IssuerKind::Local => {
@@ -30,13 +34,63 @@ pub fn from_config(config: &Config) -> Result<TokenStack, ConfigError> {
                     "local issuer keys loaded"
                 );
             }
-            Ok(with_issuer(LocalIssuer::new(keys, settings.token_ttl)))
+            with_issuer(config, LocalIssuer::new(keys, settings.token_ttl))
         }
     }
 }
 
-/// Wraps `issuer` in the domain layers. Any [`Issuer`] fits, which is how tests and embedders plug in
-/// their own.
-pub fn with_issuer<I: Issuer>(issuer: I) -> TokenStack {
-    BoxCloneSyncService::new(IssuerService::new(issuer))
+/// Wraps `issuer` in the domain layers `config` describes. Any [`Issuer`] fits, which is how tests and
+/// embedders plug in their own.
+pub fn with_issuer<I: Issuer>(config: &Config, issuer: I) -> Result<TokenStack, ConfigError> {
+    let policy = load_policy(config)?;
+    Ok(BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            // Policy first: Cedar answers in microseconds, and a caller it denies must not consume any
+            // rate-limit budget or upstream quota.
+            .layer(PolicyLayer::new(policy, config.policy.shadow))
+            .service(IssuerService::new(issuer)),
+    ))
+}
+
+/// Loads the configured policies and keeps them current: reloaded when a file changes and on SIGHUP.
+fn load_policy(config: &Config) -> Result<Arc<PolicyEngine>, ConfigError> {
+    let source = config.policy.source();
+    let engine =
+        Arc::new(
+            PolicyEngine::load(source.clone()).map_err(|e| ConfigError::Invalid {
+                setting: "policy.files",
+                reason: e.to_string(),
+            })?,
+        );
+    match source {
+        PolicySource::Development => tracing::warn!(
+            "no policy files configured (policy.files): the embedded development policy permits every \
+             valid request from any caller; serving on loopback only"
+        ),
+        PolicySource::Files { policies, entities } => {
+            tracing::info!(files = ?policies, entities = ?entities, shadow = config.policy.shadow, "policies loaded");
+            let weak = Arc::downgrade(&engine);
+            let paths = policies.into_iter().chain(entities).collect();
+            reload::spawn(
+                paths,
+                config.reload_interval,
+                true,
+                move |trigger: Trigger| {
+                    let Some(engine) = weak.upgrade() else {
+                        return ControlFlow::Break(());
+                    };
+                    match engine.reload() {
+                        Ok(()) => tracing::info!(?trigger, "policies reloaded"),
+                        Err(e) => tracing::error!(
+                            ?trigger,
+                            refused_reloads = engine.refused_reloads(),
+                            "policy reload refused, the previous policies stay in force: {e}"
+                        ),
+                    }
+                    ControlFlow::Continue(())
+                },
+            );
+        }
+    }
+    Ok(engine)
 }

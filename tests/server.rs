@@ -149,7 +149,11 @@ fn gated(keys: &LocalKeys) -> (Arc<Notify>, Arc<Notify>, stack::TokenStack) {
         release: release.clone(),
         inner: LocalIssuer::new(keys.keys.clone(), Duration::from_secs(60)),
     };
-    (entered, release, stack::with_issuer(issuer))
+    (
+        entered,
+        release,
+        stack::with_issuer(&keys.config(), issuer).unwrap(),
+    )
 }
 
 async fn connection_refused(addr: SocketAddr) -> bool {

@@ -26,7 +26,7 @@ pub const ROOM_ARN: &str = "arn:aws:ivschat:us-west-2:123456789012:room/g1H2I3j4
 pub struct TestServer {
     pub addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
-    handle: JoinHandle<Result<(), tonic::transport::Error>>,
+    handle: JoinHandle<Result<(), chat_token_service::server::ServerError>>,
 }
 
 impl TestServer {
@@ -74,7 +74,7 @@ impl TestServer {
     }
 
     /// Drains and waits for `run` to return.
-    pub async fn shutdown(mut self) -> Result<(), tonic::transport::Error> {
+    pub async fn shutdown(mut self) -> Result<(), chat_token_service::server::ServerError> {
         self.begin_shutdown();
         self.handle.await.unwrap()
     }

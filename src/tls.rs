@@ -1,0 +1,183 @@
+//! TLS termination with rustls (ring): the server certificate, optionally mutual TLS against a client CA,
+//! and reloads when the files change.
+//!
+//! Each connection is accepted with the configuration current at that moment, so a rotated certificate or
+//! CA applies to the next handshake; a bad new file is refused and the last good configuration stays.
+//! Handshakes run on their own tasks, bounded by `handshake_timeout`, so a slow or silent client never
+//! holds up the accept loop. With a client CA, a client without a certificate signed by it is refused at
+//! the handshake, before any gRPC is spoken.
+
+use std::{
+    io,
+    ops::ControlFlow,
+    path::Path,
+    sync::{Arc, Weak},
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{
+    rustls::{RootCertStore, ServerConfig, server::WebPkiClientVerifier},
+    server::TlsStream,
+};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::config::TlsConfig;
+use crate::reload;
+
+/// Why TLS settings cannot be used; names the setting.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {setting}: {reason}")]
+pub struct TlsError {
+    /// E.g. `tls.cert_file`.
+    pub setting: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// The current rustls configuration, swapped on reload.
+pub struct Tls {
+    settings: TlsConfig,
+    current: ArcSwap<ServerConfig>,
+}
+
+impl Tls {
+    /// Reads and checks the files `settings` names.
+    pub fn load(settings: &TlsConfig) -> Result<Arc<Self>, TlsError> {
+        Ok(Arc::new(Tls {
+            current: ArcSwap::from_pointee(build(settings)?),
+            settings: settings.clone(),
+        }))
+    }
+
+    /// Re-reads the files; on error the current configuration stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        self.current.store(Arc::new(build(&self.settings)?));
+        Ok(())
+    }
+
+    /// Reloads whenever a file changes, checked every `interval`, for as long as `self` lives.
+    pub fn watch(self: &Arc<Self>, interval: Duration) {
+        let mut paths = vec![
+            self.settings.cert_file.clone(),
+            self.settings.key_file.clone(),
+        ];
+        paths.extend(self.settings.client_ca_file.clone());
+        let tls: Weak<Tls> = Arc::downgrade(self);
+        reload::spawn(paths, interval, false, move |_| {
+            let Some(tls) = tls.upgrade() else {
+                return ControlFlow::Break(());
+            };
+            match tls.reload() {
+                Ok(()) => tracing::info!("TLS certificates reloaded"),
+                Err(e) => {
+                    tracing::error!("TLS reload refused, keeping the current certificates: {e}")
+                }
+            }
+            ControlFlow::Continue(())
+        });
+    }
+
+    /// Accepts connections on `listener` and yields those that complete the handshake. The listener
+    /// closes when the stream is dropped.
+    pub fn incoming(
+        self: Arc<Self>,
+        listener: TcpListener,
+    ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(e) => {
+                            // Usually out of file descriptors: back off instead of spinning.
+                            tracing::warn!("accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                    () = tx.closed() => return,
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = tokio_rustls::TlsAcceptor::from(self.current.load_full());
+                let timeout = self.settings.handshake_timeout;
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send(Ok(stream)).await;
+                        }
+                        Ok(Err(e)) => tracing::info!(%peer, "TLS handshake refused: {e}"),
+                        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+fn build(settings: &TlsConfig) -> Result<ServerConfig, TlsError> {
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError {
+            setting: "tls",
+            reason: e.to_string(),
+        })?;
+    let builder = match &settings.client_ca_file {
+        Some(ca_file) => {
+            let mut roots = RootCertStore::empty();
+            for ca in certificates(ca_file, "tls.client_ca_file")? {
+                roots.add(ca).map_err(|e| TlsError {
+                    setting: "tls.client_ca_file",
+                    reason: format!("{}: {e}", ca_file.display()),
+                })?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| TlsError {
+                    setting: "tls.client_ca_file",
+                    reason: format!("{}: {e}", ca_file.display()),
+                })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let chain = certificates(&settings.cert_file, "tls.cert_file")?;
+    let key = PrivateKeyDer::from_pem_file(&settings.key_file).map_err(|e| TlsError {
+        setting: "tls.key_file",
+        reason: format!(
+            "{}: no usable PEM private key: {e}",
+            settings.key_file.display()
+        ),
+    })?;
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| TlsError {
+        setting: "tls.key_file",
+        reason: format!("does not match tls.cert_file: {e}"),
+    })?;
+    // gRPC is HTTP/2 only.
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+fn certificates(
+    path: &Path,
+    setting: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let invalid = |reason: String| TlsError {
+        setting,
+        reason: format!("{}: {reason}", path.display()),
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| invalid(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(invalid("no PEM certificates".into()));
+    }
+    Ok(certs)
+}
