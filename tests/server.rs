@@ -350,3 +350,50 @@ async fn generate_key_then_verify_token_round_trip_through_the_cli() {
     assert_eq!(other.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&other.stderr).contains("key set does not hold"));
 }
+
+#[tokio::test]
+async fn sighup_reloads_policies_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.cedar");
+    let only = |caller: &str| {
+        format!(r#"@id("only") permit (principal == Caller::"{caller}", action, resource);"#)
+    };
+    std::fs::write(&policy, only("a")).unwrap();
+    let binary = Binary::start(&[
+        ("CTS_POLICY__FILES", &format!("[\"{}\"]", policy.display())),
+        ("CTS_RELOAD_INTERVAL", "1h"),
+    ]);
+    let mut client =
+        chat_token_service::proto::ivschat::v1::token_service_client::TokenServiceClient::connect(
+            format!("http://{}", binary.addr),
+        )
+        .await
+        .unwrap();
+    let mut allowed = async |caller: &str| {
+        let mut request = tonic::Request::new(valid_request());
+        request
+            .metadata_mut()
+            .insert("x-caller-id", caller.parse().unwrap());
+        client.create_chat_token(request).await.is_ok()
+    };
+    assert!(allowed("a").await && !allowed("b").await);
+
+    std::fs::write(&policy, only("b")).unwrap();
+    binary.signal("-HUP");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !allowed("b").await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "SIGHUP did not reload the policy"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    binary.signal("-TERM");
+    let (status, log) = binary.wait();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        log.iter()
+            .any(|l| l.contains("policies reloaded") && l.contains("Hangup")),
+        "{log:?}"
+    );
+}

@@ -1,6 +1,8 @@
 //! Test harness: starts the real server on 127.0.0.1:0 in-process and hands out real tonic clients.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod pki;
+
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
@@ -106,6 +108,18 @@ impl LocalKeys {
         config
     }
 }
+
+/// The production example policy and entities shipped in deploy/policy.
+pub fn production_policy(config: &mut Config) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/policy");
+    config.policy.files = vec![root.join("production.cedar")];
+    config.policy.entities_file = Some(root.join("production.entities.json"));
+}
+
+pub const WEB: &str = "spiffe://cluster.local/ns/chat/sa/web";
+pub const MODERATION: &str = "spiffe://cluster.local/ns/chat/sa/moderation";
+pub const ACCOUNT_111_ROOM: &str = "arn:aws:ivschat:us-west-2:111111111111:room/lobby";
+pub const ACCOUNT_222_ROOM: &str = "arn:aws:ivschat:eu-west-1:222222222222:room/backstage";
 
 /// A request that passes every rule.
 pub fn valid_request() -> CreateChatTokenRequest {
