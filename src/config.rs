@@ -448,6 +448,14 @@ mod tests {
     }
 
     #[test]
+    fn the_production_example_config_is_valid() {
+        let config = load_str(include_str!("../deploy/config.production.example.toml")).unwrap();
+        assert!(!config.identity.allow_anonymous);
+        assert_eq!(config.identity.sources, [IdentitySource::Mtls]);
+        assert!(config.tls.is_some());
+    }
+
+    #[test]
     fn errors_name_the_setting() {
         let err = load_str("listen_addr = \"nowhere\"")
             .unwrap_err()

@@ -46,17 +46,21 @@ pub async fn run(
         .set_service_status(TOKEN_SERVICE_NAME, ServingStatus::Serving)
         .await;
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection describes our service, health, and the google.rpc error details, so grpcurl and buf curl
+    // can decode BadRequest, ErrorInfo, RetryInfo and QuotaFailure in error responses.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
-        .expect("the descriptor set compiled by build.rs is valid");
+        .expect("the descriptor sets are valid");
     // grpcurl before 1.8.8 and some other tools only speak v1alpha.
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1alpha = reflection()
         .build_v1alpha()
-        .expect("the descriptor set compiled by build.rs is valid");
+        .expect("the descriptor sets are valid");
 
     let token_service =
         TokenServiceServer::new(TokenService::new(config.identity.resolver(), stack))

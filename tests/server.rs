@@ -64,6 +64,13 @@ async fn reflection_v1_lists_and_describes_the_service() {
                 "ivschat.v1.TokenService".into(),
             )),
         },
+        // Error details, so grpcurl can decode them.
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "google.rpc.BadRequest".into(),
+            )),
+        },
     ]);
     let mut responses = client
         .server_reflection_info(requests)
@@ -88,12 +95,14 @@ async fn reflection_v1_lists_and_describes_the_service() {
         );
     }
 
-    let Some(MessageResponse::FileDescriptorResponse(files)) =
-        responses.next().await.unwrap().unwrap().message_response
-    else {
-        panic!("expected file descriptors");
-    };
-    assert!(!files.file_descriptor_proto.is_empty());
+    for _ in ["ivschat.v1.TokenService", "google.rpc.BadRequest"] {
+        let Some(MessageResponse::FileDescriptorResponse(files)) =
+            responses.next().await.unwrap().unwrap().message_response
+        else {
+            panic!("expected file descriptors");
+        };
+        assert!(!files.file_descriptor_proto.is_empty());
+    }
 }
 
 #[tokio::test]
