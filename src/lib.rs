@@ -11,6 +11,7 @@
 //! - [`identity`]: who is calling (mTLS SAN, x-forwarded-client-cert, dev header, anonymous).
 //! - [`request`]: validated domain types ([`request::TokenRequest`], [`request::RoomArn`], …).
 //! - [`stack`]: the one place the domain stack (layers + issuer) is composed.
+//! - [`ratelimit`]: the rate-limit layer, GCRA, and the in-memory limiter store.
 //! - [`issuer`]: the [`issuer::Issuer`] seam and the [`issuer::local`] PASETO issuer, with verification.
 //! - [`error`]: the single table from domain errors to gRPC codes and `google.rpc` details.
 //! - [`telemetry`]: logging set-up.
@@ -20,6 +21,7 @@
 //! client ──HTTP/2──▶ tonic server (health, reflection, 64 KiB message cap)
 //!   ▶ service::TokenService   decode + validate → request::TokenRequest, or INVALID_ARGUMENT
 //!   ▶ stack::TokenStack       tower::Service<TokenRequest, Response = IssuedToken>
+//!       ▶ ratelimit           every configured limit at once; over one → RESOURCE_EXHAUSTED + RetryInfo
 //!       ▶ issuer              local (PASETO v4.local)
 //!   ◀ IssuedToken → CreateChatTokenResponse, or error::Error → tonic::Status
 //! ```
@@ -29,6 +31,7 @@ pub mod drain;
 pub mod error;
 pub mod identity;
 pub mod issuer;
+pub mod ratelimit;
 pub mod request;
 pub mod server;
 pub mod service;
