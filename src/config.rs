@@ -8,8 +8,10 @@
 //! A bad value stops start-up with an error naming the setting, where it came from, and why.
 
 use std::{
+    collections::HashSet,
     fmt,
     net::SocketAddr,
+    num::{NonZeroU32, NonZeroUsize},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -23,6 +25,7 @@ use serde::Deserialize;
 
 use crate::identity::IdentitySource;
 use crate::issuer::local::{KeyError, KeySet};
+use crate::ratelimit::{Limit, LimitKey, gcra::Rate};
 
 /// Prefix of environment variables that override settings.
 pub const ENV_PREFIX: &str = "CTS_";
@@ -52,6 +55,13 @@ pub struct Config {
 
     /// Settings of the local issuer.
     pub local_issuer: LocalIssuerConfig,
+
+    /// Rate limits, every one checked on every request; a request over any enforced limit is refused with
+    /// RESOURCE_EXHAUSTED and consumes nothing from the others. Default: none.
+    pub rate_limits: Vec<LimitConfig>,
+
+    /// Where rate-limit state is kept.
+    pub limiter: LimiterConfig,
 }
 
 impl Default for Config {
@@ -63,6 +73,8 @@ impl Default for Config {
             identity: IdentityConfig::default(),
             issuer: IssuerKind::Local,
             local_issuer: LocalIssuerConfig::default(),
+            rate_limits: Vec::new(),
+            limiter: LimiterConfig::default(),
         }
     }
 }
@@ -162,13 +174,13 @@ pub enum KeySource {
 impl LocalIssuerConfig {
     /// Loads the configured keys, or generates an ephemeral key when none are configured.
     pub fn key_set(&self) -> Result<(Arc<KeySet>, KeySource), ConfigError> {
-        let invalid = |setting: &'static str, e: KeyError| ConfigError::Invalid {
-            setting,
+        let invalid = |setting: &str, e: KeyError| ConfigError::Invalid {
+            setting: setting.into(),
             reason: e.to_string(),
         };
         match (&self.keys_file, &self.key) {
             (Some(_), Some(_)) => Err(ConfigError::Invalid {
-                setting: "local_issuer.key",
+                setting: "local_issuer.key".into(),
                 reason: "set either local_issuer.key or local_issuer.keys_file, not both".into(),
             }),
             (Some(path), None) => Ok((
@@ -181,6 +193,82 @@ impl LocalIssuerConfig {
             )),
             (None, None) => Ok((Arc::new(KeySet::ephemeral()), KeySource::Ephemeral)),
         }
+    }
+}
+
+/// One `[[rate_limits]]` entry, as written.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    /// Names the limit in errors (`google.rpc.QuotaFailure` subject `limit:NAME`) and logs. Unique and not
+    /// empty; renaming a limit starts its budgets afresh.
+    pub name: String,
+
+    /// What the limit counts by: `"caller"` (the calling service), `"user"` (one user in one room),
+    /// `"room"`, `"caller_room"` (one caller in one room) or `"global"` (all requests together).
+    pub key: LimitKey,
+
+    /// The sustained rate: `"N/s"`, `"N/min"` or `"N/h"` (also `second`, `minute`, `hour`), `N` at least 1.
+    pub rate: String,
+
+    /// How many requests are admitted at once from a fully recovered state; at least 1.
+    pub burst: u32,
+
+    /// Evaluate the limit and log and count the requests it would refuse, but refuse none: for trying a
+    /// limit on real traffic before enforcing it. Default `false`.
+    #[serde(default)]
+    pub shadow: bool,
+}
+
+impl LimitConfig {
+    /// The validated limit; `index` is the entry's position, for error messages.
+    fn limit(&self, index: usize) -> Result<Limit, ConfigError> {
+        let invalid = |field: &str, reason: String| ConfigError::Invalid {
+            setting: format!("rate_limits[{index}].{field}"),
+            reason,
+        };
+        if self.name.trim().is_empty() {
+            return Err(invalid("name", "must not be empty".into()));
+        }
+        let rate = Rate::parse(&self.rate).map_err(|reason| invalid("rate", reason))?;
+        let burst = NonZeroU32::new(self.burst)
+            .ok_or_else(|| invalid("burst", "must be at least 1, got 0".into()))?;
+        Ok(Limit {
+            name: self.name.clone(),
+            key: self.key,
+            rate,
+            burst,
+            shadow: self.shadow,
+        })
+    }
+}
+
+/// Settings of the rate limiter's state store.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimiterConfig {
+    /// Most keys (one per limit and caller, user, room… as the limit counts) whose state is kept in memory,
+    /// so a flood of distinct users cannot exhaust it. Each costs roughly 100 bytes plus its user id and
+    /// room ARN. Beyond the cap the keys closest to recovery are forgotten, which can only make a limit more
+    /// lenient. Default `1000000`; at least 1.
+    pub max_tracked_keys: usize,
+}
+
+impl Default for LimiterConfig {
+    fn default() -> Self {
+        LimiterConfig {
+            max_tracked_keys: 1_000_000,
+        }
+    }
+}
+
+impl LimiterConfig {
+    /// `max_tracked_keys`, checked to be at least 1.
+    pub fn max_tracked_keys(&self) -> Result<NonZeroUsize, ConfigError> {
+        NonZeroUsize::new(self.max_tracked_keys).ok_or_else(|| ConfigError::Invalid {
+            setting: "limiter.max_tracked_keys".into(),
+            reason: "must be at least 1, got 0".into(),
+        })
     }
 }
 
@@ -211,8 +299,8 @@ pub enum ConfigError {
     /// A value parses but is out of range.
     #[error("configuration error: {setting}: {reason}")]
     Invalid {
-        /// The setting's path in the file, e.g. `local_issuer.token_ttl`.
-        setting: &'static str,
+        /// The setting's path in the file, e.g. `local_issuer.token_ttl` or `rate_limits[2].rate`.
+        setting: String,
         /// What is wrong and what is allowed.
         reason: String,
     },
@@ -238,7 +326,7 @@ impl Config {
         let ttl = self.local_issuer.token_ttl;
         if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&ttl) {
             return Err(ConfigError::Invalid {
-                setting: "local_issuer.token_ttl",
+                setting: "local_issuer.token_ttl".into(),
                 reason: format!(
                     "must be between 1s and 1h, got {}",
                     humantime::format_duration(ttl)
@@ -247,20 +335,44 @@ impl Config {
         }
         if let Err(e) = http::HeaderName::from_bytes(self.identity.header.as_bytes()) {
             return Err(ConfigError::Invalid {
-                setting: "identity.header",
+                setting: "identity.header".into(),
                 reason: format!("not a valid header name: {e}"),
             });
         }
         if self.max_request_bytes < 8192 {
             return Err(ConfigError::Invalid {
-                setting: "max_request_bytes",
+                setting: "max_request_bytes".into(),
                 reason: format!(
                     "must be at least 8192 so every valid request fits, got {}",
                     self.max_request_bytes
                 ),
             });
         }
+        self.limits()?;
+        self.limiter.max_tracked_keys()?;
         Ok(())
+    }
+
+    /// The configured rate limits, validated: names unique and not empty, rates and bursts in range.
+    pub fn limits(&self) -> Result<Vec<Limit>, ConfigError> {
+        let mut names = HashSet::new();
+        self.rate_limits
+            .iter()
+            .enumerate()
+            .map(|(index, entry)| {
+                let limit = entry.limit(index)?;
+                if !names.insert(limit.name.clone()) {
+                    return Err(ConfigError::Invalid {
+                        setting: format!("rate_limits[{index}].name"),
+                        reason: format!(
+                            "{:?} names an earlier limit too; names must be unique",
+                            limit.name
+                        ),
+                    });
+                }
+                Ok(limit)
+            })
+            .collect()
     }
 }
 

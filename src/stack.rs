@@ -1,11 +1,12 @@
 //! The one place the domain stack is composed: the tower services between the gRPC handler and the
 //! issuer, and the choice of issuer from configuration.
 
-use tower::util::BoxCloneSyncService;
+use tower::{ServiceBuilder, util::BoxCloneSyncService};
 
 use crate::config::{Config, ConfigError, IssuerKind, KeySource};
 use crate::error::Error;
 use crate::issuer::{IssuedToken, Issuer, IssuerService, local::LocalIssuer};
+use crate::ratelimit::{MemoryStore, RateLimitLayer};
 use crate::request::TokenRequest;
 
 /// The domain stack as the handler sees it: a validated request in, a token or a domain error out.
@@ -30,13 +31,24 @@ pub fn from_config(config: &Config) -> Result<TokenStack, ConfigError> {
                     "local issuer keys loaded"
                 );
             }
-            Ok(with_issuer(LocalIssuer::new(keys, settings.token_ttl)))
+            compose(config, LocalIssuer::new(keys, settings.token_ttl))
         }
     }
 }
 
-/// Wraps `issuer` in the domain layers. Any [`Issuer`] fits, which is how tests and embedders plug in
-/// their own.
-pub fn with_issuer<I: Issuer>(issuer: I) -> TokenStack {
-    BoxCloneSyncService::new(IssuerService::new(issuer))
+/// Wraps `issuer` in the domain layers `config` describes. Any [`Issuer`] fits, which is how tests and
+/// embedders plug in their own.
+///
+/// Each call makes its own limiter store: call it once per process, so every connection shares one budget.
+pub fn compose<I: Issuer>(config: &Config, issuer: I) -> Result<TokenStack, ConfigError> {
+    let rate_limits = RateLimitLayer::new(
+        config.limits()?,
+        MemoryStore::new(config.limiter.max_tracked_keys()?),
+    );
+    let stack = ServiceBuilder::new()
+        // Directly over the issuer, so only requests that would be issued consume quota; policy goes above
+        // it, so callers policy denies consume none.
+        .layer(rate_limits)
+        .service(IssuerService::new(issuer));
+    Ok(BoxCloneSyncService::new(stack))
 }
