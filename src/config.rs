@@ -376,12 +376,28 @@ impl Config {
     }
 }
 
+/// A setting's path as written in the file and in validation errors: `rate_limits[2].rate`.
+fn setting_path(path: &[String]) -> String {
+    let mut setting = String::new();
+    for segment in path {
+        if segment.bytes().all(|b| b.is_ascii_digit()) {
+            setting.push_str(&format!("[{segment}]"));
+        } else {
+            if !setting.is_empty() {
+                setting.push('.');
+            }
+            setting.push_str(&segment.to_ascii_lowercase());
+        }
+    }
+    setting
+}
+
 /// Turns figment's errors into one line per problem: `setting: why (where it came from)`.
 fn describe(errors: figment::Error) -> ConfigError {
     let problems: Vec<String> = errors
         .into_iter()
         .map(|e| {
-            let setting = e.path.join(".").to_ascii_lowercase();
+            let setting = setting_path(&e.path);
             let origin = match &e.metadata {
                 Some(md) if md.name.contains("environment") => format!(
                     " (environment variable {ENV_PREFIX}{})",
@@ -500,6 +516,87 @@ mod tests {
             assert!(err.contains("missing.toml"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn rate_limits_parse_with_their_defaults() {
+        let config = load_str(
+            r#"
+            [[rate_limits]]
+            name = "per-caller"
+            key = "caller"
+            rate = "100/s"
+            burst = 200
+
+            [[rate_limits]]
+            name = "per-user"
+            key = "user"
+            rate = "5/minute"
+            burst = 5
+            shadow = true
+            "#,
+        )
+        .unwrap();
+        let limits = config.limits().unwrap();
+        assert_eq!(limits.len(), 2);
+        assert_eq!(limits[0].description(), "100/s per caller, burst 200");
+        assert!(!limits[0].shadow);
+        assert_eq!(limits[1].key, LimitKey::User);
+        assert!(limits[1].shadow);
+        assert_eq!(config.limiter.max_tracked_keys, 1_000_000);
+        assert!(load_str("").unwrap().limits().unwrap().is_empty());
+    }
+
+    /// The `setting` of the `ConfigError::Invalid` that `toml` fails validation with, and its reason.
+    fn invalid_setting(toml: &str) -> (String, String) {
+        match load_str(toml) {
+            Err(ConfigError::Invalid { setting, reason }) => (setting, reason),
+            other => panic!("expected an invalid setting, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rate_limit_errors_name_the_entry_and_field() {
+        let entry = |name: &str, rate: &str, burst: u32| {
+            format!(
+                "[[rate_limits]]\nname = {name:?}\nkey = \"room\"\nrate = {rate:?}\nburst = {burst}\n"
+            )
+        };
+        let three = |third: String| entry("a", "1/s", 1) + &entry("b", "1/s", 1) + &third;
+
+        let (setting, reason) = invalid_setting(&three(entry("c", "100/day", 1)));
+        assert_eq!(setting, "rate_limits[2].rate");
+        assert!(reason.contains("100/day"), "{reason}");
+        let (setting, reason) = invalid_setting(&three(entry("c", "0/s", 1)));
+        assert_eq!(setting, "rate_limits[2].rate");
+        assert!(reason.contains("at least 1"), "{reason}");
+        let (setting, _) = invalid_setting(&three(entry("c", "1/s", 0)));
+        assert_eq!(setting, "rate_limits[2].burst");
+        let (setting, _) = invalid_setting(&three(entry(" ", "1/s", 1)));
+        assert_eq!(setting, "rate_limits[2].name");
+        let (setting, reason) = invalid_setting(&three(entry("a", "1/s", 1)));
+        assert_eq!(setting, "rate_limits[2].name");
+        assert!(reason.contains("unique"), "{reason}");
+        let (setting, _) = invalid_setting("[limiter]\nmax_tracked_keys = 0");
+        assert_eq!(setting, "limiter.max_tracked_keys");
+
+        let err = load_str(&(entry("a", "1/s", 1) + "burts = 2\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("burts"), "{err}");
+        let err =
+            load_str("[[rate_limits]]\nname = \"a\"\nkey = \"user_id\"\nrate = \"1/s\"\nburst = 1")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("rate_limits[0].key: "), "{err}");
+        assert!(
+            err.contains("user_id") && err.contains("caller_room"),
+            "{err}"
+        );
+        let err = load_str("[[rate_limits]]\nname = \"a\"\nkey = \"user\"\nrate = \"1/s\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("burst"), "{err}");
     }
 
     #[test]
