@@ -457,6 +457,25 @@ mod tests {
             example.local_issuer.token_ttl,
             defaults.local_issuer.token_ttl
         );
+        assert_eq!(
+            example.limiter.max_tracked_keys,
+            defaults.limiter.max_tracked_keys
+        );
+        assert!(example.rate_limits.is_empty());
+    }
+
+    #[test]
+    fn the_commented_rate_limits_in_the_example_config_are_valid() {
+        let example = include_str!("../deploy/config.example.toml");
+        let commented = &example[example.find("# [[rate_limits]]").expect("an example limit")..];
+        let uncommented: String = commented
+            .lines()
+            .map(|line| line.trim_start_matches('#').trim_start())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let limits = load_str(&uncommented).unwrap().limits().unwrap();
+        let names: Vec<_> = limits.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["per-caller", "per-user"]);
     }
 
     #[test]
