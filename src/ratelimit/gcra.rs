@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 /// The period a [`Rate`] counts over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Period {
+enum Period {
     /// `s`, `sec`, `second`.
     Second,
     /// `min`, `minute`.
@@ -40,8 +40,7 @@ pub enum Period {
 }
 
 impl Period {
-    /// The period's length.
-    pub fn duration(self) -> Duration {
+    fn duration(self) -> Duration {
         match self {
             Period::Second => Duration::from_secs(1),
             Period::Minute => Duration::from_secs(60),

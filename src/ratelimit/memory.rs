@@ -13,6 +13,7 @@
 //!   lenient for that key, never stricter; choosing the one closest to recovery forgets the least.
 
 use std::{
+    collections::hash_map::RandomState,
     future::{Future, ready},
     hash::BuildHasher,
     num::NonZeroUsize,
@@ -20,7 +21,6 @@ use std::{
 };
 
 use indexmap::IndexMap;
-use std::collections::hash_map::RandomState;
 use tokio::time::Instant;
 
 use super::{Check, LimiterStore, StoreError, Verdict, gcra::Outcome};
