@@ -8,8 +8,10 @@
 //! A bad value stops start-up with an error naming the setting, where it came from, and why.
 
 use std::{
+    collections::HashSet,
     fmt,
     net::SocketAddr,
+    num::{NonZeroU32, NonZeroUsize},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -23,6 +25,7 @@ use serde::Deserialize;
 
 use crate::identity::IdentitySource;
 use crate::issuer::local::{KeyError, KeySet};
+use crate::ratelimit::{Limit, LimitKey, gcra::Rate};
 
 /// Prefix of environment variables that override settings.
 pub const ENV_PREFIX: &str = "CTS_";
@@ -67,6 +70,13 @@ pub struct Config {
 
     /// Settings of the local issuer.
     pub local_issuer: LocalIssuerConfig,
+
+    /// Rate limits, every one checked on every request; a request over any enforced limit is refused with
+    /// RESOURCE_EXHAUSTED and consumes nothing from the others. Default: none.
+    pub rate_limits: Vec<LimitConfig>,
+
+    /// Where rate-limit state is kept.
+    pub limiter: LimiterConfig,
 }
 
 impl Default for Config {
@@ -82,6 +92,8 @@ impl Default for Config {
             policy: PolicyConfig::default(),
             issuer: IssuerKind::Local,
             local_issuer: LocalIssuerConfig::default(),
+            rate_limits: Vec::new(),
+            limiter: LimiterConfig::default(),
         }
     }
 }
@@ -232,13 +244,13 @@ pub enum KeySource {
 impl LocalIssuerConfig {
     /// Loads the configured keys, or generates an ephemeral key when none are configured.
     pub fn key_set(&self) -> Result<(Arc<KeySet>, KeySource), ConfigError> {
-        let invalid = |setting: &'static str, e: KeyError| ConfigError::Invalid {
-            setting,
+        let invalid = |setting: &str, e: KeyError| ConfigError::Invalid {
+            setting: setting.into(),
             reason: e.to_string(),
         };
         match (&self.keys_file, &self.key) {
             (Some(_), Some(_)) => Err(ConfigError::Invalid {
-                setting: "local_issuer.key",
+                setting: "local_issuer.key".into(),
                 reason: "set either local_issuer.key or local_issuer.keys_file, not both".into(),
             }),
             (Some(path), None) => Ok((
@@ -251,6 +263,82 @@ impl LocalIssuerConfig {
             )),
             (None, None) => Ok((Arc::new(KeySet::ephemeral()), KeySource::Ephemeral)),
         }
+    }
+}
+
+/// One `[[rate_limits]]` entry, as written.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    /// Names the limit in errors (`google.rpc.QuotaFailure` subject `limit:NAME`) and logs. Unique and not
+    /// empty; renaming a limit starts its budgets afresh.
+    pub name: String,
+
+    /// What the limit counts by: `"caller"` (the calling service), `"user"` (one user in one room),
+    /// `"room"`, `"caller_room"` (one caller in one room) or `"global"` (all requests together).
+    pub key: LimitKey,
+
+    /// The sustained rate: `"N/s"`, `"N/min"` or `"N/h"` (also `second`, `minute`, `hour`), `N` at least 1.
+    pub rate: String,
+
+    /// How many requests are admitted at once from a fully recovered state; at least 1.
+    pub burst: u32,
+
+    /// Evaluate the limit and log and count the requests it would refuse, but refuse none: for trying a
+    /// limit on real traffic before enforcing it. Default `false`.
+    #[serde(default)]
+    pub shadow: bool,
+}
+
+impl LimitConfig {
+    /// The validated limit; `index` is the entry's position, for error messages.
+    fn limit(&self, index: usize) -> Result<Limit, ConfigError> {
+        let invalid = |field: &str, reason: String| ConfigError::Invalid {
+            setting: format!("rate_limits[{index}].{field}"),
+            reason,
+        };
+        if self.name.trim().is_empty() {
+            return Err(invalid("name", "must not be empty".into()));
+        }
+        let rate = Rate::parse(&self.rate).map_err(|reason| invalid("rate", reason))?;
+        let burst = NonZeroU32::new(self.burst)
+            .ok_or_else(|| invalid("burst", "must be at least 1, got 0".into()))?;
+        Ok(Limit {
+            name: self.name.clone(),
+            key: self.key,
+            rate,
+            burst,
+            shadow: self.shadow,
+        })
+    }
+}
+
+/// Settings of the rate limiter's state store.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimiterConfig {
+    /// Most keys (one per limit and caller, user, room… as the limit counts) whose state is kept in memory,
+    /// so a flood of distinct users cannot exhaust it. Each costs roughly 100 bytes plus its user id and
+    /// room ARN. Beyond the cap the keys closest to recovery are forgotten, which can only make a limit more
+    /// lenient. Default `1000000`; at least 1.
+    pub max_tracked_keys: usize,
+}
+
+impl Default for LimiterConfig {
+    fn default() -> Self {
+        LimiterConfig {
+            max_tracked_keys: 1_000_000,
+        }
+    }
+}
+
+impl LimiterConfig {
+    /// `max_tracked_keys`, checked to be at least 1.
+    pub fn max_tracked_keys(&self) -> Result<NonZeroUsize, ConfigError> {
+        NonZeroUsize::new(self.max_tracked_keys).ok_or_else(|| ConfigError::Invalid {
+            setting: "limiter.max_tracked_keys".into(),
+            reason: "must be at least 1, got 0".into(),
+        })
     }
 }
 
@@ -281,8 +369,8 @@ pub enum ConfigError {
     /// A value parses but is out of range.
     #[error("configuration error: {setting}: {reason}")]
     Invalid {
-        /// The setting's path in the file, e.g. `local_issuer.token_ttl`.
-        setting: &'static str,
+        /// The setting's path in the file, e.g. `local_issuer.token_ttl` or `rate_limits[2].rate`.
+        setting: String,
         /// What is wrong and what is allowed.
         reason: String,
     },
@@ -308,7 +396,7 @@ impl Config {
         let ttl = self.local_issuer.token_ttl;
         if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&ttl) {
             return Err(ConfigError::Invalid {
-                setting: "local_issuer.token_ttl",
+                setting: "local_issuer.token_ttl".into(),
                 reason: format!(
                     "must be between 1s and 1h, got {}",
                     humantime::format_duration(ttl)
@@ -317,7 +405,7 @@ impl Config {
         }
         if let Err(e) = http::HeaderName::from_bytes(self.identity.header.as_bytes()) {
             return Err(ConfigError::Invalid {
-                setting: "identity.header",
+                setting: "identity.header".into(),
                 reason: format!("not a valid header name: {e}"),
             });
         }
@@ -329,7 +417,7 @@ impl Config {
                 .is_none()
         {
             return Err(ConfigError::Invalid {
-                setting: "identity.sources",
+                setting: "identity.sources".into(),
                 reason:
                     "the mtls source needs tls.client_ca_file (and tls.cert_file, tls.key_file)"
                         .into(),
@@ -337,7 +425,7 @@ impl Config {
         }
         if self.policy.files.is_empty() && !self.listen_addr.ip().is_loopback() {
             return Err(ConfigError::Invalid {
-                setting: "policy.files",
+                setting: "policy.files".into(),
                 reason: format!(
                     "no policy files: the development policy permits every request, so it is only \
                      allowed on a loopback listen_addr, not {}; configure policies (see \
@@ -348,19 +436,19 @@ impl Config {
         }
         if self.policy.entities_file.is_some() && self.policy.files.is_empty() {
             return Err(ConfigError::Invalid {
-                setting: "policy.entities_file",
+                setting: "policy.entities_file".into(),
                 reason: "entities need policy files that use them (policy.files is empty)".into(),
             });
         }
         if self.max_concurrent_calls == 0 {
             return Err(ConfigError::Invalid {
-                setting: "max_concurrent_calls",
+                setting: "max_concurrent_calls".into(),
                 reason: "must be at least 1".into(),
             });
         }
         if self.reload_interval < Duration::from_millis(100) {
             return Err(ConfigError::Invalid {
-                setting: "reload_interval",
+                setting: "reload_interval".into(),
                 reason: format!(
                     "must be at least 100ms, got {}",
                     humantime::format_duration(self.reload_interval)
@@ -369,15 +457,55 @@ impl Config {
         }
         if self.max_request_bytes < 8192 {
             return Err(ConfigError::Invalid {
-                setting: "max_request_bytes",
+                setting: "max_request_bytes".into(),
                 reason: format!(
                     "must be at least 8192 so every valid request fits, got {}",
                     self.max_request_bytes
                 ),
             });
         }
+        self.limits()?;
+        self.limiter.max_tracked_keys()?;
         Ok(())
     }
+
+    /// The configured rate limits, validated: names unique and not empty, rates and bursts in range.
+    pub fn limits(&self) -> Result<Vec<Limit>, ConfigError> {
+        let mut names = HashSet::new();
+        self.rate_limits
+            .iter()
+            .enumerate()
+            .map(|(index, entry)| {
+                let limit = entry.limit(index)?;
+                if !names.insert(limit.name.clone()) {
+                    return Err(ConfigError::Invalid {
+                        setting: format!("rate_limits[{index}].name"),
+                        reason: format!(
+                            "{:?} names an earlier limit too; names must be unique",
+                            limit.name
+                        ),
+                    });
+                }
+                Ok(limit)
+            })
+            .collect()
+    }
+}
+
+/// A setting's path as written in the file and in validation errors: `rate_limits[2].rate`.
+fn setting_path(path: &[String]) -> String {
+    let mut setting = String::new();
+    for segment in path {
+        if segment.bytes().all(|b| b.is_ascii_digit()) {
+            setting.push_str(&format!("[{segment}]"));
+        } else {
+            if !setting.is_empty() {
+                setting.push('.');
+            }
+            setting.push_str(&segment.to_ascii_lowercase());
+        }
+    }
+    setting
 }
 
 /// Turns figment's errors into one line per problem: `setting: why (where it came from)`.
@@ -385,7 +513,7 @@ fn describe(errors: figment::Error) -> ConfigError {
     let problems: Vec<String> = errors
         .into_iter()
         .map(|e| {
-            let setting = e.path.join(".").to_ascii_lowercase();
+            let setting = setting_path(&e.path);
             let origin = match &e.metadata {
                 Some(md) if md.name.contains("environment") => format!(
                     " (environment variable {ENV_PREFIX}{})",
@@ -445,6 +573,25 @@ mod tests {
             example.local_issuer.token_ttl,
             defaults.local_issuer.token_ttl
         );
+        assert_eq!(
+            example.limiter.max_tracked_keys,
+            defaults.limiter.max_tracked_keys
+        );
+        assert!(example.rate_limits.is_empty());
+    }
+
+    #[test]
+    fn the_commented_rate_limits_in_the_example_config_are_valid() {
+        let example = include_str!("../deploy/config.example.toml");
+        let commented = &example[example.find("# [[rate_limits]]").expect("an example limit")..];
+        let uncommented: String = commented
+            .lines()
+            .map(|line| line.trim_start_matches('#').trim_start())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let limits = load_str(&uncommented).unwrap().limits().unwrap();
+        let names: Vec<_> = limits.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["per-caller", "per-user"]);
     }
 
     #[test]
@@ -541,6 +688,87 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("key_file"), "{err}");
+    }
+
+    #[test]
+    fn rate_limits_parse_with_their_defaults() {
+        let config = load_str(
+            r#"
+            [[rate_limits]]
+            name = "per-caller"
+            key = "caller"
+            rate = "100/s"
+            burst = 200
+
+            [[rate_limits]]
+            name = "per-user"
+            key = "user"
+            rate = "5/minute"
+            burst = 5
+            shadow = true
+            "#,
+        )
+        .unwrap();
+        let limits = config.limits().unwrap();
+        assert_eq!(limits.len(), 2);
+        assert_eq!(limits[0].description(), "100/s per caller, burst 200");
+        assert!(!limits[0].shadow);
+        assert_eq!(limits[1].key, LimitKey::User);
+        assert!(limits[1].shadow);
+        assert_eq!(config.limiter.max_tracked_keys, 1_000_000);
+        assert!(load_str("").unwrap().limits().unwrap().is_empty());
+    }
+
+    /// The `setting` of the `ConfigError::Invalid` that `toml` fails validation with, and its reason.
+    fn invalid_setting(toml: &str) -> (String, String) {
+        match load_str(toml) {
+            Err(ConfigError::Invalid { setting, reason }) => (setting, reason),
+            other => panic!("expected an invalid setting, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rate_limit_errors_name_the_entry_and_field() {
+        let entry = |name: &str, rate: &str, burst: u32| {
+            format!(
+                "[[rate_limits]]\nname = {name:?}\nkey = \"room\"\nrate = {rate:?}\nburst = {burst}\n"
+            )
+        };
+        let three = |third: String| entry("a", "1/s", 1) + &entry("b", "1/s", 1) + &third;
+
+        let (setting, reason) = invalid_setting(&three(entry("c", "100/day", 1)));
+        assert_eq!(setting, "rate_limits[2].rate");
+        assert!(reason.contains("100/day"), "{reason}");
+        let (setting, reason) = invalid_setting(&three(entry("c", "0/s", 1)));
+        assert_eq!(setting, "rate_limits[2].rate");
+        assert!(reason.contains("at least 1"), "{reason}");
+        let (setting, _) = invalid_setting(&three(entry("c", "1/s", 0)));
+        assert_eq!(setting, "rate_limits[2].burst");
+        let (setting, _) = invalid_setting(&three(entry(" ", "1/s", 1)));
+        assert_eq!(setting, "rate_limits[2].name");
+        let (setting, reason) = invalid_setting(&three(entry("a", "1/s", 1)));
+        assert_eq!(setting, "rate_limits[2].name");
+        assert!(reason.contains("unique"), "{reason}");
+        let (setting, _) = invalid_setting("[limiter]\nmax_tracked_keys = 0");
+        assert_eq!(setting, "limiter.max_tracked_keys");
+
+        let err = load_str(&(entry("a", "1/s", 1) + "burts = 2\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("burts"), "{err}");
+        let err =
+            load_str("[[rate_limits]]\nname = \"a\"\nkey = \"user_id\"\nrate = \"1/s\"\nburst = 1")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("rate_limits[0].key: "), "{err}");
+        assert!(
+            err.contains("user_id") && err.contains("caller_room"),
+            "{err}"
+        );
+        let err = load_str("[[rate_limits]]\nname = \"a\"\nkey = \"user\"\nrate = \"1/s\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("burst"), "{err}");
     }
 
     #[test]

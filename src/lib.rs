@@ -12,6 +12,7 @@
 //! - [`policy`]: Cedar policy engine (schema-validated, reloadable) and its tower layer.
 //! - [`request`]: validated domain types ([`request::TokenRequest`], [`request::RoomArn`], …).
 //! - [`stack`]: the one place the domain stack (layers + issuer) is composed.
+//! - [`ratelimit`]: the rate-limit layer, GCRA, and the in-memory limiter store.
 //! - [`issuer`]: the [`issuer::Issuer`] seam and the [`issuer::local`] PASETO issuer, with verification.
 //! - [`error`]: the single table from domain errors to gRPC codes and `google.rpc` details.
 //! - [`tls`]: rustls termination, mutual TLS, certificate reload; [`reload`]: the file watcher both use.
@@ -22,6 +23,7 @@
 //! client ──HTTP/2──▶ tonic server (health, reflection, 64 KiB message cap)
 //!   ▶ service::TokenService   decode + validate → request::TokenRequest, or INVALID_ARGUMENT
 //!   ▶ stack::TokenStack       tower::Service<TokenRequest, Response = IssuedToken>
+//!       ▶ ratelimit           every configured limit at once; over one → RESOURCE_EXHAUSTED + RetryInfo
 //!       ▶ issuer              local (PASETO v4.local)
 //!   ◀ IssuedToken → CreateChatTokenResponse, or error::Error → tonic::Status
 //! ```
@@ -32,6 +34,7 @@ pub mod identity;
 pub mod inflight;
 pub mod issuer;
 pub mod policy;
+pub mod ratelimit;
 pub mod reload;
 pub mod request;
 pub mod server;

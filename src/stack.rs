@@ -9,6 +9,7 @@ use crate::config::{Config, ConfigError, IssuerKind, KeySource};
 use crate::error::Error;
 use crate::issuer::{IssuedToken, Issuer, IssuerService, local::LocalIssuer};
 use crate::policy::{PolicyEngine, PolicyLayer, PolicySource};
+use crate::ratelimit::{MemoryStore, RateLimitLayer};
 use crate::reload::{self, Trigger};
 use crate::request::TokenRequest;
 
@@ -34,22 +35,30 @@ pub fn from_config(config: &Config) -> Result<TokenStack, ConfigError> {
                     "local issuer keys loaded"
                 );
             }
-            with_issuer(config, LocalIssuer::new(keys, settings.token_ttl))
+            compose(config, LocalIssuer::new(keys, settings.token_ttl))
         }
     }
 }
 
 /// Wraps `issuer` in the domain layers `config` describes. Any [`Issuer`] fits, which is how tests and
 /// embedders plug in their own.
-pub fn with_issuer<I: Issuer>(config: &Config, issuer: I) -> Result<TokenStack, ConfigError> {
-    let policy = load_policy(config)?;
-    Ok(BoxCloneSyncService::new(
-        ServiceBuilder::new()
-            // Policy first: Cedar answers in microseconds, and a caller it denies must not consume any
-            // rate-limit budget or upstream quota.
-            .layer(PolicyLayer::new(policy, config.policy.shadow))
-            .service(IssuerService::new(issuer)),
-    ))
+///
+/// Each call makes its own limiter store and policy watcher: call it once per process, so every connection
+/// shares one budget.
+pub fn compose<I: Issuer>(config: &Config, issuer: I) -> Result<TokenStack, ConfigError> {
+    let policy = PolicyLayer::new(load_policy(config)?, config.policy.shadow);
+    let rate_limits = RateLimitLayer::new(
+        config.limits()?,
+        MemoryStore::new(config.limiter.max_tracked_keys()?),
+    );
+    let stack = ServiceBuilder::new()
+        // Policy first: Cedar answers in microseconds, and a caller it denies must consume no rate-limit
+        // budget or upstream quota.
+        .layer(policy)
+        // Then rate limits, directly over the issuer: only requests that would be issued consume quota.
+        .layer(rate_limits)
+        .service(IssuerService::new(issuer));
+    Ok(BoxCloneSyncService::new(stack))
 }
 
 /// Loads the configured policies and keeps them current: reloaded when a file changes and on SIGHUP.
@@ -58,7 +67,7 @@ fn load_policy(config: &Config) -> Result<Arc<PolicyEngine>, ConfigError> {
     let engine =
         Arc::new(
             PolicyEngine::load(source.clone()).map_err(|e| ConfigError::Invalid {
-                setting: "policy.files",
+                setting: "policy.files".into(),
                 reason: e.to_string(),
             })?,
         );

@@ -158,11 +158,8 @@ fn gated(keys: &LocalKeys) -> (Arc<Notify>, Arc<Notify>, stack::TokenStack) {
         release: release.clone(),
         inner: LocalIssuer::new(keys.keys.clone(), Duration::from_secs(60)),
     };
-    (
-        entered,
-        release,
-        stack::with_issuer(&keys.config(), issuer).unwrap(),
-    )
+    let stack = stack::compose(&keys.config(), issuer).expect("valid config");
+    (entered, release, stack)
 }
 
 async fn connection_refused(addr: SocketAddr) -> bool {

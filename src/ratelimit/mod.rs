@@ -1,0 +1,161 @@
+//! Rate limits: a tower layer that refuses requests over a limit at once, with RESOURCE_EXHAUSTED and the
+//! exact time a retry will succeed. It never queues or waits (unlike `tower::limit::RateLimit`).
+//!
+//! ```
+//! use std::num::{NonZeroU32, NonZeroUsize};
+//! use chat_token_service::ratelimit::{Limit, LimitKey, MemoryStore, RateLimitLayer, gcra::Rate};
+//!
+//! let per_user = Limit {
+//!     name: "per-user".into(),
+//!     key: LimitKey::User,
+//!     rate: Rate::parse("5/min").unwrap(),
+//!     burst: NonZeroU32::new(5).unwrap(),
+//!     shadow: false,
+//! };
+//! let store = MemoryStore::new(NonZeroUsize::new(100_000).unwrap());
+//! let layer = RateLimitLayer::new(vec![per_user], store);
+//! // ServiceBuilder::new().layer(layer).service(issuer)
+//! ```
+//!
+//! - [`gcra`]: the algorithm, pure arithmetic on instants.
+//! - [`LimiterStore`]: where each key's state lives; the seam a shared (Redis) store plugs into.
+//! - [`memory`]: the in-process store, bounded in memory.
+//! - [`layer`]: [`RateLimitLayer`], which turns a request into one [`Check`] per configured [`Limit`].
+//!
+//! Every limit is checked on every request, all at once: a request refused by one enforced limit consumes
+//! nothing from the others, so a client hammering one limit does not drain its budget elsewhere.
+
+pub mod gcra;
+pub mod layer;
+pub mod memory;
+
+use std::{fmt, future::Future, num::NonZeroU32, time::Duration};
+
+use serde::Deserialize;
+
+pub use gcra::{Quota, Rate};
+pub use layer::{RateLimit, RateLimitLayer, ResponseFuture, Stats};
+pub use memory::MemoryStore;
+
+/// One configured limit, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limit {
+    /// Names the limit in errors, logs and `google.rpc.QuotaFailure`, and keeps its keys apart from every
+    /// other limit's. Unique among the configured limits.
+    pub name: String,
+    /// What the limit counts by.
+    pub key: LimitKey,
+    /// The sustained rate.
+    pub rate: Rate,
+    /// How many requests are admitted at once from a fully recovered state.
+    pub burst: NonZeroU32,
+    /// Evaluate and report, but never refuse: to see what a new limit would do to real traffic before
+    /// enforcing it.
+    pub shadow: bool,
+}
+
+impl Limit {
+    /// The limit's GCRA parameters.
+    pub fn quota(&self) -> Quota {
+        Quota::new(self.rate, self.burst)
+    }
+
+    /// What the limit limits, e.g. `100/s per caller, burst 200`, for callers who hit it. Describes the
+    /// rule, never a key value.
+    pub fn description(&self) -> String {
+        format!("{} {}, burst {}", self.rate, self.key.scope(), self.burst)
+    }
+}
+
+/// What a limit counts requests by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitKey {
+    /// The calling service: caps what one internal service can mint.
+    Caller,
+    /// One user in one room (room ARN + user id): caps reconnect storms of a single user.
+    User,
+    /// The room: caps a stampede into one room.
+    Room,
+    /// One caller in one room.
+    CallerRoom,
+    /// Every request together: caps the service as a whole, e.g. below an upstream quota.
+    Global,
+}
+
+impl LimitKey {
+    /// The setting's spelling, also part of every store key so a limit whose key kind changes starts afresh.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKey::Caller => "caller",
+            LimitKey::User => "user",
+            LimitKey::Room => "room",
+            LimitKey::CallerRoom => "caller_room",
+            LimitKey::Global => "global",
+        }
+    }
+
+    fn scope(self) -> &'static str {
+        match self {
+            LimitKey::Caller => "per caller",
+            LimitKey::User => "per user per room",
+            LimitKey::Room => "per room",
+            LimitKey::CallerRoom => "per caller per room",
+            LimitKey::Global => "in total",
+        }
+    }
+}
+
+impl fmt::Display for LimitKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One limit to check for one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Check {
+    /// Whose budget: identifies the limit and the counted parts of the request. Contains user ids: never
+    /// log it.
+    pub key: String,
+    /// The limit's parameters.
+    pub quota: Quota,
+    /// A shadow check never changes the outcome of the others.
+    pub shadow: bool,
+}
+
+/// A store's answer to one [`Check`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Within the limit. For an enforced check this does not mean it consumed: when another enforced check
+    /// of the same call is denied, none consumes.
+    Allowed,
+    /// Over the limit.
+    Denied {
+        /// When the same request would be admitted by this limit.
+        retry_after: Duration,
+    },
+}
+
+/// Where limit state lives. The in-process [`MemoryStore`] keeps it per replica; a shared store keeps one
+/// budget across replicas.
+pub trait LimiterStore: Send + Sync + 'static {
+    /// Checks all `checks` at once and answers one [`Verdict`] per check, in order.
+    ///
+    /// Enforced checks are all-or-nothing: if any enforced check is denied, no enforced check consumes.
+    /// Shadow checks are evaluated and committed independently and never affect the outcome of enforced
+    /// ones.
+    fn check(
+        &self,
+        checks: &[Check],
+    ) -> impl Future<Output = Result<Vec<Verdict>, StoreError>> + Send;
+}
+
+/// Why a store could not decide.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not be reached or did not answer in time. The in-process store never fails; a
+    /// networked one can.
+    #[error("rate-limit store unavailable: {0}")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
