@@ -65,8 +65,12 @@ pub struct Config {
     /// Which Cedar policies decide who may mint what.
     pub policy: PolicyConfig,
 
-    /// Which issuer mints tokens. `"local"`: the built-in PASETO issuer. Default `"local"`.
+    /// Which issuer mints tokens: `"local"` (the built-in PASETO issuer) or `"ivs"` (Amazon IVS Chat).
+    /// Default `"local"`.
     pub issuer: IssuerKind,
+
+    /// Settings of the IVS Chat issuer.
+    pub ivs: IvsConfig,
 
     /// Settings of the local issuer.
     pub local_issuer: LocalIssuerConfig,
@@ -91,6 +95,7 @@ impl Default for Config {
             identity: IdentityConfig::default(),
             policy: PolicyConfig::default(),
             issuer: IssuerKind::Local,
+            ivs: IvsConfig::default(),
             local_issuer: LocalIssuerConfig::default(),
             rate_limits: Vec::new(),
             limiter: LimiterConfig::default(),
@@ -199,6 +204,101 @@ impl IdentityConfig {
 pub enum IssuerKind {
     /// The built-in issuer: PASETO v4.local tokens encrypted with our own keys.
     Local,
+    /// Amazon IVS Chat's CreateChatToken, through aws-sdk-ivschat.
+    Ivs,
+}
+
+/// Settings of the IVS Chat issuer. Credentials come from the standard AWS chain (environment, shared
+/// profile, web identity / IRSA, ECS, EC2 instance metadata); the region of each call comes from the room
+/// ARN.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IvsConfig {
+    /// Send every call here instead of the regional IVS Chat endpoint, e.g. `http://127.0.0.1:4566` for the
+    /// stub (`cargo run --example ivschat_stub`). Requests are still signed for the room's region.
+    /// Default: none (the real endpoints).
+    pub endpoint_url: Option<String>,
+
+    /// Regions whose rooms may be used; others are refused with INVALID_ARGUMENT before any AWS call.
+    /// Default `[]`: any region.
+    pub allowed_regions: Vec<String>,
+
+    /// AWS accounts whose rooms may be used; others are refused with INVALID_ARGUMENT before any AWS
+    /// call. Default `[]`: any account.
+    pub allowed_accounts: Vec<String>,
+
+    /// Role to assume (account id → role ARN) for rooms owned by other AWS accounts. Rooms of accounts not
+    /// listed use the service's own credentials. Default: none.
+    pub assume_roles: std::collections::BTreeMap<String, String>,
+
+    /// Longest wait to open a connection to IVS Chat. Default `1s`.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+
+    /// Longest wait for IVS Chat's response once the request is sent. Default `2s`.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+
+    /// Longest time one attempt may take, connect to last byte. Default `3s`.
+    #[serde(with = "humantime_serde")]
+    pub attempt_timeout: Duration,
+
+    /// Longest time the whole call may take, retries included. The caller's gRPC deadline, when shorter,
+    /// wins. Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub operation_timeout: Duration,
+
+    /// Attempts per call, the first included; throttling, 5xx and connection errors are retried with
+    /// exponential backoff. Default `3`; at least 1.
+    pub max_attempts: u32,
+
+    /// First retry's backoff (jittered, doubling up to 20s). Default `100ms`.
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+
+    /// Upstream quota guard: CreateChatToken calls per AWS account and region across this deployment
+    /// (IVS allows 200 per second, not adjustable). Calls over it are refused with RESOURCE_EXHAUSTED
+    /// before they reach AWS. Default `"200/s"`.
+    pub quota: String,
+
+    /// Calls admitted at once from a fully recovered quota. Default `20`; at least 1.
+    pub quota_burst: u32,
+}
+
+impl Default for IvsConfig {
+    fn default() -> Self {
+        IvsConfig {
+            endpoint_url: None,
+            allowed_regions: Vec::new(),
+            allowed_accounts: Vec::new(),
+            assume_roles: Default::default(),
+            connect_timeout: Duration::from_secs(1),
+            read_timeout: Duration::from_secs(2),
+            attempt_timeout: Duration::from_secs(3),
+            operation_timeout: Duration::from_secs(5),
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(100),
+            quota: "200/s".into(),
+            quota_burst: 20,
+        }
+    }
+}
+
+impl IvsConfig {
+    /// The quota guard's GCRA parameters.
+    pub fn quota(&self) -> Result<crate::ratelimit::Quota, ConfigError> {
+        let rate =
+            crate::ratelimit::Rate::parse(&self.quota).map_err(|reason| ConfigError::Invalid {
+                setting: "ivs.quota".into(),
+                reason,
+            })?;
+        let burst =
+            std::num::NonZeroU32::new(self.quota_burst).ok_or_else(|| ConfigError::Invalid {
+                setting: "ivs.quota_burst".into(),
+                reason: "must be at least 1".into(),
+            })?;
+        Ok(crate::ratelimit::Quota::new(rate, burst))
+    }
 }
 
 /// Settings of the local issuer.
@@ -438,6 +538,35 @@ impl Config {
             return Err(ConfigError::Invalid {
                 setting: "policy.entities_file".into(),
                 reason: "entities need policy files that use them (policy.files is empty)".into(),
+            });
+        }
+        self.ivs.quota()?;
+        if self.ivs.max_attempts == 0 {
+            return Err(ConfigError::Invalid {
+                setting: "ivs.max_attempts".into(),
+                reason: "must be at least 1 (the first attempt counts)".into(),
+            });
+        }
+        for (account, role) in &self.ivs.assume_roles {
+            if account.is_empty() || !account.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(ConfigError::Invalid {
+                    setting: "ivs.assume_roles".into(),
+                    reason: format!("{account:?} is not an AWS account id"),
+                });
+            }
+            if !role.starts_with("arn:aws") || !role.contains(":role/") {
+                return Err(ConfigError::Invalid {
+                    setting: format!("ivs.assume_roles.{account}"),
+                    reason: format!("{role:?} is not an IAM role ARN"),
+                });
+            }
+        }
+        if let Some(url) = &self.ivs.endpoint_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid {
+                setting: "ivs.endpoint_url".into(),
+                reason: format!("{url:?} must start with http:// or https://"),
             });
         }
         if self.max_concurrent_calls == 0 {

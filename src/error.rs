@@ -4,28 +4,31 @@
 //! and which `google.rpc` details a caller sees. Messages name what went wrong and never carry tokens,
 //! keys, user ids or attribute values.
 
-use std::{fmt, time::Duration};
+use std::{borrow::Cow, fmt, time::Duration};
 
 use tonic::{Code, Status, metadata::MetadataValue};
 use tonic_types::{ErrorDetails, QuotaViolation, StatusExt};
 
 /// `google.rpc.ErrorInfo.domain` for errors this service decides.
 pub const ERROR_DOMAIN: &str = "chat-token-service";
+/// `google.rpc.ErrorInfo.domain` for errors Amazon IVS Chat returned.
+pub const IVS_ERROR_DOMAIN: &str = "ivschat.amazonaws.com";
 
 /// One field of a request that failed validation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FieldViolation {
-    /// The proto field name, as callers see it in their generated code.
-    pub field: &'static str,
+    /// The proto field name, as callers see it in their generated code (or IVS Chat's field name when IVS
+    /// Chat refused the request).
+    pub field: Cow<'static, str>,
     /// Why the value was refused. Describes the rule, never echoes the value.
     pub description: String,
 }
 
 impl FieldViolation {
     /// A violation of `field`, explained by `description`.
-    pub fn new(field: &'static str, description: impl Into<String>) -> Self {
+    pub fn new(field: impl Into<Cow<'static, str>>, description: impl Into<String>) -> Self {
         FieldViolation {
-            field,
+            field: field.into(),
             description: description.into(),
         }
     }
@@ -71,10 +74,45 @@ pub enum Error {
         max_calls: usize,
     },
 
+    /// Amazon IVS Chat refused the request or could not be reached, after the SDK's bounded retries.
+    #[error("IVS Chat: {message}")]
+    Upstream {
+        /// What kind of failure, which decides the gRPC code.
+        kind: UpstreamKind,
+        /// What happened, for the caller: never credentials, tokens or user ids.
+        message: String,
+        /// IVS's request id, for AWS support.
+        request_id: Option<String>,
+    },
+
+    /// The caller's deadline passed before a token was issued; upstream work was cancelled.
+    #[error("the caller's deadline passed before the token was issued")]
+    DeadlineExceeded,
+
     /// A fault on our side (e.g. the local issuer could not encrypt). The message is for the server log;
     /// the caller sees a generic one.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// The kinds of IVS Chat failure, each with its gRPC code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UpstreamKind {
+    /// ValidationException: IVS refused fields our own validation let through.
+    Invalid(Vec<FieldViolation>),
+    /// ResourceNotFoundException: no such room.
+    NotFound,
+    /// AccessDeniedException: our AWS identity may not mint tokens for this room.
+    AccessDenied,
+    /// PendingVerification: the AWS account is not verified for IVS Chat yet.
+    PendingVerification,
+    /// ThrottlingException or HTTP 429, still after the retries.
+    Throttled {
+        /// A wait that should let a retry through.
+        retry_after: Duration,
+    },
+    /// 5xx, connection or timeout errors, still after the retries.
+    Unavailable,
 }
 
 /// A rate limit a request exceeded, for `google.rpc.QuotaFailure`.
@@ -154,6 +192,67 @@ impl From<Error> for Status {
                     .insert("retry-after", MetadataValue::from(1u64));
                 status
             }
+            Error::Upstream {
+                kind,
+                message,
+                request_id,
+            } => {
+                let message = match &request_id {
+                    Some(id) => format!("IVS Chat: {message} (request id {id})"),
+                    None => format!("IVS Chat: {message}"),
+                };
+                let info = |reason: &str| {
+                    let metadata: std::collections::HashMap<String, String> = request_id
+                        .iter()
+                        .map(|id| ("aws_request_id".to_string(), id.clone()))
+                        .collect();
+                    ErrorDetails::with_error_info(reason, IVS_ERROR_DOMAIN, metadata)
+                };
+                match kind {
+                    UpstreamKind::Invalid(violations) => {
+                        let mut details = info("IVS_VALIDATION");
+                        for violation in violations {
+                            details
+                                .add_bad_request_violation(violation.field, violation.description);
+                        }
+                        Status::with_error_details(Code::InvalidArgument, message, details)
+                    }
+                    UpstreamKind::NotFound => Status::with_error_details(
+                        Code::NotFound,
+                        message,
+                        info("IVS_ROOM_NOT_FOUND"),
+                    ),
+                    UpstreamKind::AccessDenied => Status::with_error_details(
+                        Code::PermissionDenied,
+                        message,
+                        info("IVS_ACCESS_DENIED"),
+                    ),
+                    UpstreamKind::PendingVerification => Status::with_error_details(
+                        Code::FailedPrecondition,
+                        message,
+                        info("IVS_PENDING_VERIFICATION"),
+                    ),
+                    UpstreamKind::Throttled { retry_after } => {
+                        let mut details = info("IVS_THROTTLED");
+                        details.set_retry_info(Some(retry_after));
+                        let mut status =
+                            Status::with_error_details(Code::Unavailable, message, details);
+                        let seconds = retry_after.as_nanos().div_ceil(1_000_000_000);
+                        status
+                            .metadata_mut()
+                            .insert("retry-after", MetadataValue::from(seconds as u64));
+                        status
+                    }
+                    UpstreamKind::Unavailable => Status::with_error_details(
+                        Code::Unavailable,
+                        message,
+                        info("IVS_UNAVAILABLE"),
+                    ),
+                }
+            }
+            Error::DeadlineExceeded => Status::deadline_exceeded(
+                "the caller's deadline passed before the token was issued",
+            ),
             Error::Internal(detail) => {
                 tracing::error!(error = %detail, "internal error while issuing a token");
                 Status::internal(
@@ -241,6 +340,76 @@ mod tests {
         assert_eq!(quota.violations[0].subject, "limit:per-user");
         assert_eq!(quota.violations[0].description, "5/min per user, burst 5");
         assert_eq!(status.metadata().get("retry-after").unwrap(), "13");
+    }
+
+    #[test]
+    fn upstream_failures_map_to_their_codes_and_keep_the_request_id() {
+        let upstream = |kind| {
+            Status::from(Error::Upstream {
+                kind,
+                message: "what happened".into(),
+                request_id: Some("req-1".into()),
+            })
+        };
+        let cases = [
+            (UpstreamKind::NotFound, Code::NotFound, "IVS_ROOM_NOT_FOUND"),
+            (
+                UpstreamKind::AccessDenied,
+                Code::PermissionDenied,
+                "IVS_ACCESS_DENIED",
+            ),
+            (
+                UpstreamKind::PendingVerification,
+                Code::FailedPrecondition,
+                "IVS_PENDING_VERIFICATION",
+            ),
+            (
+                UpstreamKind::Unavailable,
+                Code::Unavailable,
+                "IVS_UNAVAILABLE",
+            ),
+        ];
+        for (kind, code, reason) in cases {
+            let status = upstream(kind);
+            assert_eq!(status.code(), code);
+            assert_eq!(
+                status.message(),
+                "IVS Chat: what happened (request id req-1)"
+            );
+            let info = status.get_details_error_info().expect("ErrorInfo");
+            assert_eq!(info.reason, reason);
+            assert_eq!(info.domain, IVS_ERROR_DOMAIN);
+            assert_eq!(info.metadata["aws_request_id"], "req-1");
+        }
+
+        let throttled = upstream(UpstreamKind::Throttled {
+            retry_after: Duration::from_millis(1500),
+        });
+        assert_eq!(throttled.code(), Code::Unavailable);
+        assert_eq!(
+            throttled.get_details_retry_info().unwrap().retry_delay,
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(throttled.metadata().get("retry-after").unwrap(), "2");
+
+        let invalid = upstream(UpstreamKind::Invalid(vec![FieldViolation::new(
+            "userId".to_string(),
+            "too long",
+        )]));
+        assert_eq!(invalid.code(), Code::InvalidArgument);
+        let fields = invalid.get_details_bad_request().unwrap().field_violations;
+        assert_eq!(
+            (fields[0].field.as_str(), fields[0].description.as_str()),
+            ("userId", "too long")
+        );
+    }
+
+    #[test]
+    fn deadline_exceeded() {
+        assert_eq!(
+            Status::from(Error::DeadlineExceeded).code(),
+            Code::DeadlineExceeded
+        );
     }
 
     #[test]

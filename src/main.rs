@@ -63,7 +63,7 @@ fn report(result: Result<(), Box<dyn std::error::Error>>) -> ExitCode {
 
 async fn serve(config_file: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::load(config_file.as_deref())?;
-    let stack = stack::from_config(&config)?;
+    let stack = stack::from_config(&config).await?;
     let listener = TcpListener::bind(config.listen_addr)
         .await
         .map_err(|e| format!("cannot listen on {} (listen_addr): {e}", config.listen_addr))?;

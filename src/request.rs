@@ -485,7 +485,7 @@ mod tests {
         let Error::InvalidArgument(violations) = err else {
             panic!("expected InvalidArgument, got {err:?}");
         };
-        let fields: Vec<_> = violations.iter().map(|v| v.field).collect();
+        let fields: Vec<_> = violations.iter().map(|v| v.field.as_ref()).collect();
         assert_eq!(
             fields,
             [

@@ -1,8 +1,11 @@
 //! The gRPC handler: proto in, domain stack, proto out. No business rules live here.
 
-use tonic::{Request, Response, Status};
+use std::time::Duration;
+
+use tonic::{Request, Response, Status, metadata::MetadataMap};
 use tower::ServiceExt;
 
+use crate::error::Error;
 use crate::identity::Resolver;
 use crate::issuer::IssuedToken;
 use crate::proto::ivschat::v1::{
@@ -35,10 +38,45 @@ impl token_service_server::TokenService for TokenService {
         let caller = self
             .identity
             .resolve(request.metadata(), peer_certs.as_deref().map(Vec::as_slice))?;
+        let deadline = grpc_timeout(request.metadata());
         let request = TokenRequest::from_proto(caller, request.into_inner())?;
-        let issued = self.stack.clone().oneshot(request).await?;
+        let issuing = self.stack.clone().oneshot(request);
+        let issued = match deadline {
+            // Answer DEADLINE_EXCEEDED just before tonic's own timer would answer CANCELLED; dropping the
+            // stack's future cancels any upstream call in flight.
+            Some(deadline) => {
+                tokio::time::timeout(deadline.saturating_sub(DEADLINE_MARGIN), issuing)
+                    .await
+                    .map_err(|_| Error::DeadlineExceeded)??
+            }
+            None => issuing.await?,
+        };
         Ok(Response::new(to_proto(issued)))
     }
+}
+
+/// How much earlier than the caller's deadline we give up, so our DEADLINE_EXCEEDED wins the race against
+/// tonic's timer (started a little before our handler).
+const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+
+/// The caller's deadline from `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n), as the gRPC
+/// HTTP/2 protocol defines it. Malformed values are ignored, as tonic ignores them.
+fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
 }
 
 fn to_proto(issued: IssuedToken) -> CreateChatTokenResponse {
@@ -46,5 +84,37 @@ fn to_proto(issued: IssuedToken) -> CreateChatTokenResponse {
         token: issued.token,
         token_expiration_time: Some(issued.token_expires_at.into()),
         session_expiration_time: Some(issued.session_expires_at.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout(value: &str) -> Option<Duration> {
+        let mut metadata = MetadataMap::new();
+        metadata.insert("grpc-timeout", value.parse().unwrap());
+        grpc_timeout(&metadata)
+    }
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(
+            timeout("99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
+        assert_eq!(timeout("7n"), Some(Duration::from_nanos(7)));
+    }
+
+    #[test]
+    fn malformed_grpc_timeouts_are_ignored() {
+        for bad in ["", "S", "123456789S", "5s", "-5S", "5", "x5S"] {
+            assert_eq!(timeout(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&MetadataMap::new()), None);
     }
 }

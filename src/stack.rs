@@ -7,7 +7,7 @@ use tower::{ServiceBuilder, util::BoxCloneSyncService};
 
 use crate::config::{Config, ConfigError, IssuerKind, KeySource};
 use crate::error::Error;
-use crate::issuer::{IssuedToken, Issuer, IssuerService, local::LocalIssuer};
+use crate::issuer::{IssuedToken, Issuer, IssuerService, ivs::IvsIssuer, local::LocalIssuer};
 use crate::policy::{PolicyEngine, PolicyLayer, PolicySource};
 use crate::ratelimit::{MemoryStore, RateLimitLayer};
 use crate::reload::{self, Trigger};
@@ -17,8 +17,15 @@ use crate::request::TokenRequest;
 pub type TokenStack = BoxCloneSyncService<TokenRequest, IssuedToken, Error>;
 
 /// Builds the stack `config` describes. Starts policy reloading, so call it inside a tokio runtime.
-pub fn from_config(config: &Config) -> Result<TokenStack, ConfigError> {
+pub async fn from_config(config: &Config) -> Result<TokenStack, ConfigError> {
+    let store = limiter_store(config)?;
     match config.issuer {
+        IssuerKind::Ivs => {
+            // The quota guard shares the rate limits' store, so a shared store shares the IVS budget.
+            let issuer = IvsIssuer::from_environment(&config.ivs, store.clone()).await?;
+            tracing::info!(endpoint = ?config.ivs.endpoint_url, "IVS Chat issuer ready");
+            compose_with(config, store, issuer)
+        }
         IssuerKind::Local => {
             let settings = &config.local_issuer;
             let (keys, source) = settings.key_set()?;
@@ -35,7 +42,7 @@ pub fn from_config(config: &Config) -> Result<TokenStack, ConfigError> {
                     "local issuer keys loaded"
                 );
             }
-            compose(config, LocalIssuer::new(keys, settings.token_ttl))
+            compose_with(config, store, LocalIssuer::new(keys, settings.token_ttl))
         }
     }
 }
@@ -46,11 +53,23 @@ pub fn from_config(config: &Config) -> Result<TokenStack, ConfigError> {
 /// Each call makes its own limiter store and policy watcher: call it once per process, so every connection
 /// shares one budget.
 pub fn compose<I: Issuer>(config: &Config, issuer: I) -> Result<TokenStack, ConfigError> {
+    compose_with(config, limiter_store(config)?, issuer)
+}
+
+/// The limiter store `config` describes, for [`compose_with`] and for issuers that guard an upstream
+/// quota with it.
+pub fn limiter_store(config: &Config) -> Result<MemoryStore, ConfigError> {
+    Ok(MemoryStore::new(config.limiter.max_tracked_keys()?))
+}
+
+/// [`compose`] with a given limiter store, shared with the issuer where it needs one.
+pub fn compose_with<I: Issuer>(
+    config: &Config,
+    store: MemoryStore,
+    issuer: I,
+) -> Result<TokenStack, ConfigError> {
     let policy = PolicyLayer::new(load_policy(config)?, config.policy.shadow);
-    let rate_limits = RateLimitLayer::new(
-        config.limits()?,
-        MemoryStore::new(config.limiter.max_tracked_keys()?),
-    );
+    let rate_limits = RateLimitLayer::new(config.limits()?, store);
     let stack = ServiceBuilder::new()
         // Policy first: Cedar answers in microseconds, and a caller it denies must consume no rate-limit
         // budget or upstream quota.

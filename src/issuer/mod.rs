@@ -2,8 +2,10 @@
 //!
 //! An issuer implements the small [`Issuer`] trait; [`IssuerService`] adapts any issuer to a
 //! `tower::Service<TokenRequest>` so policy and rate-limit layers can wrap it without knowing which
-//! issuer sits inside. [`local::LocalIssuer`] mints PASETO tokens itself.
+//! issuer sits inside. [`local::LocalIssuer`] mints PASETO tokens itself; [`ivs::IvsIssuer`] asks Amazon IVS
+//! Chat.
 
+pub mod ivs;
 pub mod local;
 
 use std::{

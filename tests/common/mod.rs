@@ -1,6 +1,7 @@
 //! Test harness: starts the real server on 127.0.0.1:0 in-process and hands out real tonic clients.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod ivs_stub;
 pub mod pki;
 
 use std::{
@@ -52,7 +53,7 @@ impl TestServer {
 
     /// Starts the service exactly as `config` describes it.
     pub async fn from_config(config: Config) -> Self {
-        let stack = stack::from_config(&config).expect("valid config");
+        let stack = stack::from_config(&config).await.expect("valid config");
         Self::start(config, stack).await
     }
 

@@ -1,0 +1,347 @@
+//! The IVS issuer: mints tokens with Amazon IVS Chat's CreateChatToken through aws-sdk-ivschat.
+//!
+//! - **Region routing**: each call goes to the region in its room ARN, through one SDK client per region
+//!   (and per assumed role), created on first use and shared after.
+//! - **Bounds**: connect, read, per-attempt and whole-operation timeouts, and the SDK's standard retry
+//!   (throttling, 5xx and connection errors) with a bounded number of attempts. The caller's gRPC deadline
+//!   is enforced above the issuer and cancels the call in flight.
+//! - **Quota guard**: IVS allows 200 CreateChatToken calls per second per account and region, and the
+//!   quota cannot be raised. A GCRA limit per account+region, kept in the same limiter store as the rate
+//!   limits (so replicas sharing a store share the budget), refuses calls over it with RESOURCE_EXHAUSTED
+//!   before they reach AWS.
+//! - **Errors**: SDK errors are mapped to [`Error`] here and nowhere else; SDK types never leave this module.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use aws_config::{
+    Region, SdkConfig, retry::RetryConfig, sts::AssumeRoleProvider, timeout::TimeoutConfig,
+};
+use aws_sdk_ivschat::{
+    Client,
+    error::{ProvideErrorMetadata, SdkError},
+    operation::{RequestId, create_chat_token::CreateChatTokenError},
+    types::ChatTokenCapability,
+};
+use tokio::sync::OnceCell;
+
+use super::{IssuedToken, Issuer};
+use crate::config::{ConfigError, IvsConfig};
+use crate::error::{Error, ExceededLimit, FieldViolation, UpstreamKind};
+use crate::ratelimit::{Check, LimiterStore, Quota, Verdict};
+use crate::request::{Capability, RoomArn, TokenRequest};
+
+/// The quota guard's name in RESOURCE_EXHAUSTED refusals.
+pub const QUOTA_LIMIT_NAME: &str = "ivs-quota";
+
+/// Which client serves a call: its region, and the role assumed for its account, if any.
+type ClientKey = (String, Option<String>);
+
+/// Mints tokens with Amazon IVS Chat.
+pub struct IvsIssuer<St> {
+    settings: IvsConfig,
+    /// Shared AWS settings: credentials chain, HTTP client, timeouts, retries.
+    base: SdkConfig,
+    /// One client per (region, assumed role), made on first use. The cell lets concurrent first calls
+    /// share one client (and one STS session) instead of racing to make several.
+    clients: Mutex<HashMap<ClientKey, Arc<OnceCell<Client>>>>,
+    /// Where the quota guard keeps its state: the rate limits' store.
+    store: St,
+    quota: Quota,
+}
+
+impl<St: LimiterStore> IvsIssuer<St> {
+    /// An issuer using AWS settings loaded the standard way: credentials from the default chain, no
+    /// default region (each call's region comes from its room ARN), rustls with ring for HTTPS.
+    pub async fn from_environment(settings: &IvsConfig, store: St) -> Result<Self, ConfigError> {
+        let base = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            // No default region: nothing probes instance metadata for one; each client sets its own.
+            .region(None::<Region>)
+            // The credential providers (STS web identity, ECS, IMDS) make HTTP calls too.
+            .http_client(https_client())
+            .load()
+            .await;
+        Self::new(settings, base, store)
+    }
+
+    /// An issuer on top of `base` (credentials, HTTP client), with `settings`' timeouts, retries and
+    /// endpoint override applied.
+    pub fn new(settings: &IvsConfig, base: SdkConfig, store: St) -> Result<Self, ConfigError> {
+        let base = base
+            .into_builder()
+            .http_client(https_client())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(settings.connect_timeout)
+                    .read_timeout(settings.read_timeout)
+                    .operation_attempt_timeout(settings.attempt_timeout)
+                    .operation_timeout(settings.operation_timeout)
+                    .build(),
+            )
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(settings.max_attempts)
+                    .with_initial_backoff(settings.initial_backoff),
+            )
+            .build();
+        Ok(IvsIssuer {
+            quota: settings.quota()?,
+            settings: settings.clone(),
+            base,
+            clients: Mutex::default(),
+            store,
+        })
+    }
+
+    /// Refuses rooms outside the configured regions and accounts, before any network call.
+    fn check_allowed(&self, room: &RoomArn) -> Result<(), Error> {
+        let refuse = |what: &str, value: &str, allowed: &[String]| {
+            Err(Error::InvalidArgument(vec![FieldViolation::new(
+                "room_identifier",
+                format!(
+                    "{what} {value} is not served here (allowed: {})",
+                    allowed.join(", ")
+                ),
+            )]))
+        };
+        let allowed = &self.settings.allowed_regions;
+        if !allowed.is_empty() && !allowed.iter().any(|r| r == room.region()) {
+            return refuse("region", room.region(), allowed);
+        }
+        let allowed = &self.settings.allowed_accounts;
+        if !allowed.is_empty() && !allowed.iter().any(|a| a == room.account()) {
+            return refuse("account", room.account(), allowed);
+        }
+        Ok(())
+    }
+
+    /// Admits the call under the account+region quota, or refuses it with the wait until it would fit.
+    async fn guard_quota(&self, room: &RoomArn) -> Result<(), Error> {
+        let check = Check {
+            key: format!("{QUOTA_LIMIT_NAME}:{}:{}", room.account(), room.region()),
+            quota: self.quota,
+            shadow: false,
+        };
+        let verdicts = self
+            .store
+            .check(std::slice::from_ref(&check))
+            .await
+            .map_err(|e| Error::Internal(format!("IVS quota guard: {e}")))?;
+        match verdicts.first() {
+            Some(Verdict::Allowed) => Ok(()),
+            Some(Verdict::Denied { retry_after }) => Err(Error::RateLimited {
+                limits: vec![ExceededLimit {
+                    name: QUOTA_LIMIT_NAME.into(),
+                    description: format!(
+                        "{}/s CreateChatToken calls per AWS account and region, burst {} (IVS Chat quota)",
+                        self.settings.quota.trim_end_matches("/s"),
+                        self.settings.quota_burst
+                    ),
+                }],
+                retry_after: *retry_after,
+            }),
+            None => Err(Error::Internal(
+                "IVS quota guard: the store returned no verdict".into(),
+            )),
+        }
+    }
+
+    /// The client for `room`: its region, and the role configured for its account, if any.
+    async fn client(&self, room: &RoomArn) -> Client {
+        let role = self.settings.assume_roles.get(room.account()).cloned();
+        let cell = self
+            .clients
+            .lock()
+            .expect("client map lock poisoned")
+            .entry((room.region().to_owned(), role.clone()))
+            .or_default()
+            .clone();
+        cell.get_or_init(|| async {
+            let region = Region::new(room.region().to_owned());
+            let mut config =
+                aws_sdk_ivschat::config::Builder::from(&self.base).region(region.clone());
+            if let Some(url) = &self.settings.endpoint_url {
+                config = config.endpoint_url(url);
+            }
+            if let Some(role) = role {
+                let provider = AssumeRoleProvider::builder(role)
+                    .session_name("chat-token-service")
+                    .region(region)
+                    .configure(&self.base)
+                    .build()
+                    .await;
+                config = config.credentials_provider(provider);
+            }
+            tracing::info!(
+                region = room.region(),
+                account = room.account(),
+                "IVS Chat client created"
+            );
+            Client::from_conf(config.build())
+        })
+        .await
+        .clone()
+    }
+}
+
+impl<St: LimiterStore> Issuer for IvsIssuer<St> {
+    async fn issue(&self, request: TokenRequest) -> Result<IssuedToken, Error> {
+        self.check_allowed(&request.room)?;
+        self.guard_quota(&request.room).await?;
+        let client = self.client(&request.room).await;
+
+        let started = std::time::Instant::now();
+        let response = client
+            .create_chat_token()
+            .room_identifier(request.room.as_str())
+            .user_id(request.user_id.expose())
+            .set_capabilities(Some(
+                request.capabilities.iter().map(ivs_capability).collect(),
+            ))
+            // Absent stays absent: IVS applies its own default.
+            .set_session_duration_in_minutes(request.session_duration.map(|d| d.minutes() as i32))
+            .set_attributes((!request.attributes.is_empty()).then(|| {
+                request
+                    .attributes
+                    .expose()
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            }))
+            .send()
+            .await
+            .map_err(|e| {
+                let error = map_error(e);
+                tracing::warn!(
+                    region = request.room.region(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "IVS Chat CreateChatToken failed: {error}"
+                );
+                error
+            })?;
+
+        let timestamp = |t: Option<&aws_sdk_ivschat::primitives::DateTime>, what: &str| {
+            t.and_then(|t| SystemTime::try_from(*t).ok())
+                .ok_or_else(|| Error::Internal(format!("IVS Chat returned no usable {what}")))
+        };
+        Ok(IssuedToken {
+            token_expires_at: timestamp(response.token_expiration_time(), "tokenExpirationTime")?,
+            session_expires_at: timestamp(
+                response.session_expiration_time(),
+                "sessionExpirationTime",
+            )?,
+            token: response
+                .token
+                .ok_or_else(|| Error::Internal("IVS Chat returned no token".into()))?,
+        })
+    }
+}
+
+/// HTTPS through rustls with ring: the SDK's default client would bring aws-lc-rs and a second hyper.
+fn https_client() -> aws_sdk_ivschat::config::SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https()
+}
+
+fn ivs_capability(capability: Capability) -> ChatTokenCapability {
+    match capability {
+        Capability::SendMessage => ChatTokenCapability::SendMessage,
+        Capability::DisconnectUser => ChatTokenCapability::DisconnectUser,
+        Capability::DeleteMessage => ChatTokenCapability::DeleteMessage,
+    }
+}
+
+/// How long to advise a throttled caller to wait: IVS's quota refills within a second.
+const THROTTLED_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The one place SDK errors become domain errors.
+fn map_error(
+    error: SdkError<CreateChatTokenError, aws_sdk_ivschat::config::http::HttpResponse>,
+) -> Error {
+    let request_id = error.request_id().map(str::to_owned);
+    let upstream = |kind, message: String| Error::Upstream {
+        kind,
+        message,
+        request_id: request_id.clone(),
+    };
+    match &error {
+        SdkError::ServiceError(service) => {
+            let status = service.raw().status().as_u16();
+            match service.err() {
+                CreateChatTokenError::ValidationException(e) => upstream(
+                    UpstreamKind::Invalid(
+                        e.field_list()
+                            .iter()
+                            .map(|f| FieldViolation::new(f.name().to_owned(), f.message()))
+                            .collect(),
+                    ),
+                    format!("request refused: {}", e.message()),
+                ),
+                CreateChatTokenError::ResourceNotFoundException(_) => {
+                    upstream(UpstreamKind::NotFound, "the room does not exist".into())
+                }
+                CreateChatTokenError::AccessDeniedException(e) => {
+                    // IVS's message names our IAM principal; that is for our log, not for callers.
+                    tracing::warn!("IVS Chat denied access: {}", e.message());
+                    upstream(
+                        UpstreamKind::AccessDenied,
+                        "this service's AWS identity may not create tokens for the room".into(),
+                    )
+                }
+                CreateChatTokenError::PendingVerification(_) => upstream(
+                    UpstreamKind::PendingVerification,
+                    "the room's AWS account is pending verification for IVS Chat".into(),
+                ),
+                other
+                    if status == 429
+                        || matches!(
+                            other.code(),
+                            Some("ThrottlingException" | "TooManyRequestsException")
+                        ) =>
+                {
+                    upstream(
+                        UpstreamKind::Throttled {
+                            retry_after: THROTTLED_RETRY_AFTER,
+                        },
+                        "throttled, still after retries".into(),
+                    )
+                }
+                _ if status >= 500 => upstream(
+                    UpstreamKind::Unavailable,
+                    format!("HTTP {status}, still after retries"),
+                ),
+                other => Error::Internal(format!(
+                    "IVS Chat answered HTTP {status} {} (request id {}): {}",
+                    other.code().unwrap_or("without an error code"),
+                    request_id.as_deref().unwrap_or("unknown"),
+                    other.message().unwrap_or_default()
+                )),
+            }
+        }
+        SdkError::TimeoutError(_) => upstream(
+            UpstreamKind::Unavailable,
+            "no answer within the configured timeouts".into(),
+        ),
+        SdkError::DispatchFailure(failure) => upstream(
+            UpstreamKind::Unavailable,
+            if failure.is_timeout() {
+                "connection timed out".into()
+            } else {
+                "cannot connect".into()
+            },
+        ),
+        SdkError::ResponseError(_) => {
+            upstream(UpstreamKind::Unavailable, "unreadable response".into())
+        }
+        _ => Error::Internal(format!(
+            "IVS Chat request could not be built: {}",
+            aws_sdk_ivschat::error::DisplayErrorContext(&error)
+        )),
+    }
+}

@@ -1,0 +1,266 @@
+//! A stub of Amazon IVS Chat's REST-JSON API, enough for CreateChatToken, for tests and the local stack
+//! (`cargo run --example ivschat_stub`).
+//!
+//! `POST /CreateChatToken` checks, as IVS does:
+//! - a SigV4 `Authorization` header whose credential scope is service `ivschat` in the region of the room
+//!   ARN (the signature itself is not verified: the stub does not know the secret key);
+//! - the service model's field limits, answering `ValidationException` (400) with a `fieldList`.
+//!
+//! What happens next depends on the room id (the part after `room/`), so a test or a person can ask for
+//! every outcome:
+//!
+//! | room id starts with | answer |
+//! |---|---|
+//! | `notfound` | 404 `ResourceNotFoundException` |
+//! | `denied` | 403 `AccessDeniedException` |
+//! | `pending` | 403 `PendingVerification` |
+//! | `invalid` | 400 `ValidationException` naming `userId` |
+//! | `throttled` | 429 `ThrottlingException`, every time |
+//! | `broken` | 500, every time |
+//! | `flaky` | 500 on the first attempt, then success |
+//! | `slow` | success after 30 seconds |
+//! | anything else | 200 with a token, expiring one minute / the session duration from now |
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use serde_json::{Value, json};
+
+/// One CreateChatToken call the stub received.
+#[derive(Clone, Debug)]
+pub struct SeenCall {
+    /// The region of the SigV4 credential scope.
+    pub signed_region: String,
+    /// The JSON body as sent.
+    pub body: Value,
+    /// The success body the stub answered with, if it succeeded.
+    pub response: Option<Value>,
+}
+
+#[derive(Default)]
+struct StubState {
+    calls: Mutex<Vec<SeenCall>>,
+    attempts: Mutex<HashMap<String, usize>>,
+}
+
+/// A running stub.
+pub struct IvsStub {
+    pub addr: SocketAddr,
+    state: Arc<StubState>,
+}
+
+impl IvsStub {
+    /// Serves on a free loopback port.
+    pub async fn start() -> IvsStub {
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Serves on `addr`.
+    pub async fn start_on(addr: SocketAddr) -> IvsStub {
+        let state = Arc::new(StubState::default());
+        let app = Router::new()
+            .route("/CreateChatToken", post(create_chat_token))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        IvsStub { addr, state }
+    }
+
+    /// The endpoint URL to configure as `ivs.endpoint_url`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every call received so far, in order.
+    pub fn calls(&self) -> Vec<SeenCall> {
+        self.state.calls.lock().unwrap().clone()
+    }
+
+    /// How many calls were received for room ids starting with `room_id`.
+    pub fn attempts(&self, room_id: &str) -> usize {
+        self.state
+            .attempts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(id, _)| id.starts_with(room_id))
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+fn error(status: StatusCode, code: &str, body: Value) -> Response {
+    let mut response = (status, Json(body)).into_response();
+    response
+        .headers_mut()
+        .insert("x-amzn-errortype", code.parse().unwrap());
+    response.headers_mut().insert(
+        "x-amzn-requestid",
+        uuid::Uuid::new_v4().to_string().parse().unwrap(),
+    );
+    response
+}
+
+fn validation(fields: Vec<(&str, String)>) -> Response {
+    let field_list: Vec<Value> = fields
+        .into_iter()
+        .map(|(name, message)| json!({ "name": name, "message": message }))
+        .collect();
+    error(
+        StatusCode::BAD_REQUEST,
+        "ValidationException",
+        json!({ "message": "invalid request", "reason": "FIELD_VALIDATION_FAILED", "fieldList": field_list }),
+    )
+}
+
+/// The region and service of a SigV4 `Authorization` header's credential scope.
+fn signed_scope(headers: &HeaderMap) -> Option<(String, String)> {
+    let auth = headers.get("authorization")?.to_str().ok()?;
+    let rest = auth.strip_prefix("AWS4-HMAC-SHA256 ")?;
+    let credential = rest
+        .split(',')
+        .map(str::trim)
+        .find_map(|part| part.strip_prefix("Credential="))?;
+    // AKID/DATE/REGION/SERVICE/aws4_request
+    let parts: Vec<&str> = credential.split('/').collect();
+    match parts[..] {
+        [_, _, region, service, "aws4_request"] => Some((region.to_owned(), service.to_owned())),
+        _ => None,
+    }
+}
+
+/// The model's rules for CreateChatToken's fields.
+fn model_violations(body: &Value) -> Vec<(&'static str, String)> {
+    let mut violations = Vec::new();
+    let room = body["roomIdentifier"].as_str().unwrap_or_default();
+    if room.is_empty() || room.chars().count() > 128 {
+        violations.push(("roomIdentifier", "must be 1 to 128 characters".into()));
+    }
+    let user = body["userId"].as_str().unwrap_or_default();
+    if user.is_empty() || user.chars().count() > 128 {
+        violations.push(("userId", "must be 1 to 128 characters".into()));
+    }
+    if let Some(minutes) = body.get("sessionDurationInMinutes")
+        && !matches!(minutes.as_i64(), Some(1..=180))
+    {
+        violations.push(("sessionDurationInMinutes", "must be 1 to 180".into()));
+    }
+    if let Some(capabilities) = body.get("capabilities").and_then(Value::as_array) {
+        let known = ["SEND_MESSAGE", "DISCONNECT_USER", "DELETE_MESSAGE"];
+        if capabilities
+            .iter()
+            .any(|c| !known.contains(&c.as_str().unwrap_or_default()))
+        {
+            violations.push(("capabilities", "unknown capability".into()));
+        }
+    }
+    violations
+}
+
+async fn create_chat_token(
+    State(state): State<Arc<StubState>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let room = body["roomIdentifier"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let room_region = room.split(':').nth(3).unwrap_or_default().to_owned();
+    let room_id = room.rsplit('/').next().unwrap_or_default().to_owned();
+
+    let Some((signed_region, service)) = signed_scope(&headers) else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "MissingAuthenticationTokenException",
+            json!({ "message": "missing SigV4 Authorization header" }),
+        );
+    };
+    let attempt = {
+        let mut attempts = state.attempts.lock().unwrap();
+        let n = attempts.entry(room_id.clone()).or_default();
+        *n += 1;
+        *n
+    };
+    let mut call = SeenCall {
+        signed_region: signed_region.clone(),
+        body: body.clone(),
+        response: None,
+    };
+    if service != "ivschat" || signed_region != room_region {
+        state.calls.lock().unwrap().push(call);
+        return error(
+            StatusCode::FORBIDDEN,
+            "InvalidSignatureException",
+            json!({ "message": format!("credential scope {signed_region}/{service} does not match the room's region {room_region}/ivschat") }),
+        );
+    }
+    let violations = model_violations(&body);
+    let outcome = if !violations.is_empty() {
+        Some(validation(violations))
+    } else if room_id.starts_with("notfound") {
+        Some(error(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFoundException",
+            json!({ "message": "room not found", "resourceId": room_id, "resourceType": "ROOM" }),
+        ))
+    } else if room_id.starts_with("denied") {
+        Some(error(
+            StatusCode::FORBIDDEN,
+            "AccessDeniedException",
+            json!({ "message": "User: arn:aws:sts::123456789012:assumed-role/app/x is not authorized to perform: ivschat:CreateChatToken" }),
+        ))
+    } else if room_id.starts_with("pending") {
+        Some(error(
+            StatusCode::FORBIDDEN,
+            "PendingVerification",
+            json!({ "message": "account pending verification" }),
+        ))
+    } else if room_id.starts_with("invalid") {
+        Some(validation(vec![("userId", "rejected by the stub".into())]))
+    } else if room_id.starts_with("throttled") {
+        Some(error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "ThrottlingException",
+            json!({ "message": "Rate exceeded" }),
+        ))
+    } else if room_id.starts_with("broken") || (room_id.starts_with("flaky") && attempt == 1) {
+        Some(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalServerException",
+            json!({ "message": "internal error" }),
+        ))
+    } else {
+        None
+    };
+    if let Some(response) = outcome {
+        state.calls.lock().unwrap().push(call);
+        return response;
+    }
+    if room_id.starts_with("slow") {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+
+    let now = SystemTime::now();
+    let session = Duration::from_secs(60 * body["sessionDurationInMinutes"].as_u64().unwrap_or(60));
+    let response = json!({
+        "token": format!("ivschat-stub-token-{}", uuid::Uuid::new_v4()),
+        "tokenExpirationTime": humantime::format_rfc3339_seconds(now + Duration::from_secs(60)).to_string(),
+        "sessionExpirationTime": humantime::format_rfc3339_seconds(now + session).to_string(),
+    });
+    call.response = Some(response.clone());
+    state.calls.lock().unwrap().push(call);
+    Json(response).into_response()
+}

@@ -1,0 +1,365 @@
+//! The IVS issuer end to end: tonic client → service → the real aws-sdk-ivschat client → the IVS Chat stub
+//! (tests/common/ivs_stub.rs) through the SDK's endpoint override, all on loopback.
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use chat_token_service::{
+    config::{Config, IssuerKind},
+    issuer::ivs::IvsIssuer,
+    proto::ivschat::v1::CreateChatTokenRequest,
+    stack,
+};
+use common::{Binary, TestServer, ivs_stub::IvsStub};
+use tonic::{Code, Request};
+use tonic_types::StatusExt;
+
+const WEST: &str = "arn:aws:ivschat:us-west-2:111111111111:room";
+const EU: &str = "arn:aws:ivschat:eu-west-1:222222222222:room";
+
+/// A service using the IVS issuer against `stub`, with static test credentials.
+async fn ivs_server(stub: &IvsStub, tweak: impl FnOnce(&mut Config)) -> TestServer {
+    let mut config = Config {
+        issuer: IssuerKind::Ivs,
+        ..Config::default()
+    };
+    config.ivs.endpoint_url = Some(stub.endpoint());
+    config.ivs.initial_backoff = Duration::from_millis(5);
+    tweak(&mut config);
+    let base = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(None::<aws_config::Region>)
+        .credentials_provider(aws_sdk_ivschat::config::Credentials::new(
+            "AKIDSTUB",
+            "stub-secret",
+            None,
+            None,
+            "test",
+        ))
+        .load()
+        .await;
+    let store = stack::limiter_store(&config).unwrap();
+    let issuer = IvsIssuer::new(&config.ivs, base, store.clone()).unwrap();
+    let stack = stack::compose_with(&config, store, issuer).unwrap();
+    TestServer::start(config, stack).await
+}
+
+fn request(room: &str) -> CreateChatTokenRequest {
+    CreateChatTokenRequest {
+        room_identifier: room.into(),
+        user_id: "user-1".into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn tokens_come_from_ivs_with_each_room_routed_to_its_own_region() {
+    let stub = IvsStub::start().await;
+    let server = ivs_server(&stub, |_| {}).await;
+    let mut client = server.client().await;
+
+    let west = client
+        .create_chat_token(CreateChatTokenRequest {
+            room_identifier: format!("{WEST}/lobby"),
+            user_id: "ユーザー".into(),
+            capabilities: vec![1, 3, 1],
+            session_duration_in_minutes: Some(30),
+            attributes: [("displayName".to_string(), "Zoë".to_string())].into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let eu = client
+        .create_chat_token(request(&format!("{EU}/backstage")))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let calls = stub.calls();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0].signed_region, "us-west-2");
+    assert_eq!(calls[1].signed_region, "eu-west-1");
+
+    // The request reached IVS field for field.
+    let body = &calls[0].body;
+    assert_eq!(body["roomIdentifier"], format!("{WEST}/lobby"));
+    assert_eq!(body["userId"], "ユーザー");
+    assert_eq!(
+        body["capabilities"],
+        serde_json::json!(["SEND_MESSAGE", "DELETE_MESSAGE"])
+    );
+    assert_eq!(body["sessionDurationInMinutes"], 30);
+    assert_eq!(
+        body["attributes"],
+        serde_json::json!({ "displayName": "Zoë" })
+    );
+    // Absent stays absent: IVS applies its own default.
+    assert!(
+        calls[1].body.get("sessionDurationInMinutes").is_none(),
+        "{:?}",
+        calls[1].body
+    );
+
+    // And IVS's answer reached the caller unchanged.
+    for (response, call) in [(&west, &calls[0]), (&eu, &calls[1])] {
+        let stub_said = call.response.as_ref().unwrap();
+        assert_eq!(response.token, stub_said["token"].as_str().unwrap());
+        let expected =
+            |field: &str| humantime::parse_rfc3339(stub_said[field].as_str().unwrap()).unwrap();
+        assert_eq!(
+            SystemTime::try_from(response.token_expiration_time.unwrap()).unwrap(),
+            expected("tokenExpirationTime")
+        );
+        assert_eq!(
+            SystemTime::try_from(response.session_expiration_time.unwrap()).unwrap(),
+            expected("sessionExpirationTime")
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_upstream_failure_maps_to_its_grpc_code() {
+    let stub = IvsStub::start().await;
+    let server = ivs_server(&stub, |_| {}).await;
+    let mut client = server.client().await;
+    let cases = [
+        ("notfound", Code::NotFound, "IVS_ROOM_NOT_FOUND"),
+        ("denied", Code::PermissionDenied, "IVS_ACCESS_DENIED"),
+        (
+            "pending",
+            Code::FailedPrecondition,
+            "IVS_PENDING_VERIFICATION",
+        ),
+        ("invalid", Code::InvalidArgument, "IVS_VALIDATION"),
+        ("throttled", Code::Unavailable, "IVS_THROTTLED"),
+        ("broken", Code::Unavailable, "IVS_UNAVAILABLE"),
+    ];
+    for (room, code, reason) in cases {
+        let status = client
+            .create_chat_token(request(&format!("{WEST}/{room}")))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), code, "{room}: {status:?}");
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, reason, "{room}");
+        assert!(
+            !info.metadata["aws_request_id"].is_empty(),
+            "{room}: request id kept"
+        );
+        assert!(
+            status.message().contains("request id"),
+            "{room}: {status:?}"
+        );
+        assert!(
+            !status.message().contains("arn:aws:sts"),
+            "{room}: IAM principal leaked"
+        );
+        assert!(
+            !status.message().contains("stub-secret") && !status.message().contains("AKIDSTUB")
+        );
+        match room {
+            "invalid" => {
+                let fields = status.get_details_bad_request().unwrap().field_violations;
+                assert_eq!(
+                    fields[0].field, "userId",
+                    "the upstream field list is passed on"
+                );
+            }
+            "throttled" => {
+                assert!(
+                    status
+                        .get_details_retry_info()
+                        .unwrap()
+                        .retry_delay
+                        .is_some()
+                );
+                assert!(status.metadata().get("retry-after").is_some());
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn retries_on_500_and_throttling_stop_at_the_configured_bound() {
+    let stub = IvsStub::start().await;
+    let server = ivs_server(&stub, |config| config.ivs.max_attempts = 3).await;
+    let mut client = server.client().await;
+
+    client
+        .create_chat_token(request(&format!("{WEST}/broken")))
+        .await
+        .unwrap_err();
+    assert_eq!(stub.attempts("broken"), 3);
+    client
+        .create_chat_token(request(&format!("{WEST}/throttled")))
+        .await
+        .unwrap_err();
+    assert_eq!(stub.attempts("throttled"), 3);
+
+    // A transient 500 is retried away.
+    client
+        .create_chat_token(request(&format!("{WEST}/flaky")))
+        .await
+        .unwrap();
+    assert_eq!(stub.attempts("flaky"), 2);
+
+    // Four-hundreds other than throttling are final.
+    client
+        .create_chat_token(request(&format!("{WEST}/notfound")))
+        .await
+        .unwrap_err();
+    assert_eq!(stub.attempts("notfound"), 1);
+}
+
+#[tokio::test]
+async fn a_slow_upstream_is_cut_at_the_callers_deadline() {
+    let stub = IvsStub::start().await;
+    let server = ivs_server(&stub, |_| {}).await;
+    let mut client = server.client().await;
+    let mut slow = Request::new(request(&format!("{WEST}/slow")));
+    slow.set_timeout(Duration::from_millis(300));
+    let status = client.create_chat_token(slow).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    // The service is free for the next call.
+    client
+        .create_chat_token(request(&format!("{WEST}/lobby")))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_slow_upstream_without_a_deadline_is_cut_by_the_operation_timeout() {
+    let stub = IvsStub::start().await;
+    let server = ivs_server(&stub, |config| {
+        config.ivs.attempt_timeout = Duration::from_millis(200);
+        config.ivs.operation_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let status = server
+        .client()
+        .await
+        .create_chat_token(request(&format!("{WEST}/slow")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}
+
+#[tokio::test]
+async fn the_quota_guard_refuses_past_the_rate_before_calling_ivs() {
+    let stub = IvsStub::start().await;
+    let server = ivs_server(&stub, |config| {
+        config.ivs.quota = "2/s".into();
+        config.ivs.quota_burst = 2;
+    })
+    .await;
+    let mut client = server.client().await;
+    for _ in 0..2 {
+        client
+            .create_chat_token(request(&format!("{WEST}/lobby")))
+            .await
+            .unwrap();
+    }
+    let status = client
+        .create_chat_token(request(&format!("{WEST}/lobby")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let delay = status
+        .get_details_retry_info()
+        .unwrap()
+        .retry_delay
+        .unwrap();
+    assert!(
+        delay > Duration::ZERO && delay <= Duration::from_millis(500),
+        "{delay:?}"
+    );
+    let quota = status.get_details_quota_failure().unwrap();
+    assert_eq!(quota.violations[0].subject, "limit:ivs-quota");
+    assert_eq!(stub.calls().len(), 2, "the refused call never reached IVS");
+
+    // The budget is per account and region: another region is unaffected.
+    client
+        .create_chat_token(request(&format!("{EU}/lobby")))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn rooms_outside_the_allow_lists_are_refused_before_any_aws_call() {
+    let stub = IvsStub::start().await;
+    let server = ivs_server(&stub, |config| {
+        config.ivs.allowed_regions = vec!["us-west-2".into()];
+        config.ivs.allowed_accounts = vec!["111111111111".into()];
+    })
+    .await;
+    let mut client = server.client().await;
+    let status = client
+        .create_chat_token(request(&format!("{EU}/lobby")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let violation = &status.get_details_bad_request().unwrap().field_violations[0];
+    assert_eq!(violation.field, "room_identifier");
+    assert!(violation.description.contains("eu-west-1"), "{violation:?}");
+    let status = client
+        .create_chat_token(request("arn:aws:ivschat:us-west-2:999999999999:room/lobby"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(stub.calls().is_empty());
+    client
+        .create_chat_token(request(&format!("{WEST}/lobby")))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_unreachable_ivs_is_unavailable() {
+    // A port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let stub = IvsStub::start().await;
+    let server = ivs_server(&stub, |config| {
+        config.ivs.endpoint_url = Some(format!("http://{closed}"));
+        config.ivs.max_attempts = 2;
+    })
+    .await;
+    let status = server
+        .client()
+        .await
+        .create_chat_token(request(&format!("{WEST}/lobby")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("cannot connect"), "{status:?}");
+}
+
+#[tokio::test]
+async fn the_binary_takes_credentials_from_the_standard_chain() {
+    let stub = IvsStub::start().await;
+    let endpoint = stub.endpoint();
+    let binary = Binary::start(&[
+        ("CTS_ISSUER", "ivs"),
+        ("CTS_IVS__ENDPOINT_URL", &endpoint),
+        ("AWS_ACCESS_KEY_ID", "AKIDFROMENV"),
+        ("AWS_SECRET_ACCESS_KEY", "env-secret"),
+        // Never reach for instance metadata from a test.
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ]);
+    let mut client =
+        chat_token_service::proto::ivschat::v1::token_service_client::TokenServiceClient::connect(
+            format!("http://{}", binary.addr),
+        )
+        .await
+        .unwrap();
+    client
+        .create_chat_token(request(&format!("{WEST}/lobby")))
+        .await
+        .unwrap();
+    binary.signal("-TERM");
+    assert_eq!(binary.wait().0.code(), Some(0));
+    assert_eq!(stub.calls()[0].signed_region, "us-west-2");
+}
