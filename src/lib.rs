@@ -20,12 +20,16 @@
 //!
 //! # Request flow
 //! ```text
-//! client ──HTTP/2──▶ tonic server (health, reflection, 64 KiB message cap)
-//!   ▶ service::TokenService   decode + validate → request::TokenRequest, or INVALID_ARGUMENT
-//!   ▶ stack::TokenStack       tower::Service<TokenRequest, Response = IssuedToken>
-//!       ▶ ratelimit           every configured limit at once; over one → RESOURCE_EXHAUSTED + RetryInfo
-//!       ▶ issuer              local (PASETO v4.local)
-//!   ◀ IssuedToken → CreateChatTokenResponse, or error::Error → tonic::Status
+//! client ──HTTP/2 (TLS / mTLS)──▶ tonic server (health, reflection, 64 KiB message cap)
+//!   ▶ inflight::InFlightLayer   counts calls (graceful drain), sheds token calls over the cap: UNAVAILABLE
+//!   ▶ service::TokenService     identity::Resolver → Caller, or UNAUTHENTICATED
+//!                               decode + validate → request::TokenRequest, or INVALID_ARGUMENT
+//!                               the caller's deadline → DEADLINE_EXCEEDED
+//!   ▶ stack::TokenStack         tower::Service<TokenRequest, Response = IssuedToken>
+//!       ▶ policy::PolicyLayer         Cedar; deny → PERMISSION_DENIED
+//!       ▶ ratelimit::RateLimitLayer   GCRA per caller / user / room; over → RESOURCE_EXHAUSTED
+//!       ▶ issuer                      local (PASETO v4.local) or ivs (aws-sdk-ivschat + quota guard)
+//!   ◀ IssuedToken → CreateChatTokenResponse, or error::Error → tonic::Status (one table)
 //! ```
 
 pub mod config;
