@@ -59,6 +59,10 @@ pub struct Config {
     /// TLS termination. Absent: plaintext HTTP/2 (behind a mesh sidecar, or for development).
     pub tls: Option<TlsConfig>,
 
+    /// How log lines are written: `"text"` for people, `"json"` for log collectors. `--log-format`
+    /// overrides it. Default `"text"`.
+    pub log_format: crate::telemetry::LogFormat,
+
     /// How callers are identified.
     pub identity: IdentityConfig,
 
@@ -92,6 +96,7 @@ impl Default for Config {
             max_concurrent_calls: 1024,
             reload_interval: Duration::from_secs(10),
             tls: None,
+            log_format: crate::telemetry::LogFormat::Text,
             identity: IdentityConfig::default(),
             policy: PolicyConfig::default(),
             issuer: IssuerKind::Local,
@@ -206,6 +211,16 @@ pub enum IssuerKind {
     Local,
     /// Amazon IVS Chat's CreateChatToken, through aws-sdk-ivschat.
     Ivs,
+}
+
+impl IssuerKind {
+    /// The issuer's name in logs, spans, metrics and audit events.
+    pub fn name(self) -> &'static str {
+        match self {
+            IssuerKind::Local => "local",
+            IssuerKind::Ivs => "ivs",
+        }
+    }
 }
 
 /// Settings of the IVS Chat issuer. Credentials come from the standard AWS chain (environment, shared

@@ -16,7 +16,7 @@
 //! - [`issuer`]: the [`issuer::Issuer`] seam and the [`issuer::local`] PASETO issuer, with verification.
 //! - [`error`]: the single table from domain errors to gRPC codes and `google.rpc` details.
 //! - [`tls`]: rustls termination, mutual TLS, certificate reload; [`reload`]: the file watcher both use.
-//! - [`telemetry`]: logging set-up.
+//! - [`telemetry`]: logs (text or JSON), OpenTelemetry traces and metrics over OTLP, the RPC span layer.
 //!
 //! # Request flow
 //! ```text

@@ -5,7 +5,8 @@ use std::{io::Read, path::PathBuf, process::ExitCode};
 use chat_token_service::{
     config::Config,
     issuer::local::{KeySet, generate_key},
-    server, stack, telemetry,
+    server, stack,
+    telemetry::{self, LogFormat},
 };
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
@@ -17,6 +18,10 @@ struct Cli {
     /// TOML configuration file; `CTS_*` environment variables override it.
     #[arg(long, global = true, env = "CTS_CONFIG")]
     config: Option<PathBuf>,
+
+    /// Log line format; overrides the config's `log_format`.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -44,9 +49,8 @@ fn main() -> ExitCode {
         }
         Command::VerifyToken { token } => report(verify_token(cli.config, &token)),
         Command::Serve => {
-            telemetry::init();
             let runtime = tokio::runtime::Runtime::new().expect("cannot start the tokio runtime");
-            report(runtime.block_on(serve(cli.config)))
+            report(runtime.block_on(serve(cli.config, cli.log_format)))
         }
     }
 }
@@ -61,9 +65,19 @@ fn report(result: Result<(), Box<dyn std::error::Error>>) -> ExitCode {
     }
 }
 
-async fn serve(config_file: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
+async fn serve(
+    config_file: Option<PathBuf>,
+    log_format: Option<LogFormat>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::load(config_file.as_deref())?;
-    let stack = stack::from_config(&config).await?;
+    let telemetry = telemetry::init(log_format.unwrap_or(config.log_format))?;
+    let result = serve_with(&config).await;
+    telemetry.shutdown();
+    result
+}
+
+async fn serve_with(config: &Config) -> Result<(), Box<dyn std::error::Error>> {
+    let stack = stack::from_config(config).await?;
     let listener = TcpListener::bind(config.listen_addr)
         .await
         .map_err(|e| format!("cannot listen on {} (listen_addr): {e}", config.listen_addr))?;
@@ -72,7 +86,7 @@ async fn serve(config_file: Option<PathBuf>) -> Result<(), Box<dyn std::error::E
         issuer = ?config.issuer,
         "chat-token-service listening"
     );
-    server::run(listener, &config, stack, shutdown_signal()).await?;
+    server::run(listener, config, stack, shutdown_signal()).await?;
     Ok(())
 }
 

@@ -18,6 +18,7 @@ use crate::inflight::{Calls, InFlightLayer};
 use crate::proto::{FILE_DESCRIPTOR_SET, ivschat::v1::token_service_server::TokenServiceServer};
 use crate::service::TokenService;
 use crate::stack::TokenStack;
+use crate::telemetry::{metrics::observe_in_flight, rpc::RpcTraceLayer};
 use crate::tls::{Tls, TlsError};
 
 /// The health-check name of the token service; `""` stands for the server as a whole.
@@ -62,18 +63,29 @@ pub async fn run(
         .build_v1alpha()
         .expect("the descriptor sets are valid");
 
-    let token_service =
-        TokenServiceServer::new(TokenService::new(config.identity.resolver(), stack))
-            .max_decoding_message_size(config.max_request_bytes);
+    let token_service = TokenServiceServer::new(TokenService::new(
+        config.identity.resolver(),
+        config.issuer.name(),
+        stack,
+    ))
+    .max_decoding_message_size(config.max_request_bytes);
 
     let calls = Calls::default();
-    let router = tonic::transport::Server::builder()
-        // In front of everything: counts every call for draining, sheds token calls over the cap
-        // before any decoding, policy or issuing work is spent on them.
+    observe_in_flight({
+        let calls = calls.clone();
+        move || calls.in_flight()
+    });
+    let layers = tower::ServiceBuilder::new()
+        // Outermost: every call gets its server span and duration, shed ones included.
+        .layer(RpcTraceLayer)
+        // Counts every call for draining, sheds token calls over the cap before any decoding, policy or
+        // issuing work is spent on them.
         .layer(InFlightLayer::new(
             calls.clone(),
             config.max_concurrent_calls,
-        ))
+        ));
+    let router = tonic::transport::Server::builder()
+        .layer(layers)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -11,6 +11,7 @@ use crate::issuer::IssuedToken;
 use crate::proto::ivschat::v1::{
     CreateChatTokenRequest, CreateChatTokenResponse, token_service_server,
 };
+use crate::request::Capability;
 use crate::request::TokenRequest;
 use crate::stack::TokenStack;
 
@@ -18,13 +19,20 @@ use crate::stack::TokenStack;
 #[derive(Clone)]
 pub struct TokenService {
     identity: Resolver,
+    /// The issuer's name, for audit events.
+    issuer: &'static str,
     stack: TokenStack,
 }
 
 impl TokenService {
-    /// A handler that identifies callers with `identity` and sends every valid request through `stack`.
-    pub fn new(identity: Resolver, stack: TokenStack) -> Self {
-        TokenService { identity, stack }
+    /// A handler that identifies callers with `identity` and sends every valid request through `stack`,
+    /// whose issuer is called `issuer` in audit events.
+    pub fn new(identity: Resolver, issuer: &'static str, stack: TokenStack) -> Self {
+        TokenService {
+            identity,
+            issuer,
+            stack,
+        }
     }
 }
 
@@ -35,11 +43,34 @@ impl token_service_server::TokenService for TokenService {
         request: Request<CreateChatTokenRequest>,
     ) -> Result<Response<CreateChatTokenResponse>, Status> {
         let peer_certs = request.peer_certs();
-        let caller = self
+        let caller = match self
             .identity
-            .resolve(request.metadata(), peer_certs.as_deref().map(Vec::as_slice))?;
+            .resolve(request.metadata(), peer_certs.as_deref().map(Vec::as_slice))
+        {
+            Ok(caller) => caller,
+            Err(error) => {
+                tracing::info!(target: "audit", outcome = outcome(&error), "token refused");
+                return Err(error.into());
+            }
+        };
         let deadline = grpc_timeout(request.metadata());
-        let request = TokenRequest::from_proto(caller, request.into_inner())?;
+        let request = match TokenRequest::from_proto(caller.clone(), request.into_inner()) {
+            Ok(request) => request,
+            Err(error) => {
+                tracing::info!(target: "audit", caller = %caller, outcome = outcome(&error), "token refused");
+                return Err(error.into());
+            }
+        };
+        // What the decision was about: never the user id or attribute values.
+        let audit = tracing::info_span!(
+            target: "audit",
+            "audit",
+            caller = %request.caller,
+            room = %request.room,
+            capabilities = ?request.capabilities.iter().map(Capability::ivs_name).collect::<Vec<_>>(),
+            session_minutes = request.session_duration().minutes(),
+            issuer = self.issuer,
+        );
         let issuing = self.stack.clone().oneshot(request);
         let issued = match deadline {
             // Answer DEADLINE_EXCEEDED just before tonic's own timer would answer CANCELLED; dropping the
@@ -47,12 +78,47 @@ impl token_service_server::TokenService for TokenService {
             Some(deadline) => {
                 tokio::time::timeout(deadline.saturating_sub(DEADLINE_MARGIN), issuing)
                     .await
-                    .map_err(|_| Error::DeadlineExceeded)??
+                    .unwrap_or(Err(Error::DeadlineExceeded))
             }
-            None => issuing.await?,
+            None => issuing.await,
         };
-        Ok(Response::new(to_proto(issued)))
+        audit.in_scope(|| match &issued {
+            Ok(token) => tracing::info!(
+                target: "audit",
+                outcome = "issued",
+                token_id_hash = %short_hash(token.token_id.as_deref().unwrap_or(&token.token)),
+                "token issued"
+            ),
+            Err(error) => {
+                tracing::info!(target: "audit", outcome = outcome(error), "token refused")
+            }
+        });
+        Ok(Response::new(to_proto(issued?)))
     }
+}
+
+/// The audit `outcome` of a refusal.
+fn outcome(error: &Error) -> &'static str {
+    match error {
+        Error::InvalidArgument(_) => "invalid_argument",
+        Error::Unauthenticated(_) => "unauthenticated",
+        Error::PolicyDenied { .. } => "denied_by_policy",
+        Error::RateLimited { .. } => "rate_limited",
+        Error::Overloaded { .. } => "overloaded",
+        Error::Upstream { .. } => "upstream_error",
+        Error::DeadlineExceeded => "deadline_exceeded",
+        Error::Internal(_) => "internal_error",
+    }
+}
+
+/// The first 12 hex digits of SHA-256: enough to correlate a token across logs, useless to a thief.
+fn short_hash(value: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, value.as_bytes())
+        .as_ref()
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// How much earlier than the caller's deadline we give up, so our DEADLINE_EXCEEDED wins the race against

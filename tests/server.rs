@@ -143,6 +143,8 @@ struct GatedIssuer {
 }
 
 impl Issuer for GatedIssuer {
+    const NAME: &'static str = "gated";
+
     async fn issue(&self, request: TokenRequest) -> Result<IssuedToken, Error> {
         self.entered.notify_one();
         self.release.notified().await;

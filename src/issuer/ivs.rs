@@ -26,13 +26,16 @@ use aws_sdk_ivschat::{
     operation::{RequestId, create_chat_token::CreateChatTokenError},
     types::ChatTokenCapability,
 };
+use opentelemetry::KeyValue;
 use tokio::sync::OnceCell;
+use tracing::Instrument;
 
 use super::{IssuedToken, Issuer};
 use crate::config::{ConfigError, IvsConfig};
 use crate::error::{Error, ExceededLimit, FieldViolation, UpstreamKind};
 use crate::ratelimit::{Check, LimiterStore, Quota, Verdict};
 use crate::request::{Capability, RoomArn, TokenRequest};
+use crate::telemetry::metrics::metrics;
 
 /// The quota guard's name in RESOURCE_EXHAUSTED refusals.
 pub const QUOTA_LIMIT_NAME: &str = "ivs-quota";
@@ -188,12 +191,25 @@ impl<St: LimiterStore> IvsIssuer<St> {
 }
 
 impl<St: LimiterStore> Issuer for IvsIssuer<St> {
+    const NAME: &'static str = "ivs";
+
     async fn issue(&self, request: TokenRequest) -> Result<IssuedToken, Error> {
         self.check_allowed(&request.room)?;
         self.guard_quota(&request.room).await?;
         let client = self.client(&request.room).await;
 
         let started = std::time::Instant::now();
+        let span = tracing::info_span!(
+            "ivschat.CreateChatToken",
+            otel.name = "ivschat/CreateChatToken",
+            otel.kind = "client",
+            rpc.system = "aws-api",
+            rpc.service = "ivschat",
+            rpc.method = "CreateChatToken",
+            cloud.region = request.room.region(),
+            aws.request_id = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
         let response = client
             .create_chat_token()
             .room_identifier(request.room.as_str())
@@ -212,16 +228,42 @@ impl<St: LimiterStore> Issuer for IvsIssuer<St> {
                     .collect()
             }))
             .send()
-            .await
-            .map_err(|e| {
-                let error = map_error(e);
-                tracing::warn!(
-                    region = request.room.region(),
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "IVS Chat CreateChatToken failed: {error}"
-                );
-                error
-            })?;
+            .instrument(span.clone())
+            .await;
+        let outcome = match &response {
+            Ok(_) => "ok",
+            Err(_) => "error",
+        };
+        metrics().upstream_duration.record(
+            started.elapsed().as_secs_f64(),
+            &[
+                KeyValue::new("region", request.room.region().to_owned()),
+                KeyValue::new("outcome", outcome),
+            ],
+        );
+        let response = response.map_err(|e| {
+            let error = map_error(e);
+            span.record("otel.status_code", "ERROR");
+            if let Error::Upstream {
+                request_id: Some(id),
+                ..
+            } = &error
+            {
+                span.record("aws.request_id", id.as_str());
+            }
+            metrics()
+                .upstream_errors
+                .add(1, &[KeyValue::new("kind", error_kind(&error))]);
+            tracing::warn!(
+                region = request.room.region(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "IVS Chat CreateChatToken failed: {error}"
+            );
+            error
+        })?;
+        if let Some(id) = response.request_id() {
+            span.record("aws.request_id", id);
+        }
 
         let timestamp = |t: Option<&aws_sdk_ivschat::primitives::DateTime>, what: &str| {
             t.and_then(|t| SystemTime::try_from(*t).ok())
@@ -236,6 +278,7 @@ impl<St: LimiterStore> Issuer for IvsIssuer<St> {
             token: response
                 .token
                 .ok_or_else(|| Error::Internal("IVS Chat returned no token".into()))?,
+            token_id: None,
         })
     }
 }
@@ -247,6 +290,21 @@ fn https_client() -> aws_sdk_ivschat::config::SharedHttpClient {
             aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
         ))
         .build_https()
+}
+
+/// The `kind` attribute of `cts.upstream.errors`.
+fn error_kind(error: &Error) -> &'static str {
+    match error {
+        Error::Upstream { kind, .. } => match kind {
+            UpstreamKind::Invalid(_) => "validation",
+            UpstreamKind::NotFound => "not_found",
+            UpstreamKind::AccessDenied => "access_denied",
+            UpstreamKind::PendingVerification => "pending_verification",
+            UpstreamKind::Throttled { .. } => "throttled",
+            UpstreamKind::Unavailable => "unavailable",
+        },
+        _ => "other",
+    }
 }
 
 fn ivs_capability(capability: Capability) -> ChatTokenCapability {

@@ -381,8 +381,9 @@ impl LocalIssuer {
             .expect("0 is a valid nanosecond");
         let exp = now + self.token_ttl;
         let session_expiration_time = now + request.session_duration().as_duration();
+        let token_id = uuid::Uuid::new_v4().to_string();
         let payload = Payload {
-            jti: uuid::Uuid::new_v4().to_string(),
+            jti: token_id.clone(),
             iat: now,
             nbf: now,
             exp,
@@ -402,6 +403,7 @@ impl LocalIssuer {
             .map_err(|e| Error::Internal(format!("local issuer could not encrypt a token: {e}")))?;
         Ok(IssuedToken {
             token,
+            token_id: Some(token_id),
             token_expires_at: exp.into(),
             session_expires_at: session_expiration_time.into(),
         })
@@ -409,6 +411,8 @@ impl LocalIssuer {
 }
 
 impl Issuer for LocalIssuer {
+    const NAME: &'static str = "local";
+
     async fn issue(&self, request: TokenRequest) -> Result<IssuedToken, Error> {
         self.mint(&request, SystemTime::now())
     }

@@ -17,13 +17,19 @@ use std::{
     time::SystemTime,
 };
 
-use crate::{error::Error, request::TokenRequest};
+use opentelemetry::KeyValue;
+use tracing::Instrument;
+
+use crate::{error::Error, request::TokenRequest, telemetry::metrics::metrics};
 
 /// A token and when it, and the session it opens, expire.
 #[derive(Clone, PartialEq, Eq)]
 pub struct IssuedToken {
     /// The encrypted token. A bearer secret: never log it.
     pub token: String,
+    /// The token's unique id, when the issuer knows it (the local issuer's `jti`); audit events carry a
+    /// short hash of it.
+    pub token_id: Option<String>,
     /// After this instant the token can no longer open a connection.
     pub token_expires_at: SystemTime,
     /// After this instant a session opened with the token ends.
@@ -42,6 +48,9 @@ impl fmt::Debug for IssuedToken {
 
 /// Something that turns a validated request into a token.
 pub trait Issuer: Send + Sync + 'static {
+    /// The issuer's name in spans and metrics, e.g. `local`.
+    const NAME: &'static str;
+
     /// Mints one token for `request`.
     fn issue(
         &self,
@@ -77,6 +86,25 @@ impl<I: Issuer> tower::Service<TokenRequest> for IssuerService<I> {
 
     fn call(&mut self, request: TokenRequest) -> Self::Future {
         let issuer = self.0.clone();
-        Box::pin(async move { issuer.issue(request).await })
+        let span = tracing::info_span!(
+            "issuer.issue",
+            issuer = I::NAME,
+            otel.status_code = tracing::field::Empty
+        );
+        Box::pin(
+            async move {
+                let issued = issuer.issue(request).await;
+                match &issued {
+                    Ok(_) => metrics()
+                        .tokens_issued
+                        .add(1, &[KeyValue::new("issuer", I::NAME)]),
+                    Err(_) => {
+                        tracing::Span::current().record("otel.status_code", "ERROR");
+                    }
+                }
+                issued
+            }
+            .instrument(span),
+        )
     }
 }

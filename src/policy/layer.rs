@@ -21,11 +21,13 @@ use std::{
     task::{Context, Poll},
 };
 
+use opentelemetry::KeyValue;
 use pin_project_lite::pin_project;
 
 use super::PolicyEngine;
 use crate::error::Error;
 use crate::request::TokenRequest;
+use crate::telemetry::metrics::metrics;
 
 /// Applies policy decisions to the service it wraps.
 #[derive(Clone)]
@@ -91,10 +93,26 @@ where
     }
 
     fn call(&mut self, request: TokenRequest) -> Self::Future {
-        let decision = match self.layer.engine.evaluate(&request) {
+        let span = tracing::info_span!(
+            "policy.evaluate",
+            policy.decision = tracing::field::Empty,
+            policy.ids = tracing::field::Empty,
+        );
+        let evaluated = span.in_scope(|| self.layer.engine.evaluate(&request));
+        let decision = match evaluated {
             Ok(decision) => decision,
             Err(error) => return ResponseFuture::rejected(error),
         };
+        let outcome = match (decision.allowed, self.layer.shadow) {
+            (true, _) => "allow",
+            (false, true) => "shadow_deny",
+            (false, false) => "deny",
+        };
+        span.record("policy.decision", outcome);
+        span.record("policy.ids", decision.policy_ids.join(",").as_str());
+        metrics()
+            .policy_decisions
+            .add(1, &[KeyValue::new("decision", outcome)]);
         if !decision.allowed {
             if self.layer.shadow {
                 self.layer

@@ -122,6 +122,9 @@ impl PolicyEngine {
             }
             Err(e) => {
                 self.refused_reloads.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::metrics::metrics()
+                    .policy_reload_refusals
+                    .add(1, &[]);
                 Err(e)
             }
         }

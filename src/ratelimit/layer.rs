@@ -28,12 +28,15 @@ use std::{
     time::Duration,
 };
 
+use opentelemetry::KeyValue;
 use tower::{Layer, Service};
+use tracing::Instrument;
 
 use super::{Check, Limit, LimitKey, LimiterStore, Verdict};
 use crate::error::{Error, ExceededLimit};
 use crate::issuer::IssuedToken;
 use crate::request::{Caller, TokenRequest};
+use crate::telemetry::metrics::metrics;
 
 /// Wraps a service in [`RateLimit`]. Every service it makes shares the same store and counters.
 #[derive(Clone)]
@@ -145,11 +148,19 @@ where
         let counters = self.counters.clone();
         ResponseFuture {
             future: Box::pin(async move {
-                let verdicts = store
-                    .check(&checks)
-                    .await
-                    .map_err(|e| Error::Internal(e.to_string()))?;
-                judge(&limits, &verdicts, &request.caller, &counters)?;
+                let checked = async {
+                    let verdicts = store
+                        .check(&checks)
+                        .await
+                        .map_err(|e| Error::Internal(e.to_string()))?;
+                    judge(&limits, &verdicts, &request.caller, &counters)
+                };
+                checked
+                    .instrument(tracing::info_span!(
+                        "ratelimit.check",
+                        ratelimit.limits = limits.len()
+                    ))
+                    .await?;
                 inner.call(request).await
             }),
         }
@@ -201,6 +212,13 @@ fn judge(
         };
         if limit.shadow {
             counters.shadow_rejections.fetch_add(1, Ordering::Relaxed);
+            metrics().ratelimit_rejections.add(
+                1,
+                &[
+                    KeyValue::new("limit", limit.name.clone()),
+                    KeyValue::new("mode", "shadow"),
+                ],
+            );
             // The caller id names a service, not a person; the key (with its user id) stays out of logs.
             tracing::info!(
                 limit = %limit.name,
@@ -220,6 +238,15 @@ fn judge(
         return Ok(());
     }
     counters.enforced_rejections.fetch_add(1, Ordering::Relaxed);
+    for limit in &exceeded {
+        metrics().ratelimit_rejections.add(
+            1,
+            &[
+                KeyValue::new("limit", limit.name.clone()),
+                KeyValue::new("mode", "enforce"),
+            ],
+        );
+    }
     Err(Error::RateLimited {
         limits: exceeded,
         retry_after,
@@ -306,6 +333,7 @@ mod tests {
 
     fn token() -> IssuedToken {
         IssuedToken {
+            token_id: None,
             token: "t".into(),
             token_expires_at: SystemTime::UNIX_EPOCH,
             session_expires_at: SystemTime::UNIX_EPOCH,

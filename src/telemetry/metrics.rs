@@ -1,0 +1,103 @@
+//! The service's metrics, created once from the global meter.
+//!
+//! | name | kind | unit | attributes |
+//! |---|---|---|---|
+//! | `rpc.server.call.duration` | histogram | s | `rpc.system`, `rpc.service`, `rpc.method`, `rpc.grpc.status_code` |
+//! | `cts.rpc.in_flight` | gauge | {call} | |
+//! | `cts.tokens.issued` | counter | {token} | `issuer` |
+//! | `cts.policy.decisions` | counter | {decision} | `decision` (`allow`, `deny`, `shadow_deny`) |
+//! | `cts.policy.reload.refusals` | counter | {reload} | |
+//! | `cts.ratelimit.rejections` | counter | {request} | `limit`, `mode` (`enforce`, `shadow`) |
+//! | `cts.upstream.duration` | histogram | s | `region`, `outcome` |
+//! | `cts.upstream.errors` | counter | {error} | `kind` |
+//!
+//! Attribute values are names and codes, never keys, user ids or tokens. Without an exporter configured
+//! the global meter is a no-op and so is every instrument here.
+
+use std::sync::LazyLock;
+
+use opentelemetry::{
+    global,
+    metrics::{Counter, Histogram},
+};
+
+/// Bucket boundaries, in seconds, for latencies from sub-millisecond to the 5 s upstream timeout.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The instruments.
+pub struct Metrics {
+    /// Duration of each RPC, until its trailers are sent.
+    pub rpc_duration: Histogram<f64>,
+    /// Tokens minted.
+    pub tokens_issued: Counter<u64>,
+    /// Policy outcomes.
+    pub policy_decisions: Counter<u64>,
+    /// Policy reloads refused because the new files were bad.
+    pub policy_reload_refusals: Counter<u64>,
+    /// Requests a rate limit refused (or, in shadow mode, would have).
+    pub ratelimit_rejections: Counter<u64>,
+    /// Duration of IVS Chat calls, retries included.
+    pub upstream_duration: Histogram<f64>,
+    /// IVS Chat failures by kind.
+    pub upstream_errors: Counter<u64>,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let meter = global::meter("chat-token-service");
+    Metrics {
+        rpc_duration: meter
+            .f64_histogram("rpc.server.call.duration")
+            .with_unit("s")
+            .with_description("Duration of incoming RPCs")
+            .with_boundaries(LATENCY_BUCKETS.to_vec())
+            .build(),
+        tokens_issued: meter
+            .u64_counter("cts.tokens.issued")
+            .with_unit("{token}")
+            .with_description("Chat tokens issued, by issuer")
+            .build(),
+        policy_decisions: meter
+            .u64_counter("cts.policy.decisions")
+            .with_unit("{decision}")
+            .with_description("Policy decisions, by outcome")
+            .build(),
+        policy_reload_refusals: meter
+            .u64_counter("cts.policy.reload.refusals")
+            .with_unit("{reload}")
+            .with_description("Policy reloads refused because the new policies did not validate")
+            .build(),
+        ratelimit_rejections: meter
+            .u64_counter("cts.ratelimit.rejections")
+            .with_unit("{request}")
+            .with_description("Requests over a rate limit, by limit and mode")
+            .build(),
+        upstream_duration: meter
+            .f64_histogram("cts.upstream.duration")
+            .with_unit("s")
+            .with_description("Duration of IVS Chat CreateChatToken calls, retries included")
+            .with_boundaries(LATENCY_BUCKETS.to_vec())
+            .build(),
+        upstream_errors: meter
+            .u64_counter("cts.upstream.errors")
+            .with_unit("{error}")
+            .with_description("IVS Chat failures, by kind")
+            .build(),
+    }
+});
+
+/// The instruments, bound to the global meter provider installed by [`super::init`] (no-ops otherwise).
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+/// Reports the number of calls in flight (read from `read` at each collection) as `cts.rpc.in_flight`.
+pub fn observe_in_flight(read: impl Fn() -> usize + Send + Sync + 'static) {
+    global::meter("chat-token-service")
+        .i64_observable_gauge("cts.rpc.in_flight")
+        .with_unit("{call}")
+        .with_description("RPCs in flight")
+        .with_callback(move |observer| observer.observe(read() as i64, &[]))
+        .build();
+}

@@ -1,0 +1,160 @@
+//! Logs, traces and metrics.
+//!
+//! - **Logs**: human-readable lines on stderr by default, JSON with `--log-format json` (or `log_format`);
+//!   the level comes from `RUST_LOG` (default `info`). Lines written inside a call carry its `trace_id`.
+//! - **Traces**: a server span per RPC ([`rpc`]), children for policy, rate limits, the issuer and the
+//!   IVS call. W3C `traceparent`/`tracestate` from the caller's metadata make our spans part of its trace.
+//! - **Metrics**: see [`metrics`].
+//! - **Export**: over OTLP/gRPC when the standard variables say where (`OTEL_EXPORTER_OTLP_ENDPOINT`, or
+//!   the `_TRACES_`/`_METRICS_` variants; `OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER`, … apply). Without
+//!   them nothing is exported and metric instruments are no-ops; spans still give logs their trace ids.
+//!   Export runs in batches off the request path: a slow or absent collector costs dropped telemetry,
+//!   never a slower request.
+//! - **Audit**: one `audit` event per decision, see [`crate::service`].
+
+pub mod metrics;
+pub mod rpc;
+
+use std::{io::IsTerminal, time::Duration};
+
+use opentelemetry::{global, trace::TracerProvider as _};
+use opentelemetry_sdk::{
+    Resource, metrics::SdkMeterProvider, propagation::TraceContextPropagator,
+    trace::SdkTracerProvider,
+};
+use serde::Deserialize;
+use tracing_subscriber::{
+    EnvFilter, Layer, filter::LevelFilter, layer::SubscriberExt, util::SubscriberInitExt,
+};
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One human-readable line per event (colour on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per event, with the current span's fields (trace_id among them): for collectors.
+    Json,
+}
+
+/// The installed providers; [`Telemetry::shutdown`] flushes what is still buffered.
+pub struct Telemetry {
+    tracer_provider: SdkTracerProvider,
+    meter_provider: Option<SdkMeterProvider>,
+}
+
+/// Why telemetry could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("telemetry: {0}")]
+pub struct TelemetryError(String);
+
+/// How long shutdown may spend flushing telemetry to a collector that may be gone.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Installs logging, tracing and (when configured) metrics export. Call once, inside the tokio runtime
+/// (the OTLP exporter's connections live on it).
+pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
+    let export_traces = exporting("TRACES");
+    let export_metrics = exporting("METRICS");
+    global::set_text_map_propagator(TraceContextPropagator::new());
+    let resource = resource();
+
+    let mut tracer_provider = SdkTracerProvider::builder().with_resource(resource.clone());
+    if export_traces {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+            .map_err(|e| TelemetryError(format!("OTLP span exporter: {e}")))?;
+        tracer_provider = tracer_provider.with_batch_exporter(exporter);
+    }
+    let tracer_provider = tracer_provider.build();
+
+    let meter_provider = if export_metrics {
+        let exporter = opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .build()
+            .map_err(|e| TelemetryError(format!("OTLP metric exporter: {e}")))?;
+        let provider = SdkMeterProvider::builder()
+            .with_resource(resource)
+            .with_periodic_exporter(exporter)
+            .build();
+        global::set_meter_provider(provider.clone());
+        Some(provider)
+    } else {
+        None
+    };
+
+    // Spans are for us and the collector; RUST_LOG governs only what is printed.
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer_provider.tracer("chat-token-service"))
+        .with_filter(LevelFilter::INFO);
+    let printed = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            // Colour codes only for people; log collectors get plain text.
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_filter(printed)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_filter(printed)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(otel)
+        .with(fmt)
+        .try_init()
+        .map_err(|e| TelemetryError(format!("cannot install the log subscriber: {e}")))?;
+
+    if export_traces || export_metrics {
+        tracing::info!(
+            traces = export_traces,
+            metrics = export_metrics,
+            "exporting telemetry over OTLP"
+        );
+    }
+    Ok(Telemetry {
+        tracer_provider,
+        meter_provider,
+    })
+}
+
+impl Telemetry {
+    /// Flushes buffered spans and metrics, giving up after a bounded time.
+    pub fn shutdown(self) {
+        if let Err(e) = self.tracer_provider.shutdown_with_timeout(FLUSH_TIMEOUT) {
+            tracing::debug!("flushing spans at shutdown: {e}");
+        }
+        if let Some(meter_provider) = self.meter_provider
+            && let Err(e) = meter_provider.shutdown_with_timeout(FLUSH_TIMEOUT)
+        {
+            tracing::debug!("flushing metrics at shutdown: {e}");
+        }
+    }
+}
+
+/// Whether the standard variables ask for `signal` ("TRACES" or "METRICS") to be exported.
+fn exporting(signal: &str) -> bool {
+    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+    !disabled
+        && (set("OTEL_EXPORTER_OTLP_ENDPOINT")
+            || set(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")))
+}
+
+/// `service.name` from `OTEL_SERVICE_NAME` (or `OTEL_RESOURCE_ATTRIBUTES`), else `chat-token-service`.
+fn resource() -> Resource {
+    let named = std::env::var_os("OTEL_SERVICE_NAME").is_some()
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name="));
+    let builder = Resource::builder();
+    if named {
+        builder.build()
+    } else {
+        builder.with_service_name("chat-token-service").build()
+    }
+}
