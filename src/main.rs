@@ -63,7 +63,9 @@ fn report(result: Result<(), Box<dyn std::error::Error>>) -> ExitCode {
 
 async fn serve(config_file: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::load(config_file.as_deref())?;
-    let stack = stack::from_config(&config)?;
+    let store = stack::limiter_store(&config)?;
+    let readiness = store.readiness();
+    let stack = stack::from_config(&config, store)?;
     let listener = TcpListener::bind(config.listen_addr)
         .await
         .map_err(|e| format!("cannot listen on {} (listen_addr): {e}", config.listen_addr))?;
@@ -72,7 +74,7 @@ async fn serve(config_file: Option<PathBuf>) -> Result<(), Box<dyn std::error::E
         issuer = ?config.issuer,
         "chat-token-service listening"
     );
-    server::run(listener, &config, stack, shutdown_signal()).await?;
+    server::run(listener, &config, stack, readiness, shutdown_signal()).await?;
     Ok(())
 }
 

@@ -30,7 +30,7 @@ use std::{
 
 use tower::{Layer, Service};
 
-use super::{Check, Limit, LimitKey, LimiterStore, Verdict};
+use super::{Check, Limit, LimitKey, LimiterStore, StoreError, Verdict};
 use crate::error::{Error, ExceededLimit};
 use crate::issuer::IssuedToken;
 use crate::request::{Caller, TokenRequest};
@@ -145,10 +145,11 @@ where
         let counters = self.counters.clone();
         ResponseFuture {
             future: Box::pin(async move {
-                let verdicts = store
-                    .check(&checks)
-                    .await
-                    .map_err(|e| Error::Internal(e.to_string()))?;
+                let verdicts = store.check(&checks).await.map_err(|e| match e {
+                    StoreError::Unavailable { retry_after } => {
+                        Error::LimiterUnavailable { retry_after }
+                    }
+                })?;
                 judge(&limits, &verdicts, &request.caller, &counters)?;
                 inner.call(request).await
             }),
@@ -266,7 +267,7 @@ mod tests {
 
     use super::*;
     use crate::proto::ivschat::v1::CreateChatTokenRequest;
-    use crate::ratelimit::{MemoryStore, StoreError, gcra::Rate};
+    use crate::ratelimit::{MemoryStore, gcra::Rate};
 
     const ROOM: &str = "arn:aws:ivschat:us-west-2:123456789012:room/g1H2I3j4k5L6";
     const OTHER_ROOM: &str = "arn:aws:ivschat:us-west-2:123456789012:room/other";
@@ -580,13 +581,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_store_failure_refuses_the_request_as_internal() {
-        let down = FixedStore(|| Err(StoreError::Unavailable("connection refused".into())));
+    async fn an_unavailable_store_refuses_the_request_as_unavailable() {
+        let down = FixedStore(|| {
+            Err(StoreError::Unavailable {
+                retry_after: Duration::from_secs(1),
+            })
+        });
         let mut harness = Harness::with_store(vec![limit("l", LimitKey::Global, "1/s", 1)], down);
-        let Err(Error::Internal(detail)) = harness.call(user("ann")).await else {
-            panic!("expected an internal error");
+        let Err(Error::LimiterUnavailable { retry_after }) = harness.call(user("ann")).await else {
+            panic!("expected the limiter to be unavailable");
         };
-        assert!(detail.contains("connection refused"), "{detail}");
+        assert_eq!(retry_after, Duration::from_secs(1));
 
         let confused = FixedStore(|| Ok(Vec::new()));
         let mut harness =
