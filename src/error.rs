@@ -148,9 +148,10 @@ impl From<Error> for Status {
                 );
                 let mut status =
                     Status::with_error_details(Code::ResourceExhausted, message, details);
-                status
-                    .metadata_mut()
-                    .insert("retry-after", MetadataValue::from(whole_seconds(retry_after)));
+                status.metadata_mut().insert(
+                    "retry-after",
+                    MetadataValue::from(whole_seconds(retry_after)),
+                );
                 status
             }
             Error::Overloaded { max_calls } => {
@@ -172,9 +173,10 @@ impl From<Error> for Status {
                     "rate limits cannot be checked right now; retry later",
                     ErrorDetails::with_retry_info(Some(retry_after)),
                 );
-                status
-                    .metadata_mut()
-                    .insert("retry-after", MetadataValue::from(whole_seconds(retry_after)));
+                status.metadata_mut().insert(
+                    "retry-after",
+                    MetadataValue::from(whole_seconds(retry_after)),
+                );
                 status
             }
             Error::Internal(detail) => {

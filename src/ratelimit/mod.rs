@@ -40,11 +40,11 @@ use std::{fmt, future::Future, num::NonZeroU32, time::Duration};
 use serde::Deserialize;
 use tokio::sync::watch;
 
+pub use self::redis::RedisStore;
 pub use fallback::{FailureMode, FallbackStore};
 pub use gcra::{Quota, Rate};
 pub use layer::{RateLimit, RateLimitLayer, ResponseFuture, Stats};
 pub use memory::MemoryStore;
-pub use self::redis::RedisStore;
 
 /// One configured limit, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]

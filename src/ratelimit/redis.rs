@@ -70,7 +70,9 @@ impl RedisStore {
             let client = ClusterClient::builder([url])
                 .connection_timeout(CONNECT_TIMEOUT)
                 .build()?;
-            Connection::Cluster(client.get_pending_async_connection_with_config(ClusterConfig::new()))
+            Connection::Cluster(
+                client.get_pending_async_connection_with_config(ClusterConfig::new()),
+            )
         } else {
             let client = redis::Client::open(url)?;
             let config = ConnectionManagerConfig::new()

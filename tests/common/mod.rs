@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod pki;
+pub mod redis_server;
 
 use std::{
     io::{BufRead, BufReader},
