@@ -674,6 +674,17 @@ mod tests {
             example.limiter.max_tracked_keys,
             defaults.limiter.max_tracked_keys
         );
+        assert_eq!(example.limiter.backend, defaults.limiter.backend);
+        assert_eq!(
+            example.limiter.redis_cluster,
+            defaults.limiter.redis_cluster
+        );
+        assert_eq!(
+            example.limiter.redis_timeout,
+            defaults.limiter.redis_timeout
+        );
+        assert_eq!(example.limiter.failure_mode, defaults.limiter.failure_mode);
+        assert_eq!(example.limiter.key_prefix, defaults.limiter.key_prefix);
         assert!(example.rate_limits.is_empty());
     }
 
@@ -874,6 +885,52 @@ mod tests {
             load_str("[local_issuer]\nkey = \"k4.local.x\"\nkeys_file = \"keys.toml\"").unwrap();
         let err = config.local_issuer.key_set().unwrap_err().to_string();
         assert!(err.contains("not both"), "{err}");
+    }
+
+    #[test]
+    fn redis_settings_are_checked_and_the_url_never_shown() {
+        let config = load_str(
+            "[limiter]\nbackend = \"redis\"\nredis_url = \"rediss://cts:hunter2@redis.internal:6380/1\"\n\
+             failure_mode = \"fail_closed\"\nredis_timeout = \"20ms\"",
+        )
+        .unwrap();
+        assert_eq!(config.limiter.failure_mode, FailureMode::FailClosed);
+        assert_eq!(config.limiter.redis_timeout, Duration::from_millis(20));
+        assert!(!format!("{config:?}").contains("hunter2"));
+
+        let defaults = load_str("").unwrap().limiter;
+        assert_eq!(defaults.backend, LimiterBackend::Memory);
+        assert_eq!(defaults.redis_timeout, Duration::from_millis(50));
+        assert_eq!(defaults.failure_mode, FailureMode::FailOpen);
+        assert_eq!(defaults.key_prefix, "cts");
+
+        for (toml, setting) in [
+            ("backend = \"redis\"", "limiter.redis_url"),
+            ("redis_url = \"redis://h\"", "limiter.redis_url"),
+            (
+                "backend = \"redis\"\nredis_url = \"http://:hunter2@h\"",
+                "limiter.redis_url",
+            ),
+            (
+                "backend = \"redis\"\nredis_url = \"redis://h\"\nredis_timeout = \"0s\"",
+                "limiter.redis_timeout",
+            ),
+            (
+                "backend = \"redis\"\nredis_url = \"redis://h\"\nkey_prefix = \"{a}\"",
+                "limiter.key_prefix",
+            ),
+        ] {
+            match load_str(&format!("[limiter]\n{toml}")) {
+                Err(ConfigError::Invalid {
+                    setting: got,
+                    reason,
+                }) => {
+                    assert_eq!(got, setting, "{toml}");
+                    assert!(!reason.contains("hunter2"), "{reason}");
+                }
+                other => panic!("{toml}: expected {setting} to be refused, got {other:?}"),
+            }
+        }
     }
 
     #[test]

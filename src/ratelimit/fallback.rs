@@ -51,11 +51,13 @@ pub struct FallbackStore {
 }
 
 struct Inner {
+    /// Decides every call while Redis is up.
     redis: RedisStore,
     /// Decides in fail_open mode while Redis is down.
     local: MemoryStore,
     /// The deadline of every Redis call, probes included.
     timeout: Duration,
+    /// What decides while Redis is down.
     mode: FailureMode,
     /// Whether Redis answered the last call or probe. Calls go to Redis only while it is `true`; receivers
     /// learn of every change (readiness).

@@ -45,6 +45,7 @@ const DIGEST_BYTES: usize = 16;
 /// Rate-limit state in Redis, shared by every clone and every replica pointed at the same Redis.
 #[derive(Clone)]
 pub struct RedisStore {
+    /// Shared by clones: one multiplexed connection carries every replica-local call.
     connection: Connection,
     /// The GCRA script; knows its own SHA for EVALSHA.
     script: Arc<Script>,
@@ -170,7 +171,7 @@ fn push_args(invocation: &mut redis::ScriptInvocation<'_>, check: &Check) {
     let interval = u64::try_from(check.quota.emission_interval().as_micros())
         .unwrap_or(u64::MAX)
         .max(1);
-    // The tolerance is B·T with the rounded T, so burst and rate stay exactly as configured.
+    // B·T from the rounded T, so a full burst is still exactly B requests.
     let tolerance = interval.saturating_mul(u64::from(check.quota.burst().get()));
     invocation
         .arg(interval)

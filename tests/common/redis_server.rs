@@ -4,7 +4,7 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    path::Path,
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -193,12 +193,13 @@ fn command(addr: SocketAddr, args: &[&str]) -> Option<String> {
     (!reply.is_empty()).then(|| String::from_utf8_lossy(&reply).into_owned())
 }
 
-/// libfaketime, to run a process with a skewed wall clock.
-pub fn libfaketime() -> &'static Path {
-    let path = Path::new("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1");
-    assert!(
-        path.exists(),
-        "the clock-skew test needs libfaketime (Debian: apt-get install libfaketime)"
-    );
-    path
+/// libfaketime, to run a process with a skewed wall clock (Debian keeps it under /usr/lib/<arch>/).
+pub fn libfaketime() -> PathBuf {
+    std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|dir| dir.path().join("faketime/libfaketime.so.1"))
+        .find(|path| path.exists())
+        .expect("the clock-skew test needs libfaketime (Debian: apt-get install libfaketime)")
 }
