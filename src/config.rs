@@ -25,7 +25,7 @@ use serde::Deserialize;
 
 use crate::identity::IdentitySource;
 use crate::issuer::local::{KeyError, KeySet};
-use crate::ratelimit::{Limit, LimitKey, gcra::Rate};
+use crate::ratelimit::{FailureMode, Limit, LimitKey, gcra::Rate};
 
 /// Prefix of environment variables that override settings.
 pub const ENV_PREFIX: &str = "CTS_";
@@ -432,19 +432,63 @@ impl LimitConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimiterConfig {
+    /// Where limit state lives: `"memory"`, in each replica (with `R` replicas a limit admits up to `R`
+    /// times its rate), or `"redis"`, shared by every replica. Default `"memory"`.
+    pub backend: LimiterBackend,
+
     /// Most keys (one per limit and caller, user, room… as the limit counts) whose state is kept in memory,
     /// so a flood of distinct users cannot exhaust it. Each costs roughly 100 bytes plus its user id and
     /// room ARN. Beyond the cap the keys closest to recovery are forgotten, which can only make a limit more
-    /// lenient. Default `1000000`; at least 1.
+    /// lenient. With the Redis backend it bounds the fail_open fallback. Default `1000000`; at least 1.
     pub max_tracked_keys: usize,
+
+    /// The Redis to share state through: `redis://host:6379`, `rediss://` for TLS, `user:password@` for
+    /// auth, `/N` for a database. May carry a password, so it is never logged or shown; prefer the
+    /// `CTS_LIMITER__REDIS_URL` environment variable from a secret store. Required with `backend = "redis"`.
+    pub redis_url: Option<Secret>,
+
+    /// Whether `redis_url` is a node of a Redis Cluster (the other nodes are discovered). In a cluster a
+    /// request's limits are checked one key at a time, so a request refused by one limit may still consume
+    /// from another. Default `false`.
+    pub redis_cluster: bool,
+
+    /// The longest a rate-limit check may wait for Redis before the failure mode decides instead. Default
+    /// `50ms`; between `1ms` and `10s`.
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
+
+    /// While Redis is unreachable: `"fail_open"` decides in process with the same limits (per replica) and
+    /// keeps serving; `"fail_closed"` refuses token requests with UNAVAILABLE and reports the token service
+    /// NOT_SERVING. Default `"fail_open"`.
+    pub failure_mode: FailureMode,
+
+    /// Starts every Redis key, so several deployments can share one Redis without sharing budgets. Not
+    /// empty, no `{` or `}` (they would change the Cluster hash slot). Default `"cts"`.
+    pub key_prefix: String,
 }
 
 impl Default for LimiterConfig {
     fn default() -> Self {
         LimiterConfig {
+            backend: LimiterBackend::Memory,
             max_tracked_keys: 1_000_000,
+            redis_url: None,
+            redis_cluster: false,
+            redis_timeout: Duration::from_millis(50),
+            failure_mode: FailureMode::FailOpen,
+            key_prefix: "cts".into(),
         }
     }
+}
+
+/// Where rate-limit state lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimiterBackend {
+    /// In each replica's memory: nothing else to run, but limits apply per replica.
+    Memory,
+    /// In Redis, shared by every replica.
+    Redis,
 }
 
 impl LimiterConfig {
@@ -454,6 +498,58 @@ impl LimiterConfig {
             setting: "limiter.max_tracked_keys".into(),
             reason: "must be at least 1, got 0".into(),
         })
+    }
+
+    /// The Redis URL when the Redis backend is chosen, checked along with the other Redis settings.
+    /// Errors never show the URL: it may carry a password.
+    pub fn redis_url(&self) -> Result<Option<&Secret>, ConfigError> {
+        let invalid = |setting: &str, reason: String| ConfigError::Invalid {
+            setting: format!("limiter.{setting}"),
+            reason,
+        };
+        let url = match (self.backend, &self.redis_url) {
+            (LimiterBackend::Memory, None) => return Ok(None),
+            (LimiterBackend::Memory, Some(_)) => {
+                return Err(invalid(
+                    "redis_url",
+                    "is set but limiter.backend is \"memory\"; set limiter.backend = \"redis\" to share \
+                     limits through it"
+                        .into(),
+                ));
+            }
+            (LimiterBackend::Redis, None) => {
+                return Err(invalid(
+                    "redis_url",
+                    "is required with limiter.backend = \"redis\"".into(),
+                ));
+            }
+            (LimiterBackend::Redis, Some(url)) => url,
+        };
+        if redis::IntoConnectionInfo::into_connection_info(url.expose()).is_err() {
+            return Err(invalid(
+                "redis_url",
+                "is not a Redis URL: redis://[user:password@]host[:port][/db], or rediss:// for TLS".into(),
+            ));
+        }
+        if !(Duration::from_millis(1)..=Duration::from_secs(10)).contains(&self.redis_timeout) {
+            return Err(invalid(
+                "redis_timeout",
+                format!(
+                    "must be between 1ms and 10s, got {}",
+                    humantime::format_duration(self.redis_timeout)
+                ),
+            ));
+        }
+        if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}']) {
+            return Err(invalid(
+                "key_prefix",
+                format!(
+                    "must not be empty and must not contain {{ or }}, got {:?}",
+                    self.key_prefix
+                ),
+            ));
+        }
+        Ok(Some(url))
     }
 }
 
@@ -610,6 +706,7 @@ impl Config {
         }
         self.limits()?;
         self.limiter.max_tracked_keys()?;
+        self.limiter.redis_url()?;
         Ok(())
     }
 
@@ -721,6 +818,17 @@ mod tests {
             example.limiter.max_tracked_keys,
             defaults.limiter.max_tracked_keys
         );
+        assert_eq!(example.limiter.backend, defaults.limiter.backend);
+        assert_eq!(
+            example.limiter.redis_cluster,
+            defaults.limiter.redis_cluster
+        );
+        assert_eq!(
+            example.limiter.redis_timeout,
+            defaults.limiter.redis_timeout
+        );
+        assert_eq!(example.limiter.failure_mode, defaults.limiter.failure_mode);
+        assert_eq!(example.limiter.key_prefix, defaults.limiter.key_prefix);
         assert!(example.rate_limits.is_empty());
     }
 
@@ -921,6 +1029,52 @@ mod tests {
             load_str("[local_issuer]\nkey = \"k4.local.x\"\nkeys_file = \"keys.toml\"").unwrap();
         let err = config.local_issuer.key_set().unwrap_err().to_string();
         assert!(err.contains("not both"), "{err}");
+    }
+
+    #[test]
+    fn redis_settings_are_checked_and_the_url_never_shown() {
+        let config = load_str(
+            "[limiter]\nbackend = \"redis\"\nredis_url = \"rediss://cts:hunter2@redis.internal:6380/1\"\n\
+             failure_mode = \"fail_closed\"\nredis_timeout = \"20ms\"",
+        )
+        .unwrap();
+        assert_eq!(config.limiter.failure_mode, FailureMode::FailClosed);
+        assert_eq!(config.limiter.redis_timeout, Duration::from_millis(20));
+        assert!(!format!("{config:?}").contains("hunter2"));
+
+        let defaults = load_str("").unwrap().limiter;
+        assert_eq!(defaults.backend, LimiterBackend::Memory);
+        assert_eq!(defaults.redis_timeout, Duration::from_millis(50));
+        assert_eq!(defaults.failure_mode, FailureMode::FailOpen);
+        assert_eq!(defaults.key_prefix, "cts");
+
+        for (toml, setting) in [
+            ("backend = \"redis\"", "limiter.redis_url"),
+            ("redis_url = \"redis://h\"", "limiter.redis_url"),
+            (
+                "backend = \"redis\"\nredis_url = \"http://:hunter2@h\"",
+                "limiter.redis_url",
+            ),
+            (
+                "backend = \"redis\"\nredis_url = \"redis://h\"\nredis_timeout = \"0s\"",
+                "limiter.redis_timeout",
+            ),
+            (
+                "backend = \"redis\"\nredis_url = \"redis://h\"\nkey_prefix = \"{a}\"",
+                "limiter.key_prefix",
+            ),
+        ] {
+            match load_str(&format!("[limiter]\n{toml}")) {
+                Err(ConfigError::Invalid {
+                    setting: got,
+                    reason,
+                }) => {
+                    assert_eq!(got, setting, "{toml}");
+                    assert!(!reason.contains("hunter2"), "{reason}");
+                }
+                other => panic!("{toml}: expected {setting} to be refused, got {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -89,6 +89,14 @@ pub enum Error {
     #[error("the caller's deadline passed before the token was issued")]
     DeadlineExceeded,
 
+    /// Rate limits cannot be checked: the shared store (Redis) is unreachable and configured to fail
+    /// closed, so nothing is issued unchecked.
+    #[error("rate-limit store unavailable")]
+    LimiterUnavailable {
+        /// When the store will be tried again.
+        retry_after: Duration,
+    },
+
     /// A fault on our side (e.g. the local issuer could not encrypt). The message is for the server log;
     /// the caller sees a generic one.
     #[error("internal error: {0}")]
@@ -132,6 +140,12 @@ fn join(violations: &[FieldViolation]) -> String {
         .join("; ")
 }
 
+/// `retry-after` metadata: whole seconds, rounded up, so retrying at the advertised second never fails
+/// early.
+fn whole_seconds(delay: Duration) -> u64 {
+    u64::try_from(delay.as_nanos().div_ceil(1_000_000_000)).unwrap_or(u64::MAX)
+}
+
 impl From<Error> for Status {
     fn from(error: Error) -> Status {
         match error {
@@ -172,11 +186,10 @@ impl From<Error> for Status {
                 );
                 let mut status =
                     Status::with_error_details(Code::ResourceExhausted, message, details);
-                // Whole seconds, rounded up: retrying at the advertised second never fails early.
-                let seconds = retry_after.as_nanos().div_ceil(1_000_000_000);
-                status
-                    .metadata_mut()
-                    .insert("retry-after", MetadataValue::from(seconds as u64));
+                status.metadata_mut().insert(
+                    "retry-after",
+                    MetadataValue::from(whole_seconds(retry_after)),
+                );
                 status
             }
             Error::Overloaded { max_calls } => {
@@ -253,6 +266,18 @@ impl From<Error> for Status {
             Error::DeadlineExceeded => Status::deadline_exceeded(
                 "the caller's deadline passed before the token was issued",
             ),
+            Error::LimiterUnavailable { retry_after } => {
+                let mut status = Status::with_error_details(
+                    Code::Unavailable,
+                    "rate limits cannot be checked right now; retry later",
+                    ErrorDetails::with_retry_info(Some(retry_after)),
+                );
+                status.metadata_mut().insert(
+                    "retry-after",
+                    MetadataValue::from(whole_seconds(retry_after)),
+                );
+                status
+            }
             Error::Internal(detail) => {
                 tracing::error!(error = %detail, "internal error while issuing a token");
                 Status::internal(
@@ -410,6 +435,18 @@ mod tests {
             Status::from(Error::DeadlineExceeded).code(),
             Code::DeadlineExceeded
         );
+    }
+
+    #[test]
+    fn limiter_unavailable_is_unavailable_with_retry_info_and_retry_after() {
+        let status = Status::from(Error::LimiterUnavailable {
+            retry_after: Duration::from_millis(1_500),
+        });
+        assert_eq!(status.code(), Code::Unavailable);
+        let retry = status.get_details_retry_info().expect("RetryInfo");
+        assert_eq!(retry.retry_delay, Some(Duration::from_millis(1_500)));
+        assert_eq!(status.metadata().get("retry-after").unwrap(), "2");
+        assert!(!status.message().to_lowercase().contains("redis"));
     }
 
     #[test]

@@ -11,8 +11,10 @@
 //! - [`identity`]: who is calling (mTLS SAN, x-forwarded-client-cert, dev header, anonymous).
 //! - [`policy`]: Cedar policy engine (schema-validated, reloadable) and its tower layer.
 //! - [`request`]: validated domain types ([`request::TokenRequest`], [`request::RoomArn`], …).
-//! - [`stack`]: the one place the domain stack (layers + issuer) is composed.
-//! - [`ratelimit`]: the rate-limit layer, GCRA, and the in-memory limiter store.
+//! - [`stack`]: the one place the domain stack (layers + issuer) is composed, around the process's one
+//!   limiter store ([`stack::limiter_store`]), which everything that limits shares.
+//! - [`ratelimit`]: the rate-limit layer, GCRA, and the limiter stores: in memory, or shared through Redis
+//!   with a timeout and a fail_open / fail_closed fallback.
 //! - [`issuer`]: the [`issuer::Issuer`] seam and the [`issuer::local`] PASETO issuer, with verification.
 //! - [`error`]: the single table from domain errors to gRPC codes and `google.rpc` details.
 //! - [`tls`]: rustls termination, mutual TLS, certificate reload; [`reload`]: the file watcher both use.
@@ -27,7 +29,8 @@
 //!                               the caller's deadline → DEADLINE_EXCEEDED
 //!   ▶ stack::TokenStack         tower::Service<TokenRequest, Response = IssuedToken>
 //!       ▶ policy::PolicyLayer         Cedar; deny → PERMISSION_DENIED
-//!       ▶ ratelimit::RateLimitLayer   GCRA per caller / user / room; over → RESOURCE_EXHAUSTED
+//!       ▶ ratelimit::RateLimitLayer   GCRA per caller / user / room, in memory or Redis; over →
+//!                                     RESOURCE_EXHAUSTED; Redis down + fail_closed → UNAVAILABLE
 //!       ▶ issuer                      local (PASETO v4.local) or ivs (aws-sdk-ivschat + quota guard)
 //!   ◀ IssuedToken → CreateChatTokenResponse, or error::Error → tonic::Status (one table)
 //! ```

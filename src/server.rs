@@ -1,5 +1,10 @@
 //! The gRPC server: the token service, health checking, reflection, and graceful shutdown.
 //!
+//! Health has two names. `""` is liveness: the process serves gRPC; it stays SERVING until shutdown,
+//! because restarting cannot fix a dependency. [`TOKEN_SERVICE_NAME`] is readiness: whether token requests
+//! can succeed here. It follows `readiness` when one is given (the Redis limiter store in fail_closed
+//! mode: NOT_SERVING while Redis is unreachable), so point readiness probes at it.
+//!
 //! [`run`] serves until `shutdown` completes, then:
 //! 1. reports NOT_SERVING for every health-checked service, so load balancers stop sending work;
 //! 2. stops accepting connections (the listener is closed) and sends HTTP/2 GOAWAY on open ones;
@@ -9,7 +14,7 @@
 
 use std::future::Future;
 
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tonic::transport::server::TcpIncoming;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
@@ -36,16 +41,22 @@ pub enum ServerError {
 }
 
 /// Serves on `listener` until `shutdown` completes, then drains as described in the module docs.
+///
+/// `readiness`, when given, is what the token service's health follows until shutdown: `true` SERVING,
+/// `false` NOT_SERVING (see [`crate::ratelimit::Store::readiness`]).
 pub async fn run(
     listener: TcpListener,
     config: &Config,
     stack: TokenStack,
+    readiness: Option<watch::Receiver<bool>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
+    let ready = readiness.as_ref().is_none_or(|ready| *ready.borrow());
     health
-        .set_service_status(TOKEN_SERVICE_NAME, ServingStatus::Serving)
+        .set_service_status(TOKEN_SERVICE_NAME, serving_status(ready))
         .await;
+    let readiness = readiness.map(|ready| tokio::spawn(follow_readiness(health.clone(), ready)));
 
     // Reflection describes our service, health, and the google.rpc error details, so grpcurl and buf curl
     // can decode BadRequest, ErrorInfo, RetryInfo and QuotaFailure in error responses.
@@ -98,6 +109,7 @@ pub async fn run(
     };
     let drain = Drain {
         health,
+        readiness,
         calls,
         config,
         drain_tx,
@@ -126,9 +138,29 @@ pub async fn run(
     }
 }
 
+fn serving_status(ready: bool) -> ServingStatus {
+    if ready {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    }
+}
+
+/// Reports every change of `ready` as the token service's health, until aborted or `ready`'s sender is gone.
+async fn follow_readiness(health: HealthReporter, mut ready: watch::Receiver<bool>) {
+    while ready.changed().await.is_ok() {
+        let status = serving_status(*ready.borrow_and_update());
+        tracing::info!(?status, "token service readiness changed");
+        health.set_service_status(TOKEN_SERVICE_NAME, status).await;
+    }
+}
+
 /// What the shutdown sequence needs, whichever transport serves.
 struct Drain<'a> {
     health: HealthReporter,
+    /// The task that makes health follow readiness; stopped before shutdown reports NOT_SERVING, so a
+    /// dependency recovering during the drain cannot report SERVING again.
+    readiness: Option<JoinHandle<()>>,
     calls: Calls,
     config: &'a Config,
     /// Tells the tonic server to stop accepting and send GOAWAY.
@@ -152,6 +184,11 @@ impl Drain<'_> {
             grace_period = %humantime::format_duration(grace),
             "shutdown requested: reporting NOT_SERVING and draining in-flight calls"
         );
+        if let Some(task) = self.readiness {
+            task.abort();
+            // Once it has ended, nothing but this sequence writes health any more.
+            let _ = task.await;
+        }
         for service in ["", TOKEN_SERVICE_NAME] {
             self.health
                 .set_service_status(service, ServingStatus::NotServing)

@@ -105,6 +105,7 @@ fn outcome(error: &Error) -> &'static str {
         Error::PolicyDenied { .. } => "denied_by_policy",
         Error::RateLimited { .. } => "rate_limited",
         Error::Overloaded { .. } => "overloaded",
+        Error::LimiterUnavailable { .. } => "limiter_unavailable",
         Error::Upstream { .. } => "upstream_error",
         Error::DeadlineExceeded => "deadline_exceeded",
         Error::Internal(_) => "internal_error",

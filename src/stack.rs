@@ -9,16 +9,16 @@ use crate::config::{Config, ConfigError, IssuerKind, KeySource};
 use crate::error::Error;
 use crate::issuer::{IssuedToken, Issuer, IssuerService, ivs::IvsIssuer, local::LocalIssuer};
 use crate::policy::{PolicyEngine, PolicyLayer, PolicySource};
-use crate::ratelimit::{MemoryStore, RateLimitLayer};
+use crate::ratelimit::{FallbackStore, MemoryStore, RateLimitLayer, RedisStore, Store};
 use crate::reload::{self, Trigger};
 use crate::request::TokenRequest;
 
 /// The domain stack as the handler sees it: a validated request in, a token or a domain error out.
 pub type TokenStack = BoxCloneSyncService<TokenRequest, IssuedToken, Error>;
 
-/// Builds the stack `config` describes. Starts policy reloading, so call it inside a tokio runtime.
-pub async fn from_config(config: &Config) -> Result<TokenStack, ConfigError> {
-    let store = limiter_store(config)?;
+/// Builds the stack `config` describes around `store`, the process's one limiter store (from
+/// [`limiter_store`]). Starts policy reloading, so call it inside a tokio runtime.
+pub async fn from_config(config: &Config, store: Store) -> Result<TokenStack, ConfigError> {
     match config.issuer {
         IssuerKind::Ivs => {
             // The quota guard shares the rate limits' store, so a shared store shares the IVS budget.
@@ -47,25 +47,48 @@ pub async fn from_config(config: &Config) -> Result<TokenStack, ConfigError> {
     }
 }
 
+/// The limiter store `config.limiter` chooses. Call it once per process and hand clones to everything that
+/// limits (the rate-limit layer, the IVS quota guard): clones share one budget. With the Redis backend it
+/// starts the Redis probe, so call it inside a tokio runtime; Redis need not be up yet.
+pub fn limiter_store(config: &Config) -> Result<Store, ConfigError> {
+    let settings = &config.limiter;
+    let local = MemoryStore::new(settings.max_tracked_keys()?);
+    let Some(url) = settings.redis_url()? else {
+        return Ok(Store::Memory(local));
+    };
+    let redis = RedisStore::open(url.expose(), settings.redis_cluster, &settings.key_prefix)
+        // redis-rs' errors describe the URL's problem without echoing it, password included.
+        .map_err(|e| ConfigError::Invalid {
+            setting: "limiter.redis_url".into(),
+            reason: e.to_string(),
+        })?;
+    tracing::info!(
+        cluster = settings.redis_cluster,
+        timeout = ?settings.redis_timeout,
+        failure_mode = ?settings.failure_mode,
+        "rate limits shared through Redis"
+    );
+    Ok(Store::Redis(FallbackStore::new(
+        redis,
+        local,
+        settings.redis_timeout,
+        settings.failure_mode,
+    )))
+}
+
 /// Wraps `issuer` in the domain layers `config` describes. Any [`Issuer`] fits, which is how tests and
 /// embedders plug in their own.
 ///
 /// Each call makes its own limiter store and policy watcher: call it once per process, so every connection
-/// shares one budget.
+/// shares one budget. To share the store with the issuer, use [`limiter_store`] and [`compose_with`].
 pub fn compose<I: Issuer>(config: &Config, issuer: I) -> Result<TokenStack, ConfigError> {
     compose_with(config, limiter_store(config)?, issuer)
 }
 
-/// The limiter store `config` describes, for [`compose_with`] and for issuers that guard an upstream
-/// quota with it.
-pub fn limiter_store(config: &Config) -> Result<MemoryStore, ConfigError> {
-    Ok(MemoryStore::new(config.limiter.max_tracked_keys()?))
-}
-
-/// [`compose`] with a given limiter store, shared with the issuer where it needs one.
+/// [`compose`] with the limiter store given: the one the issuer (its upstream quota guard) uses too.
 pub fn compose_with<I: Issuer>(
     config: &Config,
-    store: MemoryStore,
+    store: Store,
     issuer: I,
 ) -> Result<TokenStack, ConfigError> {
     let policy = PolicyLayer::new(load_policy(config)?, config.policy.shadow);

@@ -128,11 +128,7 @@ impl<St: LimiterStore> IvsIssuer<St> {
             quota: self.quota,
             shadow: false,
         };
-        let verdicts = self
-            .store
-            .check(std::slice::from_ref(&check))
-            .await
-            .map_err(|e| Error::Internal(format!("IVS quota guard: {e}")))?;
+        let verdicts = self.store.check(std::slice::from_ref(&check)).await?;
         match verdicts.first() {
             Some(Verdict::Allowed) => Ok(()),
             Some(Verdict::Denied { retry_after }) => Err(Error::RateLimited {

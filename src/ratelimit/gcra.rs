@@ -114,6 +114,8 @@ pub struct Quota {
     emission_interval: Duration,
     /// `B·T`: how far ahead of now the TAT may run, i.e. how much of a burst is left to absorb.
     tolerance: Duration,
+    /// `B`, kept so a store with a coarser clock can recompute `B·T` from its rounded `T`.
+    burst: NonZeroU32,
 }
 
 /// What GCRA decided for one request.
@@ -139,7 +141,18 @@ impl Quota {
             emission_interval,
             // At most 2³² · 1h, about 490,000 years: far from overflowing a Duration or an Instant.
             tolerance: emission_interval * burst.get(),
+            burst,
         }
+    }
+
+    /// `T`, for stores that evaluate GCRA themselves (in Redis).
+    pub fn emission_interval(&self) -> Duration {
+        self.emission_interval
+    }
+
+    /// `B`, for stores that evaluate GCRA themselves (in Redis).
+    pub fn burst(&self) -> NonZeroU32 {
+        self.burst
     }
 
     /// Decides a request at `now` for a key whose stored TAT is `tat` (`None`: nothing stored, fully

@@ -149,10 +149,7 @@ where
         ResponseFuture {
             future: Box::pin(async move {
                 let checked = async {
-                    let verdicts = store
-                        .check(&checks)
-                        .await
-                        .map_err(|e| Error::Internal(e.to_string()))?;
+                    let verdicts = store.check(&checks).await?;
                     judge(&limits, &verdicts, &request.caller, &counters)
                 };
                 checked
@@ -281,6 +278,7 @@ fn store_key(limit: &Limit, request: &TokenRequest) -> String {
 
 #[cfg(test)]
 mod tests {
+    use crate::ratelimit::StoreError;
     use std::{
         collections::HashSet,
         num::{NonZeroU32, NonZeroUsize},
@@ -293,7 +291,7 @@ mod tests {
 
     use super::*;
     use crate::proto::ivschat::v1::CreateChatTokenRequest;
-    use crate::ratelimit::{MemoryStore, StoreError, gcra::Rate};
+    use crate::ratelimit::{MemoryStore, gcra::Rate};
 
     const ROOM: &str = "arn:aws:ivschat:us-west-2:123456789012:room/g1H2I3j4k5L6";
     const OTHER_ROOM: &str = "arn:aws:ivschat:us-west-2:123456789012:room/other";
@@ -608,13 +606,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_store_failure_refuses_the_request_as_internal() {
-        let down = FixedStore(|| Err(StoreError::Unavailable("connection refused".into())));
+    async fn an_unavailable_store_refuses_the_request_as_unavailable() {
+        let down = FixedStore(|| {
+            Err(StoreError::Unavailable {
+                retry_after: Duration::from_secs(1),
+            })
+        });
         let mut harness = Harness::with_store(vec![limit("l", LimitKey::Global, "1/s", 1)], down);
-        let Err(Error::Internal(detail)) = harness.call(user("ann")).await else {
-            panic!("expected an internal error");
+        let Err(Error::LimiterUnavailable { retry_after }) = harness.call(user("ann")).await else {
+            panic!("expected the limiter to be unavailable");
         };
-        assert!(detail.contains("connection refused"), "{detail}");
+        assert_eq!(retry_after, Duration::from_secs(1));
 
         let confused = FixedStore(|| Ok(Vec::new()));
         let mut harness =

@@ -20,19 +20,28 @@
 //! - [`gcra`]: the algorithm, pure arithmetic on instants.
 //! - [`LimiterStore`]: where each key's state lives; the seam a shared (Redis) store plugs into.
 //! - [`memory`]: the in-process store, bounded in memory.
+//! - [`redis`]: the shared store: the same GCRA in a Lua script inside Redis, one budget for every replica.
+//! - [`fallback`]: the Redis store with a per-call timeout and a failure mode (fall back in process, or
+//!   refuse with UNAVAILABLE), and the readiness that follows Redis.
+//! - [`Store`]: whichever of the two the configuration chose; one value shared by every user of limits.
 //! - [`layer`]: [`RateLimitLayer`], which turns a request into one [`Check`] per configured [`Limit`].
 //!
 //! Every limit is checked on every request, all at once: a request refused by one enforced limit consumes
 //! nothing from the others, so a client hammering one limit does not drain its budget elsewhere.
 
+pub mod fallback;
 pub mod gcra;
 pub mod layer;
 pub mod memory;
+pub mod redis;
 
 use std::{fmt, future::Future, num::NonZeroU32, time::Duration};
 
 use serde::Deserialize;
+use tokio::sync::watch;
 
+pub use self::redis::RedisStore;
+pub use fallback::{FailureMode, FallbackStore};
 pub use gcra::{Quota, Rate};
 pub use layer::{RateLimit, RateLimitLayer, ResponseFuture, Stats};
 pub use memory::MemoryStore;
@@ -154,8 +163,53 @@ pub trait LimiterStore: Send + Sync + 'static {
 /// Why a store could not decide.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The store could not be reached or did not answer in time. The in-process store never fails; a
-    /// networked one can.
-    #[error("rate-limit store unavailable: {0}")]
-    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The shared store cannot be reached and is configured to fail closed: the request is refused rather
+    /// than decided without it. The in-process store never fails.
+    #[error("rate-limit store unavailable")]
+    Unavailable {
+        /// When the store will next be tried, for the caller's retry.
+        retry_after: Duration,
+    },
+}
+
+impl From<StoreError> for crate::error::Error {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Unavailable { retry_after } => {
+                crate::error::Error::LimiterUnavailable { retry_after }
+            }
+        }
+    }
+}
+
+/// The limiter store the configuration chose. Build ONE per process and clone it to every user (the
+/// rate-limit layer, the IVS quota guard): clones share state, so they share budgets.
+#[derive(Clone)]
+pub enum Store {
+    /// Per-replica state (`limiter.backend = "memory"`).
+    Memory(MemoryStore),
+    /// State shared through Redis, with a timeout and a failure mode (`limiter.backend = "redis"`).
+    Redis(FallbackStore),
+}
+
+impl Store {
+    /// What the token service's readiness should follow, if anything: Redis' reachability when the store
+    /// fails closed. A fail_open or in-process store keeps the service ready whatever happens to Redis.
+    pub fn readiness(&self) -> Option<watch::Receiver<bool>> {
+        match self {
+            Store::Redis(store) if store.failure_mode() == FailureMode::FailClosed => {
+                Some(store.readiness())
+            }
+            Store::Redis(_) | Store::Memory(_) => None,
+        }
+    }
+}
+
+impl LimiterStore for Store {
+    async fn check(&self, checks: &[Check]) -> Result<Vec<Verdict>, StoreError> {
+        match self {
+            Store::Memory(store) => store.check(checks).await,
+            Store::Redis(store) => store.check(checks).await,
+        }
+    }
 }

@@ -3,6 +3,7 @@
 
 pub mod ivs_stub;
 pub mod pki;
+pub mod redis_server;
 
 use std::{
     io::{BufRead, BufReader},
@@ -35,11 +36,20 @@ pub struct TestServer {
 impl TestServer {
     /// Starts `stack` with `config`'s server settings on a free loopback port.
     pub async fn start(config: Config, stack: TokenStack) -> Self {
+        Self::start_with_readiness(config, stack, None).await
+    }
+
+    /// [`TestServer::start`], with the token service's health following `readiness`.
+    pub async fn start_with_readiness(
+        config: Config,
+        stack: TokenStack,
+        readiness: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
         let handle = tokio::spawn(async move {
-            server::run(listener, &config, stack, async {
+            server::run(listener, &config, stack, readiness, async {
                 let _ = rx.await;
             })
             .await
@@ -53,8 +63,12 @@ impl TestServer {
 
     /// Starts the service exactly as `config` describes it.
     pub async fn from_config(config: Config) -> Self {
-        let stack = stack::from_config(&config).await.expect("valid config");
-        Self::start(config, stack).await
+        let store = stack::limiter_store(&config).expect("valid limiter config");
+        let readiness = store.readiness();
+        let stack = stack::from_config(&config, store)
+            .await
+            .expect("valid config");
+        Self::start_with_readiness(config, stack, readiness).await
     }
 
     pub async fn channel(&self) -> Channel {

@@ -1,0 +1,174 @@
+//! [`FallbackStore`]: the Redis store with a deadline on every call and a policy for when Redis is gone.
+//!
+//! A rate limiter must never be the reason a request hangs. Every call to Redis gets `redis_timeout`
+//! (50 ms by default); a call that fails or runs out of time marks Redis *down*, and while it is down calls
+//! do not wait on Redis at all: they are decided at once by the failure mode.
+//!
+//! - [`FailureMode::FailOpen`]: decided by an in-process [`MemoryStore`] with the same limits. The service
+//!   keeps serving, each replica enforcing the limits on its own (so `R` replicas admit up to `R` times a
+//!   limit's rate during the outage). Logged once when the outage starts and once when it ends; every call
+//!   decided locally is counted.
+//! - [`FailureMode::FailClosed`]: refused with [`StoreError::Unavailable`] (UNAVAILABLE with RetryInfo), and
+//!   [`FallbackStore::readiness`] reports not ready, so load balancers and Kubernetes stop routing here.
+//!
+//! A background task probes Redis every [`PROBE_INTERVAL`] whether or not calls arrive: it notices an outage
+//! on an idle replica (readiness) and the end of one (calls go back to Redis, without a restart). The
+//! in-process state gathered during an outage is not copied to Redis: shared limits resume from what Redis
+//! remembers.
+
+use std::{
+    sync::{
+        Arc, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use super::{Check, LimiterStore, MemoryStore, StoreError, Verdict, redis::RedisStore};
+
+/// How often Redis is probed: how soon a replica notices an outage while idle, and its end at all. Also
+/// the retry delay advised to callers refused in fail_closed mode.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What to do while Redis cannot be reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Keep serving under per-replica, in-process limits: availability over exact limits.
+    #[default]
+    FailOpen,
+    /// Refuse with UNAVAILABLE and report not ready: exact limits (an upstream quota) over availability.
+    FailClosed,
+}
+
+/// The Redis store with a timeout, a failure mode and a probe. Clones share everything.
+#[derive(Clone)]
+pub struct FallbackStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Decides every call while Redis is up.
+    redis: RedisStore,
+    /// Decides in fail_open mode while Redis is down.
+    local: MemoryStore,
+    /// The deadline of every Redis call, probes included.
+    timeout: Duration,
+    /// What decides while Redis is down.
+    mode: FailureMode,
+    /// Whether Redis answered the last call or probe. Calls go to Redis only while it is `true`; receivers
+    /// learn of every change (readiness).
+    up: watch::Sender<bool>,
+    /// Calls Redis did not decide: decided locally (fail_open) or refused (fail_closed).
+    outage_calls: AtomicU64,
+}
+
+impl FallbackStore {
+    /// Wraps `redis`, falling back to `local` or refusing as `mode` says. Starts the probe, so call it inside
+    /// a tokio runtime; the probe ends when the last clone is dropped.
+    ///
+    /// Redis counts as up until a call or the first probe (sent at once) says otherwise, so the first
+    /// requests after start-up are not decided locally while the connection is being made.
+    pub fn new(
+        redis: RedisStore,
+        local: MemoryStore,
+        timeout: Duration,
+        mode: FailureMode,
+    ) -> Self {
+        let inner = Arc::new(Inner {
+            redis,
+            local,
+            timeout,
+            mode,
+            up: watch::Sender::new(true),
+            outage_calls: AtomicU64::new(0),
+        });
+        tokio::spawn(probe(Arc::downgrade(&inner)));
+        FallbackStore { inner }
+    }
+
+    /// Follows whether Redis is reachable: `true` while it answers within the timeout. In fail_closed mode
+    /// this is the token service's readiness.
+    pub fn readiness(&self) -> watch::Receiver<bool> {
+        self.inner.up.subscribe()
+    }
+
+    /// The configured failure mode.
+    pub fn failure_mode(&self) -> FailureMode {
+        self.inner.mode
+    }
+
+    /// Calls Redis did not decide because it was unreachable, until metrics exist to carry them.
+    pub fn outage_calls(&self) -> u64 {
+        self.inner.outage_calls.load(Ordering::Relaxed)
+    }
+}
+
+impl LimiterStore for FallbackStore {
+    async fn check(&self, checks: &[Check]) -> Result<Vec<Verdict>, StoreError> {
+        let inner = &self.inner;
+        if *inner.up.borrow() {
+            match tokio::time::timeout(inner.timeout, inner.redis.check(checks)).await {
+                Ok(Ok(verdicts)) => return Ok(verdicts),
+                Ok(Err(e)) => inner.mark_down(&e),
+                Err(_) => inner.mark_down(&"no answer within limiter.redis_timeout"),
+            }
+        }
+        inner.outage_calls.fetch_add(1, Ordering::Relaxed);
+        match inner.mode {
+            FailureMode::FailOpen => inner.local.check(checks).await,
+            FailureMode::FailClosed => Err(StoreError::Unavailable {
+                retry_after: PROBE_INTERVAL,
+            }),
+        }
+    }
+}
+
+impl Inner {
+    /// Records an outage; logs only when it starts. `reason` never holds a key: keys are digests, and Redis
+    /// errors name no keys.
+    fn mark_down(&self, reason: &dyn std::fmt::Display) {
+        if self.up.send_if_modified(|up| std::mem::replace(up, false)) {
+            match self.mode {
+                FailureMode::FailOpen => tracing::warn!(
+                    error = %reason,
+                    "Redis unreachable: rate limits are enforced per replica, in process, until it answers again"
+                ),
+                FailureMode::FailClosed => tracing::error!(
+                    error = %reason,
+                    "Redis unreachable: refusing token requests with UNAVAILABLE and reporting not ready \
+                     until it answers again"
+                ),
+            }
+        }
+    }
+
+    fn mark_up(&self) {
+        if self.up.send_if_modified(|up| !std::mem::replace(up, true)) {
+            tracing::info!(
+                outage_calls = self.outage_calls.load(Ordering::Relaxed),
+                "Redis reachable again: shared rate limits restored"
+            );
+        }
+    }
+}
+
+/// Probes Redis at once and then every [`PROBE_INTERVAL`], until the store is dropped.
+async fn probe(store: Weak<Inner>) {
+    let mut ticks = tokio::time::interval(PROBE_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(inner) = store.upgrade() else {
+            return;
+        };
+        match tokio::time::timeout(inner.timeout, inner.redis.probe()).await {
+            Ok(Ok(())) => inner.mark_up(),
+            Ok(Err(e)) => inner.mark_down(&e),
+            Err(_) => inner.mark_down(&"no answer within limiter.redis_timeout"),
+        }
+    }
+}

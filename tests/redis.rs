@@ -1,0 +1,456 @@
+//! Rate limits shared through a real Redis: the GCRA script's decisions, limits shared by two service
+//! processes, clock skew, Redis going away and coming back in both failure modes, and Redis Cluster.
+//!
+//! Tests reuse the Redis on 127.0.0.1:6379 when one answers (each with a key prefix of its own), and start
+//! their own `redis-server` otherwise; tests that stop Redis always start their own. Without redis-server
+//! they fail: they never skip.
+
+mod common;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use chat_token_service::{
+    config::Config,
+    proto::ivschat::v1::CreateChatTokenRequest,
+    ratelimit::{Check, LimiterStore, Store, Verdict},
+    stack,
+};
+use common::{
+    Binary, LocalKeys, ROOM_ARN, TestServer,
+    redis_server::{RedisServer, libfaketime, unique_prefix},
+};
+use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use tonic_types::StatusExt;
+
+/// A config using Redis at `redis` with `prefix`, plus `extra` TOML (limits, failure mode).
+fn redis_config(keys: &LocalKeys, redis: &RedisServer, prefix: &str, extra: &str) -> Config {
+    let path = keys
+        .dir
+        .path()
+        .join(format!("config-{}.toml", uuid::Uuid::new_v4()));
+    let (limiter, rest) = extra.split_once("\n\n").unwrap_or((extra, ""));
+    std::fs::write(
+        &path,
+        format!(
+            "[local_issuer]\nkeys_file = \"{}\"\n\n{rest}\n\n[limiter]\nbackend = \"redis\"\n\
+             redis_url = \"{}\"\nkey_prefix = \"{prefix}\"\n{limiter}\n",
+            keys.path.display(),
+            redis.url(),
+        ),
+    )
+    .unwrap();
+    Config::load(Some(&path)).expect("valid config")
+}
+
+fn check(key: &str, rate: &str, burst: u32, shadow: bool) -> Check {
+    use chat_token_service::ratelimit::{Quota, Rate};
+    Check {
+        key: key.into(),
+        quota: Quota::new(
+            Rate::parse(rate).unwrap(),
+            std::num::NonZeroU32::new(burst).unwrap(),
+        ),
+        shadow,
+    }
+}
+
+fn denied(verdict: &Verdict) -> bool {
+    matches!(verdict, Verdict::Denied { .. })
+}
+
+fn for_user(user: &str) -> CreateChatTokenRequest {
+    CreateChatTokenRequest {
+        room_identifier: ROOM_ARN.into(),
+        user_id: user.into(),
+        ..Default::default()
+    }
+}
+
+/// The token service's health status as a health client sees it.
+async fn health(server: &TestServer, service: &str) -> i32 {
+    HealthClient::new(server.channel().await)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+/// Polls `condition` every 50 ms for up to 10 s: for state that follows Redis' probe (once a second).
+async fn eventually<F: std::future::Future<Output = bool>>(what: &str, condition: impl Fn() -> F) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn gcra_in_redis_admits_the_burst_then_exactly_the_configured_rate() {
+    let redis = RedisServer::shared();
+    let keys = LocalKeys::new();
+    let prefix = unique_prefix();
+    let store = stack::limiter_store(&redis_config(&keys, &redis, &prefix, "")).unwrap();
+    let limit = [check("per-user/ann", "10/s", 3, false)];
+
+    for i in 0..3 {
+        assert_eq!(
+            store.check(&limit).await.unwrap(),
+            [Verdict::Allowed],
+            "burst request {i}"
+        );
+    }
+    let Verdict::Denied { retry_after } = store.check(&limit).await.unwrap()[0] else {
+        panic!("the fourth request exceeds the burst");
+    };
+    assert!(
+        Duration::ZERO < retry_after && retry_after <= Duration::from_millis(100),
+        "{retry_after:?}"
+    );
+
+    // The key lives exactly until full recovery (3 × 100 ms), under a digest: no user id in Redis.
+    let stored = redis.keys(&prefix);
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert!(!stored[0].contains("ann"), "{}", stored[0]);
+    assert!(
+        stored[0].starts_with(&format!("{prefix}:rl:{{")) && stored[0].ends_with('}'),
+        "{}",
+        stored[0]
+    );
+    let ttl: u64 = redis
+        .command(&["PTTL", &stored[0]])
+        .trim_start_matches(':')
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(0 < ttl && ttl <= 300, "PTTL {ttl} ms");
+
+    // Steady state: one request per emission interval, the next one refused.
+    for _ in 0..3 {
+        let Verdict::Denied { retry_after } = store.check(&limit).await.unwrap()[0] else {
+            panic!("still within the interval");
+        };
+        tokio::time::sleep(retry_after).await;
+        assert_eq!(store.check(&limit).await.unwrap(), [Verdict::Allowed]);
+        assert!(denied(&store.check(&limit).await.unwrap()[0]));
+    }
+}
+
+#[tokio::test]
+async fn enforced_checks_are_all_or_nothing_and_shadow_checks_independent_in_redis() {
+    let redis = RedisServer::shared();
+    let keys = LocalKeys::new();
+    let store = stack::limiter_store(&redis_config(&keys, &redis, &unique_prefix(), "")).unwrap();
+    let roomy = check("roomy", "1/h", 10, false);
+    let tight = check("tight", "1/h", 1, false);
+    assert_eq!(
+        store.check(&[roomy.clone(), tight.clone()]).await.unwrap(),
+        [Verdict::Allowed, Verdict::Allowed]
+    );
+    for _ in 0..20 {
+        let verdicts = store.check(&[roomy.clone(), tight.clone()]).await.unwrap();
+        assert_eq!(verdicts[0], Verdict::Allowed);
+        assert!(denied(&verdicts[1]));
+    }
+    let roomy_alone = vec![roomy.clone(); 9];
+    assert!(
+        store
+            .check(&roomy_alone)
+            .await
+            .unwrap()
+            .iter()
+            .all(|v| *v == Verdict::Allowed),
+        "twenty refusals by `tight` cost `roomy` nothing, and a key checked twice counts twice"
+    );
+    assert!(denied(&store.check(&[roomy]).await.unwrap()[0]));
+
+    let shadow = check("shadow", "1/h", 1, true);
+    let enforced = check("enforced", "1/h", 2, false);
+    let both = [shadow, enforced];
+    assert_eq!(
+        store.check(&both).await.unwrap(),
+        [Verdict::Allowed, Verdict::Allowed]
+    );
+    let second = store.check(&both).await.unwrap();
+    assert!(denied(&second[0]) && second[1] == Verdict::Allowed);
+}
+
+#[tokio::test]
+async fn two_service_processes_share_one_limit_instead_of_doubling_it() {
+    let redis = RedisServer::shared();
+    let prefix = unique_prefix();
+    let url = redis.url();
+    let env = [
+        ("CTS_LIMITER__BACKEND", "redis"),
+        ("CTS_LIMITER__REDIS_URL", url.as_str()),
+        ("CTS_LIMITER__KEY_PREFIX", prefix.as_str()),
+        (
+            "CTS_RATE_LIMITS",
+            r#"[{name="global",key="global",rate="1/h",burst=10}]"#,
+        ),
+    ];
+    let first = Binary::start(&env);
+    let second = Binary::start(&env);
+    let mut clients = Vec::new();
+    for binary in [&first, &second] {
+        clients.push(
+            chat_token_service::proto::ivschat::v1::token_service_client::TokenServiceClient::connect(
+                format!("http://{}", binary.addr),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+
+    let mut admitted = 0;
+    for i in 0..20 {
+        match clients[i % 2].create_chat_token(for_user("ann")).await {
+            Ok(_) => admitted += 1,
+            Err(status) => assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}"),
+        }
+    }
+    assert_eq!(
+        admitted, 10,
+        "one budget of 10 between both processes, not 10 each"
+    );
+
+    for binary in [first, second] {
+        binary.signal("-TERM");
+        let (status, log) = binary.wait();
+        assert!(status.success(), "{log:?}");
+        assert!(
+            log.iter().all(|line| !line.contains(&url)),
+            "the Redis URL is never logged"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_skewed_wall_clock_does_not_change_decisions() {
+    let redis = RedisServer::shared();
+    let prefix = unique_prefix();
+    let url = redis.url();
+    let faketime = libfaketime().display().to_string();
+    let env = [
+        ("CTS_LIMITER__BACKEND", "redis"),
+        ("CTS_LIMITER__REDIS_URL", url.as_str()),
+        ("CTS_LIMITER__KEY_PREFIX", prefix.as_str()),
+        (
+            "CTS_RATE_LIMITS",
+            r#"[{name="per-user",key="user",rate="1/min",burst=2}]"#,
+        ),
+    ];
+    let honest = Binary::start(&env);
+    // Ten minutes fast: a store that read the local clock would see the honest replica's state as long
+    // recovered and admit again.
+    let mut skewed_env = env.to_vec();
+    skewed_env.extend([
+        ("LD_PRELOAD", faketime.as_str()),
+        ("FAKETIME", "+600"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ]);
+    let skewed = Binary::start(&skewed_env);
+
+    let mut honest_client =
+        chat_token_service::proto::ivschat::v1::token_service_client::TokenServiceClient::connect(
+            format!("http://{}", honest.addr),
+        )
+        .await
+        .unwrap();
+    let mut skewed_client =
+        chat_token_service::proto::ivschat::v1::token_service_client::TokenServiceClient::connect(
+            format!("http://{}", skewed.addr),
+        )
+        .await
+        .unwrap();
+    honest_client
+        .create_chat_token(for_user("ann"))
+        .await
+        .unwrap();
+    honest_client
+        .create_chat_token(for_user("ann"))
+        .await
+        .unwrap();
+    let refusal = skewed_client
+        .create_chat_token(for_user("ann"))
+        .await
+        .unwrap_err();
+    assert_eq!(refusal.code(), Code::ResourceExhausted, "{refusal:?}");
+    let delay = refusal
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("RetryInfo");
+    assert!(
+        Duration::from_secs(59) < delay && delay <= Duration::from_secs(60),
+        "the skewed replica advises the same wait as Redis' clock gives: {delay:?}"
+    );
+
+    skewed.signal("-TERM");
+    let (_, log) = skewed.wait();
+    honest.signal("-TERM");
+    honest.wait();
+    // The skew really applied: the skewed process stamped its log lines ten minutes ahead.
+    let stamp = log
+        .iter()
+        .find_map(|line| humantime::parse_rfc3339_weak(line.split_whitespace().next()?).ok())
+        .expect("timestamped log lines");
+    let ahead = stamp
+        .duration_since(SystemTime::now())
+        .expect("the skewed clock runs ahead");
+    assert!(ahead > Duration::from_secs(500), "{ahead:?}");
+}
+
+/// A server on `redis` in `mode`, and the store behind it.
+async fn server_with_store(
+    keys: &LocalKeys,
+    redis: &RedisServer,
+    prefix: &str,
+    mode: &str,
+) -> (TestServer, Store) {
+    let config = redis_config(
+        keys,
+        redis,
+        prefix,
+        &format!(
+            "failure_mode = \"{mode}\"\n\n[[rate_limits]]\nname = \"per-user\"\nkey = \"user\"\n\
+             rate = \"1/h\"\nburst = 2\n"
+        ),
+    );
+    let store = stack::limiter_store(&config).unwrap();
+    let readiness = store.readiness();
+    let stack = stack::from_config(&config, store.clone()).await.unwrap();
+    (
+        TestServer::start_with_readiness(config, stack, readiness).await,
+        store,
+    )
+}
+
+fn redis_store(store: &Store) -> &chat_token_service::ratelimit::FallbackStore {
+    match store {
+        Store::Redis(store) => store,
+        Store::Memory(_) => panic!("the Redis backend was configured"),
+    }
+}
+
+#[tokio::test]
+async fn fail_open_keeps_serving_with_local_limits_and_shares_again_once_redis_returns() {
+    let mut redis = RedisServer::private();
+    let keys = LocalKeys::new();
+    let prefix = unique_prefix();
+    let (server, store) = server_with_store(&keys, &redis, &prefix, "fail_open").await;
+    let mut client = server.client().await;
+    client.create_chat_token(for_user("ann")).await.unwrap();
+    assert_eq!(redis.keys(&prefix).len(), 1, "decided in Redis");
+
+    redis.stop();
+    // Local limits, as configured, from a fresh local budget: two admitted, the third refused.
+    for _ in 0..2 {
+        client
+            .create_chat_token(for_user("ann"))
+            .await
+            .expect("fail_open keeps serving");
+    }
+    let refusal = client.create_chat_token(for_user("ann")).await.unwrap_err();
+    assert_eq!(refusal.code(), Code::ResourceExhausted, "{refusal:?}");
+    assert_eq!(
+        health(&server, "ivschat.v1.TokenService").await,
+        ServingStatus::Serving as i32,
+        "fail_open stays ready"
+    );
+    assert!(redis_store(&store).outage_calls() >= 3);
+
+    redis.restart();
+    let up = redis_store(&store).readiness();
+    eventually("Redis to be seen again", || {
+        let up = *up.borrow();
+        async move { up }
+    })
+    .await;
+    client
+        .create_chat_token(for_user("bob"))
+        .await
+        .expect("decided in Redis again");
+    assert_eq!(
+        redis.keys(&prefix).len(),
+        1,
+        "the restarted Redis holds the new decision: shared limits are back without a service restart"
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn fail_closed_answers_unavailable_and_is_not_ready_until_redis_returns() {
+    let mut redis = RedisServer::private();
+    let keys = LocalKeys::new();
+    let (server, _store) = server_with_store(&keys, &redis, &unique_prefix(), "fail_closed").await;
+    let mut client = server.client().await;
+    eventually("the token service to be ready", || async {
+        health(&server, "ivschat.v1.TokenService").await == ServingStatus::Serving as i32
+    })
+    .await;
+    client.create_chat_token(for_user("ann")).await.unwrap();
+
+    redis.stop();
+    // The answer comes back (no hang); how fast is the store's business, bounded by redis_timeout.
+    let status = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.create_chat_token(for_user("ann")),
+    )
+    .await
+    .expect("an answer, not a hang")
+    .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let retry = status.get_details_retry_info().expect("RetryInfo");
+    assert!(retry.retry_delay.is_some());
+    eventually("the token service to report NOT_SERVING", || async {
+        health(&server, "ivschat.v1.TokenService").await == ServingStatus::NotServing as i32
+    })
+    .await;
+    assert_eq!(
+        health(&server, "").await,
+        ServingStatus::Serving as i32,
+        "liveness is not Redis' business"
+    );
+
+    redis.restart();
+    eventually("the token service to be ready again", || async {
+        health(&server, "ivschat.v1.TokenService").await == ServingStatus::Serving as i32
+    })
+    .await;
+    client
+        .create_chat_token(for_user("ann"))
+        .await
+        .expect("served again, without a restart");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn redis_cluster_checks_several_limits_of_one_request() {
+    let redis = RedisServer::cluster();
+    let keys = LocalKeys::new();
+    let prefix = unique_prefix();
+    let config = redis_config(
+        &keys,
+        &redis,
+        &prefix,
+        "redis_cluster = true\n\n\
+         [[rate_limits]]\nname = \"per-user\"\nkey = \"user\"\nrate = \"1/h\"\nburst = 2\n\n\
+         [[rate_limits]]\nname = \"per-room\"\nkey = \"room\"\nrate = \"1/h\"\nburst = 3\n",
+    );
+    let server = TestServer::from_config(config).await;
+    let mut client = server.client().await;
+    for _ in 0..2 {
+        client.create_chat_token(for_user("ann")).await.unwrap();
+    }
+    let status = client.create_chat_token(for_user("ann")).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(status.message(), "rate limit exceeded: per-user");
+    let stored = redis.keys(&prefix);
+    assert_eq!(stored.len(), 2, "one key per limit: {stored:?}");
+    server.shutdown().await.unwrap();
+}
