@@ -35,6 +35,11 @@ use tokio::sync::Notify;
 
 use crate::error::Error;
 
+/// When a call reached the server, as a request extension: the handler measures the caller's deadline from
+/// here, the moment tonic's own `grpc-timeout` timer starts, not from whenever the handler first runs.
+#[derive(Clone, Copy, Debug)]
+pub struct CallStarted(pub tokio::time::Instant);
+
 /// Paths whose calls count against the cap: the token service's methods.
 pub const CAPPED_PREFIX: &str = "/ivschat.v1.TokenService/";
 
@@ -159,7 +164,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        request
+            .extensions_mut()
+            .insert(CallStarted(tokio::time::Instant::now()));
         let capped = request.uri().path().starts_with(CAPPED_PREFIX);
         let state = match self.layer.calls.enter(capped, self.layer.max_token_calls) {
             Some(guard) => State::Called {

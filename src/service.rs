@@ -7,6 +7,7 @@ use tower::ServiceExt;
 
 use crate::error::Error;
 use crate::identity::Resolver;
+use crate::inflight::CallStarted;
 use crate::issuer::IssuedToken;
 use crate::proto::ivschat::v1::{
     CreateChatTokenRequest, CreateChatTokenResponse, token_service_server,
@@ -54,6 +55,10 @@ impl token_service_server::TokenService for TokenService {
             }
         };
         let deadline = grpc_timeout(request.metadata());
+        let started = request
+            .extensions()
+            .get::<CallStarted>()
+            .map_or_else(tokio::time::Instant::now, |started| started.0);
         let request = match TokenRequest::from_proto(caller.clone(), request.into_inner()) {
             Ok(request) => request,
             Err(error) => {
@@ -73,10 +78,10 @@ impl token_service_server::TokenService for TokenService {
         );
         let issuing = self.stack.clone().oneshot(request);
         let issued = match deadline {
-            // Answer DEADLINE_EXCEEDED just before tonic's own timer would answer CANCELLED; dropping the
-            // stack's future cancels any upstream call in flight.
+            // Answer DEADLINE_EXCEEDED just before tonic's own timer (started when the call arrived)
+            // would answer CANCELLED; dropping the stack's future cancels any upstream call in flight.
             Some(deadline) => {
-                tokio::time::timeout(deadline.saturating_sub(DEADLINE_MARGIN), issuing)
+                tokio::time::timeout_at(started + deadline.saturating_sub(DEADLINE_MARGIN), issuing)
                     .await
                     .unwrap_or(Err(Error::DeadlineExceeded))
             }
@@ -122,8 +127,9 @@ fn short_hash(value: &str) -> String {
         .collect()
 }
 
-/// How much earlier than the caller's deadline we give up, so our DEADLINE_EXCEEDED wins the race against
-/// tonic's timer (started a little before our handler).
+/// How much earlier than the caller's deadline we give up, so our DEADLINE_EXCEEDED is certain to come
+/// before tonic's CANCELLED. (tonic polls the call before its timer, so equal deadlines would do; the
+/// margin absorbs the microseconds between its timer starting and [`CallStarted`] being taken.)
 const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
 
 /// The caller's deadline from `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n), as the gRPC

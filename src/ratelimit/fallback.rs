@@ -24,10 +24,12 @@ use std::{
     time::Duration,
 };
 
+use opentelemetry::KeyValue;
 use serde::Deserialize;
 use tokio::sync::watch;
 
 use super::{Check, LimiterStore, MemoryStore, StoreError, Verdict, redis::RedisStore};
+use crate::telemetry::metrics::metrics;
 
 /// How often Redis is probed: how soon a replica notices an outage while idle, and its end at all. Also
 /// the retry delay advised to callers refused in fail_closed mode.
@@ -113,18 +115,34 @@ impl LimiterStore for FallbackStore {
         if *inner.up.borrow() {
             match tokio::time::timeout(inner.timeout, inner.redis.check(checks)).await {
                 Ok(Ok(verdicts)) => return Ok(verdicts),
-                Ok(Err(e)) => inner.mark_down(&e),
-                Err(_) => inner.mark_down(&"no answer within limiter.redis_timeout"),
+                Ok(Err(e)) => {
+                    store_error("error");
+                    inner.mark_down(&e)
+                }
+                Err(_) => {
+                    store_error("timeout");
+                    inner.mark_down(&"no answer within limiter.redis_timeout")
+                }
             }
         }
         inner.outage_calls.fetch_add(1, Ordering::Relaxed);
         match inner.mode {
-            FailureMode::FailOpen => inner.local.check(checks).await,
+            FailureMode::FailOpen => {
+                metrics().limiter_fallbacks.add(1, &[]);
+                inner.local.check(checks).await
+            }
             FailureMode::FailClosed => Err(StoreError::Unavailable {
                 retry_after: PROBE_INTERVAL,
             }),
         }
     }
+}
+
+/// Counts a failed Redis call in `cts.limiter.store.errors`.
+fn store_error(kind: &'static str) {
+    metrics()
+        .limiter_store_errors
+        .add(1, &[KeyValue::new("kind", kind)]);
 }
 
 impl Inner {

@@ -10,6 +10,8 @@
 //! | `cts.ratelimit.rejections` | counter | {request} | `limit`, `mode` (`enforce`, `shadow`) |
 //! | `cts.upstream.duration` | histogram | s | `region`, `outcome` |
 //! | `cts.upstream.errors` | counter | {error} | `kind` |
+//! | `cts.limiter.store.errors` | counter | {error} | `kind` (`error`, `timeout`) |
+//! | `cts.limiter.fallbacks` | counter | {request} | |
 //!
 //! Attribute values are names and codes, never keys, user ids or tokens. Without an exporter configured
 //! the global meter is a no-op and so is every instrument here.
@@ -42,6 +44,10 @@ pub struct Metrics {
     pub upstream_duration: Histogram<f64>,
     /// IVS Chat failures by kind.
     pub upstream_errors: Counter<u64>,
+    /// Failed calls to the shared limiter store (Redis).
+    pub limiter_store_errors: Counter<u64>,
+    /// Requests decided by the in-process limiter because Redis was down (fail_open).
+    pub limiter_fallbacks: Counter<u64>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -83,6 +89,18 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             .u64_counter("cts.upstream.errors")
             .with_unit("{error}")
             .with_description("IVS Chat failures, by kind")
+            .build(),
+        limiter_store_errors: meter
+            .u64_counter("cts.limiter.store.errors")
+            .with_unit("{error}")
+            .with_description("Failed calls to the shared rate-limit store, by kind")
+            .build(),
+        limiter_fallbacks: meter
+            .u64_counter("cts.limiter.fallbacks")
+            .with_unit("{request}")
+            .with_description(
+                "Requests limited in-process because the shared store was down (fail_open)",
+            )
             .build(),
     }
 });

@@ -34,7 +34,8 @@ pub enum LogFormat {
     /// One human-readable line per event (colour on a terminal).
     #[default]
     Text,
-    /// One JSON object per event, with the current span's fields (trace_id among them): for collectors.
+    /// One JSON object per event, with its spans' fields (the call's `trace_id` among them): for
+    /// collectors.
     Json,
 }
 
@@ -101,7 +102,7 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
             .json()
             .with_writer(std::io::stderr)
             .with_current_span(true)
-            .with_span_list(false)
+            .with_span_list(true)
             .with_filter(printed)
             .boxed(),
     };

@@ -178,10 +178,13 @@ impl Binary {
             let line = log
                 .recv_timeout(Duration::from_secs(30))
                 .expect("the binary should log its address");
+            // Text logs say `addr=IP:PORT`, JSON logs `"addr":"IP:PORT"`.
             let addr = line
                 .split("addr=")
                 .nth(1)
-                .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap());
+                .and_then(|rest| rest.split_whitespace().next())
+                .or_else(|| line.split("\"addr\":\"").nth(1)?.split('"').next())
+                .map(|addr| addr.parse::<SocketAddr>().unwrap());
             startup_log.push(line);
             if let Some(addr) = addr {
                 break addr;
