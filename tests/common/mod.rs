@@ -198,6 +198,13 @@ impl Binary {
         }
     }
 
+    /// A client connected to the binary.
+    pub async fn client(&self) -> TokenServiceClient<Channel> {
+        TokenServiceClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
+    }
+
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .args([signal, &self.child.id().to_string()])
