@@ -37,7 +37,8 @@ pub struct PolicyLayer {
     stats: Arc<PolicyStats>,
 }
 
-/// Decision counts since start-up.
+/// This layer's decision counts since start-up, readable in-process (tests, embedders); the process-wide
+/// view is the `cts.policy.decisions` metric.
 #[derive(Debug, Default)]
 pub struct PolicyStats {
     /// Requests denied (and refused).

@@ -103,7 +103,8 @@ impl FallbackStore {
         self.inner.mode
     }
 
-    /// Calls Redis did not decide because it was unreachable, until metrics exist to carry them.
+    /// Calls Redis did not decide because it was unreachable, readable in-process; the process-wide view is
+    /// the `cts.limiter.fallbacks` metric (fail_open) and the UNAVAILABLE answers (fail_closed).
     pub fn outage_calls(&self) -> u64 {
         self.inner.outage_calls.load(Ordering::Relaxed)
     }

@@ -91,7 +91,8 @@ impl<S, St> RateLimit<S, St> {
     }
 }
 
-/// Rejection counts, until metrics exist to carry them.
+/// This layer's rejection counts, readable in-process (tests, embedders); the process-wide view is the
+/// `cts.ratelimit.rejections` metric.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Requests refused because an enforced limit was exhausted (one per request, however many limits).
