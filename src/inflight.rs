@@ -259,7 +259,7 @@ impl<B: http_body::Body> http_body::Body for CountedBody<B> {
 mod tests {
     use super::*;
     use std::convert::Infallible;
-    use tower::{Layer, Service, ServiceExt};
+    use tower::{Layer, ServiceExt};
 
     fn token_call() -> http::Request<()> {
         http::Request::builder()
@@ -290,6 +290,14 @@ mod tests {
         ))
     }
 
+    /// Waits for `service` to be ready and sends it `request`.
+    async fn send<S>(service: &mut S, request: http::Request<()>) -> S::Response
+    where
+        S: tower::Service<http::Request<()>, Error = Infallible>,
+    {
+        service.ready().await.unwrap().call(request).await.unwrap()
+    }
+
     fn poll_once<F: Future>(future: &mut Pin<&mut F>) -> Poll<F::Output> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         future.as_mut().poll(&mut cx)
@@ -299,13 +307,7 @@ mod tests {
     async fn a_call_counts_until_its_body_is_dropped() {
         let calls = Calls::default();
         let mut service = service(&calls, 10);
-        let response = service
-            .ready()
-            .await
-            .unwrap()
-            .call(token_call())
-            .await
-            .unwrap();
+        let response = send(&mut service, token_call()).await;
         assert_eq!(calls.in_flight(), 1);
 
         let idle = calls.idle();
@@ -320,50 +322,20 @@ mod tests {
     async fn token_calls_over_the_cap_are_shed_with_unavailable_but_health_checks_are_not() {
         let calls = Calls::default();
         let mut service = service(&calls, 2);
-        let first = service
-            .ready()
-            .await
-            .unwrap()
-            .call(token_call())
-            .await
-            .unwrap();
-        let _second = service
-            .ready()
-            .await
-            .unwrap()
-            .call(token_call())
-            .await
-            .unwrap();
+        let first = send(&mut service, token_call()).await;
+        let _second = send(&mut service, token_call()).await;
 
-        let shed = service
-            .ready()
-            .await
-            .unwrap()
-            .call(token_call())
-            .await
-            .unwrap();
+        let shed = send(&mut service, token_call()).await;
         let status = tonic::Status::from_header_map(shed.headers()).expect("grpc-status header");
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert_eq!(calls.in_flight(), 2, "a shed call is not counted");
 
-        let health = service
-            .ready()
-            .await
-            .unwrap()
-            .call(health_check())
-            .await
-            .unwrap();
+        let health = send(&mut service, health_check()).await;
         assert!(tonic::Status::from_header_map(health.headers()).is_none());
         assert_eq!(calls.in_flight(), 3);
 
         drop(first);
-        let admitted = service
-            .ready()
-            .await
-            .unwrap()
-            .call(token_call())
-            .await
-            .unwrap();
+        let admitted = send(&mut service, token_call()).await;
         assert!(tonic::Status::from_header_map(admitted.headers()).is_none());
     }
 

@@ -38,6 +38,11 @@ impl RedisServer {
 
     /// A redis-server of our own on a free port, for tests that stop and restart it.
     pub fn private() -> RedisServer {
+        Self::own(&[])
+    }
+
+    /// A redis-server of our own on a free port, started with `args`.
+    fn own(args: &[&str]) -> RedisServer {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -48,23 +53,13 @@ impl RedisServer {
             child: None,
             dir: tempfile::tempdir().unwrap(),
         };
-        server.start(&[]);
+        server.start(args);
         server
     }
 
     /// A one-node Redis Cluster of our own owning every slot: enough for cross-slot rules to apply.
     pub fn cluster() -> RedisServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut server = RedisServer {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            child: None,
-            dir: tempfile::tempdir().unwrap(),
-        };
-        server.start(&["--cluster-enabled", "yes"]);
+        let server = Self::own(&["--cluster-enabled", "yes"]);
         let reply = server.command(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
         assert!(reply.starts_with("+OK"), "CLUSTER ADDSLOTSRANGE: {reply}");
         let deadline = Instant::now() + Duration::from_secs(10);
