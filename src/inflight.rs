@@ -341,6 +341,9 @@ mod tests {
 
     #[tokio::test]
     async fn idle_is_immediate_with_nothing_in_flight() {
-        Calls::default().idle().await;
+        let calls = Calls::default();
+        let idle = calls.idle();
+        let mut idle = std::pin::pin!(idle);
+        assert!(poll_once(&mut idle).is_ready());
     }
 }
