@@ -23,7 +23,7 @@ use figment::{
 };
 use serde::Deserialize;
 
-use crate::identity::IdentitySource;
+use crate::identity::{CertificateName, IdentitySource};
 use crate::issuer::local::{KeyError, KeySet};
 use crate::ratelimit::{FailureMode, Limit, LimitKey, gcra::Rate};
 
@@ -51,7 +51,7 @@ pub struct Config {
     /// UNAVAILABLE (health checks and reflection are never shed). Default `1024`; at least 1.
     pub max_concurrent_calls: usize,
 
-    /// How often policy and TLS files are checked for changes; SIGHUP reloads policies at once.
+    /// How often policy and TLS files are checked for changes; SIGHUP reloads both at once.
     /// Default `10s`; at least `100ms`.
     #[serde(with = "humantime_serde")]
     pub reload_interval: Duration,
@@ -159,7 +159,7 @@ impl PolicyConfig {
     }
 }
 
-/// Where caller identities come from. See [`crate::identity`].
+/// Where caller identities come from. See [`crate::identity`] and the README's "Security model".
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IdentityConfig {
@@ -171,13 +171,25 @@ pub struct IdentityConfig {
     /// The header the `header` source reads. Default `"x-caller-id"`.
     pub header: String,
 
+    /// Which names of a client certificate the `mtls` source accepts, tried in order: `"uri"` (URI SAN,
+    /// where SPIFFE ids live), `"dns"` (DNS SAN), `"cn"` (subject common name). A DNS SAN or CN that looks
+    /// like a URI is always refused. Default `["uri"]`: meshes and SPIRE issue URI SANs, and a
+    /// certificate without one says nothing a policy written for SPIFFE ids can rely on.
+    pub certificate_names: Vec<CertificateName>,
+
     /// Whether callers no source identifies are let through as `anonymous_principal` (policy still
-    /// applies). Off means they get UNAUTHENTICATED. Default `true`, for local development; turn it off in
-    /// production.
+    /// applies). Off means they get UNAUTHENTICATED. Default `true`, for local development; off loopback
+    /// it needs `trust_network_in_front`.
     pub allow_anonymous: bool,
 
     /// The principal anonymous callers get in policy and rate limits. Default `"anonymous"`.
     pub anonymous_principal: String,
+
+    /// Declares that everything able to reach `listen_addr` is trusted to say who it is: the `header`
+    /// source and `allow_anonymous` believe any client, so on a non-loopback `listen_addr` the server
+    /// refuses to start with either unless this is `true`. Set it only when a gateway or mesh in front
+    /// authenticates callers and overwrites the identity header. Default `false`.
+    pub trust_network_in_front: bool,
 }
 
 impl Default for IdentityConfig {
@@ -185,8 +197,10 @@ impl Default for IdentityConfig {
         IdentityConfig {
             sources: vec![IdentitySource::Header],
             header: "x-caller-id".into(),
+            certificate_names: vec![CertificateName::Uri],
             allow_anonymous: true,
             anonymous_principal: "anonymous".into(),
+            trust_network_in_front: false,
         }
     }
 }
@@ -197,9 +211,37 @@ impl IdentityConfig {
         crate::identity::Resolver::new(
             self.sources.clone(),
             &self.header,
+            self.certificate_names.clone(),
             self.allow_anonymous
                 .then(|| self.anonymous_principal.clone()),
         )
+    }
+
+    /// Refuses settings that believe any client, on a listener other clients can reach.
+    fn check_trust(&self, listen_addr: SocketAddr) -> Result<(), ConfigError> {
+        if listen_addr.ip().is_loopback() || self.trust_network_in_front {
+            return Ok(());
+        }
+        let believes_anyone = match (
+            self.sources.contains(&IdentitySource::Header),
+            self.allow_anonymous,
+        ) {
+            (true, true) => {
+                "identity.sources includes \"header\" and identity.allow_anonymous is true"
+            }
+            (true, false) => "identity.sources includes \"header\"",
+            (false, true) => "identity.allow_anonymous is true",
+            (false, false) => return Ok(()),
+        };
+        Err(ConfigError::Invalid {
+            setting: "identity.trust_network_in_front".into(),
+            reason: format!(
+                "{believes_anyone}, so any client could choose who it is, and listen_addr {listen_addr} \
+                 is not loopback; use identity.sources = [\"mtls\"] or [\"xfcc\"] with \
+                 identity.allow_anonymous = false, or set identity.trust_network_in_front = true if a \
+                 proxy in front authenticates every caller"
+            ),
+        })
     }
 }
 
@@ -634,6 +676,12 @@ impl Config {
                         .into(),
             });
         }
+        if self.identity.certificate_names.is_empty() {
+            return Err(ConfigError::Invalid {
+                setting: "identity.certificate_names".into(),
+                reason: "must name at least one of \"uri\", \"dns\", \"cn\"".into(),
+            });
+        }
         if self.policy.files.is_empty() && !self.listen_addr.ip().is_loopback() {
             return Err(ConfigError::Invalid {
                 setting: "policy.files".into(),
@@ -645,6 +693,7 @@ impl Config {
                 ),
             });
         }
+        self.identity.check_trust(self.listen_addr)?;
         if self.policy.entities_file.is_some() && self.policy.files.is_empty() {
             return Err(ConfigError::Invalid {
                 setting: "policy.entities_file".into(),
@@ -810,6 +859,24 @@ mod tests {
         );
         assert_eq!(example.max_request_bytes, defaults.max_request_bytes);
         assert_eq!(example.issuer, defaults.issuer);
+        assert_eq!(example.identity.sources, defaults.identity.sources);
+        assert_eq!(example.identity.header, defaults.identity.header);
+        assert_eq!(
+            example.identity.certificate_names,
+            defaults.identity.certificate_names
+        );
+        assert_eq!(
+            example.identity.allow_anonymous,
+            defaults.identity.allow_anonymous
+        );
+        assert_eq!(
+            example.identity.anonymous_principal,
+            defaults.identity.anonymous_principal
+        );
+        assert_eq!(
+            example.identity.trust_network_in_front,
+            defaults.identity.trust_network_in_front
+        );
         assert_eq!(
             example.local_issuer.token_ttl,
             defaults.local_issuer.token_ttl
@@ -919,8 +986,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("policy.files"), "{err}");
-        load_str("listen_addr = \"0.0.0.0:50051\"\n[policy]\nfiles = [\"p.cedar\"]").unwrap();
+        load_str(
+            "listen_addr = \"0.0.0.0:50051\"\n[policy]\nfiles = [\"p.cedar\"]\n\
+             [identity]\nsources = [\"xfcc\"]\nallow_anonymous = false",
+        )
+        .unwrap();
         load_str("listen_addr = \"[::1]:50051\"").unwrap();
+    }
+
+    #[test]
+    fn identity_that_believes_anyone_is_refused_off_loopback() {
+        let production = "listen_addr = \"0.0.0.0:50051\"\n[policy]\nfiles = [\"p.cedar\"]\n";
+        for (identity, named) in [
+            (
+                "",
+                "identity.sources includes \"header\" and identity.allow_anonymous",
+            ),
+            ("sources = [\"xfcc\"]", "identity.allow_anonymous is true"),
+            (
+                "sources = [\"xfcc\", \"header\"]\nallow_anonymous = false",
+                "identity.sources includes \"header\",",
+            ),
+        ] {
+            let err = load_str(&format!("{production}[identity]\n{identity}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("identity.trust_network_in_front") && err.contains(named),
+                "{err}"
+            );
+            load_str(&format!(
+                "{production}[identity]\n{identity}\ntrust_network_in_front = true"
+            ))
+            .unwrap();
+        }
+        // Loopback keeps the embedded defaults working.
+        let defaults = load_str("").unwrap();
+        assert!(defaults.identity.allow_anonymous);
+        assert_eq!(defaults.identity.certificate_names, [CertificateName::Uri]);
+        let err = load_str("[identity]\ncertificate_names = []")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("identity.certificate_names"), "{err}");
     }
 
     #[test]

@@ -132,12 +132,55 @@ pub struct ExceededLimit {
     pub description: String,
 }
 
+/// The longest status message a caller gets, in bytes. Messages travel in the `grpc-message` trailer,
+/// next to `grpc-status-details-bin`; gRPC clients refuse header blocks past 8 KiB (grpc-go, grpcio) or
+/// 16 KiB, so both are kept well below that whatever the input.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+/// The longest description of one field violation, in bytes.
+pub const MAX_DESCRIPTION_BYTES: usize = 512;
+/// The most field violations one reply carries; past it, one more entry says how many were left out.
+pub const MAX_VIOLATIONS: usize = 16;
+
 fn join(violations: &[FieldViolation]) -> String {
     violations
         .iter()
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// `text` cut to at most `max` bytes on a character boundary, marked with `…` when cut.
+fn truncated(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max - '…'.len_utf8();
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
+/// `violations` within the reply bounds: at most [`MAX_VIOLATIONS`], each description at most
+/// [`MAX_DESCRIPTION_BYTES`].
+fn bounded(violations: Vec<FieldViolation>) -> Vec<FieldViolation> {
+    let total = violations.len();
+    let mut kept: Vec<_> = violations
+        .into_iter()
+        .take(MAX_VIOLATIONS)
+        .map(|v| FieldViolation {
+            field: v.field,
+            description: truncated(v.description, MAX_DESCRIPTION_BYTES),
+        })
+        .collect();
+    if total > MAX_VIOLATIONS {
+        kept.push(FieldViolation::new(
+            "",
+            format!("and {} more violations", total - MAX_VIOLATIONS),
+        ));
+    }
+    kept
 }
 
 /// `retry-after` metadata: whole seconds, rounded up, so retrying at the advertised second never fails
@@ -150,7 +193,11 @@ impl From<Error> for Status {
     fn from(error: Error) -> Status {
         match error {
             Error::InvalidArgument(violations) => {
-                let message = format!("invalid request: {}", join(&violations));
+                let violations = bounded(violations);
+                let message = truncated(
+                    format!("invalid request: {}", join(&violations)),
+                    MAX_MESSAGE_BYTES,
+                );
                 let mut details = ErrorDetails::new();
                 for violation in violations {
                     details.add_bad_request_violation(violation.field, violation.description);
@@ -210,10 +257,13 @@ impl From<Error> for Status {
                 message,
                 request_id,
             } => {
-                let message = match &request_id {
-                    Some(id) => format!("IVS Chat: {message} (request id {id})"),
-                    None => format!("IVS Chat: {message}"),
-                };
+                let message = truncated(
+                    match &request_id {
+                        Some(id) => format!("IVS Chat: {message} (request id {id})"),
+                        None => format!("IVS Chat: {message}"),
+                    },
+                    MAX_MESSAGE_BYTES,
+                );
                 let info = |reason: &str| {
                     let metadata: std::collections::HashMap<String, String> = request_id
                         .iter()
@@ -224,7 +274,7 @@ impl From<Error> for Status {
                 match kind {
                     UpstreamKind::Invalid(violations) => {
                         let mut details = info("IVS_VALIDATION");
-                        for violation in violations {
+                        for violation in bounded(violations) {
                             details
                                 .add_bad_request_violation(violation.field, violation.description);
                         }
@@ -317,6 +367,32 @@ mod tests {
                 ("user_id", "is required"),
                 ("room_identifier", "must be an IVS Chat room ARN")
             ]
+        );
+    }
+
+    #[test]
+    fn invalid_argument_replies_are_bounded_whatever_the_input() {
+        let violations = (0..10_000)
+            .map(|i| FieldViolation::new(format!("field_{i}"), "é".repeat(10_000)))
+            .collect();
+        let status = Status::from(Error::InvalidArgument(violations));
+        assert!(status.message().len() <= MAX_MESSAGE_BYTES);
+        assert!(status.message().ends_with('…'));
+        let fields = status.get_details_bad_request().unwrap().field_violations;
+        assert_eq!(fields.len(), MAX_VIOLATIONS + 1);
+        assert!(
+            fields
+                .iter()
+                .all(|v| v.description.len() <= MAX_DESCRIPTION_BYTES)
+        );
+        assert_eq!(
+            fields[MAX_VIOLATIONS].description,
+            format!("and {} more violations", 10_000 - MAX_VIOLATIONS)
+        );
+        assert!(
+            status.details().len() < 16 * 1024,
+            "{}",
+            status.details().len()
         );
     }
 

@@ -1,22 +1,31 @@
 //! Who is calling: resolves a [`Caller`] from the sources enabled in config, first match wins.
 //!
-//! - `mtls`: the server terminates TLS and has verified the client certificate against the configured CA;
-//!   the caller is the certificate's first URI SAN (a SPIFFE id such as
-//!   `spiffe://cluster.local/ns/chat/sa/web`), else its first DNS SAN, else its subject CN.
+//! One [`Resolver`] serves every front door: it reads an [`http::HeaderMap`] and the TLS peer's
+//! certificates, so the gRPC service and any HTTP API identify callers the same way.
+//!
+//! - `mtls`: the server terminates TLS and has verified the client certificate against the configured CA.
+//!   The caller is the certificate's first URI SAN (a SPIFFE id such as
+//!   `spiffe://cluster.local/ns/chat/sa/web`); `identity.certificate_names` may allow falling back to the
+//!   first DNS SAN and then the subject CN. A DNS SAN or CN that looks like a URI is refused, so a
+//!   certificate without a URI SAN can never pass for a SPIFFE id.
 //! - `xfcc`: the `x-forwarded-client-cert` header an Envoy/Istio sidecar sets after verifying the client;
-//!   the caller is the `URI=` of its last element (the hop nearest us). Enable **only** behind a sidecar
-//!   that strips this header from outside traffic, or anyone can claim any identity.
+//!   the caller is the `URI=` of its **last** element: the one the proxy nearest to us appended. Earlier
+//!   elements were written by hops further away, which we have no reason to believe. Enable **only** behind
+//!   a sidecar that strips or overwrites this header on outside traffic, or anyone can claim any identity.
 //! - `header`: a plain header (default `x-caller-id`). For development only: anyone can set it.
 //!
+//! A source whose input is absent lets the next one try. A source whose input is present but unusable (a
+//! malformed or repeated header, a certificate that cannot be parsed or names no acceptable identity)
+//! fails the call with UNAUTHENTICATED: falling through would let a caller pick which source believes it.
 //! When no source yields an identity, the configured anonymous principal is used; without one the call is
 //! refused with UNAUTHENTICATED.
 
+use rustls_pki_types::CertificateDer;
 use serde::Deserialize;
-use tonic::metadata::MetadataMap;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::error::Error;
-use crate::request::Caller;
+use crate::request::{Caller, CallerSource};
 
 /// Envoy's forwarded client certificate header.
 pub const XFCC_HEADER: &str = "x-forwarded-client-cert";
@@ -33,50 +42,72 @@ pub enum IdentitySource {
     Header,
 }
 
+/// A name in a client certificate that can identify the caller, tried in the configured order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertificateName {
+    /// The first URI subject alternative name (SPIFFE ids live here).
+    Uri,
+    /// The first DNS subject alternative name.
+    Dns,
+    /// The subject's common name.
+    Cn,
+}
+
 /// Resolves callers from requests; built once from config.
 #[derive(Clone, Debug)]
 pub struct Resolver {
     sources: Vec<IdentitySource>,
-    /// Metadata key of the `header` source, lower case.
+    /// Header name of the `header` source, lower case.
     header: String,
+    certificate_names: Vec<CertificateName>,
     anonymous: Option<Caller>,
 }
 
 impl Resolver {
-    /// Tries `sources` in order; `header` names the `header` source's header; `anonymous`, when set, is
-    /// the principal of callers no source identifies.
-    pub fn new(sources: Vec<IdentitySource>, header: &str, anonymous: Option<String>) -> Self {
+    /// Tries `sources` in order; `header` names the `header` source's header; `certificate_names` are the
+    /// certificate names the `mtls` source accepts, in order; `anonymous`, when set, is the principal of
+    /// callers no source identifies.
+    pub fn new(
+        sources: Vec<IdentitySource>,
+        header: &str,
+        certificate_names: Vec<CertificateName>,
+        anonymous: Option<String>,
+    ) -> Self {
         Resolver {
             sources,
             header: header.to_ascii_lowercase(),
-            anonymous: anonymous.map(Caller::new),
+            certificate_names,
+            anonymous: anonymous.map(|id| Caller::with_source(id, CallerSource::Anonymous)),
         }
     }
 
-    /// The caller of a request with `metadata`, whose TLS peer presented `peer_certs` (leaf first).
+    /// The caller of a request with `headers`, whose TLS peer presented `peer_certs` (leaf first).
     pub fn resolve(
         &self,
-        metadata: &MetadataMap,
-        peer_certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
+        headers: &http::HeaderMap,
+        peer_certs: Option<&[CertificateDer<'_>]>,
     ) -> Result<Caller, Error> {
         for source in &self.sources {
             let found = match source {
-                IdentitySource::Mtls => peer_certs
-                    .and_then(|certs| certs.first())
-                    .and_then(|leaf| identity_from_certificate(leaf)),
-                IdentitySource::Xfcc => metadata
-                    .get(XFCC_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(uri_from_xfcc),
-                IdentitySource::Header => metadata
-                    .get(self.header.as_str())
-                    .and_then(|v| v.to_str().ok())
+                IdentitySource::Mtls => match peer_certs.and_then(|certs| certs.first()) {
+                    Some(leaf) => Some(caller_from_certificate(leaf, &self.certificate_names)?),
+                    None => None,
+                },
+                IdentitySource::Xfcc => match single_header(headers, XFCC_HEADER)? {
+                    Some(value) => Some(Caller::with_source(
+                        uri_from_xfcc(value)?,
+                        CallerSource::Xfcc,
+                    )),
+                    None => None,
+                },
+                IdentitySource::Header => single_header(headers, &self.header)?
                     .map(str::trim)
                     .filter(|v| !v.is_empty())
-                    .map(str::to_owned),
+                    .map(|id| Caller::with_source(id, CallerSource::Header)),
             };
-            if let Some(id) = found {
-                return Ok(Caller::new(id));
+            if let Some(caller) = found {
+                return Ok(caller);
             }
         }
         self.anonymous.clone().ok_or(Error::Unauthenticated(
@@ -85,184 +116,360 @@ impl Resolver {
     }
 }
 
-/// First URI SAN, else first DNS SAN, else subject CN.
-pub fn identity_from_certificate(der: &[u8]) -> Option<String> {
-    let (_, cert) = X509Certificate::from_der(der).ok()?;
+/// The value of `name` when the request carries it once; more than one field is an identification failure,
+/// since proxies and applications disagree on which one counts.
+fn single_header<'h>(headers: &'h http::HeaderMap, name: &str) -> Result<Option<&'h str>, Error> {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(Error::Unauthenticated(
+            "an identity header appears more than once",
+        ));
+    }
+    value
+        .to_str()
+        .map(Some)
+        .map_err(|_| Error::Unauthenticated("an identity header is not visible ASCII"))
+}
+
+/// The caller a verified client certificate names: the first of `accepted` names it has.
+pub fn caller_from_certificate(der: &[u8], accepted: &[CertificateName]) -> Result<Caller, Error> {
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|_| Error::Unauthenticated("the client certificate cannot be parsed"))?;
     let sans: Vec<GeneralName<'_>> = cert
         .subject_alternative_name()
-        .ok()
-        .flatten()
+        .map_err(|_| {
+            Error::Unauthenticated(
+                "the client certificate's subject alternative names cannot be parsed",
+            )
+        })?
         .map(|ext| ext.value.general_names.clone())
         .unwrap_or_default();
-    let uri = sans.iter().find_map(|n| match n {
-        GeneralName::URI(uri) => Some(uri.to_string()),
-        _ => None,
-    });
-    let dns = || {
-        sans.iter().find_map(|n| match n {
-            GeneralName::DNSName(dns) => Some(dns.to_string()),
-            _ => None,
-        })
-    };
-    let cn = || {
-        cert.subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .map(str::to_owned)
-    };
-    uri.or_else(dns).or_else(cn)
+    for name in accepted {
+        let found = match name {
+            CertificateName::Uri => sans.iter().find_map(|n| match n {
+                GeneralName::URI(uri) => Some((uri.to_string(), CallerSource::UriSan)),
+                _ => None,
+            }),
+            CertificateName::Dns => sans.iter().find_map(|n| match n {
+                GeneralName::DNSName(dns) => Some((dns.to_string(), CallerSource::DnsSan)),
+                _ => None,
+            }),
+            CertificateName::Cn => cert
+                .subject()
+                .iter_common_name()
+                .next()
+                .map(|cn| {
+                    cn.as_str().map_err(|_| {
+                        Error::Unauthenticated("the client certificate's common name is not text")
+                    })
+                })
+                .transpose()?
+                .map(|cn| (cn.to_owned(), CallerSource::CommonName)),
+        };
+        let Some((id, source)) = found else {
+            continue;
+        };
+        if source != CallerSource::UriSan && id.contains(':') {
+            // A name or CN such as "spiffe://td/ns/x/sa/admin" must not pass for the SPIFFE id only a
+            // URI SAN can carry.
+            return Err(Error::Unauthenticated(
+                "the client certificate's DNS name or common name looks like a URI",
+            ));
+        }
+        if id.is_empty() {
+            return Err(Error::Unauthenticated(
+                "the client certificate names an empty identity",
+            ));
+        }
+        return Ok(Caller::with_source(id, source));
+    }
+    Err(Error::Unauthenticated(
+        "the client certificate has none of the names identity.certificate_names accepts",
+    ))
 }
 
-/// The `URI=` value of the last element of an `x-forwarded-client-cert` header.
-///
-/// Elements are separated by `,`, pairs by `;`, keys from values by `=`; values may be double-quoted, and
-/// quoted values may contain `,`, `;` and `=` (Envoy quotes `Subject`). `\"` escapes a quote.
-pub fn uri_from_xfcc(header: &str) -> Option<String> {
-    let last = split_unquoted(header, ',').pop()?;
-    split_unquoted(last, ';').into_iter().find_map(|pair| {
-        let (key, value) = pair.split_once('=')?;
-        key.trim()
-            .eq_ignore_ascii_case("uri")
-            .then(|| unquote(value.trim()))
-            .filter(|v| !v.is_empty())
-    })
+/// The keys Envoy writes in an `x-forwarded-client-cert` element.
+const XFCC_KEYS: &[&str] = &["by", "hash", "cert", "chain", "subject", "uri", "dns"];
+
+/// The `URI=` value of the last element of an `x-forwarded-client-cert` header, parsed strictly by
+/// Envoy's grammar: elements separated by `,`, key-value pairs by `;`, keys from values by `=`; a value is
+/// either bare (no `,` `;` `=` `"`) or double-quoted, where `\` escapes the next character. Anything else
+/// (an unbalanced quote, a pair without `=`, an unknown key, an empty element, a repeated `URI`) is
+/// malformed and refused whole: a partial parse could take an identity from the wrong element.
+pub fn uri_from_xfcc(header: &str) -> Result<String, Error> {
+    let elements = parse_xfcc(header)
+        .map_err(|_| Error::Unauthenticated("the x-forwarded-client-cert header is malformed"))?;
+    let last = elements.last().ok_or(Error::Unauthenticated(
+        "the x-forwarded-client-cert header is empty",
+    ))?;
+    let mut uris = last
+        .iter()
+        .filter(|(key, _)| key.eq_ignore_ascii_case("uri"));
+    match (uris.next(), uris.next()) {
+        (Some((_, uri)), None) if !uri.is_empty() => Ok(uri.clone()),
+        (Some(_), Some(_)) => Err(Error::Unauthenticated(
+            "the x-forwarded-client-cert header's last element has more than one URI",
+        )),
+        _ => Err(Error::Unauthenticated(
+            "the x-forwarded-client-cert header's last element has no URI",
+        )),
+    }
 }
 
-fn split_unquoted(s: &str, separator: char) -> Vec<&str> {
-    let mut parts = Vec::new();
-    let (mut start, mut quoted, mut escaped) = (0, false, false);
-    for (i, c) in s.char_indices() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' if quoted => escaped = true,
-            '"' => quoted = !quoted,
-            c if c == separator && !quoted => {
-                parts.push(&s[start..i]);
-                start = i + 1;
+/// A syntax error in an `x-forwarded-client-cert` header; deliberately without detail, which would echo
+/// the caller's input.
+struct Malformed;
+
+/// Every element of the header, each a list of (key, unescaped value).
+fn parse_xfcc(header: &str) -> Result<Vec<Vec<(&str, String)>>, Malformed> {
+    let mut elements = Vec::new();
+    let mut pairs = Vec::new();
+    let mut rest = header;
+    loop {
+        let (key, after_key) = rest.split_once('=').ok_or(Malformed)?;
+        if !XFCC_KEYS.iter().any(|k| k.eq_ignore_ascii_case(key)) {
+            return Err(Malformed);
+        }
+        let (value, after_value) = xfcc_value(after_key)?;
+        pairs.push((key, value));
+        let mut chars = after_value.chars();
+        match chars.next() {
+            None => {
+                elements.push(pairs);
+                return Ok(elements);
             }
-            _ => {}
+            Some(';') => {}
+            Some(',') => elements.push(std::mem::take(&mut pairs)),
+            Some(_) => return Err(Malformed),
+        }
+        rest = chars.as_str();
+    }
+}
+
+/// One value at the start of `input`, and what follows it.
+fn xfcc_value(input: &str) -> Result<(String, &str), Malformed> {
+    let Some(quoted) = input.strip_prefix('"') else {
+        let end = input.find([',', ';']).unwrap_or(input.len());
+        let value = &input[..end];
+        if value.contains(['"', '=']) {
+            return Err(Malformed);
+        }
+        return Ok((value.to_owned(), &input[end..]));
+    };
+    let mut value = String::new();
+    let mut chars = quoted.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '\\' => value.push(chars.next().ok_or(Malformed)?.1),
+            '"' => return Ok((value, &quoted[i + 1..])),
+            c => value.push(c),
         }
     }
-    parts.push(&s[start..]);
-    parts
-}
-
-fn unquote(value: &str) -> String {
-    match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
-        Some(inner) => inner.replace("\\\"", "\""),
-        None => value.to_owned(),
-    }
+    Err(Malformed)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn metadata(pairs: &[(&'static str, &str)]) -> MetadataMap {
-        let mut map = MetadataMap::new();
+    fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {
+        let mut map = http::HeaderMap::new();
         for (k, v) in pairs {
-            map.insert(*k, v.parse().unwrap());
+            map.append(*k, v.parse().unwrap());
         }
         map
+    }
+
+    fn unauthenticated(result: Result<impl std::fmt::Debug, Error>) -> &'static str {
+        match result {
+            Err(Error::Unauthenticated(why)) => why,
+            other => panic!("expected UNAUTHENTICATED, got {other:?}"),
+        }
     }
 
     #[test]
     fn xfcc_takes_the_uri_of_the_last_element() {
         let header = r#"By=spiffe://cluster.local/ns/chat/sa/gw;Hash=abc;URI=spiffe://cluster.local/ns/edge/sa/ingress,By=spiffe://cluster.local/ns/chat/sa/cts;Hash=def;Subject="CN=web,O=Acme, Inc.;x=y";URI=spiffe://cluster.local/ns/chat/sa/web"#;
         assert_eq!(
-            uri_from_xfcc(header).as_deref(),
-            Some("spiffe://cluster.local/ns/chat/sa/web")
+            uri_from_xfcc(header).unwrap(),
+            "spiffe://cluster.local/ns/chat/sa/web"
         );
     }
 
     #[test]
-    fn xfcc_quoted_values_and_missing_uri() {
+    fn xfcc_quoted_values_unescape() {
         assert_eq!(
-            uri_from_xfcc(r#"Hash=1;URI="spiffe://td/a,b""#).as_deref(),
-            Some("spiffe://td/a,b")
+            uri_from_xfcc(r#"Hash=1;URI="spiffe://td/a,b""#).unwrap(),
+            "spiffe://td/a,b"
         );
-        assert_eq!(uri_from_xfcc("By=spiffe://x;Hash=1"), None);
         assert_eq!(
-            uri_from_xfcc("URI=spiffe://x,Hash=1"),
-            None,
-            "last element has no URI"
+            uri_from_xfcc(r#"Subject="CN=\"x\";y";URI=spiffe://td/a"#).unwrap(),
+            "spiffe://td/a"
         );
-        assert_eq!(uri_from_xfcc(""), None);
-        assert_eq!(uri_from_xfcc("URI="), None);
     }
 
     #[test]
-    fn first_match_wins_in_configured_order() {
+    fn xfcc_refuses_every_malformed_or_ambiguous_header() {
+        for header in [
+            "",
+            "URI=",
+            "By=spiffe://x;Hash=1",
+            "URI=spiffe://x,Hash=1",
+            r#"URI="spiffe://td/admin"#,
+            r#"Subject="CN=a;URI=spiffe://td/admin"#,
+            r#"URI=spiffe://td/a"b"#,
+            "URI=spiffe://td/a;;",
+            "URI=spiffe://td/a,",
+            ",URI=spiffe://td/a",
+            "URI=spiffe://td/a;URI=spiffe://td/b",
+            "Role=admin;URI=spiffe://td/a",
+            "URI=spiffe://td/a;Hash",
+            r#"URI="spiffe://td/a"x"#,
+        ] {
+            unauthenticated(uri_from_xfcc(header));
+        }
+    }
+
+    #[test]
+    fn a_present_but_bad_source_never_falls_through() {
+        let resolver = Resolver::new(
+            vec![IdentitySource::Xfcc, IdentitySource::Header],
+            "x-caller-id",
+            vec![CertificateName::Uri],
+            Some("anonymous".into()),
+        );
+        let unbalanced = headers(&[
+            (XFCC_HEADER, r#"URI="spiffe://td/ns/a/sa/web"#),
+            ("x-caller-id", "spiffe://td/ns/moderation/sa/mod"),
+        ]);
+        unauthenticated(resolver.resolve(&unbalanced, None));
+        let twice = headers(&[
+            (XFCC_HEADER, "URI=spiffe://td/ns/a/sa/web"),
+            (XFCC_HEADER, "URI=spiffe://td/ns/moderation/sa/mod"),
+        ]);
+        unauthenticated(resolver.resolve(&twice, None));
+        let header_twice = headers(&[("x-caller-id", "a"), ("x-caller-id", "b")]);
+        unauthenticated(resolver.resolve(&header_twice, None));
+    }
+
+    #[test]
+    fn first_match_wins_in_configured_order_and_records_its_source() {
         let resolver = Resolver::new(
             vec![IdentitySource::Xfcc, IdentitySource::Header],
             "X-Caller-Id",
+            vec![CertificateName::Uri],
             None,
         );
-        let both = metadata(&[
+        let both = headers(&[
             (XFCC_HEADER, "URI=spiffe://td/ns/a/sa/xfcc"),
             ("x-caller-id", "dev-header"),
         ]);
-        assert_eq!(
-            resolver.resolve(&both, None).unwrap().id(),
-            "spiffe://td/ns/a/sa/xfcc"
-        );
-        let header_only = metadata(&[("x-caller-id", "dev-header")]);
-        assert_eq!(
-            resolver.resolve(&header_only, None).unwrap().id(),
-            "dev-header"
-        );
+        let caller = resolver.resolve(&both, None).unwrap();
+        assert_eq!(caller.id(), "spiffe://td/ns/a/sa/xfcc");
+        assert_eq!(caller.source(), Some(CallerSource::Xfcc));
+        let header_only = headers(&[("x-caller-id", "dev-header")]);
+        let caller = resolver.resolve(&header_only, None).unwrap();
+        assert_eq!(caller.id(), "dev-header");
+        assert_eq!(caller.source(), Some(CallerSource::Header));
     }
 
     #[test]
     fn disabled_sources_are_ignored_and_anonymous_is_the_fallback() {
-        let strict = Resolver::new(vec![IdentitySource::Mtls], "x-caller-id", None);
-        let claims = metadata(&[
+        let strict = Resolver::new(
+            vec![IdentitySource::Mtls],
+            "x-caller-id",
+            vec![CertificateName::Uri],
+            None,
+        );
+        let claims = headers(&[
             (XFCC_HEADER, "URI=spiffe://td/ns/a/sa/forged"),
             ("x-caller-id", "forged"),
         ]);
-        assert!(matches!(
-            strict.resolve(&claims, None),
-            Err(Error::Unauthenticated(_))
-        ));
+        unauthenticated(strict.resolve(&claims, None));
 
         let lenient = Resolver::new(
             vec![IdentitySource::Header],
             "x-caller-id",
+            vec![CertificateName::Uri],
             Some("anonymous".into()),
         );
-        assert_eq!(
-            lenient.resolve(&MetadataMap::new(), None).unwrap().id(),
-            "anonymous"
-        );
-        let blank = metadata(&[("x-caller-id", "  ")]);
+        let anonymous = lenient.resolve(&http::HeaderMap::new(), None).unwrap();
+        assert_eq!(anonymous.id(), "anonymous");
+        assert_eq!(anonymous.source(), Some(CallerSource::Anonymous));
+        let blank = headers(&[("x-caller-id", "  ")]);
         assert_eq!(lenient.resolve(&blank, None).unwrap().id(), "anonymous");
     }
 
+    fn cert(sans: Vec<rcgen::SanType>, cn: &str) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = sans;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
     #[test]
-    fn certificate_identity_prefers_uri_then_dns_then_cn() {
-        let cert = |sans: Vec<rcgen::SanType>, cn: &str| {
-            let mut params = rcgen::CertificateParams::default();
-            params.subject_alt_names = sans;
-            params
-                .distinguished_name
-                .push(rcgen::DnType::CommonName, cn);
-            let key = rcgen::KeyPair::generate().unwrap();
-            params.self_signed(&key).unwrap().der().to_vec()
-        };
+    fn certificate_names_follow_the_configured_fallback() {
         let uri = rcgen::SanType::URI("spiffe://td/ns/chat/sa/web".try_into().unwrap());
         let dns = rcgen::SanType::DnsName("web.chat.svc".try_into().unwrap());
+        let all = [
+            CertificateName::Uri,
+            CertificateName::Dns,
+            CertificateName::Cn,
+        ];
+        let identify = |der: &[u8], accepted: &[CertificateName]| {
+            caller_from_certificate(der, accepted).map(|c| (c.id().to_owned(), c.source()))
+        };
         assert_eq!(
-            identity_from_certificate(&cert(vec![dns.clone(), uri], "web-cn")).as_deref(),
-            Some("spiffe://td/ns/chat/sa/web")
+            identify(&cert(vec![dns.clone(), uri], "web-cn"), &all).unwrap(),
+            (
+                "spiffe://td/ns/chat/sa/web".to_owned(),
+                Some(CallerSource::UriSan)
+            )
         );
         assert_eq!(
-            identity_from_certificate(&cert(vec![dns], "web-cn")).as_deref(),
-            Some("web.chat.svc")
+            identify(&cert(vec![dns.clone()], "web-cn"), &all).unwrap(),
+            ("web.chat.svc".to_owned(), Some(CallerSource::DnsSan))
         );
         assert_eq!(
-            identity_from_certificate(&cert(vec![], "web-cn")).as_deref(),
-            Some("web-cn")
+            identify(&cert(vec![], "web-cn"), &all).unwrap(),
+            ("web-cn".to_owned(), Some(CallerSource::CommonName))
         );
+        // The default accepts URI SANs only.
+        unauthenticated(identify(
+            &cert(vec![dns], "web-cn"),
+            &[CertificateName::Uri],
+        ));
+    }
+
+    #[test]
+    fn a_common_name_never_passes_for_a_spiffe_id() {
+        let der = cert(vec![], "spiffe://td/ns/moderation/sa/mod");
+        unauthenticated(caller_from_certificate(
+            &der,
+            &[
+                CertificateName::Uri,
+                CertificateName::Dns,
+                CertificateName::Cn,
+            ],
+        ));
+    }
+
+    #[test]
+    fn an_unparseable_certificate_is_unauthenticated() {
+        unauthenticated(caller_from_certificate(b"not DER", &[CertificateName::Uri]));
+        let resolver = Resolver::new(
+            vec![IdentitySource::Mtls, IdentitySource::Header],
+            "x-caller-id",
+            vec![CertificateName::Uri],
+            Some("anonymous".into()),
+        );
+        let garbage = [CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01])];
+        unauthenticated(resolver.resolve(&headers(&[("x-caller-id", "admin")]), Some(&garbage)));
     }
 }

@@ -35,6 +35,7 @@
 //!   ◀ IssuedToken → CreateChatTokenResponse, or error::Error → tonic::Status (one table)
 //! ```
 
+pub mod codec;
 pub mod config;
 pub mod error;
 pub mod identity;

@@ -9,7 +9,10 @@ use chat_token_service::{
     telemetry::{self, LogFormat},
 };
 use clap::{Parser, Subcommand};
-use tokio::net::TcpListener;
+use tokio::{
+    net::TcpListener,
+    signal::unix::{Signal, SignalKind, signal},
+};
 
 /// Mints Amazon IVS Chat tokens for internal callers over gRPC.
 #[derive(Parser)]
@@ -50,7 +53,14 @@ fn main() -> ExitCode {
         Command::VerifyToken { token } => report(verify_token(cli.config, &token)),
         Command::Serve => {
             let runtime = tokio::runtime::Runtime::new().expect("cannot start the tokio runtime");
-            report(runtime.block_on(serve(cli.config, cli.log_format)))
+            // SIGHUP's default action ends the process. Take it over before anything else, so a reload
+            // signal that arrives while the config loads (or in a configuration with nothing to reload)
+            // is handled, never fatal. The handler stays installed for the life of the process.
+            let hangups = {
+                let _runtime = runtime.enter();
+                signal(SignalKind::hangup()).expect("cannot install the SIGHUP handler")
+            };
+            report(runtime.block_on(serve(cli.config, cli.log_format, hangups)))
         }
     }
 }
@@ -68,9 +78,11 @@ fn report(result: Result<(), Box<dyn std::error::Error>>) -> ExitCode {
 async fn serve(
     config_file: Option<PathBuf>,
     log_format: Option<LogFormat>,
+    hangups: Signal,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::load(config_file.as_deref())?;
     let telemetry = telemetry::init(log_format.unwrap_or(config.log_format))?;
+    tokio::spawn(log_hangups(hangups, reloaded_on_hangup(&config)));
     let result = serve_with(&config).await;
     telemetry.shutdown();
     result
@@ -92,9 +104,33 @@ async fn serve_with(config: &Config) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// What SIGHUP reloads in this configuration; each reloader logs its own outcome.
+fn reloaded_on_hangup(config: &Config) -> Vec<&'static str> {
+    let mut reloaded = Vec::new();
+    if !config.policy.files.is_empty() {
+        reloaded.push("policies");
+    }
+    if config.tls.is_some() {
+        reloaded.push("TLS certificates");
+    }
+    reloaded
+}
+
+/// Says, for every SIGHUP, what it reloads.
+async fn log_hangups(mut hangups: Signal, reloaded: Vec<&'static str>) {
+    while hangups.recv().await.is_some() {
+        if reloaded.is_empty() {
+            tracing::info!(
+                "SIGHUP received: nothing to reload (no policy files, no TLS); still serving"
+            );
+        } else {
+            tracing::info!(reloading = ?reloaded, "SIGHUP received: reloading");
+        }
+    }
+}
+
 /// Completes on the first SIGTERM (Kubernetes, systemd) or SIGINT (Ctrl-C).
 async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("cannot install the SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("cannot install the SIGINT handler");
     tokio::select! {

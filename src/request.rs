@@ -93,25 +93,76 @@ impl TokenRequest {
 }
 
 /// Who is calling: a SPIFFE id, DNS name, certificate CN, header value or the anonymous principal,
-/// as resolved by [`crate::identity`]. Not secret: it names a service, not a person.
+/// as resolved by [`crate::identity`], with where it came from. Not secret: it names a service, not a
+/// person.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Caller(String);
+pub struct Caller {
+    id: String,
+    source: Option<CallerSource>,
+}
+
+/// Where a caller's identity came from, so logs and audits can tell a verified SPIFFE id from a claim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CallerSource {
+    /// A verified client certificate's URI SAN.
+    UriSan,
+    /// A verified client certificate's DNS SAN.
+    DnsSan,
+    /// A verified client certificate's subject CN.
+    CommonName,
+    /// The `URI=` of a trusted sidecar's `x-forwarded-client-cert` header.
+    Xfcc,
+    /// A plain header anyone can set.
+    Header,
+    /// No source identified the caller; the configured anonymous principal.
+    Anonymous,
+}
+
+impl CallerSource {
+    /// The source's name in logs and spans.
+    pub fn name(self) -> &'static str {
+        match self {
+            CallerSource::UriSan => "uri_san",
+            CallerSource::DnsSan => "dns_san",
+            CallerSource::CommonName => "common_name",
+            CallerSource::Xfcc => "xfcc",
+            CallerSource::Header => "header",
+            CallerSource::Anonymous => "anonymous",
+        }
+    }
+}
 
 impl Caller {
-    /// A caller known by `id`.
+    /// A caller known by `id` from outside any request (tests, examples): no source is recorded.
     pub fn new(id: impl Into<String>) -> Self {
-        Caller(id.into())
+        Caller {
+            id: id.into(),
+            source: None,
+        }
+    }
+
+    /// A caller a request identified as `id` through `source`.
+    pub fn with_source(id: impl Into<String>, source: CallerSource) -> Self {
+        Caller {
+            id: id.into(),
+            source: Some(source),
+        }
     }
 
     /// The caller's id, e.g. `spiffe://cluster.local/ns/chat/sa/web`.
     pub fn id(&self) -> &str {
-        &self.0
+        &self.id
+    }
+
+    /// Where the id came from; `None` for callers built with [`Caller::new`].
+    pub fn source(&self) -> Option<CallerSource> {
+        self.source
     }
 }
 
 impl fmt::Display for Caller {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.id)
     }
 }
 
@@ -285,10 +336,13 @@ impl Capabilities {
         Capabilities(capabilities.into_iter().collect())
     }
 
-    /// Refuses UNSPECIFIED and numbers the proto does not define, naming each offending position.
+    /// Refuses UNSPECIFIED and numbers the proto does not define. The reason counts the bad entries and
+    /// names only the first few, so it stays short however many a request sends.
     fn from_proto(values: &[i32]) -> Result<Self, String> {
+        const NAMED: usize = 3;
         let mut set = BTreeSet::new();
-        let mut bad = Vec::new();
+        let mut bad = 0usize;
+        let mut named = Vec::with_capacity(NAMED);
         for (index, &value) in values.iter().enumerate() {
             match pb::ChatTokenCapability::try_from(value) {
                 Ok(pb::ChatTokenCapability::SendMessage) => set.insert(Capability::SendMessage),
@@ -297,19 +351,26 @@ impl Capabilities {
                 }
                 Ok(pb::ChatTokenCapability::DeleteMessage) => set.insert(Capability::DeleteMessage),
                 Ok(pb::ChatTokenCapability::Unspecified) | Err(_) => {
-                    bad.push(format!("[{index}]={value}"));
+                    bad += 1;
+                    if named.len() < NAMED {
+                        named.push(format!("[{index}]={value}"));
+                    }
                     false
                 }
             };
         }
-        if bad.is_empty() {
-            Ok(Capabilities(set))
-        } else {
-            Err(format!(
-                "each capability must be SEND_MESSAGE, DISCONNECT_USER or DELETE_MESSAGE; invalid: {}",
-                bad.join(", ")
-            ))
+        if bad == 0 {
+            return Ok(Capabilities(set));
         }
+        let more = if bad > named.len() {
+            format!(" and {} more", bad - named.len())
+        } else {
+            String::new()
+        };
+        Err(format!(
+            "each capability must be SEND_MESSAGE, DISCONNECT_USER or DELETE_MESSAGE; {bad} invalid: {}{more}",
+            named.join(", ")
+        ))
     }
 
     /// The capabilities in IVS's order, each once.
@@ -496,5 +557,19 @@ mod tests {
                 "attributes"
             ]
         );
+    }
+
+    #[test]
+    fn bad_capabilities_are_counted_not_listed() {
+        let reason = Capabilities::from_proto(&[1, 0, 7]).unwrap_err();
+        assert!(reason.ends_with("2 invalid: [1]=0, [2]=7"), "{reason}");
+        let three = Capabilities::from_proto(&[9, 9, 9]).unwrap_err();
+        assert!(three.ends_with("3 invalid: [0]=9, [1]=9, [2]=9"), "{three}");
+        let many = Capabilities::from_proto(&vec![42; 30_000]).unwrap_err();
+        assert!(
+            many.ends_with("30000 invalid: [0]=42, [1]=42, [2]=42 and 29997 more"),
+            "{many}"
+        );
+        assert!(many.len() < 200, "{} bytes", many.len());
     }
 }

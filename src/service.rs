@@ -12,8 +12,8 @@ use crate::issuer::IssuedToken;
 use crate::proto::ivschat::v1::{
     CreateChatTokenRequest, CreateChatTokenResponse, token_service_server,
 };
-use crate::request::Capability;
 use crate::request::TokenRequest;
+use crate::request::{CallerSource, Capability};
 use crate::stack::TokenStack;
 
 /// Serves `ivschat.v1.TokenService` on top of the domain stack.
@@ -44,10 +44,10 @@ impl token_service_server::TokenService for TokenService {
         request: Request<CreateChatTokenRequest>,
     ) -> Result<Response<CreateChatTokenResponse>, Status> {
         let peer_certs = request.peer_certs();
-        let caller = match self
-            .identity
-            .resolve(request.metadata(), peer_certs.as_deref().map(Vec::as_slice))
-        {
+        let caller = match self.identity.resolve(
+            request.metadata().as_ref(),
+            peer_certs.as_deref().map(Vec::as_slice),
+        ) {
             Ok(caller) => caller,
             Err(error) => {
                 tracing::info!(target: "audit", outcome = outcome(&error), "token refused");
@@ -71,6 +71,7 @@ impl token_service_server::TokenService for TokenService {
             target: "audit",
             "audit",
             caller = %request.caller,
+            caller_source = request.caller.source().map(CallerSource::name),
             room = %request.room,
             capabilities = ?request.capabilities.iter().map(Capability::ivs_name).collect::<Vec<_>>(),
             session_minutes = request.session_duration().minutes(),

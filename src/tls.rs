@@ -58,7 +58,8 @@ impl Tls {
         Ok(())
     }
 
-    /// Reloads whenever a file changes, checked every `interval`, for as long as `self` lives.
+    /// Reloads whenever a file changes, checked every `interval`, and on SIGHUP, for as long as `self`
+    /// lives.
     pub fn watch(self: &Arc<Self>, interval: Duration) {
         let mut paths = vec![
             self.settings.cert_file.clone(),
@@ -66,15 +67,16 @@ impl Tls {
         ];
         paths.extend(self.settings.client_ca_file.clone());
         let tls: Weak<Tls> = Arc::downgrade(self);
-        reload::spawn(paths, interval, false, move |_| {
+        reload::spawn(paths, interval, true, move |trigger| {
             let Some(tls) = tls.upgrade() else {
                 return ControlFlow::Break(());
             };
             match tls.reload() {
-                Ok(()) => tracing::info!("TLS certificates reloaded"),
-                Err(e) => {
-                    tracing::error!("TLS reload refused, keeping the current certificates: {e}")
-                }
+                Ok(()) => tracing::info!(?trigger, "TLS certificates reloaded"),
+                Err(e) => tracing::error!(
+                    ?trigger,
+                    "TLS reload refused, keeping the current certificates: {e}"
+                ),
             }
             ControlFlow::Continue(())
         });

@@ -124,6 +124,26 @@ async fn mtls_identifies_a_trusted_client_by_its_spiffe_uri() {
 }
 
 #[tokio::test]
+async fn a_common_name_claiming_a_spiffe_id_is_unauthenticated() {
+    let keys = LocalKeys::new();
+    let mtls = mtls_server(&keys).await;
+    // Signed by the trusted CA, so the handshake succeeds; only its CN claims the moderation service.
+    let impostor = mtls.client_ca.client_with_common_name(MODERATION);
+    let channel = tls_channel(mtls.server.addr, &mtls.server_ca, Some(&impostor))
+        .await
+        .unwrap();
+    let mut request = Request::new(moderator_token());
+    request
+        .metadata_mut()
+        .insert("x-caller-id", MODERATION.parse().unwrap());
+    let status = TokenServiceClient::new(channel)
+        .create_chat_token(request)
+        .await
+        .expect_err("a CN is not a SPIFFE id");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+}
+
+#[tokio::test]
 async fn an_untrusted_client_is_refused_at_the_handshake() {
     let keys = LocalKeys::new();
     let mtls = mtls_server(&keys).await;
@@ -176,6 +196,45 @@ async fn xfcc_names_the_caller_behind_a_sidecar() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+}
+
+#[tokio::test]
+async fn a_forged_xfcc_is_unauthenticated_never_another_caller() {
+    let keys = LocalKeys::new();
+    // Even with the header source and anonymous callers behind it, a bad XFCC stops the call.
+    let mut config = config_with(&keys, vec![IdentitySource::Xfcc, IdentitySource::Header]);
+    config.identity.allow_anonymous = true;
+    let server = TestServer::from_config(config).await;
+    let mut client = server.client().await;
+
+    // An unbalanced quote: a lenient parser reads the forged URI inside it.
+    let mut unbalanced = Request::new(moderator_token());
+    unbalanced.metadata_mut().insert(
+        "x-forwarded-client-cert",
+        format!(r#"Subject="CN=web;URI={WEB},URI={MODERATION}"#)
+            .parse()
+            .unwrap(),
+    );
+    unbalanced
+        .metadata_mut()
+        .insert("x-caller-id", MODERATION.parse().unwrap());
+    let status = client.create_chat_token(unbalanced).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("malformed"), "{status:?}");
+
+    // Two header fields: the sidecar's and one the client smuggled past it.
+    let mut twice = Request::new(moderator_token());
+    twice.metadata_mut().append(
+        "x-forwarded-client-cert",
+        format!("URI={WEB}").parse().unwrap(),
+    );
+    twice.metadata_mut().append(
+        "x-forwarded-client-cert",
+        format!("URI={MODERATION}").parse().unwrap(),
+    );
+    let status = client.create_chat_token(twice).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("more than once"), "{status:?}");
 }
 
 #[tokio::test]

@@ -391,3 +391,91 @@ async fn sighup_reloads_policies_at_once() {
         "{log:?}"
     );
 }
+
+#[tokio::test]
+async fn sighup_never_ends_the_binary_on_the_embedded_defaults() {
+    let binary = Binary::start(&[]);
+    for _ in 0..3 {
+        binary.signal("-HUP");
+    }
+    let mut client = binary.client().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut hangups_logged = 0;
+    while hangups_logged == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no SIGHUP logged");
+        hangups_logged += binary
+            .log
+            .try_iter()
+            .filter(|l| l.contains("SIGHUP received: nothing to reload"))
+            .count();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client.create_chat_token(valid_request()).await.unwrap();
+    binary.signal("-TERM");
+    let (status, log) = binary.wait();
+    assert_eq!(status.code(), Some(0), "{log:?}");
+}
+
+#[test]
+fn identity_that_believes_anyone_is_refused_off_loopback() {
+    let output = Command::new(env!("CARGO_BIN_EXE_chat-token-service"))
+        .env_clear()
+        .env("CTS_LISTEN_ADDR", "0.0.0.0:0")
+        .env("CTS_POLICY__FILES", "[\"deploy/policy/production.cedar\"]")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("identity.trust_network_in_front") && stderr.contains("\"header\""),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn thirty_thousand_bad_capabilities_get_a_short_invalid_argument() {
+    let server = TestServer::from_config(LocalKeys::new().config()).await;
+    let mut request = valid_request();
+    request.capabilities = vec![42; 30_000];
+    let status = server
+        .client()
+        .await
+        .create_chat_token(request)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("30000 invalid"), "{status:?}");
+    // grpc-go and grpcio refuse header blocks over 8 KiB by default.
+    assert!(
+        status.message().len() + status.details().len() < 2048,
+        "{} + {} bytes",
+        status.message().len(),
+        status.details().len()
+    );
+}
+
+/// CreateChatTokenRequest's `room_identifier` (field 1) as raw bytes, to send a string that is not UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawRoomIdentifier {
+    #[prost(bytes = "vec", tag = "1")]
+    room_identifier: Vec<u8>,
+}
+
+#[tokio::test]
+async fn a_request_that_cannot_be_decoded_is_invalid_argument() {
+    let server = TestServer::from_config(LocalKeys::new().config()).await;
+    let mut grpc = tonic::client::Grpc::new(server.channel().await);
+    grpc.ready().await.unwrap();
+    let status = grpc
+        .unary::<_, (), _>(
+            tonic::Request::new(RawRoomIdentifier {
+                room_identifier: vec![0xff, 0xfe],
+            }),
+            http::uri::PathAndQuery::from_static("/ivschat.v1.TokenService/CreateChatToken"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("UTF-8"), "{status:?}");
+}

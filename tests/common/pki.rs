@@ -47,6 +47,15 @@ impl Ca {
         self.leaf(params)
     }
 
+    /// A client certificate with no SANs, only the subject CN `common_name`.
+    pub fn client_with_common_name(&self, common_name: &str) -> Leaf {
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        self.leaf(params)
+    }
+
     fn leaf(&self, params: CertificateParams) -> Leaf {
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();

@@ -1,0 +1,64 @@
+//! The protobuf codec of the token service: tonic-prost's, except that a request that fails to decode is
+//! the caller's mistake (INVALID_ARGUMENT), not ours (tonic-prost answers INTERNAL, which monitoring
+//! counts as a server fault and clients may retry).
+//!
+//! The generated service uses it through `codec_path` in build.rs.
+
+use std::marker::PhantomData;
+
+use prost::Message;
+use tonic::{
+    Status,
+    codec::{BufferSettings, Codec, DecodeBuf, Decoder},
+};
+use tonic_prost::ProstEncoder;
+
+/// A [`Codec`] for `application/grpc+proto` whose decode errors are INVALID_ARGUMENT.
+#[derive(Debug, Clone, Copy)]
+pub struct ProstCodec<T, U>(PhantomData<(T, U)>);
+
+impl<T, U> Default for ProstCodec<T, U> {
+    fn default() -> Self {
+        ProstCodec(PhantomData)
+    }
+}
+
+impl<T, U> Codec for ProstCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::new(BufferSettings::default())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstDecoder(PhantomData)
+    }
+}
+
+/// Decodes `U`; see [`ProstCodec`].
+#[derive(Debug)]
+pub struct ProstDecoder<U>(PhantomData<U>);
+
+impl<U: Message + Default> Decoder for ProstDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        U::decode(buf).map(Some).map_err(|error| {
+            // prost's message names the field and the problem (e.g. "invalid string value: data is not
+            // UTF-8 encoded"), never the bytes.
+            Status::invalid_argument(format!("the request message cannot be decoded: {error}"))
+        })
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::default()
+    }
+}
