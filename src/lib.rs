@@ -44,6 +44,7 @@ pub mod policy;
 pub mod ratelimit;
 pub mod reload;
 pub mod request;
+pub mod rest;
 pub mod server;
 pub mod service;
 pub mod stack;
