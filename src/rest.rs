@@ -32,6 +32,9 @@ use crate::issuer::IssuedToken;
 use crate::request::{Capabilities, FieldNames, TokenRequest, UncheckedRequest};
 use crate::service::Door;
 
+/// IVS Chat's service name (its SigV4 signing name too), in spans and metrics.
+pub const SERVICE: &str = "ivschat";
+
 /// The path of IVS Chat's CreateChatToken operation.
 pub const CREATE_CHAT_TOKEN: &str = "/CreateChatToken";
 
@@ -186,10 +189,13 @@ async fn read_body(
     })
 }
 
-/// `CreateChatTokenResponse`. Times are ISO 8601 in whole seconds, as IVS writes them, which the AWS CLI
-/// prints as `2022-03-16T03:45:09+00:00`.
+/// `CreateChatTokenResponse`. Times are ISO 8601 in whole seconds with an explicit UTC offset, which every
+/// SDK parses and the AWS CLI prints as the reference page shows: `2022-03-16T03:45:09+00:00`.
 fn token_output(issued: &IssuedToken) -> serde_json::Value {
-    let time = |at: SystemTime| humantime::format_rfc3339_seconds(at).to_string();
+    let time = |at: SystemTime| {
+        let utc = humantime::format_rfc3339_seconds(at).to_string();
+        format!("{}+00:00", utc.trim_end_matches('Z'))
+    };
     serde_json::json!({
         "token": issued.token,
         "tokenExpirationTime": time(issued.token_expires_at),
@@ -286,7 +292,11 @@ mod tests {
         assert_eq!(response.status(), StatusCode::OK, "{json}");
         assert!(json["token"].as_str().unwrap().starts_with("v4.local."));
         let session = json["sessionExpirationTime"].as_str().unwrap();
-        assert!(humantime::parse_rfc3339(session).is_ok(), "{session}");
+        assert!(
+            time::OffsetDateTime::parse(session, &time::format_description::well_known::Rfc3339)
+                .is_ok(),
+            "{session}"
+        );
         assert!(
             session.ends_with('Z') && !session.contains('.'),
             "{session}"
