@@ -83,8 +83,11 @@ pub struct Config {
     /// RESOURCE_EXHAUSTED and consumes nothing from the others. Default: none.
     pub rate_limits: Vec<LimitConfig>,
 
-    /// Where rate-limit state is kept.
+    /// Where rate-limit state is kept; bans, revocations and used token ids live there too.
     pub limiter: LimiterConfig,
+
+    /// Moderation: bans and token verification (ivschat.v1.ModerationService).
+    pub moderation: ModerationConfig,
 }
 
 impl Default for Config {
@@ -104,6 +107,31 @@ impl Default for Config {
             local_issuer: LocalIssuerConfig::default(),
             rate_limits: Vec::new(),
             limiter: LimiterConfig::default(),
+            moderation: ModerationConfig::default(),
+        }
+    }
+}
+
+/// Settings of the moderation service.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModerationConfig {
+    /// Longest ban BanUser accepts with a duration (a ban without one lasts until UnbanUser), so a typo
+    /// cannot ban someone for a century by accident. Default `365d`; at least `1s`.
+    #[serde(with = "humantime_serde")]
+    pub max_ban_duration: Duration,
+
+    /// Local issuer: a token verifies (VerifyChatToken) only once; its id is remembered until it expires.
+    /// For chat servers that must refuse a replayed token. While Redis is unreachable in fail_open mode each
+    /// replica remembers only the ids it saw. Default `false`.
+    pub single_use_tokens: bool,
+}
+
+impl Default for ModerationConfig {
+    fn default() -> Self {
+        ModerationConfig {
+            max_ban_duration: Duration::from_secs(365 * 24 * 3600),
+            single_use_tokens: false,
         }
     }
 }
@@ -278,6 +306,14 @@ pub struct IvsConfig {
 
     /// Calls admitted at once from a fully recovered quota. Default `20`; at least 1.
     pub quota_burst: u32,
+
+    /// Upstream quota guard for DisconnectUser (ModerationService DisconnectUser and BanUser): calls per AWS
+    /// account and region across this deployment (IVS allows 100 per second, not adjustable). Calls over it
+    /// are refused with RESOURCE_EXHAUSTED before they reach AWS. Default `"100/s"`.
+    pub disconnect_quota: String,
+
+    /// DisconnectUser calls admitted at once from a fully recovered quota. Default `10`; at least 1.
+    pub disconnect_quota_burst: u32,
 }
 
 impl Default for IvsConfig {
@@ -295,6 +331,8 @@ impl Default for IvsConfig {
             initial_backoff: Duration::from_millis(100),
             quota: "200/s".into(),
             quota_burst: 20,
+            disconnect_quota: "100/s".into(),
+            disconnect_quota_burst: 10,
         }
     }
 }
@@ -312,6 +350,23 @@ impl IvsConfig {
                 setting: "ivs.quota_burst".into(),
                 reason: "must be at least 1".into(),
             })?;
+        Ok(crate::ratelimit::Quota::new(rate, burst))
+    }
+
+    /// The DisconnectUser quota guard's GCRA parameters.
+    pub fn disconnect_quota(&self) -> Result<crate::ratelimit::Quota, ConfigError> {
+        let rate = crate::ratelimit::Rate::parse(&self.disconnect_quota).map_err(|reason| {
+            ConfigError::Invalid {
+                setting: "ivs.disconnect_quota".into(),
+                reason,
+            }
+        })?;
+        let burst = std::num::NonZeroU32::new(self.disconnect_quota_burst).ok_or_else(|| {
+            ConfigError::Invalid {
+                setting: "ivs.disconnect_quota_burst".into(),
+                reason: "must be at least 1".into(),
+            }
+        })?;
         Ok(crate::ratelimit::Quota::new(rate, burst))
     }
 }
@@ -652,6 +707,16 @@ impl Config {
             });
         }
         self.ivs.quota()?;
+        self.ivs.disconnect_quota()?;
+        if self.moderation.max_ban_duration < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                setting: "moderation.max_ban_duration".into(),
+                reason: format!(
+                    "must be at least 1s, got {}",
+                    humantime::format_duration(self.moderation.max_ban_duration)
+                ),
+            });
+        }
         if self.ivs.max_attempts == 0 {
             return Err(ConfigError::Invalid {
                 setting: "ivs.max_attempts".into(),

@@ -21,6 +21,8 @@
 //! Decisions have microsecond resolution: intervals are truncated to whole microseconds, and at least
 //! 1 µs, so a single key admits at most 1,000,000 requests per second.
 //!
+//! Bans, revocations and used token ids live here too ([`moderation`]'s keys, documented there).
+//!
 //! This store has no timeout or failure policy of its own; [`super::fallback::FallbackStore`] adds them.
 
 use std::{fmt::Write as _, sync::Arc, time::Duration};
@@ -34,6 +36,8 @@ use redis::{
 };
 
 use super::{Check, Verdict};
+
+mod moderation;
 
 /// Each connection attempt gives up after this long; reconnecting goes on in the background.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
