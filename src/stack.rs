@@ -61,21 +61,9 @@ pub async fn from_config(config: &Config, store: Store) -> Result<Stacks, Config
     match config.issuer {
         IssuerKind::Ivs => {
             // The quota guard shares the rate limits' store, so a shared store shares the IVS budget.
-            let issuer = Arc::new(IvsIssuer::from_environment(&config.ivs, store.clone()).await?);
+            let issuer = IvsIssuer::from_environment(&config.ivs, store.clone()).await?;
             tracing::info!(endpoint = ?config.ivs.endpoint_url, "IVS Chat issuer ready");
-            Ok(Stacks {
-                tokens: compose_parts(
-                    config,
-                    &policy,
-                    store.clone(),
-                    moderation_store.clone(),
-                    issuer.clone(),
-                )?,
-                moderation: Some(Moderation {
-                    stack: moderation(config, &policy, store, moderation_store, issuer)?,
-                    verifier: None,
-                }),
-            })
+            compose_moderated(config, &policy, store, moderation_store, Arc::new(issuer))
         }
         IssuerKind::Local => {
             let settings = &config.local_issuer;
@@ -113,6 +101,34 @@ pub async fn from_config(config: &Config, store: Store) -> Result<Stacks, Config
             })
         }
     }
+}
+
+/// Both stacks around an issuer that is its own moderator (the ivs issuer, or an embedder's), sharing one
+/// policy engine, `store` and the moderation store next to it. VerifyChatToken is not served: only the
+/// local issuer's tokens can be verified here.
+pub fn stacks_with<I: Issuer + Moderator>(
+    config: &Config,
+    store: Store,
+    issuer: Arc<I>,
+) -> Result<Stacks, ConfigError> {
+    let bans = moderation_store(config, &store)?;
+    compose_moderated(config, &load_policy(config)?, store, bans, issuer)
+}
+
+fn compose_moderated<I: Issuer + Moderator>(
+    config: &Config,
+    policy: &Arc<PolicyEngine>,
+    store: Store,
+    bans: ModerationStores,
+    issuer: Arc<I>,
+) -> Result<Stacks, ConfigError> {
+    Ok(Stacks {
+        tokens: compose_parts(config, policy, store.clone(), bans.clone(), issuer.clone())?,
+        moderation: Some(Moderation {
+            stack: moderation(config, policy, store, bans, issuer)?,
+            verifier: None,
+        }),
+    })
 }
 
 /// The moderation store next to `store`: in process beside an in-process limiter, in the same Redis (with
