@@ -85,8 +85,8 @@ async fn a_ban_refuses_only_the_banned_user_and_ends_on_time() {
         .into_inner()
         .ban
         .unwrap();
-    let until: SystemTime = banned.expiration_time.clone().unwrap().try_into().unwrap();
-    let created: SystemTime = banned.created_time.clone().unwrap().try_into().unwrap();
+    let until: SystemTime = banned.expiration_time.unwrap().try_into().unwrap();
+    let created: SystemTime = banned.created_time.unwrap().try_into().unwrap();
     assert_eq!(
         until.duration_since(created).unwrap(),
         Duration::from_secs(2)

@@ -180,7 +180,7 @@ fn admit(
     headers: &HeaderMap,
     body: &Value,
     violations: Vec<(&'static str, String)>,
-) -> Result<SeenCall, Response> {
+) -> Result<SeenCall, Box<Response>> {
     let room = body["roomIdentifier"]
         .as_str()
         .unwrap_or_default()
@@ -189,11 +189,11 @@ fn admit(
     let room_id = room.rsplit('/').next().unwrap_or_default().to_owned();
 
     let Some((signed_region, service)) = signed_scope(headers) else {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::FORBIDDEN,
             "MissingAuthenticationTokenException",
             json!({ "message": "missing SigV4 Authorization header" }),
-        ));
+        )));
     };
     let attempt = {
         let mut attempts = state.attempts.lock().unwrap();
@@ -209,11 +209,11 @@ fn admit(
     };
     if service != "ivschat" || signed_region != room_region {
         state.calls.lock().unwrap().push(call);
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::FORBIDDEN,
             "InvalidSignatureException",
             json!({ "message": format!("credential scope {signed_region}/{service} does not match the room's region {room_region}/ivschat") }),
-        ));
+        )));
     }
     let outcome = if !violations.is_empty() {
         Some(validation(violations))
@@ -255,7 +255,7 @@ fn admit(
     match outcome {
         Some(response) => {
             state.calls.lock().unwrap().push(call);
-            Err(response)
+            Err(Box::new(response))
         }
         None => Ok(call),
     }
@@ -288,7 +288,7 @@ async fn disconnect_user(
     let violations = disconnect_violations(&body);
     let mut call = match admit(&state, "DisconnectUser", &headers, &body, violations) {
         Ok(call) => call,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     call.response = Some(json!({}));
     state.calls.lock().unwrap().push(call);
@@ -303,7 +303,7 @@ async fn create_chat_token(
     let violations = model_violations(&body);
     let mut call = match admit(&state, "CreateChatToken", &headers, &body, violations) {
         Ok(call) => call,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let room_id = body["roomIdentifier"]
         .as_str()
