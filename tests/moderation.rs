@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use chat_token_service::{
-    config::{Config, IssuerKind},
+    config::{Config, IssuerKind, LimiterBackend},
     identity::IdentitySource,
     issuer::ivs::IvsIssuer,
     issuer::local::generate_key,
@@ -18,6 +18,7 @@ use chat_token_service::{
         moderation_service_client::ModerationServiceClient,
         token_service_client::TokenServiceClient,
     },
+    ratelimit::FailureMode,
     stack,
 };
 use common::{
@@ -424,9 +425,23 @@ async fn a_ban_through_one_process_is_refused_by_another_sharing_redis() {
         .await
         .unwrap();
 
+    // Every moderation call is audited with who, which room, a hash of the user, and the outcome; the
+    // user id and the reason never reach the log.
+    let mut logs = Vec::new();
     for binary in [first, second] {
         binary.signal("-TERM");
-        assert!(binary.wait().0.success());
+        let (status, log) = binary.wait();
+        assert!(status.success());
+        logs.extend(log);
+    }
+    let audited = logs
+        .iter()
+        .find(|line| line.contains("moderation done") && line.contains("action=\"BanUser\""))
+        .unwrap_or_else(|| panic!("no audit event for the ban in {logs:#?}"));
+    assert!(audited.contains("user_hash="), "{audited}");
+    assert!(audited.contains(&format!("room={ROOM_ARN}")), "{audited}");
+    for line in &logs {
+        assert!(!line.contains("troll") && !line.contains("raid"), "{line}");
     }
 }
 
@@ -765,4 +780,183 @@ async fn under_the_production_policy_a_web_caller_cannot_ban_and_a_moderator_can
         .await
         .unwrap_err();
     assert_eq!(reason(&banned), "USER_BANNED");
+}
+
+/// A local-issuer config sharing state through the Redis at `url`.
+fn redis_config(keys: &LocalKeys, url: &str, mode: FailureMode) -> Config {
+    let mut config = keys.config();
+    config.limiter.backend = LimiterBackend::Redis;
+    config.limiter.redis_url = Some(toml_secret(url));
+    config.limiter.key_prefix = unique_prefix();
+    config.limiter.failure_mode = mode;
+    config
+}
+
+/// A `Secret` as configuration makes one.
+fn toml_secret(value: &str) -> chat_token_service::config::Secret {
+    serde_json::from_value(serde_json::Value::String(value.into())).unwrap()
+}
+
+#[tokio::test]
+async fn fail_open_keeps_enforcing_every_ban_it_has_seen_while_redis_is_down() {
+    let mut redis = RedisServer::private();
+    let keys = LocalKeys::new();
+    let server =
+        TestServer::from_config(redis_config(&keys, &redis.url(), FailureMode::FailOpen)).await;
+    let mut tokens = server.client().await;
+    let mut moderation = moderation_client(&server).await;
+    moderation
+        .ban_user(ban(ROOM_ARN, "troll", None, "spam"))
+        .await
+        .unwrap();
+
+    redis.stop();
+    let refused = tokens
+        .create_chat_token(token_request(ROOM_ARN, "troll"))
+        .await
+        .unwrap_err();
+    assert_banned(&refused, None, "spam");
+    // The service keeps serving everyone else, and bans made during the outage hold on this replica.
+    tokens
+        .create_chat_token(token_request(ROOM_ARN, "bystander"))
+        .await
+        .unwrap();
+    moderation
+        .ban_user(ban(ROOM_ARN, "bystander", None, "late"))
+        .await
+        .unwrap();
+    let refused = tokens
+        .create_chat_token(token_request(ROOM_ARN, "bystander"))
+        .await
+        .unwrap_err();
+    assert_banned(&refused, None, "late");
+}
+
+#[tokio::test]
+async fn fail_closed_refuses_tokens_and_moderation_while_redis_is_down() {
+    let mut redis = RedisServer::private();
+    let keys = LocalKeys::new();
+    let server =
+        TestServer::from_config(redis_config(&keys, &redis.url(), FailureMode::FailClosed)).await;
+    let mut tokens = server.client().await;
+    let mut moderation = moderation_client(&server).await;
+    tokens
+        .create_chat_token(token_request(ROOM_ARN, "user-1"))
+        .await
+        .unwrap();
+
+    redis.stop();
+    let refused = tokens
+        .create_chat_token(token_request(ROOM_ARN, "user-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let refused = moderation
+        .ban_user(ban(ROOM_ARN, "user-1", None, "spam"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+}
+
+#[tokio::test]
+async fn redis_list_bans_pages_skip_ended_bans_and_cover_the_rest_once() {
+    let redis = RedisServer::shared();
+    let keys = LocalKeys::new();
+    let server =
+        TestServer::from_config(redis_config(&keys, &redis.url(), FailureMode::FailClosed)).await;
+    let mut moderation = moderation_client(&server).await;
+    for i in 0..6 {
+        // Every other ban ends after a second.
+        let seconds = if i % 2 == 0 { Some(1) } else { None };
+        moderation
+            .ban_user(ban(ROOM_ARN, &format!("user-{i}"), seconds, "r"))
+            .await
+            .unwrap();
+    }
+    let list = |page_token: String| ListBansRequest {
+        room_identifier: ROOM_ARN.into(),
+        page_size: 2,
+        page_token,
+    };
+    let first = moderation
+        .list_bans(list(String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.bans.len(), 2);
+    assert!(!first.next_page_token.is_empty());
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut users = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = moderation
+            .list_bans(list(page_token))
+            .await
+            .unwrap()
+            .into_inner();
+        users.extend(page.bans.into_iter().map(|b| b.user_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    users.sort();
+    assert_eq!(users, ["user-1", "user-3", "user-5"]);
+}
+
+#[tokio::test]
+async fn reflection_describes_the_moderation_service() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let keys = LocalKeys::new();
+    let server = TestServer::from_config(keys.config()).await;
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let requests = tokio_stream::iter([
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        },
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "ivschat.v1.ModerationService".into(),
+            )),
+        },
+    ]);
+    let mut responses = client
+        .server_reflection_info(requests)
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    assert!(
+        list.service
+            .iter()
+            .any(|s| s.name == "ivschat.v1.ModerationService"),
+        "{list:?}"
+    );
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected file descriptors");
+    };
+    let described = files.file_descriptor_proto.iter().any(|file| {
+        prost::Message::decode(file.as_slice()).is_ok_and(
+            |file: prost_types::FileDescriptorProto| {
+                file.name() == "ivschat/v1/moderation_service.proto"
+                    && file
+                        .service
+                        .iter()
+                        .any(|s| s.name() == "ModerationService" && s.method.len() == 5)
+            },
+        )
+    });
+    assert!(described, "ModerationService with its five methods");
 }
