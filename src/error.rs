@@ -527,6 +527,61 @@ mod tests {
     }
 
     #[test]
+    fn user_banned_is_permission_denied_with_the_end_of_the_ban_only() {
+        let end = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let status = Status::from(Error::UserBanned {
+            expires_at: Some(end),
+        });
+        assert_eq!(status.code(), Code::PermissionDenied);
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "USER_BANNED");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+        assert_eq!(info.metadata["expires_at"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(info.metadata.len(), 1);
+
+        let until_lifted = Status::from(Error::UserBanned { expires_at: None });
+        assert!(
+            until_lifted
+                .get_details_error_info()
+                .unwrap()
+                .metadata
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn token_rejections_carry_their_reason_genuine_ones_as_failed_precondition() {
+        use TokenRejection::*;
+        for (rejection, code, reason) in [
+            (Malformed, Code::InvalidArgument, "TOKEN_MALFORMED"),
+            (UnknownKey, Code::InvalidArgument, "TOKEN_UNKNOWN_KEY"),
+            (Tampered, Code::InvalidArgument, "TOKEN_TAMPERED"),
+            (NotYetValid, Code::FailedPrecondition, "TOKEN_NOT_YET_VALID"),
+            (Expired, Code::FailedPrecondition, "TOKEN_EXPIRED"),
+            (Revoked, Code::FailedPrecondition, "TOKEN_REVOKED"),
+            (AlreadyUsed, Code::FailedPrecondition, "TOKEN_ALREADY_USED"),
+        ] {
+            let status = Status::from(Error::TokenRejected(rejection));
+            assert_eq!(status.code(), code, "{rejection:?}");
+            assert_eq!(status.get_details_error_info().unwrap().reason, reason);
+        }
+    }
+
+    #[test]
+    fn unsupported_is_unimplemented_and_a_full_store_resource_exhausted() {
+        assert_eq!(
+            Status::from(Error::Unsupported("not here")).code(),
+            Code::Unimplemented
+        );
+        let full = Status::from(Error::StoreFull { capacity: 3 });
+        assert_eq!(full.code(), Code::ResourceExhausted);
+        assert_eq!(
+            full.get_details_error_info().unwrap().reason,
+            "MODERATION_STORE_FULL"
+        );
+    }
+
+    #[test]
     fn internal_hides_the_detail_from_the_caller() {
         let status = Status::from(Error::Internal("key material exploded".into()));
         assert_eq!(status.code(), Code::Internal);
