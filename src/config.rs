@@ -895,6 +895,36 @@ mod tests {
         assert_eq!(example.limiter.failure_mode, defaults.limiter.failure_mode);
         assert_eq!(example.limiter.key_prefix, defaults.limiter.key_prefix);
         assert!(example.rate_limits.is_empty());
+        assert_eq!(example.ivs.disconnect_quota, defaults.ivs.disconnect_quota);
+        assert_eq!(
+            example.ivs.disconnect_quota_burst,
+            defaults.ivs.disconnect_quota_burst
+        );
+        assert_eq!(
+            example.moderation.max_ban_duration,
+            defaults.moderation.max_ban_duration
+        );
+        assert_eq!(
+            example.moderation.single_use_tokens,
+            defaults.moderation.single_use_tokens
+        );
+    }
+
+    #[test]
+    fn moderation_and_disconnect_quota_settings_are_checked() {
+        let err = load_str("[moderation]\nmax_ban_duration = \"0s\"").unwrap_err();
+        assert!(
+            err.to_string().contains("moderation.max_ban_duration"),
+            "{err}"
+        );
+        assert!(load_str("[moderation]\nmax_ban_duration = \"1s\"").is_ok());
+        let err = load_str("[ivs]\ndisconnect_quota_burst = 0").unwrap_err();
+        assert!(
+            err.to_string().contains("ivs.disconnect_quota_burst"),
+            "{err}"
+        );
+        let err = load_str("[ivs]\ndisconnect_quota = \"fast\"").unwrap_err();
+        assert!(err.to_string().contains("ivs.disconnect_quota"), "{err}");
     }
 
     #[test]

@@ -960,3 +960,73 @@ async fn reflection_describes_the_moderation_service() {
     });
     assert!(described, "ModerationService with its five methods");
 }
+
+#[tokio::test]
+async fn bans_work_in_redis_cluster_under_hashed_keys_that_expire_with_the_ban() {
+    let redis = RedisServer::cluster();
+    let keys = LocalKeys::new();
+    let mut config = redis_config(&keys, &redis.url(), FailureMode::FailClosed);
+    config.limiter.redis_cluster = true;
+    let prefix = config.limiter.key_prefix.clone();
+    let server = TestServer::from_config(config).await;
+    let mut tokens = server.client().await;
+    let mut moderation = moderation_client(&server).await;
+
+    moderation
+        .ban_user(ban(ROOM_ARN, "troll", Some(600), "spam"))
+        .await
+        .unwrap();
+    let refused = tokens
+        .create_chat_token(token_request(ROOM_ARN, "troll"))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&refused), "USER_BANNED");
+
+    // No key names the user or the room; the ban record and its index expire with the ban.
+    let stored = redis.keys(&prefix);
+    assert!(!stored.is_empty());
+    for key in &stored {
+        assert!(
+            !key.contains("troll") && !key.contains("g1H2I3j4k5L6"),
+            "{key}"
+        );
+    }
+    for kind in [":ban:", ":bans:"] {
+        let key = stored.iter().find(|k| k.contains(kind)).unwrap();
+        let ttl: u64 = redis
+            .command(&["PTTL", key])
+            .trim_start_matches(':')
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(ttl > 590_000 && ttl <= 600_000, "{key}: {ttl}");
+    }
+
+    let listed = moderation
+        .list_bans(ListBansRequest {
+            room_identifier: ROOM_ARN.into(),
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.bans.len(), 1);
+    let unban = UnbanUserRequest {
+        room_identifier: ROOM_ARN.into(),
+        user_id: "troll".into(),
+    };
+    assert!(
+        moderation
+            .unban_user(unban)
+            .await
+            .unwrap()
+            .into_inner()
+            .was_banned
+    );
+    tokens
+        .create_chat_token(token_request(ROOM_ARN, "troll"))
+        .await
+        .unwrap();
+    assert!(redis.keys(&prefix).iter().all(|k| !k.contains(":ban")));
+}

@@ -36,6 +36,12 @@ const MAX_LIST_ROUNDS: usize = 8;
 /// Writes a ban and indexes it, in one atomic step; the index lives as long as its longest ban.
 static BAN_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(BAN_SOURCE));
 
+/// Deletes a ban and its index entry in one atomic step (a script, so it also holds in Redis Cluster,
+/// where both keys share the room's slot); answers how many ban records it deleted.
+static UNBAN_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new("redis.call('ZREM', KEYS[2], ARGV[1])\nreturn redis.call('DEL', KEYS[1])")
+});
+
 const BAN_SOURCE: &str = r"
 -- KEYS[1] ban record, KEYS[2] the room's index; ARGV[1] record, ARGV[2] member, ARGV[3] ms to live (0: until unbanned)
 local ttl = tonumber(ARGV[3])
@@ -128,13 +134,6 @@ impl RedisStore {
         }
     }
 
-    async fn query_pipe<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> RedisResult<T> {
-        match &self.connection {
-            Connection::Single(connection) => pipe.query_async(&mut connection.clone()).await,
-            Connection::Cluster(connection) => pipe.query_async(&mut connection.clone()).await,
-        }
-    }
-
     /// Puts `ban` in force: the record with the ban's TTL, and its index entry.
     pub(crate) async fn put_ban(&self, ban: &Ban) -> RedisResult<()> {
         let room = digest_hex(ban.room.as_str());
@@ -170,11 +169,16 @@ impl RedisStore {
     pub(crate) async fn remove_ban(&self, room: &RoomArn, user_id: &UserId) -> RedisResult<bool> {
         let room = digest_hex(room.as_str());
         let user = digest_hex(user_id.expose());
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .del(self.ban_key(&room, &user))
-            .zrem(self.index_key(&room), &user);
-        let (deleted, _): (u32, u32) = self.query_pipe(&pipe).await?;
+        let mut invocation = UNBAN_SCRIPT.key(self.ban_key(&room, &user));
+        invocation.key(self.index_key(&room)).arg(&user);
+        let deleted: u32 = match &self.connection {
+            Connection::Single(connection) => {
+                invocation.invoke_async(&mut connection.clone()).await?
+            }
+            Connection::Cluster(connection) => {
+                invocation.invoke_async(&mut connection.clone()).await?
+            }
+        };
         Ok(deleted == 1)
     }
 
