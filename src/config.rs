@@ -83,12 +83,15 @@ pub struct Config {
     /// RESOURCE_EXHAUSTED and consumes nothing from the others. Default: none.
     pub rate_limits: Vec<LimitConfig>,
 
-    /// Where rate-limit state is kept.
+    /// Where rate-limit state is kept; bans, revocations and used token ids live there too.
     pub limiter: LimiterConfig,
 
     /// IVS Chat's own REST-JSON API (`POST /CreateChatToken`) on the same listener, for the AWS CLI and
     /// SDKs.
     pub http_api: HttpApiConfig,
+
+    /// Moderation: bans and token verification (ivschat.v1.ModerationService).
+    pub moderation: ModerationConfig,
 }
 
 impl Default for Config {
@@ -109,6 +112,7 @@ impl Default for Config {
             rate_limits: Vec::new(),
             limiter: LimiterConfig::default(),
             http_api: HttpApiConfig::default(),
+            moderation: ModerationConfig::default(),
         }
     }
 }
@@ -133,6 +137,30 @@ impl Default for HttpApiConfig {
         HttpApiConfig {
             enabled: true,
             max_body_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// Settings of the moderation service.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModerationConfig {
+    /// Longest ban BanUser accepts with a duration (a ban without one lasts until UnbanUser), so a typo
+    /// cannot ban someone for a century by accident. Default `365d`; at least `1s`.
+    #[serde(with = "humantime_serde")]
+    pub max_ban_duration: Duration,
+
+    /// Local issuer: a token verifies (VerifyChatToken) only once; its id is remembered until it expires.
+    /// For chat servers that must refuse a replayed token. While Redis is unreachable in fail_open mode each
+    /// replica remembers only the ids it saw. Default `false`.
+    pub single_use_tokens: bool,
+}
+
+impl Default for ModerationConfig {
+    fn default() -> Self {
+        ModerationConfig {
+            max_ban_duration: Duration::from_secs(365 * 24 * 3600),
+            single_use_tokens: false,
         }
     }
 }
@@ -365,6 +393,14 @@ pub struct IvsConfig {
 
     /// Calls admitted at once from a fully recovered quota. Default `20`; at least 1.
     pub quota_burst: u32,
+
+    /// Upstream quota guard for DisconnectUser (ModerationService DisconnectUser and BanUser): calls per AWS
+    /// account and region across this deployment (IVS allows 100 per second, not adjustable). Calls over it
+    /// are refused with RESOURCE_EXHAUSTED before they reach AWS. Default `"100/s"`.
+    pub disconnect_quota: String,
+
+    /// DisconnectUser calls admitted at once from a fully recovered quota. Default `10`; at least 1.
+    pub disconnect_quota_burst: u32,
 }
 
 impl Default for IvsConfig {
@@ -382,6 +418,8 @@ impl Default for IvsConfig {
             initial_backoff: Duration::from_millis(100),
             quota: "200/s".into(),
             quota_burst: 20,
+            disconnect_quota: "100/s".into(),
+            disconnect_quota_burst: 10,
         }
     }
 }
@@ -399,6 +437,23 @@ impl IvsConfig {
                 setting: "ivs.quota_burst".into(),
                 reason: "must be at least 1".into(),
             })?;
+        Ok(crate::ratelimit::Quota::new(rate, burst))
+    }
+
+    /// The DisconnectUser quota guard's GCRA parameters.
+    pub fn disconnect_quota(&self) -> Result<crate::ratelimit::Quota, ConfigError> {
+        let rate = crate::ratelimit::Rate::parse(&self.disconnect_quota).map_err(|reason| {
+            ConfigError::Invalid {
+                setting: "ivs.disconnect_quota".into(),
+                reason,
+            }
+        })?;
+        let burst = std::num::NonZeroU32::new(self.disconnect_quota_burst).ok_or_else(|| {
+            ConfigError::Invalid {
+                setting: "ivs.disconnect_quota_burst".into(),
+                reason: "must be at least 1".into(),
+            }
+        })?;
         Ok(crate::ratelimit::Quota::new(rate, burst))
     }
 }
@@ -739,6 +794,16 @@ impl Config {
             });
         }
         self.ivs.quota()?;
+        self.ivs.disconnect_quota()?;
+        if self.moderation.max_ban_duration < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                setting: "moderation.max_ban_duration".into(),
+                reason: format!(
+                    "must be at least 1s, got {}",
+                    humantime::format_duration(self.moderation.max_ban_duration)
+                ),
+            });
+        }
         if self.ivs.max_attempts == 0 {
             return Err(ConfigError::Invalid {
                 setting: "ivs.max_attempts".into(),
@@ -951,6 +1016,36 @@ mod tests {
         assert_eq!(example.limiter.failure_mode, defaults.limiter.failure_mode);
         assert_eq!(example.limiter.key_prefix, defaults.limiter.key_prefix);
         assert!(example.rate_limits.is_empty());
+        assert_eq!(example.ivs.disconnect_quota, defaults.ivs.disconnect_quota);
+        assert_eq!(
+            example.ivs.disconnect_quota_burst,
+            defaults.ivs.disconnect_quota_burst
+        );
+        assert_eq!(
+            example.moderation.max_ban_duration,
+            defaults.moderation.max_ban_duration
+        );
+        assert_eq!(
+            example.moderation.single_use_tokens,
+            defaults.moderation.single_use_tokens
+        );
+    }
+
+    #[test]
+    fn moderation_and_disconnect_quota_settings_are_checked() {
+        let err = load_str("[moderation]\nmax_ban_duration = \"0s\"").unwrap_err();
+        assert!(
+            err.to_string().contains("moderation.max_ban_duration"),
+            "{err}"
+        );
+        assert!(load_str("[moderation]\nmax_ban_duration = \"1s\"").is_ok());
+        let err = load_str("[ivs]\ndisconnect_quota_burst = 0").unwrap_err();
+        assert!(
+            err.to_string().contains("ivs.disconnect_quota_burst"),
+            "{err}"
+        );
+        let err = load_str("[ivs]\ndisconnect_quota = \"fast\"").unwrap_err();
+        assert!(err.to_string().contains("ivs.disconnect_quota"), "{err}");
     }
 
     #[test]

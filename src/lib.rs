@@ -16,6 +16,8 @@
 //! - [`ratelimit`]: the rate-limit layer, GCRA, and the limiter stores: in memory, or shared through Redis
 //!   with a timeout and a fail_open / fail_closed fallback.
 //! - [`issuer`]: the [`issuer::Issuer`] seam and the [`issuer::local`] PASETO issuer, with verification.
+//! - [`moderation`]: `ivschat.v1.ModerationService` (disconnect, ban, unban, list bans, verify a token), the
+//!   ban check in the token stack, and the moderation state kept in the limiter store's backend.
 //! - [`error`]: the single table from domain errors to gRPC codes and `google.rpc` details.
 //! - [`tls`]: rustls termination, mutual TLS, certificate reload; [`reload`]: the file watcher both use.
 //! - [`telemetry`]: logs (text or JSON), OpenTelemetry traces and metrics over OTLP, the RPC span layer.
@@ -29,10 +31,15 @@
 //!                               the caller's deadline → DEADLINE_EXCEEDED
 //!   ▶ stack::TokenStack         tower::Service<TokenRequest, Response = IssuedToken>
 //!       ▶ policy::PolicyLayer         Cedar; deny → PERMISSION_DENIED
+//!       ▶ moderation::BanCheckLayer   banned user → PERMISSION_DENIED, ErrorInfo USER_BANNED
 //!       ▶ ratelimit::RateLimitLayer   GCRA per caller / user / room, in memory or Redis; over →
 //!                                     RESOURCE_EXHAUSTED; Redis down + fail_closed → UNAVAILABLE
 //!       ▶ issuer                      local (PASETO v4.local) or ivs (aws-sdk-ivschat + quota guard)
 //!   ◀ IssuedToken → CreateChatTokenResponse, or error::Error → tonic::Status (one table)
+//!
+//! ModerationService takes the same path through its own handler (moderation::ModerationGrpc) and
+//! stack::ModerationStack: identity, validation, PolicyLayer, RateLimitLayer, then the moderator (IVS
+//! DisconnectUser, or local revocation) and the ban store.
 //! ```
 
 pub mod config;
@@ -40,6 +47,7 @@ pub mod error;
 pub mod identity;
 pub mod inflight;
 pub mod issuer;
+pub mod moderation;
 pub mod policy;
 pub mod ratelimit;
 pub mod reload;

@@ -79,7 +79,7 @@ async fn serve(
 async fn serve_with(config: &Config) -> Result<(), Box<dyn std::error::Error>> {
     let store = stack::limiter_store(config)?;
     let readiness = store.readiness();
-    let stack = stack::from_config(config, store).await?;
+    let stacks = stack::from_config(config, store).await?;
     let listener = TcpListener::bind(config.listen_addr)
         .await
         .map_err(|e| format!("cannot listen on {} (listen_addr): {e}", config.listen_addr))?;
@@ -88,7 +88,7 @@ async fn serve_with(config: &Config) -> Result<(), Box<dyn std::error::Error>> {
         issuer = ?config.issuer,
         "chat-token-service listening"
     );
-    server::run(listener, config, stack, readiness, shutdown_signal()).await?;
+    server::run(listener, config, stacks, readiness, shutdown_signal()).await?;
     Ok(())
 }
 

@@ -20,9 +20,16 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::config::{Config, ConfigError};
 use crate::inflight::{Calls, InFlightLayer};
-use crate::proto::{FILE_DESCRIPTOR_SET, ivschat::v1::token_service_server::TokenServiceServer};
+use crate::moderation::ModerationGrpc;
+use crate::proto::{
+    FILE_DESCRIPTOR_SET,
+    ivschat::v1::{
+        moderation_service_server::ModerationServiceServer,
+        token_service_server::TokenServiceServer,
+    },
+};
 use crate::service::{Door, TokenService};
-use crate::stack::TokenStack;
+use crate::stack::Stacks;
 use crate::telemetry::{metrics::observe_in_flight, rpc::RpcTraceLayer};
 use crate::tls::{Tls, TlsError};
 
@@ -43,17 +50,19 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves on `listener` until `shutdown` completes, then drains as described in the module docs.
+/// Serves `stacks` (the token stack, and ModerationService when it has a moderation stack) on `listener`
+/// until `shutdown` completes, then drains as described in the module docs.
 ///
 /// `readiness`, when given, is what the token service's health follows until shutdown: `true` SERVING,
 /// `false` NOT_SERVING (see [`crate::ratelimit::Store::readiness`]).
 pub async fn run(
     listener: TcpListener,
     config: &Config,
-    stack: TokenStack,
+    stacks: impl Into<Stacks>,
     readiness: Option<watch::Receiver<bool>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    let stacks = stacks.into();
     let (health, health_service) = tonic_health::server::health_reporter();
     let ready = readiness.as_ref().is_none_or(|ready| *ready.borrow());
     health
@@ -81,10 +90,20 @@ pub async fn run(
     let door = Door::new(
         config.identity.resolver(config.reload_interval)?,
         config.issuer.name(),
-        stack,
+        stacks.tokens,
     );
     let token_service = TokenServiceServer::new(TokenService::new(door.clone()))
         .max_decoding_message_size(config.max_request_bytes);
+    let moderation_service = stacks.moderation.map(|moderation| {
+        ModerationServiceServer::new(ModerationGrpc::new(
+            door.identity().clone(),
+            config.issuer.name(),
+            moderation.stack,
+            moderation.verifier,
+            config.moderation.max_ban_duration,
+        ))
+        .max_decoding_message_size(config.max_request_bytes)
+    });
 
     let calls = Calls::default();
     observe_in_flight({
@@ -106,6 +125,9 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(token_service);
+    if let Some(moderation_service) = moderation_service {
+        routes.add_service(moderation_service);
+    }
     let mut routes = routes.routes();
     // The IVS Chat REST-JSON API: its routes beside the gRPC ones, over HTTP/1.1 as well as HTTP/2.
     if config.http_api.enabled {

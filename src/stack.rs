@@ -1,5 +1,8 @@
-//! The one place the domain stack is composed: the tower services between the gRPC handler and the
-//! issuer, and the choice of issuer from configuration.
+//! The one place the domain stacks are composed: the tower services between the gRPC handlers and the
+//! issuer (CreateChatToken) or moderator (ModerationService), and the choice of issuer from configuration.
+//!
+//! Both stacks share one policy engine, one limiter store and one moderation store, so a ban made through
+//! the moderation stack is what the token stack's ban check reads.
 
 use std::{ops::ControlFlow, sync::Arc};
 
@@ -7,7 +10,13 @@ use tower::{ServiceBuilder, util::BoxCloneSyncService};
 
 use crate::config::{Config, ConfigError, IssuerKind, KeySource};
 use crate::error::Error;
-use crate::issuer::{IssuedToken, Issuer, IssuerService, ivs::IvsIssuer, local::LocalIssuer};
+use crate::issuer::{
+    IssuedToken, Issuer, IssuerService, ivs::IvsIssuer, local::KeySet, local::LocalIssuer,
+};
+use crate::moderation::{
+    BanCheckLayer, ModerationOutcome, ModerationRequest, ModerationService, ModerationStores,
+    Moderator, local::LocalModerator, store::MemoryModeration, store::SharedModeration,
+};
 use crate::policy::{PolicyEngine, PolicyLayer, PolicySource};
 use crate::ratelimit::{FallbackStore, MemoryStore, RateLimitLayer, RedisStore, Store};
 use crate::reload::{self, Trigger};
@@ -16,15 +25,45 @@ use crate::request::TokenRequest;
 /// The domain stack as the handler sees it: a validated request in, a token or a domain error out.
 pub type TokenStack = BoxCloneSyncService<TokenRequest, IssuedToken, Error>;
 
-/// Builds the stack `config` describes around `store`, the process's one limiter store (from
+/// The moderation stack as its handler sees it.
+pub type ModerationStack = BoxCloneSyncService<ModerationRequest, ModerationOutcome, Error>;
+
+/// What the server serves: the token stack, and the moderation service when there is a moderator.
+pub struct Stacks {
+    /// CreateChatToken.
+    pub tokens: TokenStack,
+    /// ModerationService; `None` for a stack composed around an embedder's own issuer.
+    pub moderation: Option<Moderation>,
+}
+
+/// The moderation stack and what its handler needs besides.
+pub struct Moderation {
+    /// DisconnectUser, BanUser, UnbanUser, ListBans, VerifyChatToken.
+    pub stack: ModerationStack,
+    /// The local issuer's keys, which open tokens for VerifyChatToken; `None` with the ivs issuer.
+    pub verifier: Option<Arc<KeySet>>,
+}
+
+impl From<TokenStack> for Stacks {
+    fn from(tokens: TokenStack) -> Self {
+        Stacks {
+            tokens,
+            moderation: None,
+        }
+    }
+}
+
+/// Builds the stacks `config` describes around `store`, the process's one limiter store (from
 /// [`limiter_store`]). Starts policy reloading, so call it inside a tokio runtime.
-pub async fn from_config(config: &Config, store: Store) -> Result<TokenStack, ConfigError> {
+pub async fn from_config(config: &Config, store: Store) -> Result<Stacks, ConfigError> {
+    let policy = load_policy(config)?;
+    let moderation_store = moderation_store(config, &store)?;
     match config.issuer {
         IssuerKind::Ivs => {
             // The quota guard shares the rate limits' store, so a shared store shares the IVS budget.
             let issuer = IvsIssuer::from_environment(&config.ivs, store.clone()).await?;
             tracing::info!(endpoint = ?config.ivs.endpoint_url, "IVS Chat issuer ready");
-            compose_with(config, store, issuer)
+            compose_moderated(config, &policy, store, moderation_store, Arc::new(issuer))
         }
         IssuerKind::Local => {
             let settings = &config.local_issuer;
@@ -42,9 +81,66 @@ pub async fn from_config(config: &Config, store: Store) -> Result<TokenStack, Co
                     "local issuer keys loaded"
                 );
             }
-            compose_with(config, store, LocalIssuer::new(keys, settings.token_ttl))
+            let moderator = LocalModerator::new(
+                moderation_store.clone(),
+                settings.token_ttl,
+                config.moderation.single_use_tokens,
+            );
+            Ok(Stacks {
+                tokens: compose_parts(
+                    config,
+                    &policy,
+                    store.clone(),
+                    moderation_store.clone(),
+                    LocalIssuer::new(keys.clone(), settings.token_ttl),
+                )?,
+                moderation: Some(Moderation {
+                    stack: moderation(config, &policy, store, moderation_store, moderator)?,
+                    verifier: Some(keys),
+                }),
+            })
         }
     }
+}
+
+/// Both stacks around an issuer that is its own moderator (the ivs issuer, or an embedder's), sharing one
+/// policy engine, `store` and the moderation store next to it. VerifyChatToken is not served: only the
+/// local issuer's tokens can be verified here.
+pub fn stacks_with<I: Issuer + Moderator>(
+    config: &Config,
+    store: Store,
+    issuer: Arc<I>,
+) -> Result<Stacks, ConfigError> {
+    let bans = moderation_store(config, &store)?;
+    compose_moderated(config, &load_policy(config)?, store, bans, issuer)
+}
+
+fn compose_moderated<I: Issuer + Moderator>(
+    config: &Config,
+    policy: &Arc<PolicyEngine>,
+    store: Store,
+    bans: ModerationStores,
+    issuer: Arc<I>,
+) -> Result<Stacks, ConfigError> {
+    Ok(Stacks {
+        tokens: compose_parts(config, policy, store.clone(), bans.clone(), issuer.clone())?,
+        moderation: Some(Moderation {
+            stack: moderation(config, policy, store, bans, issuer)?,
+            verifier: None,
+        }),
+    })
+}
+
+/// The moderation store next to `store`: in process beside an in-process limiter, in the same Redis (with
+/// its timeout and failure mode) beside a Redis limiter. Call it once per process, like [`limiter_store`].
+pub fn moderation_store(config: &Config, store: &Store) -> Result<ModerationStores, ConfigError> {
+    let capacity = config.limiter.max_tracked_keys()?;
+    Ok(match store {
+        Store::Memory(_) => ModerationStores::Memory(MemoryModeration::new(capacity)),
+        Store::Redis(shared) => {
+            ModerationStores::Redis(SharedModeration::new(shared.clone(), capacity))
+        }
+    })
 }
 
 /// The limiter store `config.limiter` chooses. Call it once per process and hand clones to everything that
@@ -91,15 +187,45 @@ pub fn compose_with<I: Issuer>(
     store: Store,
     issuer: I,
 ) -> Result<TokenStack, ConfigError> {
-    let policy = PolicyLayer::new(load_policy(config)?, config.policy.shadow);
-    let rate_limits = RateLimitLayer::new(config.limits()?, store);
+    let bans = moderation_store(config, &store)?;
+    compose_parts(config, &load_policy(config)?, store, bans, issuer)
+}
+
+fn compose_parts<I: Issuer>(
+    config: &Config,
+    policy: &Arc<PolicyEngine>,
+    store: Store,
+    bans: ModerationStores,
+    issuer: I,
+) -> Result<TokenStack, ConfigError> {
     let stack = ServiceBuilder::new()
         // Policy first: Cedar answers in microseconds, and a caller it denies must consume no rate-limit
-        // budget or upstream quota.
-        .layer(policy)
+        // budget or upstream quota, nor learn whether a user is banned.
+        .layer(PolicyLayer::new(policy.clone(), config.policy.shadow))
+        // Then bans: a banned user's requests consume no budget either.
+        .layer(BanCheckLayer::new(bans))
         // Then rate limits, directly over the issuer: only requests that would be issued consume quota.
-        .layer(rate_limits)
+        .layer(RateLimitLayer::new(config.limits()?, store))
         .service(IssuerService::new(issuer));
+    Ok(BoxCloneSyncService::new(stack))
+}
+
+/// The moderation stack: the same policy engine and limits as the token stack, over `moderator` and the
+/// ban store.
+pub fn moderation<M: Moderator>(
+    config: &Config,
+    policy: &Arc<PolicyEngine>,
+    store: Store,
+    bans: ModerationStores,
+    moderator: M,
+) -> Result<ModerationStack, ConfigError> {
+    let stack = ServiceBuilder::new()
+        // Policy first, for the same reasons as for tokens: the production policy gives these actions to
+        // moderators (and VerifyChatToken to chat servers) only.
+        .layer(PolicyLayer::new(policy.clone(), config.policy.shadow))
+        // The configured limits count moderation calls in budgets of their own (see `Limited::scope`).
+        .layer(RateLimitLayer::new(config.limits()?, store))
+        .service(ModerationService::new(moderator, bans));
     Ok(BoxCloneSyncService::new(stack))
 }
 

@@ -9,6 +9,9 @@
 //!   quota cannot be raised. A GCRA limit per account+region, kept in the same limiter store as the rate
 //!   limits (so replicas sharing a store share the budget), refuses calls over it with RESOURCE_EXHAUSTED
 //!   before they reach AWS.
+//! - **DisconnectUser**: the issuer is also the [`Moderator`] of the ivs deployment: DisconnectUser goes to
+//!   the room's region with the same clients, timeouts, retries and error mapping, under a quota guard of
+//!   its own (IVS allows 100 DisconnectUser calls per second per account and region).
 //! - **Errors**: SDK errors are mapped to [`Error`] here and nowhere else; SDK types never leave this module.
 
 use std::{
@@ -23,7 +26,9 @@ use aws_config::{
 use aws_sdk_ivschat::{
     Client,
     error::{ProvideErrorMetadata, SdkError},
-    operation::{RequestId, create_chat_token::CreateChatTokenError},
+    operation::{
+        RequestId, create_chat_token::CreateChatTokenError, disconnect_user::DisconnectUserError,
+    },
     types::ChatTokenCapability,
 };
 use opentelemetry::KeyValue;
@@ -33,12 +38,16 @@ use tracing::Instrument;
 use super::{IssuedToken, Issuer};
 use crate::config::{ConfigError, IvsConfig};
 use crate::error::{Error, ExceededLimit, FieldViolation, UpstreamKind};
+use crate::issuer::local::TokenClaims;
+use crate::moderation::{Moderator, Reason};
 use crate::ratelimit::{Check, LimiterStore, Quota, Verdict};
-use crate::request::{Capability, RoomArn, TokenRequest};
+use crate::request::{Capability, RoomArn, TokenRequest, UserId};
 use crate::telemetry::metrics::metrics;
 
 /// The quota guard's name in RESOURCE_EXHAUSTED refusals.
 pub const QUOTA_LIMIT_NAME: &str = "ivs-quota";
+/// The DisconnectUser quota guard's name in RESOURCE_EXHAUSTED refusals.
+pub const DISCONNECT_QUOTA_LIMIT_NAME: &str = "ivs-disconnect-quota";
 
 /// Which client serves a call: its region, and the role assumed for its account, if any.
 type ClientKey = (String, Option<String>);
@@ -54,6 +63,8 @@ pub struct IvsIssuer<St> {
     /// Where the quota guard keeps its state: the rate limits' store.
     store: St,
     quota: Quota,
+    /// The DisconnectUser quota guard's parameters.
+    disconnect_quota: Quota,
 }
 
 impl<St: LimiterStore> IvsIssuer<St> {
@@ -92,6 +103,7 @@ impl<St: LimiterStore> IvsIssuer<St> {
             .build();
         Ok(IvsIssuer {
             quota: settings.quota()?,
+            disconnect_quota: settings.disconnect_quota()?,
             settings: settings.clone(),
             base,
             clients: Mutex::default(),
@@ -121,11 +133,29 @@ impl<St: LimiterStore> IvsIssuer<St> {
         Ok(())
     }
 
-    /// Admits the call under the account+region quota, or refuses it with the wait until it would fit.
+    /// Admits a CreateChatToken call under the account+region quota, or refuses it with the wait until it
+    /// would fit.
     async fn guard_quota(&self, room: &RoomArn) -> Result<(), Error> {
+        let description = format!(
+            "{}/s CreateChatToken calls per AWS account and region, burst {} (IVS Chat quota)",
+            self.settings.quota.trim_end_matches("/s"),
+            self.settings.quota_burst
+        );
+        self.guard(QUOTA_LIMIT_NAME, self.quota, room, description)
+            .await
+    }
+
+    /// Admits a call named `name` under `quota` for `room`'s account and region.
+    async fn guard(
+        &self,
+        name: &str,
+        quota: Quota,
+        room: &RoomArn,
+        description: String,
+    ) -> Result<(), Error> {
         let check = Check {
-            key: format!("{QUOTA_LIMIT_NAME}:{}:{}", room.account(), room.region()),
-            quota: self.quota,
+            key: format!("{name}:{}:{}", room.account(), room.region()),
+            quota,
             shadow: false,
         };
         let verdicts = self.store.check(std::slice::from_ref(&check)).await?;
@@ -133,12 +163,8 @@ impl<St: LimiterStore> IvsIssuer<St> {
             Some(Verdict::Allowed) => Ok(()),
             Some(Verdict::Denied { retry_after }) => Err(Error::RateLimited {
                 limits: vec![ExceededLimit {
-                    name: QUOTA_LIMIT_NAME.into(),
-                    description: format!(
-                        "{}/s CreateChatToken calls per AWS account and region, burst {} (IVS Chat quota)",
-                        self.settings.quota.trim_end_matches("/s"),
-                        self.settings.quota_burst
-                    ),
+                    name: name.into(),
+                    description,
                 }],
                 retry_after: *retry_after,
             }),
@@ -238,7 +264,7 @@ impl<St: LimiterStore> Issuer for IvsIssuer<St> {
             ],
         );
         let response = response.map_err(|e| {
-            let error = map_error(e);
+            let error = map_error(e, "create tokens for");
             span.record("otel.status_code", "ERROR");
             if let Error::Upstream {
                 request_id: Some(id),
@@ -279,6 +305,96 @@ impl<St: LimiterStore> Issuer for IvsIssuer<St> {
     }
 }
 
+impl<St: LimiterStore> Moderator for IvsIssuer<St> {
+    const NAME: &'static str = "ivs";
+
+    async fn disconnect(
+        &self,
+        room: &RoomArn,
+        user_id: &UserId,
+        reason: &Reason,
+    ) -> Result<(), Error> {
+        self.check_allowed(room)?;
+        let description = format!(
+            "{}/s DisconnectUser calls per AWS account and region, burst {} (IVS Chat quota)",
+            self.settings.disconnect_quota.trim_end_matches("/s"),
+            self.settings.disconnect_quota_burst
+        );
+        self.guard(
+            DISCONNECT_QUOTA_LIMIT_NAME,
+            self.disconnect_quota,
+            room,
+            description,
+        )
+        .await?;
+        let client = self.client(room).await;
+
+        let started = std::time::Instant::now();
+        let span = tracing::info_span!(
+            "ivschat.DisconnectUser",
+            otel.name = "ivschat/DisconnectUser",
+            otel.kind = "client",
+            rpc.system = "aws-api",
+            rpc.service = "ivschat",
+            rpc.method = "DisconnectUser",
+            cloud.region = room.region(),
+            aws.request_id = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let response = client
+            .disconnect_user()
+            .room_identifier(room.as_str())
+            .user_id(user_id.expose())
+            .reason(reason.expose())
+            .send()
+            .instrument(span.clone())
+            .await;
+        metrics().upstream_duration.record(
+            started.elapsed().as_secs_f64(),
+            &[
+                KeyValue::new("region", room.region().to_owned()),
+                KeyValue::new("outcome", if response.is_ok() { "ok" } else { "error" }),
+            ],
+        );
+        match response {
+            Ok(output) => {
+                if let Some(id) = output.request_id() {
+                    span.record("aws.request_id", id);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let error = map_error(e, "disconnect users from");
+                span.record("otel.status_code", "ERROR");
+                if let Error::Upstream {
+                    request_id: Some(id),
+                    ..
+                } = &error
+                {
+                    span.record("aws.request_id", id.as_str());
+                }
+                metrics()
+                    .upstream_errors
+                    .add(1, &[KeyValue::new("kind", error_kind(&error))]);
+                tracing::warn!(
+                    region = room.region(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "IVS Chat DisconnectUser failed: {error}"
+                );
+                Err(error)
+            }
+        }
+    }
+
+    async fn verify(&self, _: TokenClaims) -> Result<TokenClaims, Error> {
+        Err(Error::Unsupported(IVS_VERIFIES_ITS_TOKENS))
+    }
+}
+
+/// Why VerifyChatToken is refused with the ivs issuer.
+pub const IVS_VERIFIES_ITS_TOKENS: &str =
+    "VerifyChatToken verifies tokens of the local issuer; Amazon IVS Chat verifies its own tokens";
+
 /// HTTPS through rustls with ring: the SDK's default client would bring aws-lc-rs and a second hyper.
 fn https_client() -> aws_sdk_ivschat::config::SharedHttpClient {
     aws_smithy_http_client::Builder::new()
@@ -314,10 +430,53 @@ fn ivs_capability(capability: Capability) -> ChatTokenCapability {
 /// How long to advise a throttled caller to wait: IVS's quota refills within a second.
 const THROTTLED_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// The one place SDK errors become domain errors.
-fn map_error(
-    error: SdkError<CreateChatTokenError, aws_sdk_ivschat::config::http::HttpResponse>,
-) -> Error {
+/// The errors IVS Chat operations share, whichever operation answered them.
+enum Known<'a> {
+    Validation(&'a aws_sdk_ivschat::types::error::ValidationException),
+    NotFound,
+    AccessDenied(&'a aws_sdk_ivschat::types::error::AccessDeniedException),
+    PendingVerification,
+    Other,
+}
+
+/// An operation's error enum, seen through [`Known`].
+trait OperationError: ProvideErrorMetadata {
+    fn known(&self) -> Known<'_>;
+}
+
+impl OperationError for CreateChatTokenError {
+    fn known(&self) -> Known<'_> {
+        match self {
+            CreateChatTokenError::ValidationException(e) => Known::Validation(e),
+            CreateChatTokenError::ResourceNotFoundException(_) => Known::NotFound,
+            CreateChatTokenError::AccessDeniedException(e) => Known::AccessDenied(e),
+            CreateChatTokenError::PendingVerification(_) => Known::PendingVerification,
+            _ => Known::Other,
+        }
+    }
+}
+
+impl OperationError for DisconnectUserError {
+    fn known(&self) -> Known<'_> {
+        match self {
+            DisconnectUserError::ValidationException(e) => Known::Validation(e),
+            DisconnectUserError::ResourceNotFoundException(_) => Known::NotFound,
+            DisconnectUserError::AccessDeniedException(e) => Known::AccessDenied(e),
+            DisconnectUserError::PendingVerification(_) => Known::PendingVerification,
+            _ => Known::Other,
+        }
+    }
+}
+
+/// The one place SDK errors become domain errors. `denied_to` completes "this service's AWS identity may
+/// not …" for AccessDenied.
+fn map_error<E>(
+    error: SdkError<E, aws_sdk_ivschat::config::http::HttpResponse>,
+    denied_to: &str,
+) -> Error
+where
+    E: OperationError + std::error::Error + Send + Sync + 'static,
+{
     let request_id = error.request_id().map(str::to_owned);
     let upstream = |kind, message: String| Error::Upstream {
         kind,
@@ -327,8 +486,9 @@ fn map_error(
     match &error {
         SdkError::ServiceError(service) => {
             let status = service.raw().status().as_u16();
-            match service.err() {
-                CreateChatTokenError::ValidationException(e) => upstream(
+            let other = service.err();
+            match other.known() {
+                Known::Validation(e) => upstream(
                     UpstreamKind::Invalid(
                         e.field_list()
                             .iter()
@@ -337,22 +497,22 @@ fn map_error(
                     ),
                     format!("request refused: {}", e.message()),
                 ),
-                CreateChatTokenError::ResourceNotFoundException(_) => {
+                Known::NotFound => {
                     upstream(UpstreamKind::NotFound, "the room does not exist".into())
                 }
-                CreateChatTokenError::AccessDeniedException(e) => {
+                Known::AccessDenied(e) => {
                     // IVS's message names our IAM principal; that is for our log, not for callers.
                     tracing::warn!("IVS Chat denied access: {}", e.message());
                     upstream(
                         UpstreamKind::AccessDenied,
-                        "this service's AWS identity may not create tokens for the room".into(),
+                        format!("this service's AWS identity may not {denied_to} the room"),
                     )
                 }
-                CreateChatTokenError::PendingVerification(_) => upstream(
+                Known::PendingVerification => upstream(
                     UpstreamKind::PendingVerification,
                     "the room's AWS account is pending verification for IVS Chat".into(),
                 ),
-                other
+                Known::Other
                     if status == 429
                         || matches!(
                             other.code(),
@@ -366,11 +526,11 @@ fn map_error(
                         "throttled, still after retries".into(),
                     )
                 }
-                _ if status >= 500 => upstream(
+                Known::Other if status >= 500 => upstream(
                     UpstreamKind::Unavailable,
                     format!("HTTP {status}, still after retries"),
                 ),
-                other => Error::Internal(format!(
+                Known::Other => Error::Internal(format!(
                     "IVS Chat answered HTTP {status} {} (request id {}): {}",
                     other.code().unwrap_or("without an error code"),
                     request_id.as_deref().unwrap_or("unknown"),

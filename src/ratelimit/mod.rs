@@ -170,6 +170,14 @@ pub enum StoreError {
         /// When the store will next be tried, for the caller's retry.
         retry_after: Duration,
     },
+    /// The in-process store holds as many entries still in force as it may (moderation state: bans,
+    /// revocations, used token ids); rather than forget one, the new one is refused. Rate-limit checks never
+    /// fail this way: they forget the keys closest to recovery.
+    #[error("store full: {capacity} entries in force")]
+    Full {
+        /// The configured bound (`limiter.max_tracked_keys`).
+        capacity: usize,
+    },
 }
 
 impl From<StoreError> for crate::error::Error {
@@ -178,6 +186,7 @@ impl From<StoreError> for crate::error::Error {
             StoreError::Unavailable { retry_after } => {
                 crate::error::Error::LimiterUnavailable { retry_after }
             }
+            StoreError::Full { capacity } => crate::error::Error::StoreFull { capacity },
         }
     }
 }
