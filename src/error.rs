@@ -495,7 +495,7 @@ impl From<Error> for IvsError {
             Error::PolicyDenied { .. } => IvsError::new(
                 S::FORBIDDEN,
                 "AccessDeniedException",
-                "policy does not allow this caller to create this token",
+                "policy does not allow this caller to do this in this room",
             ),
             Error::RateLimited {
                 limits,

@@ -298,7 +298,7 @@ mod tests {
             "{session}"
         );
         assert!(
-            session.ends_with('Z') && !session.contains('.'),
+            session.ends_with("+00:00") && !session.contains('.'),
             "{session}"
         );
         assert!(response.headers().contains_key(REQUEST_ID));
