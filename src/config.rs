@@ -737,7 +737,8 @@ impl Config {
             figment = figment.merge(Toml::file_exact(file));
         }
         let config: Config = figment
-            .merge(Env::prefixed(ENV_PREFIX).split("__"))
+            // CTS_CONFIG names the file (a flag's environment form), not a setting.
+            .merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]).split("__"))
             .extract()
             .map_err(describe)?;
         config.validate()?;
