@@ -34,7 +34,7 @@ use tracing::Instrument;
 
 use super::{Check, Limit, LimitKey, LimiterStore, Verdict};
 use crate::error::{Error, ExceededLimit};
-use crate::issuer::IssuedToken;
+use crate::request::IssuedToken;
 use crate::request::{Caller, TokenRequest};
 use crate::telemetry::metrics::metrics;
 
@@ -272,6 +272,10 @@ fn store_key(limit: &Limit, request: &TokenRequest) -> String {
             part(request.caller.id());
             part(request.room.as_str());
         }
+        LimitKey::AccountRegion => {
+            part(request.room.account());
+            part(request.room.region());
+        }
         LimitKey::Global => {}
     }
     key
@@ -291,8 +295,8 @@ mod tests {
     use tower_test::mock;
 
     use super::*;
-    use crate::proto::ivschat::v1::CreateChatTokenRequest;
     use crate::ratelimit::{MemoryStore, gcra::Rate};
+    use crate::request::test_request;
 
     const ROOM: &str = "arn:aws:ivschat:us-west-2:123456789012:room/g1H2I3j4k5L6";
     const OTHER_ROOM: &str = "arn:aws:ivschat:us-west-2:123456789012:room/other";
@@ -315,15 +319,7 @@ mod tests {
     }
 
     fn request(caller: &str, room: &str, user: &str) -> TokenRequest {
-        TokenRequest::from_proto(
-            Caller::new(caller),
-            CreateChatTokenRequest {
-                room_identifier: room.into(),
-                user_id: user.into(),
-                ..Default::default()
-            },
-        )
-        .unwrap()
+        test_request().caller(caller).room(room).user(user).build()
     }
 
     fn user(user: &str) -> TokenRequest {

@@ -1,4 +1,4 @@
-//! The shared [`LimiterStore`]: GCRA evaluated inside Redis, so every replica spends one budget.
+//! The shared [`super::LimiterStore`]: GCRA evaluated inside Redis, so every replica spends one budget.
 //!
 //! One Lua script (`gcra.lua`) holds the whole decision. It is loaded once per Redis server and then
 //! invoked by its SHA (EVALSHA; on NOSCRIPT, after a Redis restart or failover, it is loaded again and the
