@@ -82,8 +82,11 @@ pub struct Config {
     /// none.
     pub rate_limits: Vec<Limit>,
 
-    /// Where rate-limit state is kept.
+    /// Where rate-limit state is kept; bans, revocations and used token ids live there too.
     pub limiter: LimiterConfig,
+
+    /// Moderation: bans and token verification (ivschat.v1.ModerationService).
+    pub moderation: ModerationConfig,
 }
 
 impl Default for Config {
@@ -103,6 +106,31 @@ impl Default for Config {
             local_issuer: LocalIssuerConfig::default(),
             rate_limits: Vec::new(),
             limiter: LimiterConfig::default(),
+            moderation: ModerationConfig::default(),
+        }
+    }
+}
+
+/// Settings of the moderation service.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModerationConfig {
+    /// Longest ban BanUser accepts with a duration (a ban without one lasts until UnbanUser), so a typo
+    /// cannot ban someone for a century by accident. Default `365d`; at least `1s`.
+    #[serde(with = "humantime_serde")]
+    pub max_ban_duration: Duration,
+
+    /// Local issuer: a token verifies (VerifyChatToken) only once; its id is remembered until it expires.
+    /// For chat servers that must refuse a replayed token. While Redis is unreachable in fail_open mode each
+    /// replica remembers only the ids it saw. Default `false`.
+    pub single_use_tokens: bool,
+}
+
+impl Default for ModerationConfig {
+    fn default() -> Self {
+        ModerationConfig {
+            max_ban_duration: Duration::from_secs(365 * 24 * 3600),
+            single_use_tokens: false,
         }
     }
 }
@@ -291,6 +319,14 @@ pub struct IvsConfig {
 
     /// Calls admitted at once from a fully recovered quota. Default `20`; at least 1.
     pub quota_burst: NonZeroU32,
+
+    /// Upstream quota guard for DisconnectUser (ModerationService DisconnectUser and BanUser): calls per AWS
+    /// account and region across this deployment (IVS allows 100 per second, not adjustable). Calls over it
+    /// are refused with RESOURCE_EXHAUSTED before they reach AWS. Default `"100/s"`.
+    pub disconnect_quota: Rate,
+
+    /// DisconnectUser calls admitted at once from a fully recovered quota. Default `10`; at least 1.
+    pub disconnect_quota_burst: NonZeroU32,
 }
 
 impl Default for IvsConfig {
@@ -308,6 +344,8 @@ impl Default for IvsConfig {
             initial_backoff: Duration::from_millis(100),
             quota: Rate::parse("200/s").expect("a valid rate"),
             quota_burst: NonZeroU32::new(20).expect("20 is not zero"),
+            disconnect_quota: Rate::parse("100/s").expect("a valid rate"),
+            disconnect_quota_burst: NonZeroU32::new(10).expect("10 is not zero"),
         }
     }
 }
@@ -570,6 +608,15 @@ impl Config {
                 reason: "entities need policy files that use them (policy.files is empty)".into(),
             });
         }
+        if self.moderation.max_ban_duration < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                setting: "moderation.max_ban_duration".into(),
+                reason: format!(
+                    "must be at least 1s, got {}",
+                    humantime::format_duration(self.moderation.max_ban_duration)
+                ),
+            });
+        }
         if self.local_issuer.keys_file.is_some() && self.local_issuer.key.is_some() {
             return Err(ConfigError::Invalid {
                 setting: "local_issuer.key".into(),
@@ -652,9 +699,14 @@ impl Config {
             if limit.name.trim().is_empty() {
                 return Err(invalid("must not be empty".into()));
             }
-            if limit.name == crate::ratelimit::IVS_QUOTA_LIMIT_NAME {
+            if [
+                crate::ratelimit::IVS_QUOTA_LIMIT_NAME,
+                crate::ratelimit::DISCONNECT_QUOTA_LIMIT_NAME,
+            ]
+            .contains(&limit.name.as_str())
+            {
                 return Err(invalid(format!(
-                    "{:?} is the built-in IVS quota limit (ivs.quota)",
+                    "{:?} names a built-in IVS quota limit (ivs.quota, ivs.disconnect_quota)",
                     limit.name
                 )));
             }
@@ -815,6 +867,23 @@ mod tests {
         let mut paths = BTreeSet::new();
         setting_paths(&serde_json::to_value(config).unwrap(), "", &mut paths);
         paths
+    }
+
+    #[test]
+    fn moderation_and_disconnect_quota_settings_are_checked() {
+        let err = load_str("[moderation]\nmax_ban_duration = \"0s\"").unwrap_err();
+        assert!(
+            err.to_string().contains("moderation.max_ban_duration"),
+            "{err}"
+        );
+        assert!(load_str("[moderation]\nmax_ban_duration = \"1s\"").is_ok());
+        let err = load_str("[ivs]\ndisconnect_quota_burst = 0").unwrap_err();
+        assert!(
+            err.to_string().contains("ivs.disconnect_quota_burst"),
+            "{err}"
+        );
+        let err = load_str("[ivs]\ndisconnect_quota = \"fast\"").unwrap_err();
+        assert!(err.to_string().contains("ivs.disconnect_quota"), "{err}");
     }
 
     #[test]

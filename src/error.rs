@@ -4,10 +4,16 @@
 //! and which `google.rpc` details a caller sees. Messages name what went wrong and never carry tokens,
 //! keys, user ids or attribute values.
 
-use std::{borrow::Cow, fmt, time::Duration};
+use std::{
+    borrow::Cow,
+    fmt,
+    time::{Duration, SystemTime},
+};
 
 use tonic::{Code, Status, metadata::MetadataValue};
 use tonic_types::{ErrorDetails, QuotaViolation, StatusExt};
+
+use crate::moderation::TokenRejection;
 
 /// `google.rpc.ErrorInfo.domain` for errors this service decides.
 pub const ERROR_DOMAIN: &str = "chat-token-service";
@@ -97,6 +103,29 @@ pub enum Error {
         retry_after: Duration,
     },
 
+    /// The user is banned from the room: no token is issued until the ban ends or is lifted.
+    #[error("the user is banned from the room")]
+    UserBanned {
+        /// When the ban ends; `None`: when it is lifted. The ban's reason is for moderators only.
+        expires_at: Option<SystemTime>,
+    },
+
+    /// VerifyChatToken refused the token.
+    #[error("token refused: {0}")]
+    TokenRejected(TokenRejection),
+
+    /// The configured issuer cannot do what was asked (VerifyChatToken with the ivs issuer).
+    #[error("unsupported: {0}")]
+    Unsupported(&'static str),
+
+    /// The in-process moderation store is full of entries still in force; nothing was forgotten to make
+    /// room.
+    #[error("moderation store full ({capacity} entries in force)")]
+    StoreFull {
+        /// The configured bound (`limiter.max_tracked_keys`).
+        capacity: usize,
+    },
+
     /// A fault on our side (e.g. the local issuer could not encrypt). The message is for the server log;
     /// the caller sees a generic one.
     #[error("internal error: {0}")]
@@ -124,6 +153,10 @@ impl Error {
             },
             Error::DeadlineExceeded => "deadline_exceeded",
             Error::LimiterUnavailable { .. } => "limiter_unavailable",
+            Error::UserBanned { .. } => "user_banned",
+            Error::TokenRejected(_) => "token_rejected",
+            Error::Unsupported(_) => "unsupported",
+            Error::StoreFull { .. } => "store_full",
             Error::Internal(_) => "internal_error",
         }
     }
@@ -194,7 +227,7 @@ impl From<Error> for Status {
                 )]);
                 Status::with_error_details(
                     Code::PermissionDenied,
-                    "policy does not allow this caller to create this token",
+                    "policy does not allow this caller to do this in this room",
                     ErrorDetails::with_error_info("POLICY_DENIED", ERROR_DOMAIN, metadata),
                 )
             }
@@ -307,6 +340,54 @@ impl From<Error> for Status {
                 );
                 status
             }
+            Error::UserBanned { expires_at } => {
+                // The end of the ban tells the user's app when to try again; the reason stays with the
+                // moderators.
+                let metadata: std::collections::HashMap<String, String> = expires_at
+                    .iter()
+                    .map(|end| {
+                        (
+                            "expires_at".to_string(),
+                            humantime::format_rfc3339_millis(*end).to_string(),
+                        )
+                    })
+                    .collect();
+                Status::with_error_details(
+                    Code::PermissionDenied,
+                    "the user is banned from this room",
+                    ErrorDetails::with_error_info("USER_BANNED", ERROR_DOMAIN, metadata),
+                )
+            }
+            Error::TokenRejected(rejection) => {
+                // A genuine token refused for its state is a precondition failure; anything else is not a
+                // token of ours.
+                let code = if rejection.is_genuine() {
+                    Code::FailedPrecondition
+                } else {
+                    Code::InvalidArgument
+                };
+                Status::with_error_details(
+                    code,
+                    rejection.to_string(),
+                    ErrorDetails::with_error_info(
+                        rejection.reason(),
+                        ERROR_DOMAIN,
+                        std::collections::HashMap::new(),
+                    ),
+                )
+            }
+            Error::Unsupported(what) => Status::unimplemented(what),
+            Error::StoreFull { capacity } => Status::with_error_details(
+                Code::ResourceExhausted,
+                format!(
+                    "the moderation store holds {capacity} entries still in force; none is forgotten to make room"
+                ),
+                ErrorDetails::with_error_info(
+                    "MODERATION_STORE_FULL",
+                    ERROR_DOMAIN,
+                    std::collections::HashMap::new(),
+                ),
+            ),
             Error::Internal(detail) => {
                 tracing::error!(error = %detail, "internal error while issuing a token");
                 Status::internal(
@@ -475,6 +556,61 @@ mod tests {
         assert_eq!(retry.retry_delay, Some(Duration::from_millis(1_500)));
         assert_eq!(status.metadata().get("retry-after").unwrap(), "2");
         assert!(!status.message().to_lowercase().contains("redis"));
+    }
+
+    #[test]
+    fn user_banned_is_permission_denied_with_the_end_of_the_ban_only() {
+        let end = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let status = Status::from(Error::UserBanned {
+            expires_at: Some(end),
+        });
+        assert_eq!(status.code(), Code::PermissionDenied);
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "USER_BANNED");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+        assert_eq!(info.metadata["expires_at"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(info.metadata.len(), 1);
+
+        let until_lifted = Status::from(Error::UserBanned { expires_at: None });
+        assert!(
+            until_lifted
+                .get_details_error_info()
+                .unwrap()
+                .metadata
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn token_rejections_carry_their_reason_genuine_ones_as_failed_precondition() {
+        use TokenRejection::*;
+        for (rejection, code, reason) in [
+            (Malformed, Code::InvalidArgument, "TOKEN_MALFORMED"),
+            (UnknownKey, Code::InvalidArgument, "TOKEN_UNKNOWN_KEY"),
+            (Tampered, Code::InvalidArgument, "TOKEN_TAMPERED"),
+            (NotYetValid, Code::FailedPrecondition, "TOKEN_NOT_YET_VALID"),
+            (Expired, Code::FailedPrecondition, "TOKEN_EXPIRED"),
+            (Revoked, Code::FailedPrecondition, "TOKEN_REVOKED"),
+            (AlreadyUsed, Code::FailedPrecondition, "TOKEN_ALREADY_USED"),
+        ] {
+            let status = Status::from(Error::TokenRejected(rejection));
+            assert_eq!(status.code(), code, "{rejection:?}");
+            assert_eq!(status.get_details_error_info().unwrap().reason, reason);
+        }
+    }
+
+    #[test]
+    fn unsupported_is_unimplemented_and_a_full_store_resource_exhausted() {
+        assert_eq!(
+            Status::from(Error::Unsupported("not here")).code(),
+            Code::Unimplemented
+        );
+        let full = Status::from(Error::StoreFull { capacity: 3 });
+        assert_eq!(full.code(), Code::ResourceExhausted);
+        assert_eq!(
+            full.get_details_error_info().unwrap().reason,
+            "MODERATION_STORE_FULL"
+        );
     }
 
     #[test]

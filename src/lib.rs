@@ -20,6 +20,8 @@
 //!   with a timeout and a fail_open / fail_closed fallback.
 //! - [`issuer`]: the [`issuer::Issuer`] seam, the [`issuer::ivs`] issuer and the [`issuer::local`] PASETO
 //!   issuer (its [`issuer::local::keys`], reloadable, and [`issuer::local::token`] format, with verification).
+//! - [`moderation`]: `ivschat.v1.ModerationService` (disconnect, ban, unban, list bans, verify a token), the
+//!   ban check in the token stack, and the moderation state kept in the limiter store's backend.
 //! - [`error`]: the single table from domain errors to gRPC codes and `google.rpc` details.
 //! - [`tls`]: rustls termination, mutual TLS, certificate reload; [`reload`]: the file watcher it, the
 //!   policies and the local keys use (on change and on SIGHUP, off the runtime's workers).
@@ -34,12 +36,17 @@
 //!                               the caller's deadline → DEADLINE_EXCEEDED
 //!   ▶ stack::TokenStack         tower::Service<TokenRequest, Response = IssuedToken>
 //!       ▶ policy::PolicyLayer         Cedar; deny → PERMISSION_DENIED
+//!       ▶ moderation::BanCheckLayer   banned user → PERMISSION_DENIED, ErrorInfo USER_BANNED
 //!       ▶ scope::ScopeLayer           (ivs) room outside the allowed regions / accounts → INVALID_ARGUMENT
 //!       ▶ ratelimit::RateLimitLayer   GCRA per caller / user / room …, and (ivs) the IVS quota per account
 //!                                     and region, in ONE store call, in memory or Redis; over →
 //!                                     RESOURCE_EXHAUSTED; Redis down + fail_closed → UNAVAILABLE
 //!       ▶ issuer                      local (PASETO v4.local) or ivs (aws-sdk-ivschat)
 //!   ◀ IssuedToken → CreateChatTokenResponse, or error::Error → tonic::Status (one table)
+//!
+//! ModerationService takes the same path through its own handler (moderation::ModerationGrpc) and
+//! stack::ModerationStack: identity, validation, PolicyLayer, RateLimitLayer, then the moderator (IVS
+//! DisconnectUser, or local revocation) and the ban store.
 //! ```
 
 pub mod config;
@@ -47,6 +54,7 @@ pub mod error;
 pub mod identity;
 pub mod inflight;
 pub mod issuer;
+pub mod moderation;
 pub mod policy;
 pub mod ratelimit;
 pub mod reload;

@@ -5,8 +5,9 @@
 //! the region is a metric label, so a request naming a made-up region must stop here.
 //!
 //! ```
-//! use chat_token_service::scope::ScopeLayer;
-//! let layer = ScopeLayer::new(vec!["us-west-2".into()], Vec::new()); // any account in us-west-2
+//! use chat_token_service::scope::{ScopeLayer, ServedRooms};
+//! let rooms = ServedRooms::new(vec!["us-west-2".into()], Vec::new()); // any account in us-west-2
+//! let layer = ScopeLayer::new(rooms);
 //! ```
 
 use std::{
@@ -23,25 +24,26 @@ use crate::request::{RoomArn, TokenRequest};
 /// Wraps a service in [`Scope`].
 #[derive(Clone, Debug)]
 pub struct ScopeLayer {
-    rooms: Arc<ServedRooms>,
-}
-
-/// Which rooms are served.
-#[derive(Debug)]
-struct ServedRooms {
-    /// Rooms of other regions are refused. Never empty.
-    regions: Vec<String>,
-    /// Rooms of other accounts are refused; empty: any account.
-    accounts: Vec<String>,
+    rooms: ServedRooms,
 }
 
 impl ScopeLayer {
-    /// Serves rooms in `regions` (which must not be empty) owned by `accounts` (empty: any account).
-    pub fn new(regions: Vec<String>, accounts: Vec<String>) -> Self {
-        ScopeLayer {
-            rooms: Arc::new(ServedRooms { regions, accounts }),
-        }
+    /// Refuses rooms outside `rooms`.
+    pub fn new(rooms: ServedRooms) -> Self {
+        ScopeLayer { rooms }
     }
+}
+
+/// Which rooms are served: their regions, and optionally their accounts. Clones share one list.
+#[derive(Clone, Debug)]
+pub struct ServedRooms(Arc<Served>);
+
+#[derive(Debug)]
+struct Served {
+    /// Rooms of other regions are refused.
+    regions: Vec<String>,
+    /// Rooms of other accounts are refused; empty: any account.
+    accounts: Vec<String>,
 }
 
 impl<S> tower::Layer<S> for ScopeLayer {
@@ -59,7 +61,7 @@ impl<S> tower::Layer<S> for ScopeLayer {
 #[derive(Clone, Debug)]
 pub struct Scope<S> {
     inner: S,
-    rooms: Arc<ServedRooms>,
+    rooms: ServedRooms,
 }
 
 impl<S> tower::Service<TokenRequest> for Scope<S>
@@ -83,7 +85,19 @@ where
 }
 
 impl ServedRooms {
-    fn check(&self, room: &RoomArn) -> Result<(), Error> {
+    /// Rooms in `regions` owned by `accounts` (empty: any account).
+    pub fn new(regions: Vec<String>, accounts: Vec<String>) -> Self {
+        ServedRooms(Arc::new(Served { regions, accounts }))
+    }
+
+    /// The regions served.
+    pub fn regions(&self) -> &[String] {
+        &self.0.regions
+    }
+
+    /// Refuses `room` with INVALID_ARGUMENT (field `room_identifier`) unless it is served.
+    pub fn check(&self, room: &RoomArn) -> Result<(), Error> {
+        let Served { regions, accounts } = &*self.0;
         // The message names the room's region or account (from the caller's own request) and what is
         // served, so the caller can tell a typo from a deployment that does not serve it.
         let refuse = |what: &str, value: &str, allowed: &[String]| {
@@ -95,11 +109,11 @@ impl ServedRooms {
                 ),
             )]))
         };
-        if !self.regions.iter().any(|r| r == room.region()) {
-            return refuse("region", room.region(), &self.regions);
+        if !regions.iter().any(|r| r == room.region()) {
+            return refuse("region", room.region(), regions);
         }
-        if !self.accounts.is_empty() && !self.accounts.iter().any(|a| a == room.account()) {
-            return refuse("account", room.account(), &self.accounts);
+        if !accounts.is_empty() && !accounts.iter().any(|a| a == room.account()) {
+            return refuse("account", room.account(), accounts);
         }
         Ok(())
     }
@@ -113,10 +127,10 @@ mod tests {
     use crate::request::test_request;
 
     fn scope(regions: &[&str], accounts: &[&str]) -> ServedRooms {
-        ServedRooms {
-            regions: regions.iter().map(|r| r.to_string()).collect(),
-            accounts: accounts.iter().map(|a| a.to_string()).collect(),
-        }
+        ServedRooms::new(
+            regions.iter().map(|r| r.to_string()).collect(),
+            accounts.iter().map(|a| a.to_string()).collect(),
+        )
     }
 
     fn room(arn: &str) -> RoomArn {
@@ -148,7 +162,7 @@ mod tests {
         let inner = tower::service_fn(|_: TokenRequest| async {
             Err::<(), _>(Error::Internal("reached the inner service".into()))
         });
-        let service = ScopeLayer::new(vec!["us-west-2".into()], Vec::new()).layer(inner);
+        let service = ScopeLayer::new(scope(&["us-west-2"], &[])).layer(inner);
         let request = test_request()
             .room("arn:aws:ivschat:mars-north-1:111111111111:room/a")
             .build();

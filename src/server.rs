@@ -20,9 +20,16 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::config::Config;
 use crate::inflight::{Calls, InFlightLayer};
-use crate::proto::{FILE_DESCRIPTOR_SET, ivschat::v1::token_service_server::TokenServiceServer};
+use crate::moderation::ModerationGrpc;
+use crate::proto::{
+    FILE_DESCRIPTOR_SET,
+    ivschat::v1::{
+        moderation_service_server::ModerationServiceServer,
+        token_service_server::TokenServiceServer,
+    },
+};
 use crate::service::TokenService;
-use crate::stack::{self, StartError, TokenStack};
+use crate::stack::{self, Stacks, StartError};
 use crate::telemetry::{metrics::observe_in_flight, rpc::RpcTraceLayer};
 use crate::tls::{Tls, TlsError};
 
@@ -43,21 +50,21 @@ pub enum ServerError {
     Listener(#[from] std::io::Error),
 }
 
-/// What [`serve`] serves, built from the configuration: the domain stack around the process's one
+/// What [`serve`] serves, built from the configuration: the domain stacks around the process's one
 /// limiter store, and the readiness that store reports.
 pub struct Prepared {
-    stack: TokenStack,
+    stacks: Stacks,
     readiness: Option<watch::Receiver<bool>>,
 }
 
-/// Builds what `config` describes: the limiter store and the domain stack, starting the Redis probe and
+/// Builds what `config` describes: the limiter store and the domain stacks, starting the Redis probe and
 /// the policy and key reloads. Fails on what the configuration names but cannot check at load: policy
 /// and key files, the Redis client.
 pub async fn prepare(config: &Config) -> Result<Prepared, StartError> {
     let store = stack::limiter_store(config)?;
     let readiness = store.readiness();
-    let stack = stack::from_config(config, store).await?;
-    Ok(Prepared { stack, readiness })
+    let stacks = stack::from_config(config, store).await?;
+    Ok(Prepared { stacks, readiness })
 }
 
 /// Serves `prepared` on `listener` until `shutdown` completes (see [`run`]). The binary starts through
@@ -76,24 +83,26 @@ pub async fn serve(
     run(
         listener,
         config,
-        prepared.stack,
+        prepared.stacks,
         prepared.readiness,
         shutdown,
     )
     .await
 }
 
-/// Serves on `listener` until `shutdown` completes, then drains as described in the module docs.
+/// Serves `stacks` (the token stack, and ModerationService when it has a moderation stack) on `listener`
+/// until `shutdown` completes, then drains as described in the module docs.
 ///
 /// `readiness`, when given, is what the token service's health follows until shutdown: `true` SERVING,
 /// `false` NOT_SERVING (see [`crate::ratelimit::Store::readiness`]).
 pub async fn run(
     listener: TcpListener,
     config: &Config,
-    stack: TokenStack,
+    stacks: impl Into<Stacks>,
     readiness: Option<watch::Receiver<bool>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    let stacks = stacks.into();
     let (health, health_service) = tonic_health::server::health_reporter();
     let ready = readiness.as_ref().is_none_or(|ready| *ready.borrow());
     health
@@ -120,9 +129,19 @@ pub async fn run(
     let token_service = TokenServiceServer::new(TokenService::new(
         config.identity.resolver(),
         config.issuer.name(),
-        stack,
+        stacks.tokens,
     ))
     .max_decoding_message_size(config.max_request_bytes);
+    let moderation_service = stacks.moderation.map(|moderation| {
+        ModerationServiceServer::new(ModerationGrpc::new(
+            config.identity.resolver(),
+            config.issuer.name(),
+            moderation.stack,
+            moderation.verifier,
+            config.moderation.max_ban_duration,
+        ))
+        .max_decoding_message_size(config.max_request_bytes)
+    });
 
     let calls = Calls::default();
     observe_in_flight({
@@ -143,7 +162,8 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(token_service);
+        .add_service(token_service)
+        .add_optional_service(moderation_service);
 
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_signal = async {

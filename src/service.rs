@@ -103,7 +103,7 @@ impl token_service_server::TokenService for TokenService {
 }
 
 /// The first 12 hex digits of SHA-256: enough to correlate a token across logs, useless to a thief.
-fn short_hash(value: &str) -> String {
+pub(crate) fn short_hash(value: &str) -> String {
     ring::digest::digest(&ring::digest::SHA256, value.as_bytes())
         .as_ref()
         .iter()
@@ -115,11 +115,11 @@ fn short_hash(value: &str) -> String {
 /// How much earlier than the caller's deadline we give up, so our DEADLINE_EXCEEDED is certain to come
 /// before tonic's CANCELLED. (tonic polls the call before its timer, so equal deadlines would do; the
 /// margin absorbs the microseconds between its timer starting and [`CallStarted`] being taken.)
-const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+pub(crate) const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
 
 /// The caller's deadline from `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n), as the gRPC
 /// HTTP/2 protocol defines it. Malformed values are ignored, as tonic ignores them.
-fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
+pub(crate) fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
     let value = metadata.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     if digits.is_empty() || digits.len() > 8 {

@@ -1,5 +1,8 @@
-//! The one place the domain stack is composed: the tower services between the gRPC handler and the
-//! issuer, and the choice of issuer from configuration.
+//! The one place the domain stacks are composed: the tower services between the gRPC handlers and the
+//! issuer (CreateChatToken) or moderator (ModerationService), and the choice of issuer from configuration.
+//!
+//! Both stacks share one policy engine, one limiter store and one moderation store, so a ban made through
+//! the moderation stack is what the token stack's ban check reads.
 //!
 //! Everything here works from a loaded [`Config`], whose values are already typed and checked; what can
 //! still fail is what lives outside it: policy and key files, the Redis URL's client.
@@ -15,16 +18,52 @@ use crate::issuer::{
     ivs::{CallBounds, IvsIssuer, Routes},
     local::{KeyError, KeySource, LiveKeys, LocalIssuer},
 };
+use crate::moderation::{
+    BanCheckLayer, ModerationOutcome, ModerationRequest, ModerationService, ModerationStores,
+    Moderator, local::LocalModerator, store::MemoryModeration, store::SharedModeration,
+};
 use crate::policy::{PolicyEngine, PolicyError, PolicyLayer, PolicySource};
-use crate::ratelimit::{FallbackStore, Limit, MemoryStore, RateLimitLayer, RedisStore, Store};
+use crate::ratelimit::{
+    DISCONNECT_QUOTA_LIMIT_NAME, FallbackStore, IVS_QUOTA_LIMIT_NAME, Limit, LimitKey, MemoryStore,
+    RateLimitLayer, RedisStore, Store,
+};
 use crate::reload::{self, Reload, Trigger};
 use crate::request::{IssuedToken, TokenRequest};
-use crate::scope::ScopeLayer;
+use crate::scope::{ScopeLayer, ServedRooms};
 
 /// The domain stack as the handler sees it: a validated request in, a token or a domain error out.
 pub type TokenStack = BoxCloneSyncService<TokenRequest, IssuedToken, Error>;
 
-/// Why the stack could not be built from a valid configuration: a file it names, or the Redis client.
+/// The moderation stack as its handler sees it.
+pub type ModerationStack = BoxCloneSyncService<ModerationRequest, ModerationOutcome, Error>;
+
+/// What the server serves: the token stack, and the moderation service when there is a moderator.
+pub struct Stacks {
+    /// CreateChatToken.
+    pub tokens: TokenStack,
+    /// ModerationService; `None` for a stack composed around an embedder's own issuer.
+    pub moderation: Option<Moderation>,
+}
+
+/// The moderation stack and what its handler needs besides.
+pub struct Moderation {
+    /// DisconnectUser, BanUser, UnbanUser, ListBans, VerifyChatToken.
+    pub stack: ModerationStack,
+    /// The local issuer's keys (as they are now: they reload), which open tokens for VerifyChatToken;
+    /// `None` with the ivs issuer.
+    pub verifier: Option<LiveKeys>,
+}
+
+impl From<TokenStack> for Stacks {
+    fn from(tokens: TokenStack) -> Self {
+        Stacks {
+            tokens,
+            moderation: None,
+        }
+    }
+}
+
+/// Why the stacks could not be built from a valid configuration: a file it names, or the Redis client.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The policy files or the entities file do not load (`policy.files`, `policy.entities_file`).
@@ -39,23 +78,55 @@ pub enum StartError {
     Redis(#[from] redis::RedisError),
 }
 
-/// Builds the stack `config` describes around `store`, the process's one limiter store (from
+/// Builds the stacks `config` describes around `store`, the process's one limiter store (from
 /// [`limiter_store`]). Starts policy and key reloading, so call it inside a tokio runtime.
-pub async fn from_config(config: &Config, store: Store) -> Result<TokenStack, StartError> {
+pub async fn from_config(config: &Config, store: Store) -> Result<Stacks, StartError> {
+    let policy = load_policy(config)?;
+    let moderation_store = moderation_store(config, &store);
     match config.issuer {
         IssuerKind::Ivs => {
-            let issuer =
-                IvsIssuer::from_environment(ivs_call_bounds(config), ivs_routes(config)).await;
+            let issuer = IvsIssuer::from_environment(
+                ivs_call_bounds(config),
+                ivs_routes(config),
+                // The DisconnectUser guard shares the rate limits' store, so a shared store shares the
+                // IVS budget.
+                store.clone(),
+                ivs_disconnect_quota(config),
+            )
+            .await;
             tracing::info!(
                 endpoint = ?config.ivs.endpoint_url,
                 regions = ?config.ivs.allowed_regions,
                 "IVS Chat issuer ready"
             );
-            compose_with(config, store, issuer)
+            Ok(compose_moderated(
+                config,
+                &policy,
+                store,
+                moderation_store,
+                Arc::new(issuer),
+            ))
         }
         IssuerKind::Local => {
-            let issuer = LocalIssuer::new(local_keys(config)?, config.local_issuer.token_ttl);
-            compose_with(config, store, issuer)
+            let keys = local_keys(config)?;
+            let moderator = LocalModerator::new(
+                moderation_store.clone(),
+                config.local_issuer.token_ttl,
+                config.moderation.single_use_tokens,
+            );
+            Ok(Stacks {
+                tokens: compose_parts(
+                    config,
+                    &policy,
+                    store.clone(),
+                    moderation_store.clone(),
+                    LocalIssuer::new(keys.clone(), config.local_issuer.token_ttl),
+                ),
+                moderation: Some(Moderation {
+                    stack: moderation(config, &policy, store, moderation_store, moderator),
+                    verifier: Some(keys),
+                }),
+            })
         }
     }
 }
@@ -73,12 +144,42 @@ pub fn ivs_call_bounds(config: &Config) -> CallBounds {
     }
 }
 
+/// The rooms the IVS issuer serves, as `config` says.
+pub fn ivs_served_rooms(config: &Config) -> ServedRooms {
+    ServedRooms::new(
+        config.ivs.allowed_regions.clone(),
+        config.ivs.allowed_accounts.clone(),
+    )
+}
+
 /// Where the IVS issuer sends calls, as `config` says.
 pub fn ivs_routes(config: &Config) -> Routes {
     Routes {
-        regions: config.ivs.allowed_regions.clone(),
+        served: ivs_served_rooms(config),
         assume_roles: config.ivs.assume_roles.clone(),
         endpoint_url: config.ivs.endpoint_url.clone(),
+    }
+}
+
+/// The built-in limit that keeps CreateChatToken calls under IVS Chat's quota, as `config` says.
+pub fn ivs_quota(config: &Config) -> Limit {
+    Limit {
+        name: IVS_QUOTA_LIMIT_NAME.into(),
+        key: LimitKey::AccountRegion,
+        rate: config.ivs.quota,
+        burst: config.ivs.quota_burst,
+        shadow: false,
+    }
+}
+
+/// The DisconnectUser quota guard of the IVS issuer, as `config` says.
+pub fn ivs_disconnect_quota(config: &Config) -> Limit {
+    Limit {
+        name: DISCONNECT_QUOTA_LIMIT_NAME.into(),
+        key: LimitKey::AccountRegion,
+        rate: config.ivs.disconnect_quota,
+        burst: config.ivs.disconnect_quota_burst,
+        shadow: false,
     }
 }
 
@@ -114,14 +215,14 @@ pub fn local_keys(config: &Config) -> Result<LiveKeys, KeyError> {
                 keys = active.key_ids().count(),
                 "local issuer keys loaded (local_issuer.keys_file)"
             );
-            watch_keys(keys.clone(), path.to_owned(), config);
+            watch_keys(&keys, path.to_owned(), config);
         }
     }
     Ok(keys)
 }
 
 /// Reloads `keys` from `path` when the file changes and on SIGHUP, for as long as anything holds them.
-fn watch_keys(keys: LiveKeys, path: PathBuf, config: &Config) {
+fn watch_keys(keys: &LiveKeys, path: PathBuf, config: &Config) {
     let weak = keys.downgrade();
     let paths = vec![path.clone()];
     reload::spawn(
@@ -148,6 +249,52 @@ fn watch_keys(keys: LiveKeys, path: PathBuf, config: &Config) {
             })
         },
     );
+}
+
+/// Both stacks around an issuer that is its own moderator (the ivs issuer, or an embedder's), sharing one
+/// policy engine, `store` and the moderation store next to it. VerifyChatToken is not served: only the
+/// local issuer's tokens can be verified here.
+pub fn stacks_with<I: Issuer + Moderator>(
+    config: &Config,
+    store: Store,
+    issuer: Arc<I>,
+) -> Result<Stacks, StartError> {
+    let bans = moderation_store(config, &store);
+    Ok(compose_moderated(
+        config,
+        &load_policy(config)?,
+        store,
+        bans,
+        issuer,
+    ))
+}
+
+fn compose_moderated<I: Issuer + Moderator>(
+    config: &Config,
+    policy: &Arc<PolicyEngine>,
+    store: Store,
+    bans: ModerationStores,
+    issuer: Arc<I>,
+) -> Stacks {
+    Stacks {
+        tokens: compose_parts(config, policy, store.clone(), bans.clone(), issuer.clone()),
+        moderation: Some(Moderation {
+            stack: moderation(config, policy, store, bans, issuer),
+            verifier: None,
+        }),
+    }
+}
+
+/// The moderation store next to `store`: in process beside an in-process limiter, in the same Redis (with
+/// its timeout and failure mode) beside a Redis limiter. Call it once per process, like [`limiter_store`].
+pub fn moderation_store(config: &Config, store: &Store) -> ModerationStores {
+    let capacity = config.limiter.max_tracked_keys;
+    match store {
+        Store::Memory(_) => ModerationStores::Memory(MemoryModeration::new(capacity)),
+        Store::Redis(shared) => {
+            ModerationStores::Redis(SharedModeration::new(shared.clone(), capacity))
+        }
+    }
 }
 
 /// The limiter store `config.limiter` chooses. Call it once per process and hand clones to everything that
@@ -189,26 +336,41 @@ pub fn compose_with<I: Issuer>(
     store: Store,
     issuer: I,
 ) -> Result<TokenStack, StartError> {
-    let policy = PolicyLayer::new(load_policy(config)?, config.policy.shadow);
+    let bans = moderation_store(config, &store);
+    Ok(compose_parts(
+        config,
+        &load_policy(config)?,
+        store,
+        bans,
+        issuer,
+    ))
+}
+
+fn compose_parts<I: Issuer>(
+    config: &Config,
+    policy: &Arc<PolicyEngine>,
+    store: Store,
+    bans: ModerationStores,
+    issuer: I,
+) -> TokenStack {
     let (scope, limits) = match config.issuer {
         IssuerKind::Ivs => (
-            Some(ScopeLayer::new(
-                config.ivs.allowed_regions.clone(),
-                config.ivs.allowed_accounts.clone(),
-            )),
+            Some(ScopeLayer::new(ivs_served_rooms(config))),
             config
                 .rate_limits
                 .iter()
                 .cloned()
-                .chain([Limit::ivs_quota(config.ivs.quota, config.ivs.quota_burst)])
+                .chain([ivs_quota(config)])
                 .collect(),
         ),
         IssuerKind::Local => (None, config.rate_limits.clone()),
     };
     let stack = ServiceBuilder::new()
         // Policy first: Cedar answers in microseconds, and a caller it denies must consume no rate-limit
-        // budget or upstream quota.
-        .layer(policy)
+        // budget or upstream quota, nor learn whether a user is banned.
+        .layer(PolicyLayer::new(policy.clone(), config.policy.shadow))
+        // Then bans: a banned user's requests consume no budget either.
+        .layer(BanCheckLayer::new(bans))
         // Then the rooms the upstream serves (ivs): a room in a region or account not served is refused
         // before it spends any budget, and before it can make the issuer hold anything for its region.
         .option_layer(scope)
@@ -216,7 +378,26 @@ pub fn compose_with<I: Issuer>(
         // any of them consumes from none, and only requests about to be issued spend the upstream quota.
         .layer(RateLimitLayer::new(limits, store))
         .service(IssuerService::new(issuer));
-    Ok(BoxCloneSyncService::new(stack))
+    BoxCloneSyncService::new(stack)
+}
+
+/// The moderation stack: the same policy engine and limits as the token stack, over `moderator` and the
+/// ban store.
+pub fn moderation<M: Moderator>(
+    config: &Config,
+    policy: &Arc<PolicyEngine>,
+    store: Store,
+    bans: ModerationStores,
+    moderator: M,
+) -> ModerationStack {
+    let stack = ServiceBuilder::new()
+        // Policy first, for the same reasons as for tokens: the production policy gives these actions to
+        // moderators (and VerifyChatToken to chat servers) only.
+        .layer(PolicyLayer::new(policy.clone(), config.policy.shadow))
+        // The configured limits count moderation calls in budgets of their own (see `Limited::scope`).
+        .layer(RateLimitLayer::new(config.rate_limits.clone(), store))
+        .service(ModerationService::new(moderator, bans));
+    BoxCloneSyncService::new(stack)
 }
 
 /// Loads the configured policies and keeps them current: reloaded when a file changes and on SIGHUP.

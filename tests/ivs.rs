@@ -42,12 +42,15 @@ async fn ivs_server(stub: &IvsStub, tweak: impl FnOnce(&mut Config)) -> TestServ
         ))
         .load()
         .await;
+    let store = stack::limiter_store(&config).unwrap();
     let issuer = IvsIssuer::new(
         base,
         stack::ivs_call_bounds(&config),
         stack::ivs_routes(&config),
+        store.clone(),
+        stack::ivs_disconnect_quota(&config),
     );
-    let stack = stack::compose(&config, issuer).unwrap();
+    let stack = stack::compose_with(&config, store, issuer).unwrap();
     TestServer::start(config, stack).await
 }
 

@@ -6,9 +6,13 @@
 //! - **Bounds**: connect, read, per-attempt and whole-operation timeouts, and the SDK's standard retry
 //!   (throttling, 5xx and connection errors) with a bounded number of attempts. The caller's gRPC deadline
 //!   is enforced above the issuer and cancels the call in flight.
-//! - **What it does not do**: refuse rooms outside the served regions and accounts ([`crate::scope`]) or
-//!   keep calls under IVS's quota (the built-in `ivs-quota` limit of [`crate::ratelimit`]); both run before
-//!   any budget is spent, so a refused request costs nothing.
+//! - **Before it**: rooms outside the served regions and accounts are refused by [`crate::scope`], and
+//!   CreateChatToken calls are kept under IVS's quota by the built-in `ivs-quota` limit of
+//!   [`crate::ratelimit`]; both run before any budget is spent, so a refused request costs nothing. The
+//!   issuer checks the served rooms again itself: it may be composed without the scope layer.
+//! - **DisconnectUser**: the issuer is also the [`Moderator`] of the ivs deployment: DisconnectUser goes to
+//!   the room's region with the same clients, timeouts, retries and error mapping, under a quota guard of
+//!   its own (IVS allows 100 DisconnectUser calls per second per account and region).
 //! - **Errors**: SDK errors are mapped to [`Error`] here and nowhere else; SDK types never leave this module.
 //!   IVS's messages are summarised, never passed on: they may quote the request's values.
 
@@ -25,7 +29,9 @@ use aws_config::{
 use aws_sdk_ivschat::{
     Client,
     error::{ProvideErrorMetadata, SdkError},
-    operation::{RequestId, create_chat_token::CreateChatTokenError},
+    operation::{
+        RequestId, create_chat_token::CreateChatTokenError, disconnect_user::DisconnectUserError,
+    },
     types::ChatTokenCapability,
 };
 use opentelemetry::KeyValue;
@@ -33,8 +39,12 @@ use tokio::sync::OnceCell;
 use tracing::Instrument;
 
 use super::Issuer;
-use crate::error::{Error, FieldViolation, UpstreamKind};
-use crate::request::{Capability, IssuedToken, RoomArn, TokenRequest};
+use crate::error::{Error, ExceededLimit, FieldViolation, UpstreamKind};
+use crate::issuer::local::TokenClaims;
+use crate::moderation::{Moderator, Reason};
+use crate::ratelimit::{Check, Limit, LimiterStore, Verdict};
+use crate::request::{Capability, IssuedToken, RoomArn, TokenRequest, UserId};
+use crate::scope::ServedRooms;
 use crate::telemetry::metrics::metrics;
 
 /// How each call to IVS Chat is bounded.
@@ -55,10 +65,10 @@ pub struct CallBounds {
 }
 
 /// Where calls go and as whom.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Routes {
-    /// Regions served; the only ones that ever get a client.
-    pub regions: Vec<String>,
+    /// Rooms served: their regions are the only ones that ever get a client.
+    pub served: ServedRooms,
     /// Role to assume (account id → role ARN) for rooms of other accounts.
     pub assume_roles: BTreeMap<String, String>,
     /// Every call goes here instead of the regional endpoint (the stub, a proxy), still signed for the
@@ -79,18 +89,28 @@ struct Clients {
     created: AtomicUsize,
 }
 
-/// Mints tokens with Amazon IVS Chat.
-pub struct IvsIssuer {
+/// Mints tokens with Amazon IVS Chat, and disconnects users (the [`Moderator`] of the ivs deployment).
+pub struct IvsIssuer<St> {
     /// Shared AWS settings: credentials chain, HTTP client, timeouts, retries.
     base: SdkConfig,
     endpoint_url: Option<String>,
+    served: ServedRooms,
     clients: Clients,
+    /// Where the DisconnectUser quota guard keeps its state: the rate limits' store.
+    store: St,
+    /// The DisconnectUser quota guard (per account and region).
+    disconnect_quota: Limit,
 }
 
-impl IvsIssuer {
+impl<St: LimiterStore> IvsIssuer<St> {
     /// An issuer using AWS settings loaded the standard way: credentials from the default chain, no
     /// default region (each call's region comes from its room ARN), rustls with ring for HTTPS.
-    pub async fn from_environment(bounds: CallBounds, routes: Routes) -> Self {
+    pub async fn from_environment(
+        bounds: CallBounds,
+        routes: Routes,
+        store: St,
+        disconnect_quota: Limit,
+    ) -> Self {
         let base = aws_config::defaults(aws_config::BehaviorVersion::latest())
             // No default region: nothing probes instance metadata for one; each client sets its own.
             .region(None::<Region>)
@@ -98,11 +118,18 @@ impl IvsIssuer {
             .http_client(https_client())
             .load()
             .await;
-        Self::new(base, bounds, routes)
+        Self::new(base, bounds, routes, store, disconnect_quota)
     }
 
-    /// An issuer on top of `base` (credentials, HTTP client), with `bounds` and `routes` applied.
-    pub fn new(base: SdkConfig, bounds: CallBounds, routes: Routes) -> Self {
+    /// An issuer on top of `base` (credentials, HTTP client), with `bounds` and `routes` applied; the
+    /// DisconnectUser guard keeps `disconnect_quota` in `store`.
+    pub fn new(
+        base: SdkConfig,
+        bounds: CallBounds,
+        routes: Routes,
+        store: St,
+        disconnect_quota: Limit,
+    ) -> Self {
         let base = base
             .into_builder()
             .http_client(https_client())
@@ -132,7 +159,8 @@ impl IvsIssuer {
             })
             .collect();
         let by_region = routes
-            .regions
+            .served
+            .regions()
             .iter()
             .map(|region| {
                 let cells = std::iter::repeat_with(OnceCell::new)
@@ -144,18 +172,46 @@ impl IvsIssuer {
         IvsIssuer {
             base,
             endpoint_url: routes.endpoint_url,
+            served: routes.served,
             clients: Clients {
                 by_region,
                 roles,
                 role_of_account,
                 created: AtomicUsize::new(0),
             },
+            store,
+            disconnect_quota,
         }
     }
 
     /// How many SDK clients exist: at most one per served region and identity.
     pub fn clients_created(&self) -> usize {
         self.clients.created.load(Ordering::Relaxed)
+    }
+
+    /// Admits a DisconnectUser call under its account+region quota, or refuses it with the wait until it
+    /// would fit.
+    async fn guard_disconnect_quota(&self, room: &RoomArn) -> Result<(), Error> {
+        let limit = &self.disconnect_quota;
+        let check = Check {
+            key: format!("{}:{}:{}", limit.name, room.account(), room.region()),
+            quota: limit.quota(),
+            shadow: false,
+        };
+        let verdicts = self.store.check(std::slice::from_ref(&check)).await?;
+        match verdicts.first() {
+            Some(Verdict::Allowed) => Ok(()),
+            Some(Verdict::Denied { retry_after }) => Err(Error::RateLimited {
+                limits: vec![ExceededLimit {
+                    name: limit.name.clone(),
+                    description: limit.description(),
+                }],
+                retry_after: *retry_after,
+            }),
+            None => Err(Error::Internal(
+                "IVS quota guard: the store returned no verdict".into(),
+            )),
+        }
     }
 
     /// The client for `room`: its region, and the role configured for its account, if any. A region not
@@ -199,10 +255,11 @@ impl IvsIssuer {
     }
 }
 
-impl Issuer for IvsIssuer {
+impl<St: LimiterStore> Issuer for IvsIssuer<St> {
     const NAME: &'static str = "ivs";
 
     async fn issue(&self, request: TokenRequest) -> Result<IssuedToken, Error> {
+        self.served.check(&request.room)?;
         let client = self.client(&request.room).await?;
 
         let started = std::time::Instant::now();
@@ -249,7 +306,7 @@ impl Issuer for IvsIssuer {
             ],
         );
         let response = response.map_err(|e| {
-            let error = map_error(e);
+            let error = map_error(e, "create tokens for");
             span.record("otel.status_code", "ERROR");
             if let Error::Upstream {
                 request_id: Some(id),
@@ -290,6 +347,85 @@ impl Issuer for IvsIssuer {
     }
 }
 
+impl<St: LimiterStore> Moderator for IvsIssuer<St> {
+    const NAME: &'static str = "ivs";
+
+    async fn disconnect(
+        &self,
+        room: &RoomArn,
+        user_id: &UserId,
+        reason: &Reason,
+    ) -> Result<(), Error> {
+        self.served.check(room)?;
+        self.guard_disconnect_quota(room).await?;
+        let client = self.client(room).await?;
+
+        let started = std::time::Instant::now();
+        let span = tracing::info_span!(
+            "ivschat.DisconnectUser",
+            otel.name = "ivschat/DisconnectUser",
+            otel.kind = "client",
+            rpc.system = "aws-api",
+            rpc.service = "ivschat",
+            rpc.method = "DisconnectUser",
+            cloud.region = room.region(),
+            aws.request_id = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let response = client
+            .disconnect_user()
+            .room_identifier(room.as_str())
+            .user_id(user_id.expose())
+            .reason(reason.expose())
+            .send()
+            .instrument(span.clone())
+            .await;
+        metrics().upstream_duration.record(
+            started.elapsed().as_secs_f64(),
+            &[
+                KeyValue::new("region", room.region().to_owned()),
+                KeyValue::new("outcome", if response.is_ok() { "ok" } else { "error" }),
+            ],
+        );
+        match response {
+            Ok(output) => {
+                if let Some(id) = output.request_id() {
+                    span.record("aws.request_id", id);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let error = map_error(e, "disconnect users from");
+                span.record("otel.status_code", "ERROR");
+                if let Error::Upstream {
+                    request_id: Some(id),
+                    ..
+                } = &error
+                {
+                    span.record("aws.request_id", id.as_str());
+                }
+                metrics()
+                    .upstream_errors
+                    .add(1, &[KeyValue::new("kind", error.outcome())]);
+                tracing::warn!(
+                    region = room.region(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "IVS Chat DisconnectUser failed: {error}"
+                );
+                Err(error)
+            }
+        }
+    }
+
+    async fn verify(&self, _: TokenClaims) -> Result<TokenClaims, Error> {
+        Err(Error::Unsupported(IVS_VERIFIES_ITS_TOKENS))
+    }
+}
+
+/// Why VerifyChatToken is refused with the ivs issuer.
+pub const IVS_VERIFIES_ITS_TOKENS: &str =
+    "VerifyChatToken verifies tokens of the local issuer; Amazon IVS Chat verifies its own tokens";
+
 /// HTTPS through rustls with ring: the SDK's default client would bring aws-lc-rs and a second hyper.
 fn https_client() -> aws_sdk_ivschat::config::SharedHttpClient {
     aws_smithy_http_client::Builder::new()
@@ -310,8 +446,8 @@ fn ivs_capability(capability: Capability) -> ChatTokenCapability {
 /// How long to advise a throttled caller to wait: IVS's quota refills within a second.
 const THROTTLED_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// Our proto field name for each of IVS Chat's CreateChatToken fields, so a BadRequest from IVS names
-/// fields the way our own validation does.
+/// Our proto field name for each of IVS Chat's request fields, so a BadRequest from IVS names fields the
+/// way our own validation does.
 fn our_field(ivs_field: &str) -> &'static str {
     match ivs_field {
         "roomIdentifier" => "room_identifier",
@@ -319,15 +455,60 @@ fn our_field(ivs_field: &str) -> &'static str {
         "capabilities" => "capabilities",
         "sessionDurationInMinutes" => "session_duration_in_minutes",
         "attributes" => "attributes",
+        "reason" => "reason",
         _ => "request",
     }
 }
 
-/// The one place SDK errors become domain errors. IVS's own messages stay out of what callers see (and of
-/// our logs): they may quote the user id or attributes. Codes, reasons and field names are enough.
-fn map_error(
-    error: SdkError<CreateChatTokenError, aws_sdk_ivschat::config::http::HttpResponse>,
-) -> Error {
+/// The errors IVS Chat operations share, whichever operation answered them.
+enum Known<'a> {
+    Validation(&'a aws_sdk_ivschat::types::error::ValidationException),
+    NotFound,
+    AccessDenied(&'a aws_sdk_ivschat::types::error::AccessDeniedException),
+    PendingVerification,
+    Other,
+}
+
+/// An operation's error enum, seen through [`Known`].
+trait OperationError: ProvideErrorMetadata {
+    fn known(&self) -> Known<'_>;
+}
+
+impl OperationError for CreateChatTokenError {
+    fn known(&self) -> Known<'_> {
+        match self {
+            CreateChatTokenError::ValidationException(e) => Known::Validation(e),
+            CreateChatTokenError::ResourceNotFoundException(_) => Known::NotFound,
+            CreateChatTokenError::AccessDeniedException(e) => Known::AccessDenied(e),
+            CreateChatTokenError::PendingVerification(_) => Known::PendingVerification,
+            _ => Known::Other,
+        }
+    }
+}
+
+impl OperationError for DisconnectUserError {
+    fn known(&self) -> Known<'_> {
+        match self {
+            DisconnectUserError::ValidationException(e) => Known::Validation(e),
+            DisconnectUserError::ResourceNotFoundException(_) => Known::NotFound,
+            DisconnectUserError::AccessDeniedException(e) => Known::AccessDenied(e),
+            DisconnectUserError::PendingVerification(_) => Known::PendingVerification,
+            _ => Known::Other,
+        }
+    }
+}
+
+/// The one place SDK errors become domain errors. `denied_to` completes "this service's AWS identity may
+/// not …" for AccessDenied. IVS's own messages stay out of what callers see (and of our logs, but for
+/// AccessDenied's, which names our IAM principal): they may quote the user id or attributes. Codes,
+/// reasons and field names are enough.
+fn map_error<E>(
+    error: SdkError<E, aws_sdk_ivschat::config::http::HttpResponse>,
+    denied_to: &str,
+) -> Error
+where
+    E: OperationError + std::error::Error + Send + Sync + 'static,
+{
     let request_id = error.request_id().map(str::to_owned);
     let upstream = |kind, message: String| Error::Upstream {
         kind,
@@ -337,8 +518,9 @@ fn map_error(
     match &error {
         SdkError::ServiceError(service) => {
             let status = service.raw().status().as_u16();
-            match service.err() {
-                CreateChatTokenError::ValidationException(e) => {
+            let other = service.err();
+            match other.known() {
+                Known::Validation(e) => {
                     let reason = e.reason().as_str();
                     let mut violations: Vec<FieldViolation> = e
                         .field_list()
@@ -361,22 +543,22 @@ fn map_error(
                         format!("request refused by validation ({reason})"),
                     )
                 }
-                CreateChatTokenError::ResourceNotFoundException(_) => {
+                Known::NotFound => {
                     upstream(UpstreamKind::NotFound, "the room does not exist".into())
                 }
-                CreateChatTokenError::AccessDeniedException(e) => {
-                    // IVS's message names our IAM principal and the action: for our log, not for callers.
+                Known::AccessDenied(e) => {
+                    // IVS's message names our IAM principal; that is for our log, not for callers.
                     tracing::warn!("IVS Chat denied access: {}", e.message());
                     upstream(
                         UpstreamKind::AccessDenied,
-                        "this service's AWS identity may not create tokens for the room".into(),
+                        format!("this service's AWS identity may not {denied_to} the room"),
                     )
                 }
-                CreateChatTokenError::PendingVerification(_) => upstream(
+                Known::PendingVerification => upstream(
                     UpstreamKind::PendingVerification,
                     "the room's AWS account is pending verification for IVS Chat".into(),
                 ),
-                other
+                Known::Other
                     if status == 429
                         || matches!(
                             other.code(),
@@ -390,11 +572,11 @@ fn map_error(
                         "throttled, still after retries".into(),
                     )
                 }
-                _ if status >= 500 => upstream(
+                Known::Other if status >= 500 => upstream(
                     UpstreamKind::Unavailable,
                     format!("HTTP {status}, still after retries"),
                 ),
-                other => Error::Internal(format!(
+                Known::Other => Error::Internal(format!(
                     "IVS Chat answered HTTP {status} {} (request id {})",
                     other.code().unwrap_or("without an error code"),
                     request_id.as_deref().unwrap_or("unknown"),

@@ -36,6 +36,18 @@ pub trait Issuer: Send + Sync + 'static {
     ) -> impl Future<Output = Result<IssuedToken, Error>> + Send;
 }
 
+/// A shared issuer issues as itself: the ivs issuer is shared with its moderator.
+impl<I: Issuer> Issuer for Arc<I> {
+    const NAME: &'static str = I::NAME;
+
+    fn issue(
+        &self,
+        request: TokenRequest,
+    ) -> impl Future<Output = Result<IssuedToken, Error>> + Send {
+        I::issue(self, request)
+    }
+}
+
 /// Adapts an [`Issuer`] to `tower::Service`, sharing it behind an `Arc` so the service clones cheaply.
 pub struct IssuerService<I>(Arc<I>);
 

@@ -1,11 +1,13 @@
-//! Cedar policy: may this caller grant these capabilities for this room?
+//! Cedar policy: may this caller grant these capabilities for this room, or moderate it?
 //!
-//! A request is put to Cedar as
+//! A request ([`Authorize`]) is put to Cedar as
 //! - principal `Caller::"<caller id>"` (with groups and attributes from the optional entities file),
-//! - action `Action::"CreateChatToken"`,
+//! - action `Action::"CreateChatToken"`, or a moderation action: `DisconnectUser`, `BanUser`, `UnbanUser`,
+//!   `ListBans`, `VerifyChatToken`,
 //! - resource `Room::"<room ARN>"` with attributes `region`, `account`, `roomId` parsed from the ARN,
-//! - context `capabilities` (IVS names), `sessionDurationInMinutes` (60 when absent), `userId`,
-//!   `attributeKeys` and `attributesBytes`.
+//! - context, for CreateChatToken: `capabilities` (IVS names), `sessionDurationInMinutes` (60 when absent),
+//!   `userId`, `attributeKeys` and `attributesBytes`; for moderation actions about a user: `userId`, and
+//!   for BanUser `durationSeconds` (0: until unbanned).
 //!
 //! The schema (`src/policy/schema.cedarschema`) is embedded; every policy set is validated against it
 //! when loaded, and a set that does not validate is refused with Cedar's own message and the file, line
@@ -34,7 +36,8 @@ use cedar_policy::{
 use miette::Diagnostic;
 
 use crate::error::Error;
-use crate::request::TokenRequest;
+use crate::moderation::{ModerationAction, ModerationRequest};
+use crate::request::{Caller, RoomArn, TokenRequest};
 
 pub use layer::PolicyLayer;
 
@@ -78,12 +81,104 @@ pub struct PolicyDecision {
     pub policy_ids: Vec<String>,
 }
 
+/// Every action in the schema.
+const ACTIONS: [&str; 6] = [
+    "CreateChatToken",
+    "DisconnectUser",
+    "BanUser",
+    "UnbanUser",
+    "ListBans",
+    "VerifyChatToken",
+];
+
+/// A request Cedar can decide: who asks to do what to which room, and the action's context.
+pub trait Authorize {
+    /// The principal.
+    fn caller(&self) -> &Caller;
+    /// The resource.
+    fn room(&self) -> &RoomArn;
+    /// The action's name, one of the schema's actions.
+    fn action(&self) -> &'static str;
+    /// The action's context, as the schema declares it.
+    fn context(&self) -> Vec<(String, RestrictedExpression)>;
+}
+
+impl Authorize for TokenRequest {
+    fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    fn room(&self) -> &RoomArn {
+        &self.room
+    }
+
+    fn action(&self) -> &'static str {
+        "CreateChatToken"
+    }
+
+    fn context(&self) -> Vec<(String, RestrictedExpression)> {
+        vec![
+            (
+                "capabilities".into(),
+                RestrictedExpression::new_set(
+                    self.capabilities.iter().map(|c| string(c.ivs_name())),
+                ),
+            ),
+            (
+                "sessionDurationInMinutes".into(),
+                RestrictedExpression::new_long(self.session_duration().minutes().into()),
+            ),
+            ("userId".into(), string(self.user_id.expose())),
+            (
+                "attributeKeys".into(),
+                RestrictedExpression::new_set(self.attributes.keys().map(string)),
+            ),
+            (
+                "attributesBytes".into(),
+                RestrictedExpression::new_long(self.attributes.byte_size() as i64),
+            ),
+        ]
+    }
+}
+
+impl Authorize for ModerationRequest {
+    fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    fn room(&self) -> &RoomArn {
+        &self.room
+    }
+
+    fn action(&self) -> &'static str {
+        self.action.name()
+    }
+
+    fn context(&self) -> Vec<(String, RestrictedExpression)> {
+        let mut context: Vec<(String, RestrictedExpression)> = self
+            .action
+            .user_id()
+            .map(|user| ("userId".into(), string(user.expose())))
+            .into_iter()
+            .collect();
+        if let ModerationAction::Ban { duration, .. } = &self.action {
+            let seconds = duration.map_or(0, |d| d.as_secs());
+            context.push((
+                "durationSeconds".into(),
+                RestrictedExpression::new_long(i64::try_from(seconds).unwrap_or(i64::MAX)),
+            ));
+        }
+        context
+    }
+}
+
 /// Evaluates requests against the current policy set; reloadable.
 pub struct PolicyEngine {
     source: PolicySource,
     schema: Schema,
     current: ArcSwap<Loaded>,
-    action: EntityUid,
+    /// The schema's actions, made once.
+    actions: HashMap<&'static str, EntityUid>,
     caller_type: EntityTypeName,
     room_type: EntityTypeName,
     /// Reloads refused because the new files did not parse or validate.
@@ -100,7 +195,10 @@ impl PolicyEngine {
             source,
             schema,
             current: ArcSwap::from_pointee(loaded),
-            action: uid("Action", "CreateChatToken"),
+            actions: ACTIONS
+                .into_iter()
+                .map(|action| (action, uid("Action", action)))
+                .collect(),
             caller_type: EntityTypeName::from_str("Caller").expect("valid type name"),
             room_type: EntityTypeName::from_str("Room").expect("valid type name"),
             refused_reloads: AtomicU64::new(0),
@@ -136,52 +234,37 @@ impl PolicyEngine {
     }
 
     /// Asks Cedar about `request`.
-    pub fn evaluate(&self, request: &TokenRequest) -> Result<PolicyDecision, Error> {
+    pub fn evaluate(&self, request: &impl Authorize) -> Result<PolicyDecision, Error> {
         let internal =
             |what: &str, e: &dyn std::fmt::Display| Error::Internal(format!("policy {what}: {e}"));
         let principal = EntityUid::from_type_name_and_id(
             self.caller_type.clone(),
-            EntityId::new(request.caller.id()),
+            EntityId::new(request.caller().id()),
         );
+        let room_arn = request.room();
         let resource = EntityUid::from_type_name_and_id(
             self.room_type.clone(),
-            EntityId::new(request.room.as_str()),
+            EntityId::new(room_arn.as_str()),
         );
         let room = Entity::new(
             resource.clone(),
             HashMap::from([
-                ("region".into(), string(request.room.region())),
-                ("account".into(), string(request.room.account())),
-                ("roomId".into(), string(request.room.room_id())),
+                ("region".into(), string(room_arn.region())),
+                ("account".into(), string(room_arn.account())),
+                ("roomId".into(), string(room_arn.room_id())),
             ]),
             HashSet::new(),
         )
         .map_err(|e| internal("room entity", &e))?;
-        let context = Context::from_pairs([
-            (
-                "capabilities".into(),
-                RestrictedExpression::new_set(
-                    request.capabilities.iter().map(|c| string(c.ivs_name())),
-                ),
-            ),
-            (
-                "sessionDurationInMinutes".into(),
-                RestrictedExpression::new_long(request.session_duration().minutes().into()),
-            ),
-            ("userId".into(), string(request.user_id.expose())),
-            (
-                "attributeKeys".into(),
-                RestrictedExpression::new_set(request.attributes.keys().map(string)),
-            ),
-            (
-                "attributesBytes".into(),
-                RestrictedExpression::new_long(request.attributes.byte_size() as i64),
-            ),
-        ])
-        .map_err(|e| internal("context", &e))?;
+        let context =
+            Context::from_pairs(request.context()).map_err(|e| internal("context", &e))?;
+        let action = self
+            .actions
+            .get(request.action())
+            .ok_or_else(|| Error::Internal(format!("policy: no action {}", request.action())))?;
         let cedar_request = Request::new(
             principal,
-            self.action.clone(),
+            action.clone(),
             resource,
             context,
             Some(&self.schema),
@@ -394,7 +477,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let source = files(
             dir.path(),
-            r#"@id("only-send") permit (principal, action, resource) unless { context.capabilities.contains("DELETE_MESSAGE") };"#,
+            r#"@id("only-send") permit (principal, action == Action::"CreateChatToken", resource) unless { context.capabilities.contains("DELETE_MESSAGE") };"#,
         );
         let engine = PolicyEngine::load(source).unwrap();
         let deleting = request("c", ROOM_111, &[Capability::DeleteMessage], None);
@@ -429,7 +512,7 @@ mod tests {
         let engine = PolicyEngine::load(files(
             dir.path(),
             r#"@id("all") permit (principal, action, resource);
-               @id("no-long-sessions") forbid (principal, action, resource) when { context.sessionDurationInMinutes > 60 };
+               @id("no-long-sessions") forbid (principal, action == Action::"CreateChatToken", resource) when { context.sessionDurationInMinutes > 60 };
                @id("room-account") forbid (principal, action, resource) unless { resource.account == "111111111111" };"#,
         ))
         .unwrap();

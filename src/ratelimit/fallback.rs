@@ -17,6 +17,7 @@
 //! remembers.
 
 use std::{
+    future::Future,
     sync::{
         Arc, Weak,
         atomic::{AtomicU64, Ordering},
@@ -110,12 +111,21 @@ impl FallbackStore {
     }
 }
 
-impl LimiterStore for FallbackStore {
-    async fn check(&self, checks: &[Check]) -> Result<Vec<Verdict>, StoreError> {
+impl FallbackStore {
+    /// Runs `call` on Redis under the same timeout and outage tracking as every limit check: `None` when
+    /// Redis is down or the call fails or times out (Redis is then marked down), for the caller's failure
+    /// mode to decide. Moderation state (bans, revocations) shares Redis this way.
+    pub(crate) async fn redis_call<'a, T, F>(
+        &'a self,
+        call: impl FnOnce(&'a RedisStore) -> F,
+    ) -> Option<T>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
         let inner = &self.inner;
         if *inner.up.borrow() {
-            match tokio::time::timeout(inner.timeout, inner.redis.check(checks)).await {
-                Ok(Ok(verdicts)) => return Ok(verdicts),
+            match tokio::time::timeout(inner.timeout, call(&inner.redis)).await {
+                Ok(Ok(answer)) => return Some(answer),
                 Ok(Err(e)) => {
                     store_error("error");
                     inner.mark_down(&e)
@@ -127,10 +137,19 @@ impl LimiterStore for FallbackStore {
             }
         }
         inner.outage_calls.fetch_add(1, Ordering::Relaxed);
-        match inner.mode {
+        None
+    }
+}
+
+impl LimiterStore for FallbackStore {
+    async fn check(&self, checks: &[Check]) -> Result<Vec<Verdict>, StoreError> {
+        if let Some(verdicts) = self.redis_call(|redis| redis.check(checks)).await {
+            return Ok(verdicts);
+        }
+        match self.inner.mode {
             FailureMode::FailOpen => {
                 metrics().limiter_fallbacks.add(1, &[]);
-                inner.local.check(checks).await
+                self.inner.local.check(checks).await
             }
             FailureMode::FailClosed => Err(StoreError::Unavailable {
                 retry_after: PROBE_INTERVAL,

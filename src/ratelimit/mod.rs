@@ -49,6 +49,8 @@ pub use memory::MemoryStore;
 /// The name of the built-in limit that keeps CreateChatToken calls under IVS Chat's own quota (per AWS
 /// account and region), added by [`crate::stack`] when the issuer is `ivs`.
 pub const IVS_QUOTA_LIMIT_NAME: &str = "ivs-quota";
+/// The name of the IVS issuer's DisconnectUser quota guard (per AWS account and region).
+pub const DISCONNECT_QUOTA_LIMIT_NAME: &str = "ivs-disconnect-quota";
 
 /// One limit, as configured in a `[[rate_limits]]` entry.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -73,18 +75,6 @@ pub struct Limit {
 }
 
 impl Limit {
-    /// The built-in limit that keeps calls under IVS Chat's CreateChatToken quota: `rate` with `burst` per
-    /// AWS account and region, enforced.
-    pub fn ivs_quota(rate: Rate, burst: NonZeroU32) -> Self {
-        Limit {
-            name: IVS_QUOTA_LIMIT_NAME.into(),
-            key: LimitKey::AccountRegion,
-            rate,
-            burst,
-            shadow: false,
-        }
-    }
-
     /// The limit's GCRA parameters.
     pub fn quota(&self) -> Quota {
         Quota::new(self.rate, self.burst)
@@ -195,6 +185,14 @@ pub enum StoreError {
         /// When the store will next be tried, for the caller's retry.
         retry_after: Duration,
     },
+    /// The in-process store holds as many entries still in force as it may (moderation state: bans,
+    /// revocations, used token ids); rather than forget one, the new one is refused. Rate-limit checks never
+    /// fail this way: they forget the keys closest to recovery.
+    #[error("store full: {capacity} entries in force")]
+    Full {
+        /// The configured bound (`limiter.max_tracked_keys`).
+        capacity: usize,
+    },
 }
 
 impl From<StoreError> for crate::error::Error {
@@ -203,6 +201,7 @@ impl From<StoreError> for crate::error::Error {
             StoreError::Unavailable { retry_after } => {
                 crate::error::Error::LimiterUnavailable { retry_after }
             }
+            StoreError::Full { capacity } => crate::error::Error::StoreFull { capacity },
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The shared [`super::LimiterStore`]: GCRA evaluated inside Redis, so every replica spends one budget.
+//! The shared [`LimiterStore`](super::LimiterStore): GCRA evaluated inside Redis, so every replica spends one
+//! budget.
 //!
 //! One Lua script (`gcra.lua`) holds the whole decision. It is loaded once per Redis server and then
 //! invoked by its SHA (EVALSHA; on NOSCRIPT, after a Redis restart or failover, it is loaded again and the
@@ -21,6 +22,8 @@
 //! Decisions have microsecond resolution: intervals are truncated to whole microseconds, and at least
 //! 1 µs, so a single key admits at most 1,000,000 requests per second.
 //!
+//! Bans, revocations and used token ids live here too, under keys of their own (`redis/moderation.rs`).
+//!
 //! This store has no timeout or failure policy of its own; [`super::fallback::FallbackStore`] adds them.
 
 use std::{fmt::Write as _, sync::Arc, time::Duration};
@@ -34,6 +37,8 @@ use redis::{
 };
 
 use super::{Check, Verdict};
+
+mod moderation;
 
 /// Each connection attempt gives up after this long; reconnecting goes on in the background.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);

@@ -19,7 +19,7 @@ use chat_token_service::{
     issuer::local::{KeySet, generate_key},
     proto::ivschat::v1::{CreateChatTokenRequest, token_service_client::TokenServiceClient},
     server,
-    stack::TokenStack,
+    stack::Stacks,
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::{Channel, Endpoint};
@@ -35,16 +35,17 @@ pub struct TestServer {
 
 impl TestServer {
     /// Starts `stack` with `config`'s server settings on a free loopback port.
-    pub async fn start(config: Config, stack: TokenStack) -> Self {
+    pub async fn start(config: Config, stack: impl Into<Stacks>) -> Self {
         Self::start_with_readiness(config, stack, None).await
     }
 
     /// [`TestServer::start`], with the token service's health following `readiness`.
     pub async fn start_with_readiness(
         config: Config,
-        stack: TokenStack,
+        stack: impl Into<Stacks>,
         readiness: Option<tokio::sync::watch::Receiver<bool>>,
     ) -> Self {
+        let stack = stack.into();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();

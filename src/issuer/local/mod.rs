@@ -67,8 +67,12 @@ impl LocalIssuer {
     }
 
     fn mint(&self, request: &TokenRequest, now: SystemTime) -> Result<IssuedToken, Error> {
-        // Whole seconds, as IVS Chat returns them; the token and the response then agree exactly.
-        let now = OffsetDateTime::from(now)
+        // `iat` keeps sub-second precision, so a token minted right after a revocation (DisconnectUser)
+        // in the same second is told apart from one minted before it.
+        let issued_at = OffsetDateTime::from(now);
+        // Expirations in whole seconds, as IVS Chat returns them; the token and the response then agree
+        // exactly.
+        let now = issued_at
             .replace_nanosecond(0)
             .expect("0 is a valid nanosecond");
         let exp = now + self.token_ttl;
@@ -76,7 +80,7 @@ impl LocalIssuer {
         let token_id = uuid::Uuid::new_v4().to_string();
         let payload = Payload {
             jti: token_id.clone(),
-            iat: now,
+            iat: issued_at,
             nbf: now,
             exp,
             room_arn: request.room.as_str().to_owned(),
@@ -139,19 +143,22 @@ mod tests {
         assert_eq!(claims.attributes, req.attributes);
         assert_eq!(claims.token_expires_at, issued.token_expires_at);
         assert_eq!(claims.session_expires_at, issued.session_expires_at);
-        assert_eq!(
-            claims
-                .session_expires_at
-                .duration_since(claims.issued_at)
-                .unwrap(),
-            Duration::from_secs(60 * 60)
+        // `iat` keeps the instant of minting; expirations count from its whole second.
+        assert_eq!(claims.issued_at, now);
+        let token_life = claims
+            .token_expires_at
+            .duration_since(claims.issued_at)
+            .unwrap();
+        assert!(
+            token_life > Duration::from_secs(59) && token_life <= Duration::from_secs(60),
+            "{token_life:?}"
         );
         assert_eq!(
             claims
-                .token_expires_at
-                .duration_since(claims.issued_at)
+                .session_expires_at
+                .duration_since(claims.token_expires_at)
                 .unwrap(),
-            Duration::from_secs(60)
+            Duration::from_secs(59 * 60)
         );
     }
 
