@@ -21,7 +21,7 @@ pub mod sigv4;
 
 use std::{sync::Arc, time::SystemTime};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataMap;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
@@ -32,7 +32,7 @@ use crate::request::Caller;
 pub const XFCC_HEADER: &str = "x-forwarded-client-cert";
 
 /// A place a caller's identity can come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IdentitySource {
     /// The verified TLS client certificate.

@@ -28,8 +28,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::HttpApiConfig;
 use crate::error::{IvsError, VALIDATION_OTHER};
-use crate::issuer::IssuedToken;
-use crate::request::{Capabilities, FieldNames, TokenRequest, UncheckedRequest};
+use crate::request::{Capabilities, FieldNames, IssuedToken, TokenRequest, UncheckedRequest};
 use crate::service::Door;
 
 /// IVS Chat's service name (its SigV4 signing name too), in spans and metrics.

@@ -8,11 +8,10 @@ use tower::ServiceExt;
 use crate::error::Error;
 use crate::identity::Resolver;
 use crate::inflight::CallStarted;
-use crate::issuer::IssuedToken;
 use crate::proto::ivschat::v1::{
     CreateChatTokenRequest, CreateChatTokenResponse, token_service_server,
 };
-use crate::request::{Caller, Capability, TokenRequest};
+use crate::request::{Caller, Capability, IssuedToken, TokenRequest};
 use crate::stack::TokenStack;
 
 /// What both front doors (gRPC here, the IVS Chat HTTP API in [`crate::rest`]) share: one identity
@@ -47,9 +46,9 @@ impl Door {
     pub fn refuse(&self, caller: Option<&Caller>, error: Error) -> Error {
         match caller {
             Some(caller) => {
-                tracing::info!(target: "audit", caller = %caller, outcome = outcome(&error), "token refused")
+                tracing::info!(target: "audit", caller = %caller, outcome = error.outcome(), "token refused")
             }
-            None => tracing::info!(target: "audit", outcome = outcome(&error), "token refused"),
+            None => tracing::info!(target: "audit", outcome = error.outcome(), "token refused"),
         }
         error
     }
@@ -86,7 +85,7 @@ impl Door {
                 "token issued"
             ),
             Err(error) => {
-                tracing::info!(target: "audit", outcome = outcome(error), "token refused")
+                tracing::info!(target: "audit", outcome = error.outcome(), "token refused")
             }
         });
         issued
@@ -131,25 +130,6 @@ impl token_service_server::TokenService for TokenService {
             .map_err(|error| door.refuse(Some(&caller), error))?;
         let issued = door.issue(request, deadline).await?;
         Ok(Response::new(to_proto(issued)))
-    }
-}
-
-/// The audit `outcome` of a refusal.
-pub(crate) fn outcome(error: &Error) -> &'static str {
-    match error {
-        Error::InvalidArgument(_) => "invalid_argument",
-        Error::Unauthenticated(_) => "unauthenticated",
-        Error::PolicyDenied { .. } => "denied_by_policy",
-        Error::RateLimited { .. } => "rate_limited",
-        Error::Overloaded { .. } => "overloaded",
-        Error::LimiterUnavailable { .. } => "limiter_unavailable",
-        Error::Upstream { .. } => "upstream_error",
-        Error::DeadlineExceeded => "deadline_exceeded",
-        Error::UserBanned { .. } => "user_banned",
-        Error::TokenRejected(_) => "token_rejected",
-        Error::Unsupported(_) => "unsupported",
-        Error::StoreFull { .. } => "store_full",
-        Error::Internal(_) => "internal_error",
     }
 }
 

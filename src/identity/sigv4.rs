@@ -33,7 +33,7 @@ use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, si
 use serde::Deserialize;
 
 use crate::config::{Secret, Sigv4Config};
-use crate::reload::{self, Trigger};
+use crate::reload::{self, Reload, Trigger};
 use crate::request::Caller;
 
 /// The only signing algorithm accepted: SigV4 with HMAC-SHA256 (not SigV4a).
@@ -140,17 +140,16 @@ impl Verifier {
                 let Some(verifier) = weak.upgrade() else {
                     return ControlFlow::Break(());
                 };
-                match load_keys(&verifier.path) {
+                ControlFlow::Continue(match load_keys(&verifier.path) {
                     Ok(keys) => {
                         tracing::info!(?trigger, keys = keys.len(), "SigV4 credentials reloaded");
                         verifier.keys.store(Arc::new(keys));
+                        Reload::Applied
                     }
-                    Err(e) => tracing::error!(
-                        ?trigger,
+                    Err(e) => Reload::Refused(format!(
                         "SigV4 credentials reload refused, the previous keys stay in force: {e}"
-                    ),
-                }
-                ControlFlow::Continue(())
+                    )),
+                })
             },
         );
     }
