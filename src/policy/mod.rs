@@ -273,9 +273,7 @@ impl PolicyEngine {
                 .map_err(|e| internal("request", &e))?;
 
         let loaded = self.current.load();
-        let entities = self
-            .slice(&loaded, &principal, room_arn)
-            .map_err(|e| internal("entities", &e))?;
+        let entities = self.slice(&loaded, &principal, room_arn)?;
         let response = Authorizer::new().is_authorized(&cedar_request, &loaded.policies, &entities);
         for cedar_policy::AuthorizationError::PolicyEvaluationError(error) in
             response.diagnostics().errors()
@@ -304,7 +302,7 @@ impl PolicyEngine {
         loaded: &Loaded,
         principal: &EntityUid,
         room: &RoomArn,
-    ) -> Result<Entities, cedar_policy::entities_errors::EntitiesError> {
+    ) -> Result<Entities, Error> {
         let mut seen: HashSet<EntityUid> = loaded.shared.iter().map(Entity::uid).collect();
         let mut slice = loaded.shared.clone();
         with_ancestors(&loaded.entities, principal, |entity| {
@@ -314,6 +312,7 @@ impl PolicyEngine {
         });
         slice.push(self.room_entity(room));
         Entities::from_entities(slice, None)
+            .map_err(|e| Error::Internal(format!("policy entities: {e}")))
     }
 
     /// The request's `Room`, its attributes parsed from the ARN.
