@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use chat_token_service::{
     config::Config,
     proto::ivschat::v1::CreateChatTokenRequest,
-    ratelimit::{Check, LimiterStore, Store, Verdict},
+    ratelimit::{Check, LimiterStore, RedisFault, Store, StoreError, Verdict},
     stack,
 };
 use common::{
@@ -437,4 +437,38 @@ async fn redis_cluster_checks_several_limits_of_one_request() {
     let stored = redis.keys(&prefix);
     assert_eq!(stored.len(), 2, "one key per limit: {stored:?}");
     server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_read_only_replica_is_reported_as_such_and_readiness_does_not_flap() {
+    // Pointed at a replica, SCRIPT LOAD succeeds but every write is refused: the probe runs the real
+    // script, so health follows what requests see instead of flapping every second.
+    let replica = RedisServer::replica();
+    let keys = LocalKeys::new();
+    let config = redis_config(
+        &keys,
+        &replica,
+        &unique_prefix(),
+        "failure_mode = \"fail_closed\"\nredis_timeout = \"1s\"",
+    );
+    let store = stack::limiter_store(&config).unwrap();
+    let Store::Redis(redis) = &store else {
+        panic!("the Redis backend was configured");
+    };
+    let mut ready = store.readiness().expect("fail_closed follows Redis");
+    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|up| !*up))
+        .await
+        .expect("the first probe finds the replica read-only")
+        .unwrap();
+    assert_eq!(redis.fault(), Some(RedisFault::ReadOnly));
+    assert!(RedisFault::ReadOnly.is_misconfiguration());
+    assert!(matches!(
+        store.check(&[check("k", "1/s", 1, false)]).await,
+        Err(StoreError::Unavailable { .. })
+    ));
+
+    // Three probes later it has never looked ready again.
+    let flapped = tokio::time::timeout(Duration::from_millis(3500), ready.wait_for(|up| *up)).await;
+    assert!(flapped.is_err(), "readiness flapped back to ready");
+    assert_eq!(redis.fault(), Some(RedisFault::ReadOnly));
 }

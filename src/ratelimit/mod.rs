@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 pub use self::redis::RedisStore;
-pub use fallback::{FailureMode, FallbackStore};
+pub use fallback::{FailureMode, FallbackStore, RedisFault};
 pub use gcra::{Quota, Rate};
 pub use layer::{RateLimit, RateLimitLayer, ResponseFuture, Stats};
 pub use memory::MemoryStore;

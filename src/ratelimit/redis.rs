@@ -26,7 +26,7 @@
 //!
 //! This store has no timeout or failure policy of its own; [`super::fallback::FallbackStore`] adds them.
 
-use std::{fmt::Write as _, sync::Arc, time::Duration};
+use std::{fmt::Write as _, num::NonZeroU32, sync::Arc, time::Duration};
 
 use orion::hazardous::hash::blake2::blake2b::Blake2b;
 use redis::{
@@ -36,7 +36,7 @@ use redis::{
     cluster_async::ClusterConnection,
 };
 
-use super::{Check, Verdict};
+use super::{Check, Quota, Rate, Verdict};
 
 mod moderation;
 
@@ -140,18 +140,21 @@ impl RedisStore {
             .collect())
     }
 
-    /// Loads the script into Redis (every primary, in a cluster): proves Redis answers, and spares the next
-    /// check the NOSCRIPT round trip after a Redis restart.
+    /// Runs the rate-limit script on a key of its own, exactly as a request would, write included: what
+    /// stops requests (a replica's READONLY, OOM, a script that cannot run, CROSSSLOT) stops the probe too,
+    /// so health follows what requests see. The key lives a millisecond. In a cluster it reaches the node
+    /// owning the probe key's slot.
     pub async fn probe(&self) -> RedisResult<()> {
-        let _sha: String = match &self.connection {
-            Connection::Single(connection) => {
-                self.script.load_async(&mut connection.clone()).await?
-            }
-            Connection::Cluster(connection) => {
-                self.script.load_async(&mut connection.clone()).await?
-            }
+        let probe = Check {
+            // Limit keys are length-prefixed (`5:name…`), so this one is nobody else's.
+            key: "probe".into(),
+            quota: Quota::new(
+                Rate::parse("1000000/s").expect("a valid rate"),
+                NonZeroU32::MIN,
+            ),
+            shadow: false,
         };
-        Ok(())
+        self.check(std::slice::from_ref(&probe)).await.map(drop)
     }
 
     /// `<prefix>:rl:{<hex digest of key>}`.
