@@ -114,7 +114,7 @@ async fn gcra_in_redis_admits_the_burst_then_exactly_the_configured_rate() {
     );
 
     // The key lives exactly until full recovery (3 × 100 ms), under a digest: no user id in Redis.
-    let stored = redis.keys(&prefix);
+    let stored = redis.keys(&format!("{prefix}:rl:"));
     assert_eq!(stored.len(), 1, "{stored:?}");
     assert!(!stored[0].contains("ann"), "{}", stored[0]);
     assert!(
@@ -329,7 +329,11 @@ async fn fail_open_keeps_serving_with_local_limits_and_shares_again_once_redis_r
     let (server, store) = server_with_store(&keys, &redis, &prefix, "fail_open").await;
     let mut client = server.client().await;
     client.create_chat_token(for_user("ann")).await.unwrap();
-    assert_eq!(redis.keys(&prefix).len(), 1, "decided in Redis");
+    assert_eq!(
+        redis.keys(&format!("{prefix}:rl:")).len(),
+        1,
+        "decided in Redis"
+    );
 
     redis.stop();
     // Local limits, as configured, from a fresh local budget: two admitted, the third refused.
@@ -360,7 +364,7 @@ async fn fail_open_keeps_serving_with_local_limits_and_shares_again_once_redis_r
         .await
         .expect("decided in Redis again");
     assert_eq!(
-        redis.keys(&prefix).len(),
+        redis.keys(&format!("{prefix}:rl:")).len(),
         1,
         "the restarted Redis holds the new decision: shared limits are back without a service restart"
     );
@@ -434,7 +438,7 @@ async fn redis_cluster_checks_several_limits_of_one_request() {
     let status = client.create_chat_token(for_user("ann")).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert_eq!(status.message(), "rate limit exceeded: per-user");
-    let stored = redis.keys(&prefix);
+    let stored = redis.keys(&format!("{prefix}:rl:"));
     assert_eq!(stored.len(), 2, "one key per limit: {stored:?}");
     server.shutdown().await.unwrap();
 }
