@@ -602,6 +602,12 @@ impl Serialize for Secret {
     }
 }
 
+impl From<String> for Secret {
+    fn from(secret: String) -> Self {
+        Secret(secret)
+    }
+}
+
 impl Secret {
     /// The secret itself.
     pub fn expose(&self) -> &str {
