@@ -2,7 +2,7 @@
 //! installed into `target/venv` by tests/run.sh), against the real binary on a loopback port.
 //!
 //! These tests fail, not skip, when the clients are missing: run `tests/run.sh`, or point
-//! `CTS_TEST_VENV` at a virtualenv that has both.
+//! `AWS_CLIENTS_VENV` at a virtualenv that has both.
 
 mod common;
 
@@ -24,12 +24,12 @@ const STRANGER_SECRET: &str = "strangerSecretAccessKey00000000000000000";
 
 /// The virtualenv holding `aws` and `boto3`.
 fn venv() -> PathBuf {
-    let venv = std::env::var_os("CTS_TEST_VENV")
+    let venv = std::env::var_os("AWS_CLIENTS_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv"));
     assert!(
         venv.join("bin/aws").exists() && venv.join("bin/python").exists(),
-        "the AWS CLI and boto3 are needed in {}: run tests/run.sh (it installs them), or set CTS_TEST_VENV",
+        "the AWS CLI and boto3 are needed in {}: run tests/run.sh (it installs them), or set AWS_CLIENTS_VENV",
         venv.display()
     );
     venv

@@ -3,7 +3,8 @@
 # Installs what the tests need from Debian's packages when it is missing (as root, or through sudo):
 # redis-server (the Redis tests reuse 127.0.0.1:6379 or start their own), libfaketime (the clock-skew
 # test), Node.js's npx (buf curl smoke test), Python's venv; then the AWS CLI and boto3 from PyPI into
-# target/venv (the IVS Chat HTTP API tests; CTS_TEST_VENV names another). Then runs cargo test; arguments
+# target/venv (the IVS Chat HTTP API tests; AWS_CLIENTS_VENV names another: not CTS_*, which the
+# in-process tests would read as settings). Then runs cargo test; arguments
 # go to cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,11 +22,11 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-export CTS_TEST_VENV="${CTS_TEST_VENV:-$PWD/target/venv}"
-if ! "$CTS_TEST_VENV/bin/python" -c 'import boto3, awscli' 2>/dev/null; then
-  echo "installing the AWS CLI and boto3 into $CTS_TEST_VENV"
-  python3 -m venv "$CTS_TEST_VENV"
-  "$CTS_TEST_VENV/bin/pip" install -q --disable-pip-version-check awscli boto3
+export AWS_CLIENTS_VENV="${AWS_CLIENTS_VENV:-$PWD/target/venv}"
+if ! "$AWS_CLIENTS_VENV/bin/python" -c 'import boto3, awscli' 2>/dev/null; then
+  echo "installing the AWS CLI and boto3 into $AWS_CLIENTS_VENV"
+  python3 -m venv "$AWS_CLIENTS_VENV"
+  "$AWS_CLIENTS_VENV/bin/pip" install -q --disable-pip-version-check awscli boto3
 fi
 
 exec cargo test --locked "$@"
