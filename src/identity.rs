@@ -1,7 +1,8 @@
 //! Who is calling: resolves a [`Caller`] from the sources enabled in config, first match wins.
 //!
 //! One [`Resolver`] serves every front door: it reads an [`http::HeaderMap`] and the TLS peer's
-//! certificates, so the gRPC service and any HTTP API identify callers the same way.
+//! certificates, so the gRPC service and the HTTP API identify callers the same way:
+//! [`Resolver::resolve`] for gRPC, [`Resolver::resolve_http`] for HTTP API requests (which may be signed).
 //!
 //! - `mtls`: the server terminates TLS and has verified the client certificate against the configured CA.
 //!   The caller is the certificate's first URI SAN (a SPIFFE id such as
@@ -12,6 +13,9 @@
 //!   the caller is the `URI=` of its **last** element: the one the proxy nearest to us appended. Earlier
 //!   elements were written by hops further away, which we have no reason to believe. Enable **only** behind
 //!   a sidecar that strips or overwrites this header on outside traffic, or anyone can claim any identity.
+//! - `sigv4`: an AWS Signature Version 4 signature on an IVS Chat HTTP API request, by an access key from
+//!   the credentials file; the caller is the key's principal (see [`sigv4`]). gRPC calls are unsigned. A
+//!   signed request whose signature fails is refused whatever the other sources say.
 //! - `header`: a plain header (default `x-caller-id`). For development only: anyone can set it.
 //!
 //! A source whose input is absent lets the next one try. A source whose input is present but unusable (a
@@ -20,8 +24,12 @@
 //! When no source yields an identity, the configured anonymous principal is used; without one the call is
 //! refused with UNAUTHENTICATED.
 
+pub mod sigv4;
+
+use std::{sync::Arc, time::SystemTime};
+
 use rustls_pki_types::CertificateDer;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::error::Error;
@@ -31,7 +39,7 @@ use crate::request::{Caller, CallerSource};
 pub const XFCC_HEADER: &str = "x-forwarded-client-cert";
 
 /// A place a caller's identity can come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IdentitySource {
     /// The verified TLS client certificate.
@@ -40,10 +48,12 @@ pub enum IdentitySource {
     Xfcc,
     /// A plain header; development only.
     Header,
+    /// An AWS SigV4 signature on an HTTP API request.
+    Sigv4,
 }
 
 /// A name in a client certificate that can identify the caller, tried in the configured order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CertificateName {
     /// The first URI subject alternative name (SPIFFE ids live here).
@@ -62,6 +72,8 @@ pub struct Resolver {
     header: String,
     certificate_names: Vec<CertificateName>,
     anonymous: Option<Caller>,
+    /// Checks signatures for the `sigv4` source.
+    sigv4: Option<Arc<sigv4::Verifier>>,
 }
 
 impl Resolver {
@@ -79,14 +91,56 @@ impl Resolver {
             header: header.to_ascii_lowercase(),
             certificate_names,
             anonymous: anonymous.map(|id| Caller::with_source(id, CallerSource::Anonymous)),
+            sigv4: None,
         }
     }
 
-    /// The caller of a request with `headers`, whose TLS peer presented `peer_certs` (leaf first).
+    /// This resolver, with `verifier` checking signatures for the `sigv4` source.
+    pub fn with_sigv4(mut self, verifier: Arc<sigv4::Verifier>) -> Self {
+        self.sigv4 = Some(verifier);
+        self
+    }
+
+    /// The caller of a gRPC call with `headers`, whose TLS peer presented `peer_certs` (leaf first).
     pub fn resolve(
         &self,
         headers: &http::HeaderMap,
         peer_certs: Option<&[CertificateDer<'_>]>,
+    ) -> Result<Caller, Error> {
+        self.resolve_from(headers, peer_certs, None)
+    }
+
+    /// The caller of an HTTP API request with `parts` and the whole `body`, whose TLS peer presented
+    /// `peer_certs`. A SigV4 signature that fails verification refuses the request outright.
+    pub fn resolve_http(
+        &self,
+        parts: &http::request::Parts,
+        body: &[u8],
+        peer_certs: Option<&[CertificateDer<'_>]>,
+    ) -> Result<Caller, Error> {
+        let signed = match self
+            .sigv4
+            .as_deref()
+            .filter(|_| self.sources.contains(&IdentitySource::Sigv4))
+        {
+            None => None,
+            Some(verifier) => match verifier.verify(parts, body, SystemTime::now()) {
+                sigv4::Verdict::Unsigned => None,
+                sigv4::Verdict::Verified(caller) => Some(caller),
+                sigv4::Verdict::Refused(why) => {
+                    tracing::info!(reason = why, "SigV4 signature refused");
+                    return Err(Error::Unauthenticated(why));
+                }
+            },
+        };
+        self.resolve_from(&parts.headers, peer_certs, signed)
+    }
+
+    fn resolve_from(
+        &self,
+        headers: &http::HeaderMap,
+        peer_certs: Option<&[CertificateDer<'_>]>,
+        mut signed: Option<Caller>,
     ) -> Result<Caller, Error> {
         for source in &self.sources {
             let found = match source {
@@ -105,6 +159,7 @@ impl Resolver {
                     .map(str::trim)
                     .filter(|v| !v.is_empty())
                     .map(|id| Caller::with_source(id, CallerSource::Header)),
+                IdentitySource::Sigv4 => signed.take(),
             };
             if let Some(caller) = found {
                 return Ok(caller);

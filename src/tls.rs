@@ -25,7 +25,7 @@ use tokio_rustls::{
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::TlsConfig;
-use crate::reload;
+use crate::reload::{self, Reload};
 
 /// Why TLS settings cannot be used; names the setting.
 #[derive(Debug, thiserror::Error)]
@@ -71,14 +71,15 @@ impl Tls {
             let Some(tls) = tls.upgrade() else {
                 return ControlFlow::Break(());
             };
-            match tls.reload() {
-                Ok(()) => tracing::info!(?trigger, "TLS certificates reloaded"),
-                Err(e) => tracing::error!(
-                    ?trigger,
+            ControlFlow::Continue(match tls.reload() {
+                Ok(()) => {
+                    tracing::info!(?trigger, "TLS certificates reloaded");
+                    Reload::Applied
+                }
+                Err(e) => Reload::Refused(format!(
                     "TLS reload refused, keeping the current certificates: {e}"
-                ),
-            }
-            ControlFlow::Continue(())
+                )),
+            })
         });
     }
 
