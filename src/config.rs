@@ -91,6 +91,9 @@ pub struct Config {
 
     /// Moderation: bans and token verification (ivschat.v1.ModerationService).
     pub moderation: ModerationConfig,
+
+    /// Per-connection limits and timeouts of the listener. See the README's "Limits and timeouts".
+    pub transport: TransportConfig,
 }
 
 impl Default for Config {
@@ -112,6 +115,60 @@ impl Default for Config {
             limiter: LimiterConfig::default(),
             http_api: HttpApiConfig::default(),
             moderation: ModerationConfig::default(),
+            transport: TransportConfig::default(),
+        }
+    }
+}
+
+/// Per-connection limits and timeouts, so one client or a few cannot hold what every caller needs.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransportConfig {
+    /// HTTP/2 streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS). Well below
+    /// `max_concurrent_calls`, so no single connection can take every call slot; gRPC clients open more
+    /// connections when they need more. Default `128`.
+    pub max_concurrent_streams: NonZeroU32,
+
+    /// Largest header block a client may send, in bytes (SETTINGS_MAX_HEADER_LIST_SIZE). Identity
+    /// headers, trace context and grpc-timeout fit in a few KiB. Default `16384`.
+    pub max_header_list_bytes: NonZeroU32,
+
+    /// How often an HTTP/2 PING checks that a connection's peer is still there. Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+
+    /// How long a PING may go unanswered before the connection is closed: a silent peer's connection is
+    /// not held forever. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+
+    /// How long a connection may live before the server sends GOAWAY, so clients reconnect and spread
+    /// over replicas added since (gRPC's MAX_CONNECTION_AGE). Default `30m`.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Duration,
+
+    /// After that GOAWAY, how long calls still open on the connection may take before it is closed.
+    /// Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age_grace: Duration,
+
+    /// The longest any call may take, including receiving its request message: applies when the client
+    /// sends no `grpc-timeout` or a longer one, so a stream that never sends its body is ended and its
+    /// call slot freed. Default `30s`; at least `1s`.
+    #[serde(with = "humantime_serde")]
+    pub max_call_duration: Duration,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            max_concurrent_streams: NonZeroU32::new(128).expect("128 is not zero"),
+            max_header_list_bytes: NonZeroU32::new(16 * 1024).expect("16384 is not zero"),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(30 * 60),
+            max_connection_age_grace: Duration::from_secs(30),
+            max_call_duration: Duration::from_secs(30),
         }
     }
 }
@@ -697,6 +754,15 @@ impl Config {
 
     /// Range checks that types alone cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.transport.max_call_duration < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                setting: "transport.max_call_duration".into(),
+                reason: format!(
+                    "must be at least 1s, got {}",
+                    humantime::format_duration(self.transport.max_call_duration)
+                ),
+            });
+        }
         let ttl = self.local_issuer.token_ttl;
         if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&ttl) {
             return Err(ConfigError::Invalid {

@@ -33,6 +33,12 @@ use crate::stack::{self, Stacks, StartError};
 use crate::telemetry::{metrics::observe_in_flight, rpc::RpcTraceLayer};
 use crate::tls::{Tls, TlsError};
 
+/// Streams a client may open and reset before the server accepts them, per connection (hyper's default).
+const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// Streams the server may reset for a client's protocol errors before closing its connection (hyper's
+/// default).
+const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+
 /// The health-check name of the token service; `""` stands for the server as a whole.
 pub const TOKEN_SERVICE_NAME: &str = "ivschat.v1.TokenService";
 
@@ -162,11 +168,12 @@ pub async fn run(
             calls.clone(),
             config.max_concurrent_calls.get(),
         ));
+    // Health and reflection get the token service's bound too: nothing decodes (or echoes) more.
     let mut routes = tonic::service::Routes::builder();
     routes
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(health_service.max_decoding_message_size(config.max_request_bytes))
+        .add_service(reflection_v1.max_decoding_message_size(config.max_request_bytes))
+        .add_service(reflection_v1alpha.max_decoding_message_size(config.max_request_bytes))
         .add_service(token_service);
     if let Some(moderation_service) = moderation_service {
         routes.add_service(moderation_service);
@@ -179,7 +186,20 @@ pub async fn run(
             .merge(crate::rest::router(door, &config.http_api))
             .into();
     }
+    let transport = &config.transport;
     let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(transport.max_concurrent_streams.get())
+        .http2_max_header_list_size(transport.max_header_list_bytes.get())
+        .http2_keepalive_interval(Some(transport.keepalive_interval))
+        .http2_keepalive_timeout(Some(transport.keepalive_timeout))
+        .max_connection_age(transport.max_connection_age)
+        .max_connection_age_grace(transport.max_connection_age_grace)
+        .timeout(transport.max_call_duration)
+        // h2's reset-flood guards (CVE-2023-44487 "rapid reset", CVE-2025-8671 "MadeYouReset"), set
+        // explicitly so they cannot silently change with a dependency: streams a client opens and resets
+        // before we accept them, and streams we reset for its protocol errors, per connection.
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
         .accept_http1(config.http_api.enabled)
         .layer(layers)
         .add_routes(routes);

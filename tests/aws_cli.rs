@@ -569,7 +569,17 @@ fn audit_event(binary: &Binary) -> Value {
         // Refusals before a request is valid have no audit span; the transport's span differs by door.
         let span = &event["span"];
         let audit = if span["name"] == "audit" {
-            span.clone()
+            let mut audit = span.clone();
+            // The same caller, identified by each door's own source (header here, sigv4 there).
+            let source = audit.as_object_mut().unwrap().remove("caller_source");
+            assert!(
+                matches!(
+                    source.as_ref().and_then(Value::as_str),
+                    Some("header" | "sigv4")
+                ),
+                "{event}"
+            );
+            audit
         } else {
             Value::Null
         };

@@ -567,3 +567,123 @@ async fn a_key_rotated_on_disk_is_used_after_sighup_while_tokens_of_the_old_key_
         "key material never reaches the log"
     );
 }
+
+/// A raw HTTP/2 connection to `addr` (h2c prior knowledge) and its driver, polled until the server's
+/// SETTINGS have arrived.
+async fn raw_h2(
+    addr: SocketAddr,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    h2::client::Connection<tokio::net::TcpStream, bytes::Bytes>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, mut connection) = h2::client::handshake(tcp).await.unwrap();
+    // The server's SETTINGS arrive with its preface; drive the connection briefly to read them.
+    let _ = tokio::time::timeout(Duration::from_millis(300), &mut connection).await;
+    (send, connection)
+}
+
+#[tokio::test]
+async fn the_server_advertises_its_stream_limit_in_settings() {
+    let keys = LocalKeys::new();
+    let mut config = keys.config();
+    config.transport.max_concurrent_streams = std::num::NonZeroU32::new(7).unwrap();
+    let server = TestServer::from_config(config).await;
+    let (_send, connection) = raw_h2(server.addr).await;
+    assert_eq!(connection.max_concurrent_send_streams(), 7);
+
+    let defaults = TestServer::from_config(keys.config()).await;
+    let (_send, connection) = raw_h2(defaults.addr).await;
+    assert_eq!(connection.max_concurrent_send_streams(), 128);
+}
+
+#[tokio::test]
+async fn eleven_hundred_header_only_streams_on_one_connection_do_not_shut_out_another_caller() {
+    let server = TestServer::from_config(LocalKeys::new().config()).await;
+    let (flood, connection) = raw_h2(server.addr).await;
+    let driver = tokio::spawn(connection);
+    // Each stream sends its headers and never its request message.
+    let mut streams = Vec::new();
+    for _ in 0..1_100 {
+        let request = http::Request::post(format!(
+            "http://{}/ivschat.v1.TokenService/CreateChatToken",
+            server.addr
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+        match tokio::time::timeout(Duration::from_millis(50), flood.clone().ready()).await {
+            Ok(Ok(mut ready)) => {
+                let (response, body) = ready.send_request(request, false).unwrap();
+                streams.push((response, body));
+            }
+            // h2 queues streams past the server's limit; the queue is what the server refuses to see.
+            _ => break,
+        }
+    }
+    let mut client = server.client().await;
+    client
+        .create_chat_token(valid_request())
+        .await
+        .expect("another caller is served while the flood holds its streams");
+    drop(streams);
+    driver.abort();
+}
+
+/// `grpc.reflection.v1.ServerReflectionRequest` with only its `host` (field 1) set.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ReflectionHost {
+    #[prost(string, tag = "1")]
+    host: String,
+}
+
+#[tokio::test]
+async fn an_oversized_reflection_request_is_refused_not_echoed() {
+    let server = TestServer::from_config(LocalKeys::new().config()).await;
+    let mut grpc = tonic::client::Grpc::new(server.channel().await);
+    grpc.ready().await.unwrap();
+    let request = ReflectionHost {
+        host: "x".repeat(3 * 1024 * 1024),
+    };
+    let outcome = grpc
+        .streaming::<_, ReflectionHost, (), _>(
+            tonic::Request::new(tokio_stream::iter([request])),
+            http::uri::PathAndQuery::from_static(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            ),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await;
+    // Refused before decoding: at most an error, never a reply echoing the request (before the bound,
+    // the 3 MiB host came back inside a 6 MiB reply).
+    match outcome {
+        Err(status) => assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}"),
+        Ok(response) => match response.into_inner().message().await {
+            Ok(Some(_)) => panic!("no reply may come back for a 3 MiB request"),
+            Ok(None) => {}
+            Err(status) => assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}"),
+        },
+    }
+    // The same request within the bound is decoded and answered (it asks for nothing, so the answer is
+    // INVALID_ARGUMENT).
+    let mut grpc = tonic::client::Grpc::new(server.channel().await);
+    grpc.ready().await.unwrap();
+    let reply = grpc
+        .streaming::<_, ReflectionHost, (), _>(
+            tonic::Request::new(tokio_stream::iter([ReflectionHost {
+                host: "x".repeat(1024),
+            }])),
+            http::uri::PathAndQuery::from_static(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            ),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .expect_err("a request without a question");
+    assert_eq!(reply.code(), tonic::Code::InvalidArgument, "{reply:?}");
+}
