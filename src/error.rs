@@ -23,8 +23,8 @@ pub const IVS_ERROR_DOMAIN: &str = "ivschat.amazonaws.com";
 /// One field of a request that failed validation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FieldViolation {
-    /// The proto field name, as callers see it in their generated code (or IVS Chat's field name when IVS
-    /// Chat refused the request).
+    /// The proto field name, as callers see it in their generated code (also when IVS Chat refused the
+    /// field).
     pub field: Cow<'static, str>,
     /// Why the value was refused. Describes the rule, never echoes the value.
     pub description: String,
@@ -132,6 +132,36 @@ pub enum Error {
     Internal(String),
 }
 
+impl Error {
+    /// The cause in one fixed word: the `outcome` of audit events and the label of error metrics. One
+    /// word per cause, beside the table that gives each cause its code, so logs, metrics and statuses
+    /// agree, and label sets stay bounded.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Error::InvalidArgument(_) => "invalid_argument",
+            Error::Unauthenticated(_) => "unauthenticated",
+            Error::PolicyDenied { .. } => "denied_by_policy",
+            Error::RateLimited { .. } => "rate_limited",
+            Error::Overloaded { .. } => "overloaded",
+            Error::Upstream { kind, .. } => match kind {
+                UpstreamKind::Invalid(_) => "upstream_invalid",
+                UpstreamKind::NotFound => "upstream_not_found",
+                UpstreamKind::AccessDenied => "upstream_access_denied",
+                UpstreamKind::PendingVerification => "upstream_pending_verification",
+                UpstreamKind::Throttled { .. } => "upstream_throttled",
+                UpstreamKind::Unavailable => "upstream_unavailable",
+            },
+            Error::DeadlineExceeded => "deadline_exceeded",
+            Error::LimiterUnavailable { .. } => "limiter_unavailable",
+            Error::UserBanned { .. } => "user_banned",
+            Error::TokenRejected(_) => "token_rejected",
+            Error::Unsupported(_) => "unsupported",
+            Error::StoreFull { .. } => "store_full",
+            Error::Internal(_) => "internal_error",
+        }
+    }
+}
+
 /// The kinds of IVS Chat failure, each with its gRPC code.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum UpstreamKind {
@@ -143,7 +173,8 @@ pub enum UpstreamKind {
     AccessDenied,
     /// PendingVerification: the AWS account is not verified for IVS Chat yet.
     PendingVerification,
-    /// ThrottlingException or HTTP 429, still after the retries.
+    /// ThrottlingException or HTTP 429, still after the retries: IVS's quota is spent, as when our own
+    /// quota guard refuses, and answered with the same code (RESOURCE_EXHAUSTED).
     Throttled {
         /// A wait that should let a retry through.
         retry_after: Duration,
@@ -274,15 +305,17 @@ impl From<Error> for Status {
                         message,
                         info("IVS_PENDING_VERIFICATION"),
                     ),
+                    // The same cause as our own quota guard refusing (IVS's quota is spent), so the same
+                    // code: callers back off the same way whichever of the two noticed first.
                     UpstreamKind::Throttled { retry_after } => {
                         let mut details = info("IVS_THROTTLED");
                         details.set_retry_info(Some(retry_after));
                         let mut status =
-                            Status::with_error_details(Code::Unavailable, message, details);
-                        let seconds = retry_after.as_nanos().div_ceil(1_000_000_000);
-                        status
-                            .metadata_mut()
-                            .insert("retry-after", MetadataValue::from(seconds as u64));
+                            Status::with_error_details(Code::ResourceExhausted, message, details);
+                        status.metadata_mut().insert(
+                            "retry-after",
+                            MetadataValue::from(whole_seconds(retry_after)),
+                        );
                         status
                     }
                     UpstreamKind::Unavailable => Status::with_error_details(
@@ -487,7 +520,7 @@ mod tests {
         let throttled = upstream(UpstreamKind::Throttled {
             retry_after: Duration::from_millis(1500),
         });
-        assert_eq!(throttled.code(), Code::Unavailable);
+        assert_eq!(throttled.code(), Code::ResourceExhausted);
         assert_eq!(
             throttled.get_details_retry_info().unwrap().retry_delay,
             Some(Duration::from_millis(1500))
@@ -495,14 +528,13 @@ mod tests {
         assert_eq!(throttled.metadata().get("retry-after").unwrap(), "2");
 
         let invalid = upstream(UpstreamKind::Invalid(vec![FieldViolation::new(
-            "userId".to_string(),
-            "too long",
+            "user_id", "too long",
         )]));
         assert_eq!(invalid.code(), Code::InvalidArgument);
         let fields = invalid.get_details_bad_request().unwrap().field_violations;
         assert_eq!(
             (fields[0].field.as_str(), fields[0].description.as_str()),
-            ("userId", "too long")
+            ("user_id", "too long")
         );
     }
 

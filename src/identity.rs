@@ -11,7 +11,7 @@
 //! When no source yields an identity, the configured anonymous principal is used; without one the call is
 //! refused with UNAUTHENTICATED.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataMap;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
@@ -22,7 +22,7 @@ use crate::request::Caller;
 pub const XFCC_HEADER: &str = "x-forwarded-client-cert";
 
 /// A place a caller's identity can come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IdentitySource {
     /// The verified TLS client certificate.

@@ -1,4 +1,4 @@
-//! Validated domain types for a token request.
+//! Validated domain types for a token request, and the token that answers it.
 //!
 //! The proto message is decoded once, here, into a [`TokenRequest`] whose fields can only hold values
 //! IVS Chat would accept. Everything downstream (policy, rate limits, issuers) takes these types and never
@@ -7,7 +7,12 @@
 //! User ids and attribute values are personal data: their `Debug` output shows only their size, so a
 //! stray `?request` in a log line cannot leak them.
 
-use std::{collections::BTreeMap, collections::BTreeSet, fmt, time::Duration};
+use std::{
+    collections::BTreeMap,
+    collections::BTreeSet,
+    fmt,
+    time::{Duration, SystemTime},
+};
 
 use crate::error::{Error, FieldViolation};
 use crate::proto::ivschat::v1 as pb;
@@ -89,6 +94,30 @@ impl TokenRequest {
     pub fn session_duration(&self) -> SessionDuration {
         self.session_duration
             .unwrap_or(SessionDuration(DEFAULT_SESSION_MINUTES))
+    }
+}
+
+/// A token and when it, and the session it opens, expire.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IssuedToken {
+    /// The encrypted token. A bearer secret: never log it.
+    pub token: String,
+    /// The token's unique id, when the issuer knows it (the local issuer's `jti`); audit events carry a
+    /// short hash of it.
+    pub token_id: Option<String>,
+    /// After this instant the token can no longer open a connection.
+    pub token_expires_at: SystemTime,
+    /// After this instant a session opened with the token ends.
+    pub session_expires_at: SystemTime,
+}
+
+impl fmt::Debug for IssuedToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssuedToken")
+            .field("token", &format_args!("<{} bytes>", self.token.len()))
+            .field("token_expires_at", &self.token_expires_at)
+            .field("session_expires_at", &self.session_expires_at)
+            .finish()
     }
 }
 
@@ -407,6 +436,62 @@ impl fmt::Debug for Attributes {
             .field("keys", &self.0.keys().collect::<Vec<_>>())
             .field("bytes", &self.byte_size())
             .finish()
+    }
+}
+
+/// The one builder of [`TokenRequest`]s for unit tests: a valid request from caller `test` for
+/// `user-1` in a us-west-2 room, each part replaceable.
+#[cfg(test)]
+pub(crate) fn test_request() -> TestRequest {
+    TestRequest(
+        pb::CreateChatTokenRequest {
+            room_identifier: "arn:aws:ivschat:us-west-2:123456789012:room/g1H2I3j4k5L6".into(),
+            user_id: "user-1".into(),
+            ..Default::default()
+        },
+        Caller::new("test"),
+    )
+}
+
+/// See [`test_request`].
+#[cfg(test)]
+pub(crate) struct TestRequest(pb::CreateChatTokenRequest, Caller);
+
+#[cfg(test)]
+impl TestRequest {
+    pub(crate) fn caller(mut self, caller: &str) -> Self {
+        self.1 = Caller::new(caller);
+        self
+    }
+
+    pub(crate) fn room(mut self, arn: &str) -> Self {
+        self.0.room_identifier = arn.into();
+        self
+    }
+
+    pub(crate) fn user(mut self, user_id: &str) -> Self {
+        self.0.user_id = user_id.into();
+        self
+    }
+
+    pub(crate) fn capabilities(mut self, capabilities: &[Capability]) -> Self {
+        self.0.capabilities = Capabilities::new(capabilities.iter().copied()).to_proto();
+        self
+    }
+
+    pub(crate) fn session_minutes(mut self, minutes: i32) -> Self {
+        self.0.session_duration_in_minutes = Some(minutes);
+        self
+    }
+
+    pub(crate) fn attribute(mut self, key: &str, value: &str) -> Self {
+        self.0.attributes.insert(key.into(), value.into());
+        self
+    }
+
+    /// The validated request; panics when the parts given are invalid.
+    pub(crate) fn build(self) -> TokenRequest {
+        TokenRequest::from_proto(self.1, self.0).expect("a valid test request")
     }
 }
 

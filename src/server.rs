@@ -29,7 +29,7 @@ use crate::proto::{
     },
 };
 use crate::service::TokenService;
-use crate::stack::Stacks;
+use crate::stack::{self, Stacks, StartError};
 use crate::telemetry::{metrics::observe_in_flight, rpc::RpcTraceLayer};
 use crate::tls::{Tls, TlsError};
 
@@ -45,6 +45,49 @@ pub enum ServerError {
     /// The transport failed.
     #[error("server error: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The listener has no local address.
+    #[error("cannot read the listening address: {0}")]
+    Listener(#[from] std::io::Error),
+}
+
+/// What [`serve`] serves, built from the configuration: the domain stacks around the process's one
+/// limiter store, and the readiness that store reports.
+pub struct Prepared {
+    stacks: Stacks,
+    readiness: Option<watch::Receiver<bool>>,
+}
+
+/// Builds what `config` describes: the limiter store and the domain stacks, starting the Redis probe and
+/// the policy and key reloads. Fails on what the configuration names but cannot check at load: policy
+/// and key files, the Redis client.
+pub async fn prepare(config: &Config) -> Result<Prepared, StartError> {
+    let store = stack::limiter_store(config)?;
+    let readiness = store.readiness();
+    let stacks = stack::from_config(config, store).await?;
+    Ok(Prepared { stacks, readiness })
+}
+
+/// Serves `prepared` on `listener` until `shutdown` completes (see [`run`]). The binary starts through
+/// [`prepare`] and this, and so does the test harness, so tests exercise the binary's start-up.
+pub async fn serve(
+    listener: TcpListener,
+    config: &Config,
+    prepared: Prepared,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        issuer = config.issuer.name(),
+        "chat-token-service listening"
+    );
+    run(
+        listener,
+        config,
+        prepared.stacks,
+        prepared.readiness,
+        shutdown,
+    )
+    .await
 }
 
 /// Serves `stacks` (the token stack, and ModerationService when it has a moderation stack) on `listener`
@@ -112,7 +155,7 @@ pub async fn run(
         // issuing work is spent on them.
         .layer(InFlightLayer::new(
             calls.clone(),
-            config.max_concurrent_calls,
+            config.max_concurrent_calls.get(),
         ));
     let router = tonic::transport::Server::builder()
         .layer(layers)

@@ -8,11 +8,11 @@ use tower::ServiceExt;
 use crate::error::Error;
 use crate::identity::Resolver;
 use crate::inflight::CallStarted;
-use crate::issuer::IssuedToken;
 use crate::proto::ivschat::v1::{
     CreateChatTokenRequest, CreateChatTokenResponse, token_service_server,
 };
 use crate::request::Capability;
+use crate::request::IssuedToken;
 use crate::request::TokenRequest;
 use crate::stack::TokenStack;
 
@@ -50,7 +50,7 @@ impl token_service_server::TokenService for TokenService {
         {
             Ok(caller) => caller,
             Err(error) => {
-                tracing::info!(target: "audit", outcome = outcome(&error), "token refused");
+                tracing::info!(target: "audit", outcome = error.outcome(), "token refused");
                 return Err(error.into());
             }
         };
@@ -62,7 +62,7 @@ impl token_service_server::TokenService for TokenService {
         let request = match TokenRequest::from_proto(caller.clone(), request.into_inner()) {
             Ok(request) => request,
             Err(error) => {
-                tracing::info!(target: "audit", caller = %caller, outcome = outcome(&error), "token refused");
+                tracing::info!(target: "audit", caller = %caller, outcome = error.outcome(), "token refused");
                 return Err(error.into());
             }
         };
@@ -95,29 +95,10 @@ impl token_service_server::TokenService for TokenService {
                 "token issued"
             ),
             Err(error) => {
-                tracing::info!(target: "audit", outcome = outcome(error), "token refused")
+                tracing::info!(target: "audit", outcome = error.outcome(), "token refused")
             }
         });
         Ok(Response::new(to_proto(issued?)))
-    }
-}
-
-/// The audit `outcome` of a refusal.
-pub(crate) fn outcome(error: &Error) -> &'static str {
-    match error {
-        Error::InvalidArgument(_) => "invalid_argument",
-        Error::Unauthenticated(_) => "unauthenticated",
-        Error::PolicyDenied { .. } => "denied_by_policy",
-        Error::RateLimited { .. } => "rate_limited",
-        Error::Overloaded { .. } => "overloaded",
-        Error::LimiterUnavailable { .. } => "limiter_unavailable",
-        Error::Upstream { .. } => "upstream_error",
-        Error::DeadlineExceeded => "deadline_exceeded",
-        Error::UserBanned { .. } => "user_banned",
-        Error::TokenRejected(_) => "token_rejected",
-        Error::Unsupported(_) => "unsupported",
-        Error::StoreFull { .. } => "store_full",
-        Error::Internal(_) => "internal_error",
     }
 }
 

@@ -3,12 +3,16 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime};
+use std::{
+    num::NonZeroU32,
+    time::{Duration, SystemTime},
+};
 
 use chat_token_service::{
     config::{Config, IssuerKind},
     issuer::ivs::IvsIssuer,
     proto::ivschat::v1::CreateChatTokenRequest,
+    ratelimit::Rate,
     stack,
 };
 use common::{Binary, TestServer, ivs_stub::IvsStub};
@@ -39,7 +43,13 @@ async fn ivs_server(stub: &IvsStub, tweak: impl FnOnce(&mut Config)) -> TestServ
         .load()
         .await;
     let store = stack::limiter_store(&config).unwrap();
-    let issuer = IvsIssuer::new(&config.ivs, base, store.clone()).unwrap();
+    let issuer = IvsIssuer::new(
+        base,
+        stack::ivs_call_bounds(&config),
+        stack::ivs_routes(&config),
+        store.clone(),
+        stack::ivs_disconnect_quota(&config),
+    );
     let stack = stack::compose_with(&config, store, issuer).unwrap();
     TestServer::start(config, stack).await
 }
@@ -131,7 +141,7 @@ async fn every_upstream_failure_maps_to_its_grpc_code() {
             "IVS_PENDING_VERIFICATION",
         ),
         ("invalid", Code::InvalidArgument, "IVS_VALIDATION"),
-        ("throttled", Code::Unavailable, "IVS_THROTTLED"),
+        ("throttled", Code::ResourceExhausted, "IVS_THROTTLED"),
         ("broken", Code::Unavailable, "IVS_UNAVAILABLE"),
     ];
     for (room, code, reason) in cases {
@@ -161,8 +171,13 @@ async fn every_upstream_failure_maps_to_its_grpc_code() {
             "invalid" => {
                 let fields = status.get_details_bad_request().unwrap().field_violations;
                 assert_eq!(
-                    fields[0].field, "userId",
-                    "the upstream field list is passed on"
+                    fields[0].field, "user_id",
+                    "the upstream field list is passed on, in our field names"
+                );
+                assert!(
+                    !status.message().contains("rejected by the stub")
+                        && !fields[0].description.contains("rejected by the stub"),
+                    "IVS's own message is summarised, never echoed: {status:?}"
                 );
             }
             "throttled" => {
@@ -183,7 +198,10 @@ async fn every_upstream_failure_maps_to_its_grpc_code() {
 #[tokio::test]
 async fn retries_on_500_and_throttling_stop_at_the_configured_bound() {
     let stub = IvsStub::start().await;
-    let server = ivs_server(&stub, |config| config.ivs.max_attempts = 3).await;
+    let server = ivs_server(&stub, |config| {
+        config.ivs.max_attempts = NonZeroU32::new(3).unwrap()
+    })
+    .await;
     let mut client = server.client().await;
 
     client
@@ -256,8 +274,8 @@ async fn a_slow_upstream_without_a_deadline_is_cut_by_the_operation_timeout() {
 async fn the_quota_guard_refuses_past_the_rate_before_calling_ivs() {
     let stub = IvsStub::start().await;
     let server = ivs_server(&stub, |config| {
-        config.ivs.quota = "2/s".into();
-        config.ivs.quota_burst = 2;
+        config.ivs.quota = Rate::parse("2/s").unwrap();
+        config.ivs.quota_burst = NonZeroU32::new(2).unwrap();
     })
     .await;
     let mut client = server.client().await;
@@ -331,7 +349,7 @@ async fn an_unreachable_ivs_is_unavailable() {
     let stub = IvsStub::start().await;
     let server = ivs_server(&stub, |config| {
         config.ivs.endpoint_url = Some(format!("http://{closed}"));
-        config.ivs.max_attempts = 2;
+        config.ivs.max_attempts = NonZeroU32::new(2).unwrap();
     })
     .await;
     let status = server

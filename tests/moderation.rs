@@ -466,7 +466,13 @@ async fn ivs_server(stub: &IvsStub, tweak: impl FnOnce(&mut Config)) -> TestServ
         .load()
         .await;
     let store = stack::limiter_store(&config).unwrap();
-    let issuer = IvsIssuer::new(&config.ivs, base, store.clone()).unwrap();
+    let issuer = IvsIssuer::new(
+        base,
+        stack::ivs_call_bounds(&config),
+        stack::ivs_routes(&config),
+        store.clone(),
+        stack::ivs_disconnect_quota(&config),
+    );
     let stacks = stack::stacks_with(&config, store, std::sync::Arc::new(issuer)).unwrap();
     TestServer::start(config, stacks).await
 }
@@ -524,7 +530,7 @@ async fn ivs_disconnect_and_ban_reach_ivs_signed_for_the_rooms_region_and_errors
             "IVS_PENDING_VERIFICATION",
         ),
         ("invalid", Code::InvalidArgument, "IVS_VALIDATION"),
-        ("throttled", Code::Unavailable, "IVS_THROTTLED"),
+        ("throttled", Code::ResourceExhausted, "IVS_THROTTLED"),
         ("broken", Code::Unavailable, "IVS_UNAVAILABLE"),
     ] {
         let status = moderation
@@ -552,8 +558,8 @@ async fn ivs_disconnect_and_ban_reach_ivs_signed_for_the_rooms_region_and_errors
 async fn the_disconnect_quota_guard_refuses_before_ivs_and_only_past_its_burst() {
     let stub = IvsStub::start().await;
     let server = ivs_server(&stub, |config| {
-        config.ivs.disconnect_quota = "1/min".into();
-        config.ivs.disconnect_quota_burst = 2;
+        config.ivs.disconnect_quota = chat_token_service::ratelimit::Rate::parse("1/min").unwrap();
+        config.ivs.disconnect_quota_burst = std::num::NonZeroU32::new(2).unwrap();
     })
     .await;
     let mut moderation = moderation_client(&server).await;
@@ -693,7 +699,7 @@ async fn verification_refuses_tampered_unknown_key_and_expired_tokens_each_with_
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
 
-    // The token lives one second.
+    // The token lives one second, and verifies for VERIFY_LEEWAY (clock skew) after that.
     let claims = moderation
         .verify_chat_token(verify(&token))
         .await
@@ -701,7 +707,7 @@ async fn verification_refuses_tampered_unknown_key_and_expired_tokens_each_with_
         .into_inner();
     let expires: SystemTime = claims.token_expiration_time.unwrap().try_into().unwrap();
     tokio::time::sleep(
-        expires
+        (expires + chat_token_service::issuer::local::VERIFY_LEEWAY)
             .duration_since(SystemTime::now())
             .unwrap_or_default(),
     )

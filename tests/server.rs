@@ -8,8 +8,8 @@ use std::{net::SocketAddr, process::Command, sync::Arc, time::Duration};
 use chat_token_service::{
     config::Config,
     error::Error,
-    issuer::{IssuedToken, Issuer, local::LocalIssuer},
-    request::TokenRequest,
+    issuer::{Issuer, local::LocalIssuer},
+    request::{IssuedToken, TokenRequest},
     stack,
 };
 use common::{Binary, LocalKeys, TestServer, valid_request};

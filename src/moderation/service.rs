@@ -8,7 +8,7 @@
 //! an authentic token names one. Opening is stateless (decrypt, authenticate, check the expiry); revocation
 //! and single use are checked by the moderator, after policy and rate limits.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 use tower::ServiceExt;
@@ -21,14 +21,14 @@ use crate::error::{Error, FieldViolation};
 use crate::identity::Resolver;
 use crate::inflight::CallStarted;
 use crate::issuer::ivs::IVS_VERIFIES_ITS_TOKENS;
-use crate::issuer::local::{KeySet, TokenClaims};
+use crate::issuer::local::{LiveKeys, TokenClaims};
 use crate::proto::ivschat::v1::{
     self as pb, BanUserRequest, BanUserResponse, DisconnectUserRequest, DisconnectUserResponse,
     ListBansRequest, ListBansResponse, UnbanUserRequest, UnbanUserResponse, VerifyChatTokenRequest,
     VerifyChatTokenResponse, moderation_service_server,
 };
 use crate::request::{Caller, RoomArn, UserId};
-use crate::service::{DEADLINE_MARGIN, grpc_timeout, outcome, short_hash};
+use crate::service::{DEADLINE_MARGIN, grpc_timeout, short_hash};
 use crate::stack::ModerationStack;
 
 /// Serves `ivschat.v1.ModerationService` on top of the moderation stack.
@@ -39,7 +39,7 @@ pub struct ModerationGrpc {
     issuer: &'static str,
     stack: ModerationStack,
     /// The local issuer's keys, which open tokens for VerifyChatToken; `None` with the ivs issuer.
-    verifier: Option<Arc<KeySet>>,
+    verifier: Option<LiveKeys>,
     /// Longest ban accepted with a duration (`moderation.max_ban_duration`).
     max_ban: Duration,
 }
@@ -51,7 +51,7 @@ impl ModerationGrpc {
         identity: Resolver,
         issuer: &'static str,
         stack: ModerationStack,
-        verifier: Option<Arc<KeySet>>,
+        verifier: Option<LiveKeys>,
         max_ban: Duration,
     ) -> Self {
         ModerationGrpc {
@@ -78,7 +78,7 @@ impl ModerationGrpc {
         {
             Ok(caller) => caller,
             Err(error) => {
-                tracing::info!(target: "audit", action, outcome = outcome(&error), "moderation refused");
+                tracing::info!(target: "audit", action, outcome = error.outcome(), "moderation refused");
                 return Err(error.into());
             }
         };
@@ -90,7 +90,7 @@ impl ModerationGrpc {
         let request = match validate(self, caller.clone(), request.into_inner()) {
             Ok(request) => request,
             Err(error) => {
-                tracing::info!(target: "audit", caller = %caller, action, outcome = outcome(&error), "moderation refused");
+                tracing::info!(target: "audit", caller = %caller, action, outcome = error.outcome(), "moderation refused");
                 return Err(error.into());
             }
         };
@@ -117,7 +117,7 @@ impl ModerationGrpc {
         audit.in_scope(|| match &done {
             Ok(_) => tracing::info!(target: "audit", outcome = "done", "moderation done"),
             Err(error) => {
-                tracing::info!(target: "audit", outcome = outcome(error), "moderation refused")
+                tracing::info!(target: "audit", outcome = error.outcome(), "moderation refused")
             }
         });
         Ok(done?)
@@ -141,7 +141,8 @@ impl ModerationGrpc {
                 ),
             ));
         }
-        keys.verify(token)
+        keys.current()
+            .verify(token)
             .map_err(|e| Error::TokenRejected(TokenRejection::from(e)))
     }
 

@@ -194,8 +194,7 @@ where
 mod tests {
     use super::*;
     use crate::policy::PolicySource;
-    use crate::proto::ivschat::v1::CreateChatTokenRequest;
-    use crate::request::{Caller, TokenRequest};
+    use crate::request::{TokenRequest, test_request};
     use tower::{Layer, ServiceExt};
     use tower_test::{assert_request_eq, mock};
 
@@ -215,15 +214,7 @@ mod tests {
     }
 
     fn request(caller: &str) -> TokenRequest {
-        TokenRequest::from_proto(
-            Caller::new(caller),
-            CreateChatTokenRequest {
-                room_identifier: "arn:aws:ivschat:us-west-2:111111111111:room/abc".into(),
-                user_id: "u".into(),
-                ..Default::default()
-            },
-        )
-        .unwrap()
+        test_request().caller(caller).build()
     }
 
     type MockIssuer = tower::util::MapErr<

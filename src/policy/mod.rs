@@ -386,26 +386,23 @@ fn located(file: &str, source: &str, error: &(impl Diagnostic + ?Sized)) -> Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::ivschat::v1::CreateChatTokenRequest;
-    use crate::request::Caller;
+    use crate::request::{Capability, test_request};
 
     fn request(
         caller: &str,
         room: &str,
-        capabilities: Vec<i32>,
+        capabilities: &[Capability],
         minutes: Option<i32>,
     ) -> TokenRequest {
-        TokenRequest::from_proto(
-            Caller::new(caller),
-            CreateChatTokenRequest {
-                room_identifier: room.into(),
-                user_id: "u".into(),
-                capabilities,
-                session_duration_in_minutes: minutes,
-                attributes: Default::default(),
-            },
-        )
-        .unwrap()
+        let request = test_request()
+            .caller(caller)
+            .room(room)
+            .capabilities(capabilities);
+        match minutes {
+            Some(minutes) => request.session_minutes(minutes),
+            None => request,
+        }
+        .build()
     }
 
     const ROOM_111: &str = "arn:aws:ivschat:us-west-2:111111111111:room/abc";
@@ -423,7 +420,16 @@ mod tests {
     fn the_development_policy_permits_every_valid_request() {
         let engine = PolicyEngine::load(PolicySource::Development).unwrap();
         let decision = engine
-            .evaluate(&request("anyone", ROOM_111, vec![1, 2, 3], Some(180)))
+            .evaluate(&request(
+                "anyone",
+                ROOM_111,
+                &[
+                    Capability::SendMessage,
+                    Capability::DisconnectUser,
+                    Capability::DeleteMessage,
+                ],
+                Some(180),
+            ))
             .unwrap();
         assert!(decision.allowed);
         assert_eq!(decision.policy_ids, ["development-permit-all"]);
@@ -474,7 +480,7 @@ mod tests {
             r#"@id("only-send") permit (principal, action == Action::"CreateChatToken", resource) unless { context.capabilities.contains("DELETE_MESSAGE") };"#,
         );
         let engine = PolicyEngine::load(source).unwrap();
-        let deleting = request("c", ROOM_111, vec![3], None);
+        let deleting = request("c", ROOM_111, &[Capability::DeleteMessage], None);
         assert!(!engine.evaluate(&deleting).unwrap().allowed);
 
         std::fs::write(
@@ -512,7 +518,7 @@ mod tests {
         .unwrap();
         assert!(
             engine
-                .evaluate(&request("c", ROOM_111, vec![], Some(60)))
+                .evaluate(&request("c", ROOM_111, &[], Some(60)))
                 .unwrap()
                 .allowed
         );
@@ -520,7 +526,7 @@ mod tests {
             .evaluate(&request(
                 "c",
                 "arn:aws:ivschat:us-east-1:999999999999:room/x",
-                vec![],
+                &[],
                 Some(61),
             ))
             .unwrap();

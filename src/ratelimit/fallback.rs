@@ -26,7 +26,7 @@ use std::{
 };
 
 use opentelemetry::KeyValue;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{Check, LimiterStore, MemoryStore, StoreError, Verdict, redis::RedisStore};
@@ -37,7 +37,7 @@ use crate::telemetry::metrics::metrics;
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What to do while Redis cannot be reached.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureMode {
     /// Keep serving under per-replica, in-process limits: availability over exact limits.

@@ -328,6 +328,10 @@ fn store_key(limit: &Limit, request: &impl Limited) -> String {
             part(request.caller().id());
             part(request.room().as_str());
         }
+        LimitKey::AccountRegion => {
+            part(request.room().account());
+            part(request.room().region());
+        }
         LimitKey::Global => {}
     }
     key
@@ -347,9 +351,8 @@ mod tests {
     use tower_test::mock;
 
     use super::*;
-    use crate::issuer::IssuedToken;
-    use crate::proto::ivschat::v1::CreateChatTokenRequest;
     use crate::ratelimit::{MemoryStore, gcra::Rate};
+    use crate::request::{IssuedToken, test_request};
 
     const ROOM: &str = "arn:aws:ivschat:us-west-2:123456789012:room/g1H2I3j4k5L6";
     const OTHER_ROOM: &str = "arn:aws:ivschat:us-west-2:123456789012:room/other";
@@ -372,15 +375,7 @@ mod tests {
     }
 
     fn request(caller: &str, room: &str, user: &str) -> TokenRequest {
-        TokenRequest::from_proto(
-            Caller::new(caller),
-            CreateChatTokenRequest {
-                room_identifier: room.into(),
-                user_id: user.into(),
-                ..Default::default()
-            },
-        )
-        .unwrap()
+        test_request().caller(caller).room(room).user(user).build()
     }
 
     fn user(user: &str) -> TokenRequest {
