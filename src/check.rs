@@ -9,11 +9,13 @@
 use std::{fmt::Write as _, path::Path, time::Duration};
 
 use chat_token_service::{
-    config::{Config, IssuerKind, KeySource, LimiterBackend},
+    config::{Config, IssuerKind, LimiterBackend},
+    issuer::local::KeySource,
     identity::IdentitySource,
     policy::{PolicyEngine, PolicySource},
     ratelimit::FailureMode,
     telemetry::LogFormat,
+    stack,
     tls::Tls,
 };
 
@@ -25,11 +27,15 @@ pub fn check(config_file: Option<&Path>) -> Result<String, Vec<String>> {
     if let Err(e) = PolicyEngine::load(config.policy.source()) {
         problems.push(format!("configuration error: policy.files: {e}"));
     }
-    let key_source = if config.issuer == IssuerKind::Local {
-        match config.local_issuer.key_set() {
-            Ok((keys, source)) => Some((source, keys.active_key_id().to_owned())),
+    let keys = if config.issuer == IssuerKind::Local {
+        match stack::key_source(&config).load() {
+            Ok(keys) => Some(format!(
+                "active key {} of {}",
+                keys.active_key_id(),
+                keys.key_ids().count()
+            )),
             Err(e) => {
-                problems.push(e.to_string());
+                problems.push(format!("configuration error: local issuer keys: {e}"));
                 None
             }
         }
@@ -43,7 +49,7 @@ pub fn check(config_file: Option<&Path>) -> Result<String, Vec<String>> {
     }
 
     if problems.is_empty() {
-        Ok(summary(&config, config_file, key_source))
+        Ok(summary(&config, config_file, keys.as_deref()))
     } else {
         Err(problems)
     }
@@ -53,7 +59,7 @@ pub fn check(config_file: Option<&Path>) -> Result<String, Vec<String>> {
 fn summary(
     config: &Config,
     config_file: Option<&Path>,
-    keys: Option<(KeySource, String)>,
+    keys: Option<&str>,
 ) -> String {
     let mut out = String::new();
     let source = match config_file {
@@ -145,18 +151,11 @@ fn summary(
 
     let issuer = match config.issuer {
         IssuerKind::Local => {
-            let keys = match keys {
-                Some((KeySource::File, id)) => format!(
-                    "key set {} (active key {id})",
-                    config
-                        .local_issuer
-                        .keys_file
-                        .as_deref()
-                        .unwrap_or(Path::new(""))
-                        .display()
-                ),
-                Some((KeySource::Single, id)) => format!("one key from local_issuer.key ({id})"),
-                Some((KeySource::Ephemeral, _)) | None => {
+            let keys = keys.unwrap_or_default();
+            let keys = match stack::key_source(config) {
+                KeySource::File(path) => format!("key set {} ({keys})", path.display()),
+                KeySource::Single(_) => format!("one key from local_issuer.key ({keys})"),
+                KeySource::Ephemeral => {
                     "an ephemeral key made at start-up (tokens do not survive a restart)".into()
                 }
             };
@@ -189,20 +188,16 @@ fn summary(
     };
     line(&mut out, "issuer", issuer);
 
-    match config.limits() {
-        Ok(limits) if limits.is_empty() => line(&mut out, "limits", "none".into()),
-        Ok(limits) => {
-            for limit in limits {
-                let shadow = if limit.shadow { " (shadow)" } else { "" };
-                line(
-                    &mut out,
-                    "limit",
-                    format!("{}: {}{shadow}", limit.name, limit.description()),
-                );
-            }
-        }
-        // Config::load has validated the limits already.
-        Err(e) => line(&mut out, "limits", e.to_string()),
+    if config.rate_limits.is_empty() {
+        line(&mut out, "limits", "none".into());
+    }
+    for limit in &config.rate_limits {
+        let shadow = if limit.shadow { " (shadow)" } else { "" };
+        line(
+            &mut out,
+            "limit",
+            format!("{}: {}{shadow}", limit.name, limit.description()),
+        );
     }
 
     let limiter = &config.limiter;
@@ -214,8 +209,7 @@ fn summary(
         LimiterBackend::Redis => {
             // The address only: the URL may carry a password.
             let address = limiter
-                .redis_url
-                .as_ref()
+                .redis_url()
                 .and_then(|url| redis::IntoConnectionInfo::into_connection_info(url.expose()).ok())
                 .map(|info| info.addr().to_string())
                 .unwrap_or_default();
