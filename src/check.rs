@@ -10,12 +10,12 @@ use std::{fmt::Write as _, path::Path, time::Duration};
 
 use chat_token_service::{
     config::{Config, IssuerKind, LimiterBackend},
-    issuer::local::KeySource,
     identity::IdentitySource,
+    issuer::local::KeySource,
     policy::{PolicyEngine, PolicySource},
     ratelimit::FailureMode,
-    telemetry::LogFormat,
     stack,
+    telemetry::LogFormat,
     tls::Tls,
 };
 
@@ -56,11 +56,7 @@ pub fn check(config_file: Option<&Path>) -> Result<String, Vec<String>> {
 }
 
 /// One line per concern, in the order a request meets them.
-fn summary(
-    config: &Config,
-    config_file: Option<&Path>,
-    keys: Option<&str>,
-) -> String {
+fn summary(config: &Config, config_file: Option<&Path>, keys: Option<&str>) -> String {
     let mut out = String::new();
     let source = match config_file {
         Some(file) => format!("{} and CTS_* environment variables", file.display()),
@@ -215,14 +211,16 @@ fn summary(
                 .unwrap_or_default();
             format!(
                 "Redis{} at {address}, prefix {:?}, timeout {}, {} while unreachable",
-                if limiter.redis_cluster { " Cluster" } else { "" },
+                if limiter.redis_cluster {
+                    " Cluster"
+                } else {
+                    ""
+                },
                 limiter.key_prefix,
                 duration(limiter.redis_timeout),
                 match limiter.failure_mode {
-                    FailureMode::FailOpen =>
-                        "fail_open (per-replica limits)",
-                    FailureMode::FailClosed =>
-                        "fail_closed (UNAVAILABLE, NOT_SERVING)",
+                    FailureMode::FailOpen => "fail_open (per-replica limits)",
+                    FailureMode::FailClosed => "fail_closed (UNAVAILABLE, NOT_SERVING)",
                 }
             )
         }
@@ -242,9 +240,12 @@ fn summary(
         ),
     );
 
-    let otlp = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
-        .iter()
-        .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()));
+    let otlp = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()));
     line(
         &mut out,
         "telemetry",
@@ -254,9 +255,10 @@ fn summary(
                 LogFormat::Text => "text",
                 LogFormat::Json => "json",
             },
-            otlp.map_or("off (OTEL_EXPORTER_OTLP_ENDPOINT unset)".into(), |endpoint| {
-                format!("to {endpoint}")
-            })
+            otlp.map_or(
+                "off (OTEL_EXPORTER_OTLP_ENDPOINT unset)".into(),
+                |endpoint| { format!("to {endpoint}") }
+            )
         ),
     );
     out

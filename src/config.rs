@@ -552,7 +552,8 @@ impl Config {
             figment = figment.merge(Toml::file_exact(file));
         }
         let config: Config = figment
-            .merge(Env::prefixed(ENV_PREFIX).split("__"))
+            // CTS_CONFIG names the file (the binary's --config), it is not a setting.
+            .merge(Env::prefixed(ENV_PREFIX).ignore(&["CONFIG"]).split("__"))
             .extract()
             .map_err(describe)?;
         config.validate()?;
@@ -982,6 +983,18 @@ mod tests {
                     && err.contains("CTS_LOCAL_ISSUER__TOKEN_TTL"),
                 "{err}"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure returns figment::Error
+    fn the_config_file_variable_is_not_a_setting() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("cts.toml", "max_request_bytes = 9000")?;
+            jail.set_env("CTS_CONFIG", "cts.toml");
+            let config = Config::load(Some(Path::new("cts.toml"))).unwrap();
+            assert_eq!(config.max_request_bytes, 9000);
             Ok(())
         });
     }
