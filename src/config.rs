@@ -515,6 +515,12 @@ impl Serialize for Secret {
     }
 }
 
+impl From<String> for Secret {
+    fn from(secret: String) -> Self {
+        Secret(secret)
+    }
+}
+
 impl Secret {
     /// The secret itself.
     pub fn expose(&self) -> &str {

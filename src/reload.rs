@@ -133,3 +133,53 @@ async fn contents(paths: &[PathBuf]) -> Vec<Option<Vec<u8>>> {
     }
     all
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_caught_half_written_is_retried_once_it_settles_never_half_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy");
+        std::fs::write(&path, "v1 complete").unwrap();
+        let (events, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let file = path.clone();
+        spawn(
+            vec![path.clone()],
+            Duration::from_millis(100),
+            false,
+            move |trigger| {
+                let text = std::fs::read_to_string(&file).unwrap_or_default();
+                let outcome = if text.ends_with("complete") {
+                    Reload::Applied
+                } else {
+                    Reload::Refused(format!("{text:?} is not complete"))
+                };
+                let _ = events.send((trigger, text, outcome.clone()));
+                ControlFlow::Continue(outcome)
+            },
+        );
+        let mut next = async || {
+            tokio::time::timeout(Duration::from_secs(10), seen.recv())
+                .await
+                .expect("a reload within 10 s")
+                .unwrap()
+        };
+
+        // Let the watcher read the files as they were first.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A writer caught half-way: the reload is refused ...
+        std::fs::write(&path, "v2 half").unwrap();
+        let (trigger, text, outcome) = next().await;
+        assert_eq!((trigger, text.as_str()), (Trigger::Changed, "v2 half"));
+        assert!(matches!(outcome, Reload::Refused(_)));
+        // ... and tried again once the file has settled, without waiting for another change to be seen.
+        std::fs::write(&path, "v2 complete").unwrap();
+        let (trigger, text, outcome) = next().await;
+        assert_eq!(
+            (trigger, text.as_str(), outcome),
+            (Trigger::Retry, "v2 complete", Reload::Applied)
+        );
+    }
+}

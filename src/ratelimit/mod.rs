@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 pub use self::redis::RedisStore;
-pub use fallback::{FailureMode, FallbackStore};
+pub use fallback::{FailureMode, FallbackStore, RedisFault};
 pub use gcra::{Quota, Rate};
 pub use layer::{RateLimit, RateLimitLayer, ResponseFuture, Stats};
 pub use memory::MemoryStore;
@@ -162,7 +162,8 @@ pub enum Verdict {
 }
 
 /// Where limit state lives. The in-process [`MemoryStore`] keeps it per replica; a shared store keeps one
-/// budget across replicas.
+/// budget across replicas. Every store keeps the contract below; `tests/limiter_store.rs` runs it against
+/// each store, and a new store (or a new operation) joins it there.
 pub trait LimiterStore: Send + Sync + 'static {
     /// Checks all `checks` at once and answers one [`Verdict`] per check, in order.
     ///

@@ -10,7 +10,7 @@
 //! | `cts.ratelimit.rejections` | counter | {request} | `limit`, `mode` (`enforce`, `shadow`) |
 //! | `cts.upstream.duration` | histogram | s | `region`, `outcome` |
 //! | `cts.upstream.errors` | counter | {error} | `kind` |
-//! | `cts.limiter.store.errors` | counter | {error} | `kind` (`error`, `timeout`) |
+//! | `cts.limiter.store.errors` | counter | {error} | `kind`: `timeout`, `unreachable`, `noscript`, `readonly`, `oom`, `crossslot`, `denied`, `other` (calls and probes) |
 //! | `cts.limiter.fallbacks` | counter | {request} | |
 //! | `cts.moderation.actions` | counter | {action} | `action` (`DisconnectUser`, `BanUser`, …), `result` (`ok`, `error`) |
 //!
