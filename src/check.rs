@@ -10,7 +10,7 @@ use std::{fmt::Write as _, path::Path, time::Duration};
 
 use chat_token_service::{
     config::{Config, IssuerKind, LimiterBackend},
-    identity::IdentitySource,
+    identity::{IdentitySource, sigv4::Verifier},
     issuer::local::KeySource,
     policy::{PolicyEngine, PolicySource},
     ratelimit::FailureMode,
@@ -42,6 +42,20 @@ pub fn check(config_file: Option<&Path>) -> Result<String, Vec<String>> {
     } else {
         None
     };
+    let identity = &config.identity;
+    if identity.sources.contains(&IdentitySource::Sigv4) {
+        let loaded = match &identity.sigv4.credentials_file {
+            Some(file) => Verifier::load(file, &identity.sigv4)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            None => Err("is required when identity.sources has \"sigv4\"".into()),
+        };
+        if let Err(reason) = loaded {
+            problems.push(format!(
+                "configuration error: identity.sigv4.credentials_file: {reason}"
+            ));
+        }
+    }
     if let Some(tls) = &config.tls
         && let Err(e) = Tls::load(tls)
     {
@@ -69,7 +83,7 @@ fn summary(config: &Config, config_file: Option<&Path>, keys: Option<&str>) -> S
     );
 
     let transport = match &config.tls {
-        None => "plaintext HTTP/2 (h2c): behind a mesh sidecar or for development".to_owned(),
+        None => "plaintext (no TLS): behind a mesh sidecar or for development".to_owned(),
         Some(tls) => match &tls.client_ca_file {
             Some(ca) => format!(
                 "TLS ({}), client certificates required, signed by {}",
@@ -79,10 +93,15 @@ fn summary(config: &Config, config_file: Option<&Path>, keys: Option<&str>) -> S
             None => format!("TLS ({})", tls.cert_file.display()),
         },
     };
+    let protocols = if config.http_api.enabled {
+        "gRPC and the IVS Chat HTTP API"
+    } else {
+        "gRPC"
+    };
     line(
         &mut out,
         "listener",
-        format!("{} gRPC, {transport}", config.listen_addr),
+        format!("{} {protocols}, {transport}", config.listen_addr),
     );
     line(
         &mut out,
@@ -109,6 +128,7 @@ fn summary(config: &Config, config_file: Option<&Path>, keys: Option<&str>) -> S
             IdentitySource::Mtls => "mtls",
             IdentitySource::Xfcc => "xfcc",
             IdentitySource::Header => "header",
+            IdentitySource::Sigv4 => "sigv4",
         })
         .collect();
     let anonymous = if identity.allow_anonymous {

@@ -94,7 +94,7 @@ burst = 5
     let summary = &outcome.stdout;
     assert!(summary.contains("configuration OK"), "{summary}");
     assert!(
-        summary.contains("0.0.0.0:50051 gRPC, TLS")
+        summary.contains("0.0.0.0:50051 gRPC and the IVS Chat HTTP API, TLS")
             && summary.contains("client certificates required"),
         "{summary}"
     );
@@ -206,7 +206,9 @@ fn the_development_defaults_say_what_they_are() {
     let outcome = check(dir.path(), "", &[]);
     assert_eq!(outcome.code, Some(0), "{}", outcome.stderr);
     assert!(
-        outcome.stdout.contains("127.0.0.1:50051 gRPC, plaintext"),
+        outcome
+            .stdout
+            .contains("127.0.0.1:50051 gRPC and the IVS Chat HTTP API, plaintext"),
         "{}",
         outcome.stdout
     );
