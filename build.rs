@@ -6,7 +6,10 @@ use std::{env, fs, path::PathBuf};
 use prost::Message;
 
 const PROTO_ROOT: &str = "proto";
-const PROTOS: &[&str] = &["ivschat/v1/token_service.proto"];
+const PROTOS: &[&str] = &[
+    "ivschat/v1/token_service.proto",
+    "ivschat/v1/moderation_service.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={PROTO_ROOT}");

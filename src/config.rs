@@ -8,12 +8,11 @@
 //! A bad value stops start-up with an error naming the setting, where it came from, and why.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     fmt,
     net::SocketAddr,
     num::{NonZeroU32, NonZeroUsize},
     path::{Path, PathBuf},
-    sync::Arc,
     time::Duration,
 };
 
@@ -21,17 +20,16 @@ use figment::{
     Figment,
     providers::{Env, Format, Toml},
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::identity::IdentitySource;
-use crate::issuer::local::{KeyError, KeySet};
-use crate::ratelimit::{FailureMode, Limit, LimitKey, gcra::Rate};
+use crate::ratelimit::{FailureMode, Limit, gcra::Rate};
 
 /// Prefix of environment variables that override settings.
 pub const ENV_PREFIX: &str = "CTS_";
 
 /// Everything the service can be told. Every field has a default, so an empty file is a valid config.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Where the gRPC server listens. Loopback by default, so a fresh checkout exposes nothing.
@@ -49,7 +47,7 @@ pub struct Config {
 
     /// Most CreateChatToken calls in flight at once on this replica; more are shed at once with
     /// UNAVAILABLE (health checks and reflection are never shed). Default `1024`; at least 1.
-    pub max_concurrent_calls: usize,
+    pub max_concurrent_calls: NonZeroUsize,
 
     /// How often policy and TLS files are checked for changes; SIGHUP reloads policies at once.
     /// Default `10s`; at least `100ms`.
@@ -80,11 +78,19 @@ pub struct Config {
     pub local_issuer: LocalIssuerConfig,
 
     /// Rate limits, every one checked on every request; a request over any enforced limit is refused with
-    /// RESOURCE_EXHAUSTED and consumes nothing from the others. Default: none.
-    pub rate_limits: Vec<LimitConfig>,
+    /// RESOURCE_EXHAUSTED and consumes nothing from the others. Names are unique and not empty. Default:
+    /// none.
+    pub rate_limits: Vec<Limit>,
 
-    /// Where rate-limit state is kept.
+    /// Where rate-limit state is kept; bans, revocations and used token ids live there too.
     pub limiter: LimiterConfig,
+
+    /// IVS Chat's own REST-JSON API (`POST /CreateChatToken`) on the same listener, for the AWS CLI and
+    /// SDKs.
+    pub http_api: HttpApiConfig,
+
+    /// Moderation: bans and token verification (ivschat.v1.ModerationService).
+    pub moderation: ModerationConfig,
 }
 
 impl Default for Config {
@@ -93,7 +99,7 @@ impl Default for Config {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             shutdown_grace_period: Duration::from_secs(20),
             max_request_bytes: 64 * 1024,
-            max_concurrent_calls: 1024,
+            max_concurrent_calls: NonZeroUsize::new(1024).expect("1024 is not zero"),
             reload_interval: Duration::from_secs(10),
             tls: None,
             log_format: crate::telemetry::LogFormat::Text,
@@ -104,13 +110,63 @@ impl Default for Config {
             local_issuer: LocalIssuerConfig::default(),
             rate_limits: Vec::new(),
             limiter: LimiterConfig::default(),
+            http_api: HttpApiConfig::default(),
+            moderation: ModerationConfig::default(),
+        }
+    }
+}
+
+/// Settings of the IVS Chat REST-JSON API. See [`crate::rest`].
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpApiConfig {
+    /// Whether the listener also answers IVS Chat's REST-JSON API over HTTP/1.1 and HTTP/2, so
+    /// `aws ivschat create-chat-token --endpoint-url …` and every AWS SDK work unchanged. Off: only gRPC is
+    /// served. Default `true`.
+    pub enabled: bool,
+
+    /// Largest request body accepted, in bytes; larger ones are refused with 413 before they are parsed.
+    /// The largest valid request is under 8 KiB even with every character of its attributes escaped.
+    /// Default `16384`; between `8192` and `1048576`.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpApiConfig {
+    fn default() -> Self {
+        HttpApiConfig {
+            enabled: true,
+            max_body_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// Settings of the moderation service.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModerationConfig {
+    /// Longest ban BanUser accepts with a duration (a ban without one lasts until UnbanUser), so a typo
+    /// cannot ban someone for a century by accident. Default `365d`; at least `1s`.
+    #[serde(with = "humantime_serde")]
+    pub max_ban_duration: Duration,
+
+    /// Local issuer: a token verifies (VerifyChatToken) only once; its id is remembered until it expires.
+    /// For chat servers that must refuse a replayed token. While Redis is unreachable in fail_open mode each
+    /// replica remembers only the ids it saw. Default `false`.
+    pub single_use_tokens: bool,
+}
+
+impl Default for ModerationConfig {
+    fn default() -> Self {
+        ModerationConfig {
+            max_ban_duration: Duration::from_secs(365 * 24 * 3600),
+            single_use_tokens: false,
         }
     }
 }
 
 /// TLS settings. Files are re-read when they change (every `reload_interval`), so certificates rotated
 /// by cert-manager or SPIRE take effect without a restart; connections already open keep their session.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// The server's certificate chain, PEM, leaf first. Required.
@@ -130,7 +186,7 @@ fn default_handshake_timeout() -> Duration {
 }
 
 /// Policy settings. See [`crate::policy`] for what a policy sees.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Cedar policy files, evaluated as one set. Empty (the default): the embedded development policy,
@@ -160,12 +216,12 @@ impl PolicyConfig {
 }
 
 /// Where caller identities come from. See [`crate::identity`].
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IdentityConfig {
     /// Sources tried in order, first match wins: `"mtls"` (needs `tls.client_ca_file`), `"xfcc"` (only
-    /// behind an Envoy/Istio sidecar that sets the header), `"header"` (development only). Default
-    /// `["header"]`.
+    /// behind an Envoy/Istio sidecar that sets the header), `"sigv4"` (AWS Signature Version 4 on the HTTP
+    /// API; needs `identity.sigv4.credentials_file`), `"header"` (development only). Default `["header"]`.
     pub sources: Vec<IdentitySource>,
 
     /// The header the `header` source reads. Default `"x-caller-id"`.
@@ -178,6 +234,39 @@ pub struct IdentityConfig {
 
     /// The principal anonymous callers get in policy and rate limits. Default `"anonymous"`.
     pub anonymous_principal: String,
+
+    /// Settings of the `sigv4` source.
+    pub sigv4: Sigv4Config,
+}
+
+/// Settings of the `sigv4` identity source: AWS Signature Version 4 on the HTTP API, checked against
+/// access keys this service issues. See [`crate::identity::sigv4`].
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Sigv4Config {
+    /// TOML file of `[[keys]]` with `access_key_id`, `secret_access_key` and `principal`: who signs with
+    /// which key. Re-read when it changes and on SIGHUP. Required when `sources` has `"sigv4"`.
+    /// Default: none.
+    pub credentials_file: Option<PathBuf>,
+
+    /// Regions a signature's credential scope may name (callers sign for a region, as for any AWS
+    /// endpoint). Default `[]`: any region.
+    pub regions: Vec<String>,
+
+    /// How far a request's `x-amz-date` may be from the server's clock, either way; older signed requests
+    /// cannot be replayed. Default `5m` (what AWS allows); between `1s` and `15m`.
+    #[serde(with = "humantime_serde")]
+    pub max_clock_skew: Duration,
+}
+
+impl Default for Sigv4Config {
+    fn default() -> Self {
+        Sigv4Config {
+            credentials_file: None,
+            regions: Vec::new(),
+            max_clock_skew: Duration::from_secs(300),
+        }
+    }
 }
 
 impl Default for IdentityConfig {
@@ -187,24 +276,49 @@ impl Default for IdentityConfig {
             header: "x-caller-id".into(),
             allow_anonymous: true,
             anonymous_principal: "anonymous".into(),
+            sigv4: Sigv4Config::default(),
         }
     }
 }
 
 impl IdentityConfig {
-    /// The resolver these settings describe.
-    pub fn resolver(&self) -> crate::identity::Resolver {
-        crate::identity::Resolver::new(
+    /// The resolver these settings describe. With the `sigv4` source it loads the credentials file and
+    /// re-reads it every `reload_interval` when it changes, so call it once, inside a tokio runtime.
+    pub fn resolver(
+        &self,
+        reload_interval: Duration,
+    ) -> Result<crate::identity::Resolver, ConfigError> {
+        let resolver = crate::identity::Resolver::new(
             self.sources.clone(),
             &self.header,
             self.allow_anonymous
                 .then(|| self.anonymous_principal.clone()),
-        )
+        );
+        if !self.sources.contains(&IdentitySource::Sigv4) {
+            return Ok(resolver);
+        }
+        let file = self
+            .sigv4
+            .credentials_file
+            .as_deref()
+            .ok_or_else(|| ConfigError::Invalid {
+                setting: "identity.sigv4.credentials_file".into(),
+                reason: "is required when identity.sources has \"sigv4\"".into(),
+            })?;
+        let verifier = crate::identity::sigv4::Verifier::load(file, &self.sigv4).map_err(|e| {
+            ConfigError::Invalid {
+                setting: "identity.sigv4.credentials_file".into(),
+                reason: e.to_string(),
+            }
+        })?;
+        let verifier = std::sync::Arc::new(verifier);
+        verifier.watch(reload_interval);
+        Ok(resolver.with_sigv4(verifier))
     }
 }
 
 /// The issuers a deployment can choose from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IssuerKind {
     /// The built-in issuer: PASETO v4.local tokens encrypted with our own keys.
@@ -223,10 +337,21 @@ impl IssuerKind {
     }
 }
 
+/// The regions where Amazon IVS Chat exists (its API endpoints), the default of `ivs.allowed_regions`.
+pub const IVS_CHAT_REGIONS: [&str; 7] = [
+    "us-east-1",
+    "us-west-2",
+    "eu-west-1",
+    "eu-central-1",
+    "ap-northeast-1",
+    "ap-northeast-2",
+    "ap-south-1",
+];
+
 /// Settings of the IVS Chat issuer. Credentials come from the standard AWS chain (environment, shared
 /// profile, web identity / IRSA, ECS, EC2 instance metadata); the region of each call comes from the room
 /// ARN.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IvsConfig {
     /// Send every call here instead of the regional IVS Chat endpoint, e.g. `http://127.0.0.1:4566` for the
@@ -234,17 +359,19 @@ pub struct IvsConfig {
     /// Default: none (the real endpoints).
     pub endpoint_url: Option<String>,
 
-    /// Regions whose rooms may be used; others are refused with INVALID_ARGUMENT before any AWS call.
-    /// Default `[]`: any region.
+    /// Regions whose rooms may be used; others are refused with INVALID_ARGUMENT before any budget is spent
+    /// or AWS is called. It bounds what a request can make the service hold (one SDK client, one quota key,
+    /// one metric label per region), so it cannot be empty. Default: the regions where IVS Chat exists
+    /// (us-east-1, us-west-2, eu-west-1, eu-central-1, ap-northeast-1, ap-northeast-2, ap-south-1).
     pub allowed_regions: Vec<String>,
 
-    /// AWS accounts whose rooms may be used; others are refused with INVALID_ARGUMENT before any AWS
-    /// call. Default `[]`: any account.
+    /// AWS accounts whose rooms may be used; others are refused with INVALID_ARGUMENT before any budget is
+    /// spent or AWS is called. Default `[]`: any account.
     pub allowed_accounts: Vec<String>,
 
     /// Role to assume (account id → role ARN) for rooms owned by other AWS accounts. Rooms of accounts not
     /// listed use the service's own credentials. Default: none.
-    pub assume_roles: std::collections::BTreeMap<String, String>,
+    pub assume_roles: BTreeMap<String, String>,
 
     /// Longest wait to open a connection to IVS Chat. Default `1s`.
     #[serde(with = "humantime_serde")]
@@ -265,59 +392,53 @@ pub struct IvsConfig {
 
     /// Attempts per call, the first included; throttling, 5xx and connection errors are retried with
     /// exponential backoff. Default `3`; at least 1.
-    pub max_attempts: u32,
+    pub max_attempts: NonZeroU32,
 
     /// First retry's backoff (jittered, doubling up to 20s). Default `100ms`.
     #[serde(with = "humantime_serde")]
     pub initial_backoff: Duration,
 
     /// Upstream quota guard: CreateChatToken calls per AWS account and region across this deployment
-    /// (IVS allows 200 per second, not adjustable). Calls over it are refused with RESOURCE_EXHAUSTED
-    /// before they reach AWS. Default `"200/s"`.
-    pub quota: String,
+    /// (IVS allows 200 per second, not adjustable). A built-in limit of the rate-limit layer, checked with
+    /// the others in one store call: calls over it are refused with RESOURCE_EXHAUSTED before they reach
+    /// AWS and consume no other budget. Default `"200/s"`.
+    pub quota: Rate,
 
     /// Calls admitted at once from a fully recovered quota. Default `20`; at least 1.
-    pub quota_burst: u32,
+    pub quota_burst: NonZeroU32,
+
+    /// Upstream quota guard for DisconnectUser (ModerationService DisconnectUser and BanUser): calls per AWS
+    /// account and region across this deployment (IVS allows 100 per second, not adjustable). Calls over it
+    /// are refused with RESOURCE_EXHAUSTED before they reach AWS. Default `"100/s"`.
+    pub disconnect_quota: Rate,
+
+    /// DisconnectUser calls admitted at once from a fully recovered quota. Default `10`; at least 1.
+    pub disconnect_quota_burst: NonZeroU32,
 }
 
 impl Default for IvsConfig {
     fn default() -> Self {
         IvsConfig {
             endpoint_url: None,
-            allowed_regions: Vec::new(),
+            allowed_regions: IVS_CHAT_REGIONS.map(String::from).to_vec(),
             allowed_accounts: Vec::new(),
-            assume_roles: Default::default(),
+            assume_roles: BTreeMap::new(),
             connect_timeout: Duration::from_secs(1),
             read_timeout: Duration::from_secs(2),
             attempt_timeout: Duration::from_secs(3),
             operation_timeout: Duration::from_secs(5),
-            max_attempts: 3,
+            max_attempts: NonZeroU32::new(3).expect("3 is not zero"),
             initial_backoff: Duration::from_millis(100),
-            quota: "200/s".into(),
-            quota_burst: 20,
+            quota: Rate::parse("200/s").expect("a valid rate"),
+            quota_burst: NonZeroU32::new(20).expect("20 is not zero"),
+            disconnect_quota: Rate::parse("100/s").expect("a valid rate"),
+            disconnect_quota_burst: NonZeroU32::new(10).expect("10 is not zero"),
         }
     }
 }
 
-impl IvsConfig {
-    /// The quota guard's GCRA parameters.
-    pub fn quota(&self) -> Result<crate::ratelimit::Quota, ConfigError> {
-        let rate =
-            crate::ratelimit::Rate::parse(&self.quota).map_err(|reason| ConfigError::Invalid {
-                setting: "ivs.quota".into(),
-                reason,
-            })?;
-        let burst =
-            std::num::NonZeroU32::new(self.quota_burst).ok_or_else(|| ConfigError::Invalid {
-                setting: "ivs.quota_burst".into(),
-                reason: "must be at least 1".into(),
-            })?;
-        Ok(crate::ratelimit::Quota::new(rate, burst))
-    }
-}
-
 /// Settings of the local issuer.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LocalIssuerConfig {
     /// How long a minted token can be used to open a connection. IVS Chat's tokens last one minute.
@@ -326,7 +447,9 @@ pub struct LocalIssuerConfig {
     pub token_ttl: Duration,
 
     /// A key set file: several PASERK `k4.local` keys, one marked `active = true` for new tokens, all
-    /// accepted when verifying; make keys with `chat-token-service generate-key`. Default: none.
+    /// accepted when verifying; make keys with `chat-token-service generate-key`. Re-read when it changes
+    /// (every `reload_interval`) and on SIGHUP, so keys rotate without a restart. Should be readable by the
+    /// service's user only (a warning says so otherwise). Default: none.
     pub keys_file: Option<PathBuf>,
 
     /// A single PASERK `k4.local` key, usually given as `CTS_LOCAL_ISSUER__KEY` from a secret store.
@@ -345,91 +468,8 @@ impl Default for LocalIssuerConfig {
     }
 }
 
-/// Where the local issuer's keys came from, for the start-up log.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KeySource {
-    /// `local_issuer.keys_file`.
-    File,
-    /// `local_issuer.key`.
-    Single,
-    /// Generated at start-up; lost on restart.
-    Ephemeral,
-}
-
-impl LocalIssuerConfig {
-    /// Loads the configured keys, or generates an ephemeral key when none are configured.
-    pub fn key_set(&self) -> Result<(Arc<KeySet>, KeySource), ConfigError> {
-        let invalid = |setting: &str, e: KeyError| ConfigError::Invalid {
-            setting: setting.into(),
-            reason: e.to_string(),
-        };
-        match (&self.keys_file, &self.key) {
-            (Some(_), Some(_)) => Err(ConfigError::Invalid {
-                setting: "local_issuer.key".into(),
-                reason: "set either local_issuer.key or local_issuer.keys_file, not both".into(),
-            }),
-            (Some(path), None) => Ok((
-                Arc::new(KeySet::load(path).map_err(|e| invalid("local_issuer.keys_file", e))?),
-                KeySource::File,
-            )),
-            (None, Some(key)) => Ok((
-                Arc::new(KeySet::from_paserk(&key.0).map_err(|e| invalid("local_issuer.key", e))?),
-                KeySource::Single,
-            )),
-            (None, None) => Ok((Arc::new(KeySet::ephemeral()), KeySource::Ephemeral)),
-        }
-    }
-}
-
-/// One `[[rate_limits]]` entry, as written.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitConfig {
-    /// Names the limit in errors (`google.rpc.QuotaFailure` subject `limit:NAME`) and logs. Unique and not
-    /// empty; renaming a limit starts its budgets afresh.
-    pub name: String,
-
-    /// What the limit counts by: `"caller"` (the calling service), `"user"` (one user in one room),
-    /// `"room"`, `"caller_room"` (one caller in one room) or `"global"` (all requests together).
-    pub key: LimitKey,
-
-    /// The sustained rate: `"N/s"`, `"N/min"` or `"N/h"` (also `second`, `minute`, `hour`), `N` at least 1.
-    pub rate: String,
-
-    /// How many requests are admitted at once from a fully recovered state; at least 1.
-    pub burst: u32,
-
-    /// Evaluate the limit and log and count the requests it would refuse, but refuse none: for trying a
-    /// limit on real traffic before enforcing it. Default `false`.
-    #[serde(default)]
-    pub shadow: bool,
-}
-
-impl LimitConfig {
-    /// The validated limit; `index` is the entry's position, for error messages.
-    fn limit(&self, index: usize) -> Result<Limit, ConfigError> {
-        let invalid = |field: &str, reason: String| ConfigError::Invalid {
-            setting: format!("rate_limits[{index}].{field}"),
-            reason,
-        };
-        if self.name.trim().is_empty() {
-            return Err(invalid("name", "must not be empty".into()));
-        }
-        let rate = Rate::parse(&self.rate).map_err(|reason| invalid("rate", reason))?;
-        let burst = NonZeroU32::new(self.burst)
-            .ok_or_else(|| invalid("burst", "must be at least 1, got 0".into()))?;
-        Ok(Limit {
-            name: self.name.clone(),
-            key: self.key,
-            rate,
-            burst,
-            shadow: self.shadow,
-        })
-    }
-}
-
 /// Settings of the rate limiter's state store.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimiterConfig {
     /// Where limit state lives: `"memory"`, in each replica (with `R` replicas a limit admits up to `R`
@@ -440,7 +480,7 @@ pub struct LimiterConfig {
     /// so a flood of distinct users cannot exhaust it. Each costs roughly 100 bytes plus its user id and
     /// room ARN. Beyond the cap the keys closest to recovery are forgotten, which can only make a limit more
     /// lenient. With the Redis backend it bounds the fail_open fallback. Default `1000000`; at least 1.
-    pub max_tracked_keys: usize,
+    pub max_tracked_keys: NonZeroUsize,
 
     /// The Redis to share state through: `redis://host:6379`, `rediss://` for TLS, `user:password@` for
     /// auth, `/N` for a database. May carry a password, so it is never logged or shown; prefer the
@@ -471,7 +511,7 @@ impl Default for LimiterConfig {
     fn default() -> Self {
         LimiterConfig {
             backend: LimiterBackend::Memory,
-            max_tracked_keys: 1_000_000,
+            max_tracked_keys: NonZeroUsize::new(1_000_000).expect("not zero"),
             redis_url: None,
             redis_cluster: false,
             redis_timeout: Duration::from_millis(50),
@@ -482,7 +522,7 @@ impl Default for LimiterConfig {
 }
 
 /// Where rate-limit state lives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LimiterBackend {
     /// In each replica's memory: nothing else to run, but limits apply per replica.
@@ -492,23 +532,21 @@ pub enum LimiterBackend {
 }
 
 impl LimiterConfig {
-    /// `max_tracked_keys`, checked to be at least 1.
-    pub fn max_tracked_keys(&self) -> Result<NonZeroUsize, ConfigError> {
-        NonZeroUsize::new(self.max_tracked_keys).ok_or_else(|| ConfigError::Invalid {
-            setting: "limiter.max_tracked_keys".into(),
-            reason: "must be at least 1, got 0".into(),
-        })
+    /// The Redis URL when the Redis backend is chosen (the load checked that it is set then, and only then).
+    pub fn redis_url(&self) -> Option<&Secret> {
+        self.redis_url
+            .as_ref()
+            .filter(|_| self.backend == LimiterBackend::Redis)
     }
 
-    /// The Redis URL when the Redis backend is chosen, checked along with the other Redis settings.
-    /// Errors never show the URL: it may carry a password.
-    pub fn redis_url(&self) -> Result<Option<&Secret>, ConfigError> {
+    /// Checks the Redis settings together. Errors never show the URL: it may carry a password.
+    fn check(&self) -> Result<(), ConfigError> {
         let invalid = |setting: &str, reason: String| ConfigError::Invalid {
             setting: format!("limiter.{setting}"),
             reason,
         };
         let url = match (self.backend, &self.redis_url) {
-            (LimiterBackend::Memory, None) => return Ok(None),
+            (LimiterBackend::Memory, None) => return Ok(()),
             (LimiterBackend::Memory, Some(_)) => {
                 return Err(invalid(
                     "redis_url",
@@ -549,14 +587,26 @@ impl LimiterConfig {
                 ),
             ));
         }
-        Ok(Some(url))
+        Ok(())
     }
 }
 
-/// A string that never appears in `Debug` output.
+/// A string that never appears in `Debug` or serialised output.
 #[derive(Clone, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("<redacted>")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(secret: String) -> Self {
+        Secret(secret)
+    }
+}
 
 impl Secret {
     /// The secret itself.
@@ -595,7 +645,8 @@ impl Config {
             figment = figment.merge(Toml::file_exact(file));
         }
         let config: Config = figment
-            .merge(Env::prefixed(ENV_PREFIX).split("__"))
+            // CTS_CONFIG names the file (a flag's environment form), not a setting.
+            .merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]).split("__"))
             .extract()
             .map_err(describe)?;
         config.validate()?;
@@ -651,12 +702,41 @@ impl Config {
                 reason: "entities need policy files that use them (policy.files is empty)".into(),
             });
         }
-        self.ivs.quota()?;
-        if self.ivs.max_attempts == 0 {
+        if self.moderation.max_ban_duration < Duration::from_secs(1) {
             return Err(ConfigError::Invalid {
-                setting: "ivs.max_attempts".into(),
-                reason: "must be at least 1 (the first attempt counts)".into(),
+                setting: "moderation.max_ban_duration".into(),
+                reason: format!(
+                    "must be at least 1s, got {}",
+                    humantime::format_duration(self.moderation.max_ban_duration)
+                ),
             });
+        }
+        if self.local_issuer.keys_file.is_some() && self.local_issuer.key.is_some() {
+            return Err(ConfigError::Invalid {
+                setting: "local_issuer.key".into(),
+                reason: "set either local_issuer.key or local_issuer.keys_file, not both".into(),
+            });
+        }
+        if self.ivs.allowed_regions.is_empty() {
+            return Err(ConfigError::Invalid {
+                setting: "ivs.allowed_regions".into(),
+                reason: format!(
+                    "must name at least one region (IVS Chat's: {})",
+                    IVS_CHAT_REGIONS.join(", ")
+                ),
+            });
+        }
+        for region in &self.ivs.allowed_regions {
+            let is_region = !region.is_empty()
+                && region
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !is_region {
+                return Err(ConfigError::Invalid {
+                    setting: "ivs.allowed_regions".into(),
+                    reason: format!("{region:?} is not an AWS region name"),
+                });
+            }
         }
         for (account, role) in &self.ivs.assume_roles {
             if account.is_empty() || !account.bytes().all(|b| b.is_ascii_digit()) {
@@ -680,12 +760,6 @@ impl Config {
                 reason: format!("{url:?} must start with http:// or https://"),
             });
         }
-        if self.max_concurrent_calls == 0 {
-            return Err(ConfigError::Invalid {
-                setting: "max_concurrent_calls".into(),
-                reason: "must be at least 1".into(),
-            });
-        }
         if self.reload_interval < Duration::from_millis(100) {
             return Err(ConfigError::Invalid {
                 setting: "reload_interval".into(),
@@ -704,32 +778,74 @@ impl Config {
                 ),
             });
         }
-        self.limits()?;
-        self.limiter.max_tracked_keys()?;
-        self.limiter.redis_url()?;
-        Ok(())
+        if !(8192..=1024 * 1024).contains(&self.http_api.max_body_bytes) {
+            return Err(ConfigError::Invalid {
+                setting: "http_api.max_body_bytes".into(),
+                reason: format!(
+                    "must be between 8192 and 1048576, got {}",
+                    self.http_api.max_body_bytes
+                ),
+            });
+        }
+        if self.identity.sources.contains(&IdentitySource::Sigv4) {
+            if self.identity.sigv4.credentials_file.is_none() {
+                return Err(ConfigError::Invalid {
+                    setting: "identity.sigv4.credentials_file".into(),
+                    reason: "is required when identity.sources has \"sigv4\"".into(),
+                });
+            }
+            if !self.http_api.enabled {
+                return Err(ConfigError::Invalid {
+                    setting: "identity.sources".into(),
+                    reason: "the sigv4 source identifies HTTP API callers, but http_api.enabled is false"
+                        .into(),
+                });
+            }
+        }
+        let skew = self.identity.sigv4.max_clock_skew;
+        if !(Duration::from_secs(1)..=Duration::from_secs(900)).contains(&skew) {
+            return Err(ConfigError::Invalid {
+                setting: "identity.sigv4.max_clock_skew".into(),
+                reason: format!(
+                    "must be between 1s and 15m, got {}",
+                    humantime::format_duration(skew)
+                ),
+            });
+        }
+        self.check_limit_names()?;
+        self.limiter.check()
     }
 
-    /// The configured rate limits, validated: names unique and not empty, rates and bursts in range.
-    pub fn limits(&self) -> Result<Vec<Limit>, ConfigError> {
+    /// Limit names are unique and not empty: they name budgets in the store and limits in refusals.
+    fn check_limit_names(&self) -> Result<(), ConfigError> {
         let mut names = HashSet::new();
-        self.rate_limits
-            .iter()
-            .enumerate()
-            .map(|(index, entry)| {
-                let limit = entry.limit(index)?;
-                if !names.insert(limit.name.clone()) {
-                    return Err(ConfigError::Invalid {
-                        setting: format!("rate_limits[{index}].name"),
-                        reason: format!(
-                            "{:?} names an earlier limit too; names must be unique",
-                            limit.name
-                        ),
-                    });
-                }
-                Ok(limit)
-            })
-            .collect()
+        for (index, limit) in self.rate_limits.iter().enumerate() {
+            let invalid = |reason: String| ConfigError::Invalid {
+                setting: format!("rate_limits[{index}].name"),
+                reason,
+            };
+            if limit.name.trim().is_empty() {
+                return Err(invalid("must not be empty".into()));
+            }
+            if [
+                crate::ratelimit::IVS_QUOTA_LIMIT_NAME,
+                crate::ratelimit::DISCONNECT_QUOTA_LIMIT_NAME,
+            ]
+            .contains(&limit.name.as_str())
+            {
+                return Err(invalid(format!(
+                    "{:?} names a built-in IVS quota limit (ivs.quota, ivs.disconnect_quota)",
+                    limit.name
+                )));
+            }
+            if !names.insert(limit.name.as_str()) {
+                return Err(invalid(format!(
+                    "{:?} names an earlier limit too; names must be unique",
+                    limit.name
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -778,6 +894,8 @@ fn describe(errors: figment::Error) -> ConfigError {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     fn load_str(toml: &str) -> Result<Config, ConfigError> {
@@ -799,51 +917,152 @@ mod tests {
         assert_eq!(config.local_issuer.token_ttl, Duration::from_secs(60));
     }
 
-    #[test]
-    fn the_shipped_example_config_is_valid_and_shows_the_defaults() {
-        let example = load_str(include_str!("../deploy/config.example.toml")).unwrap();
-        let defaults = Config::default();
-        assert_eq!(example.listen_addr, defaults.listen_addr);
-        assert_eq!(
-            example.shutdown_grace_period,
-            defaults.shutdown_grace_period
-        );
-        assert_eq!(example.max_request_bytes, defaults.max_request_bytes);
-        assert_eq!(example.issuer, defaults.issuer);
-        assert_eq!(
-            example.local_issuer.token_ttl,
-            defaults.local_issuer.token_ttl
-        );
-        assert_eq!(
-            example.limiter.max_tracked_keys,
-            defaults.limiter.max_tracked_keys
-        );
-        assert_eq!(example.limiter.backend, defaults.limiter.backend);
-        assert_eq!(
-            example.limiter.redis_cluster,
-            defaults.limiter.redis_cluster
-        );
-        assert_eq!(
-            example.limiter.redis_timeout,
-            defaults.limiter.redis_timeout
-        );
-        assert_eq!(example.limiter.failure_mode, defaults.limiter.failure_mode);
-        assert_eq!(example.limiter.key_prefix, defaults.limiter.key_prefix);
-        assert!(example.rate_limits.is_empty());
+    const EXAMPLE: &str = include_str!("../deploy/config.example.toml");
+
+    /// The example with every commented-out setting and section header put back in: a `#` line whose
+    /// rest parses as TOML on its own (`key = value`, `[section]`, `[[array]]`); prose does not.
+    fn uncommented_example() -> String {
+        EXAMPLE
+            .lines()
+            .map(|line| match line.trim_start().strip_prefix('#') {
+                Some(rest)
+                    if rest.trim().parse::<toml::Table>().is_ok() && !rest.trim().is_empty() =>
+                {
+                    rest.trim()
+                }
+                _ => line,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The dotted path of every setting in `value`: a map keyed by data (`ivs.assume_roles`), an array
+    /// of values or a null is a setting of its own; entries of an array of tables are `name[i]`.
+    fn setting_paths(value: &serde_json::Value, prefix: &str, paths: &mut BTreeSet<String>) {
+        match value {
+            serde_json::Value::Object(fields)
+                if !fields.is_empty() && prefix != "ivs.assume_roles" =>
+            {
+                for (name, field) in fields {
+                    let path = if prefix.is_empty() {
+                        name.clone()
+                    } else {
+                        format!("{prefix}.{name}")
+                    };
+                    setting_paths(field, &path, paths);
+                }
+            }
+            serde_json::Value::Array(entries)
+                if !entries.is_empty() && entries.iter().all(serde_json::Value::is_object) =>
+            {
+                for (index, entry) in entries.iter().enumerate() {
+                    setting_paths(entry, &format!("{prefix}[{index}]"), paths);
+                }
+            }
+            _ => {
+                paths.insert(prefix.to_owned());
+            }
+        }
+    }
+
+    /// [`setting_paths`] of a TOML document.
+    fn toml_paths(value: &toml::Value, prefix: &str, paths: &mut BTreeSet<String>) {
+        match value {
+            toml::Value::Table(fields) if !fields.is_empty() && prefix != "ivs.assume_roles" => {
+                for (name, field) in fields {
+                    let path = if prefix.is_empty() {
+                        name.clone()
+                    } else {
+                        format!("{prefix}.{name}")
+                    };
+                    toml_paths(field, &path, paths);
+                }
+            }
+            toml::Value::Array(entries)
+                if entries.iter().all(toml::Value::is_table) && !entries.is_empty() =>
+            {
+                for (index, entry) in entries.iter().enumerate() {
+                    toml_paths(entry, &format!("{prefix}[{index}]"), paths);
+                }
+            }
+            _ => {
+                paths.insert(prefix.to_owned());
+            }
+        }
+    }
+
+    fn paths_of(config: &Config) -> BTreeSet<String> {
+        let mut paths = BTreeSet::new();
+        setting_paths(&serde_json::to_value(config).unwrap(), "", &mut paths);
+        paths
     }
 
     #[test]
-    fn the_commented_rate_limits_in_the_example_config_are_valid() {
-        let example = include_str!("../deploy/config.example.toml");
-        let commented = &example[example.find("# [[rate_limits]]").expect("an example limit")..];
-        let uncommented: String = commented
-            .lines()
-            .map(|line| line.trim_start_matches('#').trim_start())
-            .collect::<Vec<_>>()
-            .join("\n");
-        let limits = load_str(&uncommented).unwrap().limits().unwrap();
-        let names: Vec<_> = limits.iter().map(|l| l.name.as_str()).collect();
-        assert_eq!(names, ["per-caller", "per-user"]);
+    fn moderation_and_disconnect_quota_settings_are_checked() {
+        let err = load_str("[moderation]\nmax_ban_duration = \"0s\"").unwrap_err();
+        assert!(
+            err.to_string().contains("moderation.max_ban_duration"),
+            "{err}"
+        );
+        assert!(load_str("[moderation]\nmax_ban_duration = \"1s\"").is_ok());
+        let err = load_str("[ivs]\ndisconnect_quota_burst = 0").unwrap_err();
+        assert!(
+            err.to_string().contains("ivs.disconnect_quota_burst"),
+            "{err}"
+        );
+        let err = load_str("[ivs]\ndisconnect_quota = \"fast\"").unwrap_err();
+        assert!(err.to_string().contains("ivs.disconnect_quota"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_example_config_shows_exactly_the_defaults() {
+        let example = load_str(EXAMPLE).unwrap();
+        assert_eq!(
+            serde_json::to_value(&example).unwrap(),
+            serde_json::to_value(Config::default()).unwrap()
+        );
+    }
+
+    #[test]
+    fn the_example_config_covers_the_whole_config() {
+        // Every optional section filled in, so its fields are listed too.
+        let whole = Config {
+            tls: Some(TlsConfig {
+                cert_file: "c".into(),
+                key_file: "k".into(),
+                client_ca_file: Some("ca".into()),
+                handshake_timeout: default_handshake_timeout(),
+            }),
+            rate_limits: vec![Limit {
+                name: "per-caller".into(),
+                key: crate::ratelimit::LimitKey::Caller,
+                rate: Rate::parse("1/s").unwrap(),
+                burst: NonZeroU32::MIN,
+                shadow: false,
+            }],
+            ..Config::default()
+        };
+        let expected = paths_of(&whole);
+
+        // Every key of the example, commented out or not, is a setting (unknown keys are refused) ...
+        let uncommented = uncommented_example();
+        let _: Config = Figment::new()
+            .merge(Toml::string(&uncommented))
+            .extract()
+            .map_err(describe)
+            .unwrap();
+        // ... and every setting has its line.
+        let table: toml::Table = uncommented.parse().unwrap();
+        let mut listed = BTreeSet::new();
+        toml_paths(&toml::Value::Table(table), "", &mut listed);
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|path| !listed.contains(*path))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "deploy/config.example.toml lacks {missing:?}"
+        );
     }
 
     #[test]
@@ -961,14 +1180,14 @@ mod tests {
             "#,
         )
         .unwrap();
-        let limits = config.limits().unwrap();
+        let limits = &config.rate_limits;
         assert_eq!(limits.len(), 2);
         assert_eq!(limits[0].description(), "100/s per caller, burst 200");
         assert!(!limits[0].shadow);
-        assert_eq!(limits[1].key, LimitKey::User);
+        assert_eq!(limits[1].key, crate::ratelimit::LimitKey::User);
         assert!(limits[1].shadow);
-        assert_eq!(config.limiter.max_tracked_keys, 1_000_000);
-        assert!(load_str("").unwrap().limits().unwrap().is_empty());
+        assert_eq!(config.limiter.max_tracked_keys.get(), 1_000_000);
+        assert!(load_str("").unwrap().rate_limits.is_empty());
     }
 
     /// The `setting` of the `ConfigError::Invalid` that `toml` fails validation with, and its reason.
@@ -988,21 +1207,45 @@ mod tests {
         };
         let three = |third: String| entry("a", "1/s", 1) + &entry("b", "1/s", 1) + &third;
 
-        let (setting, reason) = invalid_setting(&three(entry("c", "100/day", 1)));
-        assert_eq!(setting, "rate_limits[2].rate");
-        assert!(reason.contains("100/day"), "{reason}");
-        let (setting, reason) = invalid_setting(&three(entry("c", "0/s", 1)));
-        assert_eq!(setting, "rate_limits[2].rate");
-        assert!(reason.contains("at least 1"), "{reason}");
-        let (setting, _) = invalid_setting(&three(entry("c", "1/s", 0)));
-        assert_eq!(setting, "rate_limits[2].burst");
+        // Values that do not parse are refused while the file is read, with the setting's path.
+        let err = load_str(&three(entry("c", "100/day", 1)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("rate_limits[2].rate: ") && err.contains("100/day"),
+            "{err}"
+        );
+        let err = load_str(&three(entry("c", "0/s", 1)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("rate_limits[2].rate: ") && err.contains("at least 1"),
+            "{err}"
+        );
+        let err = load_str(&three(entry("c", "1/s", 0)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rate_limits[2].burst: "), "{err}");
+        let err = load_str("[limiter]\nmax_tracked_keys = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limiter.max_tracked_keys: "), "{err}");
+        let err = load_str("[ivs]\nmax_attempts = 0").unwrap_err().to_string();
+        assert!(err.contains("ivs.max_attempts: "), "{err}");
+        let err = load_str("[ivs]\nquota = \"200/s/s\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ivs.quota: "), "{err}");
+
+        // Rules across entries are checked right after.
         let (setting, _) = invalid_setting(&three(entry(" ", "1/s", 1)));
         assert_eq!(setting, "rate_limits[2].name");
         let (setting, reason) = invalid_setting(&three(entry("a", "1/s", 1)));
         assert_eq!(setting, "rate_limits[2].name");
         assert!(reason.contains("unique"), "{reason}");
-        let (setting, _) = invalid_setting("[limiter]\nmax_tracked_keys = 0");
-        assert_eq!(setting, "limiter.max_tracked_keys");
+        let (setting, reason) = invalid_setting(&entry("ivs-quota", "1/s", 1));
+        assert_eq!(setting, "rate_limits[0].name");
+        assert!(reason.contains("built-in"), "{reason}");
 
         let err = load_str(&(entry("a", "1/s", 1) + "burts = 2\n"))
             .unwrap_err()
@@ -1025,10 +1268,10 @@ mod tests {
 
     #[test]
     fn key_and_keys_file_together_are_refused() {
-        let config =
-            load_str("[local_issuer]\nkey = \"k4.local.x\"\nkeys_file = \"keys.toml\"").unwrap();
-        let err = config.local_issuer.key_set().unwrap_err().to_string();
-        assert!(err.contains("not both"), "{err}");
+        let (setting, reason) =
+            invalid_setting("[local_issuer]\nkey = \"k4.local.x\"\nkeys_file = \"keys.toml\"");
+        assert_eq!(setting, "local_issuer.key");
+        assert!(reason.contains("not both"), "{reason}");
     }
 
     #[test]

@@ -216,7 +216,10 @@ where
                 })))
             }
             StateProj::Shed { max } => {
-                let status = tonic::Status::from(Error::Overloaded { max_calls: *max });
+                let error = Error::Overloaded { max_calls: *max };
+                // Shed before identity or decoding: the audit knows only that a token call was refused.
+                tracing::info!(target: "audit", outcome = error.outcome(), "token refused");
+                let status = tonic::Status::from(error);
                 Poll::Ready(Ok(status.into_http::<ResBody>().map(|inner| CountedBody {
                     inner,
                     _guard: None,

@@ -4,7 +4,7 @@ use std::{io::Read, path::PathBuf, process::ExitCode};
 
 use chat_token_service::{
     config::Config,
-    issuer::local::{KeySet, generate_key},
+    issuer::local::{KeySource, generate_key},
     server, stack,
     telemetry::{self, LogFormat},
 };
@@ -77,18 +77,11 @@ async fn serve(
 }
 
 async fn serve_with(config: &Config) -> Result<(), Box<dyn std::error::Error>> {
-    let store = stack::limiter_store(config)?;
-    let readiness = store.readiness();
-    let stack = stack::from_config(config, store).await?;
+    let prepared = server::prepare(config).await?;
     let listener = TcpListener::bind(config.listen_addr)
         .await
         .map_err(|e| format!("cannot listen on {} (listen_addr): {e}", config.listen_addr))?;
-    tracing::info!(
-        addr = %listener.local_addr()?,
-        issuer = ?config.issuer,
-        "chat-token-service listening"
-    );
-    server::run(listener, config, stack, readiness, shutdown_signal()).await?;
+    server::serve(listener, config, prepared, shutdown_signal()).await?;
     Ok(())
 }
 
@@ -108,14 +101,14 @@ fn verify_token(
     token: &str,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::load(config_file.as_deref())?;
-    let settings = &config.local_issuer;
-    if settings.keys_file.is_none() && settings.key.is_none() {
+    let source = stack::key_source(&config);
+    if let KeySource::Ephemeral = source {
         return Err(
             "no local issuer key configured: set local_issuer.keys_file or CTS_LOCAL_ISSUER__KEY"
                 .into(),
         );
     }
-    let (keys, _) = settings.key_set()?;
+    let keys = source.load()?;
     let token = if token == "-" {
         let mut buf = String::new();
         std::io::stdin().read_to_string(&mut buf)?;
@@ -123,7 +116,7 @@ fn verify_token(
     } else {
         token.to_owned()
     };
-    let claims = KeySet::verify(&keys, &token)?;
+    let claims = keys.verify(&token)?;
     let json = serde_json::json!({
         "tokenId": claims.token_id,
         "roomArn": claims.room.as_str(),

@@ -4,6 +4,11 @@
 //! Polling contents rather than watching inodes is deliberate: Kubernetes updates mounted Secrets and
 //! ConfigMaps by swapping a symlink, which inode watchers miss; comparing bytes catches every change,
 //! including a file replaced with identical metadata. The files are small, so reading them is cheap.
+//!
+//! Reloading (reading, parsing, validating) runs on tokio's blocking pool, never on a runtime worker: a
+//! large policy or entities file must not stall requests. A reload refused while a file is being written
+//! (an editor or `cp` caught half-way) is tried again once the file has settled; a reload is all or
+//! nothing, so a half-written file is never half-applied.
 
 use std::{ops::ControlFlow, path::PathBuf, time::Duration};
 
@@ -14,16 +19,32 @@ pub enum Trigger {
     Changed,
     /// SIGHUP: reload even if nothing seems to have changed.
     Hangup,
+    /// The previous attempt was refused while the files were still changing: tried again once they
+    /// settled.
+    Retry,
 }
 
-/// Spawns a task that calls `reload` whenever one of `paths` changes, checked every `interval`, and on
-/// SIGHUP when `on_hangup`. The task ends when `reload` returns `Break` (its target is gone).
-pub fn spawn(
-    paths: Vec<PathBuf>,
-    interval: Duration,
-    on_hangup: bool,
-    mut reload: impl FnMut(Trigger) -> ControlFlow<()> + Send + 'static,
-) {
+/// What a reload did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reload {
+    /// The new contents are in force.
+    Applied,
+    /// The new contents were refused; the old ones stay in force. The message says why, for the log.
+    Refused(String),
+}
+
+/// How long files must stay unchanged after a refused reload before it is tried again: long enough for
+/// a writer to finish, short enough that a fixed file is picked up at once.
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// Spawns a task that calls `reload` (on the blocking pool) whenever one of `paths` changes, checked every
+/// `interval`, and on SIGHUP when `on_hangup`. A refused reload is tried once more when the files have
+/// stayed the same for a moment (200 ms) after it; if it is refused again, the error is logged and the next change
+/// triggers the next attempt. The task ends when `reload` returns `Break` (its target is gone).
+pub fn spawn<F>(paths: Vec<PathBuf>, interval: Duration, on_hangup: bool, reload: F)
+where
+    F: FnMut(Trigger) -> ControlFlow<(), Reload> + Send + 'static,
+{
     tokio::spawn(async move {
         let mut hangups = if on_hangup {
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -36,6 +57,7 @@ pub fn spawn(
         } else {
             None
         };
+        let mut reload = Some(reload);
         let mut seen = contents(&paths).await;
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -52,14 +74,56 @@ pub fn spawn(
                 Some(()) = hangup => Trigger::Hangup,
             };
             let now = contents(&paths).await;
-            if trigger == Trigger::Hangup || now != seen {
-                seen = now;
-                if reload(trigger).is_break() {
-                    return;
+            if trigger == Trigger::Changed && now == seen {
+                continue;
+            }
+            seen = now;
+            let mut outcome = run(&mut reload, trigger).await;
+            if let ControlFlow::Continue(Reload::Refused(_)) = outcome {
+                // Caught mid-write? Once the files stop changing, try again.
+                loop {
+                    tokio::time::sleep(SETTLE).await;
+                    let settled = contents(&paths).await;
+                    if settled == seen {
+                        break;
+                    }
+                    seen = settled;
                 }
+                outcome = run(&mut reload, Trigger::Retry).await;
+            }
+            match outcome {
+                ControlFlow::Break(()) => return,
+                ControlFlow::Continue(Reload::Applied) => {}
+                ControlFlow::Continue(Reload::Refused(why)) => tracing::error!("{why}"),
             }
         }
     });
+}
+
+/// Runs `reload` on the blocking pool and hands it back for the next time. A reload that panicked is
+/// gone; the task ends with it.
+async fn run<F>(reload: &mut Option<F>, trigger: Trigger) -> ControlFlow<(), Reload>
+where
+    F: FnMut(Trigger) -> ControlFlow<(), Reload> + Send + 'static,
+{
+    let Some(mut f) = reload.take() else {
+        return ControlFlow::Break(());
+    };
+    match tokio::task::spawn_blocking(move || {
+        let outcome = f(trigger);
+        (f, outcome)
+    })
+    .await
+    {
+        Ok((f, outcome)) => {
+            *reload = Some(f);
+            outcome
+        }
+        Err(e) => {
+            tracing::error!("a reload failed and will not run again: {e}");
+            ControlFlow::Break(())
+        }
+    }
 }
 
 async fn contents(paths: &[PathBuf]) -> Vec<Option<Vec<u8>>> {
@@ -68,4 +132,54 @@ async fn contents(paths: &[PathBuf]) -> Vec<Option<Vec<u8>>> {
         all.push(tokio::fs::read(path).await.ok());
     }
     all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_caught_half_written_is_retried_once_it_settles_never_half_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy");
+        std::fs::write(&path, "v1 complete").unwrap();
+        let (events, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let file = path.clone();
+        spawn(
+            vec![path.clone()],
+            Duration::from_millis(100),
+            false,
+            move |trigger| {
+                let text = std::fs::read_to_string(&file).unwrap_or_default();
+                let outcome = if text.ends_with("complete") {
+                    Reload::Applied
+                } else {
+                    Reload::Refused(format!("{text:?} is not complete"))
+                };
+                let _ = events.send((trigger, text, outcome.clone()));
+                ControlFlow::Continue(outcome)
+            },
+        );
+        let mut next = async || {
+            tokio::time::timeout(Duration::from_secs(10), seen.recv())
+                .await
+                .expect("a reload within 10 s")
+                .unwrap()
+        };
+
+        // Let the watcher read the files as they were first.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A writer caught half-way: the reload is refused ...
+        std::fs::write(&path, "v2 half").unwrap();
+        let (trigger, text, outcome) = next().await;
+        assert_eq!((trigger, text.as_str()), (Trigger::Changed, "v2 half"));
+        assert!(matches!(outcome, Reload::Refused(_)));
+        // ... and tried again once the file has settled, without waiting for another change to be seen.
+        std::fs::write(&path, "v2 complete").unwrap();
+        let (trigger, text, outcome) = next().await;
+        assert_eq!(
+            (trigger, text.as_str(), outcome),
+            (Trigger::Retry, "v2 complete", Reload::Applied)
+        );
+    }
 }

@@ -18,11 +18,18 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tonic::transport::server::TcpIncoming;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::inflight::{Calls, InFlightLayer};
-use crate::proto::{FILE_DESCRIPTOR_SET, ivschat::v1::token_service_server::TokenServiceServer};
-use crate::service::TokenService;
-use crate::stack::TokenStack;
+use crate::moderation::ModerationGrpc;
+use crate::proto::{
+    FILE_DESCRIPTOR_SET,
+    ivschat::v1::{
+        moderation_service_server::ModerationServiceServer,
+        token_service_server::TokenServiceServer,
+    },
+};
+use crate::service::{Door, TokenService};
+use crate::stack::{self, Stacks, StartError};
 use crate::telemetry::{metrics::observe_in_flight, rpc::RpcTraceLayer};
 use crate::tls::{Tls, TlsError};
 
@@ -35,22 +42,70 @@ pub enum ServerError {
     /// TLS settings are unusable.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// Other settings are unusable (e.g. the SigV4 credentials file).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// The transport failed.
     #[error("server error: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The listener has no local address.
+    #[error("cannot read the listening address: {0}")]
+    Listener(#[from] std::io::Error),
 }
 
-/// Serves on `listener` until `shutdown` completes, then drains as described in the module docs.
+/// What [`serve`] serves, built from the configuration: the domain stacks around the process's one
+/// limiter store, and the readiness that store reports.
+pub struct Prepared {
+    stacks: Stacks,
+    readiness: Option<watch::Receiver<bool>>,
+}
+
+/// Builds what `config` describes: the limiter store and the domain stacks, starting the Redis probe and
+/// the policy and key reloads. Fails on what the configuration names but cannot check at load: policy
+/// and key files, the Redis client.
+pub async fn prepare(config: &Config) -> Result<Prepared, StartError> {
+    let store = stack::limiter_store(config)?;
+    let readiness = store.readiness();
+    let stacks = stack::from_config(config, store).await?;
+    Ok(Prepared { stacks, readiness })
+}
+
+/// Serves `prepared` on `listener` until `shutdown` completes (see [`run`]). The binary starts through
+/// [`prepare`] and this, and so does the test harness, so tests exercise the binary's start-up.
+pub async fn serve(
+    listener: TcpListener,
+    config: &Config,
+    prepared: Prepared,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        issuer = config.issuer.name(),
+        "chat-token-service listening"
+    );
+    run(
+        listener,
+        config,
+        prepared.stacks,
+        prepared.readiness,
+        shutdown,
+    )
+    .await
+}
+
+/// Serves `stacks` (the token stack, and ModerationService when it has a moderation stack) on `listener`
+/// until `shutdown` completes, then drains as described in the module docs.
 ///
 /// `readiness`, when given, is what the token service's health follows until shutdown: `true` SERVING,
 /// `false` NOT_SERVING (see [`crate::ratelimit::Store::readiness`]).
 pub async fn run(
     listener: TcpListener,
     config: &Config,
-    stack: TokenStack,
+    stacks: impl Into<Stacks>,
     readiness: Option<watch::Receiver<bool>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    let stacks = stacks.into();
     let (health, health_service) = tonic_health::server::health_reporter();
     let ready = readiness.as_ref().is_none_or(|ready| *ready.borrow());
     health
@@ -74,12 +129,24 @@ pub async fn run(
         .build_v1alpha()
         .expect("the descriptor sets are valid");
 
-    let token_service = TokenServiceServer::new(TokenService::new(
-        config.identity.resolver(),
+    // One door for both protocols: the same identity, stack and audit trail.
+    let door = Door::new(
+        config.identity.resolver(config.reload_interval)?,
         config.issuer.name(),
-        stack,
-    ))
-    .max_decoding_message_size(config.max_request_bytes);
+        stacks.tokens,
+    );
+    let token_service = TokenServiceServer::new(TokenService::new(door.clone()))
+        .max_decoding_message_size(config.max_request_bytes);
+    let moderation_service = stacks.moderation.map(|moderation| {
+        ModerationServiceServer::new(ModerationGrpc::new(
+            door.identity().clone(),
+            config.issuer.name(),
+            moderation.stack,
+            moderation.verifier,
+            config.moderation.max_ban_duration,
+        ))
+        .max_decoding_message_size(config.max_request_bytes)
+    });
 
     let calls = Calls::default();
     observe_in_flight({
@@ -93,14 +160,29 @@ pub async fn run(
         // issuing work is spent on them.
         .layer(InFlightLayer::new(
             calls.clone(),
-            config.max_concurrent_calls,
+            config.max_concurrent_calls.get(),
         ));
-    let router = tonic::transport::Server::builder()
-        .layer(layers)
+    let mut routes = tonic::service::Routes::builder();
+    routes
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(token_service);
+    if let Some(moderation_service) = moderation_service {
+        routes.add_service(moderation_service);
+    }
+    let mut routes = routes.routes();
+    // The IVS Chat REST-JSON API: its routes beside the gRPC ones, over HTTP/1.1 as well as HTTP/2.
+    if config.http_api.enabled {
+        routes = routes
+            .into_axum_router()
+            .merge(crate::rest::router(door, &config.http_api))
+            .into();
+    }
+    let router = tonic::transport::Server::builder()
+        .accept_http1(config.http_api.enabled)
+        .layer(layers)
+        .add_routes(routes);
 
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_signal = async {

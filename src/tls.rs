@@ -25,7 +25,7 @@ use tokio_rustls::{
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::TlsConfig;
-use crate::reload;
+use crate::reload::{self, Reload};
 
 /// Why TLS settings cannot be used; names the setting.
 #[derive(Debug, thiserror::Error)]
@@ -70,13 +70,15 @@ impl Tls {
             let Some(tls) = tls.upgrade() else {
                 return ControlFlow::Break(());
             };
-            match tls.reload() {
-                Ok(()) => tracing::info!("TLS certificates reloaded"),
-                Err(e) => {
-                    tracing::error!("TLS reload refused, keeping the current certificates: {e}")
+            ControlFlow::Continue(match tls.reload() {
+                Ok(()) => {
+                    tracing::info!("TLS certificates reloaded");
+                    Reload::Applied
                 }
-            }
-            ControlFlow::Continue(())
+                Err(e) => Reload::Refused(format!(
+                    "TLS reload refused, keeping the current certificates: {e}"
+                )),
+            })
         });
     }
 

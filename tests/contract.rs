@@ -97,16 +97,18 @@ async fn the_token_decrypts_to_exactly_what_was_asked_for() {
     let session_exp = SystemTime::try_from(response.session_expiration_time.unwrap()).unwrap();
     assert_eq!(claims.token_expires_at, token_exp);
     assert_eq!(claims.session_expires_at, session_exp);
+    // Expirations count from the issue time's whole second; the issue time itself keeps its fraction (so
+    // revocations can tell a token minted just after a disconnect from one minted just before).
+    let issued_second = whole_second(claims.issued_at);
     assert_eq!(
-        token_exp.duration_since(claims.issued_at).unwrap(),
+        token_exp.duration_since(issued_second).unwrap(),
         Duration::from_secs(60)
     );
     assert_eq!(
-        session_exp.duration_since(claims.issued_at).unwrap(),
+        session_exp.duration_since(issued_second).unwrap(),
         Duration::from_secs(30 * 60)
     );
-    // Issue time is truncated to whole seconds, so it may be up to 1 s before `before`.
-    assert!(claims.issued_at + Duration::from_secs(1) > before);
+    assert!(claims.issued_at >= before);
     assert!(claims.issued_at <= SystemTime::now());
 }
 
@@ -243,7 +245,7 @@ async fn session_duration_limits_and_default() {
             let claims = keys.keys.verify(&token).unwrap();
             claims
                 .session_expires_at
-                .duration_since(claims.issued_at)
+                .duration_since(whole_second(claims.issued_at))
                 .unwrap()
                 .as_secs()
                 / 60
@@ -351,4 +353,10 @@ async fn oversized_messages_are_refused_by_the_transport() {
     assert!(status.message().contains("65536"), "{status:?}");
     // The server is still healthy afterwards.
     assert_valid(&server, valid_request()).await;
+}
+
+/// `at` truncated to its whole second.
+fn whole_second(at: SystemTime) -> SystemTime {
+    let since_epoch = at.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+    SystemTime::UNIX_EPOCH + Duration::from_secs(since_epoch.as_secs())
 }

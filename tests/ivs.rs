@@ -3,12 +3,16 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime};
+use std::{
+    num::NonZeroU32,
+    time::{Duration, SystemTime},
+};
 
 use chat_token_service::{
     config::{Config, IssuerKind},
     issuer::ivs::IvsIssuer,
     proto::ivschat::v1::CreateChatTokenRequest,
+    ratelimit::Rate,
     stack,
 };
 use common::{Binary, TestServer, ivs_stub::IvsStub};
@@ -39,7 +43,13 @@ async fn ivs_server(stub: &IvsStub, tweak: impl FnOnce(&mut Config)) -> TestServ
         .load()
         .await;
     let store = stack::limiter_store(&config).unwrap();
-    let issuer = IvsIssuer::new(&config.ivs, base, store.clone()).unwrap();
+    let issuer = IvsIssuer::new(
+        base,
+        stack::ivs_call_bounds(&config),
+        stack::ivs_routes(&config),
+        store.clone(),
+        stack::ivs_disconnect_quota(&config),
+    );
     let stack = stack::compose_with(&config, store, issuer).unwrap();
     TestServer::start(config, stack).await
 }
@@ -131,7 +141,7 @@ async fn every_upstream_failure_maps_to_its_grpc_code() {
             "IVS_PENDING_VERIFICATION",
         ),
         ("invalid", Code::InvalidArgument, "IVS_VALIDATION"),
-        ("throttled", Code::Unavailable, "IVS_THROTTLED"),
+        ("throttled", Code::ResourceExhausted, "IVS_THROTTLED"),
         ("broken", Code::Unavailable, "IVS_UNAVAILABLE"),
     ];
     for (room, code, reason) in cases {
@@ -161,8 +171,13 @@ async fn every_upstream_failure_maps_to_its_grpc_code() {
             "invalid" => {
                 let fields = status.get_details_bad_request().unwrap().field_violations;
                 assert_eq!(
-                    fields[0].field, "userId",
-                    "the upstream field list is passed on"
+                    fields[0].field, "user_id",
+                    "the upstream field list is passed on, in our field names"
+                );
+                assert!(
+                    !status.message().contains("rejected by the stub")
+                        && !fields[0].description.contains("rejected by the stub"),
+                    "IVS's own message is summarised, never echoed: {status:?}"
                 );
             }
             "throttled" => {
@@ -183,7 +198,10 @@ async fn every_upstream_failure_maps_to_its_grpc_code() {
 #[tokio::test]
 async fn retries_on_500_and_throttling_stop_at_the_configured_bound() {
     let stub = IvsStub::start().await;
-    let server = ivs_server(&stub, |config| config.ivs.max_attempts = 3).await;
+    let server = ivs_server(&stub, |config| {
+        config.ivs.max_attempts = NonZeroU32::new(3).unwrap()
+    })
+    .await;
     let mut client = server.client().await;
 
     client
@@ -256,8 +274,8 @@ async fn a_slow_upstream_without_a_deadline_is_cut_by_the_operation_timeout() {
 async fn the_quota_guard_refuses_past_the_rate_before_calling_ivs() {
     let stub = IvsStub::start().await;
     let server = ivs_server(&stub, |config| {
-        config.ivs.quota = "2/s".into();
-        config.ivs.quota_burst = 2;
+        config.ivs.quota = Rate::parse("2/s").unwrap();
+        config.ivs.quota_burst = NonZeroU32::new(2).unwrap();
     })
     .await;
     let mut client = server.client().await;
@@ -331,7 +349,7 @@ async fn an_unreachable_ivs_is_unavailable() {
     let stub = IvsStub::start().await;
     let server = ivs_server(&stub, |config| {
         config.ivs.endpoint_url = Some(format!("http://{closed}"));
-        config.ivs.max_attempts = 2;
+        config.ivs.max_attempts = NonZeroU32::new(2).unwrap();
     })
     .await;
     let status = server
@@ -364,4 +382,108 @@ async fn the_binary_takes_credentials_from_the_standard_chain() {
     binary.signal("-TERM");
     assert_eq!(binary.wait().0.code(), Some(0));
     assert_eq!(stub.calls()[0].signed_region, "us-west-2");
+}
+
+#[tokio::test]
+async fn requests_refused_by_the_allow_lists_or_the_quota_consume_no_rate_limit_budget() {
+    let stub = IvsStub::start().await;
+    let server = ivs_server(&stub, |config| {
+        // Each caller may have two tokens an hour; IVS's quota (here) one call per hour per account+region.
+        config.rate_limits = vec![chat_token_service::ratelimit::Limit {
+            name: "per-caller".into(),
+            key: chat_token_service::ratelimit::LimitKey::Caller,
+            rate: Rate::parse("2/h").unwrap(),
+            burst: NonZeroU32::new(2).unwrap(),
+            shadow: false,
+        }];
+        config.ivs.quota = Rate::parse("1/h").unwrap();
+        config.ivs.quota_burst = NonZeroU32::MIN;
+        config.ivs.allowed_accounts = vec!["111111111111".into(), "222222222222".into()];
+    })
+    .await;
+    let client = server.client().await;
+    let refused = |room: String| {
+        let mut client = client.clone();
+        async move { client.create_chat_token(request(&room)).await.unwrap_err() }
+    };
+
+    // Refused by the allow-lists, many times: a made-up region, an account not served.
+    for _ in 0..5 {
+        let status = refused("arn:aws:ivschat:mars-north-1:111111111111:room/a".into()).await;
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let status = refused("arn:aws:ivschat:us-west-2:999999999999:room/a".into()).await;
+        assert_eq!(status.code(), Code::InvalidArgument);
+    }
+    // The first token of us-west-2 spends the quota there; further ones are refused by it alone.
+    client
+        .clone()
+        .create_chat_token(request(&format!("{WEST}/lobby")))
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let status = refused(format!("{WEST}/lobby")).await;
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let quota = status.get_details_quota_failure().unwrap();
+        assert_eq!(quota.violations.len(), 1, "{quota:?}");
+        assert_eq!(quota.violations[0].subject, "limit:ivs-quota");
+        assert_eq!(
+            quota.violations[0].description,
+            "1/h per AWS account and region, burst 1"
+        );
+    }
+    // None of those twenty refusals spent the caller's budget: its second token still comes.
+    client
+        .clone()
+        .create_chat_token(request(&format!("{EU}/lobby")))
+        .await
+        .unwrap();
+    let status = refused(format!("{EU}/other")).await;
+    let quota = status.get_details_quota_failure().unwrap();
+    let subjects: Vec<_> = quota
+        .violations
+        .iter()
+        .map(|v| v.subject.as_str())
+        .collect();
+    assert!(subjects.contains(&"limit:per-caller"), "{subjects:?}");
+    assert_eq!(
+        stub.calls().len(),
+        2,
+        "only the two issued tokens reached IVS"
+    );
+}
+
+#[tokio::test]
+async fn a_thousand_made_up_regions_create_no_client() {
+    let config = Config {
+        issuer: IssuerKind::Ivs,
+        ..Config::default()
+    };
+    let base = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .build();
+    let store = stack::limiter_store(&config).unwrap();
+    let issuer = IvsIssuer::new(
+        base,
+        stack::ivs_call_bounds(&config),
+        stack::ivs_routes(&config),
+        store,
+        stack::ivs_disconnect_quota(&config),
+    );
+    for i in 0..1000 {
+        let room = format!("arn:aws:ivschat:made-up-{i}:111111111111:room/a");
+        let request = chat_token_service::request::TokenRequest::from_proto(
+            chat_token_service::request::Caller::new("c"),
+            request(&room),
+        )
+        .unwrap();
+        let refused = chat_token_service::issuer::Issuer::issue(&issuer, request).await;
+        assert!(
+            matches!(
+                refused,
+                Err(chat_token_service::error::Error::InvalidArgument(_))
+            ),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(issuer.clients_created(), 0);
 }

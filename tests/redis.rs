@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use chat_token_service::{
     config::Config,
     proto::ivschat::v1::CreateChatTokenRequest,
-    ratelimit::{Check, LimiterStore, Store, Verdict},
+    ratelimit::{Check, LimiterStore, RedisFault, Store, StoreError, Verdict},
     stack,
 };
 use common::{
@@ -114,7 +114,7 @@ async fn gcra_in_redis_admits_the_burst_then_exactly_the_configured_rate() {
     );
 
     // The key lives exactly until full recovery (3 × 100 ms), under a digest: no user id in Redis.
-    let stored = redis.keys(&prefix);
+    let stored = redis.keys(&format!("{prefix}:rl:"));
     assert_eq!(stored.len(), 1, "{stored:?}");
     assert!(!stored[0].contains("ann"), "{}", stored[0]);
     assert!(
@@ -329,7 +329,11 @@ async fn fail_open_keeps_serving_with_local_limits_and_shares_again_once_redis_r
     let (server, store) = server_with_store(&keys, &redis, &prefix, "fail_open").await;
     let mut client = server.client().await;
     client.create_chat_token(for_user("ann")).await.unwrap();
-    assert_eq!(redis.keys(&prefix).len(), 1, "decided in Redis");
+    assert_eq!(
+        redis.keys(&format!("{prefix}:rl:")).len(),
+        1,
+        "decided in Redis"
+    );
 
     redis.stop();
     // Local limits, as configured, from a fresh local budget: two admitted, the third refused.
@@ -360,7 +364,7 @@ async fn fail_open_keeps_serving_with_local_limits_and_shares_again_once_redis_r
         .await
         .expect("decided in Redis again");
     assert_eq!(
-        redis.keys(&prefix).len(),
+        redis.keys(&format!("{prefix}:rl:")).len(),
         1,
         "the restarted Redis holds the new decision: shared limits are back without a service restart"
     );
@@ -434,7 +438,41 @@ async fn redis_cluster_checks_several_limits_of_one_request() {
     let status = client.create_chat_token(for_user("ann")).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert_eq!(status.message(), "rate limit exceeded: per-user");
-    let stored = redis.keys(&prefix);
+    let stored = redis.keys(&format!("{prefix}:rl:"));
     assert_eq!(stored.len(), 2, "one key per limit: {stored:?}");
     server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_read_only_replica_is_reported_as_such_and_readiness_does_not_flap() {
+    // Pointed at a replica, SCRIPT LOAD succeeds but every write is refused: the probe runs the real
+    // script, so health follows what requests see instead of flapping every second.
+    let replica = RedisServer::replica();
+    let keys = LocalKeys::new();
+    let config = redis_config(
+        &keys,
+        &replica,
+        &unique_prefix(),
+        "failure_mode = \"fail_closed\"\nredis_timeout = \"1s\"",
+    );
+    let store = stack::limiter_store(&config).unwrap();
+    let Store::Redis(redis) = &store else {
+        panic!("the Redis backend was configured");
+    };
+    let mut ready = store.readiness().expect("fail_closed follows Redis");
+    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|up| !*up))
+        .await
+        .expect("the first probe finds the replica read-only")
+        .unwrap();
+    assert_eq!(redis.fault(), Some(RedisFault::ReadOnly));
+    assert!(RedisFault::ReadOnly.is_misconfiguration());
+    assert!(matches!(
+        store.check(&[check("k", "1/s", 1, false)]).await,
+        Err(StoreError::Unavailable { .. })
+    ));
+
+    // Three probes later it has never looked ready again.
+    let flapped = tokio::time::timeout(Duration::from_millis(3500), ready.wait_for(|up| *up)).await;
+    assert!(flapped.is_err(), "readiness flapped back to ready");
+    assert_eq!(redis.fault(), Some(RedisFault::ReadOnly));
 }

@@ -8,8 +8,8 @@ use std::{net::SocketAddr, process::Command, sync::Arc, time::Duration};
 use chat_token_service::{
     config::Config,
     error::Error,
-    issuer::{IssuedToken, Issuer, local::LocalIssuer},
-    request::TokenRequest,
+    issuer::{Issuer, local::LocalIssuer},
+    request::{IssuedToken, TokenRequest},
     stack,
 };
 use common::{Binary, LocalKeys, TestServer, valid_request};
@@ -389,5 +389,93 @@ async fn sighup_reloads_policies_at_once() {
         log.iter()
             .any(|l| l.contains("policies reloaded") && l.contains("Hangup")),
         "{log:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_key_rotated_on_disk_is_used_after_sighup_while_tokens_of_the_old_key_still_verify() {
+    use chat_token_service::issuer::local::{KeySet, generate_key};
+    use chat_token_service::proto::ivschat::v1::{
+        VerifyChatTokenRequest, moderation_service_client::ModerationServiceClient,
+    };
+
+    let (old, new) = (generate_key(), generate_key());
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("keys.toml");
+    std::fs::write(
+        &keys_file,
+        format!("[[keys]]\nkey = \"{old}\"\nactive = true\n"),
+    )
+    .unwrap();
+    let binary = Binary::start(&[("CTS_LOCAL_ISSUER__KEYS_FILE", keys_file.to_str().unwrap())]);
+    let mut client = binary.client().await;
+    let mint = |mut client: chat_token_service::proto::ivschat::v1::token_service_client::TokenServiceClient<_>| async move {
+        client
+            .create_chat_token(valid_request())
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+    };
+    let old_token = mint(client.clone()).await;
+    KeySet::from_paserk(&old)
+        .unwrap()
+        .verify(&old_token)
+        .unwrap();
+
+    // Rotate: the new key becomes active, the old one stays listed. reload_interval is 10 s: SIGHUP is
+    // what makes the service pick it up now.
+    std::fs::write(
+        &keys_file,
+        format!("[[keys]]\nkey = \"{new}\"\nactive = true\n\n[[keys]]\nkey = \"{old}\"\n"),
+    )
+    .unwrap();
+    binary.signal("-HUP");
+    let new_only = KeySet::from_paserk(&new).unwrap();
+    let new_token = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let token = mint(client.clone()).await;
+            if new_only.verify(&token).is_ok() {
+                break token;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("tokens are minted with the new key without a restart");
+
+    // Both keys' tokens verify: with the rotated key set, and in the running service.
+    let rotated = KeySet::load(&keys_file).unwrap();
+    rotated.verify(&old_token).unwrap();
+    rotated.verify(&new_token).unwrap();
+    let mut moderation = ModerationServiceClient::connect(format!("http://{}", binary.addr))
+        .await
+        .unwrap();
+    for token in [old_token, new_token] {
+        moderation
+            .verify_chat_token(VerifyChatTokenRequest { token })
+            .await
+            .unwrap();
+    }
+    client.create_chat_token(valid_request()).await.unwrap();
+
+    binary.signal("-TERM");
+    let (status, log) = binary.wait();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        log.iter()
+            .any(|line| line.contains("local issuer keys reloaded")),
+        "{log:#?}"
+    );
+    // tempfile writes 0644: the key file is readable by others, and the service says so.
+    assert!(
+        log.iter()
+            .any(|line| line.contains("accessible to its group or others")),
+        "{log:#?}"
+    );
+    assert!(
+        !log.iter()
+            .any(|line| line.contains(&old) || line.contains(&new)),
+        "key material never reaches the log"
     );
 }

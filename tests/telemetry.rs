@@ -318,7 +318,7 @@ async fn metrics_arrive_with_their_names_attributes_and_counts() {
     let policy = dir.path().join("policy.cedar");
     std::fs::write(
         &policy,
-        r#"@id("no-moderators") permit (principal, action, resource) unless { context.capabilities.contains("DELETE_MESSAGE") };"#,
+        r#"@id("no-moderators") permit (principal, action == Action::"CreateChatToken", resource) unless { context.capabilities.contains("DELETE_MESSAGE") };"#,
     )
     .unwrap();
     let policy_files = format!("[\"{}\"]", policy.display());

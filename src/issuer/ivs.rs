@@ -1,19 +1,25 @@
 //! The IVS issuer: mints tokens with Amazon IVS Chat's CreateChatToken through aws-sdk-ivschat.
 //!
-//! - **Region routing**: each call goes to the region in its room ARN, through one SDK client per region
-//!   (and per assumed role), created on first use and shared after.
+//! - **Region routing**: each call goes to the region in its room ARN, through one SDK client per allowed
+//!   region (and per assumed role), created on first use and shared after. Only the regions given at
+//!   construction ever get a client, so no request can make the issuer grow.
 //! - **Bounds**: connect, read, per-attempt and whole-operation timeouts, and the SDK's standard retry
 //!   (throttling, 5xx and connection errors) with a bounded number of attempts. The caller's gRPC deadline
 //!   is enforced above the issuer and cancels the call in flight.
-//! - **Quota guard**: IVS allows 200 CreateChatToken calls per second per account and region, and the
-//!   quota cannot be raised. A GCRA limit per account+region, kept in the same limiter store as the rate
-//!   limits (so replicas sharing a store share the budget), refuses calls over it with RESOURCE_EXHAUSTED
-//!   before they reach AWS.
+//! - **Before it**: rooms outside the served regions and accounts are refused by [`crate::scope`], and
+//!   CreateChatToken calls are kept under IVS's quota by the built-in `ivs-quota` limit of
+//!   [`crate::ratelimit`]; both run before any budget is spent, so a refused request costs nothing. The
+//!   issuer checks the served rooms again itself: it may be composed without the scope layer.
+//! - **DisconnectUser**: the issuer is also the [`Moderator`] of the ivs deployment: DisconnectUser goes to
+//!   the room's region with the same clients, timeouts, retries and error mapping, under a quota guard of
+//!   its own (IVS allows 100 DisconnectUser calls per second per account and region).
 //! - **Errors**: SDK errors are mapped to [`Error`] here and nowhere else; SDK types never leave this module.
+//!   IVS's messages are summarised, never passed on: they may quote the request's values.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
+    collections::{BTreeMap, HashMap},
+    num::NonZeroU32,
+    sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, SystemTime},
 };
 
@@ -23,43 +29,88 @@ use aws_config::{
 use aws_sdk_ivschat::{
     Client,
     error::{ProvideErrorMetadata, SdkError},
-    operation::{RequestId, create_chat_token::CreateChatTokenError},
+    operation::{
+        RequestId, create_chat_token::CreateChatTokenError, disconnect_user::DisconnectUserError,
+    },
     types::ChatTokenCapability,
 };
 use opentelemetry::KeyValue;
 use tokio::sync::OnceCell;
 use tracing::Instrument;
 
-use super::{IssuedToken, Issuer};
-use crate::config::{ConfigError, IvsConfig};
+use super::Issuer;
 use crate::error::{Error, ExceededLimit, FieldViolation, UpstreamKind};
-use crate::ratelimit::{Check, LimiterStore, Quota, Verdict};
-use crate::request::{Capability, RoomArn, TokenRequest};
+use crate::issuer::local::TokenClaims;
+use crate::moderation::{Moderator, Reason};
+use crate::ratelimit::{Check, Limit, LimiterStore, Verdict};
+use crate::request::{Capability, IssuedToken, RoomArn, TokenRequest, UserId};
+use crate::scope::ServedRooms;
 use crate::telemetry::metrics::metrics;
 
-/// The quota guard's name in RESOURCE_EXHAUSTED refusals.
-pub const QUOTA_LIMIT_NAME: &str = "ivs-quota";
+/// How each call to IVS Chat is bounded.
+#[derive(Clone, Copy, Debug)]
+pub struct CallBounds {
+    /// Longest wait to open a connection.
+    pub connect_timeout: Duration,
+    /// Longest wait for the response once the request is sent.
+    pub read_timeout: Duration,
+    /// Longest time one attempt may take, connect to last byte.
+    pub attempt_timeout: Duration,
+    /// Longest time the whole call may take, retries included.
+    pub operation_timeout: Duration,
+    /// Attempts per call, the first included.
+    pub max_attempts: NonZeroU32,
+    /// First retry's backoff (jittered, doubling).
+    pub initial_backoff: Duration,
+}
 
-/// Which client serves a call: its region, and the role assumed for its account, if any.
-type ClientKey = (String, Option<String>);
+/// Where calls go and as whom.
+#[derive(Clone, Debug)]
+pub struct Routes {
+    /// Rooms served: their regions are the only ones that ever get a client.
+    pub served: ServedRooms,
+    /// Role to assume (account id → role ARN) for rooms of other accounts.
+    pub assume_roles: BTreeMap<String, String>,
+    /// Every call goes here instead of the regional endpoint (the stub, a proxy), still signed for the
+    /// room's region.
+    pub endpoint_url: Option<String>,
+}
 
-/// Mints tokens with Amazon IVS Chat.
+/// The clients of the served regions: one cell per (region, identity), each filled on first use.
+struct Clients {
+    /// Per served region, one cell per identity: `[0]` the service's own credentials, `[1 + i]` the
+    /// `i`-th role of `roles`. The cells let concurrent first calls share one client (and one STS session).
+    by_region: HashMap<String, Vec<OnceCell<Client>>>,
+    /// Distinct roles to assume, in a fixed order.
+    roles: Vec<String>,
+    /// Account id → index into `roles`.
+    role_of_account: HashMap<String, usize>,
+    /// Clients made so far.
+    created: AtomicUsize,
+}
+
+/// Mints tokens with Amazon IVS Chat, and disconnects users (the [`Moderator`] of the ivs deployment).
 pub struct IvsIssuer<St> {
-    settings: IvsConfig,
     /// Shared AWS settings: credentials chain, HTTP client, timeouts, retries.
     base: SdkConfig,
-    /// One client per (region, assumed role), made on first use. The cell lets concurrent first calls
-    /// share one client (and one STS session) instead of racing to make several.
-    clients: Mutex<HashMap<ClientKey, Arc<OnceCell<Client>>>>,
-    /// Where the quota guard keeps its state: the rate limits' store.
+    endpoint_url: Option<String>,
+    served: ServedRooms,
+    clients: Clients,
+    /// Where the DisconnectUser quota guard keeps its state: the rate limits' store.
     store: St,
-    quota: Quota,
+    /// The DisconnectUser quota guard (per account and region).
+    disconnect_quota: Limit,
 }
 
 impl<St: LimiterStore> IvsIssuer<St> {
     /// An issuer using AWS settings loaded the standard way: credentials from the default chain, no
     /// default region (each call's region comes from its room ARN), rustls with ring for HTTPS.
-    pub async fn from_environment(settings: &IvsConfig, store: St) -> Result<Self, ConfigError> {
+    pub async fn from_environment(
+        bounds: CallBounds,
+        routes: Routes,
+        store: St,
+        disconnect_quota: Limit,
+    ) -> Self {
         let base = aws_config::defaults(aws_config::BehaviorVersion::latest())
             // No default region: nothing probes instance metadata for one; each client sets its own.
             .region(None::<Region>)
@@ -67,65 +118,84 @@ impl<St: LimiterStore> IvsIssuer<St> {
             .http_client(https_client())
             .load()
             .await;
-        Self::new(settings, base, store)
+        Self::new(base, bounds, routes, store, disconnect_quota)
     }
 
-    /// An issuer on top of `base` (credentials, HTTP client), with `settings`' timeouts, retries and
-    /// endpoint override applied.
-    pub fn new(settings: &IvsConfig, base: SdkConfig, store: St) -> Result<Self, ConfigError> {
+    /// An issuer on top of `base` (credentials, HTTP client), with `bounds` and `routes` applied; the
+    /// DisconnectUser guard keeps `disconnect_quota` in `store`.
+    pub fn new(
+        base: SdkConfig,
+        bounds: CallBounds,
+        routes: Routes,
+        store: St,
+        disconnect_quota: Limit,
+    ) -> Self {
         let base = base
             .into_builder()
             .http_client(https_client())
             .timeout_config(
                 TimeoutConfig::builder()
-                    .connect_timeout(settings.connect_timeout)
-                    .read_timeout(settings.read_timeout)
-                    .operation_attempt_timeout(settings.attempt_timeout)
-                    .operation_timeout(settings.operation_timeout)
+                    .connect_timeout(bounds.connect_timeout)
+                    .read_timeout(bounds.read_timeout)
+                    .operation_attempt_timeout(bounds.attempt_timeout)
+                    .operation_timeout(bounds.operation_timeout)
                     .build(),
             )
             .retry_config(
                 RetryConfig::standard()
-                    .with_max_attempts(settings.max_attempts)
-                    .with_initial_backoff(settings.initial_backoff),
+                    .with_max_attempts(bounds.max_attempts.get())
+                    .with_initial_backoff(bounds.initial_backoff),
             )
             .build();
-        Ok(IvsIssuer {
-            quota: settings.quota()?,
-            settings: settings.clone(),
+        let mut roles: Vec<String> = routes.assume_roles.values().cloned().collect();
+        roles.sort();
+        roles.dedup();
+        let role_of_account = routes
+            .assume_roles
+            .iter()
+            .map(|(account, role)| {
+                let index = roles.binary_search(role).expect("every role is listed");
+                (account.clone(), index)
+            })
+            .collect();
+        let by_region = routes
+            .served
+            .regions()
+            .iter()
+            .map(|region| {
+                let cells = std::iter::repeat_with(OnceCell::new)
+                    .take(1 + roles.len())
+                    .collect();
+                (region.clone(), cells)
+            })
+            .collect();
+        IvsIssuer {
             base,
-            clients: Mutex::default(),
+            endpoint_url: routes.endpoint_url,
+            served: routes.served,
+            clients: Clients {
+                by_region,
+                roles,
+                role_of_account,
+                created: AtomicUsize::new(0),
+            },
             store,
-        })
+            disconnect_quota,
+        }
     }
 
-    /// Refuses rooms outside the configured regions and accounts, before any network call.
-    fn check_allowed(&self, room: &RoomArn) -> Result<(), Error> {
-        let refuse = |what: &str, value: &str, allowed: &[String]| {
-            Err(Error::InvalidArgument(vec![FieldViolation::new(
-                "room_identifier",
-                format!(
-                    "{what} {value} is not served here (allowed: {})",
-                    allowed.join(", ")
-                ),
-            )]))
-        };
-        let allowed = &self.settings.allowed_regions;
-        if !allowed.is_empty() && !allowed.iter().any(|r| r == room.region()) {
-            return refuse("region", room.region(), allowed);
-        }
-        let allowed = &self.settings.allowed_accounts;
-        if !allowed.is_empty() && !allowed.iter().any(|a| a == room.account()) {
-            return refuse("account", room.account(), allowed);
-        }
-        Ok(())
+    /// How many SDK clients exist: at most one per served region and identity.
+    pub fn clients_created(&self) -> usize {
+        self.clients.created.load(Ordering::Relaxed)
     }
 
-    /// Admits the call under the account+region quota, or refuses it with the wait until it would fit.
-    async fn guard_quota(&self, room: &RoomArn) -> Result<(), Error> {
+    /// Admits a DisconnectUser call under its account+region quota, or refuses it with the wait until it
+    /// would fit.
+    async fn guard_disconnect_quota(&self, room: &RoomArn) -> Result<(), Error> {
+        let limit = &self.disconnect_quota;
         let check = Check {
-            key: format!("{QUOTA_LIMIT_NAME}:{}:{}", room.account(), room.region()),
-            quota: self.quota,
+            key: format!("{}:{}:{}", limit.name, room.account(), room.region()),
+            quota: limit.quota(),
             shadow: false,
         };
         let verdicts = self.store.check(std::slice::from_ref(&check)).await?;
@@ -133,12 +203,8 @@ impl<St: LimiterStore> IvsIssuer<St> {
             Some(Verdict::Allowed) => Ok(()),
             Some(Verdict::Denied { retry_after }) => Err(Error::RateLimited {
                 limits: vec![ExceededLimit {
-                    name: QUOTA_LIMIT_NAME.into(),
-                    description: format!(
-                        "{}/s CreateChatToken calls per AWS account and region, burst {} (IVS Chat quota)",
-                        self.settings.quota.trim_end_matches("/s"),
-                        self.settings.quota_burst
-                    ),
+                    name: limit.name.clone(),
+                    description: limit.description(),
                 }],
                 retry_after: *retry_after,
             }),
@@ -148,41 +214,44 @@ impl<St: LimiterStore> IvsIssuer<St> {
         }
     }
 
-    /// The client for `room`: its region, and the role configured for its account, if any.
-    async fn client(&self, room: &RoomArn) -> Client {
-        let role = self.settings.assume_roles.get(room.account()).cloned();
-        let cell = self
-            .clients
-            .lock()
-            .expect("client map lock poisoned")
-            .entry((room.region().to_owned(), role.clone()))
-            .or_default()
-            .clone();
-        cell.get_or_init(|| async {
-            let region = Region::new(room.region().to_owned());
-            let mut config =
-                aws_sdk_ivschat::config::Builder::from(&self.base).region(region.clone());
-            if let Some(url) = &self.settings.endpoint_url {
-                config = config.endpoint_url(url);
-            }
-            if let Some(role) = role {
-                let provider = AssumeRoleProvider::builder(role)
-                    .session_name("chat-token-service")
-                    .region(region)
-                    .configure(&self.base)
-                    .build()
-                    .await;
-                config = config.credentials_provider(provider);
-            }
-            tracing::info!(
-                region = room.region(),
-                account = room.account(),
-                "IVS Chat client created"
-            );
-            Client::from_conf(config.build())
-        })
-        .await
-        .clone()
+    /// The client for `room`: its region, and the role configured for its account, if any. A region not
+    /// served gets no client: the request is refused.
+    async fn client(&self, room: &RoomArn) -> Result<Client, Error> {
+        let Some(cells) = self.clients.by_region.get(room.region()) else {
+            return Err(Error::InvalidArgument(vec![FieldViolation::new(
+                "room_identifier",
+                format!("region {} is not served here", room.region()),
+            )]));
+        };
+        let role = self.clients.role_of_account.get(room.account()).copied();
+        let cell = &cells[role.map_or(0, |index| 1 + index)];
+        let client = cell
+            .get_or_init(|| async {
+                let region = Region::new(room.region().to_owned());
+                let mut config =
+                    aws_sdk_ivschat::config::Builder::from(&self.base).region(region.clone());
+                if let Some(url) = &self.endpoint_url {
+                    config = config.endpoint_url(url);
+                }
+                if let Some(index) = role {
+                    let provider = AssumeRoleProvider::builder(&self.clients.roles[index])
+                        .session_name("chat-token-service")
+                        .region(region)
+                        .configure(&self.base)
+                        .build()
+                        .await;
+                    config = config.credentials_provider(provider);
+                }
+                self.clients.created.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    region = room.region(),
+                    account = room.account(),
+                    "IVS Chat client created"
+                );
+                Client::from_conf(config.build())
+            })
+            .await;
+        Ok(client.clone())
     }
 }
 
@@ -190,9 +259,8 @@ impl<St: LimiterStore> Issuer for IvsIssuer<St> {
     const NAME: &'static str = "ivs";
 
     async fn issue(&self, request: TokenRequest) -> Result<IssuedToken, Error> {
-        self.check_allowed(&request.room)?;
-        self.guard_quota(&request.room).await?;
-        let client = self.client(&request.room).await;
+        self.served.check(&request.room)?;
+        let client = self.client(&request.room).await?;
 
         let started = std::time::Instant::now();
         let span = tracing::info_span!(
@@ -238,7 +306,7 @@ impl<St: LimiterStore> Issuer for IvsIssuer<St> {
             ],
         );
         let response = response.map_err(|e| {
-            let error = map_error(e);
+            let error = map_error(e, "create tokens for");
             span.record("otel.status_code", "ERROR");
             if let Error::Upstream {
                 request_id: Some(id),
@@ -249,7 +317,7 @@ impl<St: LimiterStore> Issuer for IvsIssuer<St> {
             }
             metrics()
                 .upstream_errors
-                .add(1, &[KeyValue::new("kind", error_kind(&error))]);
+                .add(1, &[KeyValue::new("kind", error.outcome())]);
             tracing::warn!(
                 region = request.room.region(),
                 elapsed_ms = started.elapsed().as_millis() as u64,
@@ -279,6 +347,85 @@ impl<St: LimiterStore> Issuer for IvsIssuer<St> {
     }
 }
 
+impl<St: LimiterStore> Moderator for IvsIssuer<St> {
+    const NAME: &'static str = "ivs";
+
+    async fn disconnect(
+        &self,
+        room: &RoomArn,
+        user_id: &UserId,
+        reason: &Reason,
+    ) -> Result<(), Error> {
+        self.served.check(room)?;
+        self.guard_disconnect_quota(room).await?;
+        let client = self.client(room).await?;
+
+        let started = std::time::Instant::now();
+        let span = tracing::info_span!(
+            "ivschat.DisconnectUser",
+            otel.name = "ivschat/DisconnectUser",
+            otel.kind = "client",
+            rpc.system = "aws-api",
+            rpc.service = "ivschat",
+            rpc.method = "DisconnectUser",
+            cloud.region = room.region(),
+            aws.request_id = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let response = client
+            .disconnect_user()
+            .room_identifier(room.as_str())
+            .user_id(user_id.expose())
+            .reason(reason.expose())
+            .send()
+            .instrument(span.clone())
+            .await;
+        metrics().upstream_duration.record(
+            started.elapsed().as_secs_f64(),
+            &[
+                KeyValue::new("region", room.region().to_owned()),
+                KeyValue::new("outcome", if response.is_ok() { "ok" } else { "error" }),
+            ],
+        );
+        match response {
+            Ok(output) => {
+                if let Some(id) = output.request_id() {
+                    span.record("aws.request_id", id);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let error = map_error(e, "disconnect users from");
+                span.record("otel.status_code", "ERROR");
+                if let Error::Upstream {
+                    request_id: Some(id),
+                    ..
+                } = &error
+                {
+                    span.record("aws.request_id", id.as_str());
+                }
+                metrics()
+                    .upstream_errors
+                    .add(1, &[KeyValue::new("kind", error.outcome())]);
+                tracing::warn!(
+                    region = room.region(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "IVS Chat DisconnectUser failed: {error}"
+                );
+                Err(error)
+            }
+        }
+    }
+
+    async fn verify(&self, _: TokenClaims) -> Result<TokenClaims, Error> {
+        Err(Error::Unsupported(IVS_VERIFIES_ITS_TOKENS))
+    }
+}
+
+/// Why VerifyChatToken is refused with the ivs issuer.
+pub const IVS_VERIFIES_ITS_TOKENS: &str =
+    "VerifyChatToken verifies tokens of the local issuer; Amazon IVS Chat verifies its own tokens";
+
 /// HTTPS through rustls with ring: the SDK's default client would bring aws-lc-rs and a second hyper.
 fn https_client() -> aws_sdk_ivschat::config::SharedHttpClient {
     aws_smithy_http_client::Builder::new()
@@ -286,21 +433,6 @@ fn https_client() -> aws_sdk_ivschat::config::SharedHttpClient {
             aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
         ))
         .build_https()
-}
-
-/// The `kind` attribute of `cts.upstream.errors`.
-fn error_kind(error: &Error) -> &'static str {
-    match error {
-        Error::Upstream { kind, .. } => match kind {
-            UpstreamKind::Invalid(_) => "validation",
-            UpstreamKind::NotFound => "not_found",
-            UpstreamKind::AccessDenied => "access_denied",
-            UpstreamKind::PendingVerification => "pending_verification",
-            UpstreamKind::Throttled { .. } => "throttled",
-            UpstreamKind::Unavailable => "unavailable",
-        },
-        _ => "other",
-    }
 }
 
 fn ivs_capability(capability: Capability) -> ChatTokenCapability {
@@ -314,10 +446,69 @@ fn ivs_capability(capability: Capability) -> ChatTokenCapability {
 /// How long to advise a throttled caller to wait: IVS's quota refills within a second.
 const THROTTLED_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// The one place SDK errors become domain errors.
-fn map_error(
-    error: SdkError<CreateChatTokenError, aws_sdk_ivschat::config::http::HttpResponse>,
-) -> Error {
+/// Our proto field name for each of IVS Chat's request fields, so a BadRequest from IVS names fields the
+/// way our own validation does.
+fn our_field(ivs_field: &str) -> &'static str {
+    match ivs_field {
+        "roomIdentifier" => "room_identifier",
+        "userId" => "user_id",
+        "capabilities" => "capabilities",
+        "sessionDurationInMinutes" => "session_duration_in_minutes",
+        "attributes" => "attributes",
+        "reason" => "reason",
+        _ => "request",
+    }
+}
+
+/// The errors IVS Chat operations share, whichever operation answered them.
+enum Known<'a> {
+    Validation(&'a aws_sdk_ivschat::types::error::ValidationException),
+    NotFound,
+    AccessDenied(&'a aws_sdk_ivschat::types::error::AccessDeniedException),
+    PendingVerification,
+    Other,
+}
+
+/// An operation's error enum, seen through [`Known`].
+trait OperationError: ProvideErrorMetadata {
+    fn known(&self) -> Known<'_>;
+}
+
+impl OperationError for CreateChatTokenError {
+    fn known(&self) -> Known<'_> {
+        match self {
+            CreateChatTokenError::ValidationException(e) => Known::Validation(e),
+            CreateChatTokenError::ResourceNotFoundException(_) => Known::NotFound,
+            CreateChatTokenError::AccessDeniedException(e) => Known::AccessDenied(e),
+            CreateChatTokenError::PendingVerification(_) => Known::PendingVerification,
+            _ => Known::Other,
+        }
+    }
+}
+
+impl OperationError for DisconnectUserError {
+    fn known(&self) -> Known<'_> {
+        match self {
+            DisconnectUserError::ValidationException(e) => Known::Validation(e),
+            DisconnectUserError::ResourceNotFoundException(_) => Known::NotFound,
+            DisconnectUserError::AccessDeniedException(e) => Known::AccessDenied(e),
+            DisconnectUserError::PendingVerification(_) => Known::PendingVerification,
+            _ => Known::Other,
+        }
+    }
+}
+
+/// The one place SDK errors become domain errors. `denied_to` completes "this service's AWS identity may
+/// not …" for AccessDenied. IVS's own messages stay out of what callers see (and of our logs, but for
+/// AccessDenied's, which names our IAM principal): they may quote the user id or attributes. Codes,
+/// reasons and field names are enough.
+fn map_error<E>(
+    error: SdkError<E, aws_sdk_ivschat::config::http::HttpResponse>,
+    denied_to: &str,
+) -> Error
+where
+    E: OperationError + std::error::Error + Send + Sync + 'static,
+{
     let request_id = error.request_id().map(str::to_owned);
     let upstream = |kind, message: String| Error::Upstream {
         kind,
@@ -327,32 +518,47 @@ fn map_error(
     match &error {
         SdkError::ServiceError(service) => {
             let status = service.raw().status().as_u16();
-            match service.err() {
-                CreateChatTokenError::ValidationException(e) => upstream(
-                    UpstreamKind::Invalid(
-                        e.field_list()
-                            .iter()
-                            .map(|f| FieldViolation::new(f.name().to_owned(), f.message()))
-                            .collect(),
-                    ),
-                    format!("request refused: {}", e.message()),
-                ),
-                CreateChatTokenError::ResourceNotFoundException(_) => {
+            let other = service.err();
+            match other.known() {
+                Known::Validation(e) => {
+                    let reason = e.reason().as_str();
+                    let mut violations: Vec<FieldViolation> = e
+                        .field_list()
+                        .iter()
+                        .map(|f| {
+                            FieldViolation::new(
+                                our_field(f.name()),
+                                "refused by IVS Chat's validation",
+                            )
+                        })
+                        .collect();
+                    if violations.is_empty() {
+                        violations.push(FieldViolation::new(
+                            "request",
+                            format!("refused by IVS Chat's validation ({reason})"),
+                        ));
+                    }
+                    upstream(
+                        UpstreamKind::Invalid(violations),
+                        format!("request refused by validation ({reason})"),
+                    )
+                }
+                Known::NotFound => {
                     upstream(UpstreamKind::NotFound, "the room does not exist".into())
                 }
-                CreateChatTokenError::AccessDeniedException(e) => {
+                Known::AccessDenied(e) => {
                     // IVS's message names our IAM principal; that is for our log, not for callers.
                     tracing::warn!("IVS Chat denied access: {}", e.message());
                     upstream(
                         UpstreamKind::AccessDenied,
-                        "this service's AWS identity may not create tokens for the room".into(),
+                        format!("this service's AWS identity may not {denied_to} the room"),
                     )
                 }
-                CreateChatTokenError::PendingVerification(_) => upstream(
+                Known::PendingVerification => upstream(
                     UpstreamKind::PendingVerification,
                     "the room's AWS account is pending verification for IVS Chat".into(),
                 ),
-                other
+                Known::Other
                     if status == 429
                         || matches!(
                             other.code(),
@@ -366,15 +572,14 @@ fn map_error(
                         "throttled, still after retries".into(),
                     )
                 }
-                _ if status >= 500 => upstream(
+                Known::Other if status >= 500 => upstream(
                     UpstreamKind::Unavailable,
                     format!("HTTP {status}, still after retries"),
                 ),
-                other => Error::Internal(format!(
-                    "IVS Chat answered HTTP {status} {} (request id {}): {}",
+                Known::Other => Error::Internal(format!(
+                    "IVS Chat answered HTTP {status} {} (request id {})",
                     other.code().unwrap_or("without an error code"),
                     request_id.as_deref().unwrap_or("unknown"),
-                    other.message().unwrap_or_default()
                 )),
             }
         }

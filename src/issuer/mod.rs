@@ -9,42 +9,20 @@ pub mod ivs;
 pub mod local;
 
 use std::{
-    fmt,
     future::Future,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::SystemTime,
 };
 
 use opentelemetry::KeyValue;
 use tracing::Instrument;
 
-use crate::{error::Error, request::TokenRequest, telemetry::metrics::metrics};
-
-/// A token and when it, and the session it opens, expire.
-#[derive(Clone, PartialEq, Eq)]
-pub struct IssuedToken {
-    /// The encrypted token. A bearer secret: never log it.
-    pub token: String,
-    /// The token's unique id, when the issuer knows it (the local issuer's `jti`); audit events carry a
-    /// short hash of it.
-    pub token_id: Option<String>,
-    /// After this instant the token can no longer open a connection.
-    pub token_expires_at: SystemTime,
-    /// After this instant a session opened with the token ends.
-    pub session_expires_at: SystemTime,
-}
-
-impl fmt::Debug for IssuedToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IssuedToken")
-            .field("token", &format_args!("<{} bytes>", self.token.len()))
-            .field("token_expires_at", &self.token_expires_at)
-            .field("session_expires_at", &self.session_expires_at)
-            .finish()
-    }
-}
+use crate::{
+    error::Error,
+    request::{IssuedToken, TokenRequest},
+    telemetry::metrics::metrics,
+};
 
 /// Something that turns a validated request into a token.
 pub trait Issuer: Send + Sync + 'static {
@@ -56,6 +34,18 @@ pub trait Issuer: Send + Sync + 'static {
         &self,
         request: TokenRequest,
     ) -> impl Future<Output = Result<IssuedToken, Error>> + Send;
+}
+
+/// A shared issuer issues as itself: the ivs issuer is shared with its moderator.
+impl<I: Issuer> Issuer for Arc<I> {
+    const NAME: &'static str = I::NAME;
+
+    fn issue(
+        &self,
+        request: TokenRequest,
+    ) -> impl Future<Output = Result<IssuedToken, Error>> + Send {
+        I::issue(self, request)
+    }
 }
 
 /// Adapts an [`Issuer`] to `tower::Service`, sharing it behind an `Arc` so the service clones cheaply.

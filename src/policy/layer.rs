@@ -24,9 +24,8 @@ use std::{
 use opentelemetry::KeyValue;
 use pin_project_lite::pin_project;
 
-use super::PolicyEngine;
+use super::{Authorize, PolicyEngine};
 use crate::error::Error;
-use crate::request::TokenRequest;
 use crate::telemetry::metrics::metrics;
 
 /// Applies policy decisions to the service it wraps.
@@ -81,9 +80,10 @@ pub struct Policy<S> {
     layer: PolicyLayer,
 }
 
-impl<S> tower::Service<TokenRequest> for Policy<S>
+impl<S, R> tower::Service<R> for Policy<S>
 where
-    S: tower::Service<TokenRequest, Error = Error>,
+    R: Authorize,
+    S: tower::Service<R, Error = Error>,
 {
     type Response = S::Response;
     type Error = Error;
@@ -93,9 +93,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: TokenRequest) -> Self::Future {
+    fn call(&mut self, request: R) -> Self::Future {
         let span = tracing::info_span!(
             "policy.evaluate",
+            policy.action = request.action(),
             policy.decision = tracing::field::Empty,
             policy.ids = tracing::field::Empty,
         );
@@ -121,16 +122,18 @@ where
                     .shadow_denied
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
-                    caller = %request.caller,
-                    room = %request.room,
+                    caller = %request.caller(),
+                    room = %request.room(),
+                    action = request.action(),
                     policy_ids = ?decision.policy_ids,
                     "policy would deny (shadow mode): allowed"
                 );
             } else {
                 self.layer.stats.denied.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
-                    caller = %request.caller,
-                    room = %request.room,
+                    caller = %request.caller(),
+                    room = %request.room(),
+                    action = request.action(),
                     policy_ids = ?decision.policy_ids,
                     "policy denied"
                 );
@@ -191,8 +194,7 @@ where
 mod tests {
     use super::*;
     use crate::policy::PolicySource;
-    use crate::proto::ivschat::v1::CreateChatTokenRequest;
-    use crate::request::Caller;
+    use crate::request::{TokenRequest, test_request};
     use tower::{Layer, ServiceExt};
     use tower_test::{assert_request_eq, mock};
 
@@ -212,15 +214,7 @@ mod tests {
     }
 
     fn request(caller: &str) -> TokenRequest {
-        TokenRequest::from_proto(
-            Caller::new(caller),
-            CreateChatTokenRequest {
-                room_identifier: "arn:aws:ivschat:us-west-2:111111111111:room/abc".into(),
-                user_id: "u".into(),
-                ..Default::default()
-            },
-        )
-        .unwrap()
+        test_request().caller(caller).build()
     }
 
     type MockIssuer = tower::util::MapErr<

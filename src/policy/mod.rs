@@ -1,17 +1,29 @@
-//! Cedar policy: may this caller grant these capabilities for this room?
+//! Cedar policy: may this caller grant these capabilities for this room, or moderate it?
 //!
-//! A request is put to Cedar as
+//! A request ([`Authorize`]) is put to Cedar as
 //! - principal `Caller::"<caller id>"` (with groups and attributes from the optional entities file),
-//! - action `Action::"CreateChatToken"`,
+//! - action `Action::"CreateChatToken"`, or a moderation action: `DisconnectUser`, `BanUser`, `UnbanUser`,
+//!   `ListBans`, `VerifyChatToken`,
 //! - resource `Room::"<room ARN>"` with attributes `region`, `account`, `roomId` parsed from the ARN,
-//! - context `capabilities` (IVS names), `sessionDurationInMinutes` (60 when absent), `userId`,
-//!   `attributeKeys` and `attributesBytes`.
+//! - context, for CreateChatToken: `capabilities` (IVS names), `sessionDurationInMinutes` (60 when absent),
+//!   `userId`, `attributeKeys` and `attributesBytes`; for moderation actions about a user: `userId`, and
+//!   for BanUser `durationSeconds` (0: until unbanned).
 //!
 //! The schema (`src/policy/schema.cedarschema`) is embedded; every policy set is validated against it
 //! when loaded, and a set that does not validate is refused with Cedar's own message and the file, line
 //! and column. Policies are parsed once per load, never per request; [`PolicyEngine::reload`] swaps in a
 //! new set atomically and keeps the last good one when the new one is bad. [`layer`] applies decisions
 //! to the domain stack.
+//!
+//! # Cost per request
+//! What a decision costs does not depend on how many entities the entities file holds. Each request is
+//! decided against a slice of them: the caller's entity and its ancestors, the entities the policies name
+//! (and their ancestors) and the actions, all picked at load or by lookup, plus the request's `Room`. That
+//! slice is all a policy can reach: the schema gives entities no entity-typed attributes, so nothing else
+//! is reachable from the principal, the resource or a literal. The `Room` is made per request from its
+//! ARN, so the entities file may not define one (refused at load, naming it). Requests are not checked
+//! against the schema per call: their shape is fixed by this module, and a unit test checks every action's
+//! context against the schema.
 
 pub mod layer;
 
@@ -34,7 +46,8 @@ use cedar_policy::{
 use miette::Diagnostic;
 
 use crate::error::Error;
-use crate::request::TokenRequest;
+use crate::moderation::{ModerationAction, ModerationRequest};
+use crate::request::{Caller, RoomArn, TokenRequest};
 
 pub use layer::PolicyLayer;
 
@@ -65,7 +78,11 @@ pub struct PolicyError(String);
 /// One loaded, validated policy set and the entities it is evaluated with.
 struct Loaded {
     policies: PolicySet,
+    /// Everything in the entities file (and the schema's actions).
     entities: Entities,
+    /// What every request's slice holds whatever its caller: the entities the policies name, their
+    /// ancestors, and the actions.
+    shared: Vec<Entity>,
 }
 
 /// What the engine decided for one request.
@@ -78,12 +95,104 @@ pub struct PolicyDecision {
     pub policy_ids: Vec<String>,
 }
 
+/// Every action in the schema.
+const ACTIONS: [&str; 6] = [
+    "CreateChatToken",
+    "DisconnectUser",
+    "BanUser",
+    "UnbanUser",
+    "ListBans",
+    "VerifyChatToken",
+];
+
+/// A request Cedar can decide: who asks to do what to which room, and the action's context.
+pub trait Authorize {
+    /// The principal.
+    fn caller(&self) -> &Caller;
+    /// The resource.
+    fn room(&self) -> &RoomArn;
+    /// The action's name, one of the schema's actions.
+    fn action(&self) -> &'static str;
+    /// The action's context, as the schema declares it.
+    fn context(&self) -> Vec<(String, RestrictedExpression)>;
+}
+
+impl Authorize for TokenRequest {
+    fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    fn room(&self) -> &RoomArn {
+        &self.room
+    }
+
+    fn action(&self) -> &'static str {
+        "CreateChatToken"
+    }
+
+    fn context(&self) -> Vec<(String, RestrictedExpression)> {
+        vec![
+            (
+                "capabilities".into(),
+                RestrictedExpression::new_set(
+                    self.capabilities.iter().map(|c| string(c.ivs_name())),
+                ),
+            ),
+            (
+                "sessionDurationInMinutes".into(),
+                RestrictedExpression::new_long(self.session_duration().minutes().into()),
+            ),
+            ("userId".into(), string(self.user_id.expose())),
+            (
+                "attributeKeys".into(),
+                RestrictedExpression::new_set(self.attributes.keys().map(string)),
+            ),
+            (
+                "attributesBytes".into(),
+                RestrictedExpression::new_long(self.attributes.byte_size() as i64),
+            ),
+        ]
+    }
+}
+
+impl Authorize for ModerationRequest {
+    fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    fn room(&self) -> &RoomArn {
+        &self.room
+    }
+
+    fn action(&self) -> &'static str {
+        self.action.name()
+    }
+
+    fn context(&self) -> Vec<(String, RestrictedExpression)> {
+        let mut context: Vec<(String, RestrictedExpression)> = self
+            .action
+            .user_id()
+            .map(|user| ("userId".into(), string(user.expose())))
+            .into_iter()
+            .collect();
+        if let ModerationAction::Ban { duration, .. } = &self.action {
+            let seconds = duration.map_or(0, |d| d.as_secs());
+            context.push((
+                "durationSeconds".into(),
+                RestrictedExpression::new_long(i64::try_from(seconds).unwrap_or(i64::MAX)),
+            ));
+        }
+        context
+    }
+}
+
 /// Evaluates requests against the current policy set; reloadable.
 pub struct PolicyEngine {
     source: PolicySource,
     schema: Schema,
     current: ArcSwap<Loaded>,
-    action: EntityUid,
+    /// The schema's actions, made once.
+    actions: HashMap<&'static str, EntityUid>,
     caller_type: EntityTypeName,
     room_type: EntityTypeName,
     /// Reloads refused because the new files did not parse or validate.
@@ -100,7 +209,10 @@ impl PolicyEngine {
             source,
             schema,
             current: ArcSwap::from_pointee(loaded),
-            action: uid("Action", "CreateChatToken"),
+            actions: ACTIONS
+                .into_iter()
+                .map(|action| (action, uid("Action", action)))
+                .collect(),
             caller_type: EntityTypeName::from_str("Caller").expect("valid type name"),
             room_type: EntityTypeName::from_str("Room").expect("valid type name"),
             refused_reloads: AtomicU64::new(0),
@@ -136,64 +248,32 @@ impl PolicyEngine {
     }
 
     /// Asks Cedar about `request`.
-    pub fn evaluate(&self, request: &TokenRequest) -> Result<PolicyDecision, Error> {
+    pub fn evaluate(&self, request: &impl Authorize) -> Result<PolicyDecision, Error> {
         let internal =
             |what: &str, e: &dyn std::fmt::Display| Error::Internal(format!("policy {what}: {e}"));
         let principal = EntityUid::from_type_name_and_id(
             self.caller_type.clone(),
-            EntityId::new(request.caller.id()),
+            EntityId::new(request.caller().id()),
         );
+        let room_arn = request.room();
         let resource = EntityUid::from_type_name_and_id(
             self.room_type.clone(),
-            EntityId::new(request.room.as_str()),
+            EntityId::new(room_arn.as_str()),
         );
-        let room = Entity::new(
-            resource.clone(),
-            HashMap::from([
-                ("region".into(), string(request.room.region())),
-                ("account".into(), string(request.room.account())),
-                ("roomId".into(), string(request.room.room_id())),
-            ]),
-            HashSet::new(),
-        )
-        .map_err(|e| internal("room entity", &e))?;
-        let context = Context::from_pairs([
-            (
-                "capabilities".into(),
-                RestrictedExpression::new_set(
-                    request.capabilities.iter().map(|c| string(c.ivs_name())),
-                ),
-            ),
-            (
-                "sessionDurationInMinutes".into(),
-                RestrictedExpression::new_long(request.session_duration().minutes().into()),
-            ),
-            ("userId".into(), string(request.user_id.expose())),
-            (
-                "attributeKeys".into(),
-                RestrictedExpression::new_set(request.attributes.keys().map(string)),
-            ),
-            (
-                "attributesBytes".into(),
-                RestrictedExpression::new_long(request.attributes.byte_size() as i64),
-            ),
-        ])
-        .map_err(|e| internal("context", &e))?;
-        let cedar_request = Request::new(
-            principal,
-            self.action.clone(),
-            resource,
-            context,
-            Some(&self.schema),
-        )
-        .map_err(|e| internal("request", &e))?;
+        let context =
+            Context::from_pairs(request.context()).map_err(|e| internal("context", &e))?;
+        let action = self
+            .actions
+            .get(request.action())
+            .ok_or_else(|| Error::Internal(format!("policy: no action {}", request.action())))?;
+        // No schema here: the request's shape is this module's, checked against the schema by a unit test;
+        // validating it per call would cost more than the decision.
+        let cedar_request =
+            Request::new(principal.clone(), action.clone(), resource, context, None)
+                .map_err(|e| internal("request", &e))?;
 
         let loaded = self.current.load();
-        let entities = loaded
-            .entities
-            .clone()
-            .add_entities([room], None)
-            .map_err(|e| internal("entities", &e))?;
+        let entities = self.slice(&loaded, &principal, room_arn)?;
         let response = Authorizer::new().is_authorized(&cedar_request, &loaded.policies, &entities);
         for cedar_policy::AuthorizationError::PolicyEvaluationError(error) in
             response.diagnostics().errors()
@@ -211,6 +291,56 @@ impl PolicyEngine {
                 .map(PolicyId::to_string)
                 .collect(),
         })
+    }
+}
+
+impl PolicyEngine {
+    /// The entities a decision about `principal` and `room` can reach (see the module docs): a lookup per
+    /// ancestor of the caller, whatever the size of the entities file.
+    fn slice(
+        &self,
+        loaded: &Loaded,
+        principal: &EntityUid,
+        room: &RoomArn,
+    ) -> Result<Entities, Error> {
+        let mut seen: HashSet<EntityUid> = loaded.shared.iter().map(Entity::uid).collect();
+        let mut slice = loaded.shared.clone();
+        with_ancestors(&loaded.entities, principal, |entity| {
+            if seen.insert(entity.uid()) {
+                slice.push(entity.clone());
+            }
+        });
+        slice.push(self.room_entity(room));
+        Entities::from_entities(slice, None)
+            .map_err(|e| Error::Internal(format!("policy entities: {e}")))
+    }
+
+    /// The request's `Room`, its attributes parsed from the ARN.
+    fn room_entity(&self, room: &RoomArn) -> Entity {
+        Entity::new(
+            EntityUid::from_type_name_and_id(self.room_type.clone(), EntityId::new(room.as_str())),
+            HashMap::from([
+                ("region".into(), string(room.region())),
+                ("account".into(), string(room.account())),
+                ("roomId".into(), string(room.room_id())),
+            ]),
+            HashSet::new(),
+        )
+        .expect("string attributes are always valid")
+    }
+}
+
+/// Calls `visit` with the entity `uid` names and each of its ancestors that `entities` holds.
+fn with_ancestors(entities: &Entities, uid: &EntityUid, mut visit: impl FnMut(&Entity)) {
+    if let Some(entity) = entities.get(uid) {
+        visit(entity);
+    }
+    if let Some(ancestors) = entities.ancestors(uid) {
+        for ancestor in ancestors {
+            if let Some(entity) = entities.get(ancestor) {
+                visit(entity);
+            }
+        }
     }
 }
 
@@ -270,11 +400,40 @@ fn load(source: &PolicySource, schema: &Schema) -> Result<Loaded, PolicyError> {
         None => Entities::empty(),
         Some(path) => {
             let text = read(path)?;
-            Entities::from_json_str(&text, Some(schema))
-                .map_err(|e| PolicyError(located(&path.display().to_string(), &text, &e)))?
+            let entities = Entities::from_json_str(&text, Some(schema))
+                .map_err(|e| PolicyError(located(&path.display().to_string(), &text, &e)))?;
+            if let Some(room) = entities
+                .iter()
+                .find(|e| e.uid().type_name().to_string() == "Room")
+            {
+                return Err(PolicyError(format!(
+                    "{}: defines {}, but rooms are made per request from the room ARN (region, account, \
+                     roomId); remove it",
+                    path.display(),
+                    room.uid()
+                )));
+            }
+            entities
         }
     };
-    Ok(Loaded { policies, entities })
+    let mut shared = Vec::new();
+    let mut seen = HashSet::new();
+    let named = policies
+        .policies()
+        .flat_map(|policy| policy.entity_literals());
+    let actions = ACTIONS.into_iter().map(|action| uid("Action", action));
+    for literal in named.chain(actions) {
+        with_ancestors(&entities, &literal, |entity| {
+            if seen.insert(entity.uid()) {
+                shared.push(entity.clone());
+            }
+        });
+    }
+    Ok(Loaded {
+        policies,
+        entities,
+        shared,
+    })
 }
 
 fn read(path: &Path) -> Result<String, PolicyError> {
@@ -303,26 +462,23 @@ fn located(file: &str, source: &str, error: &(impl Diagnostic + ?Sized)) -> Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::ivschat::v1::CreateChatTokenRequest;
-    use crate::request::Caller;
+    use crate::request::{Capability, UserId, test_request};
 
     fn request(
         caller: &str,
         room: &str,
-        capabilities: Vec<i32>,
+        capabilities: &[Capability],
         minutes: Option<i32>,
     ) -> TokenRequest {
-        TokenRequest::from_proto(
-            Caller::new(caller),
-            CreateChatTokenRequest {
-                room_identifier: room.into(),
-                user_id: "u".into(),
-                capabilities,
-                session_duration_in_minutes: minutes,
-                attributes: Default::default(),
-            },
-        )
-        .unwrap()
+        let request = test_request()
+            .caller(caller)
+            .room(room)
+            .capabilities(capabilities);
+        match minutes {
+            Some(minutes) => request.session_minutes(minutes),
+            None => request,
+        }
+        .build()
     }
 
     const ROOM_111: &str = "arn:aws:ivschat:us-west-2:111111111111:room/abc";
@@ -340,7 +496,16 @@ mod tests {
     fn the_development_policy_permits_every_valid_request() {
         let engine = PolicyEngine::load(PolicySource::Development).unwrap();
         let decision = engine
-            .evaluate(&request("anyone", ROOM_111, vec![1, 2, 3], Some(180)))
+            .evaluate(&request(
+                "anyone",
+                ROOM_111,
+                &[
+                    Capability::SendMessage,
+                    Capability::DisconnectUser,
+                    Capability::DeleteMessage,
+                ],
+                Some(180),
+            ))
             .unwrap();
         assert!(decision.allowed);
         assert_eq!(decision.policy_ids, ["development-permit-all"]);
@@ -388,10 +553,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let source = files(
             dir.path(),
-            r#"@id("only-send") permit (principal, action, resource) unless { context.capabilities.contains("DELETE_MESSAGE") };"#,
+            r#"@id("only-send") permit (principal, action == Action::"CreateChatToken", resource) unless { context.capabilities.contains("DELETE_MESSAGE") };"#,
         );
         let engine = PolicyEngine::load(source).unwrap();
-        let deleting = request("c", ROOM_111, vec![3], None);
+        let deleting = request("c", ROOM_111, &[Capability::DeleteMessage], None);
         assert!(!engine.evaluate(&deleting).unwrap().allowed);
 
         std::fs::write(
@@ -423,13 +588,13 @@ mod tests {
         let engine = PolicyEngine::load(files(
             dir.path(),
             r#"@id("all") permit (principal, action, resource);
-               @id("no-long-sessions") forbid (principal, action, resource) when { context.sessionDurationInMinutes > 60 };
+               @id("no-long-sessions") forbid (principal, action == Action::"CreateChatToken", resource) when { context.sessionDurationInMinutes > 60 };
                @id("room-account") forbid (principal, action, resource) unless { resource.account == "111111111111" };"#,
         ))
         .unwrap();
         assert!(
             engine
-                .evaluate(&request("c", ROOM_111, vec![], Some(60)))
+                .evaluate(&request("c", ROOM_111, &[], Some(60)))
                 .unwrap()
                 .allowed
         );
@@ -437,7 +602,7 @@ mod tests {
             .evaluate(&request(
                 "c",
                 "arn:aws:ivschat:us-east-1:999999999999:room/x",
-                vec![],
+                &[],
                 Some(61),
             ))
             .unwrap();
@@ -445,5 +610,165 @@ mod tests {
         let mut ids = decision.policy_ids;
         ids.sort();
         assert_eq!(ids, ["no-long-sessions", "room-account"]);
+    }
+
+    /// An entities file: the `web` caller in group `web`, its group, and `extra` other callers.
+    fn entities_file(dir: &Path, extra: usize) -> PathBuf {
+        let mut entities = vec![
+            serde_json::json!({"uid": {"type": "Caller", "id": "web"}, "attrs": {"accounts": ["111111111111"]}, "parents": [{"type": "Group", "id": "web"}]}),
+            serde_json::json!({"uid": {"type": "Group", "id": "web"}, "attrs": {}, "parents": []}),
+        ];
+        entities.extend((0..extra).map(|i| {
+            serde_json::json!({"uid": {"type": "Caller", "id": format!("caller-{i}")}, "attrs": {"accounts": ["222222222222"]}, "parents": [{"type": "Group", "id": "others"}]})
+        }));
+        let path = dir.join(format!("entities-{extra}.json"));
+        std::fs::write(&path, serde_json::Value::Array(entities).to_string()).unwrap();
+        path
+    }
+
+    const ACCOUNTS_POLICY: &str = r#"@id("own-accounts") permit (principal in Group::"web", action, resource) when { principal has accounts && principal.accounts.contains(resource.account) };"#;
+
+    #[test]
+    fn a_decision_reaches_as_many_entities_with_20000_in_the_file_as_with_4() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("p.cedar");
+        std::fs::write(&policy, ACCOUNTS_POLICY).unwrap();
+        let engine = |extra| {
+            PolicyEngine::load(PolicySource::Files {
+                policies: vec![policy.clone()],
+                entities: Some(entities_file(dir.path(), extra)),
+            })
+            .unwrap()
+        };
+        let small = engine(2);
+        let large = engine(19_998);
+        // The schema's actions come with the file's entities.
+        assert_eq!(small.current.load().entities.len(), 4 + ACTIONS.len());
+        assert_eq!(large.current.load().entities.len(), 20_000 + ACTIONS.len());
+
+        let web = request("web", ROOM_111, &[], None);
+        let stranger = request("caller-7", ROOM_111, &[], None);
+        for engine in [&small, &large] {
+            assert!(engine.evaluate(&web).unwrap().allowed);
+            assert!(!engine.evaluate(&stranger).unwrap().allowed);
+        }
+        // What a decision costs follows the entities it is evaluated against: the same few for both.
+        let sliced = |engine: &PolicyEngine, caller: &str| {
+            let principal = uid("Caller", caller);
+            let room = RoomArn::parse(ROOM_111).unwrap();
+            engine
+                .slice(&engine.current.load(), &principal, &room)
+                .unwrap()
+                .len()
+        };
+        assert_eq!(sliced(&small, "web"), sliced(&large, "web"));
+        assert_eq!(sliced(&small, "caller-1"), sliced(&large, "caller-1"));
+        // The caller, its group (which the policy names too), the actions, the room.
+        assert_eq!(sliced(&large, "web"), 1 + 1 + ACTIONS.len() + 1);
+    }
+
+    #[test]
+    fn an_entities_file_defining_a_room_is_refused_at_load_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("p.cedar");
+        std::fs::write(&policy, ACCOUNTS_POLICY).unwrap();
+        let entities = dir.path().join("entities.json");
+        std::fs::write(
+            &entities,
+            serde_json::json!([{"uid": {"type": "Room", "id": ROOM_111}, "attrs": {"region": "us-west-2", "account": "111111111111", "roomId": "abc"}, "parents": []}]).to_string(),
+        )
+        .unwrap();
+        let err = PolicyEngine::load(PolicySource::Files {
+            policies: vec![policy],
+            entities: Some(entities),
+        })
+        .err()
+        .expect("a Room entity is refused")
+        .to_string();
+        assert!(err.contains(&format!("Room::\"{ROOM_111}\"")), "{err}");
+        assert!(err.contains("entities.json"), "{err}");
+    }
+
+    #[test]
+    fn every_actions_request_matches_the_schema() {
+        // Requests are built without the schema per call; this is where their shape is checked.
+        let engine = PolicyEngine::load(PolicySource::Development).unwrap();
+        let token = test_request()
+            .capabilities(&[Capability::SendMessage])
+            .attribute("k", "v")
+            .build();
+        let user = UserId::parse("u".into()).unwrap();
+        let room = RoomArn::parse(ROOM_111).unwrap();
+        let reason = crate::moderation::Reason::parse("r".into()).unwrap();
+        let now = std::time::SystemTime::now();
+        let actions = [
+            ModerationAction::Disconnect {
+                user_id: user.clone(),
+                reason: reason.clone(),
+            },
+            ModerationAction::Ban {
+                user_id: user.clone(),
+                duration: Some(std::time::Duration::from_secs(60)),
+                reason,
+            },
+            ModerationAction::Unban {
+                user_id: user.clone(),
+            },
+            ModerationAction::ListBans {
+                page_size: 10,
+                after: None,
+            },
+            ModerationAction::Verify {
+                claims: Box::new(crate::issuer::local::TokenClaims {
+                    token_id: "t".into(),
+                    room: room.clone(),
+                    user_id: user,
+                    capabilities: Default::default(),
+                    attributes: Default::default(),
+                    issued_at: now,
+                    token_expires_at: now,
+                    session_expires_at: now,
+                }),
+            },
+        ];
+        let moderation = actions.into_iter().map(|action| ModerationRequest {
+            caller: Caller::new("c"),
+            room: room.clone(),
+            action,
+        });
+        let check =
+            |request: &dyn Fn() -> (String, &'static str, Vec<(String, RestrictedExpression)>)| {
+                let (room, action, context) = request();
+                Request::new(
+                    uid("Caller", "c"),
+                    engine.actions[action].clone(),
+                    uid("Room", &room),
+                    Context::from_pairs(context).unwrap(),
+                    Some(&engine.schema),
+                )
+                .unwrap_or_else(|e| panic!("{action}: {e}"));
+            };
+        check(&|| {
+            (
+                token.room.as_str().to_owned(),
+                token.action(),
+                token.context(),
+            )
+        });
+        let mut seen = vec![token.action()];
+        for request in moderation {
+            check(&|| {
+                (
+                    request.room.as_str().to_owned(),
+                    request.action(),
+                    request.context(),
+                )
+            });
+            seen.push(request.action());
+        }
+        seen.sort();
+        let mut all = ACTIONS.to_vec();
+        all.sort();
+        assert_eq!(seen, all, "every action of the schema is checked");
     }
 }

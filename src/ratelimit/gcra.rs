@@ -67,8 +67,10 @@ impl Period {
 }
 
 /// A sustained rate as configured, e.g. `100/s`: kept as written so errors and descriptions show what the
-/// operator wrote rather than a rounded interval.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// operator wrote rather than a rounded interval. Deserialises from its text, so a configuration holds only
+/// valid rates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Rate {
     count: NonZeroU32,
     period: Period,
@@ -98,6 +100,20 @@ impl Rate {
     /// (so `3/s` admits 3.000000003 per second; nobody can tell).
     pub fn emission_interval(self) -> Duration {
         self.period.duration() / self.count.get()
+    }
+}
+
+impl TryFrom<String> for Rate {
+    type Error = String;
+
+    fn try_from(rate: String) -> Result<Self, String> {
+        Rate::parse(&rate)
+    }
+}
+
+impl From<Rate> for String {
+    fn from(rate: Rate) -> String {
+        rate.to_string()
     }
 }
 

@@ -34,8 +34,8 @@ use tracing::Instrument;
 
 use super::{Check, Limit, LimitKey, LimiterStore, Verdict};
 use crate::error::{Error, ExceededLimit};
-use crate::issuer::IssuedToken;
-use crate::request::{Caller, TokenRequest};
+use crate::moderation::ModerationRequest;
+use crate::request::{Caller, RoomArn, TokenRequest, UserId};
 use crate::telemetry::metrics::metrics;
 
 /// Wraps a service in [`RateLimit`]. Every service it makes shares the same store and counters.
@@ -116,21 +116,73 @@ impl Counters {
     }
 }
 
-impl<S, St> Service<TokenRequest> for RateLimit<S, St>
+/// What a limit can count a request by.
+pub trait Limited {
+    /// The calling service.
+    fn caller(&self) -> &Caller;
+    /// The room.
+    fn room(&self) -> &RoomArn;
+    /// The end user the request is about, if any: `user` limits count a request about no user (ListBans)
+    /// once per room.
+    fn user_id(&self) -> Option<&UserId>;
+    /// Keeps the budgets of a kind of call apart from CreateChatToken's (`None`): banning a user must not
+    /// spend the user's token budget, nor a chat server's verifications its callers' minting budget.
+    fn scope(&self) -> Option<&'static str>;
+}
+
+impl Limited for TokenRequest {
+    fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    fn room(&self) -> &RoomArn {
+        &self.room
+    }
+
+    fn user_id(&self) -> Option<&UserId> {
+        Some(&self.user_id)
+    }
+
+    fn scope(&self) -> Option<&'static str> {
+        None
+    }
+}
+
+impl Limited for ModerationRequest {
+    fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    fn room(&self) -> &RoomArn {
+        &self.room
+    }
+
+    fn user_id(&self) -> Option<&UserId> {
+        self.action.user_id()
+    }
+
+    fn scope(&self) -> Option<&'static str> {
+        Some(self.action.name())
+    }
+}
+
+impl<S, St, R> Service<R> for RateLimit<S, St>
 where
-    S: Service<TokenRequest, Response = IssuedToken, Error = Error> + Clone + Send + 'static,
+    R: Limited + Send + Sync + 'static,
+    S: Service<R, Error = Error> + Clone + Send + 'static,
     S::Future: Send,
+    S::Response: Send + 'static,
     St: LimiterStore + Clone,
 {
-    type Response = IssuedToken;
+    type Response = S::Response;
     type Error = Error;
-    type Future = ResponseFuture;
+    type Future = ResponseFuture<S::Response>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: TokenRequest) -> ResponseFuture {
+    fn call(&mut self, request: R) -> Self::Future {
         // `self.inner` is the clone that was polled ready; keep it for the call after the check and leave a
         // fresh clone behind for the next poll_ready.
         let fresh = self.inner.clone();
@@ -151,7 +203,7 @@ where
             future: Box::pin(async move {
                 let checked = async {
                     let verdicts = store.check(&checks).await?;
-                    judge(&limits, &verdicts, &request.caller, &counters)
+                    judge(&limits, &verdicts, request.caller(), &counters)
                 };
                 checked
                     .instrument(tracing::info_span!(
@@ -169,19 +221,19 @@ where
 ///
 /// Boxed because the store's future is an `impl Future` that cannot be named in a struct; one allocation
 /// per request is noise next to minting a token.
-pub struct ResponseFuture {
-    future: Pin<Box<dyn Future<Output = Result<IssuedToken, Error>> + Send>>,
+pub struct ResponseFuture<T> {
+    future: Pin<Box<dyn Future<Output = Result<T, Error>> + Send>>,
 }
 
-impl Future for ResponseFuture {
-    type Output = Result<IssuedToken, Error>;
+impl<T> Future for ResponseFuture<T> {
+    type Output = Result<T, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.future.as_mut().poll(cx)
     }
 }
 
-impl fmt::Debug for ResponseFuture {
+impl<T> fmt::Debug for ResponseFuture<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
@@ -254,23 +306,31 @@ fn judge(
 /// The store key of `limit` for `request`: the limit's name and key kind, then the request parts the kind
 /// counts by. Every part is length-prefixed, because caller ids and user ids may contain any character:
 /// no choice of them can make two different requests, or two limits, share a key.
-fn store_key(limit: &Limit, request: &TokenRequest) -> String {
+fn store_key(limit: &Limit, request: &impl Limited) -> String {
     let mut key = String::new();
     let mut part = |part: &str| {
         write!(key, "{}:{part}", part.len()).expect("writing to a String cannot fail");
     };
     part(&limit.name);
     part(limit.key.as_str());
+    if let Some(scope) = request.scope() {
+        part(scope);
+    }
     match limit.key {
-        LimitKey::Caller => part(request.caller.id()),
+        LimitKey::Caller => part(request.caller().id()),
         LimitKey::User => {
-            part(request.room.as_str());
-            part(request.user_id.expose());
+            part(request.room().as_str());
+            // No user id is empty, so "no user" keeps its own budget.
+            part(request.user_id().map_or("", UserId::expose));
         }
-        LimitKey::Room => part(request.room.as_str()),
+        LimitKey::Room => part(request.room().as_str()),
         LimitKey::CallerRoom => {
-            part(request.caller.id());
-            part(request.room.as_str());
+            part(request.caller().id());
+            part(request.room().as_str());
+        }
+        LimitKey::AccountRegion => {
+            part(request.room().account());
+            part(request.room().region());
         }
         LimitKey::Global => {}
     }
@@ -291,8 +351,8 @@ mod tests {
     use tower_test::mock;
 
     use super::*;
-    use crate::proto::ivschat::v1::CreateChatTokenRequest;
     use crate::ratelimit::{MemoryStore, gcra::Rate};
+    use crate::request::{IssuedToken, test_request};
 
     const ROOM: &str = "arn:aws:ivschat:us-west-2:123456789012:room/g1H2I3j4k5L6";
     const OTHER_ROOM: &str = "arn:aws:ivschat:us-west-2:123456789012:room/other";
@@ -315,15 +375,7 @@ mod tests {
     }
 
     fn request(caller: &str, room: &str, user: &str) -> TokenRequest {
-        TokenRequest::from_proto(
-            Caller::new(caller),
-            CreateChatTokenRequest {
-                room_identifier: room.into(),
-                user_id: user.into(),
-                ..Default::default()
-            },
-        )
-        .unwrap()
+        test_request().caller(caller).room(room).user(user).build()
     }
 
     fn user(user: &str) -> TokenRequest {

@@ -37,29 +37,40 @@ pub mod redis;
 
 use std::{fmt, future::Future, num::NonZeroU32, time::Duration};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 pub use self::redis::RedisStore;
-pub use fallback::{FailureMode, FallbackStore};
+pub use fallback::{FailureMode, FallbackStore, RedisFault};
 pub use gcra::{Quota, Rate};
 pub use layer::{RateLimit, RateLimitLayer, ResponseFuture, Stats};
 pub use memory::MemoryStore;
 
-/// One configured limit, validated.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The name of the built-in limit that keeps CreateChatToken calls under IVS Chat's own quota (per AWS
+/// account and region), added by [`crate::stack`] when the issuer is `ivs`.
+pub const IVS_QUOTA_LIMIT_NAME: &str = "ivs-quota";
+/// The name of the IVS issuer's DisconnectUser quota guard (per AWS account and region).
+pub const DISCONNECT_QUOTA_LIMIT_NAME: &str = "ivs-disconnect-quota";
+
+/// One limit, as configured in a `[[rate_limits]]` entry.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Limit {
-    /// Names the limit in errors, logs and `google.rpc.QuotaFailure`, and keeps its keys apart from every
-    /// other limit's. Unique among the configured limits.
+    /// Names the limit in errors (`google.rpc.QuotaFailure` subject `limit:NAME`) and logs, and keeps its
+    /// keys apart from every other limit's. Unique among the configured limits and not empty; renaming a
+    /// limit starts its budgets afresh.
     pub name: String,
-    /// What the limit counts by.
+    /// What the limit counts by: `"caller"` (the calling service), `"user"` (one user in one room),
+    /// `"room"`, `"caller_room"` (one caller in one room), `"account_region"` (one AWS account in one
+    /// region) or `"global"` (all requests together).
     pub key: LimitKey,
-    /// The sustained rate.
+    /// The sustained rate: `"N/s"`, `"N/min"` or `"N/h"` (also `second`, `minute`, `hour`), `N` at least 1.
     pub rate: Rate,
-    /// How many requests are admitted at once from a fully recovered state.
+    /// How many requests are admitted at once from a fully recovered state; at least 1.
     pub burst: NonZeroU32,
-    /// Evaluate and report, but never refuse: to see what a new limit would do to real traffic before
-    /// enforcing it.
+    /// Evaluate the limit and log and count the requests it would refuse, but refuse none: for trying a
+    /// limit on real traffic before enforcing it. Default `false`.
+    #[serde(default)]
     pub shadow: bool,
 }
 
@@ -77,7 +88,7 @@ impl Limit {
 }
 
 /// What a limit counts requests by.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LimitKey {
     /// The calling service: caps what one internal service can mint.
@@ -88,6 +99,8 @@ pub enum LimitKey {
     Room,
     /// One caller in one room.
     CallerRoom,
+    /// The AWS account and region that own the room: what IVS Chat's own quotas count by.
+    AccountRegion,
     /// Every request together: caps the service as a whole, e.g. below an upstream quota.
     Global,
 }
@@ -100,6 +113,7 @@ impl LimitKey {
             LimitKey::User => "user",
             LimitKey::Room => "room",
             LimitKey::CallerRoom => "caller_room",
+            LimitKey::AccountRegion => "account_region",
             LimitKey::Global => "global",
         }
     }
@@ -110,6 +124,7 @@ impl LimitKey {
             LimitKey::User => "per user per room",
             LimitKey::Room => "per room",
             LimitKey::CallerRoom => "per caller per room",
+            LimitKey::AccountRegion => "per AWS account and region",
             LimitKey::Global => "in total",
         }
     }
@@ -147,7 +162,8 @@ pub enum Verdict {
 }
 
 /// Where limit state lives. The in-process [`MemoryStore`] keeps it per replica; a shared store keeps one
-/// budget across replicas.
+/// budget across replicas. Every store keeps the contract below; `tests/limiter_store.rs` runs it against
+/// each store, and a new store (or a new operation) joins it there.
 pub trait LimiterStore: Send + Sync + 'static {
     /// Checks all `checks` at once and answers one [`Verdict`] per check, in order.
     ///
@@ -170,6 +186,14 @@ pub enum StoreError {
         /// When the store will next be tried, for the caller's retry.
         retry_after: Duration,
     },
+    /// The in-process store holds as many entries still in force as it may (moderation state: bans,
+    /// revocations, used token ids); rather than forget one, the new one is refused. Rate-limit checks never
+    /// fail this way: they forget the keys closest to recovery.
+    #[error("store full: {capacity} entries in force")]
+    Full {
+        /// The configured bound (`limiter.max_tracked_keys`).
+        capacity: usize,
+    },
 }
 
 impl From<StoreError> for crate::error::Error {
@@ -178,12 +202,13 @@ impl From<StoreError> for crate::error::Error {
             StoreError::Unavailable { retry_after } => {
                 crate::error::Error::LimiterUnavailable { retry_after }
             }
+            StoreError::Full { capacity } => crate::error::Error::StoreFull { capacity },
         }
     }
 }
 
 /// The limiter store the configuration chose. Build ONE per process and clone it to every user (the
-/// rate-limit layer, the IVS quota guard): clones share state, so they share budgets.
+/// rate-limit layer and anything else that limits): clones share state, so they share budgets.
 #[derive(Clone)]
 pub enum Store {
     /// Per-replica state (`limiter.backend = "memory"`).

@@ -1,4 +1,5 @@
-//! The shared [`LimiterStore`]: GCRA evaluated inside Redis, so every replica spends one budget.
+//! The shared [`LimiterStore`](super::LimiterStore): GCRA evaluated inside Redis, so every replica spends one
+//! budget.
 //!
 //! One Lua script (`gcra.lua`) holds the whole decision. It is loaded once per Redis server and then
 //! invoked by its SHA (EVALSHA; on NOSCRIPT, after a Redis restart or failover, it is loaded again and the
@@ -8,7 +9,8 @@
 //!
 //! Keys are `<prefix>:rl:{<digest>}`: a 128-bit BLAKE2b digest of the limit's store key, so Redis never
 //! holds user ids or room ARNs in clear (and key length is bounded). The digest sits in a hash tag so that,
-//! in Redis Cluster, each key picks its slot by its own content.
+//! in Redis Cluster, each key picks its slot by its own content. The health probe writes `<prefix>:probe`,
+//! which lives a millisecond.
 //!
 //! - **Single node** (also Sentinel-managed primaries and managed Redis/Valkey endpoints): one script call
 //!   over all of a request's keys, one round trip, atomic: enforced checks are all or nothing, exactly as in
@@ -21,9 +23,11 @@
 //! Decisions have microsecond resolution: intervals are truncated to whole microseconds, and at least
 //! 1 µs, so a single key admits at most 1,000,000 requests per second.
 //!
+//! Bans, revocations and used token ids live here too, under keys of their own (`redis/moderation.rs`).
+//!
 //! This store has no timeout or failure policy of its own; [`super::fallback::FallbackStore`] adds them.
 
-use std::{fmt::Write as _, sync::Arc, time::Duration};
+use std::{fmt::Write as _, num::NonZeroU32, sync::Arc, time::Duration};
 
 use orion::hazardous::hash::blake2::blake2b::Blake2b;
 use redis::{
@@ -33,7 +37,9 @@ use redis::{
     cluster_async::ClusterConnection,
 };
 
-use super::{Check, Verdict};
+use super::{Check, Quota, Rate, Verdict};
+
+mod moderation;
 
 /// Each connection attempt gives up after this long; reconnecting goes on in the background.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -91,11 +97,21 @@ impl RedisStore {
     /// Decides `checks` in Redis, with the contract of [`super::LimiterStore::check`] (all-or-nothing is
     /// best effort in cluster mode, see the module docs).
     pub async fn check(&self, checks: &[Check]) -> RedisResult<Vec<Verdict>> {
+        self.decide(checks, |check| self.redis_key(&check.key))
+            .await
+    }
+
+    /// Runs the script over `checks`, each stored at `key(check)`.
+    async fn decide(
+        &self,
+        checks: &[Check],
+        key: impl Fn(&Check) -> String,
+    ) -> RedisResult<Vec<Verdict>> {
         let waits: Vec<u64> = match &self.connection {
             Connection::Single(connection) => {
                 let mut invocation = self.script.prepare_invoke();
                 for check in checks {
-                    invocation.key(self.redis_key(&check.key));
+                    invocation.key(key(check));
                     push_args(&mut invocation, check);
                 }
                 invocation.invoke_async(&mut connection.clone()).await?
@@ -103,7 +119,7 @@ impl RedisStore {
             Connection::Cluster(connection) => {
                 let calls = checks.iter().map(|check| {
                     let mut connection = connection.clone();
-                    let mut invocation = self.script.key(self.redis_key(&check.key));
+                    let mut invocation = self.script.key(key(check));
                     push_args(&mut invocation, check);
                     async move {
                         let waits: Vec<u64> = invocation.invoke_async(&mut connection).await?;
@@ -135,18 +151,24 @@ impl RedisStore {
             .collect())
     }
 
-    /// Loads the script into Redis (every primary, in a cluster): proves Redis answers, and spares the next
-    /// check the NOSCRIPT round trip after a Redis restart.
+    /// Runs the rate-limit script on a key of its own, `<prefix>:probe`, exactly as a request would, write
+    /// included: what stops requests (a replica's READONLY, OOM, a script that cannot run, CROSSSLOT)
+    /// stops the probe too, so health follows what requests see. The key lives a millisecond. In a cluster
+    /// it reaches the node owning the probe key's slot.
     pub async fn probe(&self) -> RedisResult<()> {
-        let _sha: String = match &self.connection {
-            Connection::Single(connection) => {
-                self.script.load_async(&mut connection.clone()).await?
-            }
-            Connection::Cluster(connection) => {
-                self.script.load_async(&mut connection.clone()).await?
-            }
+        let probe = Check {
+            key: String::new(),
+            quota: Quota::new(
+                Rate::parse("1000000/s").expect("a valid rate"),
+                NonZeroU32::MIN,
+            ),
+            shadow: false,
         };
-        Ok(())
+        self.decide(std::slice::from_ref(&probe), |_| {
+            format!("{}:probe", self.prefix)
+        })
+        .await
+        .map(drop)
     }
 
     /// `<prefix>:rl:{<hex digest of key>}`.

@@ -10,8 +10,9 @@
 //! | `cts.ratelimit.rejections` | counter | {request} | `limit`, `mode` (`enforce`, `shadow`) |
 //! | `cts.upstream.duration` | histogram | s | `region`, `outcome` |
 //! | `cts.upstream.errors` | counter | {error} | `kind` |
-//! | `cts.limiter.store.errors` | counter | {error} | `kind` (`error`, `timeout`) |
+//! | `cts.limiter.store.errors` | counter | {error} | `kind`: `timeout`, `unreachable`, `noscript`, `readonly`, `oom`, `crossslot`, `denied`, `other` (calls and probes) |
 //! | `cts.limiter.fallbacks` | counter | {request} | |
+//! | `cts.moderation.actions` | counter | {action} | `action` (`DisconnectUser`, `BanUser`, …), `result` (`ok`, `error`) |
 //!
 //! Attribute values are names and codes, never keys, user ids or tokens. Without an exporter configured
 //! the global meter is a no-op and so is every instrument here.
@@ -48,6 +49,8 @@ pub struct Metrics {
     pub limiter_store_errors: Counter<u64>,
     /// Requests decided by the in-process limiter because Redis was down (fail_open).
     pub limiter_fallbacks: Counter<u64>,
+    /// Moderation calls that reached the moderator or the ban store, by action and result.
+    pub moderation_actions: Counter<u64>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -101,6 +104,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             .with_description(
                 "Requests limited in-process because the shared store was down (fail_open)",
             )
+            .build(),
+        moderation_actions: meter
+            .u64_counter("cts.moderation.actions")
+            .with_unit("{action}")
+            .with_description("Moderation calls carried out, by action and result")
             .build(),
     }
 });

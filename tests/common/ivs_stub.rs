@@ -1,7 +1,7 @@
-//! A stub of Amazon IVS Chat's REST-JSON API, enough for CreateChatToken, for tests and the local stack
-//! (`cargo run --example ivschat_stub`).
+//! A stub of Amazon IVS Chat's REST-JSON API, enough for CreateChatToken and DisconnectUser, for tests and
+//! the local stack (`cargo run --example ivschat_stub`).
 //!
-//! `POST /CreateChatToken` checks, as IVS does:
+//! `POST /CreateChatToken` and `POST /DisconnectUser` check, as IVS does:
 //! - a SigV4 `Authorization` header whose credential scope is service `ivschat` in the region of the room
 //!   ARN (the signature itself is not verified: the stub does not know the secret key);
 //! - the service model's field limits, answering `ValidationException` (400) with a `fieldList`.
@@ -19,7 +19,7 @@
 //! | `broken` | 500, every time |
 //! | `flaky` | 500 on the first attempt, then success |
 //! | `slow` | success after 30 seconds |
-//! | anything else | 200 with a token, expiring one minute / the session duration from now |
+//! | anything else | CreateChatToken: 200 with a token, expiring one minute / the session duration from now; DisconnectUser: 200 `{}` |
 
 use std::{
     collections::HashMap,
@@ -37,9 +37,11 @@ use axum::{
 };
 use serde_json::{Value, json};
 
-/// One CreateChatToken call the stub received.
+/// One call the stub received.
 #[derive(Clone, Debug)]
 pub struct SeenCall {
+    /// `CreateChatToken` or `DisconnectUser`.
+    pub operation: &'static str,
     /// The region of the SigV4 credential scope.
     pub signed_region: String,
     /// The JSON body as sent.
@@ -71,6 +73,7 @@ impl IvsStub {
         let state = Arc::new(StubState::default());
         let app = Router::new()
             .route("/CreateChatToken", post(create_chat_token))
+            .route("/DisconnectUser", post(disconnect_user))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -169,11 +172,15 @@ fn model_violations(body: &Value) -> Vec<(&'static str, String)> {
     violations
 }
 
-async fn create_chat_token(
-    State(state): State<Arc<StubState>>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
+/// What every operation does first: the SigV4 scope check, the model's rules (`violations`), then the
+/// outcome the room id asks for. `Err` is the answer to send; `Ok` the call to record once it succeeds.
+fn admit(
+    state: &StubState,
+    operation: &'static str,
+    headers: &HeaderMap,
+    body: &Value,
+    violations: Vec<(&'static str, String)>,
+) -> Result<SeenCall, Box<Response>> {
     let room = body["roomIdentifier"]
         .as_str()
         .unwrap_or_default()
@@ -181,12 +188,12 @@ async fn create_chat_token(
     let room_region = room.split(':').nth(3).unwrap_or_default().to_owned();
     let room_id = room.rsplit('/').next().unwrap_or_default().to_owned();
 
-    let Some((signed_region, service)) = signed_scope(&headers) else {
-        return error(
+    let Some((signed_region, service)) = signed_scope(headers) else {
+        return Err(Box::new(error(
             StatusCode::FORBIDDEN,
             "MissingAuthenticationTokenException",
             json!({ "message": "missing SigV4 Authorization header" }),
-        );
+        )));
     };
     let attempt = {
         let mut attempts = state.attempts.lock().unwrap();
@@ -194,20 +201,20 @@ async fn create_chat_token(
         *n += 1;
         *n
     };
-    let mut call = SeenCall {
+    let call = SeenCall {
+        operation,
         signed_region: signed_region.clone(),
         body: body.clone(),
         response: None,
     };
     if service != "ivschat" || signed_region != room_region {
         state.calls.lock().unwrap().push(call);
-        return error(
+        return Err(Box::new(error(
             StatusCode::FORBIDDEN,
             "InvalidSignatureException",
             json!({ "message": format!("credential scope {signed_region}/{service} does not match the room's region {room_region}/ivschat") }),
-        );
+        )));
     }
-    let violations = model_violations(&body);
     let outcome = if !violations.is_empty() {
         Some(validation(violations))
     } else if room_id.starts_with("notfound") {
@@ -220,7 +227,7 @@ async fn create_chat_token(
         Some(error(
             StatusCode::FORBIDDEN,
             "AccessDeniedException",
-            json!({ "message": "User: arn:aws:sts::123456789012:assumed-role/app/x is not authorized to perform: ivschat:CreateChatToken" }),
+            json!({ "message": format!("User: arn:aws:sts::123456789012:assumed-role/app/x is not authorized to perform: ivschat:{operation}") }),
         ))
     } else if room_id.starts_with("pending") {
         Some(error(
@@ -245,10 +252,66 @@ async fn create_chat_token(
     } else {
         None
     };
-    if let Some(response) = outcome {
-        state.calls.lock().unwrap().push(call);
-        return response;
+    match outcome {
+        Some(response) => {
+            state.calls.lock().unwrap().push(call);
+            Err(Box::new(response))
+        }
+        None => Ok(call),
     }
+}
+
+/// The model's rules for DisconnectUser's fields.
+fn disconnect_violations(body: &Value) -> Vec<(&'static str, String)> {
+    let mut violations = Vec::new();
+    let room = body["roomIdentifier"].as_str().unwrap_or_default();
+    if room.is_empty() || room.chars().count() > 128 {
+        violations.push(("roomIdentifier", "must be 1 to 128 characters".into()));
+    }
+    let user = body["userId"].as_str().unwrap_or_default();
+    if user.is_empty() || user.chars().count() > 128 {
+        violations.push(("userId", "must be 1 to 128 characters".into()));
+    }
+    if let Some(reason) = body.get("reason")
+        && !matches!(reason.as_str().map(|r| r.chars().count()), Some(1..=256))
+    {
+        violations.push(("reason", "must be 1 to 256 characters".into()));
+    }
+    violations
+}
+
+async fn disconnect_user(
+    State(state): State<Arc<StubState>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let violations = disconnect_violations(&body);
+    let mut call = match admit(&state, "DisconnectUser", &headers, &body, violations) {
+        Ok(call) => call,
+        Err(response) => return *response,
+    };
+    call.response = Some(json!({}));
+    state.calls.lock().unwrap().push(call);
+    Json(json!({})).into_response()
+}
+
+async fn create_chat_token(
+    State(state): State<Arc<StubState>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let violations = model_violations(&body);
+    let mut call = match admit(&state, "CreateChatToken", &headers, &body, violations) {
+        Ok(call) => call,
+        Err(response) => return *response,
+    };
+    let room_id = body["roomIdentifier"]
+        .as_str()
+        .unwrap_or_default()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
     if room_id.starts_with("slow") {
         tokio::time::sleep(Duration::from_secs(30)).await;
     }

@@ -19,7 +19,7 @@ use chat_token_service::{
     issuer::local::{KeySet, generate_key},
     proto::ivschat::v1::{CreateChatTokenRequest, token_service_client::TokenServiceClient},
     server,
-    stack::{self, TokenStack},
+    stack::Stacks,
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::{Channel, Endpoint};
@@ -35,16 +35,17 @@ pub struct TestServer {
 
 impl TestServer {
     /// Starts `stack` with `config`'s server settings on a free loopback port.
-    pub async fn start(config: Config, stack: TokenStack) -> Self {
+    pub async fn start(config: Config, stack: impl Into<Stacks>) -> Self {
         Self::start_with_readiness(config, stack, None).await
     }
 
     /// [`TestServer::start`], with the token service's health following `readiness`.
     pub async fn start_with_readiness(
         config: Config,
-        stack: TokenStack,
+        stack: impl Into<Stacks>,
         readiness: Option<tokio::sync::watch::Receiver<bool>>,
     ) -> Self {
+        let stack = stack.into();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
@@ -61,14 +62,23 @@ impl TestServer {
         }
     }
 
-    /// Starts the service exactly as `config` describes it.
+    /// Starts the service exactly as `config` describes it, through the function the binary uses.
     pub async fn from_config(config: Config) -> Self {
-        let store = stack::limiter_store(&config).expect("valid limiter config");
-        let readiness = store.readiness();
-        let stack = stack::from_config(&config, store)
+        let prepared = server::prepare(&config).await.expect("valid config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let handle = tokio::spawn(async move {
+            server::serve(listener, &config, prepared, async {
+                let _ = rx.await;
+            })
             .await
-            .expect("valid config");
-        Self::start_with_readiness(config, stack, readiness).await
+        });
+        TestServer {
+            addr,
+            shutdown: Some(tx),
+            handle,
+        }
     }
 
     pub async fn channel(&self) -> Channel {

@@ -57,6 +57,18 @@ impl RedisServer {
         server
     }
 
+    /// A read-only replica of our own, of a primary that does not exist: it answers, but refuses every
+    /// write with READONLY, as a URL pointing at a replica would.
+    pub fn replica() -> RedisServer {
+        let primary = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+            .to_string();
+        Self::own(&["--replicaof", "127.0.0.1", &primary])
+    }
+
     /// A one-node Redis Cluster of our own owning every slot: enough for cross-slot rules to apply.
     pub fn cluster() -> RedisServer {
         let server = Self::own(&["--cluster-enabled", "yes"]);

@@ -1,0 +1,172 @@
+//! The token format: PASETO `v4.local` with the claims of IVS Chat's CreateChatToken, the key's PASERK
+//! id in the footer, and an implicit assertion binding it to this purpose. Encrypting and verifying
+//! live here; which key encrypts is [`super::keys`]' business.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime},
+};
+
+use pasetors::{
+    Local,
+    claims::Claims,
+    footer::Footer,
+    paserk::Id,
+    token::UntrustedToken,
+    version4::{LocalToken, V4},
+};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use super::keys::KeySet;
+use crate::request::{Attributes, Capabilities, Capability, RoomArn, UserId};
+
+/// Bound into every token's authentication tag, so a v4.local token minted by another system with the
+/// same key can never pass as a chat token. Verifiers must supply the same bytes; [`KeySet::verify`] does.
+pub const IMPLICIT_ASSERTION: &[u8] = b"ivschat.v1.ChatToken";
+
+/// How far a verifier's clock may be off the issuer's: a token is accepted from this long before its
+/// `nbf` (its issue time) until this long after its `exp`. Without it a verifier whose clock runs a second
+/// behind would refuse tokens minted that very second.
+pub const VERIFY_LEEWAY: Duration = Duration::from_secs(5);
+
+impl KeySet {
+    /// Decrypts and authenticates `token`, checks it is within its validity period (give or take
+    /// [`VERIFY_LEEWAY`]), and returns what it grants.
+    pub fn verify(&self, token: &str) -> Result<TokenClaims, VerifyError> {
+        self.verify_at(token, OffsetDateTime::now_utc())
+    }
+
+    pub(super) fn verify_at(
+        &self,
+        token: &str,
+        now: OffsetDateTime,
+    ) -> Result<TokenClaims, VerifyError> {
+        let untrusted =
+            UntrustedToken::<Local, V4>::try_from(token).map_err(|_| VerifyError::Malformed)?;
+        let mut footer = Footer::new();
+        footer
+            .parse_bytes(untrusted.untrusted_footer())
+            .map_err(|_| VerifyError::Malformed)?;
+        let kid = footer
+            .get_claim("kid")
+            .and_then(|v| v.as_str())
+            .ok_or(VerifyError::Malformed)?;
+        let key = self.find(kid).ok_or(VerifyError::UnknownKey)?;
+
+        // The lower-level decrypt: it authenticates and decrypts but checks no claims (pasetors' own
+        // check of `exp` reads the real clock and allows no leeway); validity is checked below against
+        // `now`, with our leeway.
+        let trusted = LocalToken::decrypt(&key.key, &untrusted, None, Some(IMPLICIT_ASSERTION))
+            .map_err(|_| VerifyError::Forged)?;
+        let payload: Payload =
+            serde_json::from_str(trusted.payload()).map_err(|_| VerifyError::Claims)?;
+        if now + VERIFY_LEEWAY < payload.nbf {
+            return Err(VerifyError::NotYetValid);
+        }
+        if now >= payload.exp + VERIFY_LEEWAY {
+            return Err(VerifyError::Expired);
+        }
+        payload.into_claims()
+    }
+
+    /// Encrypts `payload` with the active key, naming the key in the footer.
+    pub(super) fn encrypt(&self, payload: &Payload) -> Result<String, pasetors::errors::Error> {
+        let active = self.active();
+        let json =
+            serde_json::to_string(payload).map_err(|_| pasetors::errors::Error::InvalidClaim)?;
+        let claims = Claims::from_string(&json)?;
+        let mut footer = Footer::new();
+        footer.key_id(&Id::from(&active.key));
+        pasetors::local::encrypt(
+            &active.key,
+            &claims,
+            Some(&footer),
+            Some(IMPLICIT_ASSERTION),
+        )
+    }
+}
+
+/// Why a token was refused. Deliberately coarse: a verifier should not help a forger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// Not a v4.local token with a `kid` footer.
+    #[error("not a well-formed v4.local chat token")]
+    Malformed,
+    /// The `kid` names no key of this key set.
+    #[error("token was encrypted with a key this key set does not hold")]
+    UnknownKey,
+    /// Decryption or authentication failed: wrong key, tampering or wrong purpose.
+    #[error("token failed authentication")]
+    Forged,
+    /// Authentic, but the claims are not what this issuer writes.
+    #[error("token claims are not valid chat token claims")]
+    Claims,
+    /// The token's `nbf` is further in the future than the leeway allows.
+    #[error("token is not valid yet")]
+    NotYetValid,
+    /// The token's `exp` has passed, by more than the leeway.
+    #[error("token has expired")]
+    Expired,
+}
+
+/// What a verified token grants.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenClaims {
+    /// Unique per token (`jti`), for replay detection and audit.
+    pub token_id: String,
+    /// The room the token opens.
+    pub room: RoomArn,
+    /// The end user the token is for.
+    pub user_id: UserId,
+    /// What the user may do besides reading.
+    pub capabilities: Capabilities,
+    /// Application data for the session.
+    pub attributes: Attributes,
+    /// When the token was minted.
+    pub issued_at: SystemTime,
+    /// After this instant the token no longer opens a connection.
+    pub token_expires_at: SystemTime,
+    /// After this instant a session opened with the token ends.
+    pub session_expires_at: SystemTime,
+}
+
+/// The token's claims as they appear in the PASETO payload. Names follow IVS Chat's API.
+#[derive(Serialize, Deserialize)]
+pub(super) struct Payload {
+    pub(super) jti: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub(super) iat: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub(super) nbf: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub(super) exp: OffsetDateTime,
+    #[serde(rename = "roomArn")]
+    pub(super) room_arn: String,
+    #[serde(rename = "userId")]
+    pub(super) user_id: String,
+    pub(super) capabilities: Vec<String>,
+    pub(super) attributes: BTreeMap<String, String>,
+    #[serde(rename = "sessionExpirationTime", with = "time::serde::rfc3339")]
+    pub(super) session_expiration_time: OffsetDateTime,
+}
+
+impl Payload {
+    fn into_claims(self) -> Result<TokenClaims, VerifyError> {
+        let capabilities = self
+            .capabilities
+            .iter()
+            .map(|name| Capability::from_ivs_name(name).ok_or(VerifyError::Claims))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TokenClaims {
+            token_id: self.jti,
+            room: RoomArn::parse(&self.room_arn).map_err(|_| VerifyError::Claims)?,
+            user_id: UserId::parse(self.user_id).map_err(|_| VerifyError::Claims)?,
+            capabilities: Capabilities::new(capabilities),
+            attributes: Attributes::parse(self.attributes).map_err(|_| VerifyError::Claims)?,
+            issued_at: self.iat.into(),
+            token_expires_at: self.exp.into(),
+            session_expires_at: self.session_expiration_time.into(),
+        })
+    }
+}

@@ -1,0 +1,174 @@
+//! [`ScopeLayer`]: refuses rooms outside the regions and AWS accounts this deployment serves, before any
+//! rate-limit budget is spent and before the issuer sees them.
+//!
+//! It is also what bounds the issuer's state: the IVS issuer holds one SDK client per allowed region, and
+//! the region is a metric label, so a request naming a made-up region must stop here.
+//!
+//! ```
+//! use chat_token_service::scope::{ScopeLayer, ServedRooms};
+//! let rooms = ServedRooms::new(vec!["us-west-2".into()], Vec::new()); // any account in us-west-2
+//! let layer = ScopeLayer::new(rooms);
+//! ```
+
+use std::{
+    future::{Ready, ready},
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use futures_util::future::Either;
+
+use crate::error::{Error, FieldViolation};
+use crate::request::{RoomArn, TokenRequest};
+
+/// Wraps a service in [`Scope`].
+#[derive(Clone, Debug)]
+pub struct ScopeLayer {
+    rooms: ServedRooms,
+}
+
+impl ScopeLayer {
+    /// Refuses rooms outside `rooms`.
+    pub fn new(rooms: ServedRooms) -> Self {
+        ScopeLayer { rooms }
+    }
+}
+
+/// Which rooms are served: their regions, and optionally their accounts. Clones share one list.
+#[derive(Clone, Debug)]
+pub struct ServedRooms(Arc<Served>);
+
+#[derive(Debug)]
+struct Served {
+    /// Rooms of other regions are refused.
+    regions: Vec<String>,
+    /// Rooms of other accounts are refused; empty: any account.
+    accounts: Vec<String>,
+}
+
+impl<S> tower::Layer<S> for ScopeLayer {
+    type Service = Scope<S>;
+
+    fn layer(&self, inner: S) -> Scope<S> {
+        Scope {
+            inner,
+            rooms: self.rooms.clone(),
+        }
+    }
+}
+
+/// See [`ScopeLayer`].
+#[derive(Clone, Debug)]
+pub struct Scope<S> {
+    inner: S,
+    rooms: ServedRooms,
+}
+
+impl<S> tower::Service<TokenRequest> for Scope<S>
+where
+    S: tower::Service<TokenRequest, Error = Error>,
+{
+    type Response = S::Response;
+    type Error = Error;
+    type Future = Either<S::Future, Ready<Result<S::Response, Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: TokenRequest) -> Self::Future {
+        match self.rooms.check(&request.room) {
+            Ok(()) => Either::Left(self.inner.call(request)),
+            Err(error) => Either::Right(ready(Err(error))),
+        }
+    }
+}
+
+impl ServedRooms {
+    /// Rooms in `regions` owned by `accounts` (empty: any account).
+    pub fn new(regions: Vec<String>, accounts: Vec<String>) -> Self {
+        ServedRooms(Arc::new(Served { regions, accounts }))
+    }
+
+    /// The regions served.
+    pub fn regions(&self) -> &[String] {
+        &self.0.regions
+    }
+
+    /// Refuses `room` with INVALID_ARGUMENT (field `room_identifier`) unless it is served.
+    pub fn check(&self, room: &RoomArn) -> Result<(), Error> {
+        let Served { regions, accounts } = &*self.0;
+        // The message names the room's region or account (from the caller's own request) and what is
+        // served, so the caller can tell a typo from a deployment that does not serve it.
+        let refuse = |what: &str, value: &str, allowed: &[String]| {
+            Err(Error::InvalidArgument(vec![FieldViolation::new(
+                "room_identifier",
+                format!(
+                    "{what} {value} is not served here (served: {})",
+                    allowed.join(", ")
+                ),
+            )]))
+        };
+        if !regions.iter().any(|r| r == room.region()) {
+            return refuse("region", room.region(), regions);
+        }
+        if !accounts.is_empty() && !accounts.iter().any(|a| a == room.account()) {
+            return refuse("account", room.account(), accounts);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+    use crate::request::test_request;
+
+    fn scope(regions: &[&str], accounts: &[&str]) -> ServedRooms {
+        ServedRooms::new(
+            regions.iter().map(|r| r.to_string()).collect(),
+            accounts.iter().map(|a| a.to_string()).collect(),
+        )
+    }
+
+    fn room(arn: &str) -> RoomArn {
+        RoomArn::parse(arn).unwrap()
+    }
+
+    #[test]
+    fn rooms_outside_the_served_regions_and_accounts_are_refused_naming_the_field() {
+        let rooms = scope(&["us-west-2"], &["111111111111"]);
+        rooms
+            .check(&room("arn:aws:ivschat:us-west-2:111111111111:room/a"))
+            .unwrap();
+        for arn in [
+            "arn:aws:ivschat:eu-west-1:111111111111:room/a",
+            "arn:aws:ivschat:us-west-2:222222222222:room/a",
+        ] {
+            let Err(Error::InvalidArgument(violations)) = rooms.check(&room(arn)) else {
+                panic!("{arn} should be refused");
+            };
+            assert_eq!(violations[0].field, "room_identifier");
+        }
+        scope(&["us-west-2"], &[])
+            .check(&room("arn:aws:ivschat:us-west-2:999999999999:room/a"))
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_refused_room_never_reaches_the_inner_service() {
+        let inner = tower::service_fn(|_: TokenRequest| async {
+            Err::<(), _>(Error::Internal("reached the inner service".into()))
+        });
+        let service = ScopeLayer::new(scope(&["us-west-2"], &[])).layer(inner);
+        let request = test_request()
+            .room("arn:aws:ivschat:mars-north-1:111111111111:room/a")
+            .build();
+        assert!(matches!(
+            service.oneshot(request).await,
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+}
