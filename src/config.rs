@@ -1116,6 +1116,18 @@ mod tests {
 
     #[test]
     #[allow(clippy::result_large_err)] // figment::Jail's closure returns figment::Error
+    fn the_config_file_variable_is_not_a_setting() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("cts.toml", "max_request_bytes = 9000")?;
+            jail.set_env("CTS_CONFIG", "cts.toml");
+            let config = Config::load(Some(Path::new("cts.toml"))).unwrap();
+            assert_eq!(config.max_request_bytes, 9000);
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure returns figment::Error
     fn file_errors_name_the_file() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("cts.toml", "shutdown_grace_period = 5")?;

@@ -27,7 +27,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::HttpApiConfig;
-use crate::error::{IvsError, VALIDATION_OTHER};
+use crate::error::{IvsError, UNKNOWN_OPERATION, VALIDATION_OTHER};
 use crate::request::{Capabilities, FieldNames, IssuedToken, TokenRequest, UncheckedRequest};
 use crate::service::Door;
 
@@ -48,7 +48,42 @@ struct Api {
     max_body_bytes: usize,
 }
 
-/// The routes of the IVS Chat API, to be merged beside the gRPC routes.
+/// `grpc`'s routes with the IVS Chat API's beside them. Requests for paths neither serves get gRPC's
+/// UNIMPLEMENTED when they are gRPC, else IVS's ValidationException `UNKNOWN_OPERATION`: an SDK calling an
+/// operation this service does not offer gets an error, never an empty success.
+pub fn beside(
+    grpc: tonic::service::Routes,
+    door: Door,
+    settings: &HttpApiConfig,
+) -> tonic::service::Routes {
+    grpc.into_axum_router()
+        .merge(router(door, settings))
+        .fallback(unknown_operation)
+        .into()
+}
+
+async fn unknown_operation(request: Request<Body>) -> Response<Body> {
+    let grpc = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        let (parts, ()) = tonic::Status::unimplemented("")
+            .into_http::<()>()
+            .into_parts();
+        return Response::from_parts(parts, Body::empty());
+    }
+    let mut response = error_response(&IvsError::unreadable(
+        UNKNOWN_OPERATION,
+        "this service offers CreateChatToken (POST /CreateChatToken) of IVS Chat's API",
+    ));
+    if let Ok(value) = HeaderValue::from_str(&request_id()) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    response
+}
+
+/// The routes of the IVS Chat API.
 pub fn router(door: Door, settings: &HttpApiConfig) -> axum::Router {
     let api = Arc::new(Api {
         door,
@@ -278,6 +313,36 @@ mod tests {
             .header(header::CONTENT_TYPE, content_type)
             .body(body.into())
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_are_unimplemented_for_grpc_and_unknown_operation_for_sdks() {
+        let config = Config::default();
+        let issuer = LocalIssuer::new(Arc::new(KeySet::ephemeral()), config.local_issuer.token_ttl);
+        let door = Door::new(
+            config.identity.resolver(config.reload_interval).unwrap(),
+            "local",
+            crate::stack::compose(&config, issuer).unwrap(),
+        );
+        let routes = beside(tonic::service::Routes::default(), door, &config.http_api);
+        let router = routes.into_axum_router();
+
+        let (_, json) = call(router.clone(), post("application/json", "{}")).await;
+        assert_eq!(
+            json["reason"], "FIELD_VALIDATION_FAILED",
+            "CreateChatToken is served: {json}"
+        );
+
+        let mut sdk = post("application/json", "{}");
+        *sdk.uri_mut() = "/GetRoom".parse().unwrap();
+        let (response, json) = call(router.clone(), sdk).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(json["reason"], "UNKNOWN_OPERATION");
+
+        let mut grpc = post("application/grpc", Body::empty());
+        *grpc.uri_mut() = "/ivschat.v1.Nope/Call".parse().unwrap();
+        let (response, _) = call(router, grpc).await;
+        assert_eq!(response.headers()["grpc-status"], "12");
     }
 
     #[tokio::test]

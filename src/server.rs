@@ -174,10 +174,7 @@ pub async fn run(
     let mut routes = routes.routes();
     // The IVS Chat REST-JSON API: its routes beside the gRPC ones, over HTTP/1.1 as well as HTTP/2.
     if config.http_api.enabled {
-        routes = routes
-            .into_axum_router()
-            .merge(crate::rest::router(door, &config.http_api))
-            .into();
+        routes = crate::rest::beside(routes, door, &config.http_api);
     }
     let router = tonic::transport::Server::builder()
         .accept_http1(config.http_api.enabled)

@@ -261,6 +261,50 @@ fn the_aws_cli_works_with_the_reference_pages_options() {
     stop(binary);
 }
 
+/// Under TLS the CLI negotiates HTTP/1.1 by ALPN beside gRPC's h2.
+#[test]
+fn the_aws_cli_works_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::pki::Ca::new("test CA");
+    let (cert, key, _) = common::pki::write_server_files(dir.path(), &ca.server(), &ca);
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let config = config_file(
+        dir.path(),
+        &format!(
+            "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let binary = Binary::start(&[("CTS_CONFIG", &config)]);
+    let output = aws_client("aws", None)
+        .args([
+            "ivschat",
+            "create-chat-token",
+            "--no-sign-request",
+            "--endpoint-url",
+        ])
+        .arg(format!("https://localhost:{}", binary.addr.port()))
+        .arg("--ca-bundle")
+        .arg(&ca_file)
+        .args([
+            "--room-identifier",
+            ROOM_ARN,
+            "--user-id",
+            "u",
+            "--output",
+            "text",
+            "--query",
+            "token",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).starts_with("v4.local."));
+    stop(binary);
+}
+
 /// SigV4 callers: a good signature is the key's principal; a bad one, an unsigned call with anonymous
 /// callers off, and a policy refusal are all AccessDeniedException.
 #[test]
