@@ -85,6 +85,10 @@ pub struct Config {
     /// Where rate-limit state is kept; bans, revocations and used token ids live there too.
     pub limiter: LimiterConfig,
 
+    /// IVS Chat's own REST-JSON API (`POST /CreateChatToken`) on the same listener, for the AWS CLI and
+    /// SDKs.
+    pub http_api: HttpApiConfig,
+
     /// Moderation: bans and token verification (ivschat.v1.ModerationService).
     pub moderation: ModerationConfig,
 }
@@ -106,7 +110,32 @@ impl Default for Config {
             local_issuer: LocalIssuerConfig::default(),
             rate_limits: Vec::new(),
             limiter: LimiterConfig::default(),
+            http_api: HttpApiConfig::default(),
             moderation: ModerationConfig::default(),
+        }
+    }
+}
+
+/// Settings of the IVS Chat REST-JSON API. See [`crate::rest`].
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpApiConfig {
+    /// Whether the listener also answers IVS Chat's REST-JSON API over HTTP/1.1 and HTTP/2, so
+    /// `aws ivschat create-chat-token --endpoint-url …` and every AWS SDK work unchanged. Off: only gRPC is
+    /// served. Default `true`.
+    pub enabled: bool,
+
+    /// Largest request body accepted, in bytes; larger ones are refused with 413 before they are parsed.
+    /// The largest valid request is under 8 KiB even with every character of its attributes escaped.
+    /// Default `16384`; between `8192` and `1048576`.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpApiConfig {
+    fn default() -> Self {
+        HttpApiConfig {
+            enabled: true,
+            max_body_bytes: 16 * 1024,
         }
     }
 }
@@ -191,8 +220,8 @@ impl PolicyConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct IdentityConfig {
     /// Sources tried in order, first match wins: `"mtls"` (needs `tls.client_ca_file`), `"xfcc"` (only
-    /// behind an Envoy/Istio sidecar that sets the header), `"header"` (development only). Default
-    /// `["header"]`.
+    /// behind an Envoy/Istio sidecar that sets the header), `"sigv4"` (AWS Signature Version 4 on the HTTP
+    /// API; needs `identity.sigv4.credentials_file`), `"header"` (development only). Default `["header"]`.
     pub sources: Vec<IdentitySource>,
 
     /// The header the `header` source reads. Default `"x-caller-id"`.
@@ -205,6 +234,39 @@ pub struct IdentityConfig {
 
     /// The principal anonymous callers get in policy and rate limits. Default `"anonymous"`.
     pub anonymous_principal: String,
+
+    /// Settings of the `sigv4` source.
+    pub sigv4: Sigv4Config,
+}
+
+/// Settings of the `sigv4` identity source: AWS Signature Version 4 on the HTTP API, checked against
+/// access keys this service issues. See [`crate::identity::sigv4`].
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Sigv4Config {
+    /// TOML file of `[[keys]]` with `access_key_id`, `secret_access_key` and `principal`: who signs with
+    /// which key. Re-read when it changes and on SIGHUP. Required when `sources` has `"sigv4"`.
+    /// Default: none.
+    pub credentials_file: Option<PathBuf>,
+
+    /// Regions a signature's credential scope may name (callers sign for a region, as for any AWS
+    /// endpoint). Default `[]`: any region.
+    pub regions: Vec<String>,
+
+    /// How far a request's `x-amz-date` may be from the server's clock, either way; older signed requests
+    /// cannot be replayed. Default `5m` (what AWS allows); between `1s` and `15m`.
+    #[serde(with = "humantime_serde")]
+    pub max_clock_skew: Duration,
+}
+
+impl Default for Sigv4Config {
+    fn default() -> Self {
+        Sigv4Config {
+            credentials_file: None,
+            regions: Vec::new(),
+            max_clock_skew: Duration::from_secs(300),
+        }
+    }
 }
 
 impl Default for IdentityConfig {
@@ -214,19 +276,44 @@ impl Default for IdentityConfig {
             header: "x-caller-id".into(),
             allow_anonymous: true,
             anonymous_principal: "anonymous".into(),
+            sigv4: Sigv4Config::default(),
         }
     }
 }
 
 impl IdentityConfig {
-    /// The resolver these settings describe.
-    pub fn resolver(&self) -> crate::identity::Resolver {
-        crate::identity::Resolver::new(
+    /// The resolver these settings describe. With the `sigv4` source it loads the credentials file and
+    /// re-reads it every `reload_interval` when it changes, so call it once, inside a tokio runtime.
+    pub fn resolver(
+        &self,
+        reload_interval: Duration,
+    ) -> Result<crate::identity::Resolver, ConfigError> {
+        let resolver = crate::identity::Resolver::new(
             self.sources.clone(),
             &self.header,
             self.allow_anonymous
                 .then(|| self.anonymous_principal.clone()),
-        )
+        );
+        if !self.sources.contains(&IdentitySource::Sigv4) {
+            return Ok(resolver);
+        }
+        let file = self
+            .sigv4
+            .credentials_file
+            .as_deref()
+            .ok_or_else(|| ConfigError::Invalid {
+                setting: "identity.sigv4.credentials_file".into(),
+                reason: "is required when identity.sources has \"sigv4\"".into(),
+            })?;
+        let verifier = crate::identity::sigv4::Verifier::load(file, &self.sigv4).map_err(|e| {
+            ConfigError::Invalid {
+                setting: "identity.sigv4.credentials_file".into(),
+                reason: e.to_string(),
+            }
+        })?;
+        let verifier = std::sync::Arc::new(verifier);
+        verifier.watch(reload_interval);
+        Ok(resolver.with_sigv4(verifier))
     }
 }
 
@@ -558,7 +645,8 @@ impl Config {
             figment = figment.merge(Toml::file_exact(file));
         }
         let config: Config = figment
-            .merge(Env::prefixed(ENV_PREFIX).split("__"))
+            // CTS_CONFIG names the file (a flag's environment form), not a setting.
+            .merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]).split("__"))
             .extract()
             .map_err(describe)?;
         config.validate()?;
@@ -687,6 +775,40 @@ impl Config {
                 reason: format!(
                     "must be at least 8192 so every valid request fits, got {}",
                     self.max_request_bytes
+                ),
+            });
+        }
+        if !(8192..=1024 * 1024).contains(&self.http_api.max_body_bytes) {
+            return Err(ConfigError::Invalid {
+                setting: "http_api.max_body_bytes".into(),
+                reason: format!(
+                    "must be between 8192 and 1048576, got {}",
+                    self.http_api.max_body_bytes
+                ),
+            });
+        }
+        if self.identity.sources.contains(&IdentitySource::Sigv4) {
+            if self.identity.sigv4.credentials_file.is_none() {
+                return Err(ConfigError::Invalid {
+                    setting: "identity.sigv4.credentials_file".into(),
+                    reason: "is required when identity.sources has \"sigv4\"".into(),
+                });
+            }
+            if !self.http_api.enabled {
+                return Err(ConfigError::Invalid {
+                    setting: "identity.sources".into(),
+                    reason: "the sigv4 source identifies HTTP API callers, but http_api.enabled is false"
+                        .into(),
+                });
+            }
+        }
+        let skew = self.identity.sigv4.max_clock_skew;
+        if !(Duration::from_secs(1)..=Duration::from_secs(900)).contains(&skew) {
+            return Err(ConfigError::Invalid {
+                setting: "identity.sigv4.max_clock_skew".into(),
+                reason: format!(
+                    "must be between 1s and 15m, got {}",
+                    humantime::format_duration(skew)
                 ),
             });
         }
@@ -988,6 +1110,18 @@ mod tests {
                     && err.contains("CTS_LOCAL_ISSUER__TOKEN_TTL"),
                 "{err}"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure returns figment::Error
+    fn the_config_file_variable_is_not_a_setting() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("cts.toml", "max_request_bytes = 9000")?;
+            jail.set_env("CTS_CONFIG", "cts.toml");
+            let config = Config::load(Some(Path::new("cts.toml"))).unwrap();
+            assert_eq!(config.max_request_bytes, 9000);
             Ok(())
         });
     }

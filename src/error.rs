@@ -398,6 +398,248 @@ impl From<Error> for Status {
     }
 }
 
+/// A refusal as IVS Chat's REST-JSON API returns it, so AWS SDKs and the CLI raise their typed
+/// exceptions: HTTP status, `x-amzn-ErrorType`, a JSON body with `message` and the shape's own fields.
+///
+/// [`From<Error>`] maps every domain error here from the same cases as [`From<Error> for Status`]: a test
+/// holds the two side by side, so the two front doors cannot disagree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IvsError {
+    /// The HTTP status, as IVS's service model gives it for the shape.
+    pub status: http::StatusCode,
+    /// The error shape's name, sent as `x-amzn-ErrorType`: SDKs pick the exception class by it.
+    pub error_type: &'static str,
+    /// What went wrong; the same words as the gRPC message. Never tokens, keys, user ids or attributes.
+    pub message: String,
+    /// The shape's own members besides `message`.
+    pub members: IvsMembers,
+    /// When a retry can succeed, sent as `Retry-After` in whole seconds.
+    pub retry_after: Option<Duration>,
+}
+
+/// The members an IVS error shape has besides `message`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IvsMembers {
+    /// Only `message`.
+    None,
+    /// ValidationException's `reason` and `fieldList` (one entry per bad field, IVS's field names).
+    Validation {
+        /// One of IVS's `ValidationExceptionReason` values.
+        reason: &'static str,
+        /// The bad fields; may be empty.
+        fields: Vec<FieldViolation>,
+    },
+    /// ThrottlingException's `resourceId` and `resourceType`.
+    Resource {
+        /// What is limited: our limits' names, or the IVS operation.
+        id: String,
+        /// What kind of thing `id` names.
+        kind: &'static str,
+    },
+}
+
+/// `ValidationException.reason` for fields that break IVS's rules.
+pub const FIELD_VALIDATION_FAILED: &str = "FIELD_VALIDATION_FAILED";
+/// `ValidationException.reason` for a request that cannot be read at all.
+pub const VALIDATION_OTHER: &str = "OTHER";
+/// `ValidationException.reason` for a path that names no operation.
+pub const UNKNOWN_OPERATION: &str = "UNKNOWN_OPERATION";
+
+impl IvsError {
+    /// An error of shape `error_type` with `status` and `message` and no other fields.
+    pub fn new(
+        status: http::StatusCode,
+        error_type: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        IvsError {
+            status,
+            error_type,
+            message: message.into(),
+            members: IvsMembers::None,
+            retry_after: None,
+        }
+    }
+
+    /// A ValidationException (400) with `reason` and no field list: the request could not be read.
+    pub fn unreadable(reason: &'static str, message: impl Into<String>) -> Self {
+        IvsError {
+            members: IvsMembers::Validation {
+                reason,
+                fields: Vec::new(),
+            },
+            ..IvsError::new(
+                http::StatusCode::BAD_REQUEST,
+                "ValidationException",
+                message,
+            )
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> serde_json::Value {
+        let mut body = serde_json::json!({ "message": self.message });
+        match &self.members {
+            IvsMembers::None => {}
+            IvsMembers::Validation { reason, fields } => {
+                body["reason"] = (*reason).into();
+                if !fields.is_empty() {
+                    body["fieldList"] = fields
+                        .iter()
+                        .map(|f| serde_json::json!({ "name": f.field, "message": f.description }))
+                        .collect();
+                }
+            }
+            IvsMembers::Resource { id, kind } => {
+                body["resourceId"] = id.as_str().into();
+                body["resourceType"] = (*kind).into();
+            }
+        }
+        body
+    }
+
+    /// `Retry-After`: whole seconds, rounded up.
+    pub fn retry_after_seconds(&self) -> Option<u64> {
+        self.retry_after.map(whole_seconds)
+    }
+}
+
+impl From<Error> for IvsError {
+    fn from(error: Error) -> IvsError {
+        use http::StatusCode as S;
+        match error {
+            Error::InvalidArgument(violations) => IvsError {
+                members: IvsMembers::Validation {
+                    reason: FIELD_VALIDATION_FAILED,
+                    fields: violations.clone(),
+                },
+                ..IvsError::new(
+                    S::BAD_REQUEST,
+                    "ValidationException",
+                    format!("invalid request: {}", join(&violations)),
+                )
+            },
+            // IVS has no "unauthenticated" shape: AWS answers unknown keys and bad signatures with 403.
+            Error::Unauthenticated(why) => IvsError::new(
+                S::FORBIDDEN,
+                "AccessDeniedException",
+                format!("no caller identity: {why}"),
+            ),
+            Error::PolicyDenied { .. } => IvsError::new(
+                S::FORBIDDEN,
+                "AccessDeniedException",
+                "policy does not allow this caller to do this in this room",
+            ),
+            Error::RateLimited {
+                limits,
+                retry_after,
+            } => {
+                let names: Vec<_> = limits.iter().map(|l| l.name.as_str()).collect();
+                IvsError {
+                    members: IvsMembers::Resource {
+                        id: names.join(","),
+                        kind: "RATE_LIMIT",
+                    },
+                    retry_after: Some(retry_after),
+                    ..IvsError::new(
+                        S::TOO_MANY_REQUESTS,
+                        "ThrottlingException",
+                        format!("rate limit exceeded: {}", names.join(", ")),
+                    )
+                }
+            }
+            Error::Overloaded { max_calls } => IvsError {
+                retry_after: Some(Duration::from_secs(1)),
+                ..IvsError::new(
+                    S::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailableException",
+                    format!(
+                        "server overloaded: {max_calls} token calls already in flight; retry, preferably on another replica"
+                    ),
+                )
+            },
+            Error::Upstream {
+                kind,
+                message,
+                request_id,
+            } => {
+                let message = match &request_id {
+                    Some(id) => format!("IVS Chat: {message} (request id {id})"),
+                    None => format!("IVS Chat: {message}"),
+                };
+                match kind {
+                    UpstreamKind::Invalid(violations) => IvsError {
+                        members: IvsMembers::Validation {
+                            reason: FIELD_VALIDATION_FAILED,
+                            fields: violations,
+                        },
+                        ..IvsError::new(S::BAD_REQUEST, "ValidationException", message)
+                    },
+                    UpstreamKind::NotFound => {
+                        IvsError::new(S::NOT_FOUND, "ResourceNotFoundException", message)
+                    }
+                    UpstreamKind::AccessDenied => {
+                        IvsError::new(S::FORBIDDEN, "AccessDeniedException", message)
+                    }
+                    UpstreamKind::PendingVerification => {
+                        IvsError::new(S::FORBIDDEN, "PendingVerification", message)
+                    }
+                    UpstreamKind::Throttled { retry_after } => IvsError {
+                        members: IvsMembers::Resource {
+                            id: "CreateChatToken".into(),
+                            kind: "IVS_QUOTA",
+                        },
+                        retry_after: Some(retry_after),
+                        ..IvsError::new(S::TOO_MANY_REQUESTS, "ThrottlingException", message)
+                    },
+                    UpstreamKind::Unavailable => IvsError::new(
+                        S::SERVICE_UNAVAILABLE,
+                        "ServiceUnavailableException",
+                        message,
+                    ),
+                }
+            }
+            Error::DeadlineExceeded => IvsError::new(
+                S::GATEWAY_TIMEOUT,
+                "RequestTimeoutException",
+                "the caller's deadline passed before the token was issued",
+            ),
+            Error::LimiterUnavailable { retry_after } => IvsError {
+                retry_after: Some(retry_after),
+                ..IvsError::new(
+                    S::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailableException",
+                    "rate limits cannot be checked right now; retry later",
+                )
+            },
+            Error::UserBanned { .. } => IvsError::new(
+                S::FORBIDDEN,
+                "AccessDeniedException",
+                "the user is banned from this room",
+            ),
+            Error::TokenRejected(rejection) => {
+                IvsError::unreadable(VALIDATION_OTHER, rejection.to_string())
+            }
+            Error::Unsupported(what) => IvsError::unreadable(UNKNOWN_OPERATION, what),
+            Error::StoreFull { capacity } => IvsError::new(
+                S::PAYMENT_REQUIRED,
+                "ServiceQuotaExceededException",
+                format!(
+                    "the moderation store holds {capacity} entries still in force; none is forgotten to make room"
+                ),
+            ),
+            Error::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error while issuing a token");
+                IvsError::new(
+                    S::INTERNAL_SERVER_ERROR,
+                    "InternalServerException",
+                    "internal error while issuing the token; the server log has details",
+                )
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -618,5 +860,196 @@ mod tests {
         let status = Status::from(Error::Internal("key material exploded".into()));
         assert_eq!(status.code(), Code::Internal);
         assert!(!status.message().contains("key material"));
+    }
+
+    /// Every domain error, through both doors: the gRPC code and the IVS shape must tell the same story.
+    #[test]
+    fn both_doors_map_every_error_from_the_same_cases() {
+        let violations = || {
+            vec![FieldViolation::new(
+                "sessionDurationInMinutes",
+                "must be between 1 and 180 minutes, got 181",
+            )]
+        };
+        let upstream = |kind| Error::Upstream {
+            kind,
+            message: "what happened".into(),
+            request_id: Some("req-1".into()),
+        };
+        let rate_limited = || Error::RateLimited {
+            limits: vec![ExceededLimit {
+                name: "per-user".into(),
+                description: "5/min per user, burst 5".into(),
+            }],
+            retry_after: Duration::from_millis(1_500),
+        };
+        type Case = (fn() -> Error, Code, u16, &'static str, Option<&'static str>);
+        let cases: Vec<Case> = vec![
+            (
+                || {
+                    Error::InvalidArgument(vec![FieldViolation::new(
+                        "sessionDurationInMinutes",
+                        "must be between 1 and 180 minutes, got 181",
+                    )])
+                },
+                Code::InvalidArgument,
+                400,
+                "ValidationException",
+                None,
+            ),
+            (
+                || Error::Unauthenticated("the signature does not match"),
+                Code::Unauthenticated,
+                403,
+                "AccessDeniedException",
+                None,
+            ),
+            (
+                || Error::PolicyDenied {
+                    policy_ids: vec!["p".into()],
+                },
+                Code::PermissionDenied,
+                403,
+                "AccessDeniedException",
+                None,
+            ),
+            (
+                || Error::Overloaded { max_calls: 3 },
+                Code::Unavailable,
+                503,
+                "ServiceUnavailableException",
+                Some("1"),
+            ),
+            (
+                || Error::DeadlineExceeded,
+                Code::DeadlineExceeded,
+                504,
+                "RequestTimeoutException",
+                None,
+            ),
+            (
+                || Error::LimiterUnavailable {
+                    retry_after: Duration::from_millis(200),
+                },
+                Code::Unavailable,
+                503,
+                "ServiceUnavailableException",
+                Some("1"),
+            ),
+            (
+                || Error::Internal("boom".into()),
+                Code::Internal,
+                500,
+                "InternalServerException",
+                None,
+            ),
+            (
+                || Error::UserBanned { expires_at: None },
+                Code::PermissionDenied,
+                403,
+                "AccessDeniedException",
+                None,
+            ),
+            (
+                || Error::Unsupported("not here"),
+                Code::Unimplemented,
+                400,
+                "ValidationException",
+                None,
+            ),
+            (
+                || Error::StoreFull { capacity: 9 },
+                Code::ResourceExhausted,
+                402,
+                "ServiceQuotaExceededException",
+                None,
+            ),
+        ];
+        for (error, code, status, error_type, retry_after) in cases {
+            let grpc = Status::from(error());
+            let ivs = IvsError::from(error());
+            assert_eq!(grpc.code(), code, "{error_type}");
+            assert_eq!((ivs.status.as_u16(), ivs.error_type), (status, error_type));
+            assert_eq!(
+                ivs.message,
+                grpc.message(),
+                "the same words through both doors"
+            );
+            assert_eq!(
+                ivs.retry_after_seconds().map(|s| s.to_string()).as_deref(),
+                retry_after,
+                "{error_type}"
+            );
+        }
+
+        let grpc = Status::from(rate_limited());
+        let ivs = IvsError::from(rate_limited());
+        assert_eq!(grpc.code(), Code::ResourceExhausted);
+        assert_eq!(
+            (ivs.status.as_u16(), ivs.error_type),
+            (429, "ThrottlingException")
+        );
+        assert_eq!(ivs.message, grpc.message());
+        assert_eq!(ivs.retry_after_seconds(), Some(2));
+        assert_eq!(grpc.metadata().get("retry-after").unwrap(), "2");
+        assert_eq!(ivs.body()["resourceId"], "per-user");
+
+        let ivs = IvsError::from(Error::InvalidArgument(violations()));
+        assert_eq!(
+            ivs.body(),
+            serde_json::json!({
+                "message": "invalid request: sessionDurationInMinutes must be between 1 and 180 minutes, got 181",
+                "reason": "FIELD_VALIDATION_FAILED",
+                "fieldList": [{"name": "sessionDurationInMinutes", "message": "must be between 1 and 180 minutes, got 181"}],
+            })
+        );
+
+        for (kind, code, status, error_type) in [
+            (
+                UpstreamKind::Invalid(violations()),
+                Code::InvalidArgument,
+                400,
+                "ValidationException",
+            ),
+            (
+                UpstreamKind::NotFound,
+                Code::NotFound,
+                404,
+                "ResourceNotFoundException",
+            ),
+            (
+                UpstreamKind::AccessDenied,
+                Code::PermissionDenied,
+                403,
+                "AccessDeniedException",
+            ),
+            (
+                UpstreamKind::PendingVerification,
+                Code::FailedPrecondition,
+                403,
+                "PendingVerification",
+            ),
+            (
+                UpstreamKind::Throttled {
+                    retry_after: Duration::from_secs(2),
+                },
+                Code::ResourceExhausted,
+                429,
+                "ThrottlingException",
+            ),
+            (
+                UpstreamKind::Unavailable,
+                Code::Unavailable,
+                503,
+                "ServiceUnavailableException",
+            ),
+        ] {
+            let grpc = Status::from(upstream(kind.clone()));
+            let ivs = IvsError::from(upstream(kind));
+            assert_eq!(grpc.code(), code, "{error_type}");
+            assert_eq!((ivs.status.as_u16(), ivs.error_type), (status, error_type));
+            assert_eq!(ivs.message, grpc.message());
+            assert!(ivs.message.contains("req-1"));
+        }
     }
 }

@@ -6,10 +6,20 @@
 //! - `xfcc`: the `x-forwarded-client-cert` header an Envoy/Istio sidecar sets after verifying the client;
 //!   the caller is the `URI=` of its last element (the hop nearest us). Enable **only** behind a sidecar
 //!   that strips this header from outside traffic, or anyone can claim any identity.
+//! - `sigv4`: an AWS Signature Version 4 signature on an IVS Chat HTTP API request, by an access key from
+//!   the credentials file; the caller is the key's principal (see [`sigv4`]). gRPC calls are unsigned. A
+//!   signed request whose signature fails is refused whatever the other sources say.
 //! - `header`: a plain header (default `x-caller-id`). For development only: anyone can set it.
 //!
 //! When no source yields an identity, the configured anonymous principal is used; without one the call is
 //! refused with UNAUTHENTICATED.
+//!
+//! Both front doors use the same [`Resolver`]: [`Resolver::resolve`] for gRPC metadata,
+//! [`Resolver::resolve_http`] for HTTP API requests.
+
+pub mod sigv4;
+
+use std::{sync::Arc, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataMap;
@@ -31,6 +41,8 @@ pub enum IdentitySource {
     Xfcc,
     /// A plain header; development only.
     Header,
+    /// An AWS SigV4 signature on an HTTP API request.
+    Sigv4,
 }
 
 /// Resolves callers from requests; built once from config.
@@ -40,6 +52,8 @@ pub struct Resolver {
     /// Metadata key of the `header` source, lower case.
     header: String,
     anonymous: Option<Caller>,
+    /// Checks signatures for the `sigv4` source.
+    sigv4: Option<Arc<sigv4::Verifier>>,
 }
 
 impl Resolver {
@@ -50,30 +64,81 @@ impl Resolver {
             sources,
             header: header.to_ascii_lowercase(),
             anonymous: anonymous.map(Caller::new),
+            sigv4: None,
         }
     }
 
-    /// The caller of a request with `metadata`, whose TLS peer presented `peer_certs` (leaf first).
+    /// This resolver, with `verifier` checking signatures for the `sigv4` source.
+    pub fn with_sigv4(mut self, verifier: Arc<sigv4::Verifier>) -> Self {
+        self.sigv4 = Some(verifier);
+        self
+    }
+
+    /// The caller of a gRPC call with `metadata`, whose TLS peer presented `peer_certs` (leaf first).
     pub fn resolve(
         &self,
         metadata: &MetadataMap,
         peer_certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
+    ) -> Result<Caller, Error> {
+        self.resolve_from(
+            |name| metadata.get(name).and_then(|v| v.to_str().ok()),
+            peer_certs,
+            None,
+        )
+    }
+
+    /// The caller of an HTTP API request with `parts` and the whole `body`, whose TLS peer presented
+    /// `peer_certs`. A SigV4 signature that fails verification refuses the request outright.
+    pub fn resolve_http(
+        &self,
+        parts: &http::request::Parts,
+        body: &[u8],
+        peer_certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
+    ) -> Result<Caller, Error> {
+        let signed = match self
+            .sigv4
+            .as_deref()
+            .filter(|_| self.sources.contains(&IdentitySource::Sigv4))
+        {
+            None => None,
+            Some(verifier) => match verifier.verify(parts, body, SystemTime::now()) {
+                sigv4::Verdict::Unsigned => None,
+                sigv4::Verdict::Verified(caller) => Some(caller),
+                sigv4::Verdict::Refused(why) => {
+                    tracing::info!(reason = why, "SigV4 signature refused");
+                    return Err(Error::Unauthenticated(why));
+                }
+            },
+        };
+        self.resolve_from(
+            |name| parts.headers.get(name).and_then(|v| v.to_str().ok()),
+            peer_certs,
+            signed,
+        )
+    }
+
+    fn resolve_from<'a>(
+        &self,
+        header: impl Fn(&str) -> Option<&'a str>,
+        peer_certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
+        mut signed: Option<Caller>,
     ) -> Result<Caller, Error> {
         for source in &self.sources {
             let found = match source {
                 IdentitySource::Mtls => peer_certs
                     .and_then(|certs| certs.first())
                     .and_then(|leaf| identity_from_certificate(leaf)),
-                IdentitySource::Xfcc => metadata
-                    .get(XFCC_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(uri_from_xfcc),
-                IdentitySource::Header => metadata
-                    .get(self.header.as_str())
-                    .and_then(|v| v.to_str().ok())
+                IdentitySource::Xfcc => header(XFCC_HEADER).and_then(uri_from_xfcc),
+                IdentitySource::Header => header(self.header.as_str())
                     .map(str::trim)
                     .filter(|v| !v.is_empty())
                     .map(str::to_owned),
+                IdentitySource::Sigv4 => {
+                    if let Some(caller) = signed.take() {
+                        return Ok(caller);
+                    }
+                    None
+                }
             };
             if let Some(id) = found {
                 return Ok(Caller::new(id));

@@ -8,8 +8,12 @@
 //! - [`server`]: [`server::prepare`] builds what the config describes, [`server::serve`] / [`server::run`]
 //!   serve the token service, gRPC health and reflection, and drain on shutdown.
 //! - [`inflight`]: counts calls in flight (shutdown ends when the last one does) and caps token calls.
-//! - [`service`]: the gRPC handler, proto ⇄ domain.
-//! - [`identity`]: who is calling (mTLS SAN, x-forwarded-client-cert, dev header, anonymous).
+//! - [`service`]: the gRPC handler, proto ⇄ domain, and the [`service::Door`] both front doors share
+//!   (identity, domain stack, audit trail).
+//! - [`rest`]: IVS Chat's own REST-JSON API on the same port (`POST /CreateChatToken`), JSON ⇄ domain, for
+//!   the AWS CLI and SDKs.
+//! - [`identity`]: who is calling (mTLS SAN, x-forwarded-client-cert, SigV4 signature ([`identity::sigv4`]),
+//!   dev header, anonymous).
 //! - [`policy`]: Cedar policy engine (schema-validated, reloadable) and its tower layer.
 //! - [`request`]: validated domain types ([`request::TokenRequest`], [`request::RoomArn`], …) and the
 //!   answer, [`request::IssuedToken`].
@@ -22,18 +26,21 @@
 //!   issuer (its [`issuer::local::keys`], reloadable, and [`issuer::local::token`] format, with verification).
 //! - [`moderation`]: `ivschat.v1.ModerationService` (disconnect, ban, unban, list bans, verify a token), the
 //!   ban check in the token stack, and the moderation state kept in the limiter store's backend.
-//! - [`error`]: the single table from domain errors to gRPC codes and `google.rpc` details.
+//! - [`error`]: the single table from domain errors to gRPC codes and `google.rpc` details, and to IVS
+//!   Chat's error shapes ([`error::IvsError`]) for the HTTP API.
 //! - [`tls`]: rustls termination, mutual TLS, certificate reload; [`reload`]: the file watcher it, the
 //!   policies and the local keys use (on change and on SIGHUP, off the runtime's workers).
 //! - [`telemetry`]: logs (text or JSON), OpenTelemetry traces and metrics over OTLP, the RPC span layer.
 //!
 //! # Request flow
 //! ```text
-//! client ──HTTP/2 (TLS / mTLS)──▶ tonic server (health, reflection, 64 KiB message cap)
+//! client ──HTTP/2 or HTTP/1.1 (TLS / mTLS)──▶ tonic server (health, reflection, 64 KiB message cap)
 //!   ▶ inflight::InFlightLayer   counts calls (graceful drain), sheds token calls over the cap: UNAVAILABLE
 //!   ▶ service::TokenService     identity::Resolver → Caller, or UNAUTHENTICATED
-//!                               decode + validate → request::TokenRequest, or INVALID_ARGUMENT
+//!     (gRPC)                    decode + validate → request::TokenRequest, or INVALID_ARGUMENT
 //!                               the caller's deadline → DEADLINE_EXCEEDED
+//!   ▶ rest (POST                the same through service::Door: body read (size cap), identity (plus
+//!     /CreateChatToken)         SigV4), JSON → request::TokenRequest; errors as error::IvsError
 //!   ▶ stack::TokenStack         tower::Service<TokenRequest, Response = IssuedToken>
 //!       ▶ policy::PolicyLayer         Cedar; deny → PERMISSION_DENIED
 //!       ▶ moderation::BanCheckLayer   banned user → PERMISSION_DENIED, ErrorInfo USER_BANNED
@@ -42,7 +49,7 @@
 //!                                     and region, in ONE store call, in memory or Redis; over →
 //!                                     RESOURCE_EXHAUSTED; Redis down + fail_closed → UNAVAILABLE
 //!       ▶ issuer                      local (PASETO v4.local) or ivs (aws-sdk-ivschat)
-//!   ◀ IssuedToken → CreateChatTokenResponse, or error::Error → tonic::Status (one table)
+//!   ◀ IssuedToken → CreateChatTokenResponse / IVS JSON, or error::Error → tonic::Status / IvsError (one table)
 //!
 //! ModerationService takes the same path through its own handler (moderation::ModerationGrpc) and
 //! stack::ModerationStack: identity, validation, PolicyLayer, RateLimitLayer, then the moderator (IVS
@@ -59,6 +66,7 @@ pub mod policy;
 pub mod ratelimit;
 pub mod reload;
 pub mod request;
+pub mod rest;
 pub mod scope;
 pub mod server;
 pub mod service;

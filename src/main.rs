@@ -1,5 +1,7 @@
 //! The `chat-token-service` binary: parse flags, load the config, start logging, bind, serve.
 
+mod check;
+
 use std::{io::Read, path::PathBuf, process::ExitCode};
 
 use chat_token_service::{
@@ -13,7 +15,7 @@ use tokio::net::TcpListener;
 
 /// Mints Amazon IVS Chat tokens for internal callers over gRPC.
 #[derive(Parser)]
-#[command(version)]
+#[command(version, args_conflicts_with_subcommands = true)]
 struct Cli {
     /// TOML configuration file; `CTS_*` environment variables override it.
     #[arg(long, global = true, env = "CTS_CONFIG")]
@@ -22,6 +24,11 @@ struct Cli {
     /// Log line format; overrides the config's `log_format`.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+
+    /// Load and check the configuration, policies, entities, keys and TLS files without serving or
+    /// connecting anywhere; print what would run and exit 0, or name every problem and exit 1.
+    #[arg(long)]
+    check_config: bool,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -42,6 +49,20 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.check_config {
+        return match check::check(cli.config.as_deref()) {
+            Ok(summary) => {
+                print!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                for problem in problems {
+                    eprintln!("chat-token-service: {problem}");
+                }
+                ExitCode::FAILURE
+            }
+        };
+    }
     match cli.command.unwrap_or(Command::Serve) {
         Command::GenerateKey => {
             println!("{}", generate_key());

@@ -2,7 +2,8 @@
 //!
 //! The proto message is decoded once, here, into a [`TokenRequest`] whose fields can only hold values
 //! IVS Chat would accept. Everything downstream (policy, rate limits, issuers) takes these types and never
-//! re-checks them. Validation reports every bad field of a request at once, each named by its proto field.
+//! re-checks them. Validation reports every bad field of a request at once, each named as the front door
+//! that carried it names it (proto field names for gRPC, IVS member names for the HTTP API).
 //!
 //! User ids and attribute values are personal data: their `Debug` output shows only their size, so a
 //! stray `?request` in a log line cannot leak them.
@@ -48,27 +49,89 @@ pub struct TokenRequest {
     pub attributes: Attributes,
 }
 
+/// What a front door decoded, before validation. Capabilities arrive already decoded, because each door
+/// spells them differently (proto enum numbers, IVS names).
+pub struct UncheckedRequest<A> {
+    /// `roomIdentifier`.
+    pub room_identifier: String,
+    /// `userId`.
+    pub user_id: String,
+    /// `capabilities`, or why they cannot be decoded.
+    pub capabilities: Result<Capabilities, String>,
+    /// `sessionDurationInMinutes`.
+    pub session_duration_in_minutes: Option<i64>,
+    /// `attributes`.
+    pub attributes: A,
+}
+
+/// How a front door names the request's fields in validation errors, so callers see their own names.
+pub struct FieldNames {
+    room_identifier: &'static str,
+    user_id: &'static str,
+    capabilities: &'static str,
+    session_duration_in_minutes: &'static str,
+    attributes: &'static str,
+}
+
+impl FieldNames {
+    /// The proto field names, for gRPC callers.
+    pub const PROTO: FieldNames = FieldNames {
+        room_identifier: "room_identifier",
+        user_id: "user_id",
+        capabilities: "capabilities",
+        session_duration_in_minutes: "session_duration_in_minutes",
+        attributes: "attributes",
+    };
+    /// IVS Chat's own member names, for the REST-JSON API (ValidationException `fieldList`).
+    pub const IVS: FieldNames = FieldNames {
+        room_identifier: "roomIdentifier",
+        user_id: "userId",
+        capabilities: "capabilities",
+        session_duration_in_minutes: "sessionDurationInMinutes",
+        attributes: "attributes",
+    };
+}
+
 impl TokenRequest {
     /// Validates `request` from `caller`, reporting every bad field at once.
     pub fn from_proto(caller: Caller, request: pb::CreateChatTokenRequest) -> Result<Self, Error> {
+        let unchecked = UncheckedRequest {
+            capabilities: Capabilities::from_proto(&request.capabilities),
+            room_identifier: request.room_identifier,
+            user_id: request.user_id,
+            session_duration_in_minutes: request.session_duration_in_minutes.map(i64::from),
+            attributes: request.attributes,
+        };
+        Self::validate(caller, unchecked, &FieldNames::PROTO)
+    }
+
+    /// Validates `request` from `caller`, reporting every bad field at once under `names`.
+    pub fn validate(
+        caller: Caller,
+        request: UncheckedRequest<impl IntoIterator<Item = (String, String)>>,
+        names: &FieldNames,
+    ) -> Result<Self, Error> {
         let mut violations = Vec::new();
         let room = RoomArn::parse(&request.room_identifier)
-            .map_err(|why| violations.push(FieldViolation::new("room_identifier", why)))
+            .map_err(|why| violations.push(FieldViolation::new(names.room_identifier, why)))
             .ok();
         let user_id = UserId::parse(request.user_id)
-            .map_err(|why| violations.push(FieldViolation::new("user_id", why)))
+            .map_err(|why| violations.push(FieldViolation::new(names.user_id, why)))
             .ok();
-        let capabilities = Capabilities::from_proto(&request.capabilities)
-            .map_err(|why| violations.push(FieldViolation::new("capabilities", why)))
+        let capabilities = request
+            .capabilities
+            .map_err(|why| violations.push(FieldViolation::new(names.capabilities, why)))
             .ok();
         let session_duration = request
             .session_duration_in_minutes
             .map(SessionDuration::from_minutes)
             .transpose()
-            .map_err(|why| violations.push(FieldViolation::new("session_duration_in_minutes", why)))
+            .map_err(|why| {
+                violations.push(FieldViolation::new(names.session_duration_in_minutes, why))
+            })
             .ok();
         let attributes = Attributes::parse(request.attributes)
-            .map_err(|why| violations.push(FieldViolation::new("attributes", why)))
+            .map_err(|why| violations.push(FieldViolation::new(names.attributes, why)))
             .ok();
 
         match (room, user_id, capabilities, session_duration, attributes) {
@@ -341,6 +404,28 @@ impl Capabilities {
         }
     }
 
+    /// Accepts IVS's names (`SEND_MESSAGE`, …), naming each offending position.
+    pub fn from_ivs_names(names: &[String]) -> Result<Self, String> {
+        let mut set = BTreeSet::new();
+        let mut bad = Vec::new();
+        for (index, name) in names.iter().enumerate() {
+            match Capability::from_ivs_name(name) {
+                Some(capability) => {
+                    set.insert(capability);
+                }
+                None => bad.push(format!("[{index}]")),
+            }
+        }
+        if bad.is_empty() {
+            Ok(Capabilities(set))
+        } else {
+            Err(format!(
+                "each capability must be SEND_MESSAGE, DISCONNECT_USER or DELETE_MESSAGE; invalid: {}",
+                bad.join(", ")
+            ))
+        }
+    }
+
     /// The capabilities in IVS's order, each once.
     pub fn iter(&self) -> impl Iterator<Item = Capability> + '_ {
         self.0.iter().copied()
@@ -368,7 +453,7 @@ pub struct SessionDuration(u32);
 
 impl SessionDuration {
     /// Accepts 1..=180.
-    pub fn from_minutes(minutes: i32) -> Result<Self, String> {
+    pub fn from_minutes(minutes: i64) -> Result<Self, String> {
         match u32::try_from(minutes) {
             Ok(m @ MIN_SESSION_MINUTES..=MAX_SESSION_MINUTES) => Ok(SessionDuration(m)),
             _ => Err(format!(
@@ -551,7 +636,7 @@ mod tests {
         assert_eq!(SessionDuration::from_minutes(1).unwrap().minutes(), 1);
         assert_eq!(SessionDuration::from_minutes(180).unwrap().minutes(), 180);
         assert!(SessionDuration::from_minutes(181).is_err());
-        assert!(SessionDuration::from_minutes(i32::MIN).is_err());
+        assert!(SessionDuration::from_minutes(i64::MIN).is_err());
     }
 
     #[test]

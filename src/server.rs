@@ -18,7 +18,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tonic::transport::server::TcpIncoming;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::inflight::{Calls, InFlightLayer};
 use crate::moderation::ModerationGrpc;
 use crate::proto::{
@@ -28,7 +28,7 @@ use crate::proto::{
         token_service_server::TokenServiceServer,
     },
 };
-use crate::service::TokenService;
+use crate::service::{Door, TokenService};
 use crate::stack::{self, Stacks, StartError};
 use crate::telemetry::{metrics::observe_in_flight, rpc::RpcTraceLayer};
 use crate::tls::{Tls, TlsError};
@@ -42,6 +42,9 @@ pub enum ServerError {
     /// TLS settings are unusable.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// Other settings are unusable (e.g. the SigV4 credentials file).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// The transport failed.
     #[error("server error: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -126,15 +129,17 @@ pub async fn run(
         .build_v1alpha()
         .expect("the descriptor sets are valid");
 
-    let token_service = TokenServiceServer::new(TokenService::new(
-        config.identity.resolver(),
+    // One door for both protocols: the same identity, stack and audit trail.
+    let door = Door::new(
+        config.identity.resolver(config.reload_interval)?,
         config.issuer.name(),
         stacks.tokens,
-    ))
-    .max_decoding_message_size(config.max_request_bytes);
+    );
+    let token_service = TokenServiceServer::new(TokenService::new(door.clone()))
+        .max_decoding_message_size(config.max_request_bytes);
     let moderation_service = stacks.moderation.map(|moderation| {
         ModerationServiceServer::new(ModerationGrpc::new(
-            config.identity.resolver(),
+            door.identity().clone(),
             config.issuer.name(),
             moderation.stack,
             moderation.verifier,
@@ -157,13 +162,24 @@ pub async fn run(
             calls.clone(),
             config.max_concurrent_calls.get(),
         ));
-    let router = tonic::transport::Server::builder()
-        .layer(layers)
+    let mut routes = tonic::service::Routes::builder();
+    routes
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(token_service)
-        .add_optional_service(moderation_service);
+        .add_service(token_service);
+    if let Some(moderation_service) = moderation_service {
+        routes.add_service(moderation_service);
+    }
+    let mut routes = routes.routes();
+    // The IVS Chat REST-JSON API: its routes beside the gRPC ones, over HTTP/1.1 as well as HTTP/2.
+    if config.http_api.enabled {
+        routes = crate::rest::beside(routes, door, &config.http_api);
+    }
+    let router = tonic::transport::Server::builder()
+        .accept_http1(config.http_api.enabled)
+        .layer(layers)
+        .add_routes(routes);
 
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_signal = async {

@@ -11,61 +11,55 @@ use crate::inflight::CallStarted;
 use crate::proto::ivschat::v1::{
     CreateChatTokenRequest, CreateChatTokenResponse, token_service_server,
 };
-use crate::request::Capability;
-use crate::request::IssuedToken;
-use crate::request::TokenRequest;
+use crate::request::{Caller, Capability, IssuedToken, TokenRequest};
 use crate::stack::TokenStack;
 
-/// Serves `ivschat.v1.TokenService` on top of the domain stack.
+/// What both front doors (gRPC here, the IVS Chat HTTP API in [`crate::rest`]) share: one identity
+/// resolver, one domain stack, one audit trail. A request gets the same decision and the same audit event
+/// whichever protocol carried it.
 #[derive(Clone)]
-pub struct TokenService {
+pub struct Door {
     identity: Resolver,
     /// The issuer's name, for audit events.
     issuer: &'static str,
     stack: TokenStack,
 }
 
-impl TokenService {
-    /// A handler that identifies callers with `identity` and sends every valid request through `stack`,
+impl Door {
+    /// A door that identifies callers with `identity` and sends every valid request through `stack`,
     /// whose issuer is called `issuer` in audit events.
     pub fn new(identity: Resolver, issuer: &'static str, stack: TokenStack) -> Self {
-        TokenService {
+        Door {
             identity,
             issuer,
             stack,
         }
     }
-}
 
-#[tonic::async_trait]
-impl token_service_server::TokenService for TokenService {
-    async fn create_chat_token(
+    /// Who is calling.
+    pub fn identity(&self) -> &Resolver {
+        &self.identity
+    }
+
+    /// Records the refusal of a request that never became a [`TokenRequest`] (no identity, or invalid),
+    /// and hands the error back.
+    pub fn refuse(&self, caller: Option<&Caller>, error: Error) -> Error {
+        match caller {
+            Some(caller) => {
+                tracing::info!(target: "audit", caller = %caller, outcome = error.outcome(), "token refused")
+            }
+            None => tracing::info!(target: "audit", outcome = error.outcome(), "token refused"),
+        }
+        error
+    }
+
+    /// Sends `request` through the domain stack and records the decision. With a `deadline`, gives up at
+    /// that instant with [`Error::DeadlineExceeded`], cancelling any upstream call in flight.
+    pub async fn issue(
         &self,
-        request: Request<CreateChatTokenRequest>,
-    ) -> Result<Response<CreateChatTokenResponse>, Status> {
-        let peer_certs = request.peer_certs();
-        let caller = match self
-            .identity
-            .resolve(request.metadata(), peer_certs.as_deref().map(Vec::as_slice))
-        {
-            Ok(caller) => caller,
-            Err(error) => {
-                tracing::info!(target: "audit", outcome = error.outcome(), "token refused");
-                return Err(error.into());
-            }
-        };
-        let deadline = grpc_timeout(request.metadata());
-        let started = request
-            .extensions()
-            .get::<CallStarted>()
-            .map_or_else(tokio::time::Instant::now, |started| started.0);
-        let request = match TokenRequest::from_proto(caller.clone(), request.into_inner()) {
-            Ok(request) => request,
-            Err(error) => {
-                tracing::info!(target: "audit", caller = %caller, outcome = error.outcome(), "token refused");
-                return Err(error.into());
-            }
-        };
+        request: TokenRequest,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<IssuedToken, Error> {
         // What the decision was about: never the user id or attribute values.
         let audit = tracing::info_span!(
             target: "audit",
@@ -78,13 +72,9 @@ impl token_service_server::TokenService for TokenService {
         );
         let issuing = self.stack.clone().oneshot(request);
         let issued = match deadline {
-            // Answer DEADLINE_EXCEEDED just before tonic's own timer (started when the call arrived)
-            // would answer CANCELLED; dropping the stack's future cancels any upstream call in flight.
-            Some(deadline) => {
-                tokio::time::timeout_at(started + deadline.saturating_sub(DEADLINE_MARGIN), issuing)
-                    .await
-                    .unwrap_or(Err(Error::DeadlineExceeded))
-            }
+            Some(deadline) => tokio::time::timeout_at(deadline, issuing)
+                .await
+                .unwrap_or(Err(Error::DeadlineExceeded)),
             None => issuing.await,
         };
         audit.in_scope(|| match &issued {
@@ -98,7 +88,48 @@ impl token_service_server::TokenService for TokenService {
                 tracing::info!(target: "audit", outcome = error.outcome(), "token refused")
             }
         });
-        Ok(Response::new(to_proto(issued?)))
+        issued
+    }
+}
+
+/// Serves `ivschat.v1.TokenService` on top of the domain stack.
+#[derive(Clone)]
+pub struct TokenService {
+    door: Door,
+}
+
+impl TokenService {
+    /// A handler that passes every call through `door`.
+    pub fn new(door: Door) -> Self {
+        TokenService { door }
+    }
+}
+
+#[tonic::async_trait]
+impl token_service_server::TokenService for TokenService {
+    async fn create_chat_token(
+        &self,
+        request: Request<CreateChatTokenRequest>,
+    ) -> Result<Response<CreateChatTokenResponse>, Status> {
+        let door = &self.door;
+        let peer_certs = request.peer_certs();
+        let caller = door
+            .identity()
+            .resolve(request.metadata(), peer_certs.as_deref().map(Vec::as_slice))
+            .map_err(|error| door.refuse(None, error))?;
+        // Answer DEADLINE_EXCEEDED just before tonic's own timer (started when the call arrived) would
+        // answer CANCELLED.
+        let deadline = grpc_timeout(request.metadata()).map(|timeout| {
+            let started = request
+                .extensions()
+                .get::<CallStarted>()
+                .map_or_else(tokio::time::Instant::now, |started| started.0);
+            started + timeout.saturating_sub(DEADLINE_MARGIN)
+        });
+        let request = TokenRequest::from_proto(caller.clone(), request.into_inner())
+            .map_err(|error| door.refuse(Some(&caller), error))?;
+        let issued = door.issue(request, deadline).await?;
+        Ok(Response::new(to_proto(issued)))
     }
 }
 
@@ -167,11 +198,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_call_past_the_callers_deadline_is_answered_deadline_exceeded_before_it() {
         let config = Config::default();
-        let service = TokenService::new(
-            config.identity.resolver(),
+        let service = TokenService::new(Door::new(
+            config.identity.resolver(config.reload_interval).unwrap(),
             Hung::NAME,
             crate::stack::compose(&config, Hung).unwrap(),
-        );
+        ));
         let mut request = Request::new(CreateChatTokenRequest {
             room_identifier: "arn:aws:ivschat:us-west-2:123456789012:room/abc".into(),
             user_id: "u".into(),

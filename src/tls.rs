@@ -161,8 +161,9 @@ fn build(settings: &TlsConfig) -> Result<ServerConfig, TlsError> {
         setting: "tls.key_file",
         reason: format!("does not match tls.cert_file: {e}"),
     })?;
-    // gRPC is HTTP/2 only.
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // gRPC is HTTP/2 only; the IVS Chat HTTP API (the AWS CLI, SDKs) also speaks HTTP/1.1. With the HTTP
+    // API off, the server speaks HTTP/2 only and HTTP/1.1 connections are closed after the handshake.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
 

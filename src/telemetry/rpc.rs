@@ -8,6 +8,10 @@
 //! A gRPC status arrives either in the response headers (trailers-only responses: errors) or in the
 //! trailers after the body, so the span and the measurement end when the body does. Health checks and
 //! reflection are not traced: probes every few seconds would bury the calls that matter.
+//!
+//! Calls to the IVS Chat HTTP API ([`crate::rest`], paths with one segment such as `/CreateChatToken`)
+//! get the same span and metric with `rpc.system = "aws-api"`, `rpc.service = "ivschat"`, and
+//! `http.response.status_code` instead of the gRPC code; they end when the response headers are sent.
 
 use std::{
     future::Future,
@@ -84,27 +88,27 @@ where
 struct Call {
     span: Span,
     started: Instant,
+    system: &'static str,
     service: String,
     method: String,
 }
 
 impl Call {
     fn start<B>(request: &http::Request<B>) -> Call {
-        let (service, method) = request
-            .uri()
-            .path()
-            .trim_start_matches('/')
-            .split_once('/')
-            .map(|(s, m)| (s.to_owned(), m.to_owned()))
-            .unwrap_or_else(|| (String::new(), request.uri().path().to_owned()));
+        let path = request.uri().path().trim_start_matches('/');
+        let (system, service, method) = match path.split_once('/') {
+            Some((service, method)) => ("grpc", service.to_owned(), method.to_owned()),
+            None => ("aws-api", crate::rest::SERVICE.to_owned(), path.to_owned()),
+        };
         let span = tracing::info_span!(
             "grpc.server",
             otel.name = %format_args!("{service}/{method}"),
             otel.kind = "server",
-            rpc.system = "grpc",
+            rpc.system = system,
             rpc.service = %service,
             rpc.method = %method,
             rpc.grpc.status_code = Empty,
+            http.response.status_code = Empty,
             otel.status_code = Empty,
             trace_id = Empty,
         );
@@ -120,6 +124,7 @@ impl Call {
         Call {
             span,
             started: Instant::now(),
+            system,
             service,
             method,
         }
@@ -130,13 +135,27 @@ impl Call {
         if code != 0 {
             self.span.record("otel.status_code", "ERROR");
         }
+        self.record(KeyValue::new("rpc.grpc.status_code", code));
+    }
+
+    /// Ends an HTTP API call with its response's `status`; server errors mark the span as failed.
+    fn finish_http(self, status: http::StatusCode) {
+        let status = i64::from(status.as_u16());
+        self.span.record("http.response.status_code", status);
+        if status >= 500 {
+            self.span.record("otel.status_code", "ERROR");
+        }
+        self.record(KeyValue::new("http.response.status_code", status));
+    }
+
+    fn record(self, outcome: KeyValue) {
         metrics().rpc_duration.record(
             self.started.elapsed().as_secs_f64(),
             &[
-                KeyValue::new("rpc.system", "grpc"),
+                KeyValue::new("rpc.system", self.system),
                 KeyValue::new("rpc.service", self.service),
                 KeyValue::new("rpc.method", self.method),
-                KeyValue::new("rpc.grpc.status_code", code),
+                outcome,
             ],
         );
     }
@@ -181,6 +200,9 @@ where
             && let Some(call) = call.take()
         {
             call.finish(code);
+        }
+        if let Some(rest) = call.take_if(|call| call.system != "grpc") {
+            rest.finish_http(response.status());
         }
         Poll::Ready(Ok(response.map(|inner| TracedBody { inner, call })))
     }

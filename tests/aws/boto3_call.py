@@ -1,0 +1,36 @@
+"""Calls CreateChatToken through boto3 and prints what happened as one JSON line, for tests/aws_cli.rs.
+
+Usage: boto3_call.py ENDPOINT REQUEST_JSON [--unsigned]
+Credentials, region and retry settings come from the environment, as for any boto3 program.
+"""
+
+import json
+import sys
+
+import boto3
+import botocore
+from botocore.config import Config
+
+endpoint, request = sys.argv[1], json.loads(sys.argv[2])
+unsigned = "--unsigned" in sys.argv[3:]
+config = Config(signature_version=botocore.UNSIGNED) if unsigned else Config()
+client = boto3.client("ivschat", endpoint_url=endpoint, config=config)
+try:
+    response = client.create_chat_token(**request)
+    print(json.dumps({
+        "token": response["token"],
+        "tokenExpirationTime": response["tokenExpirationTime"].isoformat(),
+        "sessionExpirationTime": response["sessionExpirationTime"].isoformat(),
+        "requestId": response["ResponseMetadata"]["RequestId"],
+    }))
+except client.exceptions.ValidationException as e:
+    print(json.dumps({"exception": "ValidationException", "error": e.response["Error"],
+                      "reason": e.response.get("reason"), "fieldList": e.response.get("fieldList"),
+                      "requestId": e.response["ResponseMetadata"]["RequestId"]}))
+except botocore.exceptions.ClientError as e:
+    # Typed exceptions (AccessDeniedException, ThrottlingException, …) are ClientError subclasses.
+    metadata = e.response["ResponseMetadata"]
+    print(json.dumps({"exception": type(e).__name__, "error": e.response["Error"],
+                      "status": metadata["HTTPStatusCode"], "retryAttempts": metadata["RetryAttempts"],
+                      "retryAfter": metadata["HTTPHeaders"].get("retry-after"),
+                      "requestId": metadata["RequestId"]}))

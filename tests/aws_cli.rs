@@ -1,0 +1,622 @@
+//! The IVS Chat HTTP API driven by the real AWS clients: the AWS CLI and boto3 (PyPI `awscli`, `boto3`,
+//! installed into `target/venv` by tests/run.sh), against the real binary on a loopback port.
+//!
+//! These tests fail, not skip, when the clients are missing: run `tests/run.sh`, or point
+//! `AWS_CLIENTS_VENV` at a virtualenv that has both.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use common::{ACCOUNT_111_ROOM, Binary, ROOM_ARN, WEB, ivs_stub::IvsStub};
+use serde_json::{Value, json};
+
+const WEB_KEY_ID: &str = "CTSWEB0000000000001";
+const WEB_SECRET: &str = "webSecretAccessKey0000000000000000000000";
+/// A key of a caller the production policy gives no accounts to.
+const STRANGER_KEY_ID: &str = "CTSSTRANGER00000001";
+const STRANGER_SECRET: &str = "strangerSecretAccessKey00000000000000000";
+
+/// The virtualenv holding `aws` and `boto3`.
+fn venv() -> PathBuf {
+    let venv = std::env::var_os("AWS_CLIENTS_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv"));
+    assert!(
+        venv.join("bin/aws").exists() && venv.join("bin/python").exists(),
+        "the AWS CLI and boto3 are needed in {}: run tests/run.sh (it installs them), or set AWS_CLIENTS_VENV",
+        venv.display()
+    );
+    venv
+}
+
+/// An AWS client process with a clean, offline AWS environment: no config files, no instance metadata,
+/// the standard retry mode with 3 attempts.
+fn aws_client(program: &str, key: Option<(&str, &str)>) -> Command {
+    let venv = venv();
+    let mut command = Command::new(venv.join("bin").join(program));
+    let (id, secret) = key.unwrap_or(("AKIDNOTUSED000000000", "not-used-secret-0000000000000000"));
+    command
+        .env_clear()
+        .env("PATH", venv.join("bin"))
+        .env("HOME", std::env::temp_dir())
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_DEFAULT_REGION", "us-west-2")
+        .env("AWS_RETRY_MODE", "standard")
+        .env("AWS_MAX_ATTEMPTS", "3")
+        .env("AWS_PAGER", "")
+        .env("AWS_ACCESS_KEY_ID", id)
+        .env("AWS_SECRET_ACCESS_KEY", secret);
+    command
+}
+
+/// `aws ivschat create-chat-token --endpoint-url … ARGS`; `key: None` signs nothing.
+fn cli(addr: SocketAddr, key: Option<(&str, &str)>, args: &[&str]) -> Output {
+    let mut command = aws_client("aws", key);
+    command.args([
+        "ivschat",
+        "create-chat-token",
+        "--endpoint-url",
+        &format!("http://{addr}"),
+    ]);
+    if key.is_none() {
+        command.arg("--no-sign-request");
+    }
+    command.args(args).output().unwrap()
+}
+
+/// CreateChatToken through boto3: what happened, as `tests/aws/boto3_call.py` reports it.
+fn boto3(addr: SocketAddr, key: Option<(&str, &str)>, request: Value) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/aws/boto3_call.py");
+    let mut command = aws_client("python", key);
+    command.args([
+        script.to_str().unwrap(),
+        &format!("http://{addr}"),
+        &request.to_string(),
+    ]);
+    if key.is_none() {
+        command.arg("--unsigned");
+    }
+    let output = command.output().unwrap();
+    assert!(output.status.success(), "boto3: {}", text(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The AWS CLI's exit code for an error the service returned: 255 in version 1, 254 in version 2.
+fn service_error_exit_code() -> i32 {
+    let output = aws_client("aws", None).arg("--version").output().unwrap();
+    let version = text(&output.stdout) + &text(&output.stderr);
+    if version.starts_with("aws-cli/1.") {
+        255
+    } else {
+        254
+    }
+}
+
+/// A config file in `dir` with `toml`, for CTS_CONFIG.
+fn config_file(dir: &Path, toml: &str) -> String {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, toml).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+/// Callers sign with SigV4 (keys for WEB and a stranger) or, on gRPC, name themselves in x-caller-id;
+/// anonymous callers are refused; the production policy decides.
+fn signed_callers_config(dir: &Path, extra: &str) -> String {
+    let credentials = dir.join("credentials.toml");
+    std::fs::write(
+        &credentials,
+        format!(
+            "[[keys]]\naccess_key_id = \"{WEB_KEY_ID}\"\nsecret_access_key = \"{WEB_SECRET}\"\nprincipal = \"{WEB}\"\n\n\
+             [[keys]]\naccess_key_id = \"{STRANGER_KEY_ID}\"\nsecret_access_key = \"{STRANGER_SECRET}\"\nprincipal = \"stranger\"\n"
+        ),
+    )
+    .unwrap();
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/policy");
+    config_file(
+        dir,
+        &format!(
+            "{extra}\n\
+             [identity]\nsources = [\"sigv4\", \"header\"]\nallow_anonymous = false\n\
+             [identity.sigv4]\ncredentials_file = \"{}\"\nregions = [\"us-west-2\"]\n\
+             [policy]\nfiles = [\"{}\"]\nentities_file = \"{}\"\n",
+            credentials.display(),
+            policy.join("production.cedar").display(),
+            policy.join("production.entities.json").display(),
+        ),
+    )
+}
+
+/// Every log line the binary writes within `quiet` of the last one.
+fn drain_log(binary: &Binary, quiet: Duration) -> Vec<String> {
+    let mut lines = Vec::new();
+    while let Ok(line) = binary.log.recv_timeout(quiet) {
+        lines.push(line);
+    }
+    lines
+}
+
+fn stop(binary: Binary) {
+    binary.signal("-TERM");
+    assert_eq!(binary.wait().0.code(), Some(0));
+}
+
+/// The seed page's example, `--output text --query token`, `--cli-input-json`, and an out-of-range
+/// session, on the embedded defaults (local issuer, anonymous callers, unsigned requests).
+#[test]
+fn the_aws_cli_works_with_the_reference_pages_options() {
+    let binary = Binary::start(&[]);
+
+    // The reference page's example (its typos fixed: option names, a 12-digit account).
+    let output = cli(
+        binary.addr,
+        None,
+        &[
+            "--room-identifier",
+            ROOM_ARN,
+            "--user-id",
+            "11231234",
+            "--capabilities",
+            "SEND_MESSAGE",
+            "--session-duration-in-minutes",
+            "30",
+        ],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let printed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(printed["token"].as_str().unwrap().starts_with("v4.local."));
+    for field in ["tokenExpirationTime", "sessionExpirationTime"] {
+        let time = printed[field].as_str().unwrap();
+        // As the page prints them: 2022-03-16T04:44:09+00:00
+        assert_eq!(time.len(), 25, "{time}");
+        assert!(time.ends_with("+00:00"), "{time}");
+    }
+
+    let output = cli(
+        binary.addr,
+        None,
+        &[
+            "--room-identifier",
+            ROOM_ARN,
+            "--user-id",
+            "u",
+            "--output",
+            "text",
+            "--query",
+            "token",
+        ],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let token = text(&output.stdout);
+    assert!(
+        token.starts_with("v4.local.") && token.trim_end().lines().count() == 1,
+        "{token}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.json");
+    std::fs::write(
+        &input,
+        json!({
+            "roomIdentifier": ROOM_ARN, "userId": "11231234",
+            "capabilities": ["SEND_MESSAGE", "DELETE_MESSAGE"], "sessionDurationInMinutes": 180,
+            "attributes": {"displayName": "Ann"},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let output = cli(
+        binary.addr,
+        None,
+        &["--cli-input-json", &format!("file://{}", input.display())],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+
+    let output = cli(
+        binary.addr,
+        None,
+        &[
+            "--room-identifier",
+            ROOM_ARN,
+            "--user-id",
+            "u",
+            "--session-duration-in-minutes",
+            "181",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(service_error_exit_code()));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains(
+            "An error occurred (ValidationException) when calling the CreateChatToken operation"
+        ) && stderr.contains("sessionDurationInMinutes must be between 1 and 180 minutes, got 181"),
+        "{stderr}"
+    );
+
+    // boto3 raises the modeled exception, with IVS's reason and field list.
+    let result = boto3(
+        binary.addr,
+        None,
+        json!({"roomIdentifier": "arn:aws:ivschat:us-west-2:123:room/ok", "userId": "u", "sessionDurationInMinutes": 181}),
+    );
+    assert_eq!(result["exception"], "ValidationException", "{result}");
+    assert_eq!(result["reason"], "FIELD_VALIDATION_FAILED", "{result}");
+    assert_eq!(
+        result["fieldList"],
+        json!([{"name": "sessionDurationInMinutes", "message": "must be between 1 and 180 minutes, got 181"}])
+    );
+    // The call's trace id.
+    assert_eq!(result["requestId"].as_str().unwrap().len(), 32, "{result}");
+    stop(binary);
+}
+
+/// Under TLS the CLI negotiates HTTP/1.1 by ALPN beside gRPC's h2.
+#[test]
+fn the_aws_cli_works_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::pki::Ca::new("test CA");
+    let (cert, key, _) = common::pki::write_server_files(dir.path(), &ca.server(), &ca);
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let config = config_file(
+        dir.path(),
+        &format!(
+            "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let binary = Binary::start(&[("CTS_CONFIG", &config)]);
+    let output = aws_client("aws", None)
+        .args([
+            "ivschat",
+            "create-chat-token",
+            "--no-sign-request",
+            "--endpoint-url",
+        ])
+        .arg(format!("https://localhost:{}", binary.addr.port()))
+        .arg("--ca-bundle")
+        .arg(&ca_file)
+        .args([
+            "--room-identifier",
+            ROOM_ARN,
+            "--user-id",
+            "u",
+            "--output",
+            "text",
+            "--query",
+            "token",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).starts_with("v4.local."));
+    stop(binary);
+}
+
+/// SigV4 callers: a good signature is the key's principal; a bad one, an unsigned call with anonymous
+/// callers off, and a policy refusal are all AccessDeniedException.
+#[test]
+fn signed_callers_are_identified_and_refusals_are_access_denied() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = signed_callers_config(dir.path(), "");
+    let binary = Binary::start(&[("CTS_CONFIG", &config)]);
+    let web = Some((WEB_KEY_ID, WEB_SECRET));
+    let room = format!("--room-identifier={ACCOUNT_111_ROOM}");
+
+    let output = cli(
+        binary.addr,
+        web,
+        &[
+            &room,
+            "--user-id",
+            "u",
+            "--output",
+            "text",
+            "--query",
+            "token",
+        ],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+
+    let denied = |output: Output, why: &str| {
+        assert_eq!(output.status.code(), Some(service_error_exit_code()));
+        let stderr = text(&output.stderr);
+        assert!(
+            stderr.contains("An error occurred (AccessDeniedException)") && stderr.contains(why),
+            "{stderr}"
+        );
+    };
+    denied(
+        cli(
+            binary.addr,
+            Some((WEB_KEY_ID, "a-wrong-secret-key-000000000000000000000")),
+            &[&room, "--user-id", "u"],
+        ),
+        "the signature does not match",
+    );
+    denied(
+        cli(
+            binary.addr,
+            Some(("CTSUNKNOWN000000001", WEB_SECRET)),
+            &[&room, "--user-id", "u"],
+        ),
+        "the access key id is not known",
+    );
+    denied(
+        cli(binary.addr, None, &[&room, "--user-id", "u"]),
+        "none of the configured identity sources identified the caller",
+    );
+    // Production policy: web sessions last at most 60 minutes.
+    denied(
+        cli(
+            binary.addr,
+            web,
+            &[
+                &room,
+                "--user-id",
+                "u",
+                "--session-duration-in-minutes",
+                "90",
+            ],
+        ),
+        "policy does not allow",
+    );
+    denied(
+        cli(
+            binary.addr,
+            Some((STRANGER_KEY_ID, STRANGER_SECRET)),
+            &[&room, "--user-id", "u"],
+        ),
+        "policy does not allow",
+    );
+
+    // A signature for a region not on the allow-list.
+    let mut command = aws_client("aws", web);
+    command.env("AWS_DEFAULT_REGION", "eu-west-1").args([
+        "ivschat",
+        "create-chat-token",
+        "--endpoint-url",
+        &format!("http://{}", binary.addr),
+        &room,
+        "--user-id",
+        "u",
+    ]);
+    denied(command.output().unwrap(), "region that is not allowed");
+
+    // Secrets never reach the log.
+    let log = drain_log(&binary, Duration::from_millis(300)).join("\n");
+    assert!(
+        !log.contains(WEB_SECRET) && !log.contains("a-wrong-secret"),
+        "{log}"
+    );
+    stop(binary);
+}
+
+/// A rate limit refuses with ThrottlingException and Retry-After, after the SDK's own retries: the service
+/// saw every attempt.
+#[test]
+fn rate_limited_calls_are_throttling_exceptions_after_the_sdks_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(
+        dir.path(),
+        "[[rate_limits]]\nname = \"per-user\"\nkey = \"user\"\nrate = \"1/h\"\nburst = 1\n",
+    );
+    let binary = Binary::start(&[("CTS_CONFIG", &config)]);
+    let request = json!({"roomIdentifier": ROOM_ARN, "userId": "busy-user"});
+    let first = boto3(binary.addr, None, request.clone());
+    assert!(first["token"].is_string(), "{first}");
+    drain_log(&binary, Duration::from_millis(300));
+
+    let throttled = boto3(binary.addr, None, request);
+    assert_eq!(throttled["exception"], "ThrottlingException", "{throttled}");
+    assert_eq!(throttled["status"], 429);
+    assert_eq!(
+        throttled["retryAttempts"], 2,
+        "AWS_MAX_ATTEMPTS=3: {throttled}"
+    );
+    let retry_after: u64 = throttled["retryAfter"].as_str().unwrap().parse().unwrap();
+    assert!((3000..=3600).contains(&retry_after), "{throttled}");
+    assert_eq!(
+        throttled["error"]["Message"],
+        "rate limit exceeded: per-user"
+    );
+
+    let refusals = drain_log(&binary, Duration::from_millis(300))
+        .into_iter()
+        .filter(|line| line.contains("outcome=\"rate_limited\""))
+        .count();
+    assert_eq!(
+        refusals, 3,
+        "the first attempt and two retries reached the service"
+    );
+    stop(binary);
+}
+
+/// With the IVS issuer: CLI → service → IVS (the stub) and back with IVS's token; IVS's errors come
+/// back as IVS's own shapes.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_reaches_ivs_through_the_service() {
+    let stub = IvsStub::start().await;
+    let endpoint = stub.endpoint();
+    let binary = Binary::start(&[
+        ("CTS_ISSUER", "ivs"),
+        ("CTS_IVS__ENDPOINT_URL", &endpoint),
+        ("CTS_IVS__MAX_ATTEMPTS", "1"),
+        ("AWS_ACCESS_KEY_ID", "AKIDOFTHESERVICE0000"),
+        ("AWS_SECRET_ACCESS_KEY", "service-secret"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ]);
+    let room = format!("--room-identifier={ACCOUNT_111_ROOM}");
+    let output = tokio::task::spawn_blocking({
+        let args = [
+            room.clone(),
+            "--user-id=11231234".into(),
+            "--capabilities=SEND_MESSAGE".into(),
+        ];
+        let addr = binary.addr;
+        move || {
+            let mut command = aws_client("aws", None);
+            command
+                .args([
+                    "ivschat",
+                    "create-chat-token",
+                    "--no-sign-request",
+                    "--endpoint-url",
+                ])
+                .arg(format!("http://{addr}"))
+                .args(args);
+            command.output().unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let printed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let calls = stub.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].operation, "CreateChatToken");
+    assert_eq!(calls[0].body["userId"], "11231234");
+    assert_eq!(
+        printed["token"],
+        calls[0].response.as_ref().unwrap()["token"]
+    );
+
+    let (not_found, pending) = tokio::task::spawn_blocking({
+        let addr = binary.addr;
+        move || {
+            let call = |room: &str| {
+                let mut command = aws_client("aws", None);
+                command
+                    .args([
+                        "ivschat",
+                        "create-chat-token",
+                        "--no-sign-request",
+                        "--endpoint-url",
+                    ])
+                    .arg(format!("http://{addr}"))
+                    .arg(format!(
+                        "--room-identifier=arn:aws:ivschat:us-west-2:111111111111:room/{room}"
+                    ))
+                    .arg("--user-id=u");
+                text(&command.output().unwrap().stderr)
+            };
+            (call("notfound"), call("pending"))
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        not_found.contains("(ResourceNotFoundException)"),
+        "{not_found}"
+    );
+    assert!(pending.contains("(PendingVerification)"), "{pending}");
+    stop(binary);
+}
+
+/// The same requests over gRPC and over the HTTP API: the same decisions and the same audit events.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_and_http_give_the_same_decision_and_audit_event() {
+    use chat_token_service::proto::ivschat::v1::CreateChatTokenRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = signed_callers_config(dir.path(), "log_format = \"json\"");
+    let binary = Binary::start(&[("CTS_CONFIG", &config)]);
+    let mut client = binary.client().await;
+    drain_log(&binary, Duration::from_millis(300));
+
+    let cases = [
+        // Issued.
+        json!({"roomIdentifier": ACCOUNT_111_ROOM, "userId": "u1", "capabilities": ["SEND_MESSAGE"], "sessionDurationInMinutes": 45}),
+        // Denied by policy: web sessions last at most 60 minutes.
+        json!({"roomIdentifier": ACCOUNT_111_ROOM, "userId": "u2", "sessionDurationInMinutes": 90}),
+        // Denied by policy: an account web does not serve.
+        json!({"roomIdentifier": common::ACCOUNT_222_ROOM, "userId": "u3"}),
+        // Invalid.
+        json!({"roomIdentifier": ACCOUNT_111_ROOM, "userId": "u4", "sessionDurationInMinutes": 181}),
+    ];
+    for case in cases {
+        let mut request = tonic::Request::new(CreateChatTokenRequest {
+            room_identifier: case["roomIdentifier"].as_str().unwrap().into(),
+            user_id: case["userId"].as_str().unwrap().into(),
+            capabilities: case["capabilities"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|_| 1)
+                .collect(),
+            session_duration_in_minutes: case["sessionDurationInMinutes"]
+                .as_i64()
+                .map(|m| m as i32),
+            attributes: Default::default(),
+        });
+        request
+            .metadata_mut()
+            .insert("x-caller-id", WEB.parse().unwrap());
+        let grpc = client.create_chat_token(request).await;
+        let grpc_audit = audit_event(&binary);
+
+        let http = tokio::task::spawn_blocking({
+            let (addr, case) = (binary.addr, case.clone());
+            move || boto3(addr, Some((WEB_KEY_ID, WEB_SECRET)), case)
+        })
+        .await
+        .unwrap();
+        let http_audit = audit_event(&binary);
+
+        let decision = match (&grpc, http["exception"].as_str()) {
+            (Ok(_), None) => "issued",
+            (Err(status), Some("AccessDeniedException"))
+                if status.code() == tonic::Code::PermissionDenied =>
+            {
+                "denied"
+            }
+            (Err(status), Some("ValidationException"))
+                if status.code() == tonic::Code::InvalidArgument =>
+            {
+                "invalid"
+            }
+            _ => panic!("the doors disagree on {case}: gRPC {grpc:?}, HTTP {http}"),
+        };
+        assert_eq!(grpc_audit, http_audit, "{decision}: {case}");
+    }
+    stop(binary);
+}
+
+/// The audit event of the next refusal or issue: its fields and its audit span's fields, without the
+/// per-call parts (time, token id hash, trace id).
+fn audit_event(binary: &Binary) -> Value {
+    loop {
+        let line = binary
+            .log
+            .recv_timeout(Duration::from_secs(10))
+            .expect("an audit event");
+        let Ok(event) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        if event["target"] != "audit" {
+            continue;
+        }
+        let mut fields = event["fields"].clone();
+        fields.as_object_mut().unwrap().remove("token_id_hash");
+        // Refusals before a request is valid have no audit span; the transport's span differs by door.
+        let span = &event["span"];
+        let audit = if span["name"] == "audit" {
+            span.clone()
+        } else {
+            Value::Null
+        };
+        return json!({"fields": fields, "audit": audit});
+    }
+}
