@@ -22,8 +22,12 @@ if [ ! -x "$venv/bin/kubectl" ]; then
 fi
 export PATH="$PWD/$venv/bin:$PATH"
 
-step "hadolint deploy/Dockerfile"
+step "hadolint deploy/Dockerfile; it builds with the toolchain Cargo.toml pins"
 hadolint deploy/Dockerfile
+pinned=$(sed -n 's/^rust-version = "\(.*\)"$/\1/p' Cargo.toml)
+grep -qx "ARG RUST_VERSION=$pinned" deploy/Dockerfile \
+  || { echo "deploy/Dockerfile must build with Rust $pinned (Cargo.toml rust-version)" >&2; exit 1; }
+echo "Rust $pinned in both"
 
 step "yamllint deploy/"
 yamllint --strict -c deploy/ci/yamllint.yaml deploy
