@@ -1,0 +1,340 @@
+//! The benchmark's load generator: a fixed number of calls in flight over a few HTTP/2 connections, every
+//! answer's status checked, latencies in an HDR histogram. bench/run.sh drives it; on its own:
+//!
+//! ```sh
+//! # CreateChatToken through a tonic client: 64 calls in flight over 4 connections.
+//! cargo run --release --example loadgen -- grpc --addr 127.0.0.1:50051 --requests 100000
+//! # The same, one distinct user id per call, then the server's peak and current RSS.
+//! cargo run --release --example loadgen -- grpc --addr 127.0.0.1:50051 --users 1000000 \
+//!   --requests 1000000 --server-pid "$(pgrep -n chat-token-service)"
+//! # CreateChatToken straight to an IVS Chat endpoint (the stub) through aws-sdk-ivschat.
+//! cargo run --release --example loadgen -- ivs --endpoint http://127.0.0.1:4566 --requests 20000
+//! # Milliseconds from exec to the token service answering SERVING on the gRPC health check.
+//! cargo run --release --example loadgen -- startup --addr 127.0.0.1:50051 -- target/release/chat-token-service
+//! ```
+//!
+//! The result is one line of `key=value` pairs on stdout (the first failure, if any, on stderr); the exit
+//! status is non-zero when any call failed.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use chat_token_service::proto::ivschat::v1::{
+    CreateChatTokenRequest, token_service_client::TokenServiceClient,
+};
+use clap::{Args, Parser, Subcommand};
+use hdrhistogram::Histogram;
+use tokio::sync::Mutex;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// CreateChatToken over gRPC (the service or the baseline).
+    Grpc {
+        /// The server, `host:port` (plaintext HTTP/2).
+        #[arg(long)]
+        addr: SocketAddr,
+        #[command(flatten)]
+        load: Load,
+    },
+    /// CreateChatToken straight to an IVS Chat endpoint through aws-sdk-ivschat.
+    Ivs {
+        /// The endpoint override, e.g. the stub's `http://127.0.0.1:4566`.
+        #[arg(long)]
+        endpoint: String,
+        #[command(flatten)]
+        load: Load,
+    },
+    /// Runs a server and prints the time from exec until its token service answers SERVING.
+    Startup {
+        /// Where the server listens (set it in the server's configuration too).
+        #[arg(long)]
+        addr: SocketAddr,
+        /// The server's command line.
+        #[arg(last = true, required = true)]
+        command: Vec<PathBuf>,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Load {
+    /// Calls measured.
+    #[arg(long, default_value_t = 50_000)]
+    requests: u64,
+    /// The most seconds a run may take: it stops early, with fewer calls, when the server is slow.
+    #[arg(long, default_value_t = 20)]
+    max_seconds: u64,
+    /// Calls made before measuring (connections, caches, allocator warm).
+    #[arg(long, default_value_t = 2_000)]
+    warmup: u64,
+    /// Calls in flight at any time.
+    #[arg(long, default_value_t = 64)]
+    concurrency: u64,
+    /// HTTP/2 connections the calls are spread over (gRPC only).
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Distinct user ids, `user-0` … `user-(N-1)`, one after the other; 1 sends `user-0` every time.
+    #[arg(long, default_value_t = 1)]
+    users: u64,
+    /// The room every call asks for.
+    #[arg(
+        long,
+        default_value = "arn:aws:ivschat:us-west-2:111111111111:room/lobby"
+    )]
+    room: String,
+    /// A server process whose peak and current RSS (from /proc) are reported after the run.
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+/// Something that makes one CreateChatToken call.
+trait Caller: Clone + Send + 'static {
+    /// Makes the call for `user`; the error says what went wrong.
+    fn call(&mut self, room: &str, user: String)
+    -> impl Future<Output = Result<(), String>> + Send;
+}
+
+#[derive(Clone)]
+struct GrpcCaller(TokenServiceClient<Channel>);
+
+impl Caller for GrpcCaller {
+    async fn call(&mut self, room: &str, user: String) -> Result<(), String> {
+        let request = CreateChatTokenRequest {
+            room_identifier: room.to_owned(),
+            user_id: user,
+            ..Default::default()
+        };
+        match self.0.create_chat_token(request).await {
+            Ok(response) if !response.get_ref().token.is_empty() => Ok(()),
+            Ok(_) => Err("OK with an empty token".into()),
+            Err(status) => Err(format!("{:?}: {}", status.code(), status.message())),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct IvsCaller(aws_sdk_ivschat::Client);
+
+impl Caller for IvsCaller {
+    async fn call(&mut self, room: &str, user: String) -> Result<(), String> {
+        match self
+            .0
+            .create_chat_token()
+            .room_identifier(room)
+            .user_id(user)
+            .send()
+            .await
+        {
+            Ok(output) if output.token.is_some() => Ok(()),
+            Ok(_) => Err("OK without a token".into()),
+            Err(error) => Err(format!(
+                "{}",
+                aws_sdk_ivschat::error::DisplayErrorContext(error)
+            )),
+        }
+    }
+}
+
+/// What one run measured.
+struct Report {
+    elapsed: Duration,
+    latencies: Histogram<u64>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Grpc { addr, load } => {
+            let mut clients = Vec::with_capacity(load.connections);
+            for _ in 0..load.connections {
+                // One Endpoint::connect is one HTTP/2 connection.
+                let channel = Endpoint::from_shared(format!("http://{addr}"))
+                    .expect("a valid URI")
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await
+                    .expect("cannot connect");
+                clients.push(GrpcCaller(TokenServiceClient::new(channel)));
+            }
+            measure(clients, &load).await
+        }
+        Command::Ivs { endpoint, load } => {
+            let config = aws_sdk_ivschat::Config::builder()
+                .behavior_version(aws_sdk_ivschat::config::BehaviorVersion::latest())
+                .region(aws_sdk_ivschat::config::Region::new("us-west-2"))
+                .endpoint_url(endpoint)
+                .credentials_provider(aws_sdk_ivschat::config::Credentials::new(
+                    "stub", "stub", None, None, "bench",
+                ))
+                // The same HTTP stack the service's IVS issuer uses: rustls with ring.
+                .http_client(
+                    aws_smithy_http_client::Builder::new()
+                        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+                        ))
+                        .build_https(),
+                )
+                .build();
+            let client = IvsCaller(aws_sdk_ivschat::Client::from_conf(config));
+            measure(vec![client], &load).await
+        }
+        Command::Startup { addr, command } => startup(addr, &command).await,
+    }
+}
+
+/// Warms up, then measures `load.requests` calls spread round-robin over `clients`.
+async fn measure<C: Caller>(clients: Vec<C>, load: &Load) -> ExitCode {
+    let warmup = run(&clients, load, load.warmup, 0).await;
+    if warmup.errors > 0 {
+        eprintln!(
+            "warm-up: {} failed calls, first: {}",
+            warmup.errors,
+            warmup.first_error.unwrap_or_default()
+        );
+        return ExitCode::FAILURE;
+    }
+    let report = run(&clients, load, load.requests, load.warmup).await;
+    let seconds = report.elapsed.as_secs_f64();
+    let micros = |quantile: f64| report.latencies.value_at_quantile(quantile);
+    let calls = report.latencies.len();
+    let mut line = format!(
+        "requests={calls} errors={} seconds={seconds:.3} rps={:.0} p50_us={} p99_us={} p999_us={} max_us={}",
+        report.errors,
+        calls as f64 / seconds,
+        micros(0.50),
+        micros(0.99),
+        micros(0.999),
+        report.latencies.max(),
+    );
+    if let Some(pid) = load.server_pid {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .expect("the server process is gone");
+        for (field, key) in [("VmHWM:", "rss_peak_kib"), ("VmRSS:", "rss_kib")] {
+            let kib = status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+                .expect("/proc/PID/status has VmHWM and VmRSS");
+            line.push_str(&format!(" {key}={kib}"));
+        }
+    }
+    println!("{line}");
+    if let Some(error) = report.first_error {
+        eprintln!("{} failed calls, first: {error}", report.errors);
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+/// Makes `count` calls (fewer if `load.max_seconds` pass first), `load.concurrency` at a time; call `i` is for
+/// user `(first + i) % load.users`.
+async fn run<C: Caller>(clients: &[C], load: &Load, count: u64, first: u64) -> Report {
+    let next = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(Mutex::new(None));
+    let room: Arc<str> = load.room.as_str().into();
+    let started = Instant::now();
+    let stop_at = started + Duration::from_secs(load.max_seconds);
+    let workers: Vec<_> = (0..load.concurrency)
+        .map(|worker| {
+            let mut client = clients[worker as usize % clients.len()].clone();
+            let (next, first_error, room, users) =
+                (next.clone(), first_error.clone(), room.clone(), load.users);
+            tokio::spawn(async move {
+                // Microseconds, 1 µs to 60 s, 3 significant digits.
+                let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                    .expect("valid histogram bounds");
+                let mut errors = 0;
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count || Instant::now() >= stop_at {
+                        break;
+                    }
+                    let user = format!("user-{}", (first + i) % users);
+                    let sent = Instant::now();
+                    let result = client.call(&room, user).await;
+                    latencies.saturating_record(sent.elapsed().as_micros() as u64);
+                    if let Err(error) = result {
+                        errors += 1;
+                        first_error.lock().await.get_or_insert(error);
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let mut errors = 0;
+    for worker in workers {
+        let (worker_latencies, worker_errors) = worker.await.expect("a worker panicked");
+        latencies.add(worker_latencies).expect("same bounds");
+        errors += worker_errors;
+    }
+    let elapsed = started.elapsed();
+    let first_error = first_error.lock().await.take();
+    Report {
+        elapsed,
+        latencies,
+        errors,
+        first_error,
+    }
+}
+
+/// Spawns `command`, polls the health check every millisecond, reports when the token service is SERVING,
+/// then stops the server.
+async fn startup(addr: SocketAddr, command: &[PathBuf]) -> ExitCode {
+    let started = Instant::now();
+    let mut server = tokio::process::Command::new(&command[0])
+        .args(&command[1..])
+        .kill_on_drop(true)
+        .spawn()
+        .expect("cannot start the server");
+    let endpoint = Endpoint::from_shared(format!("http://{addr}")).expect("a valid URI");
+    let deadline = started + Duration::from_secs(10);
+    let serving = loop {
+        if Instant::now() > deadline {
+            break None;
+        }
+        if let Ok(channel) = endpoint.connect().await {
+            let status = health_client::HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: "ivschat.v1.TokenService".into(),
+                })
+                .await;
+            if let Ok(response) = status
+                && response.get_ref().status() == ServingStatus::Serving
+            {
+                break Some(started.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    server.start_kill().expect("cannot stop the server");
+    let _ = server.wait().await;
+    match serving {
+        Some(elapsed) => {
+            println!("serving_ms={:.1}", elapsed.as_secs_f64() * 1000.0);
+            ExitCode::SUCCESS
+        }
+        None => {
+            eprintln!("the server was not SERVING within 10 s");
+            ExitCode::FAILURE
+        }
+    }
+}
