@@ -487,3 +487,45 @@ async fn a_thousand_made_up_regions_create_no_client() {
     }
     assert_eq!(issuer.clients_created(), 0);
 }
+
+#[tokio::test]
+async fn a_call_shed_for_overload_is_audited() {
+    let stub = IvsStub::start().await;
+    let endpoint = stub.endpoint();
+    let binary = Binary::start(&[
+        ("CTS_ISSUER", "ivs"),
+        ("CTS_IVS__ENDPOINT_URL", &endpoint),
+        ("CTS_MAX_CONCURRENT_CALLS", "1"),
+        ("CTS_LOG_FORMAT", "json"),
+        ("AWS_ACCESS_KEY_ID", "AKIDFROMENV"),
+        ("AWS_SECRET_ACCESS_KEY", "env-secret"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ]);
+    // One call held in flight by a slow upstream (until its deadline) ...
+    let mut slow_client = binary.client().await;
+    let slow = tokio::spawn(async move {
+        let mut slow = Request::new(request(&format!("{WEST}/slow")));
+        slow.set_timeout(Duration::from_secs(3));
+        slow_client.create_chat_token(slow).await
+    });
+    while stub.attempts("slow") == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ... so the next one is shed.
+    let status = binary
+        .client()
+        .await
+        .create_chat_token(request(&format!("{WEST}/lobby")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    slow.abort();
+    binary.signal("-TERM");
+    let (_, log) = binary.wait();
+    let shed: Vec<serde_json::Value> = log
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["target"] == "audit" && line["fields"]["outcome"] == "overloaded")
+        .collect();
+    assert_eq!(shed.len(), 1, "{log:#?}");
+}

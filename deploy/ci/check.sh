@@ -11,6 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 binary=$(realpath "${1:-target/debug/chat-token-service}")
 step() { printf '\n== %s\n' "$*"; }
+fail() {
+  echo "deploy check failed: $*" >&2
+  exit 1
+}
 
 venv=target/deploy-tools
 if [ ! -x "$venv/bin/kubectl" ]; then
@@ -22,15 +26,20 @@ if [ ! -x "$venv/bin/kubectl" ]; then
 fi
 export PATH="$PWD/$venv/bin:$PATH"
 
-step "hadolint deploy/Dockerfile"
+step "hadolint deploy/Dockerfile; it builds with the toolchain Cargo.toml pins"
 hadolint deploy/Dockerfile
+pinned=$(sed -n 's/^rust-version = "\(.*\)"$/\1/p' Cargo.toml)
+grep -qx "ARG RUST_VERSION=$pinned" deploy/Dockerfile \
+  || { echo "deploy/Dockerfile must build with Rust $pinned (Cargo.toml rust-version)" >&2; exit 1; }
+echo "Rust $pinned in both"
 
 step "yamllint deploy/"
 yamllint --strict -c deploy/ci/yamllint.yaml deploy
 
 step "JSON under deploy/ (IAM policies, Cedar entities) parses"
 for json in $(find deploy -name '*.json' | sort); do
-  python -m json.tool "$json" >/dev/null && echo "ok      $json"
+  python -m json.tool "$json" >/dev/null
+  echo "ok      $json"
 done
 
 step "manifests: every file and each rendered overlay against the schemas"
@@ -81,8 +90,10 @@ stage() {
   while read -r name key target; do
     case "$target" in
       env:*) echo "${target#env:}=redis://127.0.0.1:6379/0" >>"$dir/env" ;;  # the only Secret env: the Redis URL
-      */keys) mkdir -p "$dir/root$target" && cp "$secrets/keys/"* "$dir/root$target/" ;;
-      */tls) mkdir -p "$dir/root$target" && cp "$secrets/tls/"* "$dir/root$target/" ;;
+      */keys | */tls)
+        mkdir -p "$dir/root$target"
+        cp "$secrets/$(basename "$target")/"* "$dir/root$target/"
+        ;;
       *) echo "no stand-in for Secret $name ($key) at $target" >&2; return 1 ;;
     esac
   done <"$dir/secrets"
@@ -135,19 +146,18 @@ for example in config.example.toml config.production.example.toml; do
   (as_image examples "$image_binary" --config "/etc/chat-token-service/config/$example" --check-config)
 done
 echo "-- a broken configuration is refused, naming each problem"
-printf 'listen_addr = "0.0.0.0:50051"\n[policy]\nfiles = ["/etc/chat-token-service/policy/missing.cedar"]\n[local_issuer]\nkeys_file = "/etc/chat-token-service/keys/missing.toml"\n' \
+printf 'listen_addr = "0.0.0.0:50051"\n[identity]\nsources = ["xfcc"]\nallow_anonymous = false\n[policy]\nfiles = ["/etc/chat-token-service/policy/missing.cedar"]\n[local_issuer]\nkeys_file = "/etc/chat-token-service/keys/missing.toml"\n' \
   >"$work/broken.toml"
 if "$binary" --config "$work/broken.toml" --check-config 2>"$work/broken.err"; then
-  echo "--check-config accepted a configuration with missing files" >&2
-  exit 1
+  fail "--check-config accepted a configuration with missing files"
 fi
 cat "$work/broken.err"
-grep -q 'policy.files' "$work/broken.err" && grep -q 'local issuer keys' "$work/broken.err"
+grep -q 'policy.files' "$work/broken.err" || fail "the missing policy file was not named"
+grep -q 'local issuer keys' "$work/broken.err" || fail "the missing key set file was not named"
 
 step "serve as the image would (local-issuer overlay), probe gRPC health, mint through XFCC, stop on SIGTERM"
 if (exec 3<>/dev/tcp/127.0.0.1/50051) 2>/dev/null; then
-  echo "something already listens on port 50051 (the manifests' listen_addr); stop it first" >&2
-  exit 1
+  fail "something already listens on port 50051 (the manifests' listen_addr); stop it first"
 fi
 (as_image local-issuer "$image_binary") >"$work/server.log" 2>&1 &
 server=$!
@@ -164,18 +174,20 @@ cat "$work/health.json"
 grep -q '"SERVING"' "$work/health.json"
 # The answer came from the server started here, running as the image's user.
 uid=$(awk '/^Uid:/ {print $2}' "/proc/$server/status")
-[ "$uid" = 65532 ] && echo "serving as uid $uid, read-only root of its files, no capabilities"
+[ "$uid" = 65532 ] || fail "serving as uid $uid, not the image's 65532"
+echo "serving as uid $uid, read-only root of its files, no capabilities"
 # What the Istio sidecar sends: the caller's SPIFFE id in x-forwarded-client-cert.
 buf_curl -H 'x-forwarded-client-cert: By=spiffe://cluster.local/ns/chat/sa/chat-token-service;URI=spiffe://cluster.local/ns/chat/sa/web' \
   -d '{"roomIdentifier":"arn:aws:ivschat:us-east-1:111111111111:room/abcdEFGH1234","userId":"ci-user"}' \
   http://127.0.0.1:50051/ivschat.v1.TokenService/CreateChatToken >"$work/token.json"
-grep -q '"token"' "$work/token.json" && echo "CreateChatToken through XFCC: a token"
+grep -q '"token"' "$work/token.json" || fail "no token through XFCC: $(cat "$work/token.json")"
+echo "CreateChatToken through XFCC: a token"
 if buf_curl -d '{"roomIdentifier":"arn:aws:ivschat:us-east-1:111111111111:room/abcdEFGH1234","userId":"ci-user"}' \
   http://127.0.0.1:50051/ivschat.v1.TokenService/CreateChatToken >/dev/null 2>"$work/anonymous.err"; then
-  echo "a call without XFCC was served" >&2
-  exit 1
+  fail "a call without XFCC was served"
 fi
-grep -qi 'unauthenticated' "$work/anonymous.err" && echo "CreateChatToken without XFCC: UNAUTHENTICATED"
+grep -qi 'unauthenticated' "$work/anonymous.err" || fail "without XFCC: $(cat "$work/anonymous.err")"
+echo "CreateChatToken without XFCC: UNAUTHENTICATED"
 kill -TERM "$server"
 started=$(date +%s)
 wait "$server"
