@@ -36,8 +36,16 @@ pub struct Config {
     /// Default `127.0.0.1:50051`.
     pub listen_addr: SocketAddr,
 
-    /// After SIGTERM or SIGINT, how long calls already in flight may take to finish before the process
-    /// exits anyway. Keep it below Kubernetes' `terminationGracePeriodSeconds`. Default `20s`.
+    /// After SIGTERM or SIGINT, how long the server reports NOT_SERVING while still serving, before it
+    /// closes the listener: long enough for kubelet probes and load balancers to see NOT_SERVING and
+    /// send new work elsewhere, so no caller meets a refused connection. `0s` closes at once (nothing in
+    /// front of it polls health). Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_drain_delay: Duration,
+
+    /// After the drain delay, how long calls already in flight may take to finish before the process
+    /// exits anyway. Keep `shutdown_drain_delay` plus this below Kubernetes'
+    /// `terminationGracePeriodSeconds`. Default `20s`.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace_period: Duration,
 
@@ -100,6 +108,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            shutdown_drain_delay: Duration::from_secs(5),
             shutdown_grace_period: Duration::from_secs(20),
             max_request_bytes: 64 * 1024,
             max_concurrent_calls: NonZeroUsize::new(1024).expect("1024 is not zero"),
@@ -1026,6 +1035,7 @@ mod tests {
     fn an_empty_file_gives_the_documented_defaults() {
         let config = load_str("").unwrap();
         assert_eq!(config.listen_addr, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(config.shutdown_drain_delay, Duration::from_secs(5));
         assert_eq!(config.shutdown_grace_period, Duration::from_secs(20));
         assert_eq!(config.max_request_bytes, 65536);
         assert_eq!(config.issuer, IssuerKind::Local);

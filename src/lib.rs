@@ -58,6 +58,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod end_on_drain;
 pub mod error;
 pub mod identity;
 pub mod inflight;

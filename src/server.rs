@@ -6,10 +6,12 @@
 //! mode: NOT_SERVING while Redis is unreachable), so point readiness probes at it.
 //!
 //! [`run`] serves until `shutdown` completes, then:
-//! 1. reports NOT_SERVING for every health-checked service, so load balancers stop sending work;
-//! 2. stops accepting connections (the listener is closed) and sends HTTP/2 GOAWAY on open ones;
-//! 3. lets calls already in flight finish, for at most `shutdown_grace_period`;
-//! 4. returns `Ok(())` as soon as no call is in flight, without waiting for idle connections to close
+//! 1. reports NOT_SERVING for every health-checked service, so load balancers stop sending work, and
+//!    ends health `Watch` streams (UNAVAILABLE) once that update is written (see [`crate::end_on_drain`]);
+//! 2. keeps serving new calls for `shutdown_drain_delay`, while probes and load balancers catch up;
+//! 3. stops accepting connections (the listener is closed) and sends HTTP/2 GOAWAY on open ones;
+//! 4. lets calls already in flight finish, for at most `shutdown_grace_period`;
+//! 5. returns `Ok(())` as soon as no call is in flight, without waiting for idle connections to close
 //!    (see [`crate::inflight`]).
 
 use std::future::Future;
@@ -19,6 +21,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::config::{Config, ConfigError};
+use crate::end_on_drain::EndOnDrain;
 use crate::inflight::{Calls, InFlightLayer};
 use crate::moderation::ModerationGrpc;
 use crate::proto::{
@@ -169,9 +172,13 @@ pub async fn run(
             config.max_concurrent_calls.get(),
         ));
     // Health and reflection get the token service's bound too: nothing decodes (or echoes) more.
+    let (draining_tx, draining) = watch::channel(false);
     let mut routes = tonic::service::Routes::builder();
     routes
-        .add_service(health_service.max_decoding_message_size(config.max_request_bytes))
+        .add_service(EndOnDrain::new(
+            health_service.max_decoding_message_size(config.max_request_bytes),
+            draining,
+        ))
         .add_service(reflection_v1.max_decoding_message_size(config.max_request_bytes))
         .add_service(reflection_v1alpha.max_decoding_message_size(config.max_request_bytes))
         .add_service(token_service);
@@ -211,6 +218,7 @@ pub async fn run(
         readiness,
         calls,
         config,
+        draining: draining_tx,
         drain_tx,
     };
     match &config.tls {
@@ -262,6 +270,8 @@ struct Drain<'a> {
     readiness: Option<JoinHandle<()>>,
     calls: Calls,
     config: &'a Config,
+    /// Ends health `Watch` streams.
+    draining: watch::Sender<bool>,
     /// Tells the tonic server to stop accepting and send GOAWAY.
     drain_tx: tokio::sync::oneshot::Sender<()>,
 }
@@ -278,10 +288,13 @@ impl Drain<'_> {
             () = shutdown => {}
         }
 
+        let delay = self.config.shutdown_drain_delay;
         let grace = self.config.shutdown_grace_period;
         tracing::info!(
+            drain_delay = %humantime::format_duration(delay),
             grace_period = %humantime::format_duration(grace),
-            "shutdown requested: reporting NOT_SERVING and draining in-flight calls"
+            "shutdown requested: reporting NOT_SERVING, serving on for the drain delay, then draining \
+             in-flight calls"
         );
         if let Some(task) = self.readiness {
             task.abort();
@@ -293,6 +306,12 @@ impl Drain<'_> {
                 .set_service_status(service, ServingStatus::NotServing)
                 .await;
         }
+        self.draining.send_replace(true);
+        tokio::select! {
+            result = &mut server => return Ok(result?),
+            () = tokio::time::sleep(delay) => {}
+        }
+        tracing::info!("drain delay over: closing the listener");
         let _ = self.drain_tx.send(());
 
         let drained = async {

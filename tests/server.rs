@@ -256,6 +256,70 @@ async fn the_binary_serves_on_defaults_and_exits_0_on_sigterm_and_sigint() {
     }
 }
 
+#[tokio::test]
+async fn sigterm_ends_health_watches_at_once_and_serves_through_the_drain_delay() {
+    let binary = Binary::start(&[("CTS_SHUTDOWN_DRAIN_DELAY", "1500ms")]);
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", binary.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut watch = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: "ivschat.v1.TokenService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+    let mut client =
+        chat_token_service::proto::ivschat::v1::token_service_client::TokenServiceClient::new(
+            channel,
+        );
+
+    let signalled = std::time::Instant::now();
+    binary.signal("-TERM");
+    let update = tokio::time::timeout(Duration::from_secs(1), watch.next())
+        .await
+        .expect("the watcher hears of the shutdown at once");
+    assert_eq!(
+        update.unwrap().unwrap().status,
+        ServingStatus::NotServing as i32
+    );
+    let end = tokio::time::timeout(Duration::from_secs(1), watch.next())
+        .await
+        .expect("and its stream ends at once");
+    match end {
+        None => {}
+        Some(Err(status)) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}"),
+        Some(Ok(update)) => panic!("no update after NOT_SERVING: {update:?}"),
+    }
+
+    // Still within the drain delay: new calls are served.
+    client
+        .create_chat_token(valid_request())
+        .await
+        .expect("a call during the drain delay succeeds");
+    assert!(signalled.elapsed() < Duration::from_millis(1500));
+
+    let (status, log) = tokio::task::spawn_blocking(move || binary.wait())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{log:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "exits after the 1.5s delay, long before the 20s grace period: {:?}",
+        signalled.elapsed()
+    );
+    assert!(
+        log.iter().any(|l| l.contains("drain delay over")),
+        "{log:?}"
+    );
+}
+
 #[test]
 fn the_binary_warns_when_its_key_is_ephemeral() {
     let binary = Binary::start(&[]);

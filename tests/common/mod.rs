@@ -130,6 +130,8 @@ impl LocalKeys {
     pub fn config(&self) -> Config {
         let mut config = Config::default();
         config.local_issuer.keys_file = Some(self.path.clone());
+        // Nothing in front of a test server polls its health.
+        config.shutdown_drain_delay = std::time::Duration::ZERO;
         config
     }
 }
@@ -170,6 +172,8 @@ impl Binary {
             .env_clear()
             .env("CTS_LISTEN_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "info")
+            // Nothing in front of a test binary polls its health; tests that need the delay set it.
+            .env("CTS_SHUTDOWN_DRAIN_DELAY", "0s")
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
