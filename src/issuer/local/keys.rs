@@ -176,13 +176,15 @@ impl KeySet {
     }
 }
 
-/// Logs a warning when the key file's mode lets its group or others read it: whoever can read the key
+/// Logs a warning when the key file's mode lets anyone but the service read it: whoever can read the key
 /// can mint and read tokens. Containers commonly mount secrets 0644, so this warns rather than refuses.
 fn warn_if_shared(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     if let Ok(metadata) = std::fs::metadata(path) {
         let mode = metadata.permissions().mode();
-        if mode & 0o077 != 0 {
+        // SAFETY: getegid has no preconditions and cannot fail.
+        let own_group = unsafe { libc::getegid() };
+        if readable_by_others(mode, metadata.gid(), own_group) {
             tracing::warn!(
                 path = %path.display(),
                 mode = format_args!("{:04o}", mode & 0o7777),
@@ -191,6 +193,14 @@ fn warn_if_shared(path: &Path) {
             );
         }
     }
+}
+
+/// Whether a file of `mode` owned by group `file_group` is open to anyone but this process. Group access
+/// counts only when the group is not the process's own: Kubernetes mounts a Secret for a non-root pod as
+/// root-owned with group `fsGroup` (the pod's `runAsGroup`) and mode 0440, and that is as private as a
+/// mounted secret gets.
+fn readable_by_others(mode: u32, file_group: u32, own_group: u32) -> bool {
+    mode & 0o007 != 0 || (mode & 0o070 != 0 && file_group != own_group)
 }
 
 fn parse_key(paserk: &str, location: &str) -> Result<LocalKey, KeyError> {
@@ -282,5 +292,26 @@ impl From<KeySet> for LiveKeys {
 impl From<Arc<KeySet>> for LiveKeys {
     fn from(keys: Arc<KeySet>) -> Self {
         LiveKeys(Arc::new(ArcSwap::new(keys)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::readable_by_others;
+
+    #[test]
+    fn only_the_services_own_group_may_share_the_key_file() {
+        let (ours, theirs) = (65532, 0);
+        assert!(!readable_by_others(0o600, theirs, ours), "owner only");
+        assert!(
+            !readable_by_others(0o440, ours, ours),
+            "Kubernetes Secret with fsGroup = runAsGroup"
+        );
+        assert!(readable_by_others(0o640, theirs, ours), "another group");
+        assert!(readable_by_others(0o644, ours, ours), "everyone");
+        assert!(
+            readable_by_others(0o604, ours, ours),
+            "others without group"
+        );
     }
 }
