@@ -585,8 +585,8 @@ pub struct LimiterConfig {
     pub backend: LimiterBackend,
 
     /// Most keys (one per limit and caller, user, room… as the limit counts) whose state is kept in memory,
-    /// so a flood of distinct users cannot exhaust it. Each costs roughly 100 bytes plus its user id and
-    /// room ARN. Beyond the cap the keys closest to recovery are forgotten, which can only make a limit more
+    /// so a flood of distinct users cannot exhaust it. Each costs about 50 bytes (a digest of the key,
+    /// not the key). Beyond the cap the keys closest to recovery are forgotten, which can only make a limit more
     /// lenient. With the Redis backend it bounds the fail_open fallback. Default `1000000`; at least 1.
     pub max_tracked_keys: NonZeroUsize,
 

@@ -1,10 +1,12 @@
-//! IVS Chat's own REST-JSON API, beside gRPC on the same listener: `POST /CreateChatToken` exactly as
-//! IVS Chat's service model defines it, so `aws ivschat create-chat-token --endpoint-url …` and every AWS
-//! SDK become clients by changing only their endpoint.
+//! IVS Chat's own REST-JSON API, beside gRPC on the same listener: `POST /CreateChatToken` and
+//! `POST /DisconnectUser` exactly as IVS Chat's service model defines them, so `aws ivschat
+//! create-chat-token --endpoint-url …` (and `disconnect-user`) and every AWS SDK become clients by changing
+//! only their endpoint.
 //!
 //! This door is as thin as the gRPC one ([`crate::service`]): JSON ⇄ domain types, nothing else. Both go
 //! through the same [`Door`]: one identity resolver (plus the `sigv4` source, which needs the body), one
-//! domain stack, one audit trail. Errors come from the same table ([`IvsError`] beside the gRPC
+//! domain stack, one audit trail; DisconnectUser ends in the same [`ModerationGrpc::decide`] as the gRPC
+//! ModerationService. Errors come from the same table ([`IvsError`] beside the gRPC
 //! statuses in [`crate::error`]), shaped as IVS shapes them so SDKs raise their typed exceptions.
 //!
 //! Every response carries `x-amzn-RequestId`: the call's trace id when tracing is on, else a fresh UUID,
@@ -13,7 +15,8 @@
 //! ```
 //! # use chat_token_service::{config::Config, rest, service::Door, stack};
 //! # async fn example(door: Door) {
-//! let router = rest::router(door, &Config::default().http_api); // .merge() it beside the gRPC routes
+//! // No moderation stack: only CreateChatToken. `.merge()` it beside the gRPC routes.
+//! let router = rest::router(door, None, &Config::default().http_api);
 //! # }
 //! ```
 
@@ -28,6 +31,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::HttpApiConfig;
 use crate::error::{IvsError, UNKNOWN_OPERATION, VALIDATION_OTHER};
+use crate::moderation::{ModerationGrpc, service::disconnect_request};
 use crate::request::{Capabilities, FieldNames, IssuedToken, TokenRequest, UncheckedRequest};
 use crate::service::Door;
 
@@ -37,6 +41,9 @@ pub const SERVICE: &str = "ivschat";
 /// The path of IVS Chat's CreateChatToken operation.
 pub const CREATE_CHAT_TOKEN: &str = "/CreateChatToken";
 
+/// The path of IVS Chat's DisconnectUser operation.
+pub const DISCONNECT_USER: &str = "/DisconnectUser";
+
 /// The header AWS SDKs read the request id from.
 const REQUEST_ID: &str = "x-amzn-requestid";
 /// The header AWS SDKs read the error shape from.
@@ -45,6 +52,8 @@ const ERROR_TYPE: &str = "x-amzn-errortype";
 /// What every route of this API needs.
 struct Api {
     door: Door,
+    /// DisconnectUser's handler; `None` when the stacks have no moderator (an embedder's own issuer).
+    moderation: Option<ModerationGrpc>,
     max_body_bytes: usize,
 }
 
@@ -54,10 +63,11 @@ struct Api {
 pub fn beside(
     grpc: tonic::service::Routes,
     door: Door,
+    moderation: Option<ModerationGrpc>,
     settings: &HttpApiConfig,
 ) -> tonic::service::Routes {
     grpc.into_axum_router()
-        .merge(router(door, settings))
+        .merge(router(door, moderation, settings))
         .fallback(unknown_operation)
         .into()
 }
@@ -75,7 +85,8 @@ async fn unknown_operation(request: Request<Body>) -> Response<Body> {
     }
     let mut response = error_response(&IvsError::unreadable(
         UNKNOWN_OPERATION,
-        "this service offers CreateChatToken (POST /CreateChatToken) of IVS Chat's API",
+        "this service offers CreateChatToken (POST /CreateChatToken) and DisconnectUser \
+         (POST /DisconnectUser) of IVS Chat's API",
     ));
     if let Ok(value) = HeaderValue::from_str(&request_id()) {
         response.headers_mut().insert(REQUEST_ID, value);
@@ -83,15 +94,29 @@ async fn unknown_operation(request: Request<Body>) -> Response<Body> {
     response
 }
 
-/// The routes of the IVS Chat API.
-pub fn router(door: Door, settings: &HttpApiConfig) -> axum::Router {
+/// The routes of the IVS Chat API: CreateChatToken through `door`, and DisconnectUser through
+/// `moderation` when there is one.
+pub fn router(
+    door: Door,
+    moderation: Option<ModerationGrpc>,
+    settings: &HttpApiConfig,
+) -> axum::Router {
+    let has_moderation = moderation.is_some();
     let api = Arc::new(Api {
         door,
+        moderation,
         max_body_bytes: settings.max_body_bytes,
     });
-    axum::Router::new().route(
-        CREATE_CHAT_TOKEN,
-        axum::routing::any(move |request| create_chat_token(api.clone(), request)),
+    let router = axum::Router::new().route(CREATE_CHAT_TOKEN, {
+        let api = api.clone();
+        axum::routing::any(move |request| create_chat_token(api.clone(), request))
+    });
+    if !has_moderation {
+        return router;
+    }
+    router.route(
+        DISCONNECT_USER,
+        axum::routing::any(move |request| disconnect_user(api.clone(), request)),
     )
 }
 
@@ -112,9 +137,18 @@ struct CreateChatTokenInput {
 }
 
 async fn create_chat_token(api: Arc<Api>, request: Request<Body>) -> Response<Body> {
+    respond(
+        issue(&api, request)
+            .await
+            .map(|issued| token_output(&issued)),
+    )
+}
+
+/// The response to a call: 200 with `output`, or the error in IVS's shape; with a request id either way.
+fn respond(result: Result<serde_json::Value, IvsError>) -> Response<Body> {
     let request_id = request_id();
-    let mut response = match issue(&api, request).await {
-        Ok(issued) => json_response(StatusCode::OK, &token_output(&issued)),
+    let mut response = match result {
+        Ok(output) => json_response(StatusCode::OK, &output),
         Err(error) => error_response(&error),
     };
     if let Ok(value) = HeaderValue::from_str(&request_id) {
@@ -123,23 +157,39 @@ async fn create_chat_token(api: Arc<Api>, request: Request<Body>) -> Response<Bo
     response
 }
 
-async fn issue(api: &Api, request: Request<Body>) -> Result<IssuedToken, IvsError> {
+/// A call's head and whole body, once it is a POST of JSON within the size limit.
+async fn accept(
+    api: &Api,
+    operation: &str,
+    request: Request<Body>,
+) -> Result<(http::request::Parts, axum::body::Bytes), IvsError> {
     if request.method() != Method::POST {
         return Err(IvsError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "ValidationException",
-            "CreateChatToken takes POST",
+            format!("{operation} takes POST"),
         ));
     }
     let (parts, body) = request.into_parts();
     check_content_type(&parts.headers)?;
     let body = read_body(&parts.headers, body, api.max_body_bytes).await?;
+    Ok((parts, body))
+}
 
-    let door = &api.door;
-    let peer_certs = parts
+/// The client certificates of the call's TLS connection, if any.
+fn peer_certs(
+    parts: &http::request::Parts,
+) -> Option<Arc<Vec<tonic::transport::CertificateDer<'static>>>> {
+    parts
         .extensions
         .get::<TlsConnectInfo<TcpConnectInfo>>()
-        .and_then(TlsConnectInfo::peer_certs);
+        .and_then(TlsConnectInfo::peer_certs)
+}
+
+async fn issue(api: &Api, request: Request<Body>) -> Result<IssuedToken, IvsError> {
+    let (parts, body) = accept(api, "CreateChatToken", request).await?;
+    let door = &api.door;
+    let peer_certs = peer_certs(&parts);
     let caller = door
         .identity()
         .resolve_http(&parts, &body, peer_certs.as_deref().map(Vec::as_slice))
@@ -167,6 +217,63 @@ async fn issue(api: &Api, request: Request<Body>) -> Result<IssuedToken, IvsErro
     let request = TokenRequest::validate(caller.clone(), unchecked, &FieldNames::IVS)
         .map_err(|error| door.refuse(Some(&caller), error))?;
     Ok(door.issue(request, None).await?)
+}
+
+/// `DisconnectUserRequest` as IVS Chat's model spells it; absent strings are reported as required fields.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DisconnectUserInput {
+    #[serde(default)]
+    room_identifier: String,
+    #[serde(default)]
+    user_id: String,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn disconnect_user(api: Arc<Api>, request: Request<Body>) -> Response<Body> {
+    // DisconnectUserResponse has no members.
+    respond(
+        disconnect(&api, request)
+            .await
+            .map(|()| serde_json::json!({})),
+    )
+}
+
+async fn disconnect(api: &Api, request: Request<Body>) -> Result<(), IvsError> {
+    const ACTION: &str = "DisconnectUser";
+    let moderation = api
+        .moderation
+        .as_ref()
+        .expect("the DisconnectUser route exists only with a moderation handler");
+    let (parts, body) = accept(api, ACTION, request).await?;
+    let peer_certs = peer_certs(&parts);
+    let caller = moderation
+        .identity()
+        .resolve_http(&parts, &body, peer_certs.as_deref().map(Vec::as_slice))
+        .map_err(|error| ModerationGrpc::unidentified(ACTION, error))?;
+    let input: DisconnectUserInput = serde_json::from_slice(&body).map_err(|e| {
+        // serde's messages can quote the values (user ids, reasons): report where, not what.
+        IvsError::unreadable(
+            VALIDATION_OTHER,
+            format!(
+                "the body is not a DisconnectUser request in JSON (line {}, column {}): expected an \
+                 object with roomIdentifier, userId, reason",
+                e.line(),
+                e.column()
+            ),
+        )
+    })?;
+    let validated = disconnect_request(
+        caller.clone(),
+        &input.room_identifier,
+        input.user_id,
+        input.reason,
+        ["roomIdentifier", "userId", "reason"],
+    );
+    // IVS's HTTP API carries no deadline; ivs.operation_timeout bounds the upstream call.
+    moderation.decide(ACTION, &caller, validated, None).await?;
+    Ok(())
 }
 
 /// REST-JSON bodies are `application/json`; a body in anything else is refused rather than guessed at.
@@ -290,6 +397,7 @@ mod tests {
         );
         super::router(
             door,
+            None,
             &HttpApiConfig {
                 max_body_bytes,
                 ..HttpApiConfig::default()
@@ -324,7 +432,12 @@ mod tests {
             "local",
             crate::stack::compose(&config, issuer).unwrap(),
         );
-        let routes = beside(tonic::service::Routes::default(), door, &config.http_api);
+        let routes = beside(
+            tonic::service::Routes::default(),
+            door,
+            None,
+            &config.http_api,
+        );
         let router = routes.into_axum_router();
 
         let (_, json) = call(router.clone(), post("application/json", "{}")).await;

@@ -146,15 +146,19 @@ pub async fn run(
     );
     let token_service = TokenServiceServer::new(TokenService::new(door.clone()))
         .max_decoding_message_size(config.max_request_bytes);
-    let moderation_service = stacks.moderation.map(|moderation| {
-        ModerationServiceServer::new(ModerationGrpc::new(
+    // One moderation handler for both protocols too: gRPC's ModerationService and the HTTP API's
+    // DisconnectUser.
+    let moderation = stacks.moderation.map(|moderation| {
+        ModerationGrpc::new(
             door.identity().clone(),
             config.issuer.name(),
             moderation.stack,
             moderation.verifier,
             config.moderation.max_ban_duration,
-        ))
-        .max_decoding_message_size(config.max_request_bytes)
+        )
+    });
+    let moderation_service = moderation.clone().map(|moderation| {
+        ModerationServiceServer::new(moderation).max_decoding_message_size(config.max_request_bytes)
     });
 
     let calls = Calls::default();
@@ -188,7 +192,7 @@ pub async fn run(
     let mut routes = routes.routes();
     // The IVS Chat REST-JSON API: its routes beside the gRPC ones, over HTTP/1.1 as well as HTTP/2.
     if config.http_api.enabled {
-        routes = crate::rest::beside(routes, door, &config.http_api);
+        routes = crate::rest::beside(routes, door, moderation, &config.http_api);
     }
     let transport = &config.transport;
     let router = tonic::transport::Server::builder()

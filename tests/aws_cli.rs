@@ -72,6 +72,21 @@ fn cli(addr: SocketAddr, key: Option<(&str, &str)>, args: &[&str]) -> Output {
     command.args(args).output().unwrap()
 }
 
+/// `aws ivschat disconnect-user --endpoint-url … ARGS`; `key: None` signs nothing.
+fn disconnect_cli(addr: SocketAddr, key: Option<(&str, &str)>, args: &[&str]) -> Output {
+    let mut command = aws_client("aws", key);
+    command.args([
+        "ivschat",
+        "disconnect-user",
+        "--endpoint-url",
+        &format!("http://{addr}"),
+    ]);
+    if key.is_none() {
+        command.arg("--no-sign-request");
+    }
+    command.args(args).output().unwrap()
+}
+
 /// CreateChatToken through boto3: what happened, as `tests/aws/boto3_call.py` reports it.
 fn boto3(addr: SocketAddr, key: Option<(&str, &str)>, request: Value) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/aws/boto3_call.py");
@@ -382,6 +397,12 @@ fn signed_callers_are_identified_and_refusals_are_access_denied() {
         "policy does not allow",
     );
 
+    // Production policy: only moderators disconnect users; a web caller cannot.
+    denied(
+        disconnect_cli(binary.addr, web, &[&room, "--user-id=u", "--reason=spam"]),
+        "policy does not allow",
+    );
+
     // A signature for a region not on the allow-list.
     let mut command = aws_client("aws", web);
     command.env("AWS_DEFAULT_REGION", "eu-west-1").args([
@@ -522,6 +543,19 @@ async fn the_cli_reaches_ivs_through_the_service() {
         "{not_found}"
     );
     assert!(pending.contains("(PendingVerification)"), "{pending}");
+
+    let output = tokio::task::spawn_blocking({
+        let addr = binary.addr;
+        move || disconnect_cli(addr, None, &[&room, "--user-id=11231234", "--reason=spam"])
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let calls = stub.calls();
+    let disconnect = calls.last().unwrap();
+    assert_eq!(disconnect.operation, "DisconnectUser");
+    assert_eq!(disconnect.body["userId"], "11231234");
+    assert_eq!(disconnect.body["reason"], "spam");
     stop(binary);
 }
 
@@ -629,4 +663,72 @@ fn audit_event(binary: &Binary) -> Value {
         };
         return json!({"fields": fields, "audit": audit});
     }
+}
+
+/// `aws ivschat disconnect-user` against the local issuer: the user's tokens minted before it stop
+/// verifying, and the reason is held to IVS's 1–256 characters, reported by IVS's field name.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_aws_cli_disconnects_a_user() {
+    use chat_token_service::proto::ivschat::v1::{
+        CreateChatTokenRequest, VerifyChatTokenRequest,
+        moderation_service_client::ModerationServiceClient,
+    };
+
+    let binary = Binary::start(&[]);
+    let minted = binary
+        .client()
+        .await
+        .create_chat_token(CreateChatTokenRequest {
+            room_identifier: ROOM_ARN.into(),
+            user_id: "troll".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let disconnect = |reason: String| {
+        let reason = format!("--reason={reason}");
+        disconnect_cli(
+            binary.addr,
+            None,
+            &[
+                &format!("--room-identifier={ROOM_ARN}"),
+                "--user-id=troll",
+                &reason,
+            ],
+        )
+    };
+
+    let output = disconnect("r".repeat(257));
+    assert_eq!(
+        output.status.code(),
+        Some(service_error_exit_code()),
+        "{}",
+        text(&output.stderr)
+    );
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("ValidationException"), "{stderr}");
+    assert!(stderr.contains("reason"), "{stderr}");
+
+    let output = disconnect("r".repeat(256));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+
+    let mut moderation = ModerationServiceClient::connect(format!("http://{}", binary.addr))
+        .await
+        .unwrap();
+    let refused = moderation
+        .verify_chat_token(VerifyChatTokenRequest { token: minted })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(refused.details()).contains("TOKEN_REVOKED"),
+        "{refused:?}"
+    );
+    stop(binary);
 }

@@ -72,28 +72,48 @@ impl ModerationGrpc {
         validate: impl FnOnce(&Self, Caller, T) -> Result<ModerationRequest, Error>,
     ) -> Result<ModerationOutcome, Status> {
         let peer_certs = request.peer_certs();
-        let caller = match self.identity.resolve(
-            request.metadata().as_ref(),
-            peer_certs.as_deref().map(Vec::as_slice),
-        ) {
-            Ok(caller) => caller,
-            Err(error) => {
-                tracing::info!(target: "audit", action, outcome = error.outcome(), "moderation refused");
-                return Err(error.into());
-            }
-        };
-        let deadline = grpc_timeout(request.metadata());
-        let started = request
-            .extensions()
-            .get::<CallStarted>()
-            .map_or_else(tokio::time::Instant::now, |started| started.0);
-        let request = match validate(self, caller.clone(), request.into_inner()) {
-            Ok(request) => request,
-            Err(error) => {
-                tracing::info!(target: "audit", caller = %caller, action, outcome = error.outcome(), "moderation refused");
-                return Err(error.into());
-            }
-        };
+        let caller = self
+            .identity
+            .resolve(
+                request.metadata().as_ref(),
+                peer_certs.as_deref().map(Vec::as_slice),
+            )
+            .map_err(|error| Self::unidentified(action, error))?;
+        let deadline = grpc_timeout(request.metadata()).map(|timeout| {
+            let started = request
+                .extensions()
+                .get::<CallStarted>()
+                .map_or_else(tokio::time::Instant::now, |started| started.0);
+            started + timeout.saturating_sub(DEADLINE_MARGIN)
+        });
+        let validated = validate(self, caller.clone(), request.into_inner());
+        Ok(self.decide(action, &caller, validated, deadline).await?)
+    }
+
+    /// The resolver that identifies callers, for front doors other than gRPC.
+    pub(crate) fn identity(&self) -> &Resolver {
+        &self.identity
+    }
+
+    /// Records a call whose caller could not be identified, and hands the error back.
+    pub(crate) fn unidentified(action: &'static str, error: Error) -> Error {
+        tracing::info!(target: "audit", action, outcome = error.outcome(), "moderation refused");
+        error
+    }
+
+    /// The part of every moderation call that no front door changes: refuses what did not validate, runs
+    /// the stack (giving up at `deadline`), and audits the outcome. The gRPC handler and the IVS HTTP API
+    /// both end here, so the same request gets the same decision and audit event through either.
+    pub(crate) async fn decide(
+        &self,
+        action: &'static str,
+        caller: &Caller,
+        validated: Result<ModerationRequest, Error>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<ModerationOutcome, Error> {
+        let request = validated.inspect_err(|error| {
+            tracing::info!(target: "audit", caller = %caller, action, outcome = error.outcome(), "moderation refused");
+        })?;
         // Who did what to which room, and a hash of whom: never the user id or the reason text.
         let audit = tracing::info_span!(
             target: "audit",
@@ -106,12 +126,9 @@ impl ModerationGrpc {
         );
         let moderating = self.stack.clone().oneshot(request);
         let done = match deadline {
-            Some(deadline) => tokio::time::timeout_at(
-                started + deadline.saturating_sub(DEADLINE_MARGIN),
-                moderating,
-            )
-            .await
-            .unwrap_or(Err(Error::DeadlineExceeded)),
+            Some(deadline) => tokio::time::timeout_at(deadline, moderating)
+                .await
+                .unwrap_or(Err(Error::DeadlineExceeded)),
             None => moderating.await,
         };
         audit.in_scope(|| match &done {
@@ -120,7 +137,7 @@ impl ModerationGrpc {
                 tracing::info!(target: "audit", outcome = error.outcome(), "moderation refused")
             }
         });
-        Ok(done?)
+        done
     }
 
     /// Opens `token` with the local issuer's keys: its authentic, unexpired claims.
@@ -197,6 +214,33 @@ impl Fields {
     }
 }
 
+/// A DisconnectUser request from its fields, every bad one reported by the name in `names` (room, user,
+/// reason): the proto's for gRPC, IVS Chat's for its HTTP API.
+pub(crate) fn disconnect_request(
+    caller: Caller,
+    room_identifier: &str,
+    user_id: String,
+    reason: String,
+    names: [&'static str; 3],
+) -> Result<ModerationRequest, Error> {
+    let [room_name, user_name, reason_name] = names;
+    let mut fields = Fields::default();
+    let room = fields.check(room_name, RoomArn::parse(room_identifier));
+    let user_id = fields.check(user_name, user(user_id));
+    let reason = fields.check(reason_name, Reason::parse(reason));
+    let built = (|| {
+        Some(ModerationRequest {
+            caller,
+            room: room?,
+            action: ModerationAction::Disconnect {
+                user_id: user_id?,
+                reason: reason?,
+            },
+        })
+    })();
+    fields.finish(built)
+}
+
 fn user(user_id: String) -> Result<UserId, String> {
     UserId::parse(user_id)
 }
@@ -208,21 +252,13 @@ impl moderation_service_server::ModerationService for ModerationGrpc {
         request: Request<DisconnectUserRequest>,
     ) -> Result<Response<DisconnectUserResponse>, Status> {
         self.moderate("DisconnectUser", request, |_, caller, request| {
-            let mut fields = Fields::default();
-            let room = fields.check("room_identifier", RoomArn::parse(&request.room_identifier));
-            let user_id = fields.check("user_id", user(request.user_id));
-            let reason = fields.check("reason", Reason::parse(request.reason));
-            let built = (|| {
-                Some(ModerationRequest {
-                    caller,
-                    room: room?,
-                    action: ModerationAction::Disconnect {
-                        user_id: user_id?,
-                        reason: reason?,
-                    },
-                })
-            })();
-            fields.finish(built)
+            disconnect_request(
+                caller,
+                &request.room_identifier,
+                request.user_id,
+                request.reason,
+                ["room_identifier", "user_id", "reason"],
+            )
         })
         .await?;
         Ok(Response::new(DisconnectUserResponse {}))

@@ -27,6 +27,18 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::metrics::metrics;
 
+/// The paths of the operations this server offers (health and reflection aside: they are not traced).
+const SERVED_OPERATIONS: &[&str] = &[
+    "/ivschat.v1.TokenService/CreateChatToken",
+    "/ivschat.v1.ModerationService/DisconnectUser",
+    "/ivschat.v1.ModerationService/BanUser",
+    "/ivschat.v1.ModerationService/UnbanUser",
+    "/ivschat.v1.ModerationService/ListBans",
+    "/ivschat.v1.ModerationService/VerifyChatToken",
+    crate::rest::CREATE_CHAT_TOKEN,
+    crate::rest::DISCONNECT_USER,
+];
+
 /// Paths not traced: health checks and reflection.
 const UNTRACED_PREFIXES: [&str; 3] = [
     "/grpc.health.v1.",
@@ -95,10 +107,21 @@ struct Call {
 
 impl Call {
     fn start<B>(request: &http::Request<B>) -> Call {
-        let path = request.uri().path().trim_start_matches('/');
+        let path = request.uri().path();
+        // Any path can arrive, but only the operations served name spans and label metrics: the others
+        // are "unknown", so callers cannot grow the metrics' label sets.
+        let served = SERVED_OPERATIONS.contains(&path);
+        let name = |part: &str| {
+            if served {
+                part.to_owned()
+            } else {
+                "unknown".to_owned()
+            }
+        };
+        let path = path.trim_start_matches('/');
         let (system, service, method) = match path.split_once('/') {
-            Some((service, method)) => ("grpc", service.to_owned(), method.to_owned()),
-            None => ("aws-api", crate::rest::SERVICE.to_owned(), path.to_owned()),
+            Some((service, method)) => ("grpc", name(service), name(method)),
+            None => ("aws-api", crate::rest::SERVICE.to_owned(), name(path)),
         };
         let span = tracing::info_span!(
             "grpc.server",
@@ -251,5 +274,35 @@ impl<B: http_body::Body> http_body::Body for TracedBody<B> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Call;
+
+    fn labels(path: &str) -> (&'static str, String, String) {
+        let call = Call::start(&http::Request::post(path).body(()).unwrap());
+        (call.system, call.service, call.method)
+    }
+
+    #[test]
+    fn only_served_operations_name_their_labels() {
+        let owned =
+            |system, service: &str, method: &str| (system, service.to_owned(), method.to_owned());
+        assert_eq!(
+            labels("/ivschat.v1.TokenService/CreateChatToken"),
+            owned("grpc", "ivschat.v1.TokenService", "CreateChatToken")
+        );
+        assert_eq!(
+            labels("/DisconnectUser"),
+            owned("aws-api", "ivschat", "DisconnectUser")
+        );
+        // Made-up paths, which a caller can send without end, all fall under one label value.
+        assert_eq!(
+            labels("/ivschat.v1.TokenService/Made-up-1"),
+            owned("grpc", "unknown", "unknown")
+        );
+        assert_eq!(labels("/made-up-2"), owned("aws-api", "ivschat", "unknown"));
     }
 }
