@@ -57,12 +57,17 @@ fn aws_client(program: &str, key: Option<(&str, &str)>) -> Command {
     command
 }
 
-/// `aws ivschat create-chat-token --endpoint-url … ARGS`; `key: None` signs nothing.
-fn cli(addr: SocketAddr, key: Option<(&str, &str)>, args: &[&str]) -> Output {
+/// `aws ivschat OPERATION --endpoint-url … ARGS`; `key: None` signs nothing.
+fn aws_ivschat(
+    operation: &str,
+    addr: SocketAddr,
+    key: Option<(&str, &str)>,
+    args: &[&str],
+) -> Output {
     let mut command = aws_client("aws", key);
     command.args([
         "ivschat",
-        "create-chat-token",
+        operation,
         "--endpoint-url",
         &format!("http://{addr}"),
     ]);
@@ -72,19 +77,14 @@ fn cli(addr: SocketAddr, key: Option<(&str, &str)>, args: &[&str]) -> Output {
     command.args(args).output().unwrap()
 }
 
-/// `aws ivschat disconnect-user --endpoint-url … ARGS`; `key: None` signs nothing.
+/// `aws ivschat create-chat-token --endpoint-url … ARGS`.
+fn cli(addr: SocketAddr, key: Option<(&str, &str)>, args: &[&str]) -> Output {
+    aws_ivschat("create-chat-token", addr, key, args)
+}
+
+/// `aws ivschat disconnect-user --endpoint-url … ARGS`.
 fn disconnect_cli(addr: SocketAddr, key: Option<(&str, &str)>, args: &[&str]) -> Output {
-    let mut command = aws_client("aws", key);
-    command.args([
-        "ivschat",
-        "disconnect-user",
-        "--endpoint-url",
-        &format!("http://{addr}"),
-    ]);
-    if key.is_none() {
-        command.arg("--no-sign-request");
-    }
-    command.args(args).output().unwrap()
+    aws_ivschat("disconnect-user", addr, key, args)
 }
 
 /// CreateChatToken through boto3: what happened, as `tests/aws/boto3_call.py` reports it.

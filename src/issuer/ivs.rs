@@ -306,24 +306,13 @@ impl<St: LimiterStore> Issuer for IvsIssuer<St> {
             ],
         );
         let response = response.map_err(|e| {
-            let error = map_error(e, "create tokens for");
-            span.record("otel.status_code", "ERROR");
-            if let Error::Upstream {
-                request_id: Some(id),
-                ..
-            } = &error
-            {
-                span.record("aws.request_id", id.as_str());
-            }
-            metrics()
-                .upstream_errors
-                .add(1, &[KeyValue::new("kind", error.outcome())]);
-            tracing::warn!(
-                region = request.room.region(),
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "IVS Chat CreateChatToken failed: {error}"
-            );
-            error
+            upstream_failed(
+                &span,
+                map_error(e, "create tokens for"),
+                "CreateChatToken",
+                request.room.region(),
+                started,
+            )
         })?;
         if let Some(id) = response.request_id() {
             span.record("aws.request_id", id);
@@ -394,26 +383,13 @@ impl<St: LimiterStore> Moderator for IvsIssuer<St> {
                 }
                 Ok(())
             }
-            Err(e) => {
-                let error = map_error(e, "disconnect users from");
-                span.record("otel.status_code", "ERROR");
-                if let Error::Upstream {
-                    request_id: Some(id),
-                    ..
-                } = &error
-                {
-                    span.record("aws.request_id", id.as_str());
-                }
-                metrics()
-                    .upstream_errors
-                    .add(1, &[KeyValue::new("kind", error.outcome())]);
-                tracing::warn!(
-                    region = room.region(),
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "IVS Chat DisconnectUser failed: {error}"
-                );
-                Err(error)
-            }
+            Err(e) => Err(upstream_failed(
+                &span,
+                map_error(e, "disconnect users from"),
+                "DisconnectUser",
+                room.region(),
+                started,
+            )),
         }
     }
 
@@ -496,6 +472,34 @@ impl OperationError for DisconnectUserError {
             _ => Known::Other,
         }
     }
+}
+
+/// Records an upstream call's failure on its client span, in `cts.upstream.errors` and in the log (IVS's
+/// message never: `error` is already our summary), and hands the error back.
+fn upstream_failed(
+    span: &tracing::Span,
+    error: Error,
+    operation: &str,
+    region: &str,
+    started: std::time::Instant,
+) -> Error {
+    span.record("otel.status_code", "ERROR");
+    if let Error::Upstream {
+        request_id: Some(id),
+        ..
+    } = &error
+    {
+        span.record("aws.request_id", id.as_str());
+    }
+    metrics()
+        .upstream_errors
+        .add(1, &[KeyValue::new("kind", error.outcome())]);
+    tracing::warn!(
+        region,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "IVS Chat {operation} failed: {error}"
+    );
+    error
 }
 
 /// The one place SDK errors become domain errors. `denied_to` completes "this service's AWS identity may
