@@ -110,11 +110,13 @@ async fn serve(
 }
 
 async fn serve_with(config: &Config) -> Result<(), Box<dyn std::error::Error>> {
+    // Before anything can serve: from here on SIGTERM and SIGINT start a graceful shutdown.
+    let shutdown = shutdown_signal();
     let prepared = server::prepare(config).await?;
     let listener = TcpListener::bind(config.listen_addr)
         .await
         .map_err(|e| format!("cannot listen on {} (listen_addr): {e}", config.listen_addr))?;
-    server::serve(listener, config, prepared, shutdown_signal()).await?;
+    server::serve(listener, config, prepared, shutdown).await?;
     Ok(())
 }
 
@@ -144,12 +146,18 @@ async fn log_hangups(mut hangups: Signal, reloaded: Vec<&'static str>) {
 }
 
 /// Completes on the first SIGTERM (Kubernetes, systemd) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
+///
+/// The handlers are installed when this is called, not when the future is first polled: the server
+/// accepts connections on other threads before its shutdown future is polled, and a SIGTERM in between
+/// would otherwise take its default action and kill the process mid-call.
+fn shutdown_signal() -> impl Future<Output = ()> {
     let mut term = signal(SignalKind::terminate()).expect("cannot install the SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("cannot install the SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
 
