@@ -26,7 +26,6 @@ use axum::body::Body;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use opentelemetry::trace::TraceContextExt;
 use serde::Deserialize;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::HttpApiConfig;
@@ -176,23 +175,13 @@ async fn accept(
     Ok((parts, body))
 }
 
-/// The client certificates of the call's TLS connection, if any.
-fn peer_certs(
-    parts: &http::request::Parts,
-) -> Option<Arc<Vec<tonic::transport::CertificateDer<'static>>>> {
-    parts
-        .extensions
-        .get::<TlsConnectInfo<TcpConnectInfo>>()
-        .and_then(TlsConnectInfo::peer_certs)
-}
-
 async fn issue(api: &Api, request: Request<Body>) -> Result<IssuedToken, IvsError> {
     let (parts, body) = accept(api, "CreateChatToken", request).await?;
     let door = &api.door;
-    let peer_certs = peer_certs(&parts);
+    let peer_certs = crate::listener::peer_certs(&parts.extensions);
     let caller = door
         .identity()
-        .resolve_http(&parts, &body, peer_certs.as_deref().map(Vec::as_slice))
+        .resolve_http(&parts, &body, peer_certs)
         .map_err(|error| door.refuse(None, error))?;
 
     let input: CreateChatTokenInput = serde_json::from_slice(&body).map_err(|e| {
@@ -247,10 +236,10 @@ async fn disconnect(api: &Api, request: Request<Body>) -> Result<(), IvsError> {
         .as_ref()
         .expect("the DisconnectUser route exists only with a moderation handler");
     let (parts, body) = accept(api, ACTION, request).await?;
-    let peer_certs = peer_certs(&parts);
+    let peer_certs = crate::listener::peer_certs(&parts.extensions);
     let caller = moderation
         .identity()
-        .resolve_http(&parts, &body, peer_certs.as_deref().map(Vec::as_slice))
+        .resolve_http(&parts, &body, peer_certs)
         .map_err(|error| ModerationGrpc::unidentified(ACTION, error))?;
     let input: DisconnectUserInput = serde_json::from_slice(&body).map_err(|e| {
         // serde's messages can quote the values (user ids, reasons): report where, not what.
