@@ -192,7 +192,14 @@ pub async fn run(
     let mut routes = routes.routes();
     // The IVS Chat REST-JSON API: its routes beside the gRPC ones, over HTTP/1.1 as well as HTTP/2.
     if config.http_api.enabled {
-        routes = crate::rest::beside(routes, door, moderation, &config.http_api);
+        routes = crate::rest::beside(
+            routes,
+            door,
+            moderation,
+            &config.http_api,
+            calls.clone(),
+            config.max_concurrent_calls.get(),
+        );
     }
     let transport = &config.transport;
     let router = tonic::transport::Server::builder()

@@ -381,3 +381,61 @@ async fn out_of_file_descriptors_the_accept_loop_pauses_and_recovers() {
         log.join("\n")
     );
 }
+
+/// The SETTINGS frame the server sends first on a new HTTP/2 connection, as (identifier, value) pairs.
+async fn server_settings(addr: SocketAddr) -> Vec<(u16, u32)> {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    // The client preface and an empty SETTINGS frame.
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut header = [0u8; 9];
+    tokio::time::timeout(PATIENCE, tcp.read_exact(&mut header))
+        .await
+        .unwrap()
+        .unwrap();
+    let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+    assert_eq!(header[3], 0x4, "the server's first frame is SETTINGS");
+    let mut payload = vec![0u8; length];
+    tcp.read_exact(&mut payload).await.unwrap();
+    payload
+        .chunks_exact(6)
+        .map(|setting| {
+            (
+                u16::from_be_bytes([setting[0], setting[1]]),
+                u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_server_advertises_its_stream_and_header_limits_in_settings() {
+    const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    const MAX_HEADER_LIST_SIZE: u16 = 0x6;
+    let keys = LocalKeys::new();
+    let server = TestServer::from_config(keys.config()).await;
+    let settings = server_settings(server.addr).await;
+    assert!(
+        settings.contains(&(MAX_CONCURRENT_STREAMS, 128)),
+        "{settings:?}"
+    );
+    assert!(
+        settings.contains(&(MAX_HEADER_LIST_SIZE, 16 * 1024)),
+        "{settings:?}"
+    );
+
+    let mut config = keys.config();
+    config.transport.max_concurrent_streams = std::num::NonZeroU32::new(7).unwrap();
+    config.transport.max_header_list_bytes = std::num::NonZeroU32::new(4096).unwrap();
+    let server = TestServer::from_config(config).await;
+    let settings = server_settings(server.addr).await;
+    assert!(
+        settings.contains(&(MAX_CONCURRENT_STREAMS, 7)),
+        "{settings:?}"
+    );
+    assert!(
+        settings.contains(&(MAX_HEADER_LIST_SIZE, 4096)),
+        "{settings:?}"
+    );
+}
