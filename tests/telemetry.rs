@@ -265,6 +265,45 @@ async fn the_callers_trace_continues_through_our_server_span_and_its_children() 
     );
 }
 
+#[tokio::test]
+async fn without_an_exporter_log_lines_still_carry_the_callers_trace_id_or_a_fresh_one() {
+    // No OTEL_* variables: no OpenTelemetry layer, nothing exported.
+    let binary = Binary::start(&[("CTS_LOG_FORMAT", "json")]);
+    let mut client = binary.client().await;
+    let mut request = Request::new(valid_request());
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01")
+            .parse()
+            .unwrap(),
+    );
+    client.create_chat_token(request).await.unwrap();
+    client.create_chat_token(valid_request()).await.unwrap();
+
+    binary.signal("-TERM");
+    let (status, log) = binary.wait();
+    assert_eq!(status.code(), Some(0));
+    let trace_ids: Vec<String> = log
+        .iter()
+        .filter(|l| l.contains("token issued"))
+        .map(|l| {
+            let audit: serde_json::Value = serde_json::from_str(l).expect("JSON log lines");
+            audit["spans"][0]["trace_id"]
+                .as_str()
+                .expect("the call's trace id")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(trace_ids.len(), 2, "{log:?}");
+    assert_eq!(trace_ids[0], TRACE_ID, "the caller's trace continues");
+    assert_eq!(trace_ids[1].len(), 32, "a fresh trace id: {}", trace_ids[1]);
+    assert!(
+        trace_ids[1].bytes().all(|b| b.is_ascii_hexdigit()) && trace_ids[1] != TRACE_ID,
+        "{}",
+        trace_ids[1]
+    );
+}
+
 /// The last exported data of metric `name`, with each data point's attributes.
 fn points(received: &Received, name: &str) -> Vec<(HashMap<String, String>, f64)> {
     let Some(metric) = received.metrics.iter().rev().find(|m| m.name == name) else {

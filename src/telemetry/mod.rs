@@ -7,7 +7,9 @@
 //! - **Metrics**: see [`metrics`].
 //! - **Export**: over OTLP/gRPC when the standard variables say where (`OTEL_EXPORTER_OTLP_ENDPOINT`, or
 //!   the `_TRACES_`/`_METRICS_` variants; `OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER`, … apply). Without
-//!   them nothing is exported and metric instruments are no-ops; spans still give logs their trace ids.
+//!   them nothing is exported, metric instruments are no-ops and no OpenTelemetry layer is installed (no
+//!   span data is built for anyone): the server span still gives logs their trace id, the caller's from
+//!   `traceparent` or a fresh random one ([`rpc`]).
 //!   Export runs in batches off the request path: a slow or absent collector costs dropped telemetry,
 //!   never a slower request.
 //! - **Audit**: one `audit` event per decision, see [`crate::service`].
@@ -15,7 +17,11 @@
 pub mod metrics;
 pub mod rpc;
 
-use std::{io::IsTerminal, time::Duration};
+use std::{
+    io::IsTerminal,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use opentelemetry::{global, trace::TracerProvider as _};
 use opentelemetry_sdk::{
@@ -41,7 +47,8 @@ pub enum LogFormat {
 
 /// The installed providers; [`Telemetry::shutdown`] flushes what is still buffered.
 pub struct Telemetry {
-    tracer_provider: SdkTracerProvider,
+    /// `None` when no trace exporter is configured: then no OpenTelemetry layer is installed at all.
+    tracer_provider: Option<SdkTracerProvider>,
     meter_provider: Option<SdkMeterProvider>,
 }
 
@@ -53,6 +60,14 @@ pub struct TelemetryError(String);
 /// How long shutdown may spend flushing telemetry to a collector that may be gone.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Whether [`init`] installed the OpenTelemetry layer (a trace exporter is configured).
+static EXPORTING_TRACES: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are exported: the OpenTelemetry layer is installed and spans carry its context.
+pub(crate) fn exporting_traces() -> bool {
+    EXPORTING_TRACES.load(Ordering::Relaxed)
+}
+
 /// Installs logging, tracing and (when configured) metrics export. Call once, inside the tokio runtime
 /// (the OTLP exporter's connections live on it).
 pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
@@ -61,15 +76,22 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
     global::set_text_map_propagator(TraceContextPropagator::new());
     let resource = resource();
 
-    let mut tracer_provider = SdkTracerProvider::builder().with_resource(resource.clone());
-    if export_traces {
+    // Without an exporter, an OpenTelemetry layer would build span data for every span of every call
+    // only to drop it: there is none then.
+    let tracer_provider = if export_traces {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
             .build()
             .map_err(|e| TelemetryError(format!("OTLP span exporter: {e}")))?;
-        tracer_provider = tracer_provider.with_batch_exporter(exporter);
-    }
-    let tracer_provider = tracer_provider.build();
+        Some(
+            SdkTracerProvider::builder()
+                .with_resource(resource.clone())
+                .with_batch_exporter(exporter)
+                .build(),
+        )
+    } else {
+        None
+    };
 
     let meter_provider = if export_metrics {
         let exporter = opentelemetry_otlp::MetricExporter::builder()
@@ -87,9 +109,11 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
     };
 
     // Spans are for us and the collector; RUST_LOG governs only what is printed.
-    let otel = tracing_opentelemetry::layer()
-        .with_tracer(tracer_provider.tracer("chat-token-service"))
-        .with_filter(LevelFilter::INFO);
+    let otel = tracer_provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("chat-token-service"))
+            .with_filter(LevelFilter::INFO)
+    });
     let printed = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
@@ -111,6 +135,7 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
         .with(fmt)
         .try_init()
         .map_err(|e| TelemetryError(format!("cannot install the log subscriber: {e}")))?;
+    EXPORTING_TRACES.store(tracer_provider.is_some(), Ordering::Relaxed);
 
     if export_traces || export_metrics {
         tracing::info!(
@@ -128,7 +153,9 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
 impl Telemetry {
     /// Flushes buffered spans and metrics, giving up after a bounded time.
     pub fn shutdown(self) {
-        if let Err(e) = self.tracer_provider.shutdown_with_timeout(FLUSH_TIMEOUT) {
+        if let Some(tracer_provider) = self.tracer_provider
+            && let Err(e) = tracer_provider.shutdown_with_timeout(FLUSH_TIMEOUT)
+        {
             tracing::debug!("flushing spans at shutdown: {e}");
         }
         if let Some(meter_provider) = self.meter_provider
