@@ -402,6 +402,7 @@ async fn metrics_arrive_with_their_names_attributes_and_counts() {
                 && value_where(&points(r, "cts.policy.decisions"), "decision", "allow") == 3.0
                 && value_where(&points(r, "cts.ratelimit.rejections"), "limit", "per-user") == 1.0
                 && !points(r, "cts.rpc.in_flight").is_empty()
+                && !points(r, "cts.log.dropped_lines").is_empty()
         })
         .await;
     {

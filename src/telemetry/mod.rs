@@ -13,6 +13,11 @@
 //!   Export runs in batches off the request path: a slow or absent collector costs dropped telemetry,
 //!   never a slower request.
 //! - **Audit**: one `audit` event per decision, see [`crate::service`].
+//!
+//! Log lines are formatted by the thread that writes them and written to stderr by a background thread
+//! through a queue of [`LOG_QUEUE_LINES`] lines: a call never waits on stderr. When stderr cannot keep up
+//! and the queue is full, lines are dropped and counted (`cts.log.dropped_lines`); [`Telemetry::shutdown`]
+//! writes out what is queued.
 
 pub mod metrics;
 pub mod rpc;
@@ -29,6 +34,7 @@ use opentelemetry_sdk::{
     trace::SdkTracerProvider,
 };
 use serde::{Deserialize, Serialize};
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{
     EnvFilter, Layer, filter::LevelFilter, layer::SubscriberExt, util::SubscriberInitExt,
 };
@@ -45,8 +51,10 @@ pub enum LogFormat {
     Json,
 }
 
-/// The installed providers; [`Telemetry::shutdown`] flushes what is still buffered.
+/// The installed providers and log writer; [`Telemetry::shutdown`] flushes what is still buffered.
 pub struct Telemetry {
+    /// Dropping it writes out the queued log lines (waiting a bounded time) and ends the writer thread.
+    log_writer: WorkerGuard,
     /// `None` when no trace exporter is configured: then no OpenTelemetry layer is installed at all.
     tracer_provider: Option<SdkTracerProvider>,
     meter_provider: Option<SdkMeterProvider>,
@@ -59,6 +67,10 @@ pub struct TelemetryError(String);
 
 /// How long shutdown may spend flushing telemetry to a collector that may be gone.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How many log lines may wait for stderr before new ones are dropped: about a second of a busy
+/// server's audit lines, a few MB at most.
+pub const LOG_QUEUE_LINES: usize = 8192;
 
 /// Whether [`init`] installed the OpenTelemetry layer (a trace exporter is configured).
 static EXPORTING_TRACES: AtomicBool = AtomicBool::new(false);
@@ -115,16 +127,23 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
             .with_filter(LevelFilter::INFO)
     });
     let printed = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (stderr, log_writer) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("log-writer")
+        .finish(std::io::stderr());
+    let dropped = stderr.error_counter();
+    metrics::observe_dropped_log_lines(move || dropped.dropped_lines());
     let fmt = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(stderr)
             // Colour codes only for people; log collectors get plain text.
             .with_ansi(std::io::stderr().is_terminal())
             .with_filter(printed)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
-            .with_writer(std::io::stderr)
+            .with_writer(stderr)
             .with_current_span(true)
             .with_span_list(true)
             .with_filter(printed)
@@ -145,13 +164,14 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
         );
     }
     Ok(Telemetry {
+        log_writer,
         tracer_provider,
         meter_provider,
     })
 }
 
 impl Telemetry {
-    /// Flushes buffered spans and metrics, giving up after a bounded time.
+    /// Flushes buffered spans, metrics and log lines, giving up after a bounded time.
     pub fn shutdown(self) {
         if let Some(tracer_provider) = self.tracer_provider
             && let Err(e) = tracer_provider.shutdown_with_timeout(FLUSH_TIMEOUT)
@@ -163,6 +183,8 @@ impl Telemetry {
         {
             tracing::debug!("flushing metrics at shutdown: {e}");
         }
+        // Last, so the lines logged above are written too.
+        drop(self.log_writer);
     }
 }
 
