@@ -162,10 +162,27 @@ pub struct TransportConfig {
     pub max_connection_age_grace: Duration,
 
     /// The longest any call may take, including receiving its request message: applies when the client
-    /// sends no `grpc-timeout` or a longer one, so a stream that never sends its body is ended and its
-    /// call slot freed. Default `30s`; at least `1s`.
+    /// sends no `grpc-timeout` or a longer one, so a stream that never sends its body is ended. Default
+    /// `30s`; at least `1s`.
     #[serde(with = "humantime_serde")]
     pub max_call_duration: Duration,
+
+    /// Connections open at once on this replica, TLS handshakes included; one more is accepted and
+    /// closed at once, so its client tries another replica. Each open connection costs a file
+    /// descriptor and some tens of KiB of buffers. Default `4096`.
+    pub max_connections: NonZeroUsize,
+
+    /// How long a new connection may stay silent: its first request bytes (the HTTP/2 preface, or an
+    /// HTTP/1.1 request line) must arrive this soon after it is accepted, or after its TLS handshake.
+    /// Clients send them at once. Default `5s`; at least `100ms`.
+    #[serde(with = "humantime_serde")]
+    pub preface_timeout: Duration,
+
+    /// A connection without a call open for this long is closed (gRPC's MAX_CONNECTION_IDLE): HTTP/2
+    /// PINGs keep a connection alive only while calls are open. Clients reconnect on their next call.
+    /// Default `5m`; at least `1s`.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for TransportConfig {
@@ -178,6 +195,9 @@ impl Default for TransportConfig {
             max_connection_age: Duration::from_secs(30 * 60),
             max_connection_age_grace: Duration::from_secs(30),
             max_call_duration: Duration::from_secs(30),
+            max_connections: NonZeroUsize::new(4096).expect("4096 is not zero"),
+            preface_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(5 * 60),
         }
     }
 }
@@ -245,10 +265,19 @@ pub struct TlsConfig {
     /// How long a client may take to complete the TLS handshake. Default `10s`.
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// TLS handshakes in progress at once; a connection arriving while this many are is closed at once.
+    /// A handshake costs a signature (about a millisecond of CPU), so this bounds what a burst of new
+    /// connections can take from calls in flight. Default `128`.
+    #[serde(default = "default_max_concurrent_handshakes")]
+    pub max_concurrent_handshakes: NonZeroUsize,
 }
 
 fn default_handshake_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+fn default_max_concurrent_handshakes() -> NonZeroUsize {
+    NonZeroUsize::new(128).expect("128 is not zero")
 }
 
 /// Policy settings. See [`crate::policy`] for what a policy sees.
@@ -772,6 +801,29 @@ impl Config {
                 ),
             });
         }
+        for (setting, value, min) in [
+            (
+                "transport.preface_timeout",
+                self.transport.preface_timeout,
+                Duration::from_millis(100),
+            ),
+            (
+                "transport.idle_timeout",
+                self.transport.idle_timeout,
+                Duration::from_secs(1),
+            ),
+        ] {
+            if value < min {
+                return Err(ConfigError::Invalid {
+                    setting: setting.into(),
+                    reason: format!(
+                        "must be at least {}, got {}",
+                        humantime::format_duration(min),
+                        humantime::format_duration(value)
+                    ),
+                });
+            }
+        }
         let ttl = self.local_issuer.token_ttl;
         if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&ttl) {
             return Err(ConfigError::Invalid {
@@ -1157,6 +1209,7 @@ mod tests {
                 key_file: "k".into(),
                 client_ca_file: Some("ca".into()),
                 handshake_timeout: default_handshake_timeout(),
+                max_concurrent_handshakes: default_max_concurrent_handshakes(),
             }),
             rate_limits: vec![Limit {
                 name: "per-caller".into(),

@@ -6,12 +6,17 @@
 //! grace period. Calls are what must not be lost, so [`server::run`](crate::server::run) waits for
 //! [`Calls::idle`] instead; idle connections close when the process exits.
 //!
-//! A call counts from the moment its request reaches the service until its response body (message and
-//! trailers) has been sent or dropped.
+//! A call counts from the moment its request headers reach the service until its response body
+//! (message and trailers) has been sent or dropped. It also keeps its connection from being closed as
+//! idle ([`crate::listener::ConnInfo::call`]).
 //!
 //! The cap applies to token calls only (paths under [`CAPPED_PREFIX`]): health checks and reflection are
-//! never shed, so probes keep answering under load. A token call over the cap is answered at once with
-//! [`Error::Overloaded`] (UNAVAILABLE, so clients and meshes retry on another replica).
+//! never shed, so probes keep answering under load. A token call takes a place under the cap only once
+//! its whole request message has arrived, so streams that send headers and never a body (or send it
+//! slowly) cannot fill the cap and shut other callers out; they hold only an HTTP/2 stream of their own
+//! connection, and only for `transport.max_call_duration`. A token call whose message arrives while the
+//! cap is full is answered at once with [`Error::Overloaded`] (UNAVAILABLE, so clients and meshes retry
+//! on another replica), before it is decoded and before any identity, policy or issuing work.
 //!
 //! ```
 //! use chat_token_service::inflight::{Calls, InFlightLayer};
@@ -25,15 +30,17 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll, ready},
 };
 
+use bytes::Buf;
 use pin_project_lite::pin_project;
 use tokio::sync::Notify;
 
 use crate::error::Error;
+use crate::listener::{ConnInfo, OpenCall};
 
 /// When a call reached the server, as a request extension: the handler measures the caller's deadline from
 /// here, the moment tonic's own `grpc-timeout` timer starts, not from whenever the handler first runs.
@@ -51,7 +58,7 @@ pub struct Calls(Arc<Counter>);
 struct Counter {
     /// Every call in flight, for draining.
     in_flight: AtomicUsize,
-    /// Token calls in flight, for the cap.
+    /// Token calls holding a place under the cap.
     capped: AtomicUsize,
     /// Woken when `in_flight` drops to zero.
     idle: Notify,
@@ -61,6 +68,11 @@ impl Calls {
     /// How many calls are in flight now.
     pub fn in_flight(&self) -> usize {
         self.0.in_flight.load(Ordering::Acquire)
+    }
+
+    /// How many token calls hold a place under the cap now.
+    pub fn capped(&self) -> usize {
+        self.0.capped.load(Ordering::Acquire)
     }
 
     /// Completes once no call is in flight (at once if none is).
@@ -77,39 +89,75 @@ impl Calls {
         }
     }
 
-    /// Counts a new call; `None` when it is a token call and `max_capped` token calls are in flight.
-    fn enter(&self, capped: bool, max_capped: usize) -> Option<CallGuard> {
-        if capped {
-            let admitted = self
-                .0
-                .capped
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    (n < max_capped).then_some(n + 1)
-                })
-                .is_ok();
-            if !admitted {
-                return None;
-            }
-        }
+    /// Counts a new call.
+    fn enter(&self) -> CallGuard {
         self.0.in_flight.fetch_add(1, Ordering::AcqRel);
-        Some(CallGuard {
+        CallGuard {
             counter: self.0.clone(),
-            capped,
-        })
+            place: None,
+            _open: None,
+        }
+    }
+
+    /// A place under the cap of `max` for a call whose message has arrived, held until the returned
+    /// guard (and its clones) are dropped; `None` when `max` places are taken.
+    pub fn admit(&self, max: usize) -> Option<CappedPlace> {
+        let place = Arc::new(Place::new(self.0.clone()));
+        place.take(max).then_some(CappedPlace(place))
     }
 }
+
+/// One token call's place under the cap, once taken.
+struct Place {
+    counter: Arc<Counter>,
+    taken: AtomicBool,
+}
+
+impl Place {
+    fn new(counter: Arc<Counter>) -> Self {
+        Place {
+            counter,
+            taken: AtomicBool::new(false),
+        }
+    }
+
+    /// Takes a place under the cap of `max`; `false` when all are taken.
+    fn take(&self, max: usize) -> bool {
+        let admitted = self
+            .counter
+            .capped
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        self.taken.store(admitted, Ordering::Release);
+        admitted
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if *self.taken.get_mut() {
+            self.counter.capped.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A place under the cap (see [`Calls::admit`]), for front doors that read the whole request
+/// themselves (the HTTP API).
+pub struct CappedPlace(#[allow(dead_code)] Arc<Place>);
 
 /// Holds one call's place in the counts until dropped.
 struct CallGuard {
     counter: Arc<Counter>,
-    capped: bool,
+    /// A token call's place under the cap, shared with its request body, which takes it.
+    place: Option<Arc<Place>>,
+    /// Keeps the connection from being closed as idle.
+    _open: Option<OpenCall>,
 }
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        if self.capped {
-            self.counter.capped.fetch_sub(1, Ordering::AcqRel);
-        }
         if self.counter.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.counter.idle.notify_waiters();
         }
@@ -151,10 +199,9 @@ pub struct InFlight<S> {
     layer: InFlightLayer,
 }
 
-impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for InFlight<S>
+impl<S, ResBody> tower::Service<http::Request<tonic::body::Body>> for InFlight<S>
 where
-    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
-    ResBody: Default,
+    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<ResBody>>,
 {
     type Response = http::Response<CountedBody<ResBody>>;
     type Error = S::Error;
@@ -164,68 +211,137 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
         request
             .extensions_mut()
             .insert(CallStarted(tokio::time::Instant::now()));
-        let capped = request.uri().path().starts_with(CAPPED_PREFIX);
-        let state = match self.layer.calls.enter(capped, self.layer.max_token_calls) {
-            Some(guard) => State::Called {
-                future: self.inner.call(request),
-                guard: Some(guard),
-            },
-            None => State::Shed {
-                max: self.layer.max_token_calls,
-            },
-        };
-        ResponseFuture { state }
+        let mut guard = self.layer.calls.enter();
+        guard._open = request.extensions().get::<ConnInfo>().map(ConnInfo::call);
+        if request.uri().path().starts_with(CAPPED_PREFIX) {
+            let place = Arc::new(Place::new(self.layer.calls.0.clone()));
+            guard.place = Some(place.clone());
+            let max = self.layer.max_token_calls;
+            request = request.map(|body| {
+                tonic::body::Body::new(GatedBody {
+                    inner: body,
+                    place,
+                    max,
+                    message: MessageProgress::default(),
+                })
+            });
+        }
+        ResponseFuture {
+            future: self.inner.call(request),
+            guard: Some(guard),
+        }
+    }
+}
+
+/// How much of a gRPC request's first message has arrived: its 5-byte prefix, then its length.
+#[derive(Default)]
+struct MessageProgress {
+    /// Bytes received so far (of the first message).
+    received: u64,
+    /// The prefix, as it arrives.
+    prefix: [u8; 5],
+    /// Prefix plus message length, once the prefix is complete.
+    needed: Option<u64>,
+}
+
+impl MessageProgress {
+    /// Counts `data`; `true` once the whole first message has arrived.
+    fn feed(&mut self, mut data: impl Buf) -> bool {
+        while self.needed.is_none() && data.has_remaining() {
+            self.prefix[self.received as usize] = data.get_u8();
+            self.received += 1;
+            if self.received == 5 {
+                let length = u32::from_be_bytes([
+                    self.prefix[1],
+                    self.prefix[2],
+                    self.prefix[3],
+                    self.prefix[4],
+                ]);
+                self.needed = Some(5 + u64::from(length));
+            }
+        }
+        self.received += data.remaining() as u64;
+        self.needed.is_some_and(|needed| self.received >= needed)
     }
 }
 
 pin_project! {
-    /// The inner call, which hands its guard to the response body, or an immediate UNAVAILABLE.
+    /// A token call's request body: takes the call's place under the cap when the whole message has
+    /// arrived, or ends the call with UNAVAILABLE when there is none.
+    struct GatedBody {
+        #[pin]
+        inner: tonic::body::Body,
+        place: Arc<Place>,
+        max: usize,
+        message: MessageProgress,
+    }
+}
+
+impl http_body::Body for GatedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        if let Some(Ok(frame)) = &frame
+            && let Some(data) = frame.data_ref()
+            && this
+                .message
+                .needed
+                .is_none_or(|n| this.message.received < n)
+            && this.message.feed(data.clone())
+            && !this.place.take(*this.max)
+        {
+            let error = Error::Overloaded {
+                max_calls: *this.max,
+            };
+            // Shed before decoding or identity: the audit knows only that a token call was refused.
+            tracing::info!(target: "audit", outcome = error.outcome(), "token refused");
+            return Poll::Ready(Some(Err(tonic::Status::from(error))));
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// The inner call, which hands its guard to the response body.
     pub struct ResponseFuture<F> {
         #[pin]
-        state: State<F>,
-    }
-}
-
-pin_project! {
-    #[project = StateProj]
-    enum State<F> {
-        Called { #[pin] future: F, guard: Option<CallGuard> },
-        Shed { max: usize },
+        future: F,
+        guard: Option<CallGuard>,
     }
 }
 
 impl<F, ResBody, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<http::Response<ResBody>, E>>,
-    ResBody: Default,
 {
     type Output = Result<http::Response<CountedBody<ResBody>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            StateProj::Called { future, guard } => {
-                let response = ready!(future.poll(cx))?;
-                let guard = guard.take();
-                Poll::Ready(Ok(response.map(|inner| CountedBody {
-                    inner,
-                    _guard: guard,
-                })))
-            }
-            StateProj::Shed { max } => {
-                let error = Error::Overloaded { max_calls: *max };
-                // Shed before identity or decoding: the audit knows only that a token call was refused.
-                tracing::info!(target: "audit", outcome = error.outcome(), "token refused");
-                let status = tonic::Status::from(error);
-                Poll::Ready(Ok(status.into_http::<ResBody>().map(|inner| CountedBody {
-                    inner,
-                    _guard: None,
-                })))
-            }
-        }
+        let this = self.project();
+        let response = ready!(this.future.poll(cx))?;
+        let guard = this.guard.take();
+        Poll::Ready(Ok(response.map(|inner| CountedBody {
+            inner,
+            _guard: guard,
+        })))
     }
 }
 
@@ -261,44 +377,61 @@ impl<B: http_body::Body> http_body::Body for CountedBody<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
     use std::convert::Infallible;
     use tower::{Layer, ServiceExt};
 
-    fn token_call() -> http::Request<()> {
+    /// A gRPC message frame (prefix and `len` payload bytes).
+    fn message(len: usize) -> bytes::Bytes {
+        let mut frame = vec![0u8];
+        frame.extend_from_slice(&(len as u32).to_be_bytes());
+        frame.resize(5 + len, 7);
+        frame.into()
+    }
+
+    fn token_call(body: tonic::body::Body) -> http::Request<tonic::body::Body> {
         http::Request::builder()
             .uri("/ivschat.v1.TokenService/CreateChatToken")
-            .body(())
+            .body(body)
             .unwrap()
     }
 
-    fn health_check() -> http::Request<()> {
+    fn health_check() -> http::Request<tonic::body::Body> {
         http::Request::builder()
             .uri("/grpc.health.v1.Health/Check")
-            .body(())
+            .body(tonic::body::Body::empty())
             .unwrap()
     }
 
+    /// Reads the request body as tonic's decoder would, answering with the status it ends in (or OK).
     fn service(
         calls: &Calls,
         max: usize,
     ) -> impl tower::Service<
-        http::Request<()>,
+        http::Request<tonic::body::Body>,
         Response = http::Response<CountedBody<String>>,
         Error = Infallible,
-    > {
+    > + Clone {
         InFlightLayer::new(calls.clone(), max).layer(tower::service_fn(
-            |_: http::Request<()>| async {
-                Ok::<_, Infallible>(http::Response::new("body".to_string()))
+            |request: http::Request<tonic::body::Body>| async {
+                let answer = match request.into_body().collect().await {
+                    Ok(_) => "ok".to_string(),
+                    Err(status) => format!("{:?}", status.code()),
+                };
+                Ok::<_, Infallible>(http::Response::new(answer))
             },
         ))
     }
 
-    /// Waits for `service` to be ready and sends it `request`.
-    async fn send<S>(service: &mut S, request: http::Request<()>) -> S::Response
+    async fn send<S>(service: &mut S, request: http::Request<tonic::body::Body>) -> S::Response
     where
-        S: tower::Service<http::Request<()>, Error = Infallible>,
+        S: tower::Service<http::Request<tonic::body::Body>, Error = Infallible>,
     {
         service.ready().await.unwrap().call(request).await.unwrap()
+    }
+
+    async fn answer(response: http::Response<CountedBody<String>>) -> String {
+        response.into_body().inner
     }
 
     fn poll_once<F: Future>(future: &mut Pin<&mut F>) -> Poll<F::Output> {
@@ -310,14 +443,20 @@ mod tests {
     async fn a_call_counts_until_its_body_is_dropped() {
         let calls = Calls::default();
         let mut service = service(&calls, 10);
-        let response = send(&mut service, token_call()).await;
-        assert_eq!(calls.in_flight(), 1);
+        let response = send(
+            &mut service,
+            token_call(tonic::body::Body::new(
+                http_body_util::Full::new(message(3)).map_err(|e| match e {}),
+            )),
+        )
+        .await;
+        assert_eq!((calls.in_flight(), calls.capped()), (1, 1));
 
         let idle = calls.idle();
         let mut idle = std::pin::pin!(idle);
         assert!(poll_once(&mut idle).is_pending());
         drop(response);
-        assert_eq!(calls.in_flight(), 0);
+        assert_eq!((calls.in_flight(), calls.capped()), (0, 0));
         assert!(poll_once(&mut idle).is_ready());
     }
 
@@ -325,21 +464,85 @@ mod tests {
     async fn token_calls_over_the_cap_are_shed_with_unavailable_but_health_checks_are_not() {
         let calls = Calls::default();
         let mut service = service(&calls, 2);
-        let first = send(&mut service, token_call()).await;
-        let _second = send(&mut service, token_call()).await;
+        let full = || {
+            token_call(tonic::body::Body::new(
+                http_body_util::Full::new(message(10)).map_err(|e| match e {}),
+            ))
+        };
+        let first = send(&mut service, full()).await;
+        let _second = send(&mut service, full()).await;
 
-        let shed = send(&mut service, token_call()).await;
-        let status = tonic::Status::from_header_map(shed.headers()).expect("grpc-status header");
-        assert_eq!(status.code(), tonic::Code::Unavailable);
-        assert_eq!(calls.in_flight(), 2, "a shed call is not counted");
+        let shed = send(&mut service, full()).await;
+        assert_eq!(calls.capped(), 2, "a shed call takes no place");
+        assert_eq!(answer(shed).await, "Unavailable");
 
         let health = send(&mut service, health_check()).await;
-        assert!(tonic::Status::from_header_map(health.headers()).is_none());
-        assert_eq!(calls.in_flight(), 3);
+        assert_eq!(answer(health).await, "ok");
 
         drop(first);
-        let admitted = send(&mut service, token_call()).await;
-        assert!(tonic::Status::from_header_map(admitted.headers()).is_none());
+        let admitted = send(&mut service, full()).await;
+        assert_eq!(answer(admitted).await, "ok");
+    }
+
+    #[tokio::test]
+    async fn a_token_call_takes_a_place_only_once_its_whole_message_has_arrived() {
+        let calls = Calls::default();
+        let mut service = service(&calls, 1);
+        // A body that sends the prefix and part of the message, then waits.
+        let (sender, body) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+        let whole = message(100);
+        let stream = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(body),
+            |data| Ok::<_, tonic::Status>(http_body::Frame::data(data)),
+        );
+        let mut slow_service = service.clone();
+        let slow = async {
+            let request = token_call(tonic::body::Body::new(http_body_util::StreamBody::new(
+                stream,
+            )));
+            answer(send(&mut slow_service, request).await).await
+        };
+        let mut slow = std::pin::pin!(slow);
+        sender.send(whole.slice(..3)).await.unwrap();
+        sender.send(whole.slice(3..50)).await.unwrap();
+        assert!(poll_once(&mut slow).is_pending());
+        assert_eq!(calls.capped(), 0, "a partial message takes no place");
+        assert_eq!(calls.in_flight(), 1, "but the call is counted for draining");
+
+        // Another call gets the only place meanwhile.
+        let other = send(
+            &mut service,
+            token_call(tonic::body::Body::new(
+                http_body_util::Full::new(message(1)).map_err(|e| match e {}),
+            )),
+        )
+        .await;
+        assert_eq!(calls.capped(), 1);
+
+        // The slow call's message completes while the place is taken: shed.
+        sender.send(whole.slice(50..)).await.unwrap();
+        drop(sender);
+        let Poll::Ready(slow) = poll_once(&mut slow) else {
+            panic!("the whole message has arrived")
+        };
+        assert_eq!(slow, "Unavailable");
+        drop(other);
+        assert_eq!((calls.in_flight(), calls.capped()), (0, 0));
+    }
+
+    #[test]
+    fn message_progress_reads_the_length_across_frames() {
+        let whole = message(300);
+        let mut progress = MessageProgress::default();
+        assert!(!progress.feed(whole.slice(..2)));
+        assert!(!progress.feed(whole.slice(2..6)));
+        assert!(!progress.feed(whole.slice(6..304)));
+        assert!(progress.feed(whole.slice(304..)));
+        let mut empty = MessageProgress::default();
+        assert!(
+            empty.feed(message(0)),
+            "an empty message is whole at its prefix"
+        );
     }
 
     #[tokio::test]

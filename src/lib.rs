@@ -7,7 +7,10 @@
 //! - [`config`]: the one [`config::Config`], from defaults, a TOML file and `CTS_*` environment variables.
 //! - [`server`]: [`server::prepare`] builds what the config describes, [`server::serve`] / [`server::run`]
 //!   serve the token service, gRPC health and reflection, and drain on shutdown.
-//! - [`inflight`]: counts calls in flight (shutdown ends when the last one does) and caps token calls.
+//! - [`listener`]: the accept loop and each connection's bounds (how many, silent, idle, out of file
+//!   descriptors), and the [`listener::ConnInfo`] every request sees.
+//! - [`inflight`]: counts calls in flight (shutdown ends when the last one does) and caps token calls once
+//!   their request message has arrived.
 //! - [`service`]: the gRPC handler, proto ⇄ domain, and the [`service::Door`] both front doors share
 //!   (identity, domain stack, audit trail).
 //! - [`rest`]: IVS Chat's own REST-JSON API on the same port (`POST /CreateChatToken`), JSON ⇄ domain, for
@@ -34,8 +37,10 @@
 //!
 //! # Request flow
 //! ```text
-//! client ──HTTP/2 or HTTP/1.1 (TLS / mTLS)──▶ tonic server (health, reflection, 64 KiB message cap)
-//!   ▶ inflight::InFlightLayer   counts calls (graceful drain), sheds token calls over the cap: UNAVAILABLE
+//! client ──TCP──▶ listener::incoming   connection cap, TLS handshake cap and timeout, preface and idle timeouts
+//!   ──HTTP/2 or HTTP/1.1 (TLS / mTLS)──▶ tonic server (health, reflection, 64 KiB message cap)
+//!   ▶ inflight::InFlightLayer   counts calls (graceful drain); a token call whose message has arrived
+//!                               while the cap is full is shed: UNAVAILABLE
 //!   ▶ service::TokenService     identity::Resolver → Caller, or UNAUTHENTICATED
 //!     (gRPC)                    decode + validate → request::TokenRequest, or INVALID_ARGUMENT
 //!                               the caller's deadline → DEADLINE_EXCEEDED
@@ -63,6 +68,7 @@ pub mod error;
 pub mod identity;
 pub mod inflight;
 pub mod issuer;
+pub mod listener;
 pub mod moderation;
 pub mod policy;
 pub mod ratelimit;

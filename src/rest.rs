@@ -17,7 +17,7 @@
 //! # use chat_token_service::{config::Config, rest, service::Door, stack};
 //! # async fn example(door: Door) {
 //! // No moderation stack: only CreateChatToken. `.merge()` it beside the gRPC routes.
-//! let router = rest::router(door, None, &Config::default().http_api);
+//! let router = rest::router(door, None, &Config::default().http_api, Default::default(), 1024);
 //! # }
 //! ```
 
@@ -26,10 +26,10 @@ use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 use axum::body::Body;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use serde::Deserialize;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use crate::config::HttpApiConfig;
-use crate::error::{IvsError, UNKNOWN_OPERATION, VALIDATION_OTHER};
+use crate::error::{Error, IvsError, UNKNOWN_OPERATION, VALIDATION_OTHER};
+use crate::inflight::Calls;
 use crate::moderation::{ModerationGrpc, service::disconnect_request};
 use crate::request::{Capabilities, FieldNames, IssuedToken, TokenRequest, UncheckedRequest};
 use crate::service::Door;
@@ -55,6 +55,9 @@ struct Api {
     /// DisconnectUser's handler; `None` when the stacks have no moderator (an embedder's own issuer).
     moderation: Option<ModerationGrpc>,
     max_body_bytes: usize,
+    /// Token calls in flight, shared with gRPC's, and their cap (`max_concurrent_calls`).
+    calls: Calls,
+    max_calls: usize,
 }
 
 /// `grpc`'s routes with the IVS Chat API's beside them. Requests for paths neither serves get gRPC's
@@ -65,9 +68,11 @@ pub fn beside(
     door: Door,
     moderation: Option<ModerationGrpc>,
     settings: &HttpApiConfig,
+    calls: Calls,
+    max_calls: usize,
 ) -> tonic::service::Routes {
     grpc.into_axum_router()
-        .merge(router(door, moderation, settings))
+        .merge(router(door, moderation, settings, calls, max_calls))
         .fallback(unknown_operation)
         .into()
 }
@@ -96,17 +101,22 @@ async fn unknown_operation(request: Request<Body>) -> Response<Body> {
 }
 
 /// The routes of the IVS Chat API: CreateChatToken through `door`, and DisconnectUser through
-/// `moderation` when there is one.
+/// `moderation` when there is one. CreateChatToken calls count in `calls`, at most `max_calls` at once
+/// (with gRPC's).
 pub fn router(
     door: Door,
     moderation: Option<ModerationGrpc>,
     settings: &HttpApiConfig,
+    calls: Calls,
+    max_calls: usize,
 ) -> axum::Router {
     let has_moderation = moderation.is_some();
     let api = Arc::new(Api {
         door,
         moderation,
         max_body_bytes: settings.max_body_bytes,
+        calls,
+        max_calls,
     });
     let router = axum::Router::new().route(CREATE_CHAT_TOKEN, {
         let api = api.clone();
@@ -177,23 +187,21 @@ async fn accept(
     Ok((parts, body))
 }
 
-/// The client certificates of the call's TLS connection, if any.
-fn peer_certs(
-    parts: &http::request::Parts,
-) -> Option<Arc<Vec<tonic::transport::CertificateDer<'static>>>> {
-    parts
-        .extensions
-        .get::<TlsConnectInfo<TcpConnectInfo>>()
-        .and_then(TlsConnectInfo::peer_certs)
-}
-
 async fn issue(api: &Api, request: Request<Body>) -> Result<IssuedToken, IvsError> {
     let (parts, body) = accept(api, "CreateChatToken", request).await?;
+    // The same cap as gRPC token calls, taken once the whole body has arrived (see crate::inflight).
+    let _place = api.calls.admit(api.max_calls).ok_or_else(|| {
+        let error = Error::Overloaded {
+            max_calls: api.max_calls,
+        };
+        tracing::info!(target: "audit", outcome = error.outcome(), "token refused");
+        IvsError::from(error)
+    })?;
     let door = &api.door;
-    let peer_certs = peer_certs(&parts);
+    let peer_certs = crate::listener::peer_certs(&parts.extensions);
     let caller = door
         .identity()
-        .resolve_http(&parts, &body, peer_certs.as_deref().map(Vec::as_slice))
+        .resolve_http(&parts, &body, peer_certs)
         .map_err(|error| door.refuse(None, error))?;
 
     let input: CreateChatTokenInput = serde_json::from_slice(&body).map_err(|e| {
@@ -249,10 +257,10 @@ async fn disconnect(api: &Api, request: Request<Body>) -> Result<(), IvsError> {
         .as_ref()
         .expect("the DisconnectUser route exists only with a moderation handler");
     let (parts, body) = accept(api, ACTION, request).await?;
-    let peer_certs = peer_certs(&parts);
+    let peer_certs = crate::listener::peer_certs(&parts.extensions);
     let caller = moderation
         .identity()
-        .resolve_http(&parts, &body, peer_certs.as_deref().map(Vec::as_slice))
+        .resolve_http(&parts, &body, peer_certs)
         .map_err(|error| ModerationGrpc::unidentified(ACTION, error))?;
     let input: DisconnectUserInput = serde_json::from_slice(&body).map_err(|e| {
         // serde's messages can quote the values (user ids, reasons): report where, not what.
@@ -385,6 +393,10 @@ mod tests {
     const ARN: &str = "arn:aws:ivschat:us-west-2:123456789012:room/g1H2I3j4k5L6";
 
     fn router(max_body_bytes: usize) -> axum::Router {
+        router_with_cap(max_body_bytes, Calls::default(), 1024)
+    }
+
+    fn router_with_cap(max_body_bytes: usize, calls: Calls, max_calls: usize) -> axum::Router {
         let config = Config::default();
         let issuer = LocalIssuer::new(Arc::new(KeySet::ephemeral()), config.local_issuer.token_ttl);
         let door = Door::new(
@@ -399,6 +411,8 @@ mod tests {
                 max_body_bytes,
                 ..HttpApiConfig::default()
             },
+            calls,
+            max_calls,
         )
     }
 
@@ -421,6 +435,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn token_calls_over_the_shared_cap_get_service_unavailable() {
+        let calls = Calls::default();
+        let held = calls.admit(1).expect("the only place");
+        let request = || {
+            post(
+                "application/json",
+                format!(r#"{{"roomIdentifier":"{ARN}","userId":"u"}}"#),
+            )
+        };
+        let router = router_with_cap(16 * 1024, calls.clone(), 1);
+        let (response, json) = call(router.clone(), request()).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "{json}");
+        assert_eq!(
+            response.headers()[ERROR_TYPE],
+            "ServiceUnavailableException"
+        );
+        assert!(response.headers().contains_key(header::RETRY_AFTER));
+
+        drop(held);
+        let (response, json) = call(router, request()).await;
+        assert_eq!(response.status(), StatusCode::OK, "{json}");
+        assert_eq!(calls.capped(), 0, "the place is given back with the answer");
+    }
+
+    #[tokio::test]
     async fn unknown_paths_are_unimplemented_for_grpc_and_unknown_operation_for_sdks() {
         let config = Config::default();
         let issuer = LocalIssuer::new(Arc::new(KeySet::ephemeral()), config.local_issuer.token_ttl);
@@ -434,6 +473,8 @@ mod tests {
             door,
             None,
             &config.http_api,
+            Calls::default(),
+            1024,
         );
         let router = routes.into_axum_router();
 

@@ -17,12 +17,12 @@
 use std::future::Future;
 
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tonic::transport::server::TcpIncoming;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::config::{Config, ConfigError};
 use crate::end_on_drain::EndOnDrain;
 use crate::inflight::{Calls, InFlightLayer};
+use crate::listener::{self, ConnectionLimits};
 use crate::moderation::ModerationGrpc;
 use crate::proto::{
     FILE_DESCRIPTOR_SET,
@@ -192,7 +192,14 @@ pub async fn run(
     let mut routes = routes.routes();
     // The IVS Chat REST-JSON API: its routes beside the gRPC ones, over HTTP/1.1 as well as HTTP/2.
     if config.http_api.enabled {
-        routes = crate::rest::beside(routes, door, moderation, &config.http_api);
+        routes = crate::rest::beside(
+            routes,
+            door,
+            moderation,
+            &config.http_api,
+            calls.clone(),
+            config.max_concurrent_calls.get(),
+        );
     }
     let transport = &config.transport;
     let router = tonic::transport::Server::builder()
@@ -225,9 +232,10 @@ pub async fn run(
         draining: draining_tx,
         drain_tx,
     };
+    let limits = ConnectionLimits::from_config(&config.transport);
     match &config.tls {
         None => {
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            let incoming = listener::incoming(listener, limits, |tcp| std::future::ready(Ok(tcp)));
             drain
                 .serve(
                     router.serve_with_incoming_shutdown(incoming, drain_signal),
@@ -238,7 +246,7 @@ pub async fn run(
         Some(settings) => {
             let tls = Tls::load(settings)?;
             tls.watch(config.reload_interval);
-            let incoming = tls.incoming(listener);
+            let incoming = listener::incoming(listener, limits, move |tcp| tls.handshake(tcp));
             drain
                 .serve(
                     router.serve_with_incoming_shutdown(incoming, drain_signal),

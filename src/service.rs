@@ -113,12 +113,11 @@ impl token_service_server::TokenService for TokenService {
         request: Request<CreateChatTokenRequest>,
     ) -> Result<Response<CreateChatTokenResponse>, Status> {
         let door = &self.door;
-        let peer_certs = request.peer_certs();
         let caller = door
             .identity()
             .resolve(
                 request.metadata().as_ref(),
-                peer_certs.as_deref().map(Vec::as_slice),
+                crate::listener::peer_certs(request.extensions()),
             )
             .map_err(|error| door.refuse(None, error))?;
         // Answer DEADLINE_EXCEEDED just before tonic's own timer (started when the call arrived) would

@@ -3,12 +3,13 @@
 //!
 //! Each connection is accepted with the configuration current at that moment, so a rotated certificate or
 //! CA applies to the next handshake; a bad new file is refused and the last good configuration stays.
-//! Handshakes run on their own tasks, bounded by `handshake_timeout`, so a slow or silent client never
-//! holds up the accept loop. With a client CA, a client without a certificate signed by it is refused at
+//! Handshakes run on their own tasks (see [`crate::listener`]), bounded by `handshake_timeout` and at
+//! most `max_concurrent_handshakes` at once, so slow or silent clients never hold up the accept loop or
+//! take every core. With a client CA, a client without a certificate signed by it is refused at
 //! the handshake, before any gRPC is spoken.
 
 use std::{
-    io,
+    future::Future,
     ops::ControlFlow,
     path::Path,
     sync::{Arc, Weak},
@@ -17,14 +18,14 @@ use std::{
 
 use arc_swap::ArcSwap;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{net::TcpStream, sync::Semaphore};
 use tokio_rustls::{
     rustls::{RootCertStore, ServerConfig, server::WebPkiClientVerifier},
     server::TlsStream,
 };
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::TlsConfig;
+use crate::listener::{Closed, HandshakeRefused};
 use crate::reload::{self, Reload};
 
 /// Why TLS settings cannot be used; names the setting.
@@ -41,6 +42,8 @@ pub struct TlsError {
 pub struct Tls {
     settings: TlsConfig,
     current: ArcSwap<ServerConfig>,
+    /// Places for handshakes in progress: `max_concurrent_handshakes`.
+    handshakes: Arc<Semaphore>,
 }
 
 impl Tls {
@@ -48,6 +51,7 @@ impl Tls {
     pub fn load(settings: &TlsConfig) -> Result<Arc<Self>, TlsError> {
         Ok(Arc::new(Tls {
             current: ArcSwap::from_pointee(build(settings)?),
+            handshakes: Arc::new(Semaphore::new(settings.max_concurrent_handshakes.get())),
             settings: settings.clone(),
         }))
     }
@@ -83,43 +87,33 @@ impl Tls {
         });
     }
 
-    /// Accepts connections on `listener` and yields those that complete the handshake. The listener
-    /// closes when the stream is dropped.
-    pub fn incoming(
-        self: Arc<Self>,
-        listener: TcpListener,
-    ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok(accepted) => accepted,
-                        Err(e) => {
-                            // Usually out of file descriptors: back off instead of spinning.
-                            tracing::warn!("accept failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                    () = tx.closed() => return,
-                };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = tokio_rustls::TlsAcceptor::from(self.current.load_full());
-                let timeout = self.settings.handshake_timeout;
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send(Ok(stream)).await;
-                        }
-                        Ok(Err(e)) => tracing::info!(%peer, "TLS handshake refused: {e}"),
-                        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
-                    }
-                });
+    /// The TLS handshake of `tcp`, with the configuration current now; bounded by `handshake_timeout`
+    /// and refused at once while `max_concurrent_handshakes` are in progress (see
+    /// [`crate::listener::incoming`], which runs it on its own task).
+    pub fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> impl Future<Output = Result<TlsStream<TcpStream>, HandshakeRefused>> + Send + use<> {
+        let permit = self.handshakes.clone().try_acquire_owned();
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.current.load_full());
+        let timeout = self.settings.handshake_timeout;
+        async move {
+            let _permit = permit.map_err(|_| HandshakeRefused {
+                reason: Closed::MaxHandshakes,
+                detail: None,
+            })?;
+            match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => Ok(stream),
+                Ok(Err(e)) => Err(HandshakeRefused {
+                    reason: Closed::HandshakeFailed,
+                    detail: Some(e),
+                }),
+                Err(_) => Err(HandshakeRefused {
+                    reason: Closed::HandshakeTimeout,
+                    detail: None,
+                }),
             }
-        });
-        ReceiverStream::new(rx)
+        }
     }
 }
 

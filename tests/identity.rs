@@ -79,6 +79,7 @@ async fn mtls_server(keys: &LocalKeys) -> MtlsServer {
         key_file,
         client_ca_file: Some(ca_file),
         handshake_timeout: Duration::from_secs(5),
+        max_concurrent_handshakes: std::num::NonZeroUsize::new(128).unwrap(),
     });
     MtlsServer {
         server: TestServer::from_config(config).await,
@@ -286,6 +287,7 @@ async fn rotated_certificates_take_effect_without_a_restart() {
         key_file,
         client_ca_file: Some(ca_file),
         handshake_timeout: Duration::from_secs(5),
+        max_concurrent_handshakes: std::num::NonZeroUsize::new(128).unwrap(),
     });
     let server = TestServer::from_config(config).await;
     let client = client_ca.client(MODERATION);

@@ -648,20 +648,6 @@ async fn raw_h2(
 }
 
 #[tokio::test]
-async fn the_server_advertises_its_stream_limit_in_settings() {
-    let keys = LocalKeys::new();
-    let mut config = keys.config();
-    config.transport.max_concurrent_streams = std::num::NonZeroU32::new(7).unwrap();
-    let server = TestServer::from_config(config).await;
-    let (_send, connection) = raw_h2(server.addr).await;
-    assert_eq!(connection.max_concurrent_send_streams(), 7);
-
-    let defaults = TestServer::from_config(keys.config()).await;
-    let (_send, connection) = raw_h2(defaults.addr).await;
-    assert_eq!(connection.max_concurrent_send_streams(), 128);
-}
-
-#[tokio::test]
 async fn eleven_hundred_header_only_streams_on_one_connection_do_not_shut_out_another_caller() {
     let server = TestServer::from_config(LocalKeys::new().config()).await;
     let (flood, connection) = raw_h2(server.addr).await;

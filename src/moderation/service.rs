@@ -71,12 +71,11 @@ impl ModerationGrpc {
         request: Request<T>,
         validate: impl FnOnce(&Self, Caller, T) -> Result<ModerationRequest, Error>,
     ) -> Result<ModerationOutcome, Status> {
-        let peer_certs = request.peer_certs();
         let caller = self
             .identity
             .resolve(
                 request.metadata().as_ref(),
-                peer_certs.as_deref().map(Vec::as_slice),
+                crate::listener::peer_certs(request.extensions()),
             )
             .map_err(|error| Self::unidentified(action, error))?;
         let deadline = grpc_timeout(request.metadata()).map(|timeout| {

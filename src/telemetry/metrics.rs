@@ -4,6 +4,8 @@
 //! |---|---|---|---|
 //! | `rpc.server.call.duration` | histogram | s | `rpc.system`, `rpc.service`, `rpc.method`, `rpc.grpc.status_code` |
 //! | `cts.rpc.in_flight` | gauge | {call} | |
+//! | `cts.connections.open` | gauge | {connection} | |
+//! | `cts.connections.closed` | counter | {connection} | `reason`: `max_connections`, `max_handshakes`, `handshake_failed`, `handshake_timeout`, `preface_timeout`, `idle` (connections the server refused or closed; not those the client closed) |
 //! | `cts.tokens.issued` | counter | {token} | `issuer` |
 //! | `cts.policy.decisions` | counter | {decision} | `decision` (`allow`, `deny`, `shadow_deny`) |
 //! | `cts.policy.reload.refusals` | counter | {reload} | |
@@ -52,6 +54,8 @@ pub struct Metrics {
     pub limiter_fallbacks: Counter<u64>,
     /// Moderation calls that reached the moderator or the ban store, by action and result.
     pub moderation_actions: Counter<u64>,
+    /// Connections the server refused or closed, by reason (see [`crate::listener::Closed`]).
+    pub connections_closed: Counter<u64>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -111,6 +115,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             .with_unit("{action}")
             .with_description("Moderation calls carried out, by action and result")
             .build(),
+        connections_closed: meter
+            .u64_counter("cts.connections.closed")
+            .with_unit("{connection}")
+            .with_description("Connections the server refused or closed, by reason")
+            .build(),
     }
 });
 
@@ -125,6 +134,17 @@ pub fn observe_in_flight(read: impl Fn() -> usize + Send + Sync + 'static) {
         .i64_observable_gauge("cts.rpc.in_flight")
         .with_unit("{call}")
         .with_description("RPCs in flight")
+        .with_callback(move |observer| observer.observe(read() as i64, &[]))
+        .build();
+}
+
+/// Reports the number of open connections (read from `read` at each collection) as
+/// `cts.connections.open`.
+pub fn observe_connections(read: impl Fn() -> usize + Send + Sync + 'static) {
+    global::meter("chat-token-service")
+        .i64_observable_gauge("cts.connections.open")
+        .with_unit("{connection}")
+        .with_description("Connections open, TLS handshakes included")
         .with_callback(move |observer| observer.observe(read() as i64, &[]))
         .build();
 }

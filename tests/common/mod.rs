@@ -168,7 +168,22 @@ pub struct Binary {
 
 impl Binary {
     pub fn start(envs: &[(&str, &str)]) -> Binary {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chat-token-service"))
+        Self::start_command(Command::new(env!("CARGO_BIN_EXE_chat-token-service")), envs)
+    }
+
+    /// [`Binary::start`], with at most `fds` open file descriptors (`ulimit -n`).
+    pub fn start_with_fd_limit(fds: u32, envs: &[(&str, &str)]) -> Binary {
+        let mut command = Command::new("sh");
+        command.args([
+            "-c",
+            &format!("ulimit -n {fds} && exec \"$0\""),
+            env!("CARGO_BIN_EXE_chat-token-service"),
+        ]);
+        Self::start_command(command, envs)
+    }
+
+    fn start_command(mut command: Command, envs: &[(&str, &str)]) -> Binary {
+        let mut child = command
             .env_clear()
             .env("CTS_LISTEN_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "info")

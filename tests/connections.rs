@@ -1,0 +1,441 @@
+//! The connection layer (src/listener.rs, src/inflight.rs) over real sockets: silent, idle and surplus
+//! connections are closed, header-only streams take no call slots, and an accept loop out of file
+//! descriptors pauses instead of spinning.
+
+mod common;
+
+use std::{net::SocketAddr, num::NonZeroUsize, sync::Arc, time::Duration};
+
+use chat_token_service::config::{Config, TlsConfig};
+use common::{
+    Binary, LocalKeys, TestServer,
+    pki::{Ca, write_server_files},
+    valid_request,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+/// Longest any test here waits for the server to act on a bound (all are well below it).
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Waits for the server to close `tcp`: end of stream or a reset. Panics after [`PATIENCE`].
+async fn closed_by_server(tcp: &mut TcpStream) {
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(PATIENCE, tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            // The server may say something first (its HTTP/2 SETTINGS, a GOAWAY).
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("the server kept the connection open for {PATIENCE:?}"),
+        }
+    }
+}
+
+/// Whether the server still holds `tcp` open after `wait`.
+async fn still_open_after(tcp: &mut TcpStream, wait: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Err(_) => return true,
+            Ok(Ok(0)) | Ok(Err(_)) => return false,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+fn header_only_token_call(addr: SocketAddr) -> http::Request<()> {
+    http::Request::post(format!(
+        "http://{addr}/ivschat.v1.TokenService/CreateChatToken"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap()
+}
+
+#[tokio::test]
+async fn header_only_streams_on_many_connections_take_no_call_slots() {
+    let keys = LocalKeys::new();
+    let mut config = keys.config();
+    config.max_concurrent_calls = NonZeroUsize::new(16).unwrap();
+    let server = TestServer::from_config(config).await;
+
+    // 4 connections × 32 streams that send their headers and never their request message: 8 times the
+    // cap of calls in flight.
+    let mut connections = Vec::new();
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let tcp = TcpStream::connect(server.addr).await.unwrap();
+        let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+        connections.push(tokio::spawn(connection));
+        for _ in 0..32 {
+            let mut send = send.clone().ready().await.unwrap();
+            streams.push(
+                send.send_request(header_only_token_call(server.addr), false)
+                    .unwrap(),
+            );
+        }
+    }
+    // Let the server see every stream.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut client = server.client().await;
+    for _ in 0..20 {
+        client
+            .create_chat_token(valid_request())
+            .await
+            .expect("a caller with whole messages is served while 128 bodiless streams are open");
+    }
+    drop(streams);
+    for connection in connections {
+        connection.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_silent_tcp_client_is_closed_after_the_preface_timeout_and_a_talking_one_is_not() {
+    let keys = LocalKeys::new();
+    let mut config = keys.config();
+    config.transport.preface_timeout = Duration::from_millis(300);
+    let server = TestServer::from_config(config).await;
+
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    closed_by_server(&mut silent).await;
+
+    // A client that sent only part of the preface is silent too.
+    let mut stalled = TcpStream::connect(server.addr).await.unwrap();
+    stalled.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    closed_by_server(&mut stalled).await;
+
+    // A gRPC client that sends its preface at once keeps its connection past the timeout.
+    let mut client = server.client().await;
+    client.create_chat_token(valid_request()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    client.create_chat_token(valid_request()).await.unwrap();
+}
+
+/// A TLS server config (no client certificates) with `handshake_timeout`.
+fn tls_config(keys: &LocalKeys, dir: &std::path::Path, server_ca: &Ca) -> Config {
+    let (cert_file, key_file, _) =
+        write_server_files(dir, &server_ca.server(), &Ca::new("unused client CA"));
+    let mut config = keys.config();
+    config.tls = Some(TlsConfig {
+        cert_file,
+        key_file,
+        client_ca_file: None,
+        handshake_timeout: Duration::from_millis(300),
+        max_concurrent_handshakes: NonZeroUsize::new(2).unwrap(),
+    });
+    config.transport.preface_timeout = Duration::from_millis(300);
+    config
+}
+
+async fn tls_client(addr: SocketAddr, server_ca: &Ca) -> Result<(), tonic::Status> {
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(server_ca.pem()))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut client =
+        chat_token_service::proto::ivschat::v1::token_service_client::TokenServiceClient::new(
+            channel,
+        );
+    client.create_chat_token(valid_request()).await.map(drop)
+}
+
+/// Completes a TLS handshake with the server and returns the stream, having sent nothing over it.
+async fn tls_handshake_only(
+    addr: SocketAddr,
+    server_ca: &Ca,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    use tokio_rustls::rustls::{self, pki_types::CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = rustls_pki_types::pem::PemObject::from_pem_slice(server_ca.pem().as_bytes()).unwrap();
+    roots.add(CertificateDer::clone(&ca)).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn silent_tls_clients_are_closed_during_and_after_the_handshake() {
+    let keys = LocalKeys::new();
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = Ca::new("server CA");
+    let server = TestServer::from_config(tls_config(&keys, dir.path(), &server_ca)).await;
+
+    // Silent before the handshake: closed after tls.handshake_timeout.
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    closed_by_server(&mut silent).await;
+
+    // Handshake done, then silent: closed after transport.preface_timeout.
+    let mut quiet = tls_handshake_only(server.addr, &server_ca).await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(PATIENCE, quiet.read(&mut buf))
+        .await
+        .expect("the server closes a TLS connection that never sends its preface");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "expected a close, got {read:?}"
+    );
+
+    tls_client(server.addr, &server_ca)
+        .await
+        .expect("a TLS client that talks is served");
+}
+
+#[tokio::test]
+async fn handshakes_over_the_cap_are_refused_at_once() {
+    let keys = LocalKeys::new();
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = Ca::new("server CA");
+    let mut config = tls_config(&keys, dir.path(), &server_ca);
+    // Long enough that the silent handshakes below hold their places for the whole test.
+    config.tls.as_mut().unwrap().handshake_timeout = Duration::from_secs(30);
+    let server = TestServer::from_config(config).await;
+
+    // Two silent clients take both handshake places.
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = TcpStream::connect(server.addr).await.unwrap();
+    closed_by_server(&mut third).await;
+    assert!(
+        tls_client(server.addr, &server_ca).await.is_err(),
+        "no handshake place is free"
+    );
+    for tcp in &mut silent {
+        assert!(
+            still_open_after(tcp, Duration::from_millis(100)).await,
+            "the handshakes already in progress keep their places"
+        );
+    }
+
+    drop(silent);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tls_client(server.addr, &server_ca)
+        .await
+        .expect("served once the silent handshakes are gone");
+}
+
+#[tokio::test]
+async fn connections_over_max_connections_are_closed_at_once() {
+    let keys = LocalKeys::new();
+    let mut config = keys.config();
+    config.transport.max_connections = NonZeroUsize::new(2).unwrap();
+    config.transport.preface_timeout = Duration::from_secs(30);
+    let server = TestServer::from_config(config).await;
+
+    let first = TcpStream::connect(server.addr).await.unwrap();
+    let mut second = TcpStream::connect(server.addr).await.unwrap();
+    let mut third = TcpStream::connect(server.addr).await.unwrap();
+    closed_by_server(&mut third).await;
+    assert!(
+        still_open_after(&mut second, Duration::from_millis(200)).await,
+        "connections within the cap stay open"
+    );
+
+    drop(first);
+    drop(second);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut client = server.client().await;
+    client
+        .create_chat_token(valid_request())
+        .await
+        .expect("served once connections are closed");
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_but_not_while_a_call_is_open() {
+    let keys = LocalKeys::new();
+    let mut config = keys.config();
+    config.transport.idle_timeout = Duration::from_secs(1);
+    // PINGs every 200 ms: they do not count as activity.
+    config.transport.keepalive_interval = Duration::from_millis(200);
+    let server = TestServer::from_config(config).await;
+
+    // A connection with a call open (its headers sent, its message not yet) is not idle.
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    let mut connection = tokio::spawn(connection);
+    let mut send = send.ready().await.unwrap();
+    let (response, open_call) = send
+        .send_request(header_only_token_call(server.addr), false)
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(2500), &mut connection)
+            .await
+            .is_err(),
+        "a connection with a call open is not idle"
+    );
+
+    // Once the call ends (the client resets it), the connection is idle and is closed.
+    drop((response, open_call, send));
+    tokio::time::timeout(PATIENCE, &mut connection)
+        .await
+        .expect("an idle connection is closed")
+        .unwrap()
+        .ok();
+
+    // A gRPC client reconnects on its next call.
+    let mut client = server.client().await;
+    client.create_chat_token(valid_request()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    client
+        .create_chat_token(valid_request())
+        .await
+        .expect("tonic reconnects after the server closed an idle connection");
+}
+
+/// CPU time (user + system) the process `pid` has used.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // Linux reports in USER_HZ, 100 on every architecture we run on.
+    Duration::from_millis(ticks * 10)
+}
+
+#[tokio::test]
+async fn out_of_file_descriptors_the_accept_loop_pauses_and_recovers() {
+    let keys = LocalKeys::new();
+    let key_file = keys.path.clone();
+    let binary = Binary::start_with_fd_limit(
+        64,
+        &[
+            ("CTS_LOCAL_ISSUER__KEYS_FILE", key_file.to_str().unwrap()),
+            ("CTS_TRANSPORT__PREFACE_TIMEOUT", "60s"),
+        ],
+    );
+    // Hold more connections than the binary has file descriptors for.
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        held.push(TcpStream::connect(binary.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = cpu_time(binary.child.id());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let spent = cpu_time(binary.child.id()) - before;
+    assert!(
+        spent < Duration::from_millis(500),
+        "the accept loop spun on EMFILE: {spent:?} of CPU in 1.5 s"
+    );
+
+    drop(held);
+    let mut client = None;
+    for _ in 0..50 {
+        if let Ok(connected) =
+            chat_token_service::proto::ivschat::v1::token_service_client::TokenServiceClient::connect(
+                format!("http://{}", binary.addr),
+            )
+            .await
+        {
+            client = Some(connected);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client
+        .expect("the binary accepts again once descriptors are free")
+        .create_chat_token(valid_request())
+        .await
+        .expect("and serves");
+    binary.signal("-TERM");
+    let (status, log) = binary.wait();
+    assert!(status.success());
+    let pauses = log
+        .iter()
+        .filter(|line| line.contains("pausing the accept loop"))
+        .count();
+    assert!(
+        (1..=2).contains(&pauses),
+        "one warning per 10 s, not one per failed accept: {pauses}\n{}",
+        log.join("\n")
+    );
+}
+
+/// The SETTINGS frame the server sends first on a new HTTP/2 connection, as (identifier, value) pairs.
+async fn server_settings(addr: SocketAddr) -> Vec<(u16, u32)> {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    // The client preface and an empty SETTINGS frame.
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut header = [0u8; 9];
+    tokio::time::timeout(PATIENCE, tcp.read_exact(&mut header))
+        .await
+        .unwrap()
+        .unwrap();
+    let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+    assert_eq!(header[3], 0x4, "the server's first frame is SETTINGS");
+    let mut payload = vec![0u8; length];
+    tcp.read_exact(&mut payload).await.unwrap();
+    payload
+        .chunks_exact(6)
+        .map(|setting| {
+            (
+                u16::from_be_bytes([setting[0], setting[1]]),
+                u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_server_advertises_its_stream_and_header_limits_in_settings() {
+    const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    const MAX_HEADER_LIST_SIZE: u16 = 0x6;
+    let keys = LocalKeys::new();
+    let server = TestServer::from_config(keys.config()).await;
+    let settings = server_settings(server.addr).await;
+    assert!(
+        settings.contains(&(MAX_CONCURRENT_STREAMS, 128)),
+        "{settings:?}"
+    );
+    assert!(
+        settings.contains(&(MAX_HEADER_LIST_SIZE, 16 * 1024)),
+        "{settings:?}"
+    );
+
+    let mut config = keys.config();
+    config.transport.max_concurrent_streams = std::num::NonZeroU32::new(7).unwrap();
+    config.transport.max_header_list_bytes = std::num::NonZeroU32::new(4096).unwrap();
+    let server = TestServer::from_config(config).await;
+    let settings = server_settings(server.addr).await;
+    assert!(
+        settings.contains(&(MAX_CONCURRENT_STREAMS, 7)),
+        "{settings:?}"
+    );
+    assert!(
+        settings.contains(&(MAX_HEADER_LIST_SIZE, 4096)),
+        "{settings:?}"
+    );
+}
