@@ -279,6 +279,10 @@ async fn without_an_exporter_log_lines_still_carry_the_callers_trace_id_or_a_fre
     );
     client.create_chat_token(request).await.unwrap();
     client.create_chat_token(valid_request()).await.unwrap();
+    // The IVS API's x-amzn-RequestId is the trace id of the call's log lines.
+    let rest_trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let request_id = rest_create_chat_token(binary.addr, rest_trace_id).await;
+    assert_eq!(request_id, rest_trace_id);
 
     binary.signal("-TERM");
     let (status, log) = binary.wait();
@@ -294,7 +298,8 @@ async fn without_an_exporter_log_lines_still_carry_the_callers_trace_id_or_a_fre
                 .to_owned()
         })
         .collect();
-    assert_eq!(trace_ids.len(), 2, "{log:?}");
+    assert_eq!(trace_ids.len(), 3, "{log:?}");
+    assert_eq!(trace_ids[2], rest_trace_id);
     assert_eq!(trace_ids[0], TRACE_ID, "the caller's trace continues");
     assert_eq!(trace_ids[1].len(), 32, "a fresh trace id: {}", trace_ids[1]);
     assert!(
@@ -302,6 +307,28 @@ async fn without_an_exporter_log_lines_still_carry_the_callers_trace_id_or_a_fre
         "{}",
         trace_ids[1]
     );
+}
+
+/// POST /CreateChatToken over h2c with the caller's `traceparent`; returns the response's x-amzn-RequestId.
+async fn rest_create_chat_token(addr: SocketAddr, trace_id: &str) -> String {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut send = send.ready().await.unwrap();
+    let request = http::Request::post(format!("http://{addr}/CreateChatToken"))
+        .header("content-type", "application/json")
+        .header("traceparent", format!("00-{trace_id}-{CALLER_SPAN_ID}-01"))
+        .body(())
+        .unwrap();
+    let (response, mut body) = send.send_request(request, false).unwrap();
+    let json = serde_json::json!({ "roomIdentifier": ROOM_ARN, "userId": "user-1" });
+    body.send_data(json.to_string().into(), true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.headers()["x-amzn-requestid"]
+        .to_str()
+        .unwrap()
+        .to_owned()
 }
 
 /// The last exported data of metric `name`, with each data point's attributes.
