@@ -3,7 +3,7 @@
 //! - **Logs**: human-readable lines on stderr by default, JSON with `--log-format json` (or `log_format`);
 //!   the level comes from `RUST_LOG` (default `info`). Lines written inside a call carry its `trace_id`.
 //! - **Traces**: a server span per RPC ([`rpc`]), children for policy, rate limits, the issuer and the
-//!   IVS call. W3C `traceparent`/`tracestate` from the caller's metadata make our spans part of its trace.
+//!   IVS call (the first three only when traces are exported: see [`trace_only_span`]). W3C `traceparent`/`tracestate` from the caller's metadata make our spans part of its trace.
 //! - **Metrics**: see [`metrics`].
 //! - **Export**: over OTLP/gRPC when the standard variables say where (`OTEL_EXPORTER_OTLP_ENDPOINT`, or
 //!   the `_TRACES_`/`_METRICS_` variants; `OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER`, … apply). Without
@@ -78,6 +78,17 @@ static EXPORTING_TRACES: AtomicBool = AtomicBool::new(false);
 /// Whether spans are exported: the OpenTelemetry layer is installed and spans carry its context.
 pub(crate) fn exporting_traces() -> bool {
     EXPORTING_TRACES.load(Ordering::Relaxed)
+}
+
+/// A span only traces need (the server span's children: policy, ban check, rate limits, issuer): made by
+/// `make` when spans are exported, else no span at all, which costs nothing. Log lines written inside it
+/// keep the call's `trace_id` and audit fields from the spans around it.
+pub(crate) fn trace_only_span(make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if exporting_traces() {
+        make()
+    } else {
+        tracing::Span::none()
+    }
 }
 
 /// Installs logging, tracing and (when configured) metrics export. Call once, inside the tokio runtime
