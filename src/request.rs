@@ -495,6 +495,19 @@ impl Capabilities {
         self.0.iter().copied()
     }
 
+    /// The set as IVS Chat names it, for logs: debug-formats as `["SEND_MESSAGE", …]`, allocating nothing.
+    pub fn ivs_names(&self) -> impl fmt::Debug + '_ {
+        struct IvsNames<'a>(&'a Capabilities);
+        impl fmt::Debug for IvsNames<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_list()
+                    .entries(self.0.iter().map(Capability::ivs_name))
+                    .finish()
+            }
+        }
+        IvsNames(self)
+    }
+
     /// Whether the set grants `capability`.
     pub fn contains(&self, capability: Capability) -> bool {
         self.0.contains(&capability)

@@ -9,8 +9,9 @@
 //! ModerationService. Errors come from the same table ([`IvsError`] beside the gRPC
 //! statuses in [`crate::error`]), shaped as IVS shapes them so SDKs raise their typed exceptions.
 //!
-//! Every response carries `x-amzn-RequestId`: the call's trace id when tracing is on, else a fresh UUID,
-//! so the CLI's `--debug` output and SDK exceptions name something the server log can be searched for.
+//! Every response carries `x-amzn-RequestId`: the call's trace id (set by the
+//! [`RpcTraceLayer`](crate::telemetry::rpc::RpcTraceLayer), the one its log lines carry), else a fresh
+//! UUID, so the CLI's `--debug` output and SDK exceptions name something the server log can be searched for.
 //!
 //! ```
 //! # use chat_token_service::{config::Config, rest, service::Door, stack};
@@ -24,9 +25,7 @@ use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
 use axum::body::Body;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use opentelemetry::trace::TraceContextExt;
 use serde::Deserialize;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::HttpApiConfig;
 use crate::error::{Error, IvsError, UNKNOWN_OPERATION, VALIDATION_OTHER};
@@ -34,6 +33,7 @@ use crate::inflight::Calls;
 use crate::moderation::{ModerationGrpc, service::disconnect_request};
 use crate::request::{Capabilities, FieldNames, IssuedToken, TokenRequest, UncheckedRequest};
 use crate::service::Door;
+use crate::telemetry::rpc::CallTraceId;
 
 /// IVS Chat's service name (its SigV4 signing name too), in spans and metrics.
 pub const SERVICE: &str = "ivschat";
@@ -88,12 +88,13 @@ async fn unknown_operation(request: Request<Body>) -> Response<Body> {
             .into_parts();
         return Response::from_parts(parts, Body::empty());
     }
+    let request_id = request_id(&request);
     let mut response = error_response(&IvsError::unreadable(
         UNKNOWN_OPERATION,
         "this service offers CreateChatToken (POST /CreateChatToken) and DisconnectUser \
          (POST /DisconnectUser) of IVS Chat's API",
     ));
-    if let Ok(value) = HeaderValue::from_str(&request_id()) {
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID, value);
     }
     response
@@ -148,6 +149,7 @@ struct CreateChatTokenInput {
 
 async fn create_chat_token(api: Arc<Api>, request: Request<Body>) -> Response<Body> {
     respond(
+        request_id(&request),
         issue(&api, request)
             .await
             .map(|issued| token_output(&issued)),
@@ -155,8 +157,7 @@ async fn create_chat_token(api: Arc<Api>, request: Request<Body>) -> Response<Bo
 }
 
 /// The response to a call: 200 with `output`, or the error in IVS's shape; with a request id either way.
-fn respond(result: Result<serde_json::Value, IvsError>) -> Response<Body> {
-    let request_id = request_id();
+fn respond(request_id: String, result: Result<serde_json::Value, IvsError>) -> Response<Body> {
     let mut response = match result {
         Ok(output) => json_response(StatusCode::OK, &output),
         Err(error) => error_response(&error),
@@ -242,6 +243,7 @@ struct DisconnectUserInput {
 async fn disconnect_user(api: Arc<Api>, request: Request<Body>) -> Response<Body> {
     // DisconnectUserResponse has no members.
     respond(
+        request_id(&request),
         disconnect(&api, request)
             .await
             .map(|()| serde_json::json!({})),
@@ -372,17 +374,12 @@ fn error_response(error: &IvsError) -> Response<Body> {
     response
 }
 
-/// The current call's trace id, or a fresh UUID when tracing is off.
-fn request_id() -> String {
-    let trace_id = tracing::Span::current()
-        .context()
-        .span()
-        .span_context()
-        .trace_id();
-    if trace_id == opentelemetry::trace::TraceId::INVALID {
-        uuid::Uuid::new_v4().to_string()
-    } else {
-        trace_id.to_string()
+/// The call's trace id, or a fresh UUID outside the
+/// [`RpcTraceLayer`](crate::telemetry::rpc::RpcTraceLayer).
+fn request_id<B>(request: &Request<B>) -> String {
+    match request.extensions().get::<CallTraceId>() {
+        Some(CallTraceId(trace_id)) => trace_id.to_string(),
+        None => uuid::Uuid::new_v4().to_string(),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The gRPC handler: proto in, domain stack, proto out. No business rules live here.
 
-use std::time::Duration;
+use std::{fmt, time::Duration};
 
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 use tower::ServiceExt;
@@ -11,7 +11,7 @@ use crate::inflight::CallStarted;
 use crate::proto::ivschat::v1::{
     CreateChatTokenRequest, CreateChatTokenResponse, token_service_server,
 };
-use crate::request::{Caller, CallerSource, Capability, IssuedToken, TokenRequest};
+use crate::request::{Caller, CallerSource, IssuedToken, TokenRequest};
 use crate::stack::TokenStack;
 
 /// What both front doors (gRPC here, the IVS Chat HTTP API in [`crate::rest`]) share: one identity
@@ -67,7 +67,7 @@ impl Door {
             caller = %request.caller,
             caller_source = request.caller.source().map(CallerSource::name),
             room = %request.room,
-            capabilities = ?request.capabilities.iter().map(Capability::ivs_name).collect::<Vec<_>>(),
+            capabilities = ?request.capabilities.ivs_names(),
             session_minutes = request.session_duration().minutes(),
             issuer = self.issuer,
         );
@@ -137,13 +137,24 @@ impl token_service_server::TokenService for TokenService {
 }
 
 /// The first 12 hex digits of SHA-256: enough to correlate a token across logs, useless to a thief.
-pub(crate) fn short_hash(value: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, value.as_bytes())
-        .as_ref()
-        .iter()
-        .take(6)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+pub(crate) fn short_hash(value: &str) -> ShortHash {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = ring::digest::digest(&ring::digest::SHA256, value.as_bytes());
+    let mut digits = [0; 12];
+    for (pair, byte) in digits.chunks_exact_mut(2).zip(digest.as_ref()) {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0xf)];
+    }
+    ShortHash(digits)
+}
+
+/// See [`short_hash`]: its digits, displayed without allocating.
+pub(crate) struct ShortHash([u8; 12]);
+
+impl fmt::Display for ShortHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(std::str::from_utf8(&self.0).expect("hex digits are ASCII"))
+    }
 }
 
 /// How much earlier than the caller's deadline we give up, so our DEADLINE_EXCEEDED is certain to come
@@ -230,6 +241,12 @@ mod tests {
         let mut metadata = MetadataMap::new();
         metadata.insert("grpc-timeout", value.parse().unwrap());
         grpc_timeout(&metadata)
+    }
+
+    #[test]
+    fn short_hash_is_the_first_12_hex_digits_of_sha_256() {
+        // SHA-256("abc") = ba7816bf8f01cfea…
+        assert_eq!(short_hash("abc").to_string(), "ba7816bf8f01");
     }
 
     #[test]

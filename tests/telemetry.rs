@@ -265,6 +265,72 @@ async fn the_callers_trace_continues_through_our_server_span_and_its_children() 
     );
 }
 
+#[tokio::test]
+async fn without_an_exporter_log_lines_still_carry_the_callers_trace_id_or_a_fresh_one() {
+    // No OTEL_* variables: no OpenTelemetry layer, nothing exported.
+    let binary = Binary::start(&[("CTS_LOG_FORMAT", "json")]);
+    let mut client = binary.client().await;
+    let mut request = Request::new(valid_request());
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01")
+            .parse()
+            .unwrap(),
+    );
+    client.create_chat_token(request).await.unwrap();
+    client.create_chat_token(valid_request()).await.unwrap();
+    // The IVS API's x-amzn-RequestId is the trace id of the call's log lines.
+    let rest_trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let request_id = rest_create_chat_token(binary.addr, rest_trace_id).await;
+    assert_eq!(request_id, rest_trace_id);
+
+    binary.signal("-TERM");
+    let (status, log) = binary.wait();
+    assert_eq!(status.code(), Some(0));
+    let trace_ids: Vec<String> = log
+        .iter()
+        .filter(|l| l.contains("token issued"))
+        .map(|l| {
+            let audit: serde_json::Value = serde_json::from_str(l).expect("JSON log lines");
+            audit["spans"][0]["trace_id"]
+                .as_str()
+                .expect("the call's trace id")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(trace_ids.len(), 3, "{log:?}");
+    assert_eq!(trace_ids[2], rest_trace_id);
+    assert_eq!(trace_ids[0], TRACE_ID, "the caller's trace continues");
+    assert_eq!(trace_ids[1].len(), 32, "a fresh trace id: {}", trace_ids[1]);
+    assert!(
+        trace_ids[1].bytes().all(|b| b.is_ascii_hexdigit()) && trace_ids[1] != TRACE_ID,
+        "{}",
+        trace_ids[1]
+    );
+}
+
+/// POST /CreateChatToken over h2c with the caller's `traceparent`; returns the response's x-amzn-RequestId.
+async fn rest_create_chat_token(addr: SocketAddr, trace_id: &str) -> String {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut send = send.ready().await.unwrap();
+    let request = http::Request::post(format!("http://{addr}/CreateChatToken"))
+        .header("content-type", "application/json")
+        .header("traceparent", format!("00-{trace_id}-{CALLER_SPAN_ID}-01"))
+        .body(())
+        .unwrap();
+    let (response, mut body) = send.send_request(request, false).unwrap();
+    let json = serde_json::json!({ "roomIdentifier": ROOM_ARN, "userId": "user-1" });
+    body.send_data(json.to_string().into(), true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.headers()["x-amzn-requestid"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
 /// The last exported data of metric `name`, with each data point's attributes.
 fn points(received: &Received, name: &str) -> Vec<(HashMap<String, String>, f64)> {
     let Some(metric) = received.metrics.iter().rev().find(|m| m.name == name) else {
@@ -363,6 +429,7 @@ async fn metrics_arrive_with_their_names_attributes_and_counts() {
                 && value_where(&points(r, "cts.policy.decisions"), "decision", "allow") == 3.0
                 && value_where(&points(r, "cts.ratelimit.rejections"), "limit", "per-user") == 1.0
                 && !points(r, "cts.rpc.in_flight").is_empty()
+                && !points(r, "cts.log.dropped_lines").is_empty()
         })
         .await;
     {

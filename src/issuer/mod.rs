@@ -21,7 +21,7 @@ use tracing::Instrument;
 use crate::{
     error::Error,
     request::{IssuedToken, TokenRequest},
-    telemetry::metrics::metrics,
+    telemetry::{metrics::metrics, trace_only_span},
 };
 
 /// Something that turns a validated request into a token.
@@ -76,11 +76,14 @@ impl<I: Issuer> tower::Service<TokenRequest> for IssuerService<I> {
 
     fn call(&mut self, request: TokenRequest) -> Self::Future {
         let issuer = self.0.clone();
-        let span = tracing::info_span!(
-            "issuer.issue",
-            issuer = I::NAME,
-            otel.status_code = tracing::field::Empty
-        );
+        let span = trace_only_span(|| {
+            tracing::info_span!(
+                "issuer.issue",
+                issuer = I::NAME,
+                otel.status_code = tracing::field::Empty
+            )
+        });
+        let failed = span.clone();
         Box::pin(
             async move {
                 let issued = issuer.issue(request).await;
@@ -89,7 +92,7 @@ impl<I: Issuer> tower::Service<TokenRequest> for IssuerService<I> {
                         .tokens_issued
                         .add(1, &[KeyValue::new("issuer", I::NAME)]),
                     Err(_) => {
-                        tracing::Span::current().record("otel.status_code", "ERROR");
+                        failed.record("otel.status_code", "ERROR");
                     }
                 }
                 issued

@@ -23,6 +23,7 @@ use tracing::Instrument;
 use super::store::ModerationStore;
 use crate::error::Error;
 use crate::request::TokenRequest;
+use crate::telemetry::trace_only_span;
 
 /// Wraps a service in [`BanCheck`].
 #[derive(Clone)]
@@ -78,7 +79,9 @@ where
         Box::pin(async move {
             let ban = store
                 .ban_of(&request.room, &request.user_id)
-                .instrument(tracing::info_span!("moderation.ban_check"))
+                .instrument(trace_only_span(|| {
+                    tracing::info_span!("moderation.ban_check")
+                }))
                 .await?;
             if let Some(ban) = ban {
                 return Err(Error::UserBanned {

@@ -120,7 +120,10 @@ impl ModerationGrpc {
             caller = %request.caller,
             room = %request.room,
             action,
-            user_hash = request.action.user_id().map(|user| short_hash(user.expose())),
+            user_hash = request
+                .action
+                .user_id()
+                .map(|user| tracing::field::display(short_hash(user.expose()))),
             issuer = self.issuer,
         );
         let moderating = self.stack.clone().oneshot(request);

@@ -26,7 +26,7 @@ use pin_project_lite::pin_project;
 
 use super::{Authorize, PolicyEngine};
 use crate::error::Error;
-use crate::telemetry::metrics::metrics;
+use crate::telemetry::{metrics::metrics, trace_only_span};
 
 /// Applies policy decisions to the service it wraps.
 #[derive(Clone)]
@@ -94,12 +94,14 @@ where
     }
 
     fn call(&mut self, request: R) -> Self::Future {
-        let span = tracing::info_span!(
-            "policy.evaluate",
-            policy.action = request.action(),
-            policy.decision = tracing::field::Empty,
-            policy.ids = tracing::field::Empty,
-        );
+        let span = trace_only_span(|| {
+            tracing::info_span!(
+                "policy.evaluate",
+                policy.action = request.action(),
+                policy.decision = tracing::field::Empty,
+                policy.ids = tracing::field::Empty,
+            )
+        });
         let evaluated = span.in_scope(|| self.layer.engine.evaluate(&request));
         let decision = match evaluated {
             Ok(decision) => decision,
@@ -110,8 +112,10 @@ where
             (false, true) => "shadow_deny",
             (false, false) => "deny",
         };
-        span.record("policy.decision", outcome);
-        span.record("policy.ids", decision.policy_ids.join(",").as_str());
+        if !span.is_disabled() {
+            span.record("policy.decision", outcome);
+            span.record("policy.ids", decision.policy_ids.join(",").as_str());
+        }
         metrics()
             .policy_decisions
             .add(1, &[KeyValue::new("decision", outcome)]);

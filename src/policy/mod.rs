@@ -21,7 +21,10 @@
 //! (and their ancestors) and the actions, all picked at load or by lookup, plus the request's `Room`. That
 //! slice is all a policy can reach: the schema gives entities no entity-typed attributes, so nothing else
 //! is reachable from the principal, the resource or a literal. The `Room` is made per request from its
-//! ARN, so the entities file may not define one (refused at load, naming it). Requests are not checked
+//! ARN, so the entities file may not define one (refused at load, naming it). Building a slice costs more
+//! than the decision (Cedar computes its transitive closure), and it depends only on the caller and the
+//! room, so the last [`SLICE_CACHE_ENTRIES`] slices are kept with the policy set they were made from (a
+//! reload starts afresh). Requests are not checked
 //! against the schema per call: their shape is fixed by this module, and a unit test checks every action's
 //! context against the schema.
 
@@ -33,7 +36,7 @@ use std::{
     path::{Path, PathBuf},
     str::FromStr,
     sync::{
-        Arc,
+        Arc, RwLock,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -83,7 +86,13 @@ struct Loaded {
     /// What every request's slice holds whatever its caller: the entities the policies name, their
     /// ancestors, and the actions.
     shared: Vec<Entity>,
+    /// Slices already built, by caller id and room ARN: at most [`SLICE_CACHE_ENTRIES`].
+    slices: RwLock<HashMap<(String, String), Arc<Entities>>>,
 }
+
+/// How many (caller, room) slices are kept. When full, the cache starts afresh: callers choose room
+/// ARNs, so this bounds the memory (a slice is a few KB), and the hot rooms come back at once.
+pub const SLICE_CACHE_ENTRIES: usize = 256;
 
 /// What the engine decided for one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -273,7 +282,7 @@ impl PolicyEngine {
                 .map_err(|e| internal("request", &e))?;
 
         let loaded = self.current.load();
-        let entities = self.slice(&loaded, &principal, room_arn)?;
+        let entities = self.cached_slice(&loaded, &principal, request.caller().id(), room_arn)?;
         let response = Authorizer::new().is_authorized(&cedar_request, &loaded.policies, &entities);
         for cedar_policy::AuthorizationError::PolicyEvaluationError(error) in
             response.diagnostics().errors()
@@ -295,6 +304,36 @@ impl PolicyEngine {
 }
 
 impl PolicyEngine {
+    /// [`Self::slice`], built once per caller and room while `loaded` is in force.
+    fn cached_slice(
+        &self,
+        loaded: &Loaded,
+        principal: &EntityUid,
+        caller: &str,
+        room: &RoomArn,
+    ) -> Result<Arc<Entities>, Error> {
+        let key = (caller.to_owned(), room.as_str().to_owned());
+        let cached = loaded
+            .slices
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&key)
+            .cloned();
+        if let Some(slice) = cached {
+            return Ok(slice);
+        }
+        let slice = Arc::new(self.slice(loaded, principal, room)?);
+        let mut slices = loaded
+            .slices
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if slices.len() >= SLICE_CACHE_ENTRIES {
+            slices.clear();
+        }
+        slices.insert(key, slice.clone());
+        Ok(slice)
+    }
+
     /// The entities a decision about `principal` and `room` can reach (see the module docs): a lookup per
     /// ancestor of the caller, whatever the size of the entities file.
     fn slice(
@@ -433,6 +472,7 @@ fn load(source: &PolicySource, schema: &Schema) -> Result<Loaded, PolicyError> {
         policies,
         entities,
         shared,
+        slices: RwLock::default(),
     })
 }
 
@@ -648,7 +688,8 @@ mod tests {
 
         let web = request("web", ROOM_111, &[], None);
         let stranger = request("caller-7", ROOM_111, &[], None);
-        for engine in [&small, &large] {
+        // Twice: the second time from the cached slices.
+        for engine in [&small, &large, &small, &large] {
             assert!(engine.evaluate(&web).unwrap().allowed);
             assert!(!engine.evaluate(&stranger).unwrap().allowed);
         }
@@ -665,6 +706,31 @@ mod tests {
         assert_eq!(sliced(&small, "caller-1"), sliced(&large, "caller-1"));
         // The caller, its group (which the policy names too), the actions, the room.
         assert_eq!(sliced(&large, "web"), 1 + 1 + ACTIONS.len() + 1);
+    }
+
+    #[test]
+    fn slices_are_kept_per_caller_and_room_within_the_bound() {
+        let engine = PolicyEngine::load(PolicySource::Development).unwrap();
+        let kept = |engine: &PolicyEngine| engine.current.load().slices.read().unwrap().len();
+        for _ in 0..3 {
+            assert!(
+                engine
+                    .evaluate(&request("web", ROOM_111, &[], None))
+                    .unwrap()
+                    .allowed
+            );
+        }
+        assert_eq!(kept(&engine), 1);
+        for i in 0..SLICE_CACHE_ENTRIES + 10 {
+            let caller = format!("caller-{i}");
+            assert!(
+                engine
+                    .evaluate(&request(&caller, ROOM_111, &[], None))
+                    .unwrap()
+                    .allowed
+            );
+            assert!(kept(&engine) <= SLICE_CACHE_ENTRIES);
+        }
     }
 
     #[test]

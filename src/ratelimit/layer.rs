@@ -36,7 +36,7 @@ use super::{Check, Limit, LimitKey, LimiterStore, Verdict};
 use crate::error::{Error, ExceededLimit};
 use crate::moderation::ModerationRequest;
 use crate::request::{Caller, RoomArn, TokenRequest, UserId};
-use crate::telemetry::metrics::metrics;
+use crate::telemetry::{metrics::metrics, trace_only_span};
 
 /// Wraps a service in [`RateLimit`]. Every service it makes shares the same store and counters.
 #[derive(Clone)]
@@ -206,10 +206,9 @@ where
                     judge(&limits, &verdicts, request.caller(), &counters)
                 };
                 checked
-                    .instrument(tracing::info_span!(
-                        "ratelimit.check",
-                        ratelimit.limits = limits.len()
-                    ))
+                    .instrument(trace_only_span(|| {
+                        tracing::info_span!("ratelimit.check", ratelimit.limits = limits.len())
+                    }))
                     .await?;
                 inner.call(request).await
             }),

@@ -40,8 +40,6 @@ pub struct MemoryStore {
 
 struct Inner {
     shards: Box<[Mutex<Shard>]>,
-    /// When the store was made: shards keep each TAT as nanoseconds after it.
-    epoch: Instant,
     /// Turns a key into the 64-bit digest the shards store and route by; seeded per process, so nobody can
     /// aim many keys at one shard or make two keys collide.
     digests: RandomState,
@@ -54,6 +52,7 @@ impl MemoryStore {
         // Every shard gets at least one slot, else keys routed to it could never be limited.
         let count = SHARDS.min(max);
         let seeds = RandomState::new();
+        // Shards keep each TAT as nanoseconds after this.
         let epoch = Instant::now();
         let shards = (0..count)
             .map(|i| {
@@ -64,7 +63,6 @@ impl MemoryStore {
         MemoryStore {
             inner: Arc::new(Inner {
                 shards,
-                epoch,
                 digests: RandomState::new(),
             }),
         }

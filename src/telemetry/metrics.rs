@@ -15,6 +15,7 @@
 //! | `cts.limiter.store.errors` | counter | {error} | `kind`: `timeout`, `unreachable`, `noscript`, `readonly`, `oom`, `crossslot`, `denied`, `other` (calls and probes) |
 //! | `cts.limiter.fallbacks` | counter | {request} | |
 //! | `cts.moderation.actions` | counter | {action} | `action` (`DisconnectUser`, `BanUser`, …), `result` (`ok`, `error`) |
+//! | `cts.log.dropped_lines` | counter | {line} | |
 //!
 //! Attribute values are names and codes, never keys, user ids or tokens. Without an exporter configured
 //! the global meter is a no-op and so is every instrument here.
@@ -145,5 +146,16 @@ pub fn observe_connections(read: impl Fn() -> usize + Send + Sync + 'static) {
         .with_unit("{connection}")
         .with_description("Connections open, TLS handshakes included")
         .with_callback(move |observer| observer.observe(read() as i64, &[]))
+        .build();
+}
+
+/// Reports the log lines dropped because the log writer's queue was full (read from `read` at each
+/// collection) as `cts.log.dropped_lines`.
+pub fn observe_dropped_log_lines(read: impl Fn() -> usize + Send + Sync + 'static) {
+    global::meter("chat-token-service")
+        .u64_observable_counter("cts.log.dropped_lines")
+        .with_unit("{line}")
+        .with_description("Log lines dropped because stderr could not keep up")
+        .with_callback(move |observer| observer.observe(read() as u64, &[]))
         .build();
 }

@@ -3,19 +3,30 @@
 //! - **Logs**: human-readable lines on stderr by default, JSON with `--log-format json` (or `log_format`);
 //!   the level comes from `RUST_LOG` (default `info`). Lines written inside a call carry its `trace_id`.
 //! - **Traces**: a server span per RPC ([`rpc`]), children for policy, rate limits, the issuer and the
-//!   IVS call. W3C `traceparent`/`tracestate` from the caller's metadata make our spans part of its trace.
+//!   IVS call (the first three only when traces are exported: see [`trace_only_span`]). W3C `traceparent`/`tracestate` from the caller's metadata make our spans part of its trace.
 //! - **Metrics**: see [`metrics`].
 //! - **Export**: over OTLP/gRPC when the standard variables say where (`OTEL_EXPORTER_OTLP_ENDPOINT`, or
 //!   the `_TRACES_`/`_METRICS_` variants; `OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER`, … apply). Without
-//!   them nothing is exported and metric instruments are no-ops; spans still give logs their trace ids.
+//!   them nothing is exported, metric instruments are no-ops and no OpenTelemetry layer is installed (no
+//!   span data is built for anyone): the server span still gives logs their trace id, the caller's from
+//!   `traceparent` or a fresh random one ([`rpc`]).
 //!   Export runs in batches off the request path: a slow or absent collector costs dropped telemetry,
 //!   never a slower request.
 //! - **Audit**: one `audit` event per decision, see [`crate::service`].
+//!
+//! Log lines are formatted by the thread that writes them and written to stderr by a background thread
+//! through a queue of [`LOG_QUEUE_LINES`] lines: a call never waits on stderr. When stderr cannot keep up
+//! and the queue is full, lines are dropped and counted (`cts.log.dropped_lines`); [`Telemetry::shutdown`]
+//! writes out what is queued.
 
 pub mod metrics;
 pub mod rpc;
 
-use std::{io::IsTerminal, time::Duration};
+use std::{
+    io::IsTerminal,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use opentelemetry::{global, trace::TracerProvider as _};
 use opentelemetry_sdk::{
@@ -23,6 +34,7 @@ use opentelemetry_sdk::{
     trace::SdkTracerProvider,
 };
 use serde::{Deserialize, Serialize};
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{
     EnvFilter, Layer, filter::LevelFilter, layer::SubscriberExt, util::SubscriberInitExt,
 };
@@ -39,9 +51,12 @@ pub enum LogFormat {
     Json,
 }
 
-/// The installed providers; [`Telemetry::shutdown`] flushes what is still buffered.
+/// The installed providers and log writer; [`Telemetry::shutdown`] flushes what is still buffered.
 pub struct Telemetry {
-    tracer_provider: SdkTracerProvider,
+    /// Dropping it writes out the queued log lines (waiting a bounded time) and ends the writer thread.
+    log_writer: WorkerGuard,
+    /// `None` when no trace exporter is configured: then no OpenTelemetry layer is installed at all.
+    tracer_provider: Option<SdkTracerProvider>,
     meter_provider: Option<SdkMeterProvider>,
 }
 
@@ -53,6 +68,29 @@ pub struct TelemetryError(String);
 /// How long shutdown may spend flushing telemetry to a collector that may be gone.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How many log lines may wait for stderr before new ones are dropped: about a second of a busy
+/// server's audit lines, a few MB at most.
+pub const LOG_QUEUE_LINES: usize = 8192;
+
+/// Whether [`init`] installed the OpenTelemetry layer (a trace exporter is configured).
+static EXPORTING_TRACES: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are exported: the OpenTelemetry layer is installed and spans carry its context.
+pub(crate) fn exporting_traces() -> bool {
+    EXPORTING_TRACES.load(Ordering::Relaxed)
+}
+
+/// A span only traces need (the server span's children: policy, ban check, rate limits, issuer): made by
+/// `make` when spans are exported, else no span at all, which costs nothing. Log lines written inside it
+/// keep the call's `trace_id` and audit fields from the spans around it.
+pub(crate) fn trace_only_span(make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if exporting_traces() {
+        make()
+    } else {
+        tracing::Span::none()
+    }
+}
+
 /// Installs logging, tracing and (when configured) metrics export. Call once, inside the tokio runtime
 /// (the OTLP exporter's connections live on it).
 pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
@@ -61,15 +99,22 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
     global::set_text_map_propagator(TraceContextPropagator::new());
     let resource = resource();
 
-    let mut tracer_provider = SdkTracerProvider::builder().with_resource(resource.clone());
-    if export_traces {
+    // Without an exporter, an OpenTelemetry layer would build span data for every span of every call
+    // only to drop it: there is none then.
+    let tracer_provider = if export_traces {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
             .build()
             .map_err(|e| TelemetryError(format!("OTLP span exporter: {e}")))?;
-        tracer_provider = tracer_provider.with_batch_exporter(exporter);
-    }
-    let tracer_provider = tracer_provider.build();
+        Some(
+            SdkTracerProvider::builder()
+                .with_resource(resource.clone())
+                .with_batch_exporter(exporter)
+                .build(),
+        )
+    } else {
+        None
+    };
 
     let meter_provider = if export_metrics {
         let exporter = opentelemetry_otlp::MetricExporter::builder()
@@ -87,20 +132,29 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
     };
 
     // Spans are for us and the collector; RUST_LOG governs only what is printed.
-    let otel = tracing_opentelemetry::layer()
-        .with_tracer(tracer_provider.tracer("chat-token-service"))
-        .with_filter(LevelFilter::INFO);
+    let otel = tracer_provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("chat-token-service"))
+            .with_filter(LevelFilter::INFO)
+    });
     let printed = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (stderr, log_writer) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("log-writer")
+        .finish(std::io::stderr());
+    let dropped = stderr.error_counter();
+    metrics::observe_dropped_log_lines(move || dropped.dropped_lines());
     let fmt = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(stderr)
             // Colour codes only for people; log collectors get plain text.
             .with_ansi(std::io::stderr().is_terminal())
             .with_filter(printed)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
-            .with_writer(std::io::stderr)
+            .with_writer(stderr)
             .with_current_span(true)
             .with_span_list(true)
             .with_filter(printed)
@@ -111,6 +165,7 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
         .with(fmt)
         .try_init()
         .map_err(|e| TelemetryError(format!("cannot install the log subscriber: {e}")))?;
+    EXPORTING_TRACES.store(tracer_provider.is_some(), Ordering::Relaxed);
 
     if export_traces || export_metrics {
         tracing::info!(
@@ -120,15 +175,18 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
         );
     }
     Ok(Telemetry {
+        log_writer,
         tracer_provider,
         meter_provider,
     })
 }
 
 impl Telemetry {
-    /// Flushes buffered spans and metrics, giving up after a bounded time.
+    /// Flushes buffered spans, metrics and log lines, giving up after a bounded time.
     pub fn shutdown(self) {
-        if let Err(e) = self.tracer_provider.shutdown_with_timeout(FLUSH_TIMEOUT) {
+        if let Some(tracer_provider) = self.tracer_provider
+            && let Err(e) = tracer_provider.shutdown_with_timeout(FLUSH_TIMEOUT)
+        {
             tracing::debug!("flushing spans at shutdown: {e}");
         }
         if let Some(meter_provider) = self.meter_provider
@@ -136,6 +194,8 @@ impl Telemetry {
         {
             tracing::debug!("flushing metrics at shutdown: {e}");
         }
+        // Last, so the lines logged above are written too.
+        drop(self.log_writer);
     }
 }
 

@@ -3,7 +3,9 @@
 //! The span follows the OpenTelemetry RPC conventions: named `package.Service/Method`, kind server,
 //! attributes `rpc.system = "grpc"`, `rpc.service`, `rpc.method`, `rpc.grpc.status_code`, error status when
 //! the code is not OK. Its parent is the caller's span from W3C `traceparent`/`tracestate`, and its
-//! `trace_id` field puts the trace id on every log line written during the call.
+//! `trace_id` field puts the trace id on every log line written during the call. Without a trace exporter
+//! there is no OpenTelemetry layer and no span data: the trace id is then the caller's (`traceparent`) or a
+//! fresh random one. Handlers find it in the request's extensions as [`CallTraceId`].
 //!
 //! A gRPC status arrives either in the response headers (trailers-only responses: errors) or in the
 //! trailers after the body, so the span and the measurement end when the body does. Health checks and
@@ -20,24 +22,111 @@ use std::{
     time::Instant,
 };
 
-use opentelemetry::{KeyValue, global, propagation::Extractor, trace::TraceContextExt};
+use opentelemetry::{
+    KeyValue, global,
+    propagation::Extractor,
+    trace::{TraceContextExt, TraceId},
+};
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
 use pin_project_lite::pin_project;
 use tracing::{Instrument, Span, field::Empty, instrument::Instrumented};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::metrics::metrics;
 
-/// The paths of the operations this server offers (health and reflection aside: they are not traced).
-const SERVED_OPERATIONS: &[&str] = &[
-    "/ivschat.v1.TokenService/CreateChatToken",
-    "/ivschat.v1.ModerationService/DisconnectUser",
-    "/ivschat.v1.ModerationService/BanUser",
-    "/ivschat.v1.ModerationService/UnbanUser",
-    "/ivschat.v1.ModerationService/ListBans",
-    "/ivschat.v1.ModerationService/VerifyChatToken",
-    crate::rest::CREATE_CHAT_TOKEN,
-    crate::rest::DISCONNECT_USER,
+/// The operations this server offers (health and reflection aside: they are not traced), as their spans
+/// and metrics name them.
+const SERVED_OPERATIONS: &[Labels] = &[
+    grpc(
+        "ivschat.v1.TokenService",
+        "CreateChatToken",
+        "ivschat.v1.TokenService/CreateChatToken",
+    ),
+    grpc(
+        MODERATION,
+        "DisconnectUser",
+        "ivschat.v1.ModerationService/DisconnectUser",
+    ),
+    grpc(
+        MODERATION,
+        "BanUser",
+        "ivschat.v1.ModerationService/BanUser",
+    ),
+    grpc(
+        MODERATION,
+        "UnbanUser",
+        "ivschat.v1.ModerationService/UnbanUser",
+    ),
+    grpc(
+        MODERATION,
+        "ListBans",
+        "ivschat.v1.ModerationService/ListBans",
+    ),
+    grpc(
+        MODERATION,
+        "VerifyChatToken",
+        "ivschat.v1.ModerationService/VerifyChatToken",
+    ),
+    aws_api("CreateChatToken", "ivschat/CreateChatToken"),
+    aws_api("DisconnectUser", "ivschat/DisconnectUser"),
 ];
+
+const MODERATION: &str = "ivschat.v1.ModerationService";
+
+/// What any other path is called: callers can send paths without end, but not grow the label sets.
+const UNKNOWN_GRPC: Labels = grpc("unknown", "unknown", "unknown/unknown");
+const UNKNOWN_AWS_API: Labels = aws_api("unknown", "ivschat/unknown");
+
+/// A call's `rpc.system`, `rpc.service` and `rpc.method`, and its span's name (`otel.name`): static, so
+/// no call allocates them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Labels {
+    system: &'static str,
+    service: &'static str,
+    method: &'static str,
+    name: &'static str,
+}
+
+/// A gRPC method, served at `/{name}`; `name` is `service/method`.
+const fn grpc(service: &'static str, method: &'static str, name: &'static str) -> Labels {
+    Labels {
+        system: "grpc",
+        service,
+        method,
+        name,
+    }
+}
+
+/// An operation of the IVS Chat HTTP API, served at `/{method}`; `name` is `ivschat/method`.
+const fn aws_api(method: &'static str, name: &'static str) -> Labels {
+    Labels {
+        system: "aws-api",
+        service: crate::rest::SERVICE,
+        method,
+        name,
+    }
+}
+
+impl Labels {
+    /// The path this operation is served at, without its leading `/`.
+    fn path(&self) -> &'static str {
+        if self.system == "grpc" {
+            self.name
+        } else {
+            self.method
+        }
+    }
+}
+
+/// The labels of a call to `path`: its operation's, or "unknown" when this server does not serve it.
+fn labels(path: &str) -> Labels {
+    let path = path.strip_prefix('/').unwrap_or(path);
+    match SERVED_OPERATIONS.iter().find(|op| op.path() == path) {
+        Some(served) => *served,
+        None if path.contains('/') => UNKNOWN_GRPC,
+        None => UNKNOWN_AWS_API,
+    }
+}
 
 /// Paths not traced: health checks and reflection.
 const UNTRACED_PREFIXES: [&str; 3] = [
@@ -79,7 +168,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
         let path = request.uri().path();
         if UNTRACED_PREFIXES.iter().any(|p| path.starts_with(p)) {
             return ResponseFuture {
@@ -87,7 +176,8 @@ where
                 call: None,
             };
         }
-        let call = Call::start(&request);
+        let (call, trace_id) = Call::start(&request);
+        request.extensions_mut().insert(CallTraceId(trace_id));
         let span = call.span.clone();
         ResponseFuture {
             inner: self.inner.call(request).instrument(span),
@@ -96,61 +186,54 @@ where
     }
 }
 
+/// The trace id of a call, in its request's extensions: the id its log lines carry (`trace_id`), for
+/// handlers that hand it back to the caller (the IVS API's `x-amzn-RequestId`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallTraceId(pub TraceId);
+
 /// One traced call: its span, start and attributes.
 struct Call {
     span: Span,
     started: Instant,
-    system: &'static str,
-    service: String,
-    method: String,
+    labels: Labels,
 }
 
 impl Call {
-    fn start<B>(request: &http::Request<B>) -> Call {
-        let path = request.uri().path();
-        // Any path can arrive, but only the operations served name spans and label metrics: the others
-        // are "unknown", so callers cannot grow the metrics' label sets.
-        let served = SERVED_OPERATIONS.contains(&path);
-        let name = |part: &str| {
-            if served {
-                part.to_owned()
-            } else {
-                "unknown".to_owned()
-            }
-        };
-        let path = path.trim_start_matches('/');
-        let (system, service, method) = match path.split_once('/') {
-            Some((service, method)) => ("grpc", name(service), name(method)),
-            None => ("aws-api", crate::rest::SERVICE.to_owned(), name(path)),
-        };
+    fn start<B>(request: &http::Request<B>) -> (Call, TraceId) {
+        let labels = labels(request.uri().path());
         let span = tracing::info_span!(
             "grpc.server",
-            otel.name = %format_args!("{service}/{method}"),
+            otel.name = labels.name,
             otel.kind = "server",
-            rpc.system = system,
-            rpc.service = %service,
-            rpc.method = %method,
+            rpc.system = labels.system,
+            rpc.service = labels.service,
+            rpc.method = labels.method,
             rpc.grpc.status_code = Empty,
             http.response.status_code = Empty,
             otel.status_code = Empty,
             trace_id = Empty,
         );
-        let parent = global::get_text_map_propagator(|propagator| {
-            propagator.extract(&HeaderExtractor(request.headers()))
-        });
-        // Fails only when no OpenTelemetry layer is installed (library use without telemetry::init).
-        let _ = span.set_parent(parent);
-        let trace_id = span.context().span().span_context().trace_id();
-        if trace_id != opentelemetry::trace::TraceId::INVALID {
+        let trace_id = if super::exporting_traces() {
+            // The OpenTelemetry layer gives the span its context: the caller's trace, or a new one.
+            let _ = span.set_parent(callers_context(request.headers()));
+            span.context().span().span_context().trace_id()
+        } else {
+            // No layer, no span data: only the id the logs carry, the caller's or a fresh one.
+            Some(request.headers())
+                .filter(|headers| headers.contains_key(TRACEPARENT))
+                .map(|headers| callers_context(headers).span().span_context().trace_id())
+                .filter(|id| *id != TraceId::INVALID)
+                .unwrap_or_else(|| RandomIdGenerator::default().new_trace_id())
+        };
+        if trace_id != TraceId::INVALID {
             span.record("trace_id", tracing::field::display(trace_id));
         }
-        Call {
+        let call = Call {
             span,
             started: Instant::now(),
-            system,
-            service,
-            method,
-        }
+            labels,
+        };
+        (call, trace_id)
     }
 
     fn finish(self, code: i64) {
@@ -175,13 +258,21 @@ impl Call {
         metrics().rpc_duration.record(
             self.started.elapsed().as_secs_f64(),
             &[
-                KeyValue::new("rpc.system", self.system),
-                KeyValue::new("rpc.service", self.service),
-                KeyValue::new("rpc.method", self.method),
+                KeyValue::new("rpc.system", self.labels.system),
+                KeyValue::new("rpc.service", self.labels.service),
+                KeyValue::new("rpc.method", self.labels.method),
                 outcome,
             ],
         );
     }
+}
+
+/// The W3C trace-context header.
+const TRACEPARENT: &str = "traceparent";
+
+/// The caller's span from `traceparent`/`tracestate`, as the installed propagator reads them.
+fn callers_context(headers: &http::HeaderMap) -> opentelemetry::Context {
+    global::get_text_map_propagator(|propagator| propagator.extract(&HeaderExtractor(headers)))
 }
 
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
@@ -224,7 +315,7 @@ where
         {
             call.finish(code);
         }
-        if let Some(rest) = call.take_if(|call| call.system != "grpc") {
+        if let Some(rest) = call.take_if(|call| call.labels.system != "grpc") {
             rest.finish_http(response.status());
         }
         Poll::Ready(Ok(response.map(|inner| TracedBody { inner, call })))
@@ -279,30 +370,54 @@ impl<B: http_body::Body> http_body::Body for TracedBody<B> {
 
 #[cfg(test)]
 mod tests {
-    use super::Call;
+    use super::labels;
 
-    fn labels(path: &str) -> (&'static str, String, String) {
-        let call = Call::start(&http::Request::post(path).body(()).unwrap());
-        (call.system, call.service, call.method)
+    fn of(path: &str) -> (&'static str, &'static str, &'static str, &'static str) {
+        let labels = labels(path);
+        (labels.system, labels.service, labels.method, labels.name)
     }
 
     #[test]
     fn only_served_operations_name_their_labels() {
-        let owned =
-            |system, service: &str, method: &str| (system, service.to_owned(), method.to_owned());
         assert_eq!(
-            labels("/ivschat.v1.TokenService/CreateChatToken"),
-            owned("grpc", "ivschat.v1.TokenService", "CreateChatToken")
+            of("/ivschat.v1.TokenService/CreateChatToken"),
+            (
+                "grpc",
+                "ivschat.v1.TokenService",
+                "CreateChatToken",
+                "ivschat.v1.TokenService/CreateChatToken"
+            )
         );
         assert_eq!(
-            labels("/DisconnectUser"),
-            owned("aws-api", "ivschat", "DisconnectUser")
+            of("/DisconnectUser"),
+            (
+                "aws-api",
+                "ivschat",
+                "DisconnectUser",
+                "ivschat/DisconnectUser"
+            )
         );
         // Made-up paths, which a caller can send without end, all fall under one label value.
         assert_eq!(
-            labels("/ivschat.v1.TokenService/Made-up-1"),
-            owned("grpc", "unknown", "unknown")
+            of("/ivschat.v1.TokenService/Made-up-1"),
+            ("grpc", "unknown", "unknown", "unknown/unknown")
         );
-        assert_eq!(labels("/made-up-2"), owned("aws-api", "ivschat", "unknown"));
+        assert_eq!(
+            of("/made-up-2"),
+            ("aws-api", "ivschat", "unknown", "ivschat/unknown")
+        );
+    }
+
+    #[test]
+    fn every_served_operation_is_named_service_slash_method() {
+        for op in super::SERVED_OPERATIONS
+            .iter()
+            .chain([&super::UNKNOWN_GRPC, &super::UNKNOWN_AWS_API])
+        {
+            assert_eq!(op.name, format!("{}/{}", op.service, op.method));
+        }
+        for path in [crate::rest::CREATE_CHAT_TOKEN, crate::rest::DISCONNECT_USER] {
+            assert_eq!(labels(path).system, "aws-api", "{path}");
+        }
     }
 }

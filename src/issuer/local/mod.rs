@@ -46,7 +46,7 @@ use crate::error::Error;
 use crate::request::{IssuedToken, TokenRequest};
 
 pub use keys::{KeyError, KeySet, KeySource, LiveKeys, generate_key};
-use token::Payload;
+use token::NewClaims;
 pub use token::{IMPLICIT_ASSERTION, TokenClaims, VERIFY_LEEWAY, VerifyError};
 
 /// Mints PASETO v4.local chat tokens with the active key of the [`LiveKeys`] in force.
@@ -78,23 +78,19 @@ impl LocalIssuer {
         let exp = now + self.token_ttl;
         let session_expiration_time = now + request.session_duration().as_duration();
         let token_id = uuid::Uuid::new_v4().to_string();
-        let payload = Payload {
-            jti: token_id.clone(),
+        let claims = NewClaims {
+            jti: &token_id,
             iat: issued_at,
             nbf: now,
             exp,
-            room_arn: request.room.as_str().to_owned(),
-            user_id: request.user_id.expose().to_owned(),
-            capabilities: request
-                .capabilities
-                .iter()
-                .map(|c| c.ivs_name().to_owned())
-                .collect(),
-            attributes: request.attributes.expose().clone(),
+            room_arn: request.room.as_str(),
+            user_id: request.user_id.expose(),
+            capabilities: &request.capabilities,
+            attributes: request.attributes.expose(),
             session_expiration_time,
         };
         let token =
-            self.keys.current().encrypt(&payload).map_err(|e| {
+            self.keys.current().encrypt(&claims).map_err(|e| {
                 Error::Internal(format!("local issuer could not encrypt a token: {e}"))
             })?;
         Ok(IssuedToken {

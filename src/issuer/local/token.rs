@@ -9,13 +9,11 @@ use std::{
 
 use pasetors::{
     Local,
-    claims::Claims,
     footer::Footer,
-    paserk::Id,
     token::UntrustedToken,
     version4::{LocalToken, V4},
 };
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 use time::OffsetDateTime;
 
 use super::keys::KeySet;
@@ -70,18 +68,21 @@ impl KeySet {
         payload.into_claims()
     }
 
-    /// Encrypts `payload` with the active key, naming the key in the footer.
-    pub(super) fn encrypt(&self, payload: &Payload) -> Result<String, pasetors::errors::Error> {
+    /// Encrypts `claims` with the active key, naming the key in the footer.
+    ///
+    /// The claims are serialised once, straight into the payload (pasetors' `Claims` would parse them
+    /// into a map of JSON values and serialise them again); the footer is the key's, built with it.
+    pub(super) fn encrypt(
+        &self,
+        claims: &NewClaims<'_>,
+    ) -> Result<String, pasetors::errors::Error> {
         let active = self.active();
-        let json =
-            serde_json::to_string(payload).map_err(|_| pasetors::errors::Error::InvalidClaim)?;
-        let claims = Claims::from_string(&json)?;
-        let mut footer = Footer::new();
-        footer.key_id(&Id::from(&active.key));
-        pasetors::local::encrypt(
+        let payload =
+            serde_json::to_vec(claims).map_err(|_| pasetors::errors::Error::InvalidClaim)?;
+        LocalToken::encrypt(
             &active.key,
-            &claims,
-            Some(&footer),
+            &payload,
+            Some(active.footer.as_bytes()),
             Some(IMPLICIT_ASSERTION),
         )
     }
@@ -131,8 +132,37 @@ pub struct TokenClaims {
     pub session_expires_at: SystemTime,
 }
 
+/// The claims of a token being minted, borrowed from its request: the [`Payload`] a verifier reads.
+#[derive(Serialize)]
+pub(super) struct NewClaims<'a> {
+    pub(super) jti: &'a str,
+    #[serde(with = "time::serde::rfc3339")]
+    pub(super) iat: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub(super) nbf: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub(super) exp: OffsetDateTime,
+    #[serde(rename = "roomArn")]
+    pub(super) room_arn: &'a str,
+    #[serde(rename = "userId")]
+    pub(super) user_id: &'a str,
+    #[serde(serialize_with = "ivs_names")]
+    pub(super) capabilities: &'a Capabilities,
+    pub(super) attributes: &'a BTreeMap<String, String>,
+    #[serde(rename = "sessionExpirationTime", with = "time::serde::rfc3339")]
+    pub(super) session_expiration_time: OffsetDateTime,
+}
+
+/// Capabilities as IVS Chat names them, `["SEND_MESSAGE", …]`.
+fn ivs_names<S: Serializer>(
+    capabilities: &&Capabilities,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(capabilities.iter().map(Capability::ivs_name))
+}
+
 /// The token's claims as they appear in the PASETO payload. Names follow IVS Chat's API.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 pub(super) struct Payload {
     pub(super) jti: String,
     #[serde(with = "time::serde::rfc3339")]

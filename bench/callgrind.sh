@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Instructions per CreateChatToken call in the server, counted by valgrind's callgrind: repeatable on a busy
+# machine, where wall-clock figures move ±20%. What BENCHMARKS.md's "Optimisations" figures come from.
+#
+#   bench/callgrind.sh embedded 2000      the embedded defaults, 2,000 calls measured
+#   bench/callgrind.sh production 2000    deploy/policy/production.cedar + entities, 3 memory limits
+#
+# The server runs under callgrind with instrumentation off; loadgen makes 300 warm-up calls, then
+# instrumentation is switched on for CALLS calls (64 in flight over 4 connections) and the counts dumped.
+# Prints the instructions per call and leaves the profile in $CALLGRIND_OUT (default target/callgrind/) for
+# `callgrind_annotate --inclusive=yes`. Counts are user-space instructions: system calls' kernel time is not
+# in them. Build with frame pointers for readable profiles:
+#   RUSTFLAGS="-C force-frame-pointers=yes" CARGO_TARGET_DIR=target/fp cargo build --release \
+#     --bin chat-token-service --example loadgen
+# and point BENCH_BIN_DIR at target/fp/release (default target/release).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scenario=${1:?embedded or production} calls=${2:-2000}
+bin_dir=${BENCH_BIN_DIR:-target/release}
+out_dir=${CALLGRIND_OUT:-target/callgrind}
+command -v valgrind >/dev/null || {
+  echo "valgrind is needed (Debian package valgrind)" >&2
+  exit 1
+}
+case $scenario in
+  embedded) settings=() ;;
+  production)
+    settings=(
+      CTS_POLICY__FILES='["deploy/policy/production.cedar"]'
+      CTS_POLICY__ENTITIES_FILE=deploy/policy/production.entities.json
+      CTS_IDENTITY__SOURCES='["header"]'
+      CTS_IDENTITY__ANONYMOUS_PRINCIPAL=spiffe://cluster.local/ns/chat/sa/web
+      CTS_RATE_LIMITS='[{name="caller",key="caller",rate="1000000/s",burst=1000000},
+        {name="user",key="user",rate="1000000/s",burst=1000000},
+        {name="room",key="room",rate="1000000/s",burst=1000000}]'
+    )
+    ;;
+  *)
+    echo "unknown scenario $scenario: embedded or production" >&2
+    exit 1
+    ;;
+esac
+
+mkdir -p "$out_dir"
+out=$out_dir/$scenario.callgrind
+rm -f "$out" "$out".*
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+env -u RUST_LOG "${settings[@]}" CTS_LISTEN_ADDR="127.0.0.1:$port" valgrind --tool=callgrind \
+  --instr-atstart=no --callgrind-out-file="$out" "$bin_dir/chat-token-service" 2>"$out_dir/$scenario.log" &
+server=$!
+trap 'kill "$server" 2>/dev/null || true' EXIT
+for _ in $(seq 1 600); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+  sleep 0.1
+done
+
+load() {
+  "$bin_dir/examples/loadgen" grpc --addr "127.0.0.1:$port" --requests "$1" --warmup 0 \
+    --concurrency 64 --connections 4 --max-seconds 600 >/dev/null
+}
+load 300
+callgrind_control --instr=on "$server" >/dev/null 2>&1
+load "$calls"
+callgrind_control --dump "$server" >/dev/null 2>&1
+callgrind_control --instr=off "$server" >/dev/null 2>&1
+kill "$server"
+wait "$server" 2>/dev/null || true
+
+total=$(callgrind_annotate "$out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+echo "$scenario: $((total / calls)) instructions per call ($calls calls; profile $out.1)"
