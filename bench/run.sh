@@ -50,8 +50,9 @@ free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+# Up to 60 s: the --quick run's debug binary loads the 20,000-entity file slowly on a busy machine.
 wait_for_port() {
-  for _ in $(seq 1 200); do
+  for _ in $(seq 1 1200); do
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
     sleep 0.05
   done
