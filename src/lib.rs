@@ -48,8 +48,9 @@
 //!     /CreateChatToken)         SigV4), JSON → request::TokenRequest; errors as error::IvsError
 //!   ▶ stack::TokenStack         tower::Service<TokenRequest, Response = IssuedToken>
 //!       ▶ policy::PolicyLayer         Cedar; deny → PERMISSION_DENIED
-//!       ▶ moderation::BanCheckLayer   banned user → PERMISSION_DENIED, ErrorInfo USER_BANNED
 //!       ▶ scope::ScopeLayer           (ivs) room outside the allowed regions / accounts → INVALID_ARGUMENT
+//!       ▶ moderation::BanCheckLayer   banned user → PERMISSION_DENIED, ErrorInfo USER_BANNED (single Redis
+//!                                     node: looked up inside the rate-limit script call instead)
 //!       ▶ ratelimit::RateLimitLayer   GCRA per caller / user / room …, and (ivs) the IVS quota per account
 //!                                     and region, in ONE store call, in memory or Redis; over →
 //!                                     RESOURCE_EXHAUSTED; Redis down + fail_closed → UNAVAILABLE

@@ -365,18 +365,32 @@ fn compose_parts<I: Issuer>(
         ),
         IssuerKind::Local => (None, config.rate_limits.clone()),
     };
+    // With a single Redis node the ban lookup rides in the rate-limit script call: one round trip per
+    // request. Otherwise (in process, or a cluster, where the ban record and the limits live in different
+    // slots) the ban check is a layer of its own.
+    let (ban_check, shared_bans) = match (&bans, &store) {
+        (ModerationStores::Redis(shared), Store::Redis(_)) if !config.limiter.redis_cluster => {
+            (None, Some(shared.clone()))
+        }
+        _ => (Some(BanCheckLayer::new(bans)), None),
+    };
+    let mut rate_limits = RateLimitLayer::new(limits, store);
+    if let Some(shared) = shared_bans {
+        rate_limits = rate_limits.with_bans(shared);
+    }
     let stack = ServiceBuilder::new()
         // Policy first: Cedar answers in microseconds, and a caller it denies must consume no rate-limit
         // budget or upstream quota, nor learn whether a user is banned.
         .layer(PolicyLayer::new(policy.clone(), config.policy.shadow))
-        // Then bans: a banned user's requests consume no budget either.
-        .layer(BanCheckLayer::new(bans))
         // Then the rooms the upstream serves (ivs): a room in a region or account not served is refused
-        // before it spends any budget, and before it can make the issuer hold anything for its region.
+        // before it costs a store round trip or spends any budget, and before it can make the issuer hold
+        // anything for its region.
         .option_layer(scope)
+        // Then bans: a banned user's requests consume no budget either (here, or in the limits' call).
+        .option_layer(ban_check)
         // Then every rate limit, the IVS quota included (ivs), in one store call: a request refused by
         // any of them consumes from none, and only requests about to be issued spend the upstream quota.
-        .layer(RateLimitLayer::new(limits, store))
+        .layer(rate_limits)
         .service(IssuerService::new(issuer));
     BoxCloneSyncService::new(stack)
 }

@@ -351,6 +351,118 @@ async fn moderation_requests_are_validated_at_their_edges() {
     );
 }
 
+/// Redis' MONITOR feed: every command any client sends, one line each (commands run by scripts show as
+/// `[0 lua]`).
+struct Monitor {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::TcpStream>>,
+}
+
+impl Monitor {
+    async fn start(redis: &RedisServer) -> Monitor {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(redis.addr).await.unwrap();
+        stream.write_all(b"MONITOR\r\n").await.unwrap();
+        let mut lines = tokio::io::BufReader::new(stream).lines();
+        assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("+OK"));
+        Monitor { lines }
+    }
+
+    /// The commands seen that name `prefix`'s keys and came from a client rather than a script, up to
+    /// `ECHO <marker>` (sent here, after everything to count).
+    async fn client_commands(mut self, redis: &RedisServer, prefix: &str) -> Vec<String> {
+        let marker = format!("{prefix}:end-of-count");
+        redis.command(&["ECHO", &marker]);
+        let mut seen = Vec::new();
+        while let Some(line) = self.lines.next_line().await.unwrap() {
+            if line.contains(&marker) {
+                return seen;
+            }
+            // The health probe (`<prefix>:probe`) runs every second whatever the requests do.
+            if line.contains(prefix) && !line.contains(" lua]") && !line.contains(":probe") {
+                seen.push(line);
+            }
+        }
+        panic!("MONITOR ended before the marker");
+    }
+}
+
+#[tokio::test]
+async fn one_redis_round_trip_per_token_request_with_the_ban_check_and_three_limits() {
+    let redis = RedisServer::shared();
+    let url = redis.url();
+    let prefix = unique_prefix();
+    let key = generate_key();
+    let env = [
+        ("CTS_LIMITER__BACKEND", "redis"),
+        ("CTS_LIMITER__REDIS_URL", url.as_str()),
+        ("CTS_LIMITER__KEY_PREFIX", prefix.as_str()),
+        ("CTS_LOCAL_ISSUER__KEY", key.as_str()),
+        (
+            "CTS_RATE_LIMITS",
+            r#"[{name="caller",key="caller",rate="1000/s",burst=1000},
+                {name="user",key="user",rate="1/h",burst=1},
+                {name="room",key="room",rate="1000/s",burst=1000}]"#,
+        ),
+    ];
+    let binary = Binary::start(&env);
+    let mut tokens = binary.client().await;
+    let mut moderation = ModerationServiceClient::connect(format!("http://{}", binary.addr))
+        .await
+        .unwrap();
+    // The first call loads the script (NOSCRIPT, SCRIPT LOAD, EVALSHA): not counted.
+    tokens
+        .create_chat_token(token_request(ROOM_ARN, "warm-up"))
+        .await
+        .unwrap();
+    moderation
+        .ban_user(ban(ROOM_ARN, "troll", Some(300), "raid"))
+        .await
+        .unwrap();
+
+    let monitor = Monitor::start(&redis).await;
+    for user in ["ann", "bob", "cy"] {
+        tokens
+            .create_chat_token(token_request(ROOM_ARN, user))
+            .await
+            .unwrap();
+    }
+    for _ in 0..3 {
+        let refused = tokens
+            .create_chat_token(token_request(ROOM_ARN, "troll"))
+            .await
+            .unwrap_err();
+        assert_eq!(reason(&refused), "USER_BANNED", "{refused:?}");
+    }
+    let sent = monitor.client_commands(&redis, &prefix).await;
+    assert_eq!(
+        sent.len(),
+        6,
+        "one command per request, ban check and three limits together: {sent:#?}"
+    );
+    assert!(
+        sent.iter().all(|line| line.contains("\"EVALSHA\"")),
+        "{sent:#?}"
+    );
+
+    // The banned requests spent none of the user's budget of one.
+    moderation
+        .unban_user(UnbanUserRequest {
+            room_identifier: ROOM_ARN.into(),
+            user_id: "troll".into(),
+        })
+        .await
+        .unwrap();
+    tokens
+        .create_chat_token(token_request(ROOM_ARN, "troll"))
+        .await
+        .unwrap();
+    let exhausted = tokens
+        .create_chat_token(token_request(ROOM_ARN, "troll"))
+        .await
+        .unwrap_err();
+    assert_eq!(exhausted.code(), Code::ResourceExhausted, "{exhausted:?}");
+}
+
 #[tokio::test]
 async fn a_ban_through_one_process_is_refused_by_another_sharing_redis() {
     let redis = RedisServer::shared();

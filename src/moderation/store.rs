@@ -28,7 +28,10 @@ use std::{
 use orion::hazardous::hash::blake2::blake2b::Blake2b;
 
 use super::{Ban, PageToken};
-use crate::ratelimit::{FailureMode, FallbackStore, StoreError, fallback::PROBE_INTERVAL};
+use crate::ratelimit::{
+    Check, FailureMode, FallbackStore, LimiterStore, StoreError, fallback::PROBE_INTERVAL,
+    redis::Gate,
+};
 use crate::request::{RoomArn, UserId};
 use crate::telemetry::metrics::metrics;
 
@@ -371,6 +374,40 @@ impl SharedModeration {
                 capacity = self.local.capacity,
                 "the local copy of bans is full; this ban is enforced only while Redis is reachable"
             );
+        }
+    }
+}
+
+impl SharedModeration {
+    /// CreateChatToken's ban check and its rate limits together: on a single Redis node one script call,
+    /// one round trip ([`crate::ratelimit::RedisStore`]). A banned user is answered with the ban and spends
+    /// no budget. While Redis is down, the failure mode decides both, as [`ModerationStore::ban_of`] and
+    /// the limiter do one after the other: fail_open answers from the local copy of bans and the local
+    /// limits, fail_closed refuses with UNAVAILABLE.
+    pub(crate) async fn check_with_ban(
+        &self,
+        room: &RoomArn,
+        user_id: &UserId,
+        checks: &[Check],
+    ) -> Result<Gate, StoreError> {
+        match self
+            .limiter
+            .redis_call(|redis| redis.check_with_ban(room, user_id, checks))
+            .await
+        {
+            // Redis is the truth while it answers: the copy follows it, unbans made elsewhere included.
+            Some(Gate::Banned(ban)) => {
+                self.remember(&ban);
+                Ok(Gate::Banned(ban))
+            }
+            Some(verdicts) => {
+                self.local.remove_ban(room, user_id);
+                Ok(verdicts)
+            }
+            None => match self.outage()?.get_ban(room, user_id) {
+                Some(ban) => Ok(Gate::Banned(ban)),
+                None => self.limiter.check(checks).await.map(Gate::Verdicts),
+            },
         }
     }
 }

@@ -1,12 +1,26 @@
 -- GCRA over several keys at once, atomically: the same decisions as the in-process store (gcra.rs).
 --
--- KEYS[i]: the state of check i, its theoretical arrival time (TAT) in microseconds since the Unix epoch.
--- ARGV[3i-2], ARGV[3i-1], ARGV[3i]: check i's emission interval T and tolerance B*T in microseconds, and
---   "1" when it is a shadow check.
+-- ARGV[1]: "1" when KEYS[1] is a ban record to look up first (CreateChatToken): if it exists the script
+--   decides nothing, spends nothing and answers the record (a string), so a banned user spends no budget
+--   and the ban check costs no round trip of its own. "0": no ban key.
+-- KEYS[b+i] (b = 1 with a ban key, else 0): the state of check i, its theoretical arrival time (TAT) in
+--   microseconds since the Unix epoch.
+-- ARGV[1+3i-2], ARGV[1+3i-1], ARGV[1+3i]: check i's emission interval T and tolerance B*T in microseconds,
+--   and "1" when it is a shadow check.
 -- Returns one integer per check: 0 when admitted, else the microseconds until it would be.
 --
 -- Time comes from this Redis server, never from the callers, so replicas with skewed clocks agree.
 -- Microseconds since the epoch stay below 2^53, exact in Lua's doubles.
+local base = 0
+if ARGV[1] == '1' then
+  local ban = redis.call('GET', KEYS[1])
+  if ban then
+    return ban
+  end
+  base = 1
+end
+local count = #KEYS - base
+
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 
@@ -33,11 +47,11 @@ local verdicts = {}
 local pending = {}
 local admitted = {}
 local all_admitted = true
-for i = 1, #KEYS do
-  if ARGV[3 * i] ~= '1' then
-    local key = KEYS[i]
+for i = 1, count do
+  if ARGV[1 + 3 * i] ~= '1' then
+    local key = KEYS[base + i]
     local tat = pending[key] or tonumber(redis.call('GET', key))
-    local new_tat, wait = decide(tat, tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1]))
+    local new_tat, wait = decide(tat, tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i]))
     verdicts[i] = wait
     if new_tat then
       pending[key] = new_tat
@@ -56,10 +70,10 @@ if all_admitted then
   end
 end
 -- Shadow checks commit on their own and never change the enforced outcome.
-for i = 1, #KEYS do
-  if ARGV[3 * i] == '1' then
-    local key = KEYS[i]
-    local new_tat, wait = decide(tonumber(redis.call('GET', key)), tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1]))
+for i = 1, count do
+  if ARGV[1 + 3 * i] == '1' then
+    local key = KEYS[base + i]
+    local new_tat, wait = decide(tonumber(redis.call('GET', key)), tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i]))
     verdicts[i] = wait
     if new_tat then
       store(key, new_tat)

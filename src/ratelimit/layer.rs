@@ -32,9 +32,10 @@ use opentelemetry::KeyValue;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
+use super::redis::Gate;
 use super::{Check, Limit, LimitKey, LimiterStore, Verdict};
 use crate::error::{Error, ExceededLimit};
-use crate::moderation::ModerationRequest;
+use crate::moderation::{ModerationRequest, store::SharedModeration};
 use crate::request::{Caller, RoomArn, TokenRequest, UserId};
 use crate::telemetry::{metrics::metrics, trace_only_span};
 
@@ -44,6 +45,7 @@ pub struct RateLimitLayer<St> {
     limits: Arc<[Limit]>,
     store: St,
     counters: Arc<Counters>,
+    bans: Option<SharedModeration>,
 }
 
 impl<St> RateLimitLayer<St> {
@@ -53,7 +55,17 @@ impl<St> RateLimitLayer<St> {
             limits: limits.into(),
             store,
             counters: Arc::default(),
+            bans: None,
         }
+    }
+
+    /// Also refuses users banned in `bans` (requests whose [`Limited::ban_checked`] says so), with the
+    /// ban looked up in the same Redis call as the limits: one round trip per request, and a banned user
+    /// spends no budget. Takes the place of a [`crate::moderation::BanCheckLayer`] in front of this layer;
+    /// `bans` must share this layer's Redis store.
+    pub fn with_bans(mut self, bans: SharedModeration) -> Self {
+        self.bans = Some(bans);
+        self
     }
 
     /// Rejections so far, by every service this layer made.
@@ -71,6 +83,7 @@ impl<S, St: Clone> Layer<S> for RateLimitLayer<St> {
             limits: self.limits.clone(),
             store: self.store.clone(),
             counters: self.counters.clone(),
+            bans: self.bans.clone(),
         }
     }
 }
@@ -82,6 +95,8 @@ pub struct RateLimit<S, St> {
     limits: Arc<[Limit]>,
     store: St,
     counters: Arc<Counters>,
+    /// Where bans are looked up along with the limits, if here (see [`RateLimitLayer::with_bans`]).
+    bans: Option<SharedModeration>,
 }
 
 impl<S, St> RateLimit<S, St> {
@@ -128,6 +143,10 @@ pub trait Limited {
     /// Keeps the budgets of a kind of call apart from CreateChatToken's (`None`): banning a user must not
     /// spend the user's token budget, nor a chat server's verifications its callers' minting budget.
     fn scope(&self) -> Option<&'static str>;
+    /// Whether a user banned from the room is refused (CreateChatToken); moderation calls are not.
+    fn ban_checked(&self) -> bool {
+        false
+    }
 }
 
 impl Limited for TokenRequest {
@@ -145,6 +164,10 @@ impl Limited for TokenRequest {
 
     fn scope(&self) -> Option<&'static str> {
         None
+    }
+
+    fn ban_checked(&self) -> bool {
+        true
     }
 }
 
@@ -199,10 +222,26 @@ where
         let limits = self.limits.clone();
         let store = self.store.clone();
         let counters = self.counters.clone();
+        let bans = self.bans.clone().filter(|_| request.ban_checked());
         ResponseFuture {
             future: Box::pin(async move {
                 let checked = async {
-                    let verdicts = store.check(&checks).await?;
+                    let verdicts = match (&bans, request.user_id()) {
+                        (Some(bans), Some(user_id)) => {
+                            match bans
+                                .check_with_ban(request.room(), user_id, &checks)
+                                .await?
+                            {
+                                Gate::Banned(ban) => {
+                                    return Err(Error::UserBanned {
+                                        expires_at: ban.expires_at,
+                                    });
+                                }
+                                Gate::Verdicts(verdicts) => verdicts,
+                            }
+                        }
+                        _ => store.check(&checks).await?,
+                    };
                     judge(&limits, &verdicts, request.caller(), &counters)
                 };
                 checked

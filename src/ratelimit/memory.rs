@@ -18,9 +18,9 @@ use std::{
     hash::BuildHasher,
     num::NonZeroUsize,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::Duration,
 };
 
-use indexmap::IndexMap;
 use tokio::time::Instant;
 
 use super::{Check, LimiterStore, StoreError, Verdict, gcra::Outcome};
@@ -43,6 +43,8 @@ struct Inner {
     /// Turns a key into the 64-bit digest the shards store and route by; seeded per process, so nobody can
     /// aim many keys at one shard or make two keys collide.
     digests: RandomState,
+    /// TATs are kept as nanoseconds since this instant (8 bytes instead of an `Instant`'s 16).
+    epoch: Instant,
 }
 
 impl MemoryStore {
@@ -52,25 +54,24 @@ impl MemoryStore {
         // Every shard gets at least one slot, else keys routed to it could never be limited.
         let count = SHARDS.min(max);
         let seeds = RandomState::new();
-        // Shards keep each TAT as nanoseconds after this.
-        let epoch = Instant::now();
         let shards = (0..count)
             .map(|i| {
                 let capacity = max / count + usize::from(i < max % count);
-                Mutex::new(Shard::new(capacity, seeds.hash_one(i), epoch))
+                Mutex::new(Shard::new(capacity, seeds.hash_one(i)))
             })
             .collect();
         MemoryStore {
             inner: Arc::new(Inner {
                 shards,
                 digests: RandomState::new(),
+                epoch: Instant::now(),
             }),
         }
     }
 
     /// How many keys are tracked now.
     pub fn len(&self) -> usize {
-        self.inner.shards.iter().map(|s| lock(s).tats.len()).sum()
+        self.inner.shards.iter().map(|s| lock(s).len).sum()
     }
 
     /// Whether no key is tracked.
@@ -97,6 +98,10 @@ impl MemoryStore {
         }
         // Read the clock only once every lock is held, so decisions on one key happen in clock order.
         let now = Instant::now();
+        let epoch = self.inner.epoch;
+        let nanos = |at: Instant| at.saturating_duration_since(epoch).as_nanos() as u64;
+        let instant = |nanos: u64| epoch + Duration::from_nanos(nanos);
+        let now_nanos = nanos(now);
 
         let mut verdicts = vec![Verdict::Allowed; checks.len()];
         let mut admitted: Vec<(usize, Instant)> = Vec::new();
@@ -107,7 +112,11 @@ impl MemoryStore {
                 .rev()
                 .find(|(j, _)| digests[*j] == digests[i])
                 .map(|&(_, tat)| tat)
-                .or_else(|| locked_shard(&mut locked, shard_of[i]).get(digests[i]));
+                .or_else(|| {
+                    locked_shard(&mut locked, shard_of[i])
+                        .get(digests[i])
+                        .map(instant)
+                });
             match check.quota.check(tat, now) {
                 Outcome::Allowed { tat } => admitted.push((i, tat)),
                 Outcome::Denied { retry_after } => verdicts[i] = Verdict::Denied { retry_after },
@@ -116,13 +125,13 @@ impl MemoryStore {
         let all_admitted = verdicts.iter().all(|v| *v == Verdict::Allowed);
         if all_admitted {
             for (i, tat) in admitted {
-                locked_shard(&mut locked, shard_of[i]).set(digests[i], tat, now);
+                locked_shard(&mut locked, shard_of[i]).set(digests[i], nanos(tat), now_nanos);
             }
         }
         for (i, check) in checks.iter().enumerate().filter(|(_, c)| c.shadow) {
             let shard = locked_shard(&mut locked, shard_of[i]);
-            match check.quota.check(shard.get(digests[i]), now) {
-                Outcome::Allowed { tat } => shard.set(digests[i], tat, now),
+            match check.quota.check(shard.get(digests[i]).map(instant), now) {
+                Outcome::Allowed { tat } => shard.set(digests[i], nanos(tat), now_nanos),
                 Outcome::Denied { retry_after } => verdicts[i] = Verdict::Denied { retry_after },
             }
         }
@@ -155,16 +164,16 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     shard.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// One shard of the store.
+/// One shard of the store: an open-addressing hash table (linear probing) of 16-byte slots, the key's
+/// digest and its theoretical arrival time. A digest, not the key: 8 bytes instead of a heap string
+/// (`user:<id>`, a room ARN). Two keys share state only if their keyed 64-bit digests collide: about one
+/// chance in 10^7 among a million keys. The table holds at most three slots in four, so a million users
+/// (62,500 a shard) take 131,072 slots a shard: 32 MiB in all, no other allocation per key.
 struct Shard {
-    /// Key digest → theoretical arrival time, in nanoseconds after `epoch`. Indexed so eviction can
-    /// sample entries at random positions. A digest, not the key: 8 bytes instead of a heap string
-    /// (`user:<id>`, a room ARN); a `u64` of nanoseconds, not an `Instant` (16 bytes): each entry is 24
-    /// bytes plus its index slot, so a million users fit in about 43 MB. Two keys share state only if their
-    /// keyed 64-bit digests collide: about one chance in 10^7 among a million keys.
-    tats: IndexMap<u64, u64>,
-    /// The store's epoch (see `tats`).
-    epoch: Instant,
+    /// The slots; a power of two of them (or none). A slot whose key is [`EMPTY`] is free.
+    slots: Box<[Slot]>,
+    /// Occupied slots.
+    len: usize,
     /// This shard's share of `max_tracked_keys`.
     capacity: usize,
     /// New keys inserted since the last sweep.
@@ -175,11 +184,30 @@ struct Shard {
     rng: u64,
 }
 
+/// The key of a free slot; a digest of 0 is stored as 1 (see [`stored_key`]).
+const EMPTY: u64 = 0;
+/// Fewest slots in a table that holds anything.
+const MIN_SLOTS: usize = 16;
+
+#[derive(Clone, Copy)]
+struct Slot {
+    key: u64,
+    /// The TAT in nanoseconds since the store's epoch.
+    tat: u64,
+}
+
+const FREE: Slot = Slot { key: EMPTY, tat: 0 };
+
+/// The digest as stored: never [`EMPTY`]. Merging digests 0 and 1 costs one chance in 2^64 more of sharing.
+fn stored_key(digest: u64) -> u64 {
+    digest.max(1)
+}
+
 impl Shard {
-    fn new(capacity: usize, seed: u64, epoch: Instant) -> Self {
+    fn new(capacity: usize, seed: u64) -> Self {
         Shard {
-            tats: IndexMap::new(),
-            epoch,
+            slots: Box::new([]),
+            len: 0,
             capacity,
             inserted_since_sweep: 0,
             sweep_interval: MIN_SWEEP_INTERVAL,
@@ -188,54 +216,136 @@ impl Shard {
         }
     }
 
-    fn get(&self, key: u64) -> Option<Instant> {
-        self.tats
-            .get(&key)
-            .map(|&nanos| self.epoch + std::time::Duration::from_nanos(nanos))
+    /// Where `key`'s probe sequence starts: the digest's top bits (the shard was chosen by its remainder, so
+    /// these are independent of it). Only for a table with slots.
+    fn home(&self, key: u64) -> usize {
+        let bits = self.slots.len().trailing_zeros();
+        (key >> (64 - bits)) as usize
     }
 
-    /// `at` as nanoseconds after the epoch. Saturates some 584 years on: only a quota whose keys take
-    /// longer than that to recover could tell.
-    fn nanos(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    /// The slot holding `key`, or the free slot ending its probe sequence.
+    fn find(&self, key: u64) -> Result<usize, usize> {
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(key);
+        loop {
+            match self.slots[i].key {
+                k if k == key => return Ok(i),
+                EMPTY => return Err(i),
+                _ => i = (i + 1) & mask,
+            }
+        }
     }
 
-    fn set(&mut self, key: u64, tat: Instant, now: Instant) {
-        let tat = self.nanos(tat);
-        if let Some(stored) = self.tats.get_mut(&key) {
-            *stored = tat;
+    fn get(&self, digest: u64) -> Option<u64> {
+        if self.len == 0 {
+            return None;
+        }
+        self.find(stored_key(digest))
+            .ok()
+            .map(|i| self.slots[i].tat)
+    }
+
+    fn set(&mut self, digest: u64, tat: u64, now: u64) {
+        let key = stored_key(digest);
+        if self.len > 0
+            && let Ok(i) = self.find(key)
+        {
+            self.slots[i].tat = tat;
             return;
         }
         self.inserted_since_sweep += 1;
         if self.inserted_since_sweep >= self.sweep_interval {
             self.sweep(now);
         }
-        if self.tats.len() >= self.capacity {
+        if self.len >= self.capacity {
             self.evict_one();
         }
-        self.tats.insert(key, tat);
+        // At most three slots in four taken, so probe sequences stay short.
+        if (self.len + 1) * 4 > self.slots.len() * 3 {
+            self.resize((self.slots.len() * 2).max(MIN_SLOTS));
+        }
+        let i = self.find(key).expect_err("the key is not in the table");
+        self.slots[i] = Slot { key, tat };
+        self.len += 1;
     }
 
-    /// Drops every fully recovered key.
-    fn sweep(&mut self, now: Instant) {
-        let now = self.nanos(now);
-        self.tats.retain(|_, tat| *tat > now);
+    /// Moves every entry into a table of `slots` slots.
+    fn resize(&mut self, slots: usize) {
+        let old = std::mem::replace(&mut self.slots, vec![FREE; slots].into_boxed_slice());
+        for slot in old.iter().filter(|s| s.key != EMPTY) {
+            let i = self.find(slot.key).expect_err("keys are unique");
+            self.slots[i] = *slot;
+        }
+    }
+
+    /// Drops every fully recovered key, and shrinks the table to what the survivors need.
+    fn sweep(&mut self, now: u64) {
+        let before = std::mem::take(&mut self.slots);
+        self.len = before
+            .iter()
+            .filter(|s| s.key != EMPTY && s.tat > now)
+            .count();
+        let mut slots = MIN_SLOTS;
+        while self.len * 4 > slots * 3 {
+            slots *= 2;
+        }
+        self.slots = vec![FREE; slots].into_boxed_slice();
+        for slot in before.iter().filter(|s| s.key != EMPTY && s.tat > now) {
+            let i = self.find(slot.key).expect_err("keys are unique");
+            self.slots[i] = *slot;
+        }
         self.inserted_since_sweep = 0;
         // Sweeping again after as many new keys as survived bounds the sweep cost per insert.
-        self.sweep_interval = self.tats.len().max(MIN_SWEEP_INTERVAL);
+        self.sweep_interval = self.len.max(MIN_SWEEP_INTERVAL);
     }
 
     /// Evicts the sampled key with the earliest TAT. A recovered key, if sampled, is always the one.
     fn evict_one(&mut self) {
-        let len = self.tats.len();
-        let mut victim = self.random_below(len);
-        for _ in 1..EVICTION_SAMPLE.min(len) {
-            let candidate = self.random_below(len);
-            if self.tats[candidate] < self.tats[victim] {
+        if self.len == 0 {
+            return;
+        }
+        let mut victim = self.random_entry();
+        for _ in 1..EVICTION_SAMPLE.min(self.len) {
+            let candidate = self.random_entry();
+            if self.slots[candidate].tat < self.slots[victim].tat {
                 victim = candidate;
             }
         }
-        self.tats.swap_remove_index(victim);
+        self.remove(victim);
+    }
+
+    /// An occupied slot: the first at or after a random position. The table is at least 3/8 full once
+    /// grown, so this is a few steps.
+    fn random_entry(&mut self) -> usize {
+        let mask = self.slots.len() - 1;
+        let mut i = self.random_below(self.slots.len());
+        while self.slots[i].key == EMPTY {
+            i = (i + 1) & mask;
+        }
+        i
+    }
+
+    /// Frees slot `i`, moving later entries of its probe run back so every key stays reachable from its
+    /// home (backward-shift deletion: no tombstones).
+    fn remove(&mut self, i: usize) {
+        let mask = self.slots.len() - 1;
+        let mut hole = i;
+        let mut j = i;
+        loop {
+            j = (j + 1) & mask;
+            let key = self.slots[j].key;
+            if key == EMPTY {
+                break;
+            }
+            // The entry at j may fill the hole if the hole lies between its home and j.
+            let home = self.home(key);
+            if (j.wrapping_sub(home) & mask) >= (j.wrapping_sub(hole) & mask) {
+                self.slots[hole] = self.slots[j];
+                hole = j;
+            }
+        }
+        self.slots[hole] = FREE;
+        self.len -= 1;
     }
 
     fn random_below(&mut self, n: usize) -> usize {
@@ -364,6 +474,37 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(store.len(), 4_000, "only the keys still recovering remain");
+    }
+
+    #[test]
+    fn every_key_stays_reachable_through_evictions_sweeps_and_growth() {
+        let mut shard = Shard::new(500, 7);
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for round in 0..20_000_u64 {
+            // Keys bunched in a narrow digest range make long probe runs, which removal must keep intact.
+            let key = if round % 2 == 0 { next() } else { next() % 64 };
+            let tat = 1_000 + next() % 1_000;
+            shard.set(key, tat, round / 20);
+            assert_eq!(shard.get(key), Some(tat), "a key just set is found");
+            let live = shard.slots.iter().filter(|s| s.key != EMPTY).count();
+            assert_eq!(live, shard.len);
+            assert!(shard.len <= 500);
+            if round % 997 == 0 {
+                for slot in shard.slots.iter().filter(|s| s.key != EMPTY) {
+                    assert_eq!(
+                        shard.get(slot.key),
+                        Some(slot.tat),
+                        "every stored key is reachable"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -23,7 +23,11 @@
 //! Decisions have microsecond resolution: intervals are truncated to whole microseconds, and at least
 //! 1 µs, so a single key admits at most 1,000,000 requests per second.
 //!
-//! Bans, revocations and used token ids live here too, under keys of their own (`redis/moderation.rs`).
+//! Bans, revocations and used token ids live here too, under keys of their own (`redis/moderation.rs`). On a
+//! single node, CreateChatToken's ban lookup rides in the same script call as its limits
+//! ([`RedisStore::check_with_ban`]): one round trip per request, whatever the number of limits. In a
+//! cluster the ban record lives in its room's slot, not the limits' slots, so it is read first (two round
+//! trips), which keeps a banned user from spending budget.
 //!
 //! This store has no timeout or failure policy of its own; [`super::fallback::FallbackStore`] adds them.
 
@@ -40,6 +44,8 @@ use redis::{
 use super::{Check, Quota, Rate, Verdict};
 
 mod moderation;
+
+pub(crate) use moderation::Gate;
 
 /// Each connection attempt gives up after this long; reconnecting goes on in the background.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -110,6 +116,8 @@ impl RedisStore {
         let waits: Vec<u64> = match &self.connection {
             Connection::Single(connection) => {
                 let mut invocation = self.script.prepare_invoke();
+                // No ban key (see gcra.lua).
+                invocation.arg("0");
                 for check in checks {
                     invocation.key(key(check));
                     push_args(&mut invocation, check);
@@ -120,6 +128,7 @@ impl RedisStore {
                 let calls = checks.iter().map(|check| {
                     let mut connection = connection.clone();
                     let mut invocation = self.script.key(key(check));
+                    invocation.arg("0");
                     push_args(&mut invocation, check);
                     async move {
                         let waits: Vec<u64> = invocation.invoke_async(&mut connection).await?;
@@ -140,15 +149,7 @@ impl RedisStore {
                 "the rate-limit script answered a verdict count unlike the check count",
             )));
         }
-        Ok(waits
-            .into_iter()
-            .map(|wait| match wait {
-                0 => Verdict::Allowed,
-                micros => Verdict::Denied {
-                    retry_after: Duration::from_micros(micros),
-                },
-            })
-            .collect())
+        Ok(waits.into_iter().map(verdict).collect())
     }
 
     /// Runs the rate-limit script on a key of its own, `<prefix>:probe`, exactly as a request would, write
@@ -184,6 +185,16 @@ impl RedisStore {
         }
         redis_key.push('}');
         redis_key
+    }
+}
+
+/// The script's answer for one check: 0 when admitted, else the microseconds until it would be.
+fn verdict(wait: u64) -> Verdict {
+    match wait {
+        0 => Verdict::Allowed,
+        micros => Verdict::Denied {
+            retry_after: Duration::from_micros(micros),
+        },
     }
 }
 

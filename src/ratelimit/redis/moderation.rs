@@ -26,8 +26,9 @@ use std::{
 use redis::{RedisError, RedisResult, Script};
 use serde::{Deserialize, Serialize};
 
-use super::{Connection, RedisStore};
+use super::{Connection, RedisStore, push_args, verdict};
 use crate::moderation::{Ban, PageToken, Reason, store::BanPage, store::digest_hex};
+use crate::ratelimit::{Check, Verdict};
 use crate::request::{Caller, RoomArn, UserId};
 
 /// Most index reads one ListBans page makes while skipping members whose ban has expired.
@@ -112,6 +113,15 @@ impl BanRecord {
     }
 }
 
+/// What [`RedisStore::check_with_ban`] found: a ban in force (nothing decided, nothing spent), or the
+/// verdicts on the checks.
+pub(crate) enum Gate {
+    /// The user is banned from the room.
+    Banned(Ban),
+    /// Not banned: one verdict per check.
+    Verdicts(Vec<Verdict>),
+}
+
 fn parse_record(json: &str) -> RedisResult<Ban> {
     serde_json::from_str::<BanRecord>(json)
         .map_err(|_| corrupt("a ban record that is not JSON"))?
@@ -192,6 +202,65 @@ impl RedisStore {
         let record: Option<String> = self.query(redis::cmd("GET").arg(key)).await?;
         let ban = record.as_deref().map(parse_record).transpose()?;
         Ok(ban.filter(|ban| ban.in_force(SystemTime::now())))
+    }
+
+    /// The ban of `user_id` in `room` if one is in force, else the verdicts on `checks`: on a single node one
+    /// script call reads the ban record and, only when there is none, decides the checks (a banned user
+    /// spends nothing). In a cluster the ban record's slot is its room's, so it is read first, then the
+    /// checks are decided as [`RedisStore::check`] does.
+    pub(crate) async fn check_with_ban(
+        &self,
+        room: &RoomArn,
+        user_id: &UserId,
+        checks: &[Check],
+    ) -> RedisResult<Gate> {
+        let Connection::Single(connection) = &self.connection else {
+            return Ok(match self.get_ban(room, user_id).await? {
+                Some(ban) => Gate::Banned(ban),
+                None => Gate::Verdicts(self.check(checks).await?),
+            });
+        };
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(self.ban_key(&digest_hex(room.as_str()), &digest_hex(user_id.expose())))
+            .arg("1");
+        for check in checks {
+            invocation.key(self.redis_key(&check.key));
+            push_args(&mut invocation, check);
+        }
+        match invocation.invoke_async(&mut connection.clone()).await? {
+            redis::Value::BulkString(record) => {
+                let record = std::str::from_utf8(&record)
+                    .map_err(|_| corrupt("a ban record that is not UTF-8"))?;
+                let ban = parse_record(record)?;
+                if ban.in_force(SystemTime::now()) {
+                    return Ok(Gate::Banned(ban));
+                }
+                // Redis still holds a ban this host's clock says has ended (the record's TTL and the
+                // clock disagree by a moment): not banned, and nothing was decided yet.
+                Ok(Gate::Verdicts(self.check(checks).await?))
+            }
+            redis::Value::Array(waits) => {
+                if waits.len() != checks.len() {
+                    return Err(corrupt(
+                        "the rate-limit script answered a verdict count unlike the check count",
+                    ));
+                }
+                waits
+                    .into_iter()
+                    .map(|wait| match wait {
+                        redis::Value::Int(wait) => Ok(verdict(wait as u64)),
+                        _ => Err(corrupt(
+                            "the rate-limit script answered a non-integer verdict",
+                        )),
+                    })
+                    .collect::<RedisResult<_>>()
+                    .map(Gate::Verdicts)
+            }
+            _ => Err(corrupt(
+                "the rate-limit script answered neither verdicts nor a ban",
+            )),
+        }
     }
 
     /// Up to `limit` bans after `after`, dropping index entries whose ban has ended.
