@@ -245,9 +245,18 @@ impl Binary {
     /// Waits for exit; returns the status and everything the binary logged.
     pub fn wait(mut self) -> (std::process::ExitStatus, Vec<String>) {
         let status = self.child.wait().unwrap();
-        let mut log = self.startup_log;
+        let mut log = std::mem::take(&mut self.startup_log);
         // The reader thread ends at EOF, which follows exit.
         log.extend(self.log.iter());
         (status, log)
+    }
+}
+
+/// A test that ends (or fails) without stopping its binary does not leave it running.
+impl Drop for Binary {
+    fn drop(&mut self) {
+        // Both do nothing once the binary has exited and been waited for.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
