@@ -183,7 +183,8 @@ impl LogThrottle {
     fn admit(&self) -> Option<u64> {
         let now = log_epoch().elapsed().as_millis() as u64 + 1;
         let last = self.last.load(Ordering::Relaxed);
-        if last != 0 && now - last < LOG_EVERY.as_millis() as u64
+        // Another thread may have stored a later time since `now` was read: saturate, never underflow.
+        if last != 0 && now.saturating_sub(last) < LOG_EVERY.as_millis() as u64
             || self
                 .last
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
@@ -503,5 +504,32 @@ impl<T: Transport> Connected for Conn<T> {
 
     fn connect_info(&self) -> ConnInfo {
         self.info.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_throttle_admits_one_line_per_period_and_counts_the_rest() {
+        let throttle = LogThrottle::new();
+        assert_eq!(throttle.admit(), Some(0), "the first line is written");
+        assert_eq!(throttle.admit(), None);
+        assert_eq!(throttle.admit(), None);
+        assert_eq!(throttle.suppressed.load(Ordering::Relaxed), 2);
+        // A later line than this thread's clock reading, stored by another thread, is no underflow.
+        throttle.last.store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(throttle.admit(), None);
+    }
+
+    #[test]
+    fn only_resource_exhaustion_pauses_the_accept_loop() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert!(is_out_of_resources(&io::Error::from_raw_os_error(errno)));
+        }
+        assert!(!is_out_of_resources(&io::Error::from_raw_os_error(
+            libc::ECONNABORTED
+        )));
     }
 }
