@@ -201,19 +201,32 @@ struct Call {
 impl Call {
     fn start<B>(request: &http::Request<B>) -> (Call, TraceId) {
         let labels = labels(request.uri().path());
-        let span = tracing::info_span!(
-            "grpc.server",
-            otel.name = labels.name,
-            otel.kind = "server",
-            rpc.system = labels.system,
-            rpc.service = labels.service,
-            rpc.method = labels.method,
-            rpc.grpc.status_code = Empty,
-            http.response.status_code = Empty,
-            otel.status_code = Empty,
-            trace_id = Empty,
-        );
-        let trace_id = if super::exporting_traces() {
+        let exporting = super::exporting_traces();
+        let span = if exporting {
+            tracing::info_span!(
+                "grpc.server",
+                otel.name = labels.name,
+                otel.kind = "server",
+                rpc.system = labels.system,
+                rpc.service = labels.service,
+                rpc.method = labels.method,
+                rpc.grpc.status_code = Empty,
+                http.response.status_code = Empty,
+                otel.status_code = Empty,
+                trace_id = Empty,
+            )
+        } else {
+            // Only the log lines read this span: what a reader needs, not the OpenTelemetry attributes
+            // (each field is formatted into every call's context, and the status fields recorded at the
+            // end of a call would be formatted for no line at all).
+            tracing::info_span!(
+                "grpc.server",
+                rpc.service = labels.service,
+                rpc.method = labels.method,
+                trace_id = Empty,
+            )
+        };
+        let trace_id = if exporting {
             // The OpenTelemetry layer gives the span its context: the caller's trace, or a new one.
             let _ = span.set_parent(callers_context(request.headers()));
             span.context().span().span_context().trace_id()

@@ -35,6 +35,7 @@
 //! [PASERK]: https://github.com/paseto-standard/paserk
 
 pub mod keys;
+mod paseto;
 pub mod token;
 
 use std::time::{Duration, SystemTime};

@@ -71,7 +71,8 @@ impl KeySet {
     /// Encrypts `claims` with the active key, naming the key in the footer.
     ///
     /// The claims are serialised once, straight into the payload (pasetors' `Claims` would parse them
-    /// into a map of JSON values and serialise them again); the footer is the key's, built with it.
+    /// into a map of JSON values and serialise them again); the footer is the key's, built with it. The
+    /// encryption is [`super::paseto`]'s; pasetors decrypts.
     pub(super) fn encrypt(
         &self,
         claims: &NewClaims<'_>,
@@ -79,12 +80,13 @@ impl KeySet {
         let active = self.active();
         let payload =
             serde_json::to_vec(claims).map_err(|_| pasetors::errors::Error::InvalidClaim)?;
-        LocalToken::encrypt(
-            &active.key,
+        super::paseto::encrypt(
+            active.key.as_bytes(),
             &payload,
-            Some(active.footer.as_bytes()),
-            Some(IMPLICIT_ASSERTION),
+            active.footer.as_bytes(),
+            IMPLICIT_ASSERTION,
         )
+        .map_err(|_| pasetors::errors::Error::Encryption)
     }
 }
 
