@@ -102,7 +102,7 @@ where
                 policy.ids = tracing::field::Empty,
             )
         });
-        let evaluated = span.in_scope(|| self.layer.engine.evaluate(&request));
+        let evaluated = span.in_scope(|| self.layer.engine.decide(&request, !span.is_disabled()));
         let decision = match evaluated {
             Ok(decision) => decision,
             Err(error) => return ResponseFuture::rejected(error),

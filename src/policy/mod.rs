@@ -100,7 +100,8 @@ pub struct PolicyDecision {
     /// Whether the request is allowed.
     pub allowed: bool,
     /// The policies that determined the decision: the permits that allowed it, or the forbids that denied
-    /// it (empty when nothing permitted it).
+    /// it (empty when nothing permitted it). Empty for an allowed request when
+    /// [`PolicyEngine::decide`] was not asked for them.
     pub policy_ids: Vec<String>,
 }
 
@@ -258,6 +259,16 @@ impl PolicyEngine {
 
     /// Asks Cedar about `request`.
     pub fn evaluate(&self, request: &impl Authorize) -> Result<PolicyDecision, Error> {
+        self.decide(request, true)
+    }
+
+    /// [`Self::evaluate`]; the ids of the policies that permitted an allowed request are only listed when
+    /// `ids_when_allowed` (a denial always lists its own), as naming them costs a string per policy.
+    pub fn decide(
+        &self,
+        request: &impl Authorize,
+        ids_when_allowed: bool,
+    ) -> Result<PolicyDecision, Error> {
         let internal =
             |what: &str, e: &dyn std::fmt::Display| Error::Internal(format!("policy {what}: {e}"));
         let principal = EntityUid::from_type_name_and_id(
@@ -292,13 +303,19 @@ impl PolicyEngine {
             // errors and no extension functions are compiled in.
             tracing::warn!(policy_id = %error.policy_id(), "policy evaluation error: {}", error.inner());
         }
-        Ok(PolicyDecision {
-            allowed: response.decision() == Decision::Allow,
-            policy_ids: response
+        let allowed = response.decision() == Decision::Allow;
+        let policy_ids = if allowed && !ids_when_allowed {
+            Vec::new()
+        } else {
+            response
                 .diagnostics()
                 .reason()
                 .map(PolicyId::to_string)
-                .collect(),
+                .collect()
+        };
+        Ok(PolicyDecision {
+            allowed,
+            policy_ids,
         })
     }
 }
