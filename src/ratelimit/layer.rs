@@ -17,7 +17,7 @@
 //! ```
 
 use std::{
-    fmt::{self, Write as _},
+    fmt,
     future::Future,
     pin::Pin,
     sync::{
@@ -345,9 +345,11 @@ fn judge(
 /// counts by. Every part is length-prefixed, because caller ids and user ids may contain any character:
 /// no choice of them can make two different requests, or two limits, share a key.
 fn store_key(limit: &Limit, request: &impl Limited) -> String {
-    let mut key = String::new();
+    let mut key = String::with_capacity(160);
     let mut part = |part: &str| {
-        write!(key, "{}:{part}", part.len()).expect("writing to a String cannot fail");
+        key.push_str(itoa::Buffer::new().format(part.len()));
+        key.push(':');
+        key.push_str(part);
     };
     part(&limit.name);
     part(limit.key.as_str());
