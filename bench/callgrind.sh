@@ -4,6 +4,8 @@
 #
 #   bench/callgrind.sh embedded 2000      the embedded defaults, 2,000 calls measured
 #   bench/callgrind.sh production 2000    deploy/policy/production.cedar + entities, 3 memory limits
+#   bench/callgrind.sh redis 2000         the same limits in Redis (REDIS_URL, default redis://127.0.0.1:6379);
+#                                         only the service's instructions are counted, not Redis's
 #
 # The server runs under callgrind with instrumentation off; loadgen makes 300 warm-up calls, then
 # instrumentation is switched on for CALLS calls (64 in flight over 4 connections) and the counts dumped.
@@ -16,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scenario=${1:?embedded or production} calls=${2:-2000}
+scenario=${1:?embedded, production or redis} calls=${2:-2000}
 bin_dir=${BENCH_BIN_DIR:-target/release}
 out_dir=${CALLGRIND_OUT:-target/callgrind}
 command -v valgrind >/dev/null || {
@@ -25,7 +27,7 @@ command -v valgrind >/dev/null || {
 }
 case $scenario in
   embedded) settings=() ;;
-  production)
+  production | redis)
     settings=(
       CTS_POLICY__FILES='["deploy/policy/production.cedar"]'
       CTS_POLICY__ENTITIES_FILE=deploy/policy/production.entities.json
@@ -35,9 +37,16 @@ case $scenario in
         {name="user",key="user",rate="1000000/s",burst=1000000},
         {name="room",key="room",rate="1000000/s",burst=1000000}]'
     )
+    if [ "$scenario" = redis ]; then
+      settings+=(
+        CTS_LIMITER__BACKEND=redis
+        CTS_LIMITER__REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
+        CTS_LIMITER__KEY_PREFIX="callgrind$$"
+      )
+    fi
     ;;
   *)
-    echo "unknown scenario $scenario: embedded or production" >&2
+    echo "unknown scenario $scenario: embedded, production or redis" >&2
     exit 1
     ;;
 esac

@@ -68,6 +68,9 @@ pub struct TelemetryError(String);
 /// How long shutdown may spend flushing telemetry to a collector that may be gone.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The log writer thread's buffer in front of stderr.
+const LOG_WRITE_BUFFER: usize = 64 * 1024;
+
 /// How many log lines may wait for stderr before new ones are dropped: about a second of a busy
 /// server's audit lines, a few MB at most.
 pub const LOG_QUEUE_LINES: usize = 8192;
@@ -142,7 +145,12 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
         .lossy(true)
         .buffered_lines_limit(LOG_QUEUE_LINES)
         .thread_name("log-writer")
-        .finish(std::io::stderr());
+        // The writer thread drains the queue into this buffer and flushes it whenever the queue is empty:
+        // one write to stderr per burst of lines instead of one per line, and no line waits for more.
+        .finish(std::io::BufWriter::with_capacity(
+            LOG_WRITE_BUFFER,
+            std::io::stderr(),
+        ));
     let dropped = stderr.error_counter();
     metrics::observe_dropped_log_lines(move || dropped.dropped_lines());
     let fmt = match format {
