@@ -8,7 +8,7 @@
 # Every gRPC row: examples/loadgen.rs, CreateChatToken with 64 calls in flight over 4 HTTP/2 connections,
 # every status checked. h2load (Debian's nghttp2-client, installed when missing) cross-checks the first
 # two rows. Needs python3 and Redis (127.0.0.1:6379 when it answers, else a redis-server started here).
-# Environment: BENCH_REQUESTS (calls per row, default 30000; a row stops after 20 s), BENCH_USERS (distinct users of the RSS row,
+# Environment: BENCH_REQUESTS (calls per row, default 100000; a row stops after 20 s), BENCH_USERS (distinct users of the RSS row,
 # default 1000000), BENCH_BIN_DIR (where the binaries are; default target/release, built here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ quick=false
 if $quick; then
   requests=${BENCH_REQUESTS:-300} warmup=50 users=${BENCH_USERS:-2000} latency_requests=100
 else
-  requests=${BENCH_REQUESTS:-30000} warmup=2000 users=${BENCH_USERS:-1000000} latency_requests=3000
+  requests=${BENCH_REQUESTS:-100000} warmup=2000 users=${BENCH_USERS:-1000000} latency_requests=3000
 fi
 ivs_requests=$((requests / 5))
 
