@@ -7,7 +7,8 @@
 //! - resource `Room::"<room ARN>"` with attributes `region`, `account`, `roomId` parsed from the ARN,
 //! - context, for CreateChatToken: `capabilities` (IVS names), `sessionDurationInMinutes` (60 when absent),
 //!   `userId`, `attributeKeys` and `attributesBytes`; for moderation actions about a user: `userId`, and
-//!   for BanUser `durationSeconds` (0: until unbanned).
+//!   for BanUser `durationSeconds` (0: until unbanned). Only the attributes some policy reads are put in
+//!   the request's context (`reads`: an attribute no policy names cannot change a decision).
 //!
 //! The schema (`src/policy/schema.cedarschema`) is embedded; every policy set is validated against it
 //! when loaded, and a set that does not validate is refused with Cedar's own message and the file, line
@@ -29,6 +30,7 @@
 //! context against the schema.
 
 pub mod layer;
+mod reads;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -51,6 +53,7 @@ use miette::Diagnostic;
 use crate::error::Error;
 use crate::moderation::{ModerationAction, ModerationRequest};
 use crate::request::{Caller, RoomArn, TokenRequest};
+use reads::ContextReads;
 
 pub use layer::PolicyLayer;
 
@@ -88,6 +91,8 @@ struct Loaded {
     shared: Vec<Entity>,
     /// Slices already built, by caller id and room ARN: at most [`SLICE_CACHE_ENTRIES`].
     slices: RwLock<HashMap<(String, String), Arc<Entities>>>,
+    /// The context attributes the policies can read: the only ones each request's context holds.
+    context_reads: ContextReads,
 }
 
 /// How many (caller, room) slices are kept. When full, the cache starts afresh: callers choose room
@@ -280,8 +285,14 @@ impl PolicyEngine {
             self.room_type.clone(),
             EntityId::new(room_arn.as_str()),
         );
-        let context =
-            Context::from_pairs(request.context()).map_err(|e| internal("context", &e))?;
+        let loaded = self.current.load();
+        let context = Context::from_pairs(
+            request
+                .context()
+                .into_iter()
+                .filter(|(name, _)| loaded.context_reads.wants(name)),
+        )
+        .map_err(|e| internal("context", &e))?;
         let action = self
             .actions
             .get(request.action())
@@ -292,7 +303,6 @@ impl PolicyEngine {
             Request::new(principal.clone(), action.clone(), resource, context, None)
                 .map_err(|e| internal("request", &e))?;
 
-        let loaded = self.current.load();
         let entities = self.cached_slice(&loaded, &principal, request.caller().id(), room_arn)?;
         let response = Authorizer::new().is_authorized(&cedar_request, &loaded.policies, &entities);
         for cedar_policy::AuthorizationError::PolicyEvaluationError(error) in
@@ -486,6 +496,7 @@ fn load(source: &PolicySource, schema: &Schema) -> Result<Loaded, PolicyError> {
         });
     }
     Ok(Loaded {
+        context_reads: ContextReads::of(&policies),
         policies,
         entities,
         shared,
