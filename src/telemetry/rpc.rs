@@ -201,9 +201,8 @@ struct Call {
 impl Call {
     fn start<B>(request: &http::Request<B>) -> (Call, TraceId) {
         let labels = labels(request.uri().path());
-        let exporting = super::exporting_traces();
-        let span = if exporting {
-            tracing::info_span!(
+        let (span, trace_id) = if super::exporting_traces() {
+            let span = tracing::info_span!(
                 "grpc.server",
                 otel.name = labels.name,
                 otel.kind = "server",
@@ -214,33 +213,33 @@ impl Call {
                 http.response.status_code = Empty,
                 otel.status_code = Empty,
                 trace_id = Empty,
-            )
-        } else {
-            // Only the log lines read this span: what a reader needs, not the OpenTelemetry attributes
-            // (each field is formatted into every call's context, and the status fields recorded at the
-            // end of a call would be formatted for no line at all).
-            tracing::info_span!(
-                "grpc.server",
-                rpc.service = labels.service,
-                rpc.method = labels.method,
-                trace_id = Empty,
-            )
-        };
-        let trace_id = if exporting {
+            );
             // The OpenTelemetry layer gives the span its context: the caller's trace, or a new one.
             let _ = span.set_parent(callers_context(request.headers()));
-            span.context().span().span_context().trace_id()
+            let trace_id = span.context().span().span_context().trace_id();
+            if trace_id != TraceId::INVALID {
+                span.record("trace_id", tracing::field::display(trace_id));
+            }
+            (span, trace_id)
         } else {
             // No layer, no span data: only the id the logs carry, the caller's or a fresh one.
-            Some(request.headers())
+            let trace_id = Some(request.headers())
                 .filter(|headers| headers.contains_key(TRACEPARENT))
                 .map(|headers| callers_context(headers).span().span_context().trace_id())
                 .filter(|id| *id != TraceId::INVALID)
-                .unwrap_or_else(|| RandomIdGenerator::default().new_trace_id())
+                .unwrap_or_else(|| RandomIdGenerator::default().new_trace_id());
+            // Only the log lines read this span: what a reader needs, not the OpenTelemetry attributes
+            // (each field is formatted into every call's context, and the status fields recorded at the
+            // end of a call would be formatted for no line at all). The trace id is known already, so it
+            // is formatted with the rest rather than recorded afterwards.
+            let span = tracing::info_span!(
+                "grpc.server",
+                rpc.service = labels.service,
+                rpc.method = labels.method,
+                trace_id = %trace_id,
+            );
+            (span, trace_id)
         };
-        if trace_id != TraceId::INVALID {
-            span.record("trace_id", tracing::field::display(trace_id));
-        }
         let call = Call {
             span,
             started: Instant::now(),
