@@ -45,6 +45,11 @@ pub fn spawn<F>(paths: Vec<PathBuf>, interval: Duration, on_hangup: bool, reload
 where
     F: FnMut(Trigger) -> ControlFlow<(), Reload> + Send + 'static,
 {
+    // What the files hold now, read before this returns: the caller has just loaded them, and a change
+    // made while the task waits for its first poll (a busy runtime) must count as a change, not as the
+    // starting point. Small files, read once at start-up.
+    let mut seen: Vec<Option<Vec<u8>>> =
+        paths.iter().map(|path| std::fs::read(path).ok()).collect();
     tokio::spawn(async move {
         let mut hangups = if on_hangup {
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -58,7 +63,6 @@ where
             None
         };
         let mut reload = Some(reload);
-        let mut seen = contents(&paths).await;
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         ticks.tick().await; // the first tick is immediate
@@ -137,6 +141,34 @@ async fn contents(paths: &[PathBuf]) -> Vec<Option<Vec<u8>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The watcher's task may first run well after `spawn` (a busy runtime): a change made in between is
+    /// a change. It used to be taken as the starting point and never applied (tests/identity.rs's
+    /// certificate rotation failed one run in three with its tests in parallel).
+    #[tokio::test]
+    async fn a_change_made_before_the_watcher_first_runs_is_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("certificate");
+        std::fs::write(&path, "v1").unwrap();
+        let (events, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let file = path.clone();
+        spawn(
+            vec![path.clone()],
+            Duration::from_millis(50),
+            false,
+            move |trigger| {
+                let _ = events.send((trigger, std::fs::read_to_string(&file).unwrap()));
+                ControlFlow::Continue(Reload::Applied)
+            },
+        );
+        // This runtime has one thread and has not polled the watcher yet.
+        std::fs::write(&path, "v2").unwrap();
+        let (trigger, text) = tokio::time::timeout(Duration::from_secs(5), seen.recv())
+            .await
+            .expect("the change is reloaded")
+            .unwrap();
+        assert_eq!((trigger, text.as_str()), (Trigger::Changed, "v2"));
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_file_caught_half_written_is_retried_once_it_settles_never_half_applied() {
