@@ -28,6 +28,12 @@
 //! reload starts afresh). Requests are not checked
 //! against the schema per call: their shape is fixed by this module, and a unit test checks every action's
 //! context against the schema.
+//!
+//! Decisions themselves are kept too: while a policy set is loaded, a decision depends only on the caller,
+//! the action, the room and the context attributes the policies read (`reads`), so the last
+//! [`DECISION_CACHE_ENTRIES`] are kept by exactly those (`decision_key`, every part length-prefixed). Calls
+//! that differ only in attributes no policy reads, the user id with the production policy for one, are
+//! decided once.
 
 pub mod layer;
 mod reads;
@@ -52,7 +58,7 @@ use miette::Diagnostic;
 
 use crate::error::Error;
 use crate::moderation::{ModerationAction, ModerationRequest};
-use crate::request::{Caller, RoomArn, TokenRequest};
+use crate::request::{Caller, Capability, RoomArn, TokenRequest};
 use reads::ContextReads;
 
 pub use layer::PolicyLayer;
@@ -93,6 +99,20 @@ struct Loaded {
     slices: RwLock<HashMap<(String, String), Arc<Entities>>>,
     /// The context attributes the policies can read: the only ones each request's context holds.
     context_reads: ContextReads,
+    /// Decisions already made, by [`decision_key`]: at most [`DECISION_CACHE_ENTRIES`].
+    decisions: RwLock<HashMap<String, Arc<CachedDecision>>>,
+}
+
+/// How many decisions are kept. When full, the cache starts afresh: a key holds what callers send (room
+/// ARN, capabilities, attribute keys), so this bounds its memory (a few hundred bytes an entry) whatever
+/// they send.
+pub const DECISION_CACHE_ENTRIES: usize = 1024;
+
+/// A decision as Cedar made it, with every policy id.
+#[derive(Debug)]
+struct CachedDecision {
+    allowed: bool,
+    policy_ids: Vec<String>,
 }
 
 /// How many (caller, room) slices are kept. When full, the cache starts afresh: callers choose room
@@ -128,8 +148,42 @@ pub trait Authorize {
     fn room(&self) -> &RoomArn;
     /// The action's name, one of the schema's actions.
     fn action(&self) -> &'static str;
-    /// The action's context, as the schema declares it.
-    fn context(&self) -> Vec<(String, RestrictedExpression)>;
+    /// The action's context, as the schema declares it: one list both for Cedar and for the decision
+    /// cache's key, so the two cannot disagree about what a decision depends on.
+    fn context(&self) -> Vec<(&'static str, ContextValue<'_>)>;
+}
+
+/// A value in a request's context, in the shapes the schema uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ContextValue<'a> {
+    String(&'a str),
+    Long(i64),
+    /// A set of strings.
+    Strings(Vec<&'a str>),
+}
+
+impl ContextValue<'_> {
+    fn to_cedar(&self) -> RestrictedExpression {
+        match self {
+            ContextValue::String(s) => string(s),
+            ContextValue::Long(n) => RestrictedExpression::new_long(*n),
+            ContextValue::Strings(items) => {
+                RestrictedExpression::new_set(items.iter().map(|s| string(s)))
+            }
+        }
+    }
+}
+
+/// `pairs` as a Cedar context.
+fn cedar_context<'a>(
+    pairs: impl IntoIterator<Item = &'a (&'static str, ContextValue<'a>)>,
+) -> Result<Context, Error> {
+    Context::from_pairs(
+        pairs
+            .into_iter()
+            .map(|(name, value)| ((*name).to_owned(), value.to_cedar())),
+    )
+    .map_err(|e| Error::Internal(format!("policy context: {e}")))
 }
 
 impl Authorize for TokenRequest {
@@ -145,26 +199,24 @@ impl Authorize for TokenRequest {
         "CreateChatToken"
     }
 
-    fn context(&self) -> Vec<(String, RestrictedExpression)> {
+    fn context(&self) -> Vec<(&'static str, ContextValue<'_>)> {
         vec![
             (
-                "capabilities".into(),
-                RestrictedExpression::new_set(
-                    self.capabilities.iter().map(|c| string(c.ivs_name())),
-                ),
+                "capabilities",
+                ContextValue::Strings(self.capabilities.iter().map(Capability::ivs_name).collect()),
             ),
             (
-                "sessionDurationInMinutes".into(),
-                RestrictedExpression::new_long(self.session_duration().minutes().into()),
+                "sessionDurationInMinutes",
+                ContextValue::Long(self.session_duration().minutes().into()),
             ),
-            ("userId".into(), string(self.user_id.expose())),
+            ("userId", ContextValue::String(self.user_id.expose())),
             (
-                "attributeKeys".into(),
-                RestrictedExpression::new_set(self.attributes.keys().map(string)),
+                "attributeKeys",
+                ContextValue::Strings(self.attributes.keys().collect()),
             ),
             (
-                "attributesBytes".into(),
-                RestrictedExpression::new_long(self.attributes.byte_size() as i64),
+                "attributesBytes",
+                ContextValue::Long(self.attributes.byte_size() as i64),
             ),
         ]
     }
@@ -183,18 +235,18 @@ impl Authorize for ModerationRequest {
         self.action.name()
     }
 
-    fn context(&self) -> Vec<(String, RestrictedExpression)> {
-        let mut context: Vec<(String, RestrictedExpression)> = self
+    fn context(&self) -> Vec<(&'static str, ContextValue<'_>)> {
+        let mut context: Vec<(&'static str, ContextValue<'_>)> = self
             .action
             .user_id()
-            .map(|user| ("userId".into(), string(user.expose())))
+            .map(|user| ("userId", ContextValue::String(user.expose())))
             .into_iter()
             .collect();
         if let ModerationAction::Ban { duration, .. } = &self.action {
             let seconds = duration.map_or(0, |d| d.as_secs());
             context.push((
-                "durationSeconds".into(),
-                RestrictedExpression::new_long(i64::try_from(seconds).unwrap_or(i64::MAX)),
+                "durationSeconds",
+                ContextValue::Long(i64::try_from(seconds).unwrap_or(i64::MAX)),
             ));
         }
         context
@@ -274,6 +326,113 @@ impl PolicyEngine {
         request: &impl Authorize,
         ids_when_allowed: bool,
     ) -> Result<PolicyDecision, Error> {
+        let loaded = self.current.load();
+        let pairs = request.context();
+        let read = || {
+            pairs
+                .iter()
+                .filter(|(name, _)| loaded.context_reads.wants(name))
+        };
+        let key = decision_key(
+            request.caller().id(),
+            request.action(),
+            request.room().as_str(),
+            read(),
+        );
+        let cached = loaded
+            .decisions
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&key)
+            .cloned();
+        let decision = match cached {
+            Some(decision) => decision,
+            None => {
+                let decision = Arc::new(self.ask_cedar(&loaded, request, read())?);
+                let mut decisions = loaded
+                    .decisions
+                    .write()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                if decisions.len() >= DECISION_CACHE_ENTRIES {
+                    decisions.clear();
+                }
+                decisions.insert(key, decision.clone());
+                decision
+            }
+        };
+        Ok(PolicyDecision {
+            allowed: decision.allowed,
+            policy_ids: if decision.allowed && !ids_when_allowed {
+                Vec::new()
+            } else {
+                decision.policy_ids.clone()
+            },
+        })
+    }
+
+    /// How many decisions are cached now.
+    pub fn cached_decisions(&self) -> usize {
+        self.current
+            .load()
+            .decisions
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .len()
+    }
+}
+
+/// The decision cache's key: everything a decision can depend on while a policy set is loaded. The
+/// caller's id and the room ARN (they pick the principal, its ancestors and attributes, and the room's
+/// attributes), the action, and the context attributes the policies read, by name and value. Every part
+/// is length-prefixed and every value tagged with its shape, so no two requests that could be decided
+/// differently share a key.
+fn decision_key<'a>(
+    caller: &str,
+    action: &str,
+    room: &str,
+    context: impl Iterator<Item = &'a (&'static str, ContextValue<'a>)>,
+) -> String {
+    let mut key = String::with_capacity(256);
+    let mut part = |part: &str| {
+        key.push_str(itoa::Buffer::new().format(part.len()));
+        key.push(':');
+        key.push_str(part);
+    };
+    part(caller);
+    part(action);
+    part(room);
+    for (name, value) in context {
+        part(name);
+        match value {
+            ContextValue::String(s) => {
+                part("s");
+                part(s);
+            }
+            ContextValue::Long(n) => {
+                part("l");
+                part(itoa::Buffer::new().format(*n));
+            }
+            ContextValue::Strings(items) => {
+                part("S");
+                part(itoa::Buffer::new().format(items.len()));
+                for item in items {
+                    part(item);
+                }
+            }
+        }
+    }
+    key
+}
+
+impl PolicyEngine {
+    /// Cedar's decision on `request`, with `context` as its context. Evaluation errors are logged here,
+    /// so once per cached decision.
+    fn ask_cedar<'a>(
+        &self,
+        loaded: &Loaded,
+        request: &impl Authorize,
+        context: impl Iterator<Item = &'a (&'static str, ContextValue<'a>)>,
+    ) -> Result<CachedDecision, Error> {
         let internal =
             |what: &str, e: &dyn std::fmt::Display| Error::Internal(format!("policy {what}: {e}"));
         let principal = EntityUid::from_type_name_and_id(
@@ -285,14 +444,7 @@ impl PolicyEngine {
             self.room_type.clone(),
             EntityId::new(room_arn.as_str()),
         );
-        let loaded = self.current.load();
-        let context = Context::from_pairs(
-            request
-                .context()
-                .into_iter()
-                .filter(|(name, _)| loaded.context_reads.wants(name)),
-        )
-        .map_err(|e| internal("context", &e))?;
+        let context = cedar_context(context)?;
         let action = self
             .actions
             .get(request.action())
@@ -303,7 +455,7 @@ impl PolicyEngine {
             Request::new(principal.clone(), action.clone(), resource, context, None)
                 .map_err(|e| internal("request", &e))?;
 
-        let entities = self.cached_slice(&loaded, &principal, request.caller().id(), room_arn)?;
+        let entities = self.cached_slice(loaded, &principal, request.caller().id(), room_arn)?;
         let response = Authorizer::new().is_authorized(&cedar_request, &loaded.policies, &entities);
         for cedar_policy::AuthorizationError::PolicyEvaluationError(error) in
             response.diagnostics().errors()
@@ -313,19 +465,13 @@ impl PolicyEngine {
             // errors and no extension functions are compiled in.
             tracing::warn!(policy_id = %error.policy_id(), "policy evaluation error: {}", error.inner());
         }
-        let allowed = response.decision() == Decision::Allow;
-        let policy_ids = if allowed && !ids_when_allowed {
-            Vec::new()
-        } else {
-            response
+        Ok(CachedDecision {
+            allowed: response.decision() == Decision::Allow,
+            policy_ids: response
                 .diagnostics()
                 .reason()
                 .map(PolicyId::to_string)
-                .collect()
-        };
-        Ok(PolicyDecision {
-            allowed,
-            policy_ids,
+                .collect(),
         })
     }
 }
@@ -497,6 +643,7 @@ fn load(source: &PolicySource, schema: &Schema) -> Result<Loaded, PolicyError> {
     }
     Ok(Loaded {
         context_reads: ContextReads::of(&policies),
+        decisions: RwLock::default(),
         policies,
         entities,
         shared,
@@ -648,6 +795,119 @@ mod tests {
         let decision = engine.evaluate(&deleting).unwrap();
         assert!(decision.allowed);
         assert_eq!(decision.policy_ids, ["all"]);
+    }
+
+    #[test]
+    fn decisions_are_cached_by_what_the_policies_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = PolicyEngine::load(files(
+            dir.path(),
+            r#"@id("all") permit (principal, action, resource);
+               @id("no-long-sessions") forbid (principal, action == Action::"CreateChatToken", resource) when { context.sessionDurationInMinutes > 60 };"#,
+        ))
+        .unwrap();
+        let token = |user: &str, minutes| {
+            test_request()
+                .caller("c")
+                .room(ROOM_111)
+                .user(user)
+                .session_minutes(minutes)
+                .build()
+        };
+        for round in 0..2 {
+            assert!(engine.evaluate(&token("ann", 60)).unwrap().allowed);
+            // The user id is not read by any policy: the same decision.
+            assert!(engine.evaluate(&token("bob", 60)).unwrap().allowed);
+            let denied = engine.evaluate(&token("ann", 61)).unwrap();
+            assert!(!denied.allowed, "round {round}");
+            assert_eq!(denied.policy_ids, ["no-long-sessions"], "round {round}");
+            assert_eq!(engine.cached_decisions(), 2, "round {round}");
+        }
+        // Another caller or room is another decision.
+        let other_caller = test_request().caller("d").room(ROOM_111).build();
+        assert!(engine.evaluate(&other_caller).unwrap().allowed);
+        assert_eq!(engine.cached_decisions(), 3);
+        // Allowed decisions name their policies only when asked, cached or not.
+        assert!(
+            engine
+                .decide(&token("ann", 60), false)
+                .unwrap()
+                .policy_ids
+                .is_empty()
+        );
+        assert_eq!(
+            engine.decide(&token("ann", 60), true).unwrap().policy_ids,
+            ["all"]
+        );
+    }
+
+    #[test]
+    fn a_policy_that_reads_the_user_id_is_decided_per_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = PolicyEngine::load(files(
+            dir.path(),
+            r#"@id("all") permit (principal, action, resource);
+               @id("not-mallory") forbid (principal, action == Action::"CreateChatToken", resource) when { context.userId == "mallory" };"#,
+        ))
+        .unwrap();
+        for _ in 0..2 {
+            for (user, allowed) in [("ann", true), ("mallory", false), ("bob", true)] {
+                let request = test_request().caller("c").room(ROOM_111).user(user).build();
+                assert_eq!(
+                    engine.evaluate(&request).unwrap().allowed,
+                    allowed,
+                    "{user}"
+                );
+            }
+        }
+        assert_eq!(engine.cached_decisions(), 3);
+    }
+
+    #[test]
+    fn the_decision_cache_is_bounded() {
+        let engine = PolicyEngine::load(PolicySource::Development).unwrap();
+        for i in 0..=DECISION_CACHE_ENTRIES {
+            let room = format!("arn:aws:ivschat:us-west-2:111111111111:room/r{i}");
+            assert!(
+                engine
+                    .evaluate(&request("c", &room, &[], None))
+                    .unwrap()
+                    .allowed
+            );
+        }
+        assert_eq!(engine.cached_decisions(), 1, "started afresh when full");
+    }
+
+    #[test]
+    fn decision_keys_are_unambiguous() {
+        use ContextValue::{Long, String as Str, Strings};
+        let contexts: Vec<Vec<(&'static str, ContextValue)>> = vec![
+            vec![],
+            vec![("a", Str(""))],
+            vec![("a", Str("1"))],
+            vec![("a", Long(1))],
+            vec![("a", Strings(vec![]))],
+            vec![("a", Strings(vec!["1"]))],
+            vec![("a", Strings(vec!["1", "2"]))],
+            vec![("a", Strings(vec!["12"]))],
+            vec![("a", Strings(vec!["1"])), ("b", Strings(vec![]))],
+            vec![("a", Str("1:b"))],
+            vec![("b", Str("1"))],
+        ];
+        let mut keys = HashSet::new();
+        for (caller, action, room) in [
+            ("c", "A", "r"),
+            ("c:", "A", "r"),
+            ("c", "A:", "r"),
+            ("c", "A", "r2"),
+        ] {
+            for context in &contexts {
+                assert!(
+                    keys.insert(decision_key(caller, action, room, context.iter())),
+                    "{caller} {action} {room} {context:?}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -830,23 +1090,22 @@ mod tests {
             room: room.clone(),
             action,
         });
-        let check =
-            |request: &dyn Fn() -> (String, &'static str, Vec<(String, RestrictedExpression)>)| {
-                let (room, action, context) = request();
-                Request::new(
-                    uid("Caller", "c"),
-                    engine.actions[action].clone(),
-                    uid("Room", &room),
-                    Context::from_pairs(context).unwrap(),
-                    Some(&engine.schema),
-                )
-                .unwrap_or_else(|e| panic!("{action}: {e}"));
-            };
+        let check = |request: &dyn Fn() -> (String, &'static str, Context)| {
+            let (room, action, context) = request();
+            Request::new(
+                uid("Caller", "c"),
+                engine.actions[action].clone(),
+                uid("Room", &room),
+                context,
+                Some(&engine.schema),
+            )
+            .unwrap_or_else(|e| panic!("{action}: {e}"));
+        };
         check(&|| {
             (
                 token.room.as_str().to_owned(),
                 token.action(),
-                token.context(),
+                cedar_context(&token.context()).unwrap(),
             )
         });
         let mut seen = vec![token.action()];
@@ -855,7 +1114,7 @@ mod tests {
                 (
                     request.room.as_str().to_owned(),
                     request.action(),
-                    request.context(),
+                    cedar_context(&request.context()).unwrap(),
                 )
             });
             seen.push(request.action());
