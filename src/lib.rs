@@ -69,6 +69,7 @@ pub mod error;
 pub mod identity;
 pub mod inflight;
 pub mod issuer;
+mod key;
 pub mod listener;
 pub mod moderation;
 pub mod policy;

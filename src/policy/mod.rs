@@ -35,6 +35,7 @@
 //! that differ only in attributes no policy reads, the user id with the production policy for one, are
 //! decided once.
 
+mod cache;
 pub mod layer;
 mod reads;
 
@@ -44,7 +45,7 @@ use std::{
     path::{Path, PathBuf},
     str::FromStr,
     sync::{
-        Arc, RwLock,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -59,6 +60,7 @@ use miette::Diagnostic;
 use crate::error::Error;
 use crate::moderation::{ModerationAction, ModerationRequest};
 use crate::request::{Caller, Capability, RoomArn, TokenRequest};
+use cache::BoundedCache;
 use reads::ContextReads;
 
 pub use layer::PolicyLayer;
@@ -96,11 +98,11 @@ struct Loaded {
     /// ancestors, and the actions.
     shared: Vec<Entity>,
     /// Slices already built, by caller id and room ARN: at most [`SLICE_CACHE_ENTRIES`].
-    slices: RwLock<HashMap<(String, String), Arc<Entities>>>,
+    slices: BoundedCache<(String, String), Entities>,
     /// The context attributes the policies can read: the only ones each request's context holds.
     context_reads: ContextReads,
     /// Decisions already made, by [`decision_key`]: at most [`DECISION_CACHE_ENTRIES`].
-    decisions: RwLock<HashMap<String, Arc<CachedDecision>>>,
+    decisions: BoundedCache<String, CachedDecision>,
 }
 
 /// How many decisions are kept. When full, the cache starts afresh: a key holds what callers send (room
@@ -339,27 +341,9 @@ impl PolicyEngine {
             request.room().as_str(),
             read(),
         );
-        let cached = loaded
+        let decision = loaded
             .decisions
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(&key)
-            .cloned();
-        let decision = match cached {
-            Some(decision) => decision,
-            None => {
-                let decision = Arc::new(self.ask_cedar(&loaded, request, read())?);
-                let mut decisions = loaded
-                    .decisions
-                    .write()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-                if decisions.len() >= DECISION_CACHE_ENTRIES {
-                    decisions.clear();
-                }
-                decisions.insert(key, decision.clone());
-                decision
-            }
-        };
+            .get_or_try_insert(key, || self.ask_cedar(&loaded, request, read()))?;
         Ok(PolicyDecision {
             allowed: decision.allowed,
             policy_ids: if decision.allowed && !ids_when_allowed {
@@ -372,12 +356,7 @@ impl PolicyEngine {
 
     /// How many decisions are cached now.
     pub fn cached_decisions(&self) -> usize {
-        self.current
-            .load()
-            .decisions
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .len()
+        self.current.load().decisions.len()
     }
 }
 
@@ -393,11 +372,7 @@ fn decision_key<'a>(
     context: impl Iterator<Item = &'a (&'static str, ContextValue<'a>)>,
 ) -> String {
     let mut key = String::with_capacity(256);
-    let mut part = |part: &str| {
-        key.push_str(itoa::Buffer::new().format(part.len()));
-        key.push(':');
-        key.push_str(part);
-    };
+    let mut part = |part: &str| crate::key::push_part(&mut key, part);
     part(caller);
     part(action);
     part(room);
@@ -486,25 +461,9 @@ impl PolicyEngine {
         room: &RoomArn,
     ) -> Result<Arc<Entities>, Error> {
         let key = (caller.to_owned(), room.as_str().to_owned());
-        let cached = loaded
+        loaded
             .slices
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(&key)
-            .cloned();
-        if let Some(slice) = cached {
-            return Ok(slice);
-        }
-        let slice = Arc::new(self.slice(loaded, principal, room)?);
-        let mut slices = loaded
-            .slices
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if slices.len() >= SLICE_CACHE_ENTRIES {
-            slices.clear();
-        }
-        slices.insert(key, slice.clone());
-        Ok(slice)
+            .get_or_try_insert(key, || self.slice(loaded, principal, room))
     }
 
     /// The entities a decision about `principal` and `room` can reach (see the module docs): a lookup per
@@ -643,11 +602,11 @@ fn load(source: &PolicySource, schema: &Schema) -> Result<Loaded, PolicyError> {
     }
     Ok(Loaded {
         context_reads: ContextReads::of(&policies),
-        decisions: RwLock::default(),
+        decisions: BoundedCache::new(DECISION_CACHE_ENTRIES),
         policies,
         entities,
         shared,
-        slices: RwLock::default(),
+        slices: BoundedCache::new(SLICE_CACHE_ENTRIES),
     })
 }
 
@@ -999,7 +958,7 @@ mod tests {
     #[test]
     fn slices_are_kept_per_caller_and_room_within_the_bound() {
         let engine = PolicyEngine::load(PolicySource::Development).unwrap();
-        let kept = |engine: &PolicyEngine| engine.current.load().slices.read().unwrap().len();
+        let kept = |engine: &PolicyEngine| engine.current.load().slices.len();
         for _ in 0..3 {
             assert!(
                 engine

@@ -346,11 +346,7 @@ fn judge(
 /// no choice of them can make two different requests, or two limits, share a key.
 fn store_key(limit: &Limit, request: &impl Limited) -> String {
     let mut key = String::with_capacity(160);
-    let mut part = |part: &str| {
-        key.push_str(itoa::Buffer::new().format(part.len()));
-        key.push(':');
-        key.push_str(part);
-    };
+    let mut part = |part: &str| crate::key::push_part(&mut key, part);
     part(&limit.name);
     part(limit.key.as_str());
     if let Some(scope) = request.scope() {
