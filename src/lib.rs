@@ -64,6 +64,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod domain;
 pub mod end_on_drain;
 pub mod error;
 pub mod identity;

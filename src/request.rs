@@ -1,757 +1,83 @@
-//! Validated domain types for a token request, and the token that answers it.
-//!
-//! The proto message is decoded once, here, into a [`TokenRequest`] whose fields can only hold values
-//! IVS Chat would accept. Everything downstream (policy, rate limits, issuers) takes these types and never
-//! re-checks them. Validation reports every bad field of a request at once, each named as the front door
-//! that carried it names it (proto field names for gRPC, IVS member names for the HTTP API).
-//!
-//! User ids and attribute values are personal data: their `Debug` output shows only their size, so a
-//! stray `?request` in a log line cannot leak them.
+//! Moved to [`crate::domain`]; the proto conversions stay here until the gRPC door takes them.
 
-use std::{
-    collections::BTreeMap,
-    collections::BTreeSet,
-    fmt,
-    time::{Duration, SystemTime},
-};
+pub use crate::domain::caller::{Caller, CallerSource};
+pub use crate::domain::room::{MAX_ROOM_ARN_CHARS, RoomArn};
+pub use crate::domain::token::*;
 
-use crate::error::{Error, FieldViolation};
+use crate::error::Error;
 use crate::proto::ivschat::v1 as pb;
-
-/// Longest room ARN IVS Chat accepts, in characters.
-pub const MAX_ROOM_ARN_CHARS: usize = 128;
-/// Longest user id IVS Chat accepts, in characters (not bytes).
-pub const MAX_USER_ID_CHARS: usize = 128;
-/// Shortest session IVS Chat accepts, in minutes.
-pub const MIN_SESSION_MINUTES: u32 = 1;
-/// Longest session IVS Chat accepts, in minutes.
-pub const MAX_SESSION_MINUTES: u32 = 180;
-/// Session length IVS Chat applies when the request names none, in minutes.
-pub const DEFAULT_SESSION_MINUTES: u32 = 60;
-/// Most bytes all attribute keys and values may take together.
-pub const MAX_ATTRIBUTES_BYTES: usize = 1024;
-
-/// A request that passed IVS Chat's validation rules, from an identified caller.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TokenRequest {
-    /// The internal service asking for the token (not the end user).
-    pub caller: Caller,
-    /// The room the token opens.
-    pub room: RoomArn,
-    /// The end user the token is for.
-    pub user_id: UserId,
-    /// What the user may do besides reading.
-    pub capabilities: Capabilities,
-    /// Absent when the caller named no duration: IVS then applies its own default, and the local issuer
-    /// applies the same one through [`TokenRequest::session_duration`].
-    pub session_duration: Option<SessionDuration>,
-    /// Application data attached to the session.
-    pub attributes: Attributes,
-}
-
-/// What a front door decoded, before validation. Capabilities arrive already decoded, because each door
-/// spells them differently (proto enum numbers, IVS names).
-pub struct UncheckedRequest<A> {
-    /// `roomIdentifier`.
-    pub room_identifier: String,
-    /// `userId`.
-    pub user_id: String,
-    /// `capabilities`, or why they cannot be decoded.
-    pub capabilities: Result<Capabilities, String>,
-    /// `sessionDurationInMinutes`.
-    pub session_duration_in_minutes: Option<i64>,
-    /// `attributes`.
-    pub attributes: A,
-}
-
-/// How a front door names the request's fields in validation errors, so callers see their own names.
-pub struct FieldNames {
-    room_identifier: &'static str,
-    user_id: &'static str,
-    capabilities: &'static str,
-    session_duration_in_minutes: &'static str,
-    attributes: &'static str,
-}
-
-impl FieldNames {
-    /// The proto field names, for gRPC callers.
-    pub const PROTO: FieldNames = FieldNames {
-        room_identifier: "room_identifier",
-        user_id: "user_id",
-        capabilities: "capabilities",
-        session_duration_in_minutes: "session_duration_in_minutes",
-        attributes: "attributes",
-    };
-    /// IVS Chat's own member names, for the REST-JSON API (ValidationException `fieldList`).
-    pub const IVS: FieldNames = FieldNames {
-        room_identifier: "roomIdentifier",
-        user_id: "userId",
-        capabilities: "capabilities",
-        session_duration_in_minutes: "sessionDurationInMinutes",
-        attributes: "attributes",
-    };
-}
 
 impl TokenRequest {
     /// Validates `request` from `caller`, reporting every bad field at once.
     pub fn from_proto(caller: Caller, request: pb::CreateChatTokenRequest) -> Result<Self, Error> {
         let unchecked = UncheckedRequest {
-            capabilities: Capabilities::from_proto(&request.capabilities),
+            capabilities: capabilities_from_proto(&request.capabilities),
             room_identifier: request.room_identifier,
             user_id: request.user_id,
             session_duration_in_minutes: request.session_duration_in_minutes.map(i64::from),
-            attributes: request.attributes,
+            attributes: request.attributes.into_iter().collect(),
         };
         Self::validate(caller, unchecked, &FieldNames::PROTO)
     }
+}
 
-    /// Validates `request` from `caller`, reporting every bad field at once under `names`.
-    pub fn validate(
-        caller: Caller,
-        request: UncheckedRequest<impl IntoIterator<Item = (String, String)>>,
-        names: &FieldNames,
-    ) -> Result<Self, Error> {
-        let mut violations = Vec::new();
-        let room = RoomArn::parse(&request.room_identifier)
-            .map_err(|why| violations.push(FieldViolation::new(names.room_identifier, why)))
-            .ok();
-        let user_id = UserId::parse(request.user_id)
-            .map_err(|why| violations.push(FieldViolation::new(names.user_id, why)))
-            .ok();
-        let capabilities = request
-            .capabilities
-            .map_err(|why| violations.push(FieldViolation::new(names.capabilities, why)))
-            .ok();
-        let session_duration = request
-            .session_duration_in_minutes
-            .map(SessionDuration::from_minutes)
-            .transpose()
-            .map_err(|why| {
-                violations.push(FieldViolation::new(names.session_duration_in_minutes, why))
-            })
-            .ok();
-        let attributes = Attributes::parse(request.attributes)
-            .map_err(|why| violations.push(FieldViolation::new(names.attributes, why)))
-            .ok();
-
-        match (room, user_id, capabilities, session_duration, attributes) {
-            (
-                Some(room),
-                Some(user_id),
-                Some(capabilities),
-                Some(session_duration),
-                Some(attributes),
-            ) if violations.is_empty() => Ok(TokenRequest {
-                caller,
-                room,
-                user_id,
-                capabilities,
-                session_duration,
-                attributes,
-            }),
-            _ => Err(Error::InvalidArgument(violations)),
+/// Refuses UNSPECIFIED and numbers the proto does not define. The reason counts the bad entries and
+/// names only the first few, so it stays short however many a request sends.
+pub fn capabilities_from_proto(values: &[i32]) -> Result<Capabilities, String> {
+    const NAMED: usize = 3;
+    let mut set = Vec::new();
+    let mut bad = 0usize;
+    let mut named = Vec::with_capacity(NAMED);
+    for (index, &value) in values.iter().enumerate() {
+        match pb::ChatTokenCapability::try_from(value) {
+            Ok(pb::ChatTokenCapability::SendMessage) => set.push(Capability::SendMessage),
+            Ok(pb::ChatTokenCapability::DisconnectUser) => set.push(Capability::DisconnectUser),
+            Ok(pb::ChatTokenCapability::DeleteMessage) => set.push(Capability::DeleteMessage),
+            Ok(pb::ChatTokenCapability::Unspecified) | Err(_) => {
+                bad += 1;
+                if named.len() < NAMED {
+                    named.push(format!("[{index}]={value}"));
+                }
+            }
         }
     }
-
-    /// The session length that applies: the requested one, or IVS Chat's default of 60 minutes.
-    pub fn session_duration(&self) -> SessionDuration {
-        self.session_duration
-            .unwrap_or(SessionDuration(DEFAULT_SESSION_MINUTES))
+    if bad == 0 {
+        return Ok(Capabilities::new(set));
     }
+    let more = if bad > named.len() {
+        format!(" and {} more", bad - named.len())
+    } else {
+        String::new()
+    };
+    Err(format!(
+        "each capability must be SEND_MESSAGE, DISCONNECT_USER or DELETE_MESSAGE; {bad} invalid: {}{more}",
+        named.join(", ")
+    ))
 }
 
-/// A token and when it, and the session it opens, expire.
-#[derive(Clone, PartialEq, Eq)]
-pub struct IssuedToken {
-    /// The encrypted token. A bearer secret: never log it.
-    pub token: String,
-    /// The token's unique id, when the issuer knows it (the local issuer's `jti`); audit events carry a
-    /// short hash of it.
-    pub token_id: Option<String>,
-    /// After this instant the token can no longer open a connection.
-    pub token_expires_at: SystemTime,
-    /// After this instant a session opened with the token ends.
-    pub session_expires_at: SystemTime,
-}
-
-impl fmt::Debug for IssuedToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IssuedToken")
-            .field("token", &format_args!("<{} bytes>", self.token.len()))
-            .field("token_expires_at", &self.token_expires_at)
-            .field("session_expires_at", &self.session_expires_at)
-            .finish()
-    }
-}
-
-/// Who is calling: a SPIFFE id, DNS name, certificate CN, header value or the anonymous principal,
-/// as resolved by [`crate::identity`], with where it came from. Not secret: it names a service, not a
-/// person.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Caller {
-    id: String,
-    source: Option<CallerSource>,
-}
-
-/// Where a caller's identity came from, so logs and audits can tell a verified SPIFFE id from a claim.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum CallerSource {
-    /// A verified client certificate's URI SAN.
-    UriSan,
-    /// A verified client certificate's DNS SAN.
-    DnsSan,
-    /// A verified client certificate's subject CN.
-    CommonName,
-    /// The `URI=` of a trusted sidecar's `x-forwarded-client-cert` header.
-    Xfcc,
-    /// A plain header anyone can set.
-    Header,
-    /// An access key's principal, from a verified SigV4 signature on an HTTP API request.
-    Sigv4,
-    /// No source identified the caller; the configured anonymous principal.
-    Anonymous,
-}
-
-impl CallerSource {
-    /// The source's name in logs and spans.
-    pub fn name(self) -> &'static str {
-        match self {
-            CallerSource::UriSan => "uri_san",
-            CallerSource::DnsSan => "dns_san",
-            CallerSource::CommonName => "common_name",
-            CallerSource::Xfcc => "xfcc",
-            CallerSource::Header => "header",
-            CallerSource::Sigv4 => "sigv4",
-            CallerSource::Anonymous => "anonymous",
-        }
-    }
-}
-
-impl Caller {
-    /// A caller known by `id` from outside any request (tests, examples): no source is recorded.
-    pub fn new(id: impl Into<String>) -> Self {
-        Caller {
-            id: id.into(),
-            source: None,
-        }
-    }
-
-    /// A caller a request identified as `id` through `source`.
-    pub fn with_source(id: impl Into<String>, source: CallerSource) -> Self {
-        Caller {
-            id: id.into(),
-            source: Some(source),
-        }
-    }
-
-    /// The caller's id, e.g. `spiffe://cluster.local/ns/chat/sa/web`.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    /// Where the id came from; `None` for callers built with [`Caller::new`].
-    pub fn source(&self) -> Option<CallerSource> {
-        self.source
-    }
-}
-
-impl fmt::Display for Caller {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.id)
-    }
-}
-
-/// An IVS Chat room ARN, `arn:aws:ivschat:REGION:ACCOUNT:room/ROOM_ID`, with its parts located once.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct RoomArn {
-    arn: String,
-    /// Byte ranges of region, account and room id inside `arn`, so accessors need not re-parse.
-    region: (usize, usize),
-    account: (usize, usize),
-    room_id: usize,
-}
-
-impl RoomArn {
-    const PREFIX: &'static str = "arn:aws:ivschat:";
-    const ROOM: &'static str = ":room/";
-
-    /// Accepts exactly what IVS Chat's pattern
-    /// `^arn:aws:ivschat:[a-z0-9-]+:[0-9]+:room/[a-zA-Z0-9-]+$` accepts, at most 128 characters.
-    pub fn parse(arn: &str) -> Result<Self, String> {
-        if arn.is_empty() {
-            return Err("is required".into());
-        }
-        let chars = arn.chars().count();
-        if chars > MAX_ROOM_ARN_CHARS {
-            return Err(format!(
-                "must be at most {MAX_ROOM_ARN_CHARS} characters, got {chars}"
-            ));
-        }
-        let malformed = || {
-            "must be an IVS Chat room ARN matching \
-             ^arn:aws:ivschat:[a-z0-9-]+:[0-9]+:room/[a-zA-Z0-9-]+$"
-                .to_string()
-        };
-        let rest = arn.strip_prefix(Self::PREFIX).ok_or_else(malformed)?;
-        let (region, rest) = rest.split_once(':').ok_or_else(malformed)?;
-        let (account, room_id) = rest.split_once(Self::ROOM).ok_or_else(malformed)?;
-        let region_ok = !region.is_empty()
-            && region
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        let account_ok = !account.is_empty() && account.bytes().all(|b| b.is_ascii_digit());
-        let room_ok = !room_id.is_empty()
-            && room_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
-        if !(region_ok && account_ok && room_ok) {
-            return Err(malformed());
-        }
-        let region_start = Self::PREFIX.len();
-        let account_start = region_start + region.len() + 1;
-        Ok(RoomArn {
-            arn: arn.to_owned(),
-            region: (region_start, region_start + region.len()),
-            account: (account_start, account_start + account.len()),
-            room_id: account_start + account.len() + Self::ROOM.len(),
-        })
-    }
-
-    /// The whole ARN.
-    pub fn as_str(&self) -> &str {
-        &self.arn
-    }
-
-    /// The AWS region the room lives in, e.g. `us-west-2`.
-    pub fn region(&self) -> &str {
-        &self.arn[self.region.0..self.region.1]
-    }
-
-    /// The AWS account that owns the room.
-    pub fn account(&self) -> &str {
-        &self.arn[self.account.0..self.account.1]
-    }
-
-    /// The room's own id, the part after `room/`.
-    pub fn room_id(&self) -> &str {
-        &self.arn[self.room_id..]
-    }
-}
-
-impl fmt::Debug for RoomArn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.arn)
-    }
-}
-
-impl fmt::Display for RoomArn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.arn)
-    }
-}
-
-/// The application's id for an end user: 1 to 128 characters of any UTF-8 text. Personal data.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct UserId(String);
-
-impl UserId {
-    /// Counts characters, not bytes, as IVS Chat does.
-    pub fn parse(user_id: String) -> Result<Self, String> {
-        let chars = user_id.chars().count();
-        match chars {
-            0 => Err("is required".into()),
-            1..=MAX_USER_ID_CHARS => Ok(UserId(user_id)),
-            _ => Err(format!(
-                "must be at most {MAX_USER_ID_CHARS} characters, got {chars}"
-            )),
-        }
-    }
-
-    /// The id itself. Do not log it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for UserId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "UserId(<{} chars>)", self.0.chars().count())
-    }
-}
-
-/// Something a user may do in a room beyond reading messages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Capability {
-    /// Send messages.
-    SendMessage,
-    /// Disconnect other users (moderation).
-    DisconnectUser,
-    /// Delete messages (moderation).
-    DeleteMessage,
-}
-
-impl Capability {
-    /// All capabilities, in IVS's order.
-    pub const ALL: [Capability; 3] = [
-        Capability::SendMessage,
-        Capability::DisconnectUser,
-        Capability::DeleteMessage,
-    ];
-
-    /// The name IVS Chat uses on the wire and in tokens.
-    pub fn ivs_name(self) -> &'static str {
-        match self {
-            Capability::SendMessage => "SEND_MESSAGE",
-            Capability::DisconnectUser => "DISCONNECT_USER",
-            Capability::DeleteMessage => "DELETE_MESSAGE",
-        }
-    }
-
-    /// The inverse of [`Capability::ivs_name`].
-    pub fn from_ivs_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|c| c.ivs_name() == name)
-    }
-
-    fn to_proto(self) -> pb::ChatTokenCapability {
-        match self {
+/// The set as proto enum values.
+pub fn capabilities_to_proto(capabilities: &Capabilities) -> Vec<i32> {
+    capabilities
+        .iter()
+        .map(|c| match c {
             Capability::SendMessage => pb::ChatTokenCapability::SendMessage,
             Capability::DisconnectUser => pb::ChatTokenCapability::DisconnectUser,
             Capability::DeleteMessage => pb::ChatTokenCapability::DeleteMessage,
-        }
-    }
-}
-
-/// A set of capabilities: repeats in the request collapse to one.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Capabilities(BTreeSet<Capability>);
-
-impl Capabilities {
-    /// Builds a set from capabilities already known to be valid.
-    pub fn new(capabilities: impl IntoIterator<Item = Capability>) -> Self {
-        Capabilities(capabilities.into_iter().collect())
-    }
-
-    /// Refuses UNSPECIFIED and numbers the proto does not define. The reason counts the bad entries and
-    /// names only the first few, so it stays short however many a request sends.
-    fn from_proto(values: &[i32]) -> Result<Self, String> {
-        const NAMED: usize = 3;
-        let mut set = BTreeSet::new();
-        let mut bad = 0usize;
-        let mut named = Vec::with_capacity(NAMED);
-        for (index, &value) in values.iter().enumerate() {
-            match pb::ChatTokenCapability::try_from(value) {
-                Ok(pb::ChatTokenCapability::SendMessage) => set.insert(Capability::SendMessage),
-                Ok(pb::ChatTokenCapability::DisconnectUser) => {
-                    set.insert(Capability::DisconnectUser)
-                }
-                Ok(pb::ChatTokenCapability::DeleteMessage) => set.insert(Capability::DeleteMessage),
-                Ok(pb::ChatTokenCapability::Unspecified) | Err(_) => {
-                    bad += 1;
-                    if named.len() < NAMED {
-                        named.push(format!("[{index}]={value}"));
-                    }
-                    false
-                }
-            };
-        }
-        if bad == 0 {
-            return Ok(Capabilities(set));
-        }
-        let more = if bad > named.len() {
-            format!(" and {} more", bad - named.len())
-        } else {
-            String::new()
-        };
-        Err(format!(
-            "each capability must be SEND_MESSAGE, DISCONNECT_USER or DELETE_MESSAGE; {bad} invalid: {}{more}",
-            named.join(", ")
-        ))
-    }
-
-    /// Accepts IVS's names (`SEND_MESSAGE`, …), naming each offending position.
-    pub fn from_ivs_names(names: &[String]) -> Result<Self, String> {
-        let mut set = BTreeSet::new();
-        let mut bad = Vec::new();
-        for (index, name) in names.iter().enumerate() {
-            match Capability::from_ivs_name(name) {
-                Some(capability) => {
-                    set.insert(capability);
-                }
-                None => bad.push(format!("[{index}]")),
-            }
-        }
-        if bad.is_empty() {
-            Ok(Capabilities(set))
-        } else {
-            Err(format!(
-                "each capability must be SEND_MESSAGE, DISCONNECT_USER or DELETE_MESSAGE; invalid: {}",
-                bad.join(", ")
-            ))
-        }
-    }
-
-    /// The capabilities in IVS's order, each once.
-    pub fn iter(&self) -> impl Iterator<Item = Capability> + '_ {
-        self.0.iter().copied()
-    }
-
-    /// The set as IVS Chat names it, for logs: debug-formats as `["SEND_MESSAGE", …]`, allocating nothing.
-    pub fn ivs_names(&self) -> impl fmt::Debug + '_ {
-        struct IvsNames<'a>(&'a Capabilities);
-        impl fmt::Debug for IvsNames<'_> {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.debug_list()
-                    .entries(self.0.iter().map(Capability::ivs_name))
-                    .finish()
-            }
-        }
-        IvsNames(self)
-    }
-
-    /// Whether the set grants `capability`.
-    pub fn contains(&self, capability: Capability) -> bool {
-        self.0.contains(&capability)
-    }
-
-    /// Whether the set grants nothing beyond reading.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// The set as proto enum values.
-    pub fn to_proto(&self) -> Vec<i32> {
-        self.iter().map(|c| c.to_proto() as i32).collect()
-    }
-}
-
-/// A session length between 1 and 180 minutes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SessionDuration(u32);
-
-impl SessionDuration {
-    /// Accepts 1..=180.
-    pub fn from_minutes(minutes: i64) -> Result<Self, String> {
-        match u32::try_from(minutes) {
-            Ok(m @ MIN_SESSION_MINUTES..=MAX_SESSION_MINUTES) => Ok(SessionDuration(m)),
-            _ => Err(format!(
-                "must be between {MIN_SESSION_MINUTES} and {MAX_SESSION_MINUTES} minutes, got {minutes}"
-            )),
-        }
-    }
-
-    /// The length in minutes.
-    pub fn minutes(self) -> u32 {
-        self.0
-    }
-
-    /// The length as a duration.
-    pub fn as_duration(self) -> Duration {
-        Duration::from_secs(u64::from(self.0) * 60)
-    }
-}
-
-/// Application attributes: at most 1024 bytes of keys and values together. Values are personal data.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Attributes(BTreeMap<String, String>);
-
-impl Attributes {
-    /// Accepts maps whose keys plus values take at most 1024 bytes of UTF-8.
-    pub fn parse(attributes: impl IntoIterator<Item = (String, String)>) -> Result<Self, String> {
-        let map: BTreeMap<String, String> = attributes.into_iter().collect();
-        let bytes = byte_size(&map);
-        if bytes > MAX_ATTRIBUTES_BYTES {
-            return Err(format!(
-                "keys and values together must be at most {MAX_ATTRIBUTES_BYTES} bytes, got {bytes}"
-            ));
-        }
-        Ok(Attributes(map))
-    }
-
-    /// Total bytes of keys plus values.
-    pub fn byte_size(&self) -> usize {
-        byte_size(&self.0)
-    }
-
-    /// The keys, sorted. Keys are not secret; values are.
-    pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.0.keys().map(String::as_str)
-    }
-
-    /// The attributes themselves. Do not log the values.
-    pub fn expose(&self) -> &BTreeMap<String, String> {
-        &self.0
-    }
-
-    /// Whether there are no attributes.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-fn byte_size(map: &BTreeMap<String, String>) -> usize {
-    map.iter().map(|(k, v)| k.len() + v.len()).sum()
-}
-
-impl fmt::Debug for Attributes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Attributes")
-            .field("keys", &self.0.keys().collect::<Vec<_>>())
-            .field("bytes", &self.byte_size())
-            .finish()
-    }
-}
-
-/// The one builder of [`TokenRequest`]s for unit tests: a valid request from caller `test` for
-/// `user-1` in a us-west-2 room, each part replaceable.
-#[cfg(test)]
-pub(crate) fn test_request() -> TestRequest {
-    TestRequest(
-        pb::CreateChatTokenRequest {
-            room_identifier: "arn:aws:ivschat:us-west-2:123456789012:room/g1H2I3j4k5L6".into(),
-            user_id: "user-1".into(),
-            ..Default::default()
-        },
-        Caller::new("test"),
-    )
-}
-
-/// See [`test_request`].
-#[cfg(test)]
-pub(crate) struct TestRequest(pb::CreateChatTokenRequest, Caller);
-
-#[cfg(test)]
-impl TestRequest {
-    pub(crate) fn caller(mut self, caller: &str) -> Self {
-        self.1 = Caller::new(caller);
-        self
-    }
-
-    pub(crate) fn room(mut self, arn: &str) -> Self {
-        self.0.room_identifier = arn.into();
-        self
-    }
-
-    pub(crate) fn user(mut self, user_id: &str) -> Self {
-        self.0.user_id = user_id.into();
-        self
-    }
-
-    pub(crate) fn capabilities(mut self, capabilities: &[Capability]) -> Self {
-        self.0.capabilities = Capabilities::new(capabilities.iter().copied()).to_proto();
-        self
-    }
-
-    pub(crate) fn session_minutes(mut self, minutes: i32) -> Self {
-        self.0.session_duration_in_minutes = Some(minutes);
-        self
-    }
-
-    pub(crate) fn attribute(mut self, key: &str, value: &str) -> Self {
-        self.0.attributes.insert(key.into(), value.into());
-        self
-    }
-
-    /// The validated request; panics when the parts given are invalid.
-    pub(crate) fn build(self) -> TokenRequest {
-        TokenRequest::from_proto(self.1, self.0).expect("a valid test request")
-    }
+        } as i32)
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const ARN: &str = "arn:aws:ivschat:us-west-2:123456789012:room/g1H2I3j4k5L6";
-
-    #[test]
-    fn room_arn_exposes_its_parts() {
-        let arn = RoomArn::parse(ARN).unwrap();
-        assert_eq!(arn.region(), "us-west-2");
-        assert_eq!(arn.account(), "123456789012");
-        assert_eq!(arn.room_id(), "g1H2I3j4k5L6");
-        assert_eq!(arn.as_str(), ARN);
-    }
-
-    #[test]
-    fn room_arn_rejects_what_the_ivs_pattern_rejects() {
-        for bad in [
-            "",
-            "arn:aws:ivschat:us-west-2:123456789012:room/",
-            "arn:aws:ivschat::123456789012:room/abc",
-            "arn:aws:ivschat:US-WEST-2:123456789012:room/abc",
-            "arn:aws:ivschat:us-west-2:12345678901a:room/abc",
-            "arn:aws:ivschat:us-west-2::room/abc",
-            "arn:aws:ivs:us-west-2:123456789012:room/abc",
-            "arn:aws:ivschat:us-west-2:123456789012:channel/abc",
-            "arn:aws:ivschat:us-west-2:123456789012:room/ab_c",
-            "arn:aws:ivschat:us-west-2:123456789012:room/abc/def",
-            "arn:aws:ivschat:us-west-2:123:456:room/abc",
-            " arn:aws:ivschat:us-west-2:123456789012:room/abc",
-        ] {
-            assert!(RoomArn::parse(bad).is_err(), "{bad:?} should be rejected");
-        }
-    }
-
-    #[test]
-    fn user_id_debug_hides_the_id() {
-        let user = UserId::parse("alice@example.com".into()).unwrap();
-        assert_eq!(format!("{user:?}"), "UserId(<17 chars>)");
-    }
-
-    #[test]
-    fn attributes_debug_hides_values() {
-        let attrs = Attributes::parse([("name".into(), "Alice Secret".into())]).unwrap();
-        let shown = format!("{attrs:?}");
-        assert!(!shown.contains("Alice"), "{shown}");
-        assert!(shown.contains("name"), "{shown}");
-    }
-
-    #[test]
-    fn session_duration_bounds() {
-        assert!(SessionDuration::from_minutes(0).is_err());
-        assert!(SessionDuration::from_minutes(-1).is_err());
-        assert_eq!(SessionDuration::from_minutes(1).unwrap().minutes(), 1);
-        assert_eq!(SessionDuration::from_minutes(180).unwrap().minutes(), 180);
-        assert!(SessionDuration::from_minutes(181).is_err());
-        assert!(SessionDuration::from_minutes(i64::MIN).is_err());
-    }
-
-    #[test]
-    fn every_bad_field_is_reported_at_once() {
-        let err = TokenRequest::from_proto(
-            Caller::new("test"),
-            pb::CreateChatTokenRequest {
-                room_identifier: "nope".into(),
-                user_id: String::new(),
-                capabilities: vec![0, 7],
-                session_duration_in_minutes: Some(0),
-                attributes: [("k".to_string(), "v".repeat(1024))].into(),
-            },
-        )
-        .unwrap_err();
-        let Error::InvalidArgument(violations) = err else {
-            panic!("expected InvalidArgument, got {err:?}");
-        };
-        let fields: Vec<_> = violations.iter().map(|v| v.field.as_ref()).collect();
-        assert_eq!(
-            fields,
-            [
-                "room_identifier",
-                "user_id",
-                "capabilities",
-                "session_duration_in_minutes",
-                "attributes"
-            ]
-        );
-    }
-
     #[test]
     fn bad_capabilities_are_counted_not_listed() {
-        let reason = Capabilities::from_proto(&[1, 0, 7]).unwrap_err();
+        let reason = capabilities_from_proto(&[1, 0, 7]).unwrap_err();
         assert!(reason.ends_with("2 invalid: [1]=0, [2]=7"), "{reason}");
-        let three = Capabilities::from_proto(&[9, 9, 9]).unwrap_err();
+        let three = capabilities_from_proto(&[9, 9, 9]).unwrap_err();
         assert!(three.ends_with("3 invalid: [0]=9, [1]=9, [2]=9"), "{three}");
-        let many = Capabilities::from_proto(&vec![42; 30_000]).unwrap_err();
+        let many = capabilities_from_proto(&vec![42; 30_000]).unwrap_err();
         assert!(
             many.ends_with("30000 invalid: [0]=42, [1]=42, [2]=42 and 29997 more"),
             "{many}"

@@ -221,7 +221,7 @@ async fn issue(api: &Api, request: Request<Body>) -> Result<IssuedToken, IvsErro
         user_id: input.user_id,
         capabilities: Capabilities::from_ivs_names(&input.capabilities),
         session_duration_in_minutes: input.session_duration_in_minutes,
-        attributes: input.attributes,
+        attributes: input.attributes.into_iter().collect(),
     };
     let request = TokenRequest::validate(caller.clone(), unchecked, &FieldNames::IVS)
         .map_err(|error| door.refuse(Some(&caller), error))?;

@@ -42,7 +42,7 @@ use super::Issuer;
 use crate::error::{Error, ExceededLimit, FieldViolation, UpstreamKind};
 use crate::issuer::local::TokenClaims;
 use crate::moderation::{Moderator, Reason};
-use crate::ratelimit::{Check, Limit, LimiterStore, Verdict};
+use crate::ratelimit::{Check, Limit, LimiterStore, Quota, Verdict};
 use crate::request::{Capability, IssuedToken, RoomArn, TokenRequest, UserId};
 use crate::scope::ServedRooms;
 use crate::telemetry::metrics::metrics;
@@ -195,7 +195,7 @@ impl<St: LimiterStore> IvsIssuer<St> {
         let limit = &self.disconnect_quota;
         let check = Check {
             key: format!("{}:{}:{}", limit.name, room.account(), room.region()),
-            quota: limit.quota(),
+            quota: Quota::of(limit),
             shadow: false,
         };
         let verdicts = self.store.check(std::slice::from_ref(&check)).await?;

@@ -20,278 +20,31 @@ pub mod service;
 pub mod store;
 
 use std::{
-    fmt,
     future::Future,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
 use opentelemetry::KeyValue;
 use tracing::Instrument;
 
 use crate::error::Error;
-use crate::issuer::local::{TokenClaims, VerifyError};
-use crate::request::{Caller, RoomArn, UserId};
+use crate::issuer::local::TokenClaims;
+use crate::request::{RoomArn, UserId};
 use crate::telemetry::metrics::metrics;
-use store::{BanPage, ModerationStore};
+use store::ModerationStore;
 
 pub use ban_check::BanCheckLayer;
 pub use service::ModerationGrpc;
 pub use store::ModerationStores;
 
-/// Shortest reason IVS Chat's DisconnectUser accepts, in characters; bans use the same bounds.
-pub const MIN_REASON_CHARS: usize = 1;
-/// Longest reason IVS Chat's DisconnectUser accepts, in characters; bans use the same bounds.
-pub const MAX_REASON_CHARS: usize = 256;
-/// Shortest ban: one second (bans are kept with millisecond precision, given in whole seconds).
-pub const MIN_BAN: Duration = Duration::from_secs(1);
-/// ListBans page size when the request names none.
-pub const DEFAULT_PAGE_SIZE: usize = 50;
-/// Largest ListBans page.
-pub const MAX_PAGE_SIZE: usize = 1000;
-/// Longest token VerifyChatToken reads, in bytes: a token with the largest attributes is under 3 KiB.
-pub const MAX_TOKEN_BYTES: usize = 8192;
-
-/// A moderation call that passed validation, from an identified caller.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ModerationRequest {
-    /// The internal service asking (a moderation tool, a chat server).
-    pub caller: Caller,
-    /// The room the action is about.
-    pub room: RoomArn,
-    /// What to do.
-    pub action: ModerationAction,
-}
-
-/// What a moderation call asks for.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ModerationAction {
-    /// Close the user's connections (IVS) or revoke their tokens issued so far (local).
-    Disconnect {
-        /// Who.
-        user_id: UserId,
-        /// Why, passed on to IVS Chat.
-        reason: Reason,
-    },
-    /// Disconnect, and refuse the user's tokens until `duration` has passed (or until unbanned).
-    Ban {
-        /// Who.
-        user_id: UserId,
-        /// How long; `None` until unbanned.
-        duration: Option<Duration>,
-        /// Why, for moderators.
-        reason: Reason,
-    },
-    /// Lift a ban.
-    Unban {
-        /// Who.
-        user_id: UserId,
-    },
-    /// One page of the room's bans.
-    ListBans {
-        /// Most bans to return, 1 to [`MAX_PAGE_SIZE`].
-        page_size: usize,
-        /// Where the previous page ended.
-        after: Option<PageToken>,
-    },
-    /// Check a local token. The room is the one the token names, known once its authenticity is checked
-    /// (in [`crate::moderation::service`]): policy then decides whether the caller may verify tokens of it.
-    Verify {
-        /// The token's authenticated claims; expiry, revocation and single use are checked innermost.
-        claims: Box<TokenClaims>,
-    },
-}
-
-impl ModerationAction {
-    /// The Cedar action and the audit / metric name of the call.
-    pub fn name(&self) -> &'static str {
-        match self {
-            ModerationAction::Disconnect { .. } => "DisconnectUser",
-            ModerationAction::Ban { .. } => "BanUser",
-            ModerationAction::Unban { .. } => "UnbanUser",
-            ModerationAction::ListBans { .. } => "ListBans",
-            ModerationAction::Verify { .. } => "VerifyChatToken",
-        }
-    }
-
-    /// The user the action is about, if it is about one.
-    pub fn user_id(&self) -> Option<&UserId> {
-        match self {
-            ModerationAction::Disconnect { user_id, .. }
-            | ModerationAction::Ban { user_id, .. }
-            | ModerationAction::Unban { user_id } => Some(user_id),
-            ModerationAction::Verify { claims } => Some(&claims.user_id),
-            ModerationAction::ListBans { .. } => None,
-        }
-    }
-}
-
-/// Why a user is disconnected or banned: 1 to 256 characters, as IVS Chat's DisconnectUser requires.
-/// Moderators' words, possibly naming the user: never logged, never shown to the banned user.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Reason(String);
-
-impl Reason {
-    /// Counts characters, not bytes.
-    pub fn parse(reason: String) -> Result<Self, String> {
-        let chars = reason.chars().count();
-        if (MIN_REASON_CHARS..=MAX_REASON_CHARS).contains(&chars) {
-            Ok(Reason(reason))
-        } else {
-            Err(format!(
-                "must be {MIN_REASON_CHARS} to {MAX_REASON_CHARS} characters, got {chars}"
-            ))
-        }
-    }
-
-    /// The text. Do not log it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Reason(<{} chars>)", self.0.chars().count())
-    }
-}
-
-/// Where a ListBans page ended: the store's order key of the last ban listed (a digest, not a user id).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PageToken(String);
-
-impl PageToken {
-    /// Accepts what [`PageToken::as_str`] produced: 32 lowercase hex digits.
-    pub fn parse(token: &str) -> Result<Self, String> {
-        if token.len() == 32
-            && token
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            Ok(PageToken(token.to_owned()))
-        } else {
-            Err("is not a page token this service returned".into())
-        }
-    }
-
-    /// A token from a store's order key.
-    pub(crate) fn from_key(key: String) -> Self {
-        PageToken(key)
-    }
-
-    /// The token as sent to callers.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-/// A ban in force.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Ban {
-    /// The room the user is banned from.
-    pub room: RoomArn,
-    /// The banned user.
-    pub user_id: UserId,
-    /// Who banned them.
-    pub banned_by: Caller,
-    /// When, to the millisecond.
-    pub created_at: SystemTime,
-    /// When it ends, to the millisecond; `None`: when unbanned.
-    pub expires_at: Option<SystemTime>,
-    /// Why.
-    pub reason: Reason,
-}
-
-impl Ban {
-    /// Whether the ban is still in force at `now`.
-    pub fn in_force(&self, now: SystemTime) -> bool {
-        self.expires_at.is_none_or(|end| now < end)
-    }
-}
-
-/// Why VerifyChatToken refused a token. Each has its own `google.rpc.ErrorInfo` reason.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum TokenRejection {
-    /// Not a token of this service at all.
-    #[error("not a well-formed chat token")]
-    Malformed,
-    /// Encrypted with a key this service does not hold (rotated out, or another deployment's).
-    #[error("the token was encrypted with a key this service does not hold")]
-    UnknownKey,
-    /// Authentication failed, or the authentic claims are not chat token claims: altered or forged.
-    #[error("the token failed authentication")]
-    Tampered,
-    /// Not valid yet.
-    #[error("the token is not valid yet")]
-    NotYetValid,
-    /// Past its expiration time.
-    #[error("the token has expired")]
-    Expired,
-    /// Issued before the user was disconnected or banned from the room.
-    #[error("the token was revoked: its user was disconnected or banned from the room")]
-    Revoked,
-    /// Single-use mode, and the token was verified before.
-    #[error("the token was already used")]
-    AlreadyUsed,
-}
-
-impl TokenRejection {
-    /// The `google.rpc.ErrorInfo` reason.
-    pub fn reason(self) -> &'static str {
-        match self {
-            TokenRejection::Malformed => "TOKEN_MALFORMED",
-            TokenRejection::UnknownKey => "TOKEN_UNKNOWN_KEY",
-            TokenRejection::Tampered => "TOKEN_TAMPERED",
-            TokenRejection::NotYetValid => "TOKEN_NOT_YET_VALID",
-            TokenRejection::Expired => "TOKEN_EXPIRED",
-            TokenRejection::Revoked => "TOKEN_REVOKED",
-            TokenRejection::AlreadyUsed => "TOKEN_ALREADY_USED",
-        }
-    }
-
-    /// Whether the token is genuine and only its state (time, revocation, use) refuses it.
-    pub fn is_genuine(self) -> bool {
-        matches!(
-            self,
-            TokenRejection::NotYetValid
-                | TokenRejection::Expired
-                | TokenRejection::Revoked
-                | TokenRejection::AlreadyUsed
-        )
-    }
-}
-
-impl From<VerifyError> for TokenRejection {
-    fn from(error: VerifyError) -> Self {
-        match error {
-            VerifyError::Malformed => TokenRejection::Malformed,
-            VerifyError::UnknownKey => TokenRejection::UnknownKey,
-            VerifyError::Forged | VerifyError::Claims => TokenRejection::Tampered,
-            VerifyError::NotYetValid => TokenRejection::NotYetValid,
-            VerifyError::Expired => TokenRejection::Expired,
-        }
-    }
-}
-
-/// What a moderation call did.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ModerationOutcome {
-    /// The user was disconnected.
-    Disconnected,
-    /// The ban now in force.
-    Banned(Ban),
-    /// Whether there was a ban to lift.
-    Unbanned {
-        /// `false`: there was no ban in force.
-        was_banned: bool,
-    },
-    /// One page of bans.
-    Bans(BanPage),
-    /// The token is good; what it grants.
-    Verified(Box<TokenClaims>),
-}
+pub use crate::domain::moderation::{
+    Ban, BanPage, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MAX_REASON_CHARS, MAX_TOKEN_BYTES, MIN_BAN,
+    MIN_REASON_CHARS, ModerationAction, ModerationOutcome, ModerationRequest, PageToken, Reason,
+    TokenRejection, whole_millis,
+};
 
 /// What an issuer does for moderation.
 pub trait Moderator: Send + Sync + 'static {
@@ -404,14 +157,6 @@ impl<M: Moderator> ModerationService<M> {
     }
 }
 
-/// `at` truncated to whole milliseconds: what every store keeps, so a ban reads back exactly as made.
-pub(crate) fn whole_millis(at: SystemTime) -> SystemTime {
-    let since_epoch = at
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    SystemTime::UNIX_EPOCH + Duration::from_millis(since_epoch.as_millis() as u64)
-}
-
 impl<M: Moderator> tower::Service<ModerationRequest> for ModerationService<M> {
     type Response = ModerationOutcome;
     type Error = Error;
@@ -424,7 +169,7 @@ impl<M: Moderator> tower::Service<ModerationRequest> for ModerationService<M> {
     fn call(&mut self, request: ModerationRequest) -> Self::Future {
         let moderator = self.moderator.clone();
         let store = self.store.clone();
-        let action = request.action.name();
+        let action = request.action.action().as_str();
         let span = tracing::info_span!(
             "moderation.execute",
             moderation.action = action,

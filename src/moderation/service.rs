@@ -434,7 +434,7 @@ fn claims_to_proto(claims: TokenClaims) -> VerifyChatTokenResponse {
         token_id: claims.token_id,
         room_identifier: claims.room.as_str().to_owned(),
         user_id: claims.user_id.expose().to_owned(),
-        capabilities: claims.capabilities.to_proto(),
+        capabilities: crate::request::capabilities_to_proto(&claims.capabilities),
         attributes: claims.attributes.expose().clone().into_iter().collect(),
         issued_time: Some(claims.issued_at.into()),
         token_expiration_time: Some(claims.token_expires_at.into()),

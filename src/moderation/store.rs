@@ -27,7 +27,7 @@ use std::{
 
 use orion::hazardous::hash::blake2::blake2b::Blake2b;
 
-use super::{Ban, PageToken};
+use crate::domain::{Ban, PageToken};
 use crate::ratelimit::{
     Check, FailureMode, FallbackStore, LimiterStore, StoreError, fallback::PROBE_INTERVAL,
     redis::Gate,
@@ -35,14 +35,7 @@ use crate::ratelimit::{
 use crate::request::{RoomArn, UserId};
 use crate::telemetry::metrics::metrics;
 
-/// One page of a room's bans, in the order of their users' digests: stable across pages and replicas.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct BanPage {
-    /// The bans in force.
-    pub bans: Vec<Ban>,
-    /// Where the next page starts; `None` on the last page.
-    pub next: Option<PageToken>,
-}
+pub use crate::domain::BanPage;
 
 /// Where bans, revocations and used token ids are kept.
 pub trait ModerationStore: Send + Sync + 'static {

@@ -234,7 +234,7 @@ impl Authorize for ModerationRequest {
     }
 
     fn action(&self) -> &'static str {
-        self.action.name()
+        self.action.action().as_str()
     }
 
     fn context(&self) -> Vec<(&'static str, ContextValue<'_>)> {
@@ -642,7 +642,7 @@ mod tests {
         caller: &str,
         room: &str,
         capabilities: &[Capability],
-        minutes: Option<i32>,
+        minutes: Option<i64>,
     ) -> TokenRequest {
         let request = test_request()
             .caller(caller)

@@ -24,104 +24,11 @@
 //! assert_eq!(quota.check(tat, now), Outcome::Denied { retry_after: Duration::from_secs(12) });
 //! ```
 
-use std::{fmt, num::NonZeroU32, time::Duration};
+use std::{num::NonZeroU32, time::Duration};
 
 use tokio::time::Instant;
 
-/// The period a [`Rate`] counts over.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Period {
-    /// `s`, `sec`, `second`.
-    Second,
-    /// `min`, `minute`.
-    Minute,
-    /// `h`, `hour`.
-    Hour,
-}
-
-impl Period {
-    fn duration(self) -> Duration {
-        match self {
-            Period::Second => Duration::from_secs(1),
-            Period::Minute => Duration::from_secs(60),
-            Period::Hour => Duration::from_secs(3600),
-        }
-    }
-
-    fn parse(unit: &str) -> Option<Self> {
-        match unit {
-            "s" | "sec" | "second" => Some(Period::Second),
-            "min" | "minute" => Some(Period::Minute),
-            "h" | "hour" => Some(Period::Hour),
-            _ => None,
-        }
-    }
-
-    fn symbol(self) -> &'static str {
-        match self {
-            Period::Second => "s",
-            Period::Minute => "min",
-            Period::Hour => "h",
-        }
-    }
-}
-
-/// A sustained rate as configured, e.g. `100/s`: kept as written so errors and descriptions show what the
-/// operator wrote rather than a rounded interval. Deserialises from its text, so a configuration holds only
-/// valid rates.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Rate {
-    count: NonZeroU32,
-    period: Period,
-}
-
-impl Rate {
-    /// Accepts `N/s`, `N/min` or `N/h` (also `second`, `sec`, `minute`, `hour`), with `N` at least 1 and at
-    /// most one request per nanosecond.
-    pub fn parse(rate: &str) -> Result<Self, String> {
-        let malformed =
-            || format!("must look like \"100/s\", \"30/min\" or \"500/h\", got {rate:?}");
-        let (count, unit) = rate.split_once('/').ok_or_else(malformed)?;
-        let period = Period::parse(unit.trim()).ok_or_else(malformed)?;
-        let count: u32 = count.trim().parse().map_err(|_| malformed())?;
-        let count = NonZeroU32::new(count)
-            .ok_or_else(|| format!("must allow at least 1 request per period, got {rate:?}"))?;
-        let rate = Rate { count, period };
-        if rate.emission_interval().is_zero() {
-            return Err(format!(
-                "must allow at most one request per nanosecond, got {rate:?}"
-            ));
-        }
-        Ok(rate)
-    }
-
-    /// `T`: the average time between two admitted requests, `period / N`, truncated to whole nanoseconds
-    /// (so `3/s` admits 3.000000003 per second; nobody can tell).
-    pub fn emission_interval(self) -> Duration {
-        self.period.duration() / self.count.get()
-    }
-}
-
-impl TryFrom<String> for Rate {
-    type Error = String;
-
-    fn try_from(rate: String) -> Result<Self, String> {
-        Rate::parse(&rate)
-    }
-}
-
-impl From<Rate> for String {
-    fn from(rate: Rate) -> String {
-        rate.to_string()
-    }
-}
-
-impl fmt::Display for Rate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.count, self.period.symbol())
-    }
-}
+pub use crate::domain::Rate;
 
 /// The two GCRA parameters of one limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,6 +57,11 @@ pub enum Outcome {
 }
 
 impl Quota {
+    /// The parameters of `limit`.
+    pub fn of(limit: &crate::domain::Limit) -> Self {
+        Quota::new(limit.rate, limit.burst)
+    }
+
     /// `rate` on average, `burst` at once from a fully recovered state.
     pub fn new(rate: Rate, burst: NonZeroU32) -> Self {
         let emission_interval = rate.emission_interval();

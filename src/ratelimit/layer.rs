@@ -33,7 +33,7 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use super::redis::Gate;
-use super::{Check, Limit, LimitKey, LimiterStore, Verdict};
+use super::{Check, Limit, LimitKey, LimiterStore, Quota, Verdict};
 use crate::error::{Error, ExceededLimit};
 use crate::moderation::{ModerationRequest, store::SharedModeration};
 use crate::request::{Caller, RoomArn, TokenRequest, UserId};
@@ -185,7 +185,7 @@ impl Limited for ModerationRequest {
     }
 
     fn scope(&self) -> Option<&'static str> {
-        Some(self.action.name())
+        Some(self.action.action().as_str())
     }
 }
 
@@ -215,7 +215,7 @@ where
             .iter()
             .map(|limit| Check {
                 key: store_key(limit, &request),
-                quota: limit.quota(),
+                quota: Quota::of(limit),
                 shadow: limit.shadow,
             })
             .collect();

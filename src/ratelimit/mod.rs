@@ -35,106 +35,20 @@ pub mod layer;
 pub mod memory;
 pub mod redis;
 
-use std::{fmt, future::Future, num::NonZeroU32, time::Duration};
+use std::{future::Future, time::Duration};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 pub use self::redis::RedisStore;
+pub use crate::domain::Rate;
 pub use fallback::{FailureMode, FallbackStore, RedisFault};
-pub use gcra::{Quota, Rate};
+pub use gcra::Quota;
 pub use layer::{RateLimit, RateLimitLayer, ResponseFuture, Stats};
 pub use memory::MemoryStore;
 
-/// The name of the built-in limit that keeps CreateChatToken calls under IVS Chat's own quota (per AWS
-/// account and region), added by [`crate::stack`] when the issuer is `ivs`.
-pub const IVS_QUOTA_LIMIT_NAME: &str = "ivs-quota";
-/// The name of the IVS issuer's DisconnectUser quota guard (per AWS account and region).
-pub const DISCONNECT_QUOTA_LIMIT_NAME: &str = "ivs-disconnect-quota";
-
-/// One limit, as configured in a `[[rate_limits]]` entry.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Limit {
-    /// Names the limit in errors (`google.rpc.QuotaFailure` subject `limit:NAME`) and logs, and keeps its
-    /// keys apart from every other limit's. Unique among the configured limits and not empty; renaming a
-    /// limit starts its budgets afresh.
-    pub name: String,
-    /// What the limit counts by: `"caller"` (the calling service), `"user"` (one user in one room),
-    /// `"room"`, `"caller_room"` (one caller in one room), `"account_region"` (one AWS account in one
-    /// region) or `"global"` (all requests together).
-    pub key: LimitKey,
-    /// The sustained rate: `"N/s"`, `"N/min"` or `"N/h"` (also `second`, `minute`, `hour`), `N` at least 1.
-    pub rate: Rate,
-    /// How many requests are admitted at once from a fully recovered state; at least 1.
-    pub burst: NonZeroU32,
-    /// Evaluate the limit and log and count the requests it would refuse, but refuse none: for trying a
-    /// limit on real traffic before enforcing it. Default `false`.
-    #[serde(default)]
-    pub shadow: bool,
-}
-
-impl Limit {
-    /// The limit's GCRA parameters.
-    pub fn quota(&self) -> Quota {
-        Quota::new(self.rate, self.burst)
-    }
-
-    /// What the limit limits, e.g. `100/s per caller, burst 200`, for callers who hit it. Describes the
-    /// rule, never a key value.
-    pub fn description(&self) -> String {
-        format!("{} {}, burst {}", self.rate, self.key.scope(), self.burst)
-    }
-}
-
-/// What a limit counts requests by.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LimitKey {
-    /// The calling service: caps what one internal service can mint.
-    Caller,
-    /// One user in one room (room ARN + user id): caps reconnect storms of a single user.
-    User,
-    /// The room: caps a stampede into one room.
-    Room,
-    /// One caller in one room.
-    CallerRoom,
-    /// The AWS account and region that own the room: what IVS Chat's own quotas count by.
-    AccountRegion,
-    /// Every request together: caps the service as a whole, e.g. below an upstream quota.
-    Global,
-}
-
-impl LimitKey {
-    /// The setting's spelling, also part of every store key so a limit whose key kind changes starts afresh.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LimitKey::Caller => "caller",
-            LimitKey::User => "user",
-            LimitKey::Room => "room",
-            LimitKey::CallerRoom => "caller_room",
-            LimitKey::AccountRegion => "account_region",
-            LimitKey::Global => "global",
-        }
-    }
-
-    fn scope(self) -> &'static str {
-        match self {
-            LimitKey::Caller => "per caller",
-            LimitKey::User => "per user per room",
-            LimitKey::Room => "per room",
-            LimitKey::CallerRoom => "per caller per room",
-            LimitKey::AccountRegion => "per AWS account and region",
-            LimitKey::Global => "in total",
-        }
-    }
-}
-
-impl fmt::Display for LimitKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::domain::limit::{
+    DISCONNECT_QUOTA_LIMIT_NAME, IVS_QUOTA_LIMIT_NAME, Limit, LimitKey,
+};
 
 /// One limit to check for one request.
 #[derive(Clone, Debug, PartialEq, Eq)]

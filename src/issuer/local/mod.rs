@@ -46,9 +46,10 @@ use super::Issuer;
 use crate::error::Error;
 use crate::request::{IssuedToken, TokenRequest};
 
+pub use crate::domain::TokenClaims;
 pub use keys::{KeyError, KeySet, KeySource, LiveKeys, generate_key};
 use token::NewClaims;
-pub use token::{IMPLICIT_ASSERTION, TokenClaims, VERIFY_LEEWAY, VerifyError};
+pub use token::{IMPLICIT_ASSERTION, VERIFY_LEEWAY, VerifyError};
 
 /// Mints PASETO v4.local chat tokens with the active key of the [`LiveKeys`] in force.
 pub struct LocalIssuer {

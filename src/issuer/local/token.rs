@@ -2,10 +2,7 @@
 //! id in the footer, and an implicit assertion binding it to this purpose. Encrypting and verifying
 //! live here; which key encrypts is [`super::keys`]' business.
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, SystemTime},
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use pasetors::{
     Local,
@@ -17,7 +14,9 @@ use serde::{Deserialize, Serialize, Serializer};
 use time::OffsetDateTime;
 
 use super::keys::KeySet;
-use crate::request::{Attributes, Capabilities, Capability, RoomArn, UserId};
+use crate::domain::{
+    Attributes, Capabilities, Capability, RoomArn, TokenClaims, TokenRejection, UserId,
+};
 
 /// Bound into every token's authentication tag, so a v4.local token minted by another system with the
 /// same key can never pass as a chat token. Verifiers must supply the same bytes; [`KeySet::verify`] does.
@@ -113,25 +112,16 @@ pub enum VerifyError {
     Expired,
 }
 
-/// What a verified token grants.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TokenClaims {
-    /// Unique per token (`jti`), for replay detection and audit.
-    pub token_id: String,
-    /// The room the token opens.
-    pub room: RoomArn,
-    /// The end user the token is for.
-    pub user_id: UserId,
-    /// What the user may do besides reading.
-    pub capabilities: Capabilities,
-    /// Application data for the session.
-    pub attributes: Attributes,
-    /// When the token was minted.
-    pub issued_at: SystemTime,
-    /// After this instant the token no longer opens a connection.
-    pub token_expires_at: SystemTime,
-    /// After this instant a session opened with the token ends.
-    pub session_expires_at: SystemTime,
+impl From<VerifyError> for TokenRejection {
+    fn from(error: VerifyError) -> Self {
+        match error {
+            VerifyError::Malformed => TokenRejection::Malformed,
+            VerifyError::UnknownKey => TokenRejection::UnknownKey,
+            VerifyError::Forged | VerifyError::Claims => TokenRejection::Tampered,
+            VerifyError::NotYetValid => TokenRejection::NotYetValid,
+            VerifyError::Expired => TokenRejection::Expired,
+        }
+    }
 }
 
 /// The claims of a token being minted, borrowed from its request: the [`Payload`] a verifier reads.

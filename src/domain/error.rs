@@ -1,0 +1,193 @@
+//! Why a request was refused: one [`Error`] for every layer, issuer and store, with one word per cause
+//! ([`Error::outcome`]). How a caller sees it (a gRPC status, an IVS error shape) is decided once, by the
+//! front doors' rescue table; messages here name what went wrong and never carry tokens, keys, user ids
+//! or attribute values.
+
+use std::{
+    borrow::Cow,
+    fmt,
+    time::{Duration, SystemTime},
+};
+
+use super::moderation::TokenRejection;
+
+/// One field of a request that failed validation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldViolation {
+    /// The proto field name, as callers see it in their generated code (also when IVS Chat refused the
+    /// field).
+    pub field: Cow<'static, str>,
+    /// Why the value was refused. Describes the rule, never echoes the value.
+    pub description: String,
+}
+
+impl FieldViolation {
+    /// A violation of `field`, explained by `description`.
+    pub fn new(field: impl Into<Cow<'static, str>>, description: impl Into<String>) -> Self {
+        FieldViolation {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldViolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.field, self.description)
+    }
+}
+
+/// Why a token was not issued.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request breaks IVS Chat's rules; one entry per bad field.
+    #[error("invalid request: {}", join(.0))]
+    InvalidArgument(Vec<FieldViolation>),
+
+    /// No identity could be resolved and no anonymous principal is configured.
+    #[error("no caller identity: {0}")]
+    Unauthenticated(&'static str),
+
+    /// Policy does not allow this caller to grant what it asked for.
+    #[error("denied by policy")]
+    PolicyDenied {
+        /// Ids of the policies that determined the decision (empty when nothing permitted it).
+        policy_ids: Vec<String>,
+    },
+
+    /// One or more rate limits are exhausted.
+    #[error("rate limited by {}", .limits.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", "))]
+    RateLimited {
+        /// Every enforced limit the request exceeded.
+        limits: Vec<ExceededLimit>,
+        /// When a retry can succeed: the longest wait among `limits`.
+        retry_after: Duration,
+    },
+
+    /// Too many token calls are in flight on this replica; shed before any work was done.
+    #[error("overloaded: {max_calls} token calls already in flight")]
+    Overloaded {
+        /// The configured cap (`max_concurrent_calls`).
+        max_calls: usize,
+    },
+
+    /// Amazon IVS Chat refused the request or could not be reached, after the SDK's bounded retries.
+    #[error("IVS Chat: {message}")]
+    Upstream {
+        /// What kind of failure, which decides the gRPC code.
+        kind: UpstreamKind,
+        /// What happened, for the caller: never credentials, tokens or user ids.
+        message: String,
+        /// IVS's request id, for AWS support.
+        request_id: Option<String>,
+    },
+
+    /// The caller's deadline passed before a token was issued; upstream work was cancelled.
+    #[error("the caller's deadline passed before the token was issued")]
+    DeadlineExceeded,
+
+    /// Rate limits cannot be checked: the shared store (Redis) is unreachable and configured to fail
+    /// closed, so nothing is issued unchecked.
+    #[error("rate-limit store unavailable")]
+    LimiterUnavailable {
+        /// When the store will be tried again.
+        retry_after: Duration,
+    },
+
+    /// The user is banned from the room: no token is issued until the ban ends or is lifted.
+    #[error("the user is banned from the room")]
+    UserBanned {
+        /// When the ban ends; `None`: when it is lifted. The ban's reason is for moderators only.
+        expires_at: Option<SystemTime>,
+    },
+
+    /// VerifyChatToken refused the token.
+    #[error("token refused: {0}")]
+    TokenRejected(TokenRejection),
+
+    /// The configured issuer cannot do what was asked (VerifyChatToken with the ivs issuer).
+    #[error("unsupported: {0}")]
+    Unsupported(&'static str),
+
+    /// The in-process moderation store is full of entries still in force; nothing was forgotten to make
+    /// room.
+    #[error("moderation store full ({capacity} entries in force)")]
+    StoreFull {
+        /// The configured bound (`limiter.max_tracked_keys`).
+        capacity: usize,
+    },
+
+    /// A fault on our side (e.g. the local issuer could not encrypt). The message is for the server log;
+    /// the caller sees a generic one.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The cause in one fixed word: the `outcome` of audit events and the label of error metrics. One
+    /// word per cause, beside the table that gives each cause its code, so logs, metrics and statuses
+    /// agree, and label sets stay bounded.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Error::InvalidArgument(_) => "invalid_argument",
+            Error::Unauthenticated(_) => "unauthenticated",
+            Error::PolicyDenied { .. } => "denied_by_policy",
+            Error::RateLimited { .. } => "rate_limited",
+            Error::Overloaded { .. } => "overloaded",
+            Error::Upstream { kind, .. } => match kind {
+                UpstreamKind::Invalid(_) => "upstream_invalid",
+                UpstreamKind::NotFound => "upstream_not_found",
+                UpstreamKind::AccessDenied => "upstream_access_denied",
+                UpstreamKind::PendingVerification => "upstream_pending_verification",
+                UpstreamKind::Throttled { .. } => "upstream_throttled",
+                UpstreamKind::Unavailable => "upstream_unavailable",
+            },
+            Error::DeadlineExceeded => "deadline_exceeded",
+            Error::LimiterUnavailable { .. } => "limiter_unavailable",
+            Error::UserBanned { .. } => "user_banned",
+            Error::TokenRejected(_) => "token_rejected",
+            Error::Unsupported(_) => "unsupported",
+            Error::StoreFull { .. } => "store_full",
+            Error::Internal(_) => "internal_error",
+        }
+    }
+}
+
+/// The kinds of IVS Chat failure, each with its gRPC code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UpstreamKind {
+    /// ValidationException: IVS refused fields our own validation let through.
+    Invalid(Vec<FieldViolation>),
+    /// ResourceNotFoundException: no such room.
+    NotFound,
+    /// AccessDeniedException: our AWS identity may not mint tokens for this room.
+    AccessDenied,
+    /// PendingVerification: the AWS account is not verified for IVS Chat yet.
+    PendingVerification,
+    /// ThrottlingException or HTTP 429, still after the retries: IVS's quota is spent, as when our own
+    /// quota guard refuses, and answered with the same code (RESOURCE_EXHAUSTED).
+    Throttled {
+        /// A wait that should let a retry through.
+        retry_after: Duration,
+    },
+    /// 5xx, connection or timeout errors, still after the retries.
+    Unavailable,
+}
+
+/// A rate limit a request exceeded, for `google.rpc.QuotaFailure`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExceededLimit {
+    /// The limit's configured name.
+    pub name: String,
+    /// What it limits, e.g. `100/s per caller, burst 200`. Never a key value (user ids are personal).
+    pub description: String,
+}
+
+/// `violations` as one line: `field why; field why`.
+pub fn join(violations: &[FieldViolation]) -> String {
+    violations
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}

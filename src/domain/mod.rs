@@ -1,0 +1,31 @@
+//! The vocabulary every other module speaks: who calls ([`Caller`]), about which room ([`RoomArn`]), asking
+//! for what ([`Action`], [`TokenRequest`], [`ModerationRequest`]), under which rules ([`Limit`]), and why
+//! it was refused ([`Error`]).
+//!
+//! This is the bottom layer: it imports nothing else of the crate, and no wire format (tonic, prost, http),
+//! store (redis), upstream (aws), policy engine (cedar) or runtime (tokio), so every type here can be used
+//! and tested without any of them.
+
+pub mod action;
+pub mod caller;
+pub mod error;
+pub mod limit;
+pub mod moderation;
+pub mod room;
+pub mod secret;
+pub mod token;
+
+pub use action::{Action, IVS_SIGNING_NAME};
+pub use caller::{Caller, CallerSource};
+pub use error::{Error, ExceededLimit, FieldViolation, UpstreamKind};
+pub use limit::{DISCONNECT_QUOTA_LIMIT_NAME, IVS_QUOTA_LIMIT_NAME, Limit, LimitKey, Rate};
+pub use moderation::{
+    Ban, BanPage, ModerationAction, ModerationOutcome, ModerationRequest, PageToken, Reason,
+    TokenRejection,
+};
+pub use room::{AccountId, MAX_ROOM_ARN_CHARS, Region, RoomArn, ServedRooms};
+pub use secret::Secret;
+pub use token::{
+    Attributes, Capabilities, Capability, FieldNames, IssuedToken, SessionDuration, TokenClaims,
+    TokenRequest, UncheckedRequest, UserId,
+};
