@@ -26,8 +26,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        // Decode failures are the caller's: INVALID_ARGUMENT (src/codec.rs).
-        .codec_path("crate::codec::ProstCodec")
+        // Decode failures are the caller's: INVALID_ARGUMENT (src/proto/codec.rs).
+        .codec_path("crate::proto::codec::ProstCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -62,18 +62,17 @@
 //! DisconnectUser, or local revocation) and the ban store.
 //! ```
 
-pub mod codec;
+pub mod app;
+pub mod ban_check;
 pub mod config;
 pub mod domain;
-pub mod end_on_drain;
 pub mod error;
 pub mod identity;
-pub mod inflight;
 pub mod issuer;
 mod key;
-pub mod listener;
 pub mod moderation;
 pub mod policy;
+pub mod proto;
 pub mod ratelimit;
 pub mod reload;
 pub mod request;
@@ -82,20 +81,6 @@ pub mod scope;
 pub mod server;
 pub mod service;
 pub mod stack;
+pub mod store;
 pub mod telemetry;
-pub mod tls;
-
-/// Generated protobuf types and gRPC stubs.
-pub mod proto {
-    /// `package ivschat.v1`.
-    pub mod ivschat {
-        #[allow(missing_docs, clippy::all)]
-        pub mod v1 {
-            tonic::include_proto!("ivschat.v1");
-        }
-    }
-
-    /// The encoded `FileDescriptorSet` of proto/ (with its imports), served by reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/token_service_descriptor.bin"));
-}
+pub mod transport;

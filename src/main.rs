@@ -1,14 +1,12 @@
-//! The `chat-token-service` binary: parse flags, load the config, start logging, bind, serve.
-
-mod check;
+//! The `chat-token-service` binary: parse flags, load the config, start logging, build, bind, serve.
 
 use std::{io::Read, path::PathBuf, process::ExitCode};
 
 use chat_token_service::{
-    config::Config,
+    app,
+    config::{Config, LogFormat},
     issuer::local::{KeySource, generate_key},
-    server, stack,
-    telemetry::{self, LogFormat},
+    server, telemetry,
 };
 use clap::{Parser, Subcommand};
 use tokio::{
@@ -53,7 +51,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.check_config {
-        return match check::check(cli.config.as_deref()) {
+        return match app::check(cli.config.as_deref()) {
             Ok(summary) => {
                 print!("{summary}");
                 ExitCode::SUCCESS
@@ -112,11 +110,11 @@ async fn serve(
 async fn serve_with(config: &Config) -> Result<(), Box<dyn std::error::Error>> {
     // Before anything can serve: from here on SIGTERM and SIGINT start a graceful shutdown.
     let shutdown = shutdown_signal();
-    let prepared = server::prepare(config).await?;
+    let app = app::build(config).await?;
     let listener = TcpListener::bind(config.listen_addr)
         .await
         .map_err(|e| format!("cannot listen on {} (listen_addr): {e}", config.listen_addr))?;
-    server::serve(listener, config, prepared, shutdown).await?;
+    server::run(listener, app, shutdown).await?;
     Ok(())
 }
 
@@ -166,7 +164,7 @@ fn verify_token(
     token: &str,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::load(config_file.as_deref())?;
-    let source = stack::key_source(&config);
+    let source = app::key_source(&config.local_issuer);
     if let KeySource::Ephemeral = source {
         return Err(
             "no local issuer key configured: set local_issuer.keys_file or CTS_LOCAL_ISSUER__KEY"

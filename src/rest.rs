@@ -28,12 +28,11 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use serde::Deserialize;
 
 use crate::config::HttpApiConfig;
-use crate::error::{Error, IvsError, UNKNOWN_OPERATION, VALIDATION_OTHER};
-use crate::inflight::Calls;
+use crate::domain::{Capabilities, Error, FieldNames, IssuedToken, TokenRequest, UncheckedRequest};
+use crate::error::{IvsError, UNKNOWN_OPERATION, VALIDATION_OTHER};
 use crate::moderation::{ModerationGrpc, service::disconnect_request};
-use crate::request::{Capabilities, FieldNames, IssuedToken, TokenRequest, UncheckedRequest};
 use crate::service::Door;
-use crate::telemetry::rpc::CallTraceId;
+use crate::transport::{inflight::Calls, listener::peer_certs, trace::CallTraceId};
 
 /// IVS Chat's service name (its SigV4 signing name too), in spans and metrics.
 pub const SERVICE: &str = "ivschat";
@@ -198,7 +197,7 @@ async fn issue(api: &Api, request: Request<Body>) -> Result<IssuedToken, IvsErro
         IvsError::from(error)
     })?;
     let door = &api.door;
-    let peer_certs = crate::listener::peer_certs(&parts.extensions);
+    let peer_certs = peer_certs(&parts.extensions);
     let caller = door
         .identity()
         .resolve_http(&parts, &body, peer_certs)
@@ -257,7 +256,7 @@ async fn disconnect(api: &Api, request: Request<Body>) -> Result<(), IvsError> {
         .as_ref()
         .expect("the DisconnectUser route exists only with a moderation handler");
     let (parts, body) = accept(api, ACTION, request).await?;
-    let peer_certs = crate::listener::peer_certs(&parts.extensions);
+    let peer_certs = peer_certs(&parts.extensions);
     let caller = moderation
         .identity()
         .resolve_http(&parts, &body, peer_certs)
@@ -392,20 +391,27 @@ mod tests {
 
     const ARN: &str = "arn:aws:ivschat:us-west-2:123456789012:room/g1H2I3j4k5L6";
 
-    fn router(max_body_bytes: usize) -> axum::Router {
-        router_with_cap(max_body_bytes, Calls::default(), 1024)
+    async fn router(max_body_bytes: usize) -> axum::Router {
+        router_with_cap(max_body_bytes, Calls::default(), 1024).await
     }
 
-    fn router_with_cap(max_body_bytes: usize, calls: Calls, max_calls: usize) -> axum::Router {
+    /// The door of the embedded defaults, around an ephemeral local key.
+    async fn door() -> Door {
         let config = Config::default();
         let issuer = LocalIssuer::new(Arc::new(KeySet::ephemeral()), config.local_issuer.token_ttl);
-        let door = Door::new(
-            config.identity.resolver(config.reload_interval).unwrap(),
-            "local",
-            crate::stack::compose(&config, issuer).unwrap(),
-        );
+        crate::app::build_around(&config, issuer)
+            .await
+            .unwrap()
+            .door
+    }
+
+    async fn router_with_cap(
+        max_body_bytes: usize,
+        calls: Calls,
+        max_calls: usize,
+    ) -> axum::Router {
         super::router(
-            door,
+            door().await,
             None,
             &HttpApiConfig {
                 max_body_bytes,
@@ -444,7 +450,7 @@ mod tests {
                 format!(r#"{{"roomIdentifier":"{ARN}","userId":"u"}}"#),
             )
         };
-        let router = router_with_cap(16 * 1024, calls.clone(), 1);
+        let router = router_with_cap(16 * 1024, calls.clone(), 1).await;
         let (response, json) = call(router.clone(), request()).await;
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "{json}");
         assert_eq!(
@@ -462,15 +468,9 @@ mod tests {
     #[tokio::test]
     async fn unknown_paths_are_unimplemented_for_grpc_and_unknown_operation_for_sdks() {
         let config = Config::default();
-        let issuer = LocalIssuer::new(Arc::new(KeySet::ephemeral()), config.local_issuer.token_ttl);
-        let door = Door::new(
-            config.identity.resolver(config.reload_interval).unwrap(),
-            "local",
-            crate::stack::compose(&config, issuer).unwrap(),
-        );
         let routes = beside(
             tonic::service::Routes::default(),
-            door,
+            door().await,
             None,
             &config.http_api,
             Calls::default(),
@@ -502,8 +502,11 @@ mod tests {
             "roomIdentifier": ARN, "userId": "11231234", "capabilities": ["SEND_MESSAGE"],
             "sessionDurationInMinutes": 30,
         });
-        let (response, json) =
-            call(router(16384), post("application/json", body.to_string())).await;
+        let (response, json) = call(
+            router(16384).await,
+            post("application/json", body.to_string()),
+        )
+        .await;
         assert_eq!(response.status(), StatusCode::OK, "{json}");
         assert!(json["token"].as_str().unwrap().starts_with("v4.local."));
         let session = json["sessionExpirationTime"].as_str().unwrap();
@@ -524,8 +527,11 @@ mod tests {
         let body = serde_json::json!({
             "roomIdentifier": "nope", "capabilities": ["SEND_MESSAGE", "FLY"], "sessionDurationInMinutes": 181,
         });
-        let (response, json) =
-            call(router(16384), post("application/json", body.to_string())).await;
+        let (response, json) = call(
+            router(16384).await,
+            post("application/json", body.to_string()),
+        )
+        .await;
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
         assert_eq!(response.headers()[ERROR_TYPE], "ValidationException");
         assert_eq!(json["reason"], "FIELD_VALIDATION_FAILED");
@@ -548,14 +554,17 @@ mod tests {
 
     #[tokio::test]
     async fn unreadable_requests_get_a_clear_4xx() {
-        let (response, json) =
-            call(router(16384), post("application/json", "{\"userId\": 5")).await;
+        let (response, json) = call(
+            router(16384).await,
+            post("application/json", "{\"userId\": 5"),
+        )
+        .await;
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
         assert_eq!(json["reason"], "OTHER");
         assert!(response.headers().contains_key(REQUEST_ID));
 
         let (response, _) = call(
-            router(16384),
+            router(16384).await,
             post(
                 "application/json",
                 "{\"userId\": \"secret-user\", \"roomIdentifier\": 7}",
@@ -564,12 +573,12 @@ mod tests {
         .await;
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
 
-        let (response, json) = call(router(16384), post("text/plain", "{}")).await;
+        let (response, json) = call(router(16384).await, post("text/plain", "{}")).await;
         assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
         assert_eq!(json["message"], "the body must be application/json");
 
         let get = Request::get(CREATE_CHAT_TOKEN).body(Body::empty()).unwrap();
-        let (response, _) = call(router(16384), get).await;
+        let (response, _) = call(router(16384).await, get).await;
         assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
     }
 
@@ -581,13 +590,14 @@ mod tests {
             let tail = "\"}";
             format!("{head}{}{tail}", "x".repeat(size - head.len() - tail.len()))
         };
-        let (response, json) = call(router(limit), post("application/json", padded(limit))).await;
+        let (response, json) =
+            call(router(limit).await, post("application/json", padded(limit))).await;
         assert_eq!(response.status(), StatusCode::OK, "{json}");
         let mut declared = post("application/json", padded(limit + 1));
         declared
             .headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(limit + 1));
-        let (response, json) = call(router(limit), declared).await;
+        let (response, json) = call(router(limit).await, declared).await;
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(json["message"], "the body must be at most 8192 bytes");
 
@@ -596,7 +606,7 @@ mod tests {
             axum::body::Bytes::from(padded(limit + 1)),
         )]);
         let (response, _) = call(
-            router(limit),
+            router(limit).await,
             post("application/json", Body::from_stream(stream)),
         )
         .await;

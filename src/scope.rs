@@ -5,21 +5,19 @@
 //! the region is a metric label, so a request naming a made-up region must stop here.
 //!
 //! ```
-//! use chat_token_service::scope::{ScopeLayer, ServedRooms};
-//! let rooms = ServedRooms::new(vec!["us-west-2".into()], Vec::new()); // any account in us-west-2
+//! use chat_token_service::{domain::{Region, ServedRooms}, scope::ScopeLayer};
+//! let rooms = ServedRooms::new(vec![Region::parse("us-west-2").unwrap()], Vec::new()); // any account
 //! let layer = ScopeLayer::new(rooms);
 //! ```
 
 use std::{
     future::{Ready, ready},
-    sync::Arc,
     task::{Context, Poll},
 };
 
 use futures_util::future::Either;
 
-use crate::error::{Error, FieldViolation};
-use crate::request::{RoomArn, TokenRequest};
+use crate::domain::{Error, ServedRooms, TokenRequest};
 
 /// Wraps a service in [`Scope`].
 #[derive(Clone, Debug)]
@@ -32,18 +30,6 @@ impl ScopeLayer {
     pub fn new(rooms: ServedRooms) -> Self {
         ScopeLayer { rooms }
     }
-}
-
-/// Which rooms are served: their regions, and optionally their accounts. Clones share one list.
-#[derive(Clone, Debug)]
-pub struct ServedRooms(Arc<Served>);
-
-#[derive(Debug)]
-struct Served {
-    /// Rooms of other regions are refused.
-    regions: Vec<String>,
-    /// Rooms of other accounts are refused; empty: any account.
-    accounts: Vec<String>,
 }
 
 impl<S> tower::Layer<S> for ScopeLayer {
@@ -84,52 +70,21 @@ where
     }
 }
 
-impl ServedRooms {
-    /// Rooms in `regions` owned by `accounts` (empty: any account).
-    pub fn new(regions: Vec<String>, accounts: Vec<String>) -> Self {
-        ServedRooms(Arc::new(Served { regions, accounts }))
-    }
-
-    /// The regions served.
-    pub fn regions(&self) -> &[String] {
-        &self.0.regions
-    }
-
-    /// Refuses `room` with INVALID_ARGUMENT (field `room_identifier`) unless it is served.
-    pub fn check(&self, room: &RoomArn) -> Result<(), Error> {
-        let Served { regions, accounts } = &*self.0;
-        // The message names the room's region or account (from the caller's own request) and what is
-        // served, so the caller can tell a typo from a deployment that does not serve it.
-        let refuse = |what: &str, value: &str, allowed: &[String]| {
-            Err(Error::InvalidArgument(vec![FieldViolation::new(
-                "room_identifier",
-                format!(
-                    "{what} {value} is not served here (served: {})",
-                    allowed.join(", ")
-                ),
-            )]))
-        };
-        if !regions.iter().any(|r| r == room.region()) {
-            return refuse("region", room.region(), regions);
-        }
-        if !accounts.is_empty() && !accounts.iter().any(|a| a == room.account()) {
-            return refuse("account", room.account(), accounts);
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use tower::{Layer, ServiceExt};
 
     use super::*;
-    use crate::request::test_request;
+    use crate::domain::token::test_request;
+    use crate::domain::{AccountId, Region, RoomArn};
 
     fn scope(regions: &[&str], accounts: &[&str]) -> ServedRooms {
         ServedRooms::new(
-            regions.iter().map(|r| r.to_string()).collect(),
-            accounts.iter().map(|a| a.to_string()).collect(),
+            regions.iter().map(|r| Region::parse(r).unwrap()).collect(),
+            accounts
+                .iter()
+                .map(|a| AccountId::parse(a).unwrap())
+                .collect(),
         )
     }
 

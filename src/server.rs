@@ -7,34 +7,35 @@
 //!
 //! [`run`] serves until `shutdown` completes, then:
 //! 1. reports NOT_SERVING for every health-checked service, so load balancers stop sending work, and
-//!    ends health `Watch` streams (UNAVAILABLE) once that update is written (see [`crate::end_on_drain`]);
+//!    ends health `Watch` streams (UNAVAILABLE) once that update is written (see
+//!    [`crate::transport::end_on_drain`]);
 //! 2. keeps serving new calls for `shutdown_drain_delay`, while probes and load balancers catch up;
 //! 3. stops accepting connections (the listener is closed) and sends HTTP/2 GOAWAY on open ones;
 //! 4. lets calls already in flight finish, for at most `shutdown_grace_period`;
 //! 5. returns `Ok(())` as soon as no call is in flight, without waiting for idle connections to close
-//!    (see [`crate::inflight`]).
+//!    (see [`crate::transport::inflight`]).
 
 use std::future::Future;
 
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::config::{Config, ConfigError};
-use crate::end_on_drain::EndOnDrain;
-use crate::inflight::{Calls, InFlightLayer};
-use crate::listener::{self, ConnectionLimits};
-use crate::moderation::ModerationGrpc;
+use crate::app::{App, Serving};
 use crate::proto::{
     FILE_DESCRIPTOR_SET,
     ivschat::v1::{
         moderation_service_server::ModerationServiceServer,
-        token_service_server::TokenServiceServer,
+        token_service_server::{self, TokenServiceServer},
     },
 };
-use crate::service::{Door, TokenService};
-use crate::stack::{self, Stacks, StartError};
-use crate::telemetry::{metrics::observe_in_flight, rpc::RpcTraceLayer};
-use crate::tls::{Tls, TlsError};
+use crate::service::TokenService;
+use crate::telemetry::metrics::observe_in_flight;
+use crate::transport::{
+    end_on_drain::EndOnDrain,
+    inflight::{Calls, InFlightLayer},
+    listener::{self, ConnectionLimits},
+    trace::RpcTraceLayer,
+};
 
 /// Streams a client may open and reset before the server accepts them, per connection (hyper's default).
 const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
@@ -43,17 +44,11 @@ const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 
 /// The health-check name of the token service; `""` stands for the server as a whole.
-pub const TOKEN_SERVICE_NAME: &str = "ivschat.v1.TokenService";
+pub const TOKEN_SERVICE_NAME: &str = token_service_server::SERVICE_NAME;
 
-/// Why the server could not start or stopped with an error.
+/// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// TLS settings are unusable.
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    /// Other settings are unusable (e.g. the SigV4 credentials file).
-    #[error(transparent)]
-    Config(#[from] ConfigError),
     /// The transport failed.
     #[error("server error: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -62,59 +57,25 @@ pub enum ServerError {
     Listener(#[from] std::io::Error),
 }
 
-/// What [`serve`] serves, built from the configuration: the domain stacks around the process's one
-/// limiter store, and the readiness that store reports.
-pub struct Prepared {
-    stacks: Stacks,
-    readiness: Option<watch::Receiver<bool>>,
-}
-
-/// Builds what `config` describes: the limiter store and the domain stacks, starting the Redis probe and
-/// the policy and key reloads. Fails on what the configuration names but cannot check at load: policy
-/// and key files, the Redis client.
-pub async fn prepare(config: &Config) -> Result<Prepared, StartError> {
-    let store = stack::limiter_store(config)?;
-    let readiness = store.readiness();
-    let stacks = stack::from_config(config, store).await?;
-    Ok(Prepared { stacks, readiness })
-}
-
-/// Serves `prepared` on `listener` until `shutdown` completes (see [`run`]). The binary starts through
-/// [`prepare`] and this, and so does the test harness, so tests exercise the binary's start-up.
-pub async fn serve(
-    listener: TcpListener,
-    config: &Config,
-    prepared: Prepared,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), ServerError> {
-    tracing::info!(
-        addr = %listener.local_addr()?,
-        issuer = config.issuer.name(),
-        "chat-token-service listening"
-    );
-    run(
-        listener,
-        config,
-        prepared.stacks,
-        prepared.readiness,
-        shutdown,
-    )
-    .await
-}
-
-/// Serves `stacks` (the token stack, and ModerationService when it has a moderation stack) on `listener`
-/// until `shutdown` completes, then drains as described in the module docs.
-///
-/// `readiness`, when given, is what the token service's health follows until shutdown: `true` SERVING,
-/// `false` NOT_SERVING (see [`crate::ratelimit::Store::readiness`]).
+/// Serves `app` on `listener` until `shutdown` completes, then drains as described in the module docs.
 pub async fn run(
     listener: TcpListener,
-    config: &Config,
-    stacks: impl Into<Stacks>,
-    readiness: Option<watch::Receiver<bool>>,
+    app: App,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let stacks = stacks.into();
+    let App {
+        door,
+        moderation,
+        readiness,
+        tls,
+        serving,
+        backend: _,
+    } = app;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        issuer = serving.issuer,
+        "chat-token-service listening"
+    );
     let (health, health_service) = tonic_health::server::health_reporter();
     let ready = readiness.as_ref().is_none_or(|ready| *ready.borrow());
     health
@@ -138,27 +99,11 @@ pub async fn run(
         .build_v1alpha()
         .expect("the descriptor sets are valid");
 
-    // One door for both protocols: the same identity, stack and audit trail.
-    let door = Door::new(
-        config.identity.resolver(config.reload_interval)?,
-        config.issuer.name(),
-        stacks.tokens,
-    );
+    let max_request_bytes = serving.max_request_bytes;
     let token_service = TokenServiceServer::new(TokenService::new(door.clone()))
-        .max_decoding_message_size(config.max_request_bytes);
-    // One moderation handler for both protocols too: gRPC's ModerationService and the HTTP API's
-    // DisconnectUser.
-    let moderation = stacks.moderation.map(|moderation| {
-        ModerationGrpc::new(
-            door.identity().clone(),
-            config.issuer.name(),
-            moderation.stack,
-            moderation.verifier,
-            config.moderation.max_ban_duration,
-        )
-    });
+        .max_decoding_message_size(max_request_bytes);
     let moderation_service = moderation.clone().map(|moderation| {
-        ModerationServiceServer::new(moderation).max_decoding_message_size(config.max_request_bytes)
+        ModerationServiceServer::new(moderation).max_decoding_message_size(max_request_bytes)
     });
 
     let calls = Calls::default();
@@ -166,42 +111,40 @@ pub async fn run(
         let calls = calls.clone();
         move || calls.in_flight()
     });
+    let max_calls = serving.max_concurrent_calls.get();
     let layers = tower::ServiceBuilder::new()
         // Outermost: every call gets its server span and duration, shed ones included.
         .layer(RpcTraceLayer)
         // Counts every call for draining, sheds token calls over the cap before any decoding, policy or
         // issuing work is spent on them.
-        .layer(InFlightLayer::new(
-            calls.clone(),
-            config.max_concurrent_calls.get(),
-        ));
+        .layer(InFlightLayer::new(calls.clone(), max_calls));
     // Health and reflection get the token service's bound too: nothing decodes (or echoes) more.
     let (draining_tx, draining) = watch::channel(false);
     let mut routes = tonic::service::Routes::builder();
     routes
         .add_service(EndOnDrain::new(
-            health_service.max_decoding_message_size(config.max_request_bytes),
+            health_service.max_decoding_message_size(max_request_bytes),
             draining,
         ))
-        .add_service(reflection_v1.max_decoding_message_size(config.max_request_bytes))
-        .add_service(reflection_v1alpha.max_decoding_message_size(config.max_request_bytes))
+        .add_service(reflection_v1.max_decoding_message_size(max_request_bytes))
+        .add_service(reflection_v1alpha.max_decoding_message_size(max_request_bytes))
         .add_service(token_service);
     if let Some(moderation_service) = moderation_service {
         routes.add_service(moderation_service);
     }
     let mut routes = routes.routes();
     // The IVS Chat REST-JSON API: its routes beside the gRPC ones, over HTTP/1.1 as well as HTTP/2.
-    if config.http_api.enabled {
+    if serving.http_api.enabled {
         routes = crate::rest::beside(
             routes,
             door,
             moderation,
-            &config.http_api,
+            &serving.http_api,
             calls.clone(),
-            config.max_concurrent_calls.get(),
+            max_calls,
         );
     }
-    let transport = &config.transport;
+    let transport = &serving.transport;
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(transport.max_concurrent_streams.get())
         .http2_max_header_list_size(transport.max_header_list_bytes.get())
@@ -215,7 +158,7 @@ pub async fn run(
         // before we accept them, and streams we reset for its protocol errors, per connection.
         .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS))
         .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
-        .accept_http1(config.http_api.enabled)
+        .accept_http1(serving.http_api.enabled)
         .layer(layers)
         .add_routes(routes);
 
@@ -224,16 +167,16 @@ pub async fn run(
         // A dropped sender also means "drain".
         let _ = drain_rx.await;
     };
+    let limits = ConnectionLimits::from_config(transport);
     let drain = Drain {
         health,
         readiness,
         calls,
-        config,
+        serving: &serving,
         draining: draining_tx,
         drain_tx,
     };
-    let limits = ConnectionLimits::from_config(&config.transport);
-    match &config.tls {
+    match tls {
         None => {
             let incoming = listener::incoming(listener, limits, |tcp| std::future::ready(Ok(tcp)));
             drain
@@ -243,9 +186,7 @@ pub async fn run(
                 )
                 .await
         }
-        Some(settings) => {
-            let tls = Tls::load(settings)?;
-            tls.watch(config.reload_interval);
+        Some(tls) => {
             let incoming = listener::incoming(listener, limits, move |tcp| tls.handshake(tcp));
             drain
                 .serve(
@@ -281,7 +222,7 @@ struct Drain<'a> {
     /// dependency recovering during the drain cannot report SERVING again.
     readiness: Option<JoinHandle<()>>,
     calls: Calls,
-    config: &'a Config,
+    serving: &'a Serving,
     /// Ends health `Watch` streams.
     draining: watch::Sender<bool>,
     /// Tells the tonic server to stop accepting and send GOAWAY.
@@ -300,8 +241,8 @@ impl Drain<'_> {
             () = shutdown => {}
         }
 
-        let delay = self.config.shutdown_drain_delay;
-        let grace = self.config.shutdown_grace_period;
+        let delay = self.serving.shutdown_drain_delay;
+        let grace = self.serving.shutdown_grace_period;
         tracing::info!(
             drain_delay = %humantime::format_duration(delay),
             grace_period = %humantime::format_duration(grace),

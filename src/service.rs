@@ -5,14 +5,13 @@ use std::{fmt, time::Duration};
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 use tower::ServiceExt;
 
-use crate::error::Error;
+use crate::domain::{Caller, CallerSource, Error, IssuedToken, TokenRequest};
 use crate::identity::Resolver;
-use crate::inflight::CallStarted;
 use crate::proto::ivschat::v1::{
     CreateChatTokenRequest, CreateChatTokenResponse, token_service_server,
 };
-use crate::request::{Caller, CallerSource, IssuedToken, TokenRequest};
 use crate::stack::TokenStack;
+use crate::transport::{inflight::CallStarted, listener::peer_certs};
 
 /// What both front doors (gRPC here, the IVS Chat HTTP API in [`crate::rest`]) share: one identity
 /// resolver, one domain stack, one audit trail. A request gets the same decision and the same audit event
@@ -117,7 +116,7 @@ impl token_service_server::TokenService for TokenService {
             .identity()
             .resolve(
                 request.metadata().as_ref(),
-                crate::listener::peer_certs(request.extensions()),
+                peer_certs(request.extensions()),
             )
             .map_err(|error| door.refuse(None, error))?;
         // Answer DEADLINE_EXCEEDED just before tonic's own timer (started when the call arrived) would
@@ -196,7 +195,6 @@ mod tests {
     use crate::config::Config;
     use crate::issuer::Issuer;
     use crate::proto::ivschat::v1::token_service_server::TokenService as _;
-    use crate::request::TokenRequest;
 
     /// An issuer that never answers: a hung upstream.
     struct Hung;
@@ -211,12 +209,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_call_past_the_callers_deadline_is_answered_deadline_exceeded_before_it() {
-        let config = Config::default();
-        let service = TokenService::new(Door::new(
-            config.identity.resolver(config.reload_interval).unwrap(),
-            Hung::NAME,
-            crate::stack::compose(&config, Hung).unwrap(),
-        ));
+        let app = crate::app::build_around(&Config::default(), Hung)
+            .await
+            .unwrap();
+        let service = TokenService::new(app.door);
         let mut request = Request::new(CreateChatTokenRequest {
             room_identifier: "arn:aws:ivschat:us-west-2:123456789012:room/abc".into(),
             user_id: "u".into(),

@@ -9,11 +9,11 @@ use std::{
 };
 
 use chat_token_service::{
-    config::{Config, IssuerKind},
-    issuer::ivs::IvsIssuer,
+    app::{self, Overrides},
+    config::{Config, EndpointUrl, IssuerKind},
+    domain::{AccountId, Limit, LimitKey, Rate, Region},
     proto::ivschat::v1::CreateChatTokenRequest,
-    ratelimit::Rate,
-    stack,
+    store::limits::MemoryStore,
 };
 use common::{Binary, TestServer, ivs_stub::IvsStub};
 use tonic::{Code, Request};
@@ -21,38 +21,6 @@ use tonic_types::StatusExt;
 
 const WEST: &str = "arn:aws:ivschat:us-west-2:111111111111:room";
 const EU: &str = "arn:aws:ivschat:eu-west-1:222222222222:room";
-
-/// A service using the IVS issuer against `stub`, with static test credentials.
-async fn ivs_server(stub: &IvsStub, tweak: impl FnOnce(&mut Config)) -> TestServer {
-    let mut config = Config {
-        issuer: IssuerKind::Ivs,
-        ..Config::default()
-    };
-    config.ivs.endpoint_url = Some(stub.endpoint());
-    config.ivs.initial_backoff = Duration::from_millis(5);
-    tweak(&mut config);
-    let base = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(None::<aws_config::Region>)
-        .credentials_provider(aws_sdk_ivschat::config::Credentials::new(
-            "AKIDSTUB",
-            "stub-secret",
-            None,
-            None,
-            "test",
-        ))
-        .load()
-        .await;
-    let store = stack::limiter_store(&config).unwrap();
-    let issuer = IvsIssuer::new(
-        base,
-        stack::ivs_call_bounds(&config),
-        stack::ivs_routes(&config),
-        store.clone(),
-        stack::ivs_disconnect_quota(&config),
-    );
-    let stack = stack::compose_with(&config, store, issuer).unwrap();
-    TestServer::start(config, stack).await
-}
 
 fn request(room: &str) -> CreateChatTokenRequest {
     CreateChatTokenRequest {
@@ -65,7 +33,7 @@ fn request(room: &str) -> CreateChatTokenRequest {
 #[tokio::test]
 async fn tokens_come_from_ivs_with_each_room_routed_to_its_own_region() {
     let stub = IvsStub::start().await;
-    let server = ivs_server(&stub, |_| {}).await;
+    let server = TestServer::ivs(&stub, |_| {}).await;
     let mut client = server.client().await;
 
     let west = client
@@ -130,7 +98,7 @@ async fn tokens_come_from_ivs_with_each_room_routed_to_its_own_region() {
 #[tokio::test]
 async fn every_upstream_failure_maps_to_its_grpc_code() {
     let stub = IvsStub::start().await;
-    let server = ivs_server(&stub, |_| {}).await;
+    let server = TestServer::ivs(&stub, |_| {}).await;
     let mut client = server.client().await;
     let cases = [
         ("notfound", Code::NotFound, "IVS_ROOM_NOT_FOUND"),
@@ -198,7 +166,7 @@ async fn every_upstream_failure_maps_to_its_grpc_code() {
 #[tokio::test]
 async fn retries_on_500_and_throttling_stop_at_the_configured_bound() {
     let stub = IvsStub::start().await;
-    let server = ivs_server(&stub, |config| {
+    let server = TestServer::ivs(&stub, |config| {
         config.ivs.max_attempts = NonZeroU32::new(3).unwrap()
     })
     .await;
@@ -233,7 +201,7 @@ async fn retries_on_500_and_throttling_stop_at_the_configured_bound() {
 #[tokio::test]
 async fn a_slow_upstream_is_cut_at_the_callers_deadline() {
     let stub = IvsStub::start().await;
-    let server = ivs_server(&stub, |_| {}).await;
+    let server = TestServer::ivs(&stub, |_| {}).await;
     let mut client = server.client().await;
     let mut slow = Request::new(request(&format!("{WEST}/slow")));
     slow.set_timeout(Duration::from_millis(300));
@@ -256,7 +224,7 @@ async fn a_slow_upstream_is_cut_at_the_callers_deadline() {
 #[tokio::test]
 async fn a_slow_upstream_without_a_deadline_is_cut_by_the_operation_timeout() {
     let stub = IvsStub::start().await;
-    let server = ivs_server(&stub, |config| {
+    let server = TestServer::ivs(&stub, |config| {
         config.ivs.attempt_timeout = Duration::from_millis(200);
         config.ivs.operation_timeout = Duration::from_millis(500);
     })
@@ -273,7 +241,7 @@ async fn a_slow_upstream_without_a_deadline_is_cut_by_the_operation_timeout() {
 #[tokio::test]
 async fn the_quota_guard_refuses_past_the_rate_before_calling_ivs() {
     let stub = IvsStub::start().await;
-    let server = ivs_server(&stub, |config| {
+    let server = TestServer::ivs(&stub, |config| {
         config.ivs.quota = Rate::parse("2/s").unwrap();
         config.ivs.quota_burst = NonZeroU32::new(2).unwrap();
     })
@@ -313,9 +281,9 @@ async fn the_quota_guard_refuses_past_the_rate_before_calling_ivs() {
 #[tokio::test]
 async fn rooms_outside_the_allow_lists_are_refused_before_any_aws_call() {
     let stub = IvsStub::start().await;
-    let server = ivs_server(&stub, |config| {
-        config.ivs.allowed_regions = vec!["us-west-2".into()];
-        config.ivs.allowed_accounts = vec!["111111111111".into()];
+    let server = TestServer::ivs(&stub, |config| {
+        config.ivs.allowed_regions = vec![Region::parse("us-west-2").unwrap()];
+        config.ivs.allowed_accounts = vec![AccountId::parse("111111111111").unwrap()];
     })
     .await;
     let mut client = server.client().await;
@@ -347,8 +315,8 @@ async fn an_unreachable_ivs_is_unavailable() {
         .local_addr()
         .unwrap();
     let stub = IvsStub::start().await;
-    let server = ivs_server(&stub, |config| {
-        config.ivs.endpoint_url = Some(format!("http://{closed}"));
+    let server = TestServer::ivs(&stub, |config| {
+        config.ivs.endpoint_url = Some(EndpointUrl::parse(&format!("http://{closed}")).unwrap());
         config.ivs.max_attempts = NonZeroU32::new(2).unwrap();
     })
     .await;
@@ -387,18 +355,20 @@ async fn the_binary_takes_credentials_from_the_standard_chain() {
 #[tokio::test]
 async fn requests_refused_by_the_allow_lists_or_the_quota_consume_no_rate_limit_budget() {
     let stub = IvsStub::start().await;
-    let server = ivs_server(&stub, |config| {
+    let server = TestServer::ivs(&stub, |config| {
         // Each caller may have two tokens an hour; IVS's quota (here) one call per hour per account+region.
-        config.rate_limits = vec![chat_token_service::ratelimit::Limit {
+        config.rate_limits = vec![Limit {
             name: "per-caller".into(),
-            key: chat_token_service::ratelimit::LimitKey::Caller,
+            key: LimitKey::Caller,
             rate: Rate::parse("2/h").unwrap(),
             burst: NonZeroU32::new(2).unwrap(),
             shadow: false,
         }];
         config.ivs.quota = Rate::parse("1/h").unwrap();
         config.ivs.quota_burst = NonZeroU32::MIN;
-        config.ivs.allowed_accounts = vec!["111111111111".into(), "222222222222".into()];
+        config.ivs.allowed_accounts = ["111111111111", "222222222222"]
+            .map(|a| AccountId::parse(a).unwrap())
+            .to_vec();
     })
     .await;
     let client = server.client().await;
@@ -461,14 +431,14 @@ async fn a_thousand_made_up_regions_create_no_client() {
     let base = aws_config::SdkConfig::builder()
         .behavior_version(aws_config::BehaviorVersion::latest())
         .build();
-    let store = stack::limiter_store(&config).unwrap();
-    let issuer = IvsIssuer::new(
-        base,
-        stack::ivs_call_bounds(&config),
-        stack::ivs_routes(&config),
-        store,
-        stack::ivs_disconnect_quota(&config),
-    );
+    let issuer = app::ivs_issuer(
+        &config,
+        Overrides {
+            aws_sdk: Some(base),
+        },
+        MemoryStore::new(config.limiter.max_tracked_keys),
+    )
+    .await;
     for i in 0..1000 {
         let room = format!("arn:aws:ivschat:made-up-{i}:111111111111:room/a");
         let request = chat_token_service::request::TokenRequest::from_proto(

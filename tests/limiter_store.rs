@@ -7,9 +7,9 @@ mod common;
 use std::{num::NonZeroU32, time::Duration};
 
 use chat_token_service::{
-    config::{Config, LimiterBackend, Secret},
-    ratelimit::{Check, FailureMode, LimiterStore, Quota, Rate, Store, Verdict},
-    stack,
+    config::{Config, FailureMode, LimiterBackend, RedisUrl},
+    domain::Rate,
+    store::{Backend, Check, LimiterStore, Quota, Verdict},
 };
 use common::redis_server::{RedisServer, unique_prefix};
 
@@ -82,26 +82,33 @@ async fn contract(store: &impl LimiterStore, scope: &str) {
     assert!(store.check(&[]).await.unwrap().is_empty());
 }
 
-fn store(backend: LimiterBackend, redis: Option<&RedisServer>) -> Store {
+/// The state backend `backend` names, sharing `redis` when given.
+fn store(backend: LimiterBackend, redis: Option<&RedisServer>) -> Backend {
     let mut config = Config::default();
     config.limiter.backend = backend;
     if let Some(redis) = redis {
-        config.limiter.redis_url = Some(Secret::from(redis.url()));
+        config.limiter.redis_url = Some(RedisUrl::parse(&redis.url()).unwrap());
         config.limiter.key_prefix = unique_prefix();
         // Decided in Redis or not at all: a store that fell back in process would not be under test.
         config.limiter.failure_mode = FailureMode::FailClosed;
         config.limiter.redis_timeout = Duration::from_secs(2);
     }
-    stack::limiter_store(&config).unwrap()
+    Backend::new(&config.limiter)
 }
 
 #[tokio::test]
 async fn the_memory_store_keeps_the_contract() {
-    contract(&store(LimiterBackend::Memory, None), "memory").await;
+    let Backend::Memory(stores) = store(LimiterBackend::Memory, None) else {
+        panic!("the memory backend was configured");
+    };
+    contract(&stores.limits, "memory").await;
 }
 
 #[tokio::test]
 async fn the_redis_store_keeps_the_contract() {
     let redis = RedisServer::shared();
-    contract(&store(LimiterBackend::Redis, Some(&redis)), "redis").await;
+    let Backend::Redis(stores) = store(LimiterBackend::Redis, Some(&redis)) else {
+        panic!("the Redis backend was configured");
+    };
+    contract(&stores.limits, "redis").await;
 }

@@ -8,9 +8,9 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use chat_token_service::{
-    config::{Config, IssuerKind, LimiterBackend},
+    config::{Config, FailureMode, LimiterBackend, RedisUrl},
+    domain::Rate,
     identity::IdentitySource,
-    issuer::ivs::IvsIssuer,
     issuer::local::generate_key,
     proto::ivschat::v1::{
         BanUserRequest, CreateChatTokenRequest, DisconnectUserRequest, ListBansRequest,
@@ -18,8 +18,6 @@ use chat_token_service::{
         moderation_service_client::ModerationServiceClient,
         token_service_client::TokenServiceClient,
     },
-    ratelimit::FailureMode,
-    stack,
 };
 use common::{
     ACCOUNT_111_ROOM, Binary, LocalKeys, MODERATION, ROOM_ARN, TestServer, WEB,
@@ -557,44 +555,12 @@ async fn a_ban_through_one_process_is_refused_by_another_sharing_redis() {
     }
 }
 
-/// The ivs issuer against `stub`, both stacks, static test credentials.
-async fn ivs_server(stub: &IvsStub, tweak: impl FnOnce(&mut Config)) -> TestServer {
-    let mut config = Config {
-        issuer: IssuerKind::Ivs,
-        ..Config::default()
-    };
-    config.ivs.endpoint_url = Some(stub.endpoint());
-    config.ivs.initial_backoff = Duration::from_millis(5);
-    tweak(&mut config);
-    let base = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(None::<aws_config::Region>)
-        .credentials_provider(aws_sdk_ivschat::config::Credentials::new(
-            "AKIDSTUB",
-            "stub-secret",
-            None,
-            None,
-            "test",
-        ))
-        .load()
-        .await;
-    let store = stack::limiter_store(&config).unwrap();
-    let issuer = IvsIssuer::new(
-        base,
-        stack::ivs_call_bounds(&config),
-        stack::ivs_routes(&config),
-        store.clone(),
-        stack::ivs_disconnect_quota(&config),
-    );
-    let stacks = stack::stacks_with(&config, store, std::sync::Arc::new(issuer)).unwrap();
-    TestServer::start(config, stacks).await
-}
-
 const EU_ROOM: &str = "arn:aws:ivschat:eu-west-1:222222222222:room/backstage";
 
 #[tokio::test]
 async fn ivs_disconnect_and_ban_reach_ivs_signed_for_the_rooms_region_and_errors_map() {
     let stub = IvsStub::start().await;
-    let server = ivs_server(&stub, |_| {}).await;
+    let server = TestServer::ivs(&stub, |_| {}).await;
     let mut moderation = moderation_client(&server).await;
     let mut tokens = server.client().await;
 
@@ -669,8 +635,8 @@ async fn ivs_disconnect_and_ban_reach_ivs_signed_for_the_rooms_region_and_errors
 #[tokio::test]
 async fn the_disconnect_quota_guard_refuses_before_ivs_and_only_past_its_burst() {
     let stub = IvsStub::start().await;
-    let server = ivs_server(&stub, |config| {
-        config.ivs.disconnect_quota = chat_token_service::ratelimit::Rate::parse("1/min").unwrap();
+    let server = TestServer::ivs(&stub, |config| {
+        config.ivs.disconnect_quota = Rate::parse("1/min").unwrap();
         config.ivs.disconnect_quota_burst = std::num::NonZeroU32::new(2).unwrap();
     })
     .await;
@@ -904,15 +870,10 @@ async fn under_the_production_policy_a_web_caller_cannot_ban_and_a_moderator_can
 fn redis_config(keys: &LocalKeys, url: &str, mode: FailureMode) -> Config {
     let mut config = keys.config();
     config.limiter.backend = LimiterBackend::Redis;
-    config.limiter.redis_url = Some(toml_secret(url));
+    config.limiter.redis_url = Some(RedisUrl::parse(url).unwrap());
     config.limiter.key_prefix = unique_prefix();
     config.limiter.failure_mode = mode;
     config
-}
-
-/// A `Secret` as configuration makes one.
-fn toml_secret(value: &str) -> chat_token_service::config::Secret {
-    serde_json::from_value(serde_json::Value::String(value.into())).unwrap()
 }
 
 #[tokio::test]

@@ -12,8 +12,11 @@ use std::time::{Duration, Instant, SystemTime};
 use chat_token_service::{
     config::Config,
     proto::ivschat::v1::CreateChatTokenRequest,
-    ratelimit::{Check, LimiterStore, RedisFault, Store, StoreError, Verdict},
-    stack,
+    store::{
+        Backend, Check, LimiterStore, StoreError, Verdict,
+        limits::RedisLimits,
+        redis::{RedisFault, SharedRedis},
+    },
 };
 use common::{
     Binary, LocalKeys, ROOM_ARN, TestServer,
@@ -46,7 +49,7 @@ fn redis_config(keys: &LocalKeys, redis: &RedisServer, prefix: &str, extra: &str
 }
 
 fn check(key: &str, rate: &str, burst: u32, shadow: bool) -> Check {
-    use chat_token_service::ratelimit::{Quota, Rate};
+    use chat_token_service::{domain::Rate, store::Quota};
     Check {
         key: key.into(),
         quota: Quota::new(
@@ -54,6 +57,14 @@ fn check(key: &str, rate: &str, burst: u32, shadow: bool) -> Check {
             std::num::NonZeroU32::new(burst).unwrap(),
         ),
         shadow,
+    }
+}
+
+/// The Redis limits store `config` describes.
+fn limits(config: &Config) -> RedisLimits {
+    match Backend::new(&config.limiter) {
+        Backend::Redis(stores) => stores.limits,
+        Backend::Memory(_) => panic!("the Redis backend was configured"),
     }
 }
 
@@ -95,7 +106,7 @@ async fn gcra_in_redis_admits_the_burst_then_exactly_the_configured_rate() {
     let redis = RedisServer::shared();
     let keys = LocalKeys::new();
     let prefix = unique_prefix();
-    let store = stack::limiter_store(&redis_config(&keys, &redis, &prefix, "")).unwrap();
+    let store = limits(&redis_config(&keys, &redis, &prefix, ""));
     let limit = [check("per-user/ann", "10/s", 3, false)];
 
     for i in 0..3 {
@@ -145,7 +156,7 @@ async fn gcra_in_redis_admits_the_burst_then_exactly_the_configured_rate() {
 async fn enforced_checks_are_all_or_nothing_and_shadow_checks_independent_in_redis() {
     let redis = RedisServer::shared();
     let keys = LocalKeys::new();
-    let store = stack::limiter_store(&redis_config(&keys, &redis, &unique_prefix(), "")).unwrap();
+    let store = limits(&redis_config(&keys, &redis, &unique_prefix(), ""));
     let roomy = check("roomy", "1/h", 10, false);
     let tight = check("tight", "1/h", 1, false);
     assert_eq!(
@@ -295,7 +306,7 @@ async fn server_with_store(
     redis: &RedisServer,
     prefix: &str,
     mode: &str,
-) -> (TestServer, Store) {
+) -> (TestServer, Backend) {
     let config = redis_config(
         keys,
         redis,
@@ -305,19 +316,15 @@ async fn server_with_store(
              rate = \"1/h\"\nburst = 2\n"
         ),
     );
-    let store = stack::limiter_store(&config).unwrap();
-    let readiness = store.readiness();
-    let stack = stack::from_config(&config, store.clone()).await.unwrap();
-    (
-        TestServer::start_with_readiness(config, stack, readiness).await,
-        store,
-    )
+    let server = TestServer::from_config(config).await;
+    let store = server.backend.clone();
+    (server, store)
 }
 
-fn redis_store(store: &Store) -> &chat_token_service::ratelimit::FallbackStore {
-    match store {
-        Store::Redis(store) => store,
-        Store::Memory(_) => panic!("the Redis backend was configured"),
+fn redis_store(backend: &Backend) -> &SharedRedis {
+    match backend {
+        Backend::Redis(stores) => stores.limits.redis(),
+        Backend::Memory(_) => panic!("the Redis backend was configured"),
     }
 }
 
@@ -455,11 +462,12 @@ async fn a_read_only_replica_is_reported_as_such_and_readiness_does_not_flap() {
         &unique_prefix(),
         "failure_mode = \"fail_closed\"\nredis_timeout = \"1s\"",
     );
-    let store = stack::limiter_store(&config).unwrap();
-    let Store::Redis(redis) = &store else {
+    let backend = Backend::new(&config.limiter);
+    let Backend::Redis(stores) = &backend else {
         panic!("the Redis backend was configured");
     };
-    let mut ready = store.readiness().expect("fail_closed follows Redis");
+    let (redis, store) = (stores.limits.redis(), &stores.limits);
+    let mut ready = backend.readiness().expect("fail_closed follows Redis");
     tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|up| !*up))
         .await
         .expect("the first probe finds the replica read-only")

@@ -7,10 +7,8 @@ use std::{net::SocketAddr, process::Command, sync::Arc, time::Duration};
 
 use chat_token_service::{
     config::Config,
-    error::Error,
+    domain::{Error, IssuedToken, TokenRequest},
     issuer::{Issuer, local::LocalIssuer},
-    request::{IssuedToken, TokenRequest},
-    stack,
 };
 use common::{Binary, LocalKeys, TestServer, valid_request};
 use tokio::sync::Notify;
@@ -152,7 +150,7 @@ impl Issuer for GatedIssuer {
     }
 }
 
-fn gated(keys: &LocalKeys) -> (Arc<Notify>, Arc<Notify>, stack::TokenStack) {
+fn gated(keys: &LocalKeys) -> (Arc<Notify>, Arc<Notify>, GatedIssuer) {
     let entered = Arc::new(Notify::new());
     let release = Arc::new(Notify::new());
     let issuer = GatedIssuer {
@@ -160,8 +158,7 @@ fn gated(keys: &LocalKeys) -> (Arc<Notify>, Arc<Notify>, stack::TokenStack) {
         release: release.clone(),
         inner: LocalIssuer::new(keys.keys.clone(), Duration::from_secs(60)),
     };
-    let stack = stack::compose(&keys.config(), issuer).expect("valid config");
-    (entered, release, stack)
+    (entered, release, issuer)
 }
 
 async fn connection_refused(addr: SocketAddr) -> bool {
@@ -171,8 +168,8 @@ async fn connection_refused(addr: SocketAddr) -> bool {
 #[tokio::test]
 async fn shutdown_reports_not_serving_refuses_connections_and_finishes_calls_in_flight() {
     let keys = LocalKeys::new();
-    let (entered, release, stack) = gated(&keys);
-    let mut server = TestServer::start(keys.config(), stack).await;
+    let (entered, release, issuer) = gated(&keys);
+    let mut server = TestServer::start(keys.config(), issuer).await;
 
     // A health watcher on its own connection, opened before shutdown.
     let mut health = HealthClient::new(server.channel().await);
@@ -225,12 +222,12 @@ async fn shutdown_reports_not_serving_refuses_connections_and_finishes_calls_in_
 #[tokio::test]
 async fn shutdown_gives_up_on_calls_that_outlast_the_grace_period() {
     let keys = LocalKeys::new();
-    let (entered, _release, stack) = gated(&keys);
+    let (entered, _release, issuer) = gated(&keys);
     let config = Config {
         shutdown_grace_period: Duration::from_millis(200),
         ..keys.config()
     };
-    let server = TestServer::start(config, stack).await;
+    let server = TestServer::start(config, issuer).await;
     let mut client = server.client().await;
     let stuck = tokio::spawn(async move { client.create_chat_token(valid_request()).await });
     entered.notified().await;

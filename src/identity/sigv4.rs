@@ -22,7 +22,6 @@
 
 use std::{
     collections::HashMap,
-    ops::ControlFlow,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
@@ -32,14 +31,11 @@ use arc_swap::ArcSwap;
 use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
 use serde::Deserialize;
 
-use crate::config::{Secret, Sigv4Config};
-use crate::reload::{self, Reload, Trigger};
-use crate::request::{Caller, CallerSource};
+use crate::config::Sigv4Config;
+use crate::domain::{Caller, CallerSource, IVS_SIGNING_NAME, Region, Secret};
 
 /// The only signing algorithm accepted: SigV4 with HMAC-SHA256 (not SigV4a).
 const ALGORITHM: &str = "AWS4-HMAC-SHA256";
-/// The signing name of IVS Chat, which SDKs put in the credential scope.
-pub const SERVICE: &str = "ivschat";
 /// Most headers a caller may sign; SDKs sign about six. Bounds the work an unauthenticated request causes.
 const MAX_SIGNED_HEADERS: usize = 32;
 /// Most keys a credentials file may hold.
@@ -102,7 +98,7 @@ pub struct Verifier {
     path: PathBuf,
     keys: ArcSwap<HashMap<String, Key>>,
     /// Regions a credential scope may name; empty means any.
-    regions: Vec<String>,
+    regions: Vec<Region>,
     max_clock_skew: Duration,
 }
 
@@ -128,30 +124,18 @@ impl Verifier {
         })
     }
 
-    /// Re-reads the credentials file whenever it changes (checked every `interval`) and on SIGHUP. A file
-    /// that no longer parses is refused and the keys loaded before stay in force.
-    pub fn watch(self: &Arc<Self>, interval: Duration) {
-        let weak = Arc::downgrade(self);
-        reload::spawn(
-            vec![self.path.clone()],
-            interval,
-            true,
-            move |trigger: Trigger| {
-                let Some(verifier) = weak.upgrade() else {
-                    return ControlFlow::Break(());
-                };
-                ControlFlow::Continue(match load_keys(&verifier.path) {
-                    Ok(keys) => {
-                        tracing::info!(?trigger, keys = keys.len(), "SigV4 credentials reloaded");
-                        verifier.keys.store(Arc::new(keys));
-                        Reload::Applied
-                    }
-                    Err(e) => Reload::Refused(format!(
-                        "SigV4 credentials reload refused, the previous keys stay in force: {e}"
-                    )),
-                })
-            },
-        );
+    /// The credentials file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Re-reads the credentials file: on success the new keys verify the next request and their count is
+    /// returned; a file that no longer parses is refused and the keys loaded before stay in force.
+    pub fn reload(&self) -> Result<usize, CredentialsError> {
+        let keys = load_keys(&self.path)?;
+        let count = keys.len();
+        self.keys.store(Arc::new(keys));
+        Ok(count)
     }
 
     /// Checks the signature of a request with `parts` and the whole `body`, received at `now`.
@@ -189,10 +173,10 @@ impl Verifier {
     ) -> Result<Caller, &'static str> {
         let auth = Authorization::parse(fields).ok_or("malformed SigV4 Authorization header")?;
         let scope = &auth.scope;
-        if scope.service != SERVICE {
+        if scope.service != IVS_SIGNING_NAME {
             return Err("the credential scope must name service ivschat");
         }
-        if !self.regions.is_empty() && !self.regions.iter().any(|r| r == scope.region) {
+        if !self.regions.is_empty() && !self.regions.iter().any(|r| r.as_str() == scope.region) {
             return Err("the credential scope names a region that is not allowed");
         }
         let date = parts
@@ -214,7 +198,7 @@ impl Verifier {
             return Err("host and x-amz-date must be signed");
         }
         if let Some(declared) = parts.headers.get("x-amz-content-sha256") {
-            let actual = hex(ring::digest::digest(&ring::digest::SHA256, body).as_ref());
+            let actual = hex::encode(ring::digest::digest(&ring::digest::SHA256, body));
             if declared.as_bytes() != actual.as_bytes() {
                 return Err("x-amz-content-sha256 does not match the body");
             }
@@ -277,7 +261,7 @@ impl Verifier {
         let params = aws_sigv4::sign::v4::SigningParams::builder()
             .identity(&identity)
             .region(scope.region)
-            .name(SERVICE)
+            .name(IVS_SIGNING_NAME)
             .time(signed_at)
             .settings(settings)
             .build()
@@ -387,10 +371,6 @@ fn parse_amz_date(value: &str) -> Option<SystemTime> {
     Some(time::PrimitiveDateTime::new(date, time).assume_utc().into())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn load_keys(path: &Path) -> Result<HashMap<String, Key>, CredentialsError> {
     let text = std::fs::read_to_string(path).map_err(|source| CredentialsError::Read {
         path: path.to_owned(),
@@ -473,7 +453,7 @@ mod tests {
         )
         .unwrap();
         let settings = Sigv4Config {
-            regions: regions.iter().map(ToString::to_string).collect(),
+            regions: regions.iter().map(|r| Region::parse(r).unwrap()).collect(),
             ..Sigv4Config::default()
         };
         let verifier = Verifier::load(&path, &settings).unwrap();
@@ -524,7 +504,7 @@ mod tests {
     fn a_request_signed_with_the_right_key_yields_its_principal() {
         let (_dir, verifier) = verifier(&[]);
         let now = SystemTime::now();
-        let parts = signed(SECRET, "us-west-2", SERVICE, now, BODY);
+        let parts = signed(SECRET, "us-west-2", IVS_SIGNING_NAME, now, BODY);
         assert_eq!(
             verifier.verify(&parts, BODY, now),
             Verdict::Verified(Caller::with_source("web", CallerSource::Sigv4))
@@ -538,7 +518,7 @@ mod tests {
         let wrong_secret = signed(
             "not-the-secret-at-all-0000000000",
             "us-west-2",
-            SERVICE,
+            IVS_SIGNING_NAME,
             now,
             BODY,
         );
@@ -546,7 +526,7 @@ mod tests {
             verifier.verify(&wrong_secret, BODY, now),
             Verdict::Refused("the signature does not match")
         );
-        let good = signed(SECRET, "us-west-2", SERVICE, now, BODY);
+        let good = signed(SECRET, "us-west-2", IVS_SIGNING_NAME, now, BODY);
         assert_eq!(
             verifier.verify(&good, b"{}", now),
             Verdict::Refused("the signature does not match")
@@ -556,7 +536,7 @@ mod tests {
             verifier.verify(&other_service, BODY, now),
             Verdict::Refused(_)
         ));
-        let other_region = signed(SECRET, "eu-west-1", SERVICE, now, BODY);
+        let other_region = signed(SECRET, "eu-west-1", IVS_SIGNING_NAME, now, BODY);
         assert_eq!(
             verifier.verify(&other_region, BODY, now),
             Verdict::Refused("the credential scope names a region that is not allowed")
@@ -567,7 +547,7 @@ mod tests {
     fn clock_skew_is_allowed_up_to_the_limit_and_not_one_second_past() {
         let (_dir, verifier) = verifier(&[]);
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let parts = signed(SECRET, "us-west-2", SERVICE, at, BODY);
+        let parts = signed(SECRET, "us-west-2", IVS_SIGNING_NAME, at, BODY);
         let limit = Sigv4Config::default().max_clock_skew;
         for now in [at + limit, at - limit] {
             assert!(matches!(
@@ -590,10 +570,11 @@ mod tests {
     fn a_declared_payload_hash_must_match_the_body() {
         let (_dir, verifier) = verifier(&[]);
         let now = SystemTime::now();
-        let mut parts = signed(SECRET, "us-west-2", SERVICE, now, BODY);
-        parts
-            .headers
-            .insert("x-amz-content-sha256", hex(&[0; 32]).parse().unwrap());
+        let mut parts = signed(SECRET, "us-west-2", IVS_SIGNING_NAME, now, BODY);
+        parts.headers.insert(
+            "x-amz-content-sha256",
+            hex::encode([0; 32]).parse().unwrap(),
+        );
         assert_eq!(
             verifier.verify(&parts, BODY, now),
             Verdict::Refused("x-amz-content-sha256 does not match the body")

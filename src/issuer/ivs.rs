@@ -38,13 +38,13 @@ use opentelemetry::KeyValue;
 use tokio::sync::OnceCell;
 use tracing::Instrument;
 
-use super::Issuer;
-use crate::error::{Error, ExceededLimit, FieldViolation, UpstreamKind};
-use crate::issuer::local::TokenClaims;
-use crate::moderation::{Moderator, Reason};
-use crate::ratelimit::{Check, Limit, LimiterStore, Quota, Verdict};
-use crate::request::{Capability, IssuedToken, RoomArn, TokenRequest, UserId};
-use crate::scope::ServedRooms;
+use super::{Issuer, Moderator};
+use crate::config::{EndpointUrl, RoleArn};
+use crate::domain::{
+    AccountId, Capability, Error, ExceededLimit, FieldViolation, IssuedToken, Limit, Reason,
+    RoomArn, ServedRooms, TokenClaims, TokenRequest, UpstreamKind, UserId,
+};
+use crate::store::{Check, LimiterStore, Quota, Verdict};
 use crate::telemetry::metrics::metrics;
 
 /// How each call to IVS Chat is bounded.
@@ -70,10 +70,10 @@ pub struct Routes {
     /// Rooms served: their regions are the only ones that ever get a client.
     pub served: ServedRooms,
     /// Role to assume (account id → role ARN) for rooms of other accounts.
-    pub assume_roles: BTreeMap<String, String>,
+    pub assume_roles: BTreeMap<AccountId, RoleArn>,
     /// Every call goes here instead of the regional endpoint (the stub, a proxy), still signed for the
     /// room's region.
-    pub endpoint_url: Option<String>,
+    pub endpoint_url: Option<EndpointUrl>,
 }
 
 /// The clients of the served regions: one cell per (region, identity), each filled on first use.
@@ -147,15 +147,21 @@ impl<St: LimiterStore> IvsIssuer<St> {
                     .with_initial_backoff(bounds.initial_backoff),
             )
             .build();
-        let mut roles: Vec<String> = routes.assume_roles.values().cloned().collect();
+        let mut roles: Vec<String> = routes
+            .assume_roles
+            .values()
+            .map(|role| role.as_str().to_owned())
+            .collect();
         roles.sort();
         roles.dedup();
         let role_of_account = routes
             .assume_roles
             .iter()
             .map(|(account, role)| {
-                let index = roles.binary_search(role).expect("every role is listed");
-                (account.clone(), index)
+                let index = roles
+                    .binary_search_by(|listed| listed.as_str().cmp(role.as_str()))
+                    .expect("every role is listed");
+                (account.as_str().to_owned(), index)
             })
             .collect();
         let by_region = routes
@@ -166,12 +172,12 @@ impl<St: LimiterStore> IvsIssuer<St> {
                 let cells = std::iter::repeat_with(OnceCell::new)
                     .take(1 + roles.len())
                     .collect();
-                (region.clone(), cells)
+                (region.as_str().to_owned(), cells)
             })
             .collect();
         IvsIssuer {
             base,
-            endpoint_url: routes.endpoint_url,
+            endpoint_url: routes.endpoint_url.map(|url| url.as_str().to_owned()),
             served: routes.served,
             clients: Clients {
                 by_region,

@@ -1,6 +1,6 @@
 //! Issuers: the innermost service of the domain stack, the thing that actually mints a token.
 //!
-//! An issuer implements the small [`Issuer`] trait; [`IssuerService`] adapts any issuer to a
+//! An issuer implements the small [`Issuer`] trait, and, when it can moderate, [`Moderator`]; [`IssuerService`] adapts any issuer to a
 //! `tower::Service<TokenRequest>` so policy and rate-limit layers can wrap it without knowing which
 //! issuer sits inside. [`local::LocalIssuer`] mints PASETO tokens itself; [`ivs::IvsIssuer`] asks Amazon IVS
 //! Chat.
@@ -18,11 +18,8 @@ use std::{
 use opentelemetry::KeyValue;
 use tracing::Instrument;
 
-use crate::{
-    error::Error,
-    request::{IssuedToken, TokenRequest},
-    telemetry::{metrics::metrics, trace_only_span},
-};
+use crate::domain::{Error, IssuedToken, Reason, RoomArn, TokenClaims, TokenRequest, UserId};
+use crate::telemetry::{metrics::metrics, trace_only_span};
 
 /// Something that turns a validated request into a token.
 pub trait Issuer: Send + Sync + 'static {
@@ -45,6 +42,46 @@ impl<I: Issuer> Issuer for Arc<I> {
         request: TokenRequest,
     ) -> impl Future<Output = Result<IssuedToken, Error>> + Send {
         I::issue(self, request)
+    }
+}
+
+/// What an issuer does for moderation.
+pub trait Moderator: Send + Sync + 'static {
+    /// The issuer's name in spans and metrics.
+    const NAME: &'static str;
+
+    /// Ends the user's chat connections to the room.
+    fn disconnect(
+        &self,
+        room: &RoomArn,
+        user_id: &UserId,
+        reason: &Reason,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Checks the state of an authentic token (revocation, single use) and passes its claims on.
+    fn verify(
+        &self,
+        claims: TokenClaims,
+    ) -> impl Future<Output = Result<TokenClaims, Error>> + Send;
+}
+
+impl<M: Moderator> Moderator for Arc<M> {
+    const NAME: &'static str = M::NAME;
+
+    fn disconnect(
+        &self,
+        room: &RoomArn,
+        user_id: &UserId,
+        reason: &Reason,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        M::disconnect(self, room, user_id, reason)
+    }
+
+    fn verify(
+        &self,
+        claims: TokenClaims,
+    ) -> impl Future<Output = Result<TokenClaims, Error>> + Send {
+        M::verify(self, claims)
     }
 }
 

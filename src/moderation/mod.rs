@@ -1,23 +1,11 @@
-//! Moderation: disconnect, ban and verify, so a user removed from a room stays out.
+//! The innermost service of the moderation stack: the [`Moderator`] for disconnects and verification, the
+//! moderation store for bans.
 //!
 //! IVS Chat's own guidance is to implement bans by disconnecting the user *and* no longer creating tokens for
-//! them. This module is both halves:
-//! - [`ModerationRequest`]: the validated domain form of every `ivschat.v1.ModerationService` call.
-//! - [`store`]: where bans, revocations and used token ids live: the limiter store's backend (in memory for
-//!   one replica, Redis for many), behind the small [`store::ModerationStore`] trait.
-//! - [`ban_check`]: the layer in the CreateChatToken stack that refuses a banned user with USER_BANNED.
-//! - [`Moderator`]: what an issuer does for moderation: disconnect a user (IVS: its DisconnectUser API; local:
-//!   revoke the user's tokens issued so far) and verify a token (local issuer only).
-//! - [`ModerationService`]: the innermost service of the moderation stack; [`service`]: the gRPC handler.
-//!
-//! The moderation stack is composed in [`crate::stack`] from the same policy and rate-limit layers as the
-//! token stack, so a moderation call is identified, authorized (Cedar actions `DisconnectUser`, `BanUser`,
-//! `UnbanUser`, `ListBans`, `VerifyChatToken`), rate limited, audited and traced like CreateChatToken.
+//! them: a ban is stored first (from then on the token stack's ban check refuses the user), then the user
+//! is disconnected. The stack around this service (policy, rate limits) is composed in [`crate::stack`].
 
-pub mod ban_check;
-pub mod local;
 pub mod service;
-pub mod store;
 
 use std::{
     future::Future,
@@ -30,70 +18,23 @@ use std::{
 use opentelemetry::KeyValue;
 use tracing::Instrument;
 
-use crate::error::Error;
-use crate::issuer::local::TokenClaims;
-use crate::request::{RoomArn, UserId};
+use crate::domain::moderation::whole_millis;
+use crate::domain::{Ban, Error, ModerationAction, ModerationOutcome, ModerationRequest};
+use crate::issuer::Moderator;
+use crate::store::ModerationStore;
 use crate::telemetry::metrics::metrics;
-use store::ModerationStore;
 
-pub use ban_check::BanCheckLayer;
 pub use service::ModerationGrpc;
-pub use store::ModerationStores;
-
-pub use crate::domain::moderation::{
-    Ban, BanPage, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MAX_REASON_CHARS, MAX_TOKEN_BYTES, MIN_BAN,
-    MIN_REASON_CHARS, ModerationAction, ModerationOutcome, ModerationRequest, PageToken, Reason,
-    TokenRejection, whole_millis,
-};
-
-/// What an issuer does for moderation.
-pub trait Moderator: Send + Sync + 'static {
-    /// The issuer's name in spans and metrics.
-    const NAME: &'static str;
-
-    /// Ends the user's chat connections to the room.
-    fn disconnect(
-        &self,
-        room: &RoomArn,
-        user_id: &UserId,
-        reason: &Reason,
-    ) -> impl Future<Output = Result<(), Error>> + Send;
-
-    /// Checks the state of an authentic token (revocation, single use) and passes its claims on.
-    fn verify(
-        &self,
-        claims: TokenClaims,
-    ) -> impl Future<Output = Result<TokenClaims, Error>> + Send;
-}
-
-impl<M: Moderator> Moderator for Arc<M> {
-    const NAME: &'static str = M::NAME;
-
-    fn disconnect(
-        &self,
-        room: &RoomArn,
-        user_id: &UserId,
-        reason: &Reason,
-    ) -> impl Future<Output = Result<(), Error>> + Send {
-        M::disconnect(self, room, user_id, reason)
-    }
-
-    fn verify(
-        &self,
-        claims: TokenClaims,
-    ) -> impl Future<Output = Result<TokenClaims, Error>> + Send {
-        M::verify(self, claims)
-    }
-}
 
 /// The innermost service of the moderation stack: the moderator for disconnects and verification, the
 /// store for bans. Clones share both.
-pub struct ModerationService<M> {
+pub struct ModerationService<M, St> {
     moderator: Arc<M>,
-    store: ModerationStores,
+    /// Where bans are kept: the same store the token stack's ban check reads.
+    store: St,
 }
 
-impl<M> Clone for ModerationService<M> {
+impl<M, St: Clone> Clone for ModerationService<M, St> {
     fn clone(&self) -> Self {
         ModerationService {
             moderator: self.moderator.clone(),
@@ -102,9 +43,9 @@ impl<M> Clone for ModerationService<M> {
     }
 }
 
-impl<M: Moderator> ModerationService<M> {
+impl<M: Moderator, St: ModerationStore + Clone> ModerationService<M, St> {
     /// Moderates with `moderator`, keeping bans in `store`.
-    pub fn new(moderator: M, store: ModerationStores) -> Self {
+    pub fn new(moderator: M, store: St) -> Self {
         ModerationService {
             moderator: Arc::new(moderator),
             store,
@@ -113,7 +54,7 @@ impl<M: Moderator> ModerationService<M> {
 
     async fn execute(
         moderator: &M,
-        store: &ModerationStores,
+        store: &St,
         request: ModerationRequest,
     ) -> Result<ModerationOutcome, Error> {
         let room = request.room;
@@ -157,7 +98,9 @@ impl<M: Moderator> ModerationService<M> {
     }
 }
 
-impl<M: Moderator> tower::Service<ModerationRequest> for ModerationService<M> {
+impl<M: Moderator, St: ModerationStore + Clone> tower::Service<ModerationRequest>
+    for ModerationService<M, St>
+{
     type Response = ModerationOutcome;
     type Error = Error;
     type Future = Pin<Box<dyn Future<Output = Result<ModerationOutcome, Error>> + Send>>;

@@ -13,23 +13,22 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 use tower::ServiceExt;
 
-use super::{
-    Ban, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MAX_TOKEN_BYTES, MIN_BAN, ModerationAction,
-    ModerationOutcome, ModerationRequest, PageToken, Reason, TokenRejection,
+use crate::domain::moderation::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MAX_TOKEN_BYTES, MIN_BAN};
+use crate::domain::{
+    Ban, Caller, Error, FieldViolation, ModerationAction, ModerationOutcome, ModerationRequest,
+    PageToken, Reason, RoomArn, TokenClaims, TokenRejection, UserId,
 };
-use crate::error::{Error, FieldViolation};
 use crate::identity::Resolver;
-use crate::inflight::CallStarted;
 use crate::issuer::ivs::IVS_VERIFIES_ITS_TOKENS;
-use crate::issuer::local::{LiveKeys, TokenClaims};
+use crate::issuer::local::LiveKeys;
 use crate::proto::ivschat::v1::{
     self as pb, BanUserRequest, BanUserResponse, DisconnectUserRequest, DisconnectUserResponse,
     ListBansRequest, ListBansResponse, UnbanUserRequest, UnbanUserResponse, VerifyChatTokenRequest,
     VerifyChatTokenResponse, moderation_service_server,
 };
-use crate::request::{Caller, RoomArn, UserId};
 use crate::service::{DEADLINE_MARGIN, grpc_timeout, short_hash};
 use crate::stack::ModerationStack;
+use crate::transport::{inflight::CallStarted, listener::peer_certs};
 
 /// Serves `ivschat.v1.ModerationService` on top of the moderation stack.
 #[derive(Clone)]
@@ -75,7 +74,7 @@ impl ModerationGrpc {
             .identity
             .resolve(
                 request.metadata().as_ref(),
-                crate::listener::peer_certs(request.extensions()),
+                peer_certs(request.extensions()),
             )
             .map_err(|error| Self::unidentified(action, error))?;
         let deadline = grpc_timeout(request.metadata()).map(|timeout| {

@@ -25,7 +25,7 @@ use opentelemetry::KeyValue;
 use pin_project_lite::pin_project;
 
 use super::{Authorize, PolicyEngine};
-use crate::error::Error;
+use crate::domain::Error;
 use crate::telemetry::{metrics::metrics, trace_only_span};
 
 /// Applies policy decisions to the service it wraps.
@@ -97,7 +97,7 @@ where
         let span = trace_only_span(|| {
             tracing::info_span!(
                 "policy.evaluate",
-                policy.action = request.action(),
+                policy.action = request.action().as_str(),
                 policy.decision = tracing::field::Empty,
                 policy.ids = tracing::field::Empty,
             )
@@ -128,7 +128,7 @@ where
                 tracing::info!(
                     caller = %request.caller(),
                     room = %request.room(),
-                    action = request.action(),
+                    action = request.action().as_str(),
                     policy_ids = ?decision.policy_ids,
                     "policy would deny (shadow mode): allowed"
                 );
@@ -137,7 +137,7 @@ where
                 tracing::info!(
                     caller = %request.caller(),
                     room = %request.room(),
-                    action = request.action(),
+                    action = request.action().as_str(),
                     policy_ids = ?decision.policy_ids,
                     "policy denied"
                 );
@@ -197,8 +197,9 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::TokenRequest;
+    use crate::domain::token::test_request;
     use crate::policy::PolicySource;
-    use crate::request::{TokenRequest, test_request};
     use tower::{Layer, ServiceExt};
     use tower_test::{assert_request_eq, mock};
 

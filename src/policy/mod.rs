@@ -57,9 +57,9 @@ use cedar_policy::{
 };
 use miette::Diagnostic;
 
-use crate::error::Error;
-use crate::moderation::{ModerationAction, ModerationRequest};
-use crate::request::{Caller, Capability, RoomArn, TokenRequest};
+use crate::domain::{
+    Action, Caller, Capability, Error, ModerationAction, ModerationRequest, RoomArn, TokenRequest,
+};
 use cache::BoundedCache;
 use reads::ContextReads;
 
@@ -132,24 +132,14 @@ pub struct PolicyDecision {
     pub policy_ids: Vec<String>,
 }
 
-/// Every action in the schema.
-const ACTIONS: [&str; 6] = [
-    "CreateChatToken",
-    "DisconnectUser",
-    "BanUser",
-    "UnbanUser",
-    "ListBans",
-    "VerifyChatToken",
-];
-
 /// A request Cedar can decide: who asks to do what to which room, and the action's context.
 pub trait Authorize {
     /// The principal.
     fn caller(&self) -> &Caller;
     /// The resource.
     fn room(&self) -> &RoomArn;
-    /// The action's name, one of the schema's actions.
-    fn action(&self) -> &'static str;
+    /// The action, one of the schema's actions.
+    fn action(&self) -> Action;
     /// The action's context, as the schema declares it: one list both for Cedar and for the decision
     /// cache's key, so the two cannot disagree about what a decision depends on.
     fn context(&self) -> Vec<(&'static str, ContextValue<'_>)>;
@@ -197,8 +187,8 @@ impl Authorize for TokenRequest {
         &self.room
     }
 
-    fn action(&self) -> &'static str {
-        "CreateChatToken"
+    fn action(&self) -> Action {
+        Action::CreateChatToken
     }
 
     fn context(&self) -> Vec<(&'static str, ContextValue<'_>)> {
@@ -233,8 +223,8 @@ impl Authorize for ModerationRequest {
         &self.room
     }
 
-    fn action(&self) -> &'static str {
-        self.action.action().as_str()
+    fn action(&self) -> Action {
+        self.action.action()
     }
 
     fn context(&self) -> Vec<(&'static str, ContextValue<'_>)> {
@@ -261,7 +251,7 @@ pub struct PolicyEngine {
     schema: Schema,
     current: ArcSwap<Loaded>,
     /// The schema's actions, made once.
-    actions: HashMap<&'static str, EntityUid>,
+    actions: HashMap<Action, EntityUid>,
     caller_type: EntityTypeName,
     room_type: EntityTypeName,
     /// Reloads refused because the new files did not parse or validate.
@@ -278,9 +268,9 @@ impl PolicyEngine {
             source,
             schema,
             current: ArcSwap::from_pointee(loaded),
-            actions: ACTIONS
+            actions: Action::ALL
                 .into_iter()
-                .map(|action| (action, uid("Action", action)))
+                .map(|action| (action, uid("Action", action.as_str())))
                 .collect(),
             caller_type: EntityTypeName::from_str("Caller").expect("valid type name"),
             room_type: EntityTypeName::from_str("Room").expect("valid type name"),
@@ -337,7 +327,7 @@ impl PolicyEngine {
         };
         let key = decision_key(
             request.caller().id(),
-            request.action(),
+            request.action().as_str(),
             request.room().as_str(),
             read(),
         );
@@ -422,7 +412,7 @@ impl PolicyEngine {
         let context = cedar_context(context)?;
         let action = self
             .actions
-            .get(request.action())
+            .get(&request.action())
             .ok_or_else(|| Error::Internal(format!("policy: no action {}", request.action())))?;
         // No schema here: the request's shape is this module's, checked against the schema by a unit test;
         // validating it per call would cost more than the decision.
@@ -592,7 +582,9 @@ fn load(source: &PolicySource, schema: &Schema) -> Result<Loaded, PolicyError> {
     let named = policies
         .policies()
         .flat_map(|policy| policy.entity_literals());
-    let actions = ACTIONS.into_iter().map(|action| uid("Action", action));
+    let actions = Action::ALL
+        .into_iter()
+        .map(|action| uid("Action", action.as_str()));
     for literal in named.chain(actions) {
         with_ancestors(&entities, &literal, |entity| {
             if seen.insert(entity.uid()) {
@@ -636,7 +628,8 @@ fn located(file: &str, source: &str, error: &(impl Diagnostic + ?Sized)) -> Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::{Capability, UserId, test_request};
+    use crate::domain::token::test_request;
+    use crate::domain::{Capability, UserId};
 
     fn request(
         caller: &str,
@@ -930,8 +923,11 @@ mod tests {
         let small = engine(2);
         let large = engine(19_998);
         // The schema's actions come with the file's entities.
-        assert_eq!(small.current.load().entities.len(), 4 + ACTIONS.len());
-        assert_eq!(large.current.load().entities.len(), 20_000 + ACTIONS.len());
+        assert_eq!(small.current.load().entities.len(), 4 + Action::ALL.len());
+        assert_eq!(
+            large.current.load().entities.len(),
+            20_000 + Action::ALL.len()
+        );
 
         let web = request("web", ROOM_111, &[], None);
         let stranger = request("caller-7", ROOM_111, &[], None);
@@ -952,7 +948,7 @@ mod tests {
         assert_eq!(sliced(&small, "web"), sliced(&large, "web"));
         assert_eq!(sliced(&small, "caller-1"), sliced(&large, "caller-1"));
         // The caller, its group (which the policy names too), the actions, the room.
-        assert_eq!(sliced(&large, "web"), 1 + 1 + ACTIONS.len() + 1);
+        assert_eq!(sliced(&large, "web"), 1 + 1 + Action::ALL.len() + 1);
     }
 
     #[test]
@@ -1012,7 +1008,7 @@ mod tests {
             .build();
         let user = UserId::parse("u".into()).unwrap();
         let room = RoomArn::parse(ROOM_111).unwrap();
-        let reason = crate::moderation::Reason::parse("r".into()).unwrap();
+        let reason = crate::domain::Reason::parse("r".into()).unwrap();
         let now = std::time::SystemTime::now();
         let actions = [
             ModerationAction::Disconnect {
@@ -1032,7 +1028,7 @@ mod tests {
                 after: None,
             },
             ModerationAction::Verify {
-                claims: Box::new(crate::issuer::local::TokenClaims {
+                claims: Box::new(crate::domain::TokenClaims {
                     token_id: "t".into(),
                     room: room.clone(),
                     user_id: user,
@@ -1049,11 +1045,11 @@ mod tests {
             room: room.clone(),
             action,
         });
-        let check = |request: &dyn Fn() -> (String, &'static str, Context)| {
+        let check = |request: &dyn Fn() -> (String, Action, Context)| {
             let (room, action, context) = request();
             Request::new(
                 uid("Caller", "c"),
-                engine.actions[action].clone(),
+                engine.actions[&action].clone(),
                 uid("Room", &room),
                 context,
                 Some(&engine.schema),
@@ -1067,7 +1063,7 @@ mod tests {
                 cedar_context(&token.context()).unwrap(),
             )
         });
-        let mut seen = vec![token.action()];
+        let mut seen = vec![token.action().as_str()];
         for request in moderation {
             check(&|| {
                 (
@@ -1076,10 +1072,10 @@ mod tests {
                     cedar_context(&request.context()).unwrap(),
                 )
             });
-            seen.push(request.action());
+            seen.push(request.action().as_str());
         }
         seen.sort();
-        let mut all = ACTIONS.to_vec();
+        let mut all: Vec<_> = Action::ALL.iter().map(|a| a.as_str()).collect();
         all.sort();
         assert_eq!(seen, all, "every action of the schema is checked");
     }

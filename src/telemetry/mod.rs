@@ -20,7 +20,6 @@
 //! writes out what is queued.
 
 pub mod metrics;
-pub mod rpc;
 
 use std::{
     io::IsTerminal,

@@ -15,11 +15,15 @@ use std::{
 };
 
 use chat_token_service::{
-    config::Config,
-    issuer::local::{KeySet, generate_key},
+    app::{self, App, Overrides},
+    config::{Config, EndpointUrl, IssuerKind},
+    issuer::{
+        Issuer,
+        local::{KeySet, generate_key},
+    },
     proto::ivschat::v1::{CreateChatTokenRequest, token_service_client::TokenServiceClient},
     server,
-    stack::Stacks,
+    store::Backend,
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::{Channel, Endpoint};
@@ -29,53 +33,75 @@ pub const ROOM_ARN: &str = "arn:aws:ivschat:us-west-2:123456789012:room/g1H2I3j4
 /// A running server and the means to stop it.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The state backend it uses, for observing it (Redis outages, readiness).
+    pub backend: Backend,
     shutdown: Option<oneshot::Sender<()>>,
     handle: JoinHandle<Result<(), chat_token_service::server::ServerError>>,
 }
 
 impl TestServer {
-    /// Starts `stack` with `config`'s server settings on a free loopback port.
-    pub async fn start(config: Config, stack: impl Into<Stacks>) -> Self {
-        Self::start_with_readiness(config, stack, None).await
-    }
-
-    /// [`TestServer::start`], with the token service's health following `readiness`.
-    pub async fn start_with_readiness(
-        config: Config,
-        stack: impl Into<Stacks>,
-        readiness: Option<tokio::sync::watch::Receiver<bool>>,
-    ) -> Self {
-        let stack = stack.into();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel();
-        let handle = tokio::spawn(async move {
-            server::run(listener, &config, stack, readiness, async {
-                let _ = rx.await;
-            })
-            .await
-        });
-        TestServer {
-            addr,
-            shutdown: Some(tx),
-            handle,
-        }
-    }
-
-    /// Starts the service exactly as `config` describes it, through the function the binary uses.
+    /// Starts the service exactly as `config` describes it, through the functions the binary uses.
     pub async fn from_config(config: Config) -> Self {
-        let prepared = server::prepare(&config).await.expect("valid config");
+        Self::serve(app::build(&config).await.expect("valid config")).await
+    }
+
+    /// Starts the service around `issuer`, with everything else as `config` describes it.
+    pub async fn start(config: Config, issuer: impl Issuer) -> Self {
+        Self::serve(
+            app::build_around(&config, issuer)
+                .await
+                .expect("valid config"),
+        )
+        .await
+    }
+
+    /// Starts the service with the ivs issuer against `stub`, with static test credentials; `tweak` sets
+    /// the rest of the configuration.
+    pub async fn ivs(stub: &ivs_stub::IvsStub, tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut config = Config {
+            issuer: IssuerKind::Ivs,
+            ..Config::default()
+        };
+        config.ivs.endpoint_url = Some(EndpointUrl::parse(&stub.endpoint()).unwrap());
+        config.ivs.initial_backoff = Duration::from_millis(5);
+        tweak(&mut config);
+        let base = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(None::<aws_config::Region>)
+            .credentials_provider(aws_sdk_ivschat::config::Credentials::new(
+                "AKIDSTUB",
+                "stub-secret",
+                None,
+                None,
+                "test",
+            ))
+            .load()
+            .await;
+        let overrides = Overrides {
+            aws_sdk: Some(base),
+        };
+        Self::serve(
+            app::build_with(&config, overrides)
+                .await
+                .expect("valid config"),
+        )
+        .await
+    }
+
+    /// Serves `app` on a free loopback port.
+    pub async fn serve(app: App) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let backend = app.backend.clone();
         let (tx, rx) = oneshot::channel();
         let handle = tokio::spawn(async move {
-            server::serve(listener, &config, prepared, async {
+            server::run(listener, app, async {
                 let _ = rx.await;
             })
             .await
         });
         TestServer {
             addr,
+            backend,
             shutdown: Some(tx),
             handle,
         }

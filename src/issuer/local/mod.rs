@@ -35,6 +35,7 @@
 //! [PASERK]: https://github.com/paseto-standard/paserk
 
 pub mod keys;
+pub mod moderator;
 mod paseto;
 pub mod token;
 
@@ -48,6 +49,7 @@ use crate::request::{IssuedToken, TokenRequest};
 
 pub use crate::domain::TokenClaims;
 pub use keys::{KeyError, KeySet, KeySource, LiveKeys, generate_key};
+pub use moderator::LocalModerator;
 use token::NewClaims;
 pub use token::{IMPLICIT_ASSERTION, VERIFY_LEEWAY, VerifyError};
 

@@ -29,47 +29,20 @@ pub mod sigv4;
 use std::{sync::Arc, time::SystemTime};
 
 use rustls_pki_types::CertificateDer;
-use serde::{Deserialize, Serialize};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use crate::error::Error;
-use crate::request::{Caller, CallerSource};
+pub use crate::config::{CertificateName, IdentitySource};
+use crate::domain::{Caller, CallerSource, Error};
 
 /// Envoy's forwarded client certificate header.
 pub const XFCC_HEADER: &str = "x-forwarded-client-cert";
-
-/// A place a caller's identity can come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum IdentitySource {
-    /// The verified TLS client certificate.
-    Mtls,
-    /// The `x-forwarded-client-cert` header from a trusted sidecar.
-    Xfcc,
-    /// A plain header; development only.
-    Header,
-    /// An AWS SigV4 signature on an HTTP API request.
-    Sigv4,
-}
-
-/// A name in a client certificate that can identify the caller, tried in the configured order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CertificateName {
-    /// The first URI subject alternative name (SPIFFE ids live here).
-    Uri,
-    /// The first DNS subject alternative name.
-    Dns,
-    /// The subject's common name.
-    Cn,
-}
 
 /// Resolves callers from requests; built once from config.
 #[derive(Clone, Debug)]
 pub struct Resolver {
     sources: Vec<IdentitySource>,
-    /// Header name of the `header` source, lower case.
-    header: String,
+    /// Header name of the `header` source.
+    header: http::HeaderName,
     certificate_names: Vec<CertificateName>,
     anonymous: Option<Caller>,
     /// Checks signatures for the `sigv4` source.
@@ -82,13 +55,13 @@ impl Resolver {
     /// callers no source identifies.
     pub fn new(
         sources: Vec<IdentitySource>,
-        header: &str,
+        header: http::HeaderName,
         certificate_names: Vec<CertificateName>,
         anonymous: Option<String>,
     ) -> Self {
         Resolver {
             sources,
-            header: header.to_ascii_lowercase(),
+            header,
             certificate_names,
             anonymous: anonymous.map(|id| Caller::with_source(id, CallerSource::Anonymous)),
             sigv4: None,
@@ -155,7 +128,7 @@ impl Resolver {
                     )),
                     None => None,
                 },
-                IdentitySource::Header => single_header(headers, &self.header)?
+                IdentitySource::Header => single_header(headers, self.header.as_str())?
                     .map(str::trim)
                     .filter(|v| !v.is_empty())
                     .map(|id| Caller::with_source(id, CallerSource::Header)),
@@ -392,7 +365,7 @@ mod tests {
     fn a_present_but_bad_source_never_falls_through() {
         let resolver = Resolver::new(
             vec![IdentitySource::Xfcc, IdentitySource::Header],
-            "x-caller-id",
+            http::HeaderName::from_static("x-caller-id"),
             vec![CertificateName::Uri],
             Some("anonymous".into()),
         );
@@ -414,7 +387,7 @@ mod tests {
     fn first_match_wins_in_configured_order_and_records_its_source() {
         let resolver = Resolver::new(
             vec![IdentitySource::Xfcc, IdentitySource::Header],
-            "X-Caller-Id",
+            http::HeaderName::from_bytes(b"X-Caller-Id").unwrap(),
             vec![CertificateName::Uri],
             None,
         );
@@ -435,7 +408,7 @@ mod tests {
     fn disabled_sources_are_ignored_and_anonymous_is_the_fallback() {
         let strict = Resolver::new(
             vec![IdentitySource::Mtls],
-            "x-caller-id",
+            http::HeaderName::from_static("x-caller-id"),
             vec![CertificateName::Uri],
             None,
         );
@@ -447,7 +420,7 @@ mod tests {
 
         let lenient = Resolver::new(
             vec![IdentitySource::Header],
-            "x-caller-id",
+            http::HeaderName::from_static("x-caller-id"),
             vec![CertificateName::Uri],
             Some("anonymous".into()),
         );
@@ -520,7 +493,7 @@ mod tests {
         unauthenticated(caller_from_certificate(b"not DER", &[CertificateName::Uri]));
         let resolver = Resolver::new(
             vec![IdentitySource::Mtls, IdentitySource::Header],
-            "x-caller-id",
+            http::HeaderName::from_static("x-caller-id"),
             vec![CertificateName::Uri],
             Some("anonymous".into()),
         );

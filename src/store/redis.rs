@@ -1,27 +1,28 @@
-//! [`FallbackStore`]: the Redis store with a deadline on every call and a policy for when Redis is gone.
+//! [`SharedRedis`]: the one connection to Redis that every shared store (rate limits, moderation state)
+//! uses, with a deadline on every call and a policy for when Redis is gone.
 //!
 //! A rate limiter must never be the reason a request hangs. Every call to Redis gets `redis_timeout`
 //! (50 ms by default); a call that fails or runs out of time marks Redis *down*, and while it is down calls
-//! do not wait on Redis at all: they are decided at once by the failure mode.
+//! do not wait on Redis at all: they are decided at once by the failure mode ([`SharedRedis::outage`]):
 //!
-//! - [`FailureMode::FailOpen`]: decided by an in-process [`MemoryStore`] with the same limits. The service
-//!   keeps serving, each replica enforcing the limits on its own (so `R` replicas admit up to `R` times a
-//!   limit's rate during the outage). Logged once when the outage starts and once when it ends; every call
-//!   decided locally is counted.
+//! - [`FailureMode::FailOpen`]: each store answers from its in-process twin with the same rules. The
+//!   service keeps serving, each replica enforcing the limits on its own (so `R` replicas admit up to `R`
+//!   times a limit's rate during the outage). Logged once when the outage starts and once when it ends;
+//!   every call decided locally is counted.
 //! - [`FailureMode::FailClosed`]: refused with [`StoreError::Unavailable`] (UNAVAILABLE with RetryInfo), and
-//!   [`FallbackStore::readiness`] reports not ready, so load balancers and Kubernetes stop routing here.
+//!   [`SharedRedis::readiness`] reports not ready, so load balancers and Kubernetes stop routing here.
 //!
 //! A background task probes Redis every [`PROBE_INTERVAL`] whether or not calls arrive: it notices an outage
 //! on an idle replica (readiness) and the end of one (calls go back to Redis, without a restart). The probe
-//! runs the real script on a key of its own, write included, so Redis is judged by what requests would
-//! meet: a replica (READONLY) or a full Redis (OOM) stays down instead of looking healthy between calls.
-//! Every failure is classified ([`RedisFault`]: transient, or a misconfiguration that will not pass) and
-//! logged when the state changes, never once per call. The
-//! in-process state gathered during an outage is not copied to Redis: shared limits resume from what Redis
-//! remembers.
+//! is what requests would meet (the stores give it: the rate-limit script on a key of its own, write
+//! included), so a replica (READONLY) or a full Redis (OOM) stays down instead of looking healthy between
+//! calls. Every failure is classified ([`RedisFault`]: transient, or a misconfiguration that will not pass)
+//! and logged when the state changes, never once per call. The in-process state gathered during an outage
+//! is not copied to Redis: shared state resumes from what Redis remembers.
 
 use std::{
     future::Future,
+    pin::Pin,
     sync::{
         Arc, Weak,
         atomic::{AtomicU64, Ordering},
@@ -30,38 +31,106 @@ use std::{
 };
 
 use opentelemetry::KeyValue;
-use serde::{Deserialize, Serialize};
+use redis::{
+    ConnectionInfo, FromRedisValue, RedisResult,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+    cluster::{ClusterClient, ClusterConfig},
+    cluster_async::ClusterConnection,
+};
 use tokio::sync::watch;
 
-use super::{Check, LimiterStore, MemoryStore, StoreError, Verdict, redis::RedisStore};
+use super::StoreError;
+use crate::config::FailureMode;
 use crate::telemetry::metrics::metrics;
 
 /// How often Redis is probed: how soon a replica notices an outage while idle, and its end at all. Also
 /// the retry delay advised to callers refused in fail_closed mode.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// What to do while Redis cannot be reached.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailureMode {
-    /// Keep serving under per-replica, in-process limits: availability over exact limits.
-    #[default]
-    FailOpen,
-    /// Refuse with UNAVAILABLE and report not ready: exact limits (an upstream quota) over availability.
-    FailClosed,
+/// Each connection attempt gives up after this long; reconnecting goes on in the background.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The longest pause between two reconnection attempts, so a restarted Redis is found again quickly.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
+/// A reconnecting connection to one Redis server or to a cluster. Clones share it.
+#[derive(Clone)]
+pub enum Connection {
+    /// One multiplexed connection, re-established in the background when it breaks.
+    Single(ConnectionManager),
+    /// Connections to every primary, following slot moves.
+    Cluster(ClusterConnection),
 }
 
-/// The Redis store with a timeout, a failure mode and a probe. Clones share everything.
+impl Connection {
+    /// A connection to the Redis `info` names (`redis://` or `rediss://` for TLS, `user:password@` for
+    /// ACL auth, a `/db` number), or to the cluster it is a node of. Connects lazily, so the service starts
+    /// even while Redis is down.
+    ///
+    /// # Panics
+    /// If redis-rs refuses `info`: the configuration's load already built the same client from it
+    /// ([`crate::config::RedisUrl`]), so this cannot happen after a successful load.
+    pub fn open(info: &ConnectionInfo, cluster: bool) -> Self {
+        const CHECKED: &str = "the Redis URL was checked when the configuration was loaded";
+        if cluster {
+            let client = ClusterClient::builder([info.clone()])
+                .connection_timeout(CONNECT_TIMEOUT)
+                .build()
+                .expect(CHECKED);
+            Connection::Cluster(
+                client.get_pending_async_connection_with_config(ClusterConfig::new()),
+            )
+        } else {
+            let client = redis::Client::open(info.clone()).expect(CHECKED);
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_max_delay(MAX_RECONNECT_DELAY);
+            Connection::Single(
+                ConnectionManager::new_lazy_with_config(client, config).expect(CHECKED),
+            )
+        }
+    }
+
+    /// Sends `cmd` and reads its answer as a `T`.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> RedisResult<T> {
+        match self {
+            Connection::Single(connection) => cmd.query_async(&mut connection.clone()).await,
+            Connection::Cluster(connection) => cmd.query_async(&mut connection.clone()).await,
+        }
+    }
+
+    /// Runs a script invocation (EVALSHA, loading the script on NOSCRIPT) and reads its answer as a `T`.
+    pub async fn invoke<T: FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> RedisResult<T> {
+        match self {
+            Connection::Single(connection) => {
+                invocation.invoke_async(&mut connection.clone()).await
+            }
+            Connection::Cluster(connection) => {
+                invocation.invoke_async(&mut connection.clone()).await
+            }
+        }
+    }
+}
+
+/// How the probe judges Redis: what the stores' own calls would meet.
+pub type Probe = Box<
+    dyn Fn(&Connection) -> Pin<Box<dyn Future<Output = RedisResult<()>> + Send + '_>> + Send + Sync,
+>;
+
+/// The shared connection with its timeout, failure mode, outage tracking and probe. Clones share
+/// everything.
 #[derive(Clone)]
-pub struct FallbackStore {
+pub struct SharedRedis {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    /// Decides every call while Redis is up.
-    redis: RedisStore,
-    /// Decides in fail_open mode while Redis is down.
-    local: MemoryStore,
+    /// Carries every call of every store: one multiplexed connection per Redis node.
+    connection: Connection,
+    /// Starts every key, so several deployments (or tests) can share one Redis without sharing state.
+    prefix: Arc<str>,
     /// The deadline of every Redis call, probes included.
     timeout: Duration,
     /// What decides while Redis is down.
@@ -75,29 +144,31 @@ struct Inner {
     outage_calls: AtomicU64,
 }
 
-impl FallbackStore {
-    /// Wraps `redis`, falling back to `local` or refusing as `mode` says. Starts the probe, so call it inside
-    /// a tokio runtime; the probe ends when the last clone is dropped.
+impl SharedRedis {
+    /// Shares `connection`, giving every call `timeout` and deciding as `mode` says while Redis is down;
+    /// keys start with `prefix`. Starts `probe`, at once and then every [`PROBE_INTERVAL`], so call it
+    /// inside a tokio runtime; the probe ends when the last clone is dropped.
     ///
-    /// Redis counts as up until a call or the first probe (sent at once) says otherwise, so the first
-    /// requests after start-up are not decided locally while the connection is being made.
+    /// Redis counts as up until a call or the first probe says otherwise, so the first requests after
+    /// start-up are not decided locally while the connection is being made.
     pub fn new(
-        redis: RedisStore,
-        local: MemoryStore,
+        connection: Connection,
+        prefix: &str,
         timeout: Duration,
         mode: FailureMode,
+        probe: Probe,
     ) -> Self {
         let inner = Arc::new(Inner {
-            redis,
-            local,
+            connection,
+            prefix: prefix.into(),
             timeout,
             mode,
             up: watch::Sender::new(true),
             fault: std::sync::Mutex::new(None),
             outage_calls: AtomicU64::new(0),
         });
-        tokio::spawn(probe(Arc::downgrade(&inner)));
-        FallbackStore { inner }
+        tokio::spawn(run_probe(Arc::downgrade(&inner), probe));
+        SharedRedis { inner }
     }
 
     /// Follows whether Redis is reachable: `true` while it answers within the timeout. In fail_closed mode
@@ -108,7 +179,7 @@ impl FallbackStore {
 
     /// Why Redis is down, while it is.
     pub fn fault(&self) -> Option<RedisFault> {
-        *self.inner.fault.lock().expect("fault lock poisoned")
+        *lock(&self.inner.fault)
     }
 
     /// The configured failure mode.
@@ -121,22 +192,22 @@ impl FallbackStore {
     pub fn outage_calls(&self) -> u64 {
         self.inner.outage_calls.load(Ordering::Relaxed)
     }
-}
 
-impl FallbackStore {
-    /// Runs `call` on Redis under the same timeout and outage tracking as every limit check: `None` when
-    /// Redis is down or the call fails or times out (Redis is then marked down), for the caller's failure
-    /// mode to decide. Moderation state (bans, revocations) shares Redis this way.
-    pub(crate) async fn redis_call<'a, T, F>(
-        &'a self,
-        call: impl FnOnce(&'a RedisStore) -> F,
-    ) -> Option<T>
+    /// What every key starts with.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// Runs `call` under the timeout and outage tracking every shared store's calls get: `None` when Redis
+    /// is down, or the call fails or times out (Redis is then marked down), for [`SharedRedis::outage`]
+    /// to decide.
+    pub async fn call<'a, T, F>(&'a self, call: impl FnOnce(&'a Connection) -> F) -> Option<T>
     where
-        F: Future<Output = redis::RedisResult<T>>,
+        F: Future<Output = RedisResult<T>>,
     {
         let inner = &self.inner;
         if *inner.up.borrow() {
-            match tokio::time::timeout(inner.timeout, call(&inner.redis)).await {
+            match tokio::time::timeout(inner.timeout, call(&inner.connection)).await {
                 Ok(Ok(answer)) => return Some(answer),
                 Ok(Err(e)) => inner.mark_down(RedisFault::of(&e), &e),
                 Err(_) => inner.mark_down(RedisFault::Timeout, &TIMED_OUT),
@@ -145,23 +216,30 @@ impl FallbackStore {
         inner.outage_calls.fetch_add(1, Ordering::Relaxed);
         None
     }
-}
 
-impl LimiterStore for FallbackStore {
-    async fn check(&self, checks: &[Check]) -> Result<Vec<Verdict>, StoreError> {
-        if let Some(verdicts) = self.redis_call(|redis| redis.check(checks)).await {
-            return Ok(verdicts);
-        }
+    /// What answers a call Redis did not: `local`, the in-process twin, in fail_open mode (counted in
+    /// `cts.limiter.fallbacks`); UNAVAILABLE in fail_closed mode.
+    pub fn outage<T>(&self, local: T) -> Result<T, StoreError> {
         match self.inner.mode {
             FailureMode::FailOpen => {
                 metrics().limiter_fallbacks.add(1, &[]);
-                self.inner.local.check(checks).await
+                Ok(local)
             }
             FailureMode::FailClosed => Err(StoreError::Unavailable {
                 retry_after: PROBE_INTERVAL,
             }),
         }
     }
+}
+
+/// The fault lock. A panic while it was held cannot leave a fault half-written, so a poisoned lock is as
+/// good as any.
+fn lock(
+    fault: &std::sync::Mutex<Option<RedisFault>>,
+) -> std::sync::MutexGuard<'_, Option<RedisFault>> {
+    fault
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// What the log says of a call that ran out of time.
@@ -251,11 +329,7 @@ impl Inner {
         metrics()
             .limiter_store_errors
             .add(1, &[KeyValue::new("kind", fault.as_str())]);
-        let previous = self
-            .fault
-            .lock()
-            .expect("fault lock poisoned")
-            .replace(fault);
+        let previous = lock(&self.fault).replace(fault);
         let went_down = self.up.send_if_modified(|up| std::mem::replace(up, false));
         if !went_down && previous == Some(fault) {
             return;
@@ -281,7 +355,7 @@ impl Inner {
     }
 
     fn mark_up(&self) {
-        self.fault.lock().expect("fault lock poisoned").take();
+        lock(&self.fault).take();
         if self.up.send_if_modified(|up| !std::mem::replace(up, true)) {
             tracing::info!(
                 outage_calls = self.outage_calls.load(Ordering::Relaxed),
@@ -291,16 +365,16 @@ impl Inner {
     }
 }
 
-/// Probes Redis at once and then every [`PROBE_INTERVAL`], until the store is dropped.
-async fn probe(store: Weak<Inner>) {
+/// Probes Redis with `probe` at once and then every [`PROBE_INTERVAL`], until the last clone is dropped.
+async fn run_probe(shared: Weak<Inner>, probe: Probe) {
     let mut ticks = tokio::time::interval(PROBE_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let Some(inner) = store.upgrade() else {
+        let Some(inner) = shared.upgrade() else {
             return;
         };
-        match tokio::time::timeout(inner.timeout, inner.redis.probe()).await {
+        match tokio::time::timeout(inner.timeout, probe(&inner.connection)).await {
             Ok(Ok(())) => inner.mark_up(),
             Ok(Err(e)) => inner.mark_down(RedisFault::of(&e), &e),
             Err(_) => inner.mark_down(RedisFault::Timeout, &TIMED_OUT),

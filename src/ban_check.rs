@@ -6,8 +6,8 @@
 //!
 //! ```
 //! use std::num::NonZeroUsize;
-//! use chat_token_service::moderation::{BanCheckLayer, ModerationStores, store::MemoryModeration};
-//! let store = ModerationStores::Memory(MemoryModeration::new(NonZeroUsize::new(1000).unwrap()));
+//! use chat_token_service::{ban_check::BanCheckLayer, store::moderation::MemoryModeration};
+//! let store = MemoryModeration::new(NonZeroUsize::new(1000).unwrap());
 //! let layer = BanCheckLayer::new(store); // ServiceBuilder::new().layer(layer).service(issuer)
 //! ```
 
@@ -20,9 +20,8 @@ use std::{
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-use super::store::ModerationStore;
-use crate::error::Error;
-use crate::request::TokenRequest;
+use crate::domain::{Error, TokenRequest};
+use crate::store::ModerationStore;
 use crate::telemetry::trace_only_span;
 
 /// Wraps a service in [`BanCheck`].
@@ -104,28 +103,21 @@ mod tests {
     use tower_test::{assert_request_eq, mock};
 
     use super::*;
-    use crate::moderation::{Ban, Reason, store::MemoryModeration};
-    use crate::proto::ivschat::v1::CreateChatTokenRequest;
-    use crate::request::{Caller, RoomArn};
+    use crate::domain::token::test_request;
+    use crate::domain::{Ban, Caller, Reason, RoomArn};
+    use crate::store::moderation::MemoryModeration;
 
     const ROOM: &str = "arn:aws:ivschat:us-west-2:123456789012:room/abc";
 
     fn request(user: &str) -> TokenRequest {
-        TokenRequest::from_proto(
-            Caller::new("web"),
-            CreateChatTokenRequest {
-                room_identifier: ROOM.into(),
-                user_id: user.into(),
-                ..Default::default()
-            },
-        )
-        .unwrap()
+        test_request().caller("web").room(ROOM).user(user).build()
     }
 
     #[tokio::test]
     async fn a_banned_user_is_refused_with_the_end_of_the_ban_and_others_pass() {
         let store = MemoryModeration::new(NonZeroUsize::new(10).unwrap());
-        let end = crate::moderation::whole_millis(SystemTime::now() + Duration::from_secs(60));
+        let end =
+            crate::domain::moderation::whole_millis(SystemTime::now() + Duration::from_secs(60));
         store
             .ban(&Ban {
                 room: RoomArn::parse(ROOM).unwrap(),

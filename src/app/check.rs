@@ -8,27 +8,23 @@
 
 use std::{fmt::Write as _, path::Path, time::Duration};
 
-use chat_token_service::{
-    config::{Config, IssuerKind, LimiterBackend},
-    identity::{IdentitySource, sigv4::Verifier},
-    issuer::local::KeySource,
-    policy::{PolicyEngine, PolicySource},
-    ratelimit::FailureMode,
-    stack,
-    telemetry::LogFormat,
-    tls::Tls,
-};
+use super::{key_source, policy_source};
+use crate::config::{Config, FailureMode, IssuerKind, LimiterBackend, LogFormat};
+use crate::identity::sigv4::Verifier;
+use crate::issuer::local::KeySource;
+use crate::policy::{PolicyEngine, PolicySource};
+use crate::transport::tls::Tls;
 
 /// What the check found: the summary when everything loads, else every problem, each naming its setting.
 pub fn check(config_file: Option<&Path>) -> Result<String, Vec<String>> {
     let config = Config::load(config_file).map_err(|e| vec![e.to_string()])?;
     let mut problems = Vec::new();
 
-    if let Err(e) = PolicyEngine::load(config.policy.source()) {
+    if let Err(e) = PolicyEngine::load(policy_source(&config.policy)) {
         problems.push(format!("configuration error: policy.files: {e}"));
     }
     let keys = if config.issuer == IssuerKind::Local {
-        match stack::key_source(&config).load() {
+        match key_source(&config.local_issuer).load() {
             Ok(keys) => Some(format!(
                 "active key {} of {}",
                 keys.active_key_id(),
@@ -43,18 +39,12 @@ pub fn check(config_file: Option<&Path>) -> Result<String, Vec<String>> {
         None
     };
     let identity = &config.identity;
-    if identity.sources.contains(&IdentitySource::Sigv4) {
-        let loaded = match &identity.sigv4.credentials_file {
-            Some(file) => Verifier::load(file, &identity.sigv4)
-                .map(drop)
-                .map_err(|e| e.to_string()),
-            None => Err("is required when identity.sources has \"sigv4\"".into()),
-        };
-        if let Err(reason) = loaded {
-            problems.push(format!(
-                "configuration error: identity.sigv4.credentials_file: {reason}"
-            ));
-        }
+    if let Some(file) = identity.sigv4_credentials()
+        && let Err(e) = Verifier::load(file, &identity.sigv4)
+    {
+        problems.push(format!(
+            "configuration error: identity.sigv4.credentials_file: {e}"
+        ));
     }
     if let Some(tls) = &config.tls
         && let Err(e) = Tls::load(tls)
@@ -121,16 +111,7 @@ fn summary(config: &Config, config_file: Option<&Path>, keys: Option<&str>) -> S
     );
 
     let identity = &config.identity;
-    let sources: Vec<&str> = identity
-        .sources
-        .iter()
-        .map(|source| match source {
-            IdentitySource::Mtls => "mtls",
-            IdentitySource::Xfcc => "xfcc",
-            IdentitySource::Header => "header",
-            IdentitySource::Sigv4 => "sigv4",
-        })
-        .collect();
+    let sources: Vec<&str> = identity.sources.iter().map(|s| s.as_str()).collect();
     let anonymous = if identity.allow_anonymous {
         format!(
             "unidentified callers pass as {:?}",
@@ -145,7 +126,7 @@ fn summary(config: &Config, config_file: Option<&Path>, keys: Option<&str>) -> S
         format!("sources [{}]; {anonymous}", sources.join(", ")),
     );
 
-    let policy = match config.policy.source() {
+    let policy = match policy_source(&config.policy) {
         PolicySource::Development => {
             "embedded development policy: permits every valid request (loopback only)".to_owned()
         }
@@ -168,7 +149,7 @@ fn summary(config: &Config, config_file: Option<&Path>, keys: Option<&str>) -> S
     let issuer = match config.issuer {
         IssuerKind::Local => {
             let keys = keys.unwrap_or_default();
-            let keys = match stack::key_source(config) {
+            let keys = match key_source(&config.local_issuer) {
                 KeySource::File(path) => format!("key set {} ({keys})", path.display()),
                 KeySource::Single(_) => format!("one key from local_issuer.key ({keys})"),
                 KeySource::Ephemeral => {
@@ -182,7 +163,7 @@ fn summary(config: &Config, config_file: Option<&Path>, keys: Option<&str>) -> S
         }
         IssuerKind::Ivs => {
             let ivs = &config.ivs;
-            let any = |list: &[String]| {
+            let any = |list: Vec<&str>| {
                 if list.is_empty() {
                     "any".to_owned()
                 } else {
@@ -192,10 +173,10 @@ fn summary(config: &Config, config_file: Option<&Path>, keys: Option<&str>) -> S
             format!(
                 "ivs (Amazon IVS Chat) at {}; regions {}; accounts {}; {} assumed role(s); quota {} burst {}",
                 ivs.endpoint_url
-                    .as_deref()
-                    .unwrap_or("the room's regional endpoint"),
-                any(&ivs.allowed_regions),
-                any(&ivs.allowed_accounts),
+                    .as_ref()
+                    .map_or("the room's regional endpoint", |url| url.as_str()),
+                any(ivs.allowed_regions.iter().map(|r| r.as_str()).collect()),
+                any(ivs.allowed_accounts.iter().map(|a| a.as_str()).collect()),
                 ivs.assume_roles.len(),
                 ivs.quota,
                 ivs.quota_burst
@@ -225,9 +206,8 @@ fn summary(config: &Config, config_file: Option<&Path>, keys: Option<&str>) -> S
         LimiterBackend::Redis => {
             // The address only: the URL may carry a password.
             let address = limiter
-                .redis_url()
-                .and_then(|url| redis::IntoConnectionInfo::into_connection_info(url.expose()).ok())
-                .map(|info| info.addr().to_string())
+                .redis()
+                .map(|url| url.info().addr().to_string())
                 .unwrap_or_default();
             format!(
                 "Redis{} at {address}, prefix {:?}, timeout {}, {} while unreachable",

@@ -11,13 +11,14 @@
 //! trailers after the body, so the span and the measurement end when the body does. Health checks and
 //! reflection are not traced: probes every few seconds would bury the calls that matter.
 //!
-//! Calls to the IVS Chat HTTP API ([`crate::rest`], paths with one segment such as `/CreateChatToken`)
+//! Calls to the IVS Chat HTTP API (paths with one segment such as `/CreateChatToken`)
 //! get the same span and metric with `rpc.system = "aws-api"`, `rpc.service = "ivschat"`, and
 //! `http.response.status_code` instead of the gRPC code; they end when the response headers are sent.
 
 use std::{
     future::Future,
     pin::Pin,
+    sync::LazyLock,
     task::{Context, Poll, ready},
     time::Instant,
 };
@@ -32,46 +33,41 @@ use pin_project_lite::pin_project;
 use tracing::{Instrument, Span, field::Empty, instrument::Instrumented};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::metrics::metrics;
+use crate::domain::{Action, IVS_SIGNING_NAME};
+use crate::proto::ivschat::v1::{moderation_service_server, token_service_server};
+use crate::telemetry::{exporting_traces, metrics::metrics};
 
 /// The operations this server offers (health and reflection aside: they are not traced), as their spans
-/// and metrics name them.
-const SERVED_OPERATIONS: &[Labels] = &[
-    grpc(
-        "ivschat.v1.TokenService",
-        "CreateChatToken",
-        "ivschat.v1.TokenService/CreateChatToken",
-    ),
-    grpc(
-        MODERATION,
-        "DisconnectUser",
-        "ivschat.v1.ModerationService/DisconnectUser",
-    ),
-    grpc(
-        MODERATION,
-        "BanUser",
-        "ivschat.v1.ModerationService/BanUser",
-    ),
-    grpc(
-        MODERATION,
-        "UnbanUser",
-        "ivschat.v1.ModerationService/UnbanUser",
-    ),
-    grpc(
-        MODERATION,
-        "ListBans",
-        "ivschat.v1.ModerationService/ListBans",
-    ),
-    grpc(
-        MODERATION,
-        "VerifyChatToken",
-        "ivschat.v1.ModerationService/VerifyChatToken",
-    ),
-    aws_api("CreateChatToken", "ivschat/CreateChatToken"),
-    aws_api("DisconnectUser", "ivschat/DisconnectUser"),
-];
+/// and metrics name them: each action at its gRPC path, and those of IVS Chat's API at their REST path too.
+/// Made once; the names live as long as the process.
+static SERVED_OPERATIONS: LazyLock<Vec<Labels>> = LazyLock::new(|| {
+    let leak = |name: String| -> &'static str { Box::leak(name.into_boxed_str()) };
+    Action::ALL
+        .into_iter()
+        .flat_map(|action| {
+            let service = grpc_service(action);
+            let method = action.as_str();
+            let grpc = grpc(service, method, leak(format!("{service}/{method}")));
+            let rest = action
+                .in_ivs_api()
+                .then(|| aws_api(method, leak(format!("{IVS_SIGNING_NAME}/{method}"))));
+            [Some(grpc), rest]
+        })
+        .flatten()
+        .collect()
+});
 
-const MODERATION: &str = "ivschat.v1.ModerationService";
+/// The gRPC service that serves `action`.
+fn grpc_service(action: Action) -> &'static str {
+    match action {
+        Action::CreateChatToken => token_service_server::SERVICE_NAME,
+        Action::DisconnectUser
+        | Action::BanUser
+        | Action::UnbanUser
+        | Action::ListBans
+        | Action::VerifyChatToken => moderation_service_server::SERVICE_NAME,
+    }
+}
 
 /// What any other path is called: callers can send paths without end, but not grow the label sets.
 const UNKNOWN_GRPC: Labels = grpc("unknown", "unknown", "unknown/unknown");
@@ -101,7 +97,7 @@ const fn grpc(service: &'static str, method: &'static str, name: &'static str) -
 const fn aws_api(method: &'static str, name: &'static str) -> Labels {
     Labels {
         system: "aws-api",
-        service: crate::rest::SERVICE,
+        service: IVS_SIGNING_NAME,
         method,
         name,
     }
@@ -201,7 +197,7 @@ struct Call {
 impl Call {
     fn start<B>(request: &http::Request<B>) -> (Call, TraceId) {
         let labels = labels(request.uri().path());
-        let (span, trace_id) = if super::exporting_traces() {
+        let (span, trace_id) = if exporting_traces() {
             let span = tracing::info_span!(
                 "grpc.server",
                 otel.name = labels.name,
@@ -428,8 +424,21 @@ mod tests {
         {
             assert_eq!(op.name, format!("{}/{}", op.service, op.method));
         }
-        for path in [crate::rest::CREATE_CHAT_TOKEN, crate::rest::DISCONNECT_USER] {
-            assert_eq!(labels(path).system, "aws-api", "{path}");
+        for action in crate::domain::Action::ALL {
+            let rest = labels(&format!("/{action}"));
+            assert_eq!(
+                rest.method,
+                if action.in_ivs_api() {
+                    action.as_str()
+                } else {
+                    "unknown"
+                },
+                "{action}"
+            );
+            assert_eq!(
+                labels(&format!("/{}/{action}", super::grpc_service(action))).method,
+                action.as_str()
+            );
         }
     }
 }

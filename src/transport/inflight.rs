@@ -8,9 +8,9 @@
 //!
 //! A call counts from the moment its request headers reach the service until its response body
 //! (message and trailers) has been sent or dropped. It also keeps its connection from being closed as
-//! idle ([`crate::listener::ConnInfo::call`]).
+//! idle ([`super::listener::ConnInfo::call`]).
 //!
-//! The cap applies to token calls only (paths under [`CAPPED_PREFIX`]): health checks and reflection are
+//! The cap applies to token calls only (the token service's paths): health checks and reflection are
 //! never shed, so probes keep answering under load. A token call takes a place under the cap only once
 //! its whole request message has arrived, so streams that send headers and never a body (or send it
 //! slowly) cannot fill the cap and shut other callers out; they hold only an HTTP/2 stream of their own
@@ -19,7 +19,7 @@
 //! on another replica), before it is decoded and before any identity, policy or issuing work.
 //!
 //! ```
-//! use chat_token_service::inflight::{Calls, InFlightLayer};
+//! use chat_token_service::transport::inflight::{Calls, InFlightLayer};
 //! let calls = Calls::default();
 //! let layer = InFlightLayer::new(calls.clone(), 1000); // tonic::transport::Server::builder().layer(layer)
 //! assert_eq!(calls.in_flight(), 0);
@@ -39,16 +39,21 @@ use bytes::Buf;
 use pin_project_lite::pin_project;
 use tokio::sync::Notify;
 
-use crate::error::Error;
-use crate::listener::{ConnInfo, OpenCall};
+use super::listener::{ConnInfo, OpenCall};
+use crate::domain::Error;
+use crate::proto::ivschat::v1::token_service_server;
 
 /// When a call reached the server, as a request extension: the handler measures the caller's deadline from
 /// here, the moment tonic's own `grpc-timeout` timer starts, not from whenever the handler first runs.
 #[derive(Clone, Copy, Debug)]
 pub struct CallStarted(pub tokio::time::Instant);
 
-/// Paths whose calls count against the cap: the token service's methods.
-pub const CAPPED_PREFIX: &str = "/ivschat.v1.TokenService/";
+/// Whether calls to `path` count against the cap: the token service's methods.
+fn capped(path: &str) -> bool {
+    path.strip_prefix('/')
+        .and_then(|path| path.strip_prefix(token_service_server::SERVICE_NAME))
+        .is_some_and(|method| method.starts_with('/'))
+}
 
 /// The shared count of calls in flight.
 #[derive(Clone, Default)]
@@ -217,7 +222,7 @@ where
             .insert(CallStarted(tokio::time::Instant::now()));
         let mut guard = self.layer.calls.enter();
         guard._open = request.extensions().get::<ConnInfo>().map(ConnInfo::call);
-        if request.uri().path().starts_with(CAPPED_PREFIX) {
+        if capped(request.uri().path()) {
             let place = Arc::new(Place::new(self.layer.calls.0.clone()));
             guard.place = Some(place.clone());
             let max = self.layer.max_token_calls;

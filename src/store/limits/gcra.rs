@@ -11,7 +11,7 @@
 //!
 //! ```
 //! use std::{num::NonZeroU32, time::Duration};
-//! use chat_token_service::ratelimit::gcra::{Outcome, Quota, Rate};
+//! use chat_token_service::{domain::Rate, store::limits::gcra::{Outcome, Quota}};
 //! use tokio::time::Instant;
 //!
 //! let quota = Quota::new(Rate::parse("5/min").unwrap(), NonZeroU32::new(5).unwrap());

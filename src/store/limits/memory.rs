@@ -23,7 +23,8 @@ use std::{
 
 use tokio::time::Instant;
 
-use super::{Check, LimiterStore, StoreError, Verdict, gcra::Outcome};
+use super::{Check, LimiterStore, Verdict, gcra::Outcome};
+use crate::store::StoreError;
 
 /// Most shards: enough that 2 to 8 cores rarely contend on one lock.
 const SHARDS: usize = 16;
@@ -361,7 +362,8 @@ mod tests {
     use std::{num::NonZeroU32, time::Duration};
 
     use super::*;
-    use crate::ratelimit::gcra::{Quota, Rate};
+    use crate::domain::Rate;
+    use crate::store::limits::Quota;
 
     fn store(max_tracked_keys: usize) -> MemoryStore {
         MemoryStore::new(NonZeroUsize::new(max_tracked_keys).unwrap())

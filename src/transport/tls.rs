@@ -3,17 +3,15 @@
 //!
 //! Each connection is accepted with the configuration current at that moment, so a rotated certificate or
 //! CA applies to the next handshake; a bad new file is refused and the last good configuration stays.
-//! Handshakes run on their own tasks (see [`crate::listener`]), bounded by `handshake_timeout` and at
+//! Handshakes run on their own tasks (see [`super::listener`]), bounded by `handshake_timeout` and at
 //! most `max_concurrent_handshakes` at once, so slow or silent clients never hold up the accept loop or
 //! take every core. With a client CA, a client without a certificate signed by it is refused at
 //! the handshake, before any gRPC is spoken.
 
 use std::{
     future::Future,
-    ops::ControlFlow,
-    path::Path,
-    sync::{Arc, Weak},
-    time::Duration,
+    path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use arc_swap::ArcSwap;
@@ -24,9 +22,8 @@ use tokio_rustls::{
     server::TlsStream,
 };
 
+use super::listener::{Closed, HandshakeRefused};
 use crate::config::TlsConfig;
-use crate::listener::{Closed, HandshakeRefused};
-use crate::reload::{self, Reload};
 
 /// Why TLS settings cannot be used; names the setting.
 #[derive(Debug, thiserror::Error)]
@@ -62,34 +59,19 @@ impl Tls {
         Ok(())
     }
 
-    /// Reloads whenever a file changes, checked every `interval`, and on SIGHUP, for as long as `self`
-    /// lives.
-    pub fn watch(self: &Arc<Self>, interval: Duration) {
+    /// The files a reload reads: the certificate chain, its key, and the client CA when set.
+    pub fn files(&self) -> Vec<PathBuf> {
         let mut paths = vec![
             self.settings.cert_file.clone(),
             self.settings.key_file.clone(),
         ];
         paths.extend(self.settings.client_ca_file.clone());
-        let tls: Weak<Tls> = Arc::downgrade(self);
-        reload::spawn(paths, interval, true, move |trigger| {
-            let Some(tls) = tls.upgrade() else {
-                return ControlFlow::Break(());
-            };
-            ControlFlow::Continue(match tls.reload() {
-                Ok(()) => {
-                    tracing::info!(?trigger, "TLS certificates reloaded");
-                    Reload::Applied
-                }
-                Err(e) => Reload::Refused(format!(
-                    "TLS reload refused, keeping the current certificates: {e}"
-                )),
-            })
-        });
+        paths
     }
 
     /// The TLS handshake of `tcp`, with the configuration current now; bounded by `handshake_timeout`
     /// and refused at once while `max_concurrent_handshakes` are in progress (see
-    /// [`crate::listener::incoming`], which runs it on its own task).
+    /// [`super::listener::incoming`], which runs it on its own task).
     pub fn handshake(
         &self,
         tcp: TcpStream,

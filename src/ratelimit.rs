@@ -3,7 +3,8 @@
 //!
 //! ```
 //! # use std::num::{NonZeroU32, NonZeroUsize};
-//! # use chat_token_service::ratelimit::{Limit, LimitKey, MemoryStore, RateLimitLayer, gcra::Rate};
+//! # use chat_token_service::{domain::{Limit, LimitKey, Rate}, ratelimit::RateLimitLayer};
+//! # use chat_token_service::store::limits::MemoryStore;
 //! # let limits = vec![Limit {
 //! #     name: "per-caller".into(),
 //! #     key: LimitKey::Caller,
@@ -32,11 +33,10 @@ use opentelemetry::KeyValue;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-use super::redis::Gate;
-use super::{Check, Limit, LimitKey, LimiterStore, Quota, Verdict};
-use crate::error::{Error, ExceededLimit};
-use crate::moderation::{ModerationRequest, store::SharedModeration};
-use crate::request::{Caller, RoomArn, TokenRequest, UserId};
+use crate::domain::{
+    Caller, Error, ExceededLimit, Limit, LimitKey, ModerationRequest, RoomArn, TokenRequest, UserId,
+};
+use crate::store::{BanGate, Check, Gated, LimiterStore, Quota, Verdict};
 use crate::telemetry::{metrics::metrics, trace_only_span};
 
 /// Wraps a service in [`RateLimit`]. Every service it makes shares the same store and counters.
@@ -45,7 +45,8 @@ pub struct RateLimitLayer<St> {
     limits: Arc<[Limit]>,
     store: St,
     counters: Arc<Counters>,
-    bans: Option<SharedModeration>,
+    /// Where bans are looked up along with the limits, if here (see [`RateLimitLayer::with_ban_gate`]).
+    ban_gate: Option<BanGate>,
 }
 
 impl<St> RateLimitLayer<St> {
@@ -55,16 +56,16 @@ impl<St> RateLimitLayer<St> {
             limits: limits.into(),
             store,
             counters: Arc::default(),
-            bans: None,
+            ban_gate: None,
         }
     }
 
-    /// Also refuses users banned in `bans` (requests whose [`Limited::ban_checked`] says so), with the
-    /// ban looked up in the same Redis call as the limits: one round trip per request, and a banned user
-    /// spends no budget. Takes the place of a [`crate::moderation::BanCheckLayer`] in front of this layer;
-    /// `bans` must share this layer's Redis store.
-    pub fn with_bans(mut self, bans: SharedModeration) -> Self {
-        self.bans = Some(bans);
+    /// Also refuses users banned from the room (requests whose [`Limited::ban_checked`] says so), asking
+    /// `gate`, which looks the ban up in the same Redis call as the limits: one round trip per request,
+    /// and a banned user spends no budget. Takes the place of a [`crate::ban_check::BanCheckLayer`] in
+    /// front of this layer; the gate decides the limits in its own store, so give it this layer's.
+    pub fn with_ban_gate(mut self, gate: BanGate) -> Self {
+        self.ban_gate = Some(gate);
         self
     }
 
@@ -83,7 +84,7 @@ impl<S, St: Clone> Layer<S> for RateLimitLayer<St> {
             limits: self.limits.clone(),
             store: self.store.clone(),
             counters: self.counters.clone(),
-            bans: self.bans.clone(),
+            ban_gate: self.ban_gate.clone(),
         }
     }
 }
@@ -95,8 +96,8 @@ pub struct RateLimit<S, St> {
     limits: Arc<[Limit]>,
     store: St,
     counters: Arc<Counters>,
-    /// Where bans are looked up along with the limits, if here (see [`RateLimitLayer::with_bans`]).
-    bans: Option<SharedModeration>,
+    /// Where bans are looked up along with the limits, if here (see [`RateLimitLayer::with_ban_gate`]).
+    ban_gate: Option<BanGate>,
 }
 
 impl<S, St> RateLimit<S, St> {
@@ -222,22 +223,19 @@ where
         let limits = self.limits.clone();
         let store = self.store.clone();
         let counters = self.counters.clone();
-        let bans = self.bans.clone().filter(|_| request.ban_checked());
+        let gate = self.ban_gate.clone().filter(|_| request.ban_checked());
         ResponseFuture {
             future: Box::pin(async move {
                 let checked = async {
-                    let verdicts = match (&bans, request.user_id()) {
-                        (Some(bans), Some(user_id)) => {
-                            match bans
-                                .check_with_ban(request.room(), user_id, &checks)
-                                .await?
-                            {
-                                Gate::Banned(ban) => {
+                    let verdicts = match (&gate, request.user_id()) {
+                        (Some(gate), Some(user_id)) => {
+                            match gate.check(request.room(), user_id, &checks).await? {
+                                Gated::Banned(ban) => {
                                     return Err(Error::UserBanned {
                                         expires_at: ban.expires_at,
                                     });
                                 }
-                                Gate::Verdicts(verdicts) => verdicts,
+                                Gated::Verdicts(verdicts) => verdicts,
                             }
                         }
                         _ => store.check(&checks).await?,
@@ -375,7 +373,7 @@ fn store_key(limit: &Limit, request: &impl Limited) -> String {
 
 #[cfg(test)]
 mod tests {
-    use crate::ratelimit::StoreError;
+    use crate::store::StoreError;
     use std::{
         collections::HashSet,
         num::{NonZeroU32, NonZeroUsize},
@@ -387,8 +385,9 @@ mod tests {
     use tower_test::mock;
 
     use super::*;
-    use crate::ratelimit::{MemoryStore, gcra::Rate};
-    use crate::request::{IssuedToken, test_request};
+    use crate::domain::token::test_request;
+    use crate::domain::{IssuedToken, Rate};
+    use crate::store::limits::MemoryStore;
 
     const ROOM: &str = "arn:aws:ivschat:us-west-2:123456789012:room/g1H2I3j4k5L6";
     const OTHER_ROOM: &str = "arn:aws:ivschat:us-west-2:123456789012:room/other";

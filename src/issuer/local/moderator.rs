@@ -7,10 +7,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::{Moderator, Reason, TokenRejection, store::ModerationStore};
-use crate::error::Error;
-use crate::issuer::local::TokenClaims;
-use crate::request::{RoomArn, UserId};
+use crate::domain::{Error, Reason, RoomArn, TokenClaims, TokenRejection, UserId};
+use crate::issuer::Moderator;
+use crate::store::ModerationStore;
 
 /// The local issuer's [`Moderator`].
 pub struct LocalModerator<St> {

@@ -1,0 +1,368 @@
+//! The service's one configuration: embedded defaults, then a TOML file (`--config PATH`), then `CTS_*`
+//! environment variables, each overriding the one before.
+//!
+//! Environment names are the setting's path in upper case, prefixed with `CTS_`, with `__` between a
+//! section and its field: `listen_addr` is `CTS_LISTEN_ADDR`, `local_issuer.keys_file` is
+//! `CTS_LOCAL_ISSUER__KEYS_FILE`. Durations are written as humans write them: `"60s"`, `"2m"`, `"500ms"`.
+//!
+//! A bad value stops start-up with an error naming the setting, where it came from, and why. Values are
+//! parsed into their types here (URLs, regions, accounts, role ARNs, header names, rates), so nothing that
+//! uses a loaded configuration can find a value bad. This module is data only: it builds no runtime object
+//! and starts nothing.
+
+mod identity;
+mod issuer;
+mod limiter;
+mod transport;
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    num::NonZeroUsize,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Toml},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{DISCONNECT_QUOTA_LIMIT_NAME, IVS_QUOTA_LIMIT_NAME, Limit};
+pub use crate::telemetry::LogFormat;
+
+pub use identity::{CertificateName, IdentityConfig, IdentitySource, Sigv4Config};
+pub use issuer::{
+    EndpointUrl, IVS_CHAT_REGIONS, IssuerKind, IvsConfig, LocalIssuerConfig, RoleArn,
+};
+pub use limiter::{FailureMode, LimiterBackend, LimiterConfig, RedisUrl};
+pub use transport::{HttpApiConfig, TlsConfig, TransportConfig};
+
+/// Prefix of environment variables that override settings.
+pub const ENV_PREFIX: &str = "CTS_";
+
+/// Everything the service can be told. Every field has a default, so an empty file is a valid config.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the gRPC server listens. Loopback by default, so a fresh checkout exposes nothing.
+    /// Default `127.0.0.1:50051`.
+    pub listen_addr: SocketAddr,
+
+    /// After SIGTERM or SIGINT, how long the server reports NOT_SERVING while still serving, before it
+    /// closes the listener: long enough for kubelet probes and load balancers to see NOT_SERVING and
+    /// send new work elsewhere, so no caller meets a refused connection. `0s` closes at once (nothing in
+    /// front of it polls health). Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_drain_delay: Duration,
+
+    /// After the drain delay, how long calls already in flight may take to finish before the process
+    /// exits anyway. Keep `shutdown_drain_delay` plus this below Kubernetes'
+    /// `terminationGracePeriodSeconds`. Default `20s`.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace_period: Duration,
+
+    /// Largest request message the transport accepts, in bytes; larger ones are refused before they are
+    /// parsed. The largest valid request is under 4 KiB. Default `65536`; at least `8192`.
+    pub max_request_bytes: usize,
+
+    /// Most CreateChatToken calls in flight at once on this replica; more are shed at once with
+    /// UNAVAILABLE (health checks and reflection are never shed). Default `1024`; at least 1.
+    pub max_concurrent_calls: NonZeroUsize,
+
+    /// How often policy and TLS files are checked for changes; SIGHUP reloads both at once.
+    /// Default `10s`; at least `100ms`.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+
+    /// TLS termination. Absent: plaintext HTTP/2 (behind a mesh sidecar, or for development).
+    pub tls: Option<TlsConfig>,
+
+    /// How log lines are written: `"text"` for people, `"json"` for log collectors. `--log-format`
+    /// overrides it. Default `"text"`.
+    pub log_format: LogFormat,
+
+    /// How callers are identified.
+    pub identity: IdentityConfig,
+
+    /// Which Cedar policies decide who may mint what.
+    pub policy: PolicyConfig,
+
+    /// Which issuer mints tokens: `"local"` (the built-in PASETO issuer) or `"ivs"` (Amazon IVS Chat).
+    /// Default `"local"`.
+    pub issuer: IssuerKind,
+
+    /// Settings of the IVS Chat issuer.
+    pub ivs: IvsConfig,
+
+    /// Settings of the local issuer.
+    pub local_issuer: LocalIssuerConfig,
+
+    /// Rate limits, every one checked on every request; a request over any enforced limit is refused with
+    /// RESOURCE_EXHAUSTED and consumes nothing from the others. Names are unique and not empty. Default:
+    /// none.
+    pub rate_limits: Vec<Limit>,
+
+    /// Where rate-limit state is kept; bans, revocations and used token ids live there too.
+    pub limiter: LimiterConfig,
+
+    /// IVS Chat's own REST-JSON API (`POST /CreateChatToken`) on the same listener, for the AWS CLI and
+    /// SDKs.
+    pub http_api: HttpApiConfig,
+
+    /// Moderation: bans and token verification (ivschat.v1.ModerationService).
+    pub moderation: ModerationConfig,
+
+    /// Per-connection limits and timeouts of the listener. See the README's "Limits and timeouts".
+    pub transport: TransportConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            shutdown_drain_delay: Duration::from_secs(5),
+            shutdown_grace_period: Duration::from_secs(20),
+            max_request_bytes: 64 * 1024,
+            max_concurrent_calls: NonZeroUsize::new(1024).expect("1024 is not zero"),
+            reload_interval: Duration::from_secs(10),
+            tls: None,
+            log_format: LogFormat::Text,
+            identity: IdentityConfig::default(),
+            policy: PolicyConfig::default(),
+            issuer: IssuerKind::Local,
+            ivs: IvsConfig::default(),
+            local_issuer: LocalIssuerConfig::default(),
+            rate_limits: Vec::new(),
+            limiter: LimiterConfig::default(),
+            http_api: HttpApiConfig::default(),
+            moderation: ModerationConfig::default(),
+            transport: TransportConfig::default(),
+        }
+    }
+}
+
+/// Settings of the moderation service.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModerationConfig {
+    /// Longest ban BanUser accepts with a duration (a ban without one lasts until UnbanUser), so a typo
+    /// cannot ban someone for a century by accident. Default `365d`; at least `1s`.
+    #[serde(with = "humantime_serde")]
+    pub max_ban_duration: Duration,
+
+    /// Local issuer: a token verifies (VerifyChatToken) only once; its id is remembered until it expires.
+    /// For chat servers that must refuse a replayed token. While Redis is unreachable in fail_open mode each
+    /// replica remembers only the ids it saw. Default `false`.
+    pub single_use_tokens: bool,
+}
+
+impl Default for ModerationConfig {
+    fn default() -> Self {
+        ModerationConfig {
+            max_ban_duration: Duration::from_secs(365 * 24 * 3600),
+            single_use_tokens: false,
+        }
+    }
+}
+
+impl ModerationConfig {
+    /// The rules of this section that its types do not hold.
+    fn check(&self) -> Result<(), ConfigError> {
+        at_least(
+            "moderation.max_ban_duration",
+            self.max_ban_duration,
+            Duration::from_secs(1),
+        )
+    }
+}
+
+/// Policy settings. See the README's "Policy" for what a policy sees.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Cedar policy files, evaluated as one set. Empty (the default): the embedded development policy,
+    /// which permits every valid request; it is refused unless `listen_addr` is a loopback address.
+    pub files: Vec<PathBuf>,
+
+    /// Cedar entities (JSON): callers' groups and attributes such as `accounts`. Default: none.
+    pub entities_file: Option<PathBuf>,
+
+    /// Evaluate policies and log what they would deny, but deny nothing: for trying a new policy on live
+    /// traffic. Default `false`.
+    pub shadow: bool,
+}
+
+impl PolicyConfig {
+    /// The rules of this section, and the one it shares with `listen_addr`.
+    fn check(&self, listen_addr: SocketAddr) -> Result<(), ConfigError> {
+        if self.files.is_empty() && !listen_addr.ip().is_loopback() {
+            return Err(ConfigError::Invalid {
+                setting: "policy.files".into(),
+                reason: format!(
+                    "no policy files: the development policy permits every request, so it is only \
+                     allowed on a loopback listen_addr, not {listen_addr}; configure policies (see \
+                     deploy/policy/production.cedar)"
+                ),
+            });
+        }
+        if self.entities_file.is_some() && self.files.is_empty() {
+            return Err(ConfigError::Invalid {
+                setting: "policy.entities_file".into(),
+                reason: "entities need policy files that use them (policy.files is empty)".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an environment variable does not parse: each problem names the setting and its source.
+    #[error("configuration error: {0}")]
+    Parse(String),
+    /// A value parses but is out of range.
+    #[error("configuration error: {setting}: {reason}")]
+    Invalid {
+        /// The setting's path in the file, e.g. `local_issuer.token_ttl` or `rate_limits[2].rate`.
+        setting: String,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Defaults, overridden by `file` (which must exist when given), overridden by `CTS_*` variables.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let config: Config = figment
+            // CTS_CONFIG names the file (a flag's environment form), not a setting.
+            .merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]).split("__"))
+            .extract()
+            .map_err(describe)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The rules that types alone cannot express: each section's own, then those across sections.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.transport.check()?;
+        self.local_issuer.check()?;
+        // Policy before identity: without policy files nothing else off loopback matters yet.
+        self.policy.check(self.listen_addr)?;
+        self.identity
+            .check(self.listen_addr, self.tls.as_ref(), &self.http_api)?;
+        self.moderation.check()?;
+        self.ivs.check()?;
+        at_least(
+            "reload_interval",
+            self.reload_interval,
+            Duration::from_millis(100),
+        )?;
+        if self.max_request_bytes < 8192 {
+            return Err(ConfigError::Invalid {
+                setting: "max_request_bytes".into(),
+                reason: format!(
+                    "must be at least 8192 so every valid request fits, got {}",
+                    self.max_request_bytes
+                ),
+            });
+        }
+        self.http_api.check()?;
+        self.check_limit_names()?;
+        self.limiter.check()
+    }
+
+    /// Limit names are unique and not empty: they name budgets in the store and limits in refusals.
+    fn check_limit_names(&self) -> Result<(), ConfigError> {
+        let mut names = HashSet::new();
+        for (index, limit) in self.rate_limits.iter().enumerate() {
+            let invalid = |reason: String| ConfigError::Invalid {
+                setting: format!("rate_limits[{index}].name"),
+                reason,
+            };
+            if limit.name.trim().is_empty() {
+                return Err(invalid("must not be empty".into()));
+            }
+            if [IVS_QUOTA_LIMIT_NAME, DISCONNECT_QUOTA_LIMIT_NAME].contains(&limit.name.as_str()) {
+                return Err(invalid(format!(
+                    "{:?} names a built-in IVS quota limit (ivs.quota, ivs.disconnect_quota)",
+                    limit.name
+                )));
+            }
+            if !names.insert(limit.name.as_str()) {
+                return Err(invalid(format!(
+                    "{:?} names an earlier limit too; names must be unique",
+                    limit.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Refuses `value` below `min` for `setting`.
+fn at_least(setting: &str, value: Duration, min: Duration) -> Result<(), ConfigError> {
+    if value < min {
+        return Err(ConfigError::Invalid {
+            setting: setting.into(),
+            reason: format!(
+                "must be at least {}, got {}",
+                humantime::format_duration(min),
+                humantime::format_duration(value)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A setting's path as written in the file and in validation errors: `rate_limits[2].rate`.
+fn setting_path(path: &[String]) -> String {
+    let mut setting = String::new();
+    for segment in path {
+        if segment.bytes().all(|b| b.is_ascii_digit()) {
+            setting.push_str(&format!("[{segment}]"));
+        } else {
+            if !setting.is_empty() {
+                setting.push('.');
+            }
+            setting.push_str(&segment.to_ascii_lowercase());
+        }
+    }
+    setting
+}
+
+/// Turns figment's errors into one line per problem: `setting: why (where it came from)`.
+fn describe(errors: figment::Error) -> ConfigError {
+    let problems: Vec<String> = errors
+        .into_iter()
+        .map(|e| {
+            let setting = setting_path(&e.path);
+            let origin = match &e.metadata {
+                Some(md) if md.name.contains("environment") => format!(
+                    " (environment variable {ENV_PREFIX}{})",
+                    e.path.join("__").to_ascii_uppercase()
+                ),
+                Some(md) => match &md.source {
+                    Some(source) => format!(" (in {source})"),
+                    None => format!(" ({})", md.name),
+                },
+                None => String::new(),
+            };
+            if setting.is_empty() {
+                format!("{}{origin}", e.kind)
+            } else {
+                format!("{setting}: {}{origin}", e.kind)
+            }
+        })
+        .collect();
+    ConfigError::Parse(problems.join("; "))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,489 @@
+use std::collections::BTreeSet;
+
+use std::num::NonZeroU32;
+
+use super::transport::{default_handshake_timeout, default_max_concurrent_handshakes};
+use super::*;
+use crate::domain::{LimitKey, Rate};
+
+fn load_str(toml: &str) -> Result<Config, ConfigError> {
+    let config: Config = Figment::new()
+        .merge(Toml::string(toml))
+        .extract()
+        .map_err(describe)?;
+    config.validate()?;
+    Ok(config)
+}
+
+#[test]
+fn an_empty_file_gives_the_documented_defaults() {
+    let config = load_str("").unwrap();
+    assert_eq!(config.listen_addr, "127.0.0.1:50051".parse().unwrap());
+    assert_eq!(config.shutdown_drain_delay, Duration::from_secs(5));
+    assert_eq!(config.shutdown_grace_period, Duration::from_secs(20));
+    assert_eq!(config.max_request_bytes, 65536);
+    assert_eq!(config.issuer, IssuerKind::Local);
+    assert_eq!(config.local_issuer.token_ttl, Duration::from_secs(60));
+}
+
+const EXAMPLE: &str = include_str!("../../deploy/config.example.toml");
+
+/// The example with every commented-out setting and section header put back in: a `#` line whose
+/// rest parses as TOML on its own (`key = value`, `[section]`, `[[array]]`); prose does not.
+fn uncommented_example() -> String {
+    EXAMPLE
+        .lines()
+        .map(|line| match line.trim_start().strip_prefix('#') {
+            Some(rest) if rest.trim().parse::<toml::Table>().is_ok() && !rest.trim().is_empty() => {
+                rest.trim()
+            }
+            _ => line,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The dotted path of every setting in `value`: a map keyed by data (`ivs.assume_roles`), an array
+/// of values or a null is a setting of its own; entries of an array of tables are `name[i]`.
+fn setting_paths(value: &serde_json::Value, prefix: &str, paths: &mut BTreeSet<String>) {
+    match value {
+        serde_json::Value::Object(fields) if !fields.is_empty() && prefix != "ivs.assume_roles" => {
+            for (name, field) in fields {
+                let path = if prefix.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{prefix}.{name}")
+                };
+                setting_paths(field, &path, paths);
+            }
+        }
+        serde_json::Value::Array(entries)
+            if !entries.is_empty() && entries.iter().all(serde_json::Value::is_object) =>
+        {
+            for (index, entry) in entries.iter().enumerate() {
+                setting_paths(entry, &format!("{prefix}[{index}]"), paths);
+            }
+        }
+        _ => {
+            paths.insert(prefix.to_owned());
+        }
+    }
+}
+
+/// [`setting_paths`] of a TOML document.
+fn toml_paths(value: &toml::Value, prefix: &str, paths: &mut BTreeSet<String>) {
+    match value {
+        toml::Value::Table(fields) if !fields.is_empty() && prefix != "ivs.assume_roles" => {
+            for (name, field) in fields {
+                let path = if prefix.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{prefix}.{name}")
+                };
+                toml_paths(field, &path, paths);
+            }
+        }
+        toml::Value::Array(entries)
+            if entries.iter().all(toml::Value::is_table) && !entries.is_empty() =>
+        {
+            for (index, entry) in entries.iter().enumerate() {
+                toml_paths(entry, &format!("{prefix}[{index}]"), paths);
+            }
+        }
+        _ => {
+            paths.insert(prefix.to_owned());
+        }
+    }
+}
+
+fn paths_of(config: &Config) -> BTreeSet<String> {
+    let mut paths = BTreeSet::new();
+    setting_paths(&serde_json::to_value(config).unwrap(), "", &mut paths);
+    paths
+}
+
+#[test]
+fn moderation_and_disconnect_quota_settings_are_checked() {
+    let err = load_str("[moderation]\nmax_ban_duration = \"0s\"").unwrap_err();
+    assert!(
+        err.to_string().contains("moderation.max_ban_duration"),
+        "{err}"
+    );
+    assert!(load_str("[moderation]\nmax_ban_duration = \"1s\"").is_ok());
+    let err = load_str("[ivs]\ndisconnect_quota_burst = 0").unwrap_err();
+    assert!(
+        err.to_string().contains("ivs.disconnect_quota_burst"),
+        "{err}"
+    );
+    let err = load_str("[ivs]\ndisconnect_quota = \"fast\"").unwrap_err();
+    assert!(err.to_string().contains("ivs.disconnect_quota"), "{err}");
+}
+
+#[test]
+fn the_shipped_example_config_shows_exactly_the_defaults() {
+    let example = load_str(EXAMPLE).unwrap();
+    assert_eq!(
+        serde_json::to_value(&example).unwrap(),
+        serde_json::to_value(Config::default()).unwrap()
+    );
+}
+
+#[test]
+fn the_example_config_covers_the_whole_config() {
+    // Every optional section filled in, so its fields are listed too.
+    let whole = Config {
+        tls: Some(TlsConfig {
+            cert_file: "c".into(),
+            key_file: "k".into(),
+            client_ca_file: Some("ca".into()),
+            handshake_timeout: default_handshake_timeout(),
+            max_concurrent_handshakes: default_max_concurrent_handshakes(),
+        }),
+        rate_limits: vec![Limit {
+            name: "per-caller".into(),
+            key: LimitKey::Caller,
+            rate: Rate::parse("1/s").unwrap(),
+            burst: NonZeroU32::MIN,
+            shadow: false,
+        }],
+        ..Config::default()
+    };
+    let expected = paths_of(&whole);
+
+    // Every key of the example, commented out or not, is a setting (unknown keys are refused) ...
+    let uncommented = uncommented_example();
+    let _: Config = Figment::new()
+        .merge(Toml::string(&uncommented))
+        .extract()
+        .map_err(describe)
+        .unwrap();
+    // ... and every setting has its line.
+    let table: toml::Table = uncommented.parse().unwrap();
+    let mut listed = BTreeSet::new();
+    toml_paths(&toml::Value::Table(table), "", &mut listed);
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|path| !listed.contains(*path))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "deploy/config.example.toml lacks {missing:?}"
+    );
+}
+
+#[test]
+fn the_production_example_config_is_valid() {
+    let config = load_str(include_str!("../../deploy/config.production.example.toml")).unwrap();
+    assert!(!config.identity.allow_anonymous);
+    assert_eq!(config.identity.sources, [IdentitySource::Mtls]);
+    assert!(config.tls.is_some());
+}
+
+#[test]
+fn errors_name_the_setting() {
+    let err = load_str("listen_addr = \"nowhere\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("listen_addr"), "{err}");
+    let err = load_str("[local_issuer]\ntoken_ttl = \"0s\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("local_issuer.token_ttl"), "{err}");
+    let err = load_str("issuer = \"aws\"").unwrap_err().to_string();
+    assert!(err.contains("issuer") && err.contains("local"), "{err}");
+    let err = load_str("listen_adr = \"127.0.0.1:1\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("listen_adr"), "{err}");
+}
+
+#[test]
+#[allow(clippy::result_large_err)] // figment::Jail's closure returns figment::Error
+fn environment_errors_name_the_variable() {
+    figment::Jail::expect_with(|jail| {
+        jail.set_env("CTS_LISTEN_ADDR", "nowhere");
+        let err = Config::load(None).unwrap_err().to_string();
+        assert!(err.contains("listen_addr: "), "{err}");
+        assert!(
+            err.contains("(environment variable CTS_LISTEN_ADDR)"),
+            "{err}"
+        );
+        jail.set_env("CTS_LISTEN_ADDR", "127.0.0.1:1");
+        jail.set_env("CTS_LOCAL_ISSUER__TOKEN_TTL", "soon");
+        let err = Config::load(None).unwrap_err().to_string();
+        assert!(
+            err.contains("local_issuer.token_ttl: ") && err.contains("CTS_LOCAL_ISSUER__TOKEN_TTL"),
+            "{err}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+#[allow(clippy::result_large_err)] // figment::Jail's closure returns figment::Error
+fn the_config_file_variable_is_not_a_setting() {
+    figment::Jail::expect_with(|jail| {
+        jail.create_file("cts.toml", "max_request_bytes = 9000")?;
+        jail.set_env("CTS_CONFIG", "cts.toml");
+        let config = Config::load(Some(Path::new("cts.toml"))).unwrap();
+        assert_eq!(config.max_request_bytes, 9000);
+        Ok(())
+    });
+}
+
+#[test]
+#[allow(clippy::result_large_err)] // figment::Jail's closure returns figment::Error
+fn file_errors_name_the_file() {
+    figment::Jail::expect_with(|jail| {
+        jail.create_file("cts.toml", "shutdown_grace_period = 5")?;
+        let err = Config::load(Some(Path::new("cts.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("shutdown_grace_period: "), "{err}");
+        assert!(err.contains("cts.toml"), "{err}");
+        let err = Config::load(Some(Path::new("missing.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.toml"), "{err}");
+        Ok(())
+    });
+}
+
+#[test]
+fn the_development_policy_is_refused_off_loopback() {
+    let err = load_str("listen_addr = \"0.0.0.0:50051\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("policy.files"), "{err}");
+    load_str(
+        "listen_addr = \"0.0.0.0:50051\"\n[policy]\nfiles = [\"p.cedar\"]\n\
+         [identity]\nsources = [\"xfcc\"]\nallow_anonymous = false",
+    )
+    .unwrap();
+    load_str("listen_addr = \"[::1]:50051\"").unwrap();
+}
+
+#[test]
+fn identity_that_believes_anyone_is_refused_off_loopback() {
+    let production = "listen_addr = \"0.0.0.0:50051\"\n[policy]\nfiles = [\"p.cedar\"]\n";
+    for (identity, named) in [
+        (
+            "",
+            "identity.sources includes \"header\" and identity.allow_anonymous",
+        ),
+        ("sources = [\"xfcc\"]", "identity.allow_anonymous is true"),
+        (
+            "sources = [\"xfcc\", \"header\"]\nallow_anonymous = false",
+            "identity.sources includes \"header\",",
+        ),
+    ] {
+        let err = load_str(&format!("{production}[identity]\n{identity}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("identity.trust_network_in_front") && err.contains(named),
+            "{err}"
+        );
+        load_str(&format!(
+            "{production}[identity]\n{identity}\ntrust_network_in_front = true"
+        ))
+        .unwrap();
+    }
+    // Loopback keeps the embedded defaults working.
+    let defaults = load_str("").unwrap();
+    assert!(defaults.identity.allow_anonymous);
+    assert_eq!(defaults.identity.certificate_names, [CertificateName::Uri]);
+    let err = load_str("[identity]\ncertificate_names = []")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("identity.certificate_names"), "{err}");
+}
+
+#[test]
+fn the_mtls_source_needs_a_client_ca() {
+    let err = load_str("[identity]\nsources = [\"mtls\"]")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("identity.sources") && err.contains("client_ca_file"),
+        "{err}"
+    );
+    load_str(
+        "[identity]\nsources = [\"mtls\"]\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\nclient_ca_file = \"ca\"",
+    )
+    .unwrap();
+    let err = load_str("[tls]\ncert_file = \"c\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("key_file"), "{err}");
+}
+
+#[test]
+fn rate_limits_parse_with_their_defaults() {
+    let config = load_str(
+        r#"
+        [[rate_limits]]
+        name = "per-caller"
+        key = "caller"
+        rate = "100/s"
+        burst = 200
+
+        [[rate_limits]]
+        name = "per-user"
+        key = "user"
+        rate = "5/minute"
+        burst = 5
+        shadow = true
+        "#,
+    )
+    .unwrap();
+    let limits = &config.rate_limits;
+    assert_eq!(limits.len(), 2);
+    assert_eq!(limits[0].description(), "100/s per caller, burst 200");
+    assert!(!limits[0].shadow);
+    assert_eq!(limits[1].key, LimitKey::User);
+    assert!(limits[1].shadow);
+    assert_eq!(config.limiter.max_tracked_keys.get(), 1_000_000);
+    assert!(load_str("").unwrap().rate_limits.is_empty());
+}
+
+/// The `setting` of the `ConfigError::Invalid` that `toml` fails validation with, and its reason.
+fn invalid_setting(toml: &str) -> (String, String) {
+    match load_str(toml) {
+        Err(ConfigError::Invalid { setting, reason }) => (setting, reason),
+        other => panic!("expected an invalid setting, got {other:?}"),
+    }
+}
+
+#[test]
+fn rate_limit_errors_name_the_entry_and_field() {
+    let entry = |name: &str, rate: &str, burst: u32| {
+        format!(
+            "[[rate_limits]]\nname = {name:?}\nkey = \"room\"\nrate = {rate:?}\nburst = {burst}\n"
+        )
+    };
+    let three = |third: String| entry("a", "1/s", 1) + &entry("b", "1/s", 1) + &third;
+
+    // Values that do not parse are refused while the file is read, with the setting's path.
+    let err = load_str(&three(entry("c", "100/day", 1)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("rate_limits[2].rate: ") && err.contains("100/day"),
+        "{err}"
+    );
+    let err = load_str(&three(entry("c", "0/s", 1)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("rate_limits[2].rate: ") && err.contains("at least 1"),
+        "{err}"
+    );
+    let err = load_str(&three(entry("c", "1/s", 0)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("rate_limits[2].burst: "), "{err}");
+    let err = load_str("[limiter]\nmax_tracked_keys = 0")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("limiter.max_tracked_keys: "), "{err}");
+    let err = load_str("[ivs]\nmax_attempts = 0").unwrap_err().to_string();
+    assert!(err.contains("ivs.max_attempts: "), "{err}");
+    let err = load_str("[ivs]\nquota = \"200/s/s\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ivs.quota: "), "{err}");
+
+    // Rules across entries are checked right after.
+    let (setting, _) = invalid_setting(&three(entry(" ", "1/s", 1)));
+    assert_eq!(setting, "rate_limits[2].name");
+    let (setting, reason) = invalid_setting(&three(entry("a", "1/s", 1)));
+    assert_eq!(setting, "rate_limits[2].name");
+    assert!(reason.contains("unique"), "{reason}");
+    let (setting, reason) = invalid_setting(&entry("ivs-quota", "1/s", 1));
+    assert_eq!(setting, "rate_limits[0].name");
+    assert!(reason.contains("built-in"), "{reason}");
+
+    let err = load_str(&(entry("a", "1/s", 1) + "burts = 2\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("burts"), "{err}");
+    let err =
+        load_str("[[rate_limits]]\nname = \"a\"\nkey = \"user_id\"\nrate = \"1/s\"\nburst = 1")
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains("rate_limits[0].key: "), "{err}");
+    assert!(
+        err.contains("user_id") && err.contains("caller_room"),
+        "{err}"
+    );
+    let err = load_str("[[rate_limits]]\nname = \"a\"\nkey = \"user\"\nrate = \"1/s\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("burst"), "{err}");
+}
+
+#[test]
+fn key_and_keys_file_together_are_refused() {
+    let (setting, reason) =
+        invalid_setting("[local_issuer]\nkey = \"k4.local.x\"\nkeys_file = \"keys.toml\"");
+    assert_eq!(setting, "local_issuer.key");
+    assert!(reason.contains("not both"), "{reason}");
+}
+
+#[test]
+fn redis_settings_are_checked_and_the_url_never_shown() {
+    let config = load_str(
+        "[limiter]\nbackend = \"redis\"\nredis_url = \"rediss://cts:hunter2@redis.internal:6380/1\"\n\
+         failure_mode = \"fail_closed\"\nredis_timeout = \"20ms\"",
+    )
+    .unwrap();
+    assert_eq!(config.limiter.failure_mode, FailureMode::FailClosed);
+    assert_eq!(config.limiter.redis_timeout, Duration::from_millis(20));
+    assert!(!format!("{config:?}").contains("hunter2"));
+
+    let defaults = load_str("").unwrap().limiter;
+    assert_eq!(defaults.backend, LimiterBackend::Memory);
+    assert_eq!(defaults.redis_timeout, Duration::from_millis(50));
+    assert_eq!(defaults.failure_mode, FailureMode::FailOpen);
+    assert_eq!(defaults.key_prefix, "cts");
+
+    for (toml, setting) in [
+        ("backend = \"redis\"", "limiter.redis_url"),
+        ("redis_url = \"redis://h\"", "limiter.redis_url"),
+        (
+            "backend = \"redis\"\nredis_url = \"http://:hunter2@h\"",
+            "limiter.redis_url",
+        ),
+        (
+            "backend = \"redis\"\nredis_url = \"redis://h\"\nredis_timeout = \"0s\"",
+            "limiter.redis_timeout",
+        ),
+        (
+            "backend = \"redis\"\nredis_url = \"redis://h\"\nkey_prefix = \"{a}\"",
+            "limiter.key_prefix",
+        ),
+    ] {
+        match load_str(&format!("[limiter]\n{toml}")) {
+            Err(ConfigError::Invalid {
+                setting: got,
+                reason,
+            }) => {
+                assert_eq!(got, setting, "{toml}");
+                assert!(!reason.contains("hunter2"), "{reason}");
+            }
+            // A value that does not parse is refused while the file is read, naming the setting.
+            Err(ConfigError::Parse(problem)) => {
+                assert!(problem.starts_with(&format!("{setting}: ")), "{problem}");
+                assert!(!problem.contains("hunter2"), "{problem}");
+            }
+            other => panic!("{toml}: expected {setting} to be refused, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn the_key_never_shows_in_debug_output() {
+    let config = load_str("[local_issuer]\nkey = \"k4.local.very-secret\"").unwrap();
+    assert!(!format!("{config:?}").contains("very-secret"));
+}

@@ -1,0 +1,15 @@
+//! The transport: what sits between a TCP socket and the front doors.
+//!
+//! - [`listener`]: the accept loop and each connection's bounds (how many, silent, idle, out of file
+//!   descriptors), and the [`listener::ConnInfo`] every request sees.
+//! - [`tls`]: rustls termination, mutual TLS, certificates swapped on reload.
+//! - [`trace`]: the server span and duration metric of every call, W3C trace context in.
+//! - [`inflight`]: counts calls in flight (shutdown ends when the last one does) and caps token calls once
+//!   their request message has arrived.
+//! - [`end_on_drain`]: ends health `Watch` streams when shutdown starts.
+
+pub mod end_on_drain;
+pub mod inflight;
+pub mod listener;
+pub mod tls;
+pub mod trace;
