@@ -552,13 +552,15 @@ mod tests {
         for _ in 0..5 {
             assert!(harness.admitted(user("ann")).await);
         }
-        let status = tonic::Status::from(harness.call(user("ann")).await.unwrap_err());
+        let status =
+            crate::rescue::rescue(harness.call(user("ann")).await.unwrap_err()).into_status();
         let retry = status.get_details_retry_info().expect("RetryInfo");
         assert_eq!(retry.retry_delay, Some(Duration::from_secs(12)));
         assert_eq!(status.metadata().get("retry-after").unwrap(), "12");
 
         tokio::time::advance(Duration::from_millis(11_999)).await;
-        let status = tonic::Status::from(harness.call(user("ann")).await.unwrap_err());
+        let status =
+            crate::rescue::rescue(harness.call(user("ann")).await.unwrap_err()).into_status();
         let retry = status.get_details_retry_info().expect("RetryInfo");
         assert_eq!(retry.retry_delay, Some(Duration::from_millis(1)));
         assert_eq!(status.metadata().get("retry-after").unwrap(), "1");

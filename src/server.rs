@@ -21,6 +21,10 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::app::{App, Serving};
+use crate::door::{
+    grpc::{ModerationGrpc, TokenGrpc},
+    rest,
+};
 use crate::proto::{
     FILE_DESCRIPTOR_SET,
     ivschat::v1::{
@@ -28,7 +32,6 @@ use crate::proto::{
         token_service_server::{self, TokenServiceServer},
     },
 };
-use crate::service::TokenService;
 use crate::telemetry::metrics::observe_in_flight;
 use crate::transport::{
     end_on_drain::EndOnDrain,
@@ -100,24 +103,24 @@ pub async fn run(
         .expect("the descriptor sets are valid");
 
     let max_request_bytes = serving.max_request_bytes;
-    let token_service = TokenServiceServer::new(TokenService::new(door.clone()))
+    let token_service = TokenServiceServer::new(TokenGrpc::new(door.clone()))
         .max_decoding_message_size(max_request_bytes);
     let moderation_service = moderation.clone().map(|moderation| {
-        ModerationServiceServer::new(moderation).max_decoding_message_size(max_request_bytes)
+        ModerationServiceServer::new(ModerationGrpc::new(moderation))
+            .max_decoding_message_size(max_request_bytes)
     });
 
-    let calls = Calls::default();
+    let calls = Calls::new(serving.max_concurrent_calls.get());
     observe_in_flight({
         let calls = calls.clone();
         move || calls.in_flight()
     });
-    let max_calls = serving.max_concurrent_calls.get();
     let layers = tower::ServiceBuilder::new()
         // Outermost: every call gets its server span and duration, shed ones included.
         .layer(RpcTraceLayer)
         // Counts every call for draining, sheds token calls over the cap before any decoding, policy or
         // issuing work is spent on them.
-        .layer(InFlightLayer::new(calls.clone(), max_calls));
+        .layer(InFlightLayer::new(calls.clone()));
     // Health and reflection get the token service's bound too: nothing decodes (or echoes) more.
     let (draining_tx, draining) = watch::channel(false);
     let mut routes = tonic::service::Routes::builder();
@@ -135,13 +138,9 @@ pub async fn run(
     let mut routes = routes.routes();
     // The IVS Chat REST-JSON API: its routes beside the gRPC ones, over HTTP/1.1 as well as HTTP/2.
     if serving.http_api.enabled {
-        routes = crate::rest::beside(
+        routes = rest::beside(
             routes,
-            door,
-            moderation,
-            &serving.http_api,
-            calls.clone(),
-            max_calls,
+            rest::router(door, moderation, &serving.http_api, calls.clone()),
         );
     }
     let transport = &serving.transport;

@@ -5,8 +5,8 @@ mod common;
 
 use std::time::{Duration, SystemTime};
 
+use chat_token_service::domain::Capability;
 use chat_token_service::proto::ivschat::v1::{ChatTokenCapability, CreateChatTokenRequest};
-use chat_token_service::request::Capability;
 use common::{LocalKeys, ROOM_ARN, TestServer, valid_request};
 use tonic::Code;
 use tonic_types::StatusExt;

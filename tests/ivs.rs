@@ -441,8 +441,8 @@ async fn a_thousand_made_up_regions_create_no_client() {
     .await;
     for i in 0..1000 {
         let room = format!("arn:aws:ivschat:made-up-{i}:111111111111:room/a");
-        let request = chat_token_service::request::TokenRequest::from_proto(
-            chat_token_service::request::Caller::new("c"),
+        let request = chat_token_service::door::grpc::token_request(
+            chat_token_service::domain::Caller::new("c"),
             request(&room),
         )
         .unwrap();
@@ -450,7 +450,7 @@ async fn a_thousand_made_up_regions_create_no_client() {
         assert!(
             matches!(
                 refused,
-                Err(chat_token_service::error::Error::InvalidArgument(_))
+                Err(chat_token_service::domain::Error::InvalidArgument(_))
             ),
             "{refused:?}"
         );

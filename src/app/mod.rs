@@ -22,6 +22,7 @@ use crate::config::{
 use crate::domain::{
     DISCONNECT_QUOTA_LIMIT_NAME, IVS_QUOTA_LIMIT_NAME, Limit, LimitKey, ServedRooms,
 };
+use crate::door::{Door, ModerationDoor};
 use crate::identity::{
     Resolver,
     sigv4::{CredentialsError, Verifier},
@@ -31,10 +32,8 @@ use crate::issuer::{
     ivs::{CallBounds, IvsIssuer, Routes},
     local::{KeyError, KeySource, LiveKeys, LocalIssuer, LocalModerator},
 };
-use crate::moderation::ModerationGrpc;
 use crate::policy::{PolicyEngine, PolicyError, PolicySource};
 use crate::reload::{self, Reload, Trigger};
-use crate::service::Door;
 use crate::stack::{self, ModerationStack, Parts, TokenStack, Upstream};
 use crate::store::{Backend, LimiterStore, ModerationStore, Stores};
 use crate::transport::tls::{Tls, TlsError};
@@ -44,7 +43,7 @@ pub struct App {
     /// CreateChatToken, for the gRPC service and the IVS HTTP API alike.
     pub door: Door,
     /// ModerationService (and the HTTP API's DisconnectUser); `None` around an embedder's own issuer.
-    pub moderation: Option<ModerationGrpc>,
+    pub moderation: Option<ModerationDoor>,
     /// What the token service's health follows, if anything: Redis' reachability in fail_closed mode.
     pub readiness: Option<watch::Receiver<bool>>,
     /// TLS termination, its files watched; `None`: plaintext.
@@ -231,7 +230,7 @@ fn finish(
 ) -> Result<App, StartError> {
     let identity = identity(&config.identity, config.reload_interval)?;
     let moderation = moderation.map(|moderation| {
-        ModerationGrpc::new(
+        ModerationDoor::new(
             identity.clone(),
             issuer,
             moderation.stack,

@@ -20,8 +20,8 @@
 //!
 //! ```
 //! use chat_token_service::transport::inflight::{Calls, InFlightLayer};
-//! let calls = Calls::default();
-//! let layer = InFlightLayer::new(calls.clone(), 1000); // tonic::transport::Server::builder().layer(layer)
+//! let calls = Calls::new(1000);
+//! let layer = InFlightLayer::new(calls.clone()); // tonic::transport::Server::builder().layer(layer)
 //! assert_eq!(calls.in_flight(), 0);
 //! ```
 
@@ -29,19 +29,20 @@ use std::{
     future::Future,
     pin::Pin,
     sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, OnceLock,
+        atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll, ready},
 };
 
 use bytes::Buf;
 use pin_project_lite::pin_project;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::listener::{ConnInfo, OpenCall};
 use crate::domain::Error;
 use crate::proto::ivschat::v1::token_service_server;
+use crate::rescue::rescue;
 
 /// When a call reached the server, as a request extension: the handler measures the caller's deadline from
 /// here, the moment tonic's own `grpc-timeout` timer starts, not from whenever the handler first runs.
@@ -55,21 +56,33 @@ fn capped(path: &str) -> bool {
         .is_some_and(|method| method.starts_with('/'))
 }
 
-/// The shared count of calls in flight.
-#[derive(Clone, Default)]
+/// The shared count of calls in flight, and the cap on token calls. Clones share both.
+#[derive(Clone)]
 pub struct Calls(Arc<Counter>);
 
-#[derive(Default)]
 struct Counter {
     /// Every call in flight, for draining.
     in_flight: AtomicUsize,
-    /// Token calls holding a place under the cap.
-    capped: AtomicUsize,
     /// Woken when `in_flight` drops to zero.
     idle: Notify,
+    /// Places under the cap: a token call holds one from the moment its message has arrived until its
+    /// answer has been sent.
+    places: Arc<Semaphore>,
+    /// How many places there are (`max_concurrent_calls`).
+    max: usize,
 }
 
 impl Calls {
+    /// Counts calls, with `max` places for token calls.
+    pub fn new(max: usize) -> Self {
+        Calls(Arc::new(Counter {
+            in_flight: AtomicUsize::new(0),
+            idle: Notify::new(),
+            places: Arc::new(Semaphore::new(max)),
+            max,
+        }))
+    }
+
     /// How many calls are in flight now.
     pub fn in_flight(&self) -> usize {
         self.0.in_flight.load(Ordering::Acquire)
@@ -77,7 +90,12 @@ impl Calls {
 
     /// How many token calls hold a place under the cap now.
     pub fn capped(&self) -> usize {
-        self.0.capped.load(Ordering::Acquire)
+        self.0.max - self.0.places.available_permits()
+    }
+
+    /// How many places there are.
+    pub fn max(&self) -> usize {
+        self.0.max
     }
 
     /// Completes once no call is in flight (at once if none is).
@@ -104,59 +122,25 @@ impl Calls {
         }
     }
 
-    /// A place under the cap of `max` for a call whose message has arrived, held until the returned
-    /// guard (and its clones) are dropped; `None` when `max` places are taken.
-    pub fn admit(&self, max: usize) -> Option<CappedPlace> {
-        let place = Arc::new(Place::new(self.0.clone()));
-        place.take(max).then_some(CappedPlace(place))
+    /// A place under the cap for a call whose message has arrived, held until it is dropped; `None` when
+    /// every place is taken.
+    pub fn admit(&self) -> Option<Place> {
+        self.0.places.clone().try_acquire_owned().ok().map(Place)
     }
 }
 
-/// One token call's place under the cap, once taken.
-struct Place {
-    counter: Arc<Counter>,
-    taken: AtomicBool,
-}
+/// A token call's place under the cap (see [`Calls::admit`]); given back when dropped.
+pub struct Place(#[allow(dead_code, reason = "held for its drop")] OwnedSemaphorePermit);
 
-impl Place {
-    fn new(counter: Arc<Counter>) -> Self {
-        Place {
-            counter,
-            taken: AtomicBool::new(false),
-        }
-    }
-
-    /// Takes a place under the cap of `max`; `false` when all are taken.
-    fn take(&self, max: usize) -> bool {
-        let admitted = self
-            .counter
-            .capped
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_ok();
-        self.taken.store(admitted, Ordering::Release);
-        admitted
-    }
-}
-
-impl Drop for Place {
-    fn drop(&mut self) {
-        if *self.taken.get_mut() {
-            self.counter.capped.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-}
-
-/// A place under the cap (see [`Calls::admit`]), for front doors that read the whole request
-/// themselves (the HTTP API).
-pub struct CappedPlace(#[allow(dead_code)] Arc<Place>);
+/// Where a token call's place is kept once its message has arrived: shared by its request body, which
+/// takes the place, and its call guard, which holds it until the answer has been sent.
+type PlaceSlot = Arc<OnceLock<Place>>;
 
 /// Holds one call's place in the counts until dropped.
 struct CallGuard {
     counter: Arc<Counter>,
-    /// A token call's place under the cap, shared with its request body, which takes it.
-    place: Option<Arc<Place>>,
+    /// A token call's place under the cap, once its request body has taken it.
+    place: Option<PlaceSlot>,
     /// Keeps the connection from being closed as idle.
     _open: Option<OpenCall>,
 }
@@ -173,16 +157,12 @@ impl Drop for CallGuard {
 #[derive(Clone)]
 pub struct InFlightLayer {
     calls: Calls,
-    max_token_calls: usize,
 }
 
 impl InFlightLayer {
-    /// Counts into `calls`; sheds token calls beyond `max_token_calls` in flight.
-    pub fn new(calls: Calls, max_token_calls: usize) -> Self {
-        InFlightLayer {
-            calls,
-            max_token_calls,
-        }
+    /// Counts into `calls`; sheds token calls beyond its places.
+    pub fn new(calls: Calls) -> Self {
+        InFlightLayer { calls }
     }
 }
 
@@ -223,14 +203,14 @@ where
         let mut guard = self.layer.calls.enter();
         guard._open = request.extensions().get::<ConnInfo>().map(ConnInfo::call);
         if capped(request.uri().path()) {
-            let place = Arc::new(Place::new(self.layer.calls.0.clone()));
+            let place = PlaceSlot::default();
             guard.place = Some(place.clone());
-            let max = self.layer.max_token_calls;
+            let calls = self.layer.calls.clone();
             request = request.map(|body| {
                 tonic::body::Body::new(GatedBody {
                     inner: body,
+                    calls,
                     place,
-                    max,
                     message: MessageProgress::default(),
                 })
             });
@@ -280,8 +260,8 @@ pin_project! {
     struct GatedBody {
         #[pin]
         inner: tonic::body::Body,
-        place: Arc<Place>,
-        max: usize,
+        calls: Calls,
+        place: PlaceSlot,
         message: MessageProgress,
     }
 }
@@ -303,14 +283,20 @@ impl http_body::Body for GatedBody {
                 .needed
                 .is_none_or(|n| this.message.received < n)
             && this.message.feed(data.clone())
-            && !this.place.take(*this.max)
         {
-            let error = Error::Overloaded {
-                max_calls: *this.max,
-            };
-            // Shed before decoding or identity: the audit knows only that a token call was refused.
-            tracing::info!(target: "audit", outcome = error.outcome(), "token refused");
-            return Poll::Ready(Some(Err(tonic::Status::from(error))));
+            match this.calls.admit() {
+                Some(place) => {
+                    let _ = this.place.set(place);
+                }
+                None => {
+                    let error = Error::Overloaded {
+                        max_calls: this.calls.max(),
+                    };
+                    // Shed before decoding or identity: the audit knows only that a token call was refused.
+                    tracing::info!(target: "audit", outcome = error.outcome(), "token refused");
+                    return Poll::Ready(Some(Err(rescue(error).into_status())));
+                }
+            }
         }
         Poll::Ready(frame)
     }
@@ -411,13 +397,12 @@ mod tests {
     /// Reads the request body as tonic's decoder would, answering with the status it ends in (or OK).
     fn service(
         calls: &Calls,
-        max: usize,
     ) -> impl tower::Service<
         http::Request<tonic::body::Body>,
         Response = http::Response<CountedBody<String>>,
         Error = Infallible,
     > + Clone {
-        InFlightLayer::new(calls.clone(), max).layer(tower::service_fn(
+        InFlightLayer::new(calls.clone()).layer(tower::service_fn(
             |request: http::Request<tonic::body::Body>| async {
                 let answer = match request.into_body().collect().await {
                     Ok(_) => "ok".to_string(),
@@ -446,8 +431,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_counts_until_its_body_is_dropped() {
-        let calls = Calls::default();
-        let mut service = service(&calls, 10);
+        let calls = Calls::new(10);
+        let mut service = service(&calls);
         let response = send(
             &mut service,
             token_call(tonic::body::Body::new(
@@ -467,8 +452,8 @@ mod tests {
 
     #[tokio::test]
     async fn token_calls_over_the_cap_are_shed_with_unavailable_but_health_checks_are_not() {
-        let calls = Calls::default();
-        let mut service = service(&calls, 2);
+        let calls = Calls::new(2);
+        let mut service = service(&calls);
         let full = || {
             token_call(tonic::body::Body::new(
                 http_body_util::Full::new(message(10)).map_err(|e| match e {}),
@@ -491,8 +476,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_token_call_takes_a_place_only_once_its_whole_message_has_arrived() {
-        let calls = Calls::default();
-        let mut service = service(&calls, 1);
+        let calls = Calls::new(1);
+        let mut service = service(&calls);
         // A body that sends the prefix and part of the message, then waits.
         let (sender, body) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
         let whole = message(100);
@@ -552,7 +537,7 @@ mod tests {
 
     #[tokio::test]
     async fn idle_is_immediate_with_nothing_in_flight() {
-        let calls = Calls::default();
+        let calls = Calls::new(1);
         let idle = calls.idle();
         let mut idle = std::pin::pin!(idle);
         assert!(poll_once(&mut idle).is_ready());

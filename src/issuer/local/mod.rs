@@ -1,6 +1,7 @@
 //! The local issuer: mints its own encrypted, authenticated chat tokens, and verifies them.
 //!
-//! Tokens are [PASETO] `v4.local` (XChaCha20 + BLAKE2b-MAC, from the `pasetors` crate): the claims are
+//! Tokens are [PASETO] `v4.local` (XChaCha20 + BLAKE2b-MAC; minted here on orion's primitives,
+//! opened by the `pasetors` crate): the claims are
 //! encrypted, so the token reveals nothing to its holder, and authenticated, so nobody without the key can
 //! forge or alter one. The footer, authenticated but not encrypted, carries `kid`: the [PASERK] local id
 //! (`k4.lid.…`) of the key that encrypted the token, so keys can rotate: a [`KeySet`] encrypts with its one
@@ -10,18 +11,23 @@
 //!
 //! ```
 //! use std::{sync::Arc, time::Duration};
+//! use chat_token_service::domain::{Caller, FieldNames, TokenRequest, UncheckedRequest};
 //! use chat_token_service::issuer::{Issuer, local::{KeySet, LocalIssuer, generate_key}};
-//! use chat_token_service::proto::ivschat::v1::CreateChatTokenRequest;
-//! use chat_token_service::request::{Caller, TokenRequest};
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let paserk = generate_key(); // in production: the same key the service was configured with
 //! let issuer = LocalIssuer::new(Arc::new(KeySet::from_paserk(&paserk)?), Duration::from_secs(60));
-//! let request = TokenRequest::from_proto(Caller::new("doc"), CreateChatTokenRequest {
-//!     room_identifier: "arn:aws:ivschat:us-west-2:123456789012:room/g1H2I3j4k5L6".into(),
-//!     user_id: "user-1".into(),
-//!     ..Default::default()
-//! })?;
+//! let request = TokenRequest::validate(
+//!     Caller::new("doc"),
+//!     UncheckedRequest {
+//!         room_identifier: "arn:aws:ivschat:us-west-2:123456789012:room/g1H2I3j4k5L6".into(),
+//!         user_id: "user-1".into(),
+//!         capabilities: Ok(Default::default()),
+//!         session_duration_in_minutes: None,
+//!         attributes: Vec::new(),
+//!     },
+//!     &FieldNames::PROTO,
+//! )?;
 //! let token = issuer.issue(request).await?.token;
 //!
 //! // In the chat backend:
@@ -44,8 +50,7 @@ use std::time::{Duration, SystemTime};
 use time::OffsetDateTime;
 
 use super::Issuer;
-use crate::error::Error;
-use crate::request::{IssuedToken, TokenRequest};
+use crate::domain::{Error, IssuedToken, TokenRequest};
 
 pub use crate::domain::TokenClaims;
 pub use keys::{KeyError, KeySet, KeySource, LiveKeys, generate_key};
@@ -119,7 +124,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::request::{Capability, test_request};
+    use crate::domain::Capability;
+    use crate::domain::token::test_request;
 
     fn request() -> TokenRequest {
         test_request()

@@ -5,8 +5,6 @@
 //! them: a ban is stored first (from then on the token stack's ban check refuses the user), then the user
 //! is disconnected. The stack around this service (policy, rate limits) is composed in [`crate::stack`].
 
-pub mod service;
-
 use std::{
     future::Future,
     pin::Pin,
@@ -23,8 +21,6 @@ use crate::domain::{Ban, Error, ModerationAction, ModerationOutcome, ModerationR
 use crate::issuer::Moderator;
 use crate::store::ModerationStore;
 use crate::telemetry::metrics::metrics;
-
-pub use service::ModerationGrpc;
 
 /// The innermost service of the moderation stack: the moderator for disconnects and verification, the
 /// store for bans. Clones share both.

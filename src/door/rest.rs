@@ -3,21 +3,21 @@
 //! create-chat-token --endpoint-url …` (and `disconnect-user`) and every AWS SDK become clients by changing
 //! only their endpoint.
 //!
-//! This door is as thin as the gRPC one ([`crate::service`]): JSON ⇄ domain types, nothing else. Both go
-//! through the same [`Door`]: one identity resolver (plus the `sigv4` source, which needs the body), one
-//! domain stack, one audit trail; DisconnectUser ends in the same [`ModerationGrpc::decide`] as the gRPC
-//! ModerationService. Errors come from the same table ([`IvsError`] beside the gRPC
-//! statuses in [`crate::error`]), shaped as IVS shapes them so SDKs raise their typed exceptions.
+//! This door is as thin as the gRPC one: JSON ⇄ domain types, nothing else. Both go through the same
+//! [`Door`] and [`ModerationDoor`]: one identity resolver (plus the `sigv4` source, which needs the body),
+//! one domain stack, one audit trail. Errors come from the same table ([`crate::rescue`]), shaped as IVS
+//! shapes them so SDKs raise their typed exceptions.
 //!
 //! Every response carries `x-amzn-RequestId`: the call's trace id (set by the
-//! [`RpcTraceLayer`](crate::telemetry::rpc::RpcTraceLayer), the one its log lines carry), else a fresh
-//! UUID, so the CLI's `--debug` output and SDK exceptions name something the server log can be searched for.
+//! [`RpcTraceLayer`](crate::transport::trace::RpcTraceLayer), the one its log lines carry), else a fresh
+//! UUID, so the CLI's `--debug` output and SDK exceptions name something the server log can be searched
+//! for.
 //!
 //! ```
-//! # use chat_token_service::{config::Config, rest, service::Door, stack};
+//! # use chat_token_service::{config::HttpApiConfig, door::{Door, rest}, transport::inflight::Calls};
 //! # async fn example(door: Door) {
-//! // No moderation stack: only CreateChatToken. `.merge()` it beside the gRPC routes.
-//! let router = rest::router(door, None, &Config::default().http_api, Default::default(), 1024);
+//! // No moderation door: only CreateChatToken. `rest::beside` puts it next to the gRPC routes.
+//! let router = rest::router(door, None, &HttpApiConfig::default(), Calls::new(1024));
 //! # }
 //! ```
 
@@ -27,21 +27,13 @@ use axum::body::Body;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use serde::Deserialize;
 
+use super::{Door, ModerationDoor, ModerationNames, UncheckedModeration, ivs_error};
 use crate::config::HttpApiConfig;
-use crate::domain::{Capabilities, Error, FieldNames, IssuedToken, TokenRequest, UncheckedRequest};
-use crate::error::{IvsError, UNKNOWN_OPERATION, VALIDATION_OTHER};
-use crate::moderation::{ModerationGrpc, service::disconnect_request};
-use crate::service::Door;
+use crate::domain::{
+    Action, Capabilities, Error, FieldNames, IssuedToken, TokenRequest, UncheckedRequest,
+};
+use crate::rescue::{IvsError, UNKNOWN_OPERATION, VALIDATION_OTHER};
 use crate::transport::{inflight::Calls, listener::peer_certs, trace::CallTraceId};
-
-/// IVS Chat's service name (its SigV4 signing name too), in spans and metrics.
-pub const SERVICE: &str = "ivschat";
-
-/// The path of IVS Chat's CreateChatToken operation.
-pub const CREATE_CHAT_TOKEN: &str = "/CreateChatToken";
-
-/// The path of IVS Chat's DisconnectUser operation.
-pub const DISCONNECT_USER: &str = "/DisconnectUser";
 
 /// The header AWS SDKs read the request id from.
 const REQUEST_ID: &str = "x-amzn-requestid";
@@ -51,27 +43,19 @@ const ERROR_TYPE: &str = "x-amzn-errortype";
 /// What every route of this API needs.
 struct Api {
     door: Door,
-    /// DisconnectUser's handler; `None` when the stacks have no moderator (an embedder's own issuer).
-    moderation: Option<ModerationGrpc>,
+    /// Largest body read (`http_api.max_body_bytes`).
     max_body_bytes: usize,
     /// Token calls in flight, shared with gRPC's, and their cap (`max_concurrent_calls`).
     calls: Calls,
-    max_calls: usize,
 }
 
-/// `grpc`'s routes with the IVS Chat API's beside them. Requests for paths neither serves get gRPC's
-/// UNIMPLEMENTED when they are gRPC, else IVS's ValidationException `UNKNOWN_OPERATION`: an SDK calling an
-/// operation this service does not offer gets an error, never an empty success.
-pub fn beside(
-    grpc: tonic::service::Routes,
-    door: Door,
-    moderation: Option<ModerationGrpc>,
-    settings: &HttpApiConfig,
-    calls: Calls,
-    max_calls: usize,
-) -> tonic::service::Routes {
+/// `grpc`'s routes with the IVS Chat API's (`rest`, from [`router`]) beside them. Requests for paths
+/// neither serves get gRPC's UNIMPLEMENTED when they are gRPC, else IVS's ValidationException
+/// `UNKNOWN_OPERATION`: an SDK calling an operation this service does not offer gets an error, never an
+/// empty success.
+pub fn beside(grpc: tonic::service::Routes, rest: axum::Router) -> tonic::service::Routes {
     grpc.into_axum_router()
-        .merge(router(door, moderation, settings, calls, max_calls))
+        .merge(rest)
         .fallback(unknown_operation)
         .into()
 }
@@ -88,10 +72,17 @@ async fn unknown_operation(request: Request<Body>) -> Response<Body> {
         return Response::from_parts(parts, Body::empty());
     }
     let request_id = request_id(&request);
+    let offered: Vec<String> = Action::ALL
+        .into_iter()
+        .filter(|action| action.in_ivs_api())
+        .map(|action| format!("{action} (POST /{action})"))
+        .collect();
     let mut response = error_response(&IvsError::unreadable(
         UNKNOWN_OPERATION,
-        "this service offers CreateChatToken (POST /CreateChatToken) and DisconnectUser \
-         (POST /DisconnectUser) of IVS Chat's API",
+        format!(
+            "this service offers {} of IVS Chat's API",
+            offered.join(" and ")
+        ),
     ));
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID, value);
@@ -100,34 +91,36 @@ async fn unknown_operation(request: Request<Body>) -> Response<Body> {
 }
 
 /// The routes of the IVS Chat API: CreateChatToken through `door`, and DisconnectUser through
-/// `moderation` when there is one. CreateChatToken calls count in `calls`, at most `max_calls` at once
-/// (with gRPC's).
+/// `moderation` when there is one. CreateChatToken calls take a place in `calls` (with gRPC's).
 pub fn router(
     door: Door,
-    moderation: Option<ModerationGrpc>,
+    moderation: Option<ModerationDoor>,
     settings: &HttpApiConfig,
     calls: Calls,
-    max_calls: usize,
 ) -> axum::Router {
-    let has_moderation = moderation.is_some();
     let api = Arc::new(Api {
         door,
-        moderation,
         max_body_bytes: settings.max_body_bytes,
         calls,
-        max_calls,
     });
-    let router = axum::Router::new().route(CREATE_CHAT_TOKEN, {
+    let router = axum::Router::new().route(&path(Action::CreateChatToken), {
         let api = api.clone();
         axum::routing::any(move |request| create_chat_token(api.clone(), request))
     });
-    if !has_moderation {
-        return router;
+    match moderation {
+        Some(moderation) => router.route(
+            &path(Action::DisconnectUser),
+            axum::routing::any(move |request| {
+                disconnect_user(api.clone(), moderation.clone(), request)
+            }),
+        ),
+        None => router,
     }
-    router.route(
-        DISCONNECT_USER,
-        axum::routing::any(move |request| disconnect_user(api.clone(), request)),
-    )
+}
+
+/// Where IVS Chat's API serves `action`.
+fn path(action: Action) -> String {
+    format!("/{action}")
 }
 
 /// `CreateChatTokenRequest` as IVS Chat's model spells it. Absent strings decode as empty, so validation
@@ -170,15 +163,14 @@ fn respond(request_id: String, result: Result<serde_json::Value, IvsError>) -> R
 /// A call's head and whole body, once it is a POST of JSON within the size limit.
 async fn accept(
     api: &Api,
-    operation: &str,
+    operation: Action,
     request: Request<Body>,
 ) -> Result<(http::request::Parts, axum::body::Bytes), IvsError> {
     if request.method() != Method::POST {
-        return Err(IvsError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "ValidationException",
-            format!("{operation} takes POST"),
-        ));
+        return Err(IvsError {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            ..IvsError::unreadable(VALIDATION_OTHER, format!("{operation} takes POST"))
+        });
     }
     let (parts, body) = request.into_parts();
     check_content_type(&parts.headers)?;
@@ -187,21 +179,22 @@ async fn accept(
 }
 
 async fn issue(api: &Api, request: Request<Body>) -> Result<IssuedToken, IvsError> {
-    let (parts, body) = accept(api, "CreateChatToken", request).await?;
-    // The same cap as gRPC token calls, taken once the whole body has arrived (see crate::inflight).
-    let _place = api.calls.admit(api.max_calls).ok_or_else(|| {
+    let (parts, body) = accept(api, Action::CreateChatToken, request).await?;
+    // The same cap as gRPC token calls, taken once the whole body has arrived (see
+    // crate::transport::inflight).
+    let _place = api.calls.admit().ok_or_else(|| {
         let error = Error::Overloaded {
-            max_calls: api.max_calls,
+            max_calls: api.calls.max(),
         };
         tracing::info!(target: "audit", outcome = error.outcome(), "token refused");
-        IvsError::from(error)
+        ivs_error(error)
     })?;
     let door = &api.door;
     let peer_certs = peer_certs(&parts.extensions);
     let caller = door
         .identity()
         .resolve_http(&parts, &body, peer_certs)
-        .map_err(|error| door.refuse(None, error))?;
+        .map_err(|error| ivs_error(door.refuse(None, error)))?;
 
     let input: CreateChatTokenInput = serde_json::from_slice(&body).map_err(|e| {
         // serde's messages can quote the values (user ids, attributes): report where, not what.
@@ -223,8 +216,8 @@ async fn issue(api: &Api, request: Request<Body>) -> Result<IssuedToken, IvsErro
         attributes: input.attributes.into_iter().collect(),
     };
     let request = TokenRequest::validate(caller.clone(), unchecked, &FieldNames::IVS)
-        .map_err(|error| door.refuse(Some(&caller), error))?;
-    Ok(door.issue(request, None).await?)
+        .map_err(|error| ivs_error(door.refuse(Some(&caller), error)))?;
+    door.issue(request, None).await.map_err(ivs_error)
 }
 
 /// `DisconnectUserRequest` as IVS Chat's model spells it; absent strings are reported as required fields.
@@ -239,28 +232,32 @@ struct DisconnectUserInput {
     reason: String,
 }
 
-async fn disconnect_user(api: Arc<Api>, request: Request<Body>) -> Response<Body> {
+async fn disconnect_user(
+    api: Arc<Api>,
+    moderation: ModerationDoor,
+    request: Request<Body>,
+) -> Response<Body> {
     // DisconnectUserResponse has no members.
     respond(
         request_id(&request),
-        disconnect(&api, request)
+        disconnect(&api, &moderation, request)
             .await
             .map(|()| serde_json::json!({})),
     )
 }
 
-async fn disconnect(api: &Api, request: Request<Body>) -> Result<(), IvsError> {
-    const ACTION: &str = "DisconnectUser";
-    let moderation = api
-        .moderation
-        .as_ref()
-        .expect("the DisconnectUser route exists only with a moderation handler");
+async fn disconnect(
+    api: &Api,
+    moderation: &ModerationDoor,
+    request: Request<Body>,
+) -> Result<(), IvsError> {
+    const ACTION: Action = Action::DisconnectUser;
     let (parts, body) = accept(api, ACTION, request).await?;
     let peer_certs = peer_certs(&parts.extensions);
     let caller = moderation
         .identity()
         .resolve_http(&parts, &body, peer_certs)
-        .map_err(|error| ModerationGrpc::unidentified(ACTION, error))?;
+        .map_err(|error| ivs_error(ModerationDoor::unidentified(ACTION, error)))?;
     let input: DisconnectUserInput = serde_json::from_slice(&body).map_err(|e| {
         // serde's messages can quote the values (user ids, reasons): report where, not what.
         IvsError::unreadable(
@@ -273,15 +270,18 @@ async fn disconnect(api: &Api, request: Request<Body>) -> Result<(), IvsError> {
             ),
         )
     })?;
-    let validated = disconnect_request(
-        caller.clone(),
-        &input.room_identifier,
-        input.user_id,
-        input.reason,
-        ["roomIdentifier", "userId", "reason"],
-    );
+    let fields = UncheckedModeration {
+        room_identifier: input.room_identifier,
+        user_id: input.user_id,
+        reason: input.reason,
+        ..UncheckedModeration::default()
+    };
+    let validated = moderation.validate(ACTION, caller.clone(), fields, &ModerationNames::IVS);
     // IVS's HTTP API carries no deadline; ivs.operation_timeout bounds the upstream call.
-    moderation.decide(ACTION, &caller, validated, None).await?;
+    moderation
+        .decide(ACTION, &caller, validated, None)
+        .await
+        .map_err(ivs_error)?;
     Ok(())
 }
 
@@ -374,7 +374,7 @@ fn error_response(error: &IvsError) -> Response<Body> {
 }
 
 /// The call's trace id, or a fresh UUID outside the
-/// [`RpcTraceLayer`](crate::telemetry::rpc::RpcTraceLayer).
+/// [`RpcTraceLayer`](crate::transport::trace::RpcTraceLayer).
 fn request_id<B>(request: &Request<B>) -> String {
     match request.extensions().get::<CallTraceId>() {
         Some(CallTraceId(trace_id)) => trace_id.to_string(),
@@ -392,7 +392,7 @@ mod tests {
     const ARN: &str = "arn:aws:ivschat:us-west-2:123456789012:room/g1H2I3j4k5L6";
 
     async fn router(max_body_bytes: usize) -> axum::Router {
-        router_with_cap(max_body_bytes, Calls::default(), 1024).await
+        router_with_cap(max_body_bytes, Calls::new(1024)).await
     }
 
     /// The door of the embedded defaults, around an ephemeral local key.
@@ -405,11 +405,7 @@ mod tests {
             .door
     }
 
-    async fn router_with_cap(
-        max_body_bytes: usize,
-        calls: Calls,
-        max_calls: usize,
-    ) -> axum::Router {
+    async fn router_with_cap(max_body_bytes: usize, calls: Calls) -> axum::Router {
         super::router(
             door().await,
             None,
@@ -418,7 +414,6 @@ mod tests {
                 ..HttpApiConfig::default()
             },
             calls,
-            max_calls,
         )
     }
 
@@ -434,7 +429,7 @@ mod tests {
     }
 
     fn post(content_type: &str, body: impl Into<Body>) -> Request<Body> {
-        Request::post(CREATE_CHAT_TOKEN)
+        Request::post(path(Action::CreateChatToken))
             .header(header::CONTENT_TYPE, content_type)
             .body(body.into())
             .unwrap()
@@ -442,15 +437,15 @@ mod tests {
 
     #[tokio::test]
     async fn token_calls_over_the_shared_cap_get_service_unavailable() {
-        let calls = Calls::default();
-        let held = calls.admit(1).expect("the only place");
+        let calls = Calls::new(1);
+        let held = calls.admit().expect("the only place");
         let request = || {
             post(
                 "application/json",
                 format!(r#"{{"roomIdentifier":"{ARN}","userId":"u"}}"#),
             )
         };
-        let router = router_with_cap(16 * 1024, calls.clone(), 1).await;
+        let router = router_with_cap(16 * 1024, calls.clone()).await;
         let (response, json) = call(router.clone(), request()).await;
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "{json}");
         assert_eq!(
@@ -470,11 +465,7 @@ mod tests {
         let config = Config::default();
         let routes = beside(
             tonic::service::Routes::default(),
-            door().await,
-            None,
-            &config.http_api,
-            Calls::default(),
-            1024,
+            super::router(door().await, None, &config.http_api, Calls::new(1024)),
         );
         let router = routes.into_axum_router();
 
@@ -563,7 +554,7 @@ mod tests {
         assert_eq!(json["reason"], "OTHER");
         assert!(response.headers().contains_key(REQUEST_ID));
 
-        let (response, _) = call(
+        let (response, json) = call(
             router(16384).await,
             post(
                 "application/json",
@@ -572,12 +563,19 @@ mod tests {
         )
         .await;
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(json["reason"], "OTHER");
+        assert!(
+            !json.to_string().contains("secret-user"),
+            "says where, never echoes values: {json}"
+        );
 
         let (response, json) = call(router(16384).await, post("text/plain", "{}")).await;
         assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
         assert_eq!(json["message"], "the body must be application/json");
 
-        let get = Request::get(CREATE_CHAT_TOKEN).body(Body::empty()).unwrap();
+        let get = Request::get(path(Action::CreateChatToken))
+            .body(Body::empty())
+            .unwrap();
         let (response, _) = call(router(16384).await, get).await;
         assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
     }

@@ -1,0 +1,482 @@
+//! The gRPC door: `ivschat.v1.TokenService` and `ivschat.v1.ModerationService`, proto in, domain through
+//! the shared [`Door`] and [`ModerationDoor`], proto out. Conversions between the wire format and the
+//! domain are the free functions at the end; no business rule lives here.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::{Request, Response, Status, metadata::MetadataMap};
+
+use super::{Door, ModerationDoor, ModerationNames, UncheckedModeration, status};
+use crate::domain::{
+    Action, Ban, Caller, Capabilities, Capability, Error, FieldNames, IssuedToken,
+    ModerationAction, ModerationOutcome, ModerationRequest, TokenClaims, TokenRequest,
+    UncheckedRequest,
+};
+use crate::proto::ivschat::v1::{
+    self as pb, BanUserRequest, BanUserResponse, CreateChatTokenRequest, CreateChatTokenResponse,
+    DisconnectUserRequest, DisconnectUserResponse, ListBansRequest, ListBansResponse,
+    UnbanUserRequest, UnbanUserResponse, VerifyChatTokenRequest, VerifyChatTokenResponse,
+    moderation_service_server, token_service_server,
+};
+use crate::transport::{inflight::CallStarted, listener::peer_certs};
+
+/// Serves `ivschat.v1.TokenService` through a [`Door`].
+#[derive(Clone)]
+pub struct TokenGrpc {
+    door: Door,
+}
+
+impl TokenGrpc {
+    /// A handler that passes every call through `door`.
+    pub fn new(door: Door) -> Self {
+        TokenGrpc { door }
+    }
+}
+
+#[tonic::async_trait]
+impl token_service_server::TokenService for TokenGrpc {
+    async fn create_chat_token(
+        &self,
+        request: Request<CreateChatTokenRequest>,
+    ) -> Result<Response<CreateChatTokenResponse>, Status> {
+        let door = &self.door;
+        let caller = door
+            .identity()
+            .resolve(
+                request.metadata().as_ref(),
+                peer_certs(request.extensions()),
+            )
+            .map_err(|error| status(door.refuse(None, error)))?;
+        let deadline = deadline(&request);
+        let request = token_request(caller.clone(), request.into_inner())
+            .map_err(|error| status(door.refuse(Some(&caller), error)))?;
+        let issued = door.issue(request, deadline).await.map_err(status)?;
+        Ok(Response::new(token_to_proto(issued)))
+    }
+}
+
+/// Serves `ivschat.v1.ModerationService` through a [`ModerationDoor`].
+#[derive(Clone)]
+pub struct ModerationGrpc {
+    door: ModerationDoor,
+}
+
+impl ModerationGrpc {
+    /// A handler that passes every call through `door`.
+    pub fn new(door: ModerationDoor) -> Self {
+        ModerationGrpc { door }
+    }
+
+    /// Identifies the caller, validates with `validate`, runs the stack within the caller's deadline, and
+    /// audits the outcome.
+    async fn moderate<T>(
+        &self,
+        action: Action,
+        request: Request<T>,
+        validate: impl FnOnce(&ModerationDoor, Caller, T) -> Result<ModerationRequest, Error>,
+    ) -> Result<ModerationOutcome, Status> {
+        let door = &self.door;
+        let caller = door
+            .identity()
+            .resolve(
+                request.metadata().as_ref(),
+                peer_certs(request.extensions()),
+            )
+            .map_err(|error| status(ModerationDoor::unidentified(action, error)))?;
+        let deadline = deadline(&request);
+        let validated = validate(door, caller.clone(), request.into_inner());
+        door.decide(action, &caller, validated, deadline)
+            .await
+            .map_err(status)
+    }
+
+    /// [`Self::moderate`] for the calls whose fields [`ModerationDoor::validate`] checks.
+    async fn moderate_fields<T>(
+        &self,
+        action: Action,
+        request: Request<T>,
+        fields: impl FnOnce(T) -> UncheckedModeration,
+    ) -> Result<ModerationOutcome, Status> {
+        self.moderate(action, request, |door, caller, request| {
+            door.validate(action, caller, fields(request), &ModerationNames::PROTO)
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl moderation_service_server::ModerationService for ModerationGrpc {
+    async fn disconnect_user(
+        &self,
+        request: Request<DisconnectUserRequest>,
+    ) -> Result<Response<DisconnectUserResponse>, Status> {
+        self.moderate_fields(Action::DisconnectUser, request, |request| {
+            UncheckedModeration {
+                room_identifier: request.room_identifier,
+                user_id: request.user_id,
+                reason: request.reason,
+                ..UncheckedModeration::default()
+            }
+        })
+        .await?;
+        Ok(Response::new(DisconnectUserResponse {}))
+    }
+
+    async fn ban_user(
+        &self,
+        request: Request<BanUserRequest>,
+    ) -> Result<Response<BanUserResponse>, Status> {
+        let outcome = self
+            .moderate_fields(Action::BanUser, request, |request| UncheckedModeration {
+                room_identifier: request.room_identifier,
+                user_id: request.user_id,
+                reason: request.reason,
+                duration: request.duration.map(|d| (d.seconds, d.nanos)),
+                ..UncheckedModeration::default()
+            })
+            .await?;
+        match outcome {
+            ModerationOutcome::Banned(ban) => Ok(Response::new(BanUserResponse {
+                ban: Some(ban_to_proto(ban)),
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn unban_user(
+        &self,
+        request: Request<UnbanUserRequest>,
+    ) -> Result<Response<UnbanUserResponse>, Status> {
+        let outcome = self
+            .moderate_fields(Action::UnbanUser, request, |request| UncheckedModeration {
+                room_identifier: request.room_identifier,
+                user_id: request.user_id,
+                ..UncheckedModeration::default()
+            })
+            .await?;
+        match outcome {
+            ModerationOutcome::Unbanned { was_banned } => {
+                Ok(Response::new(UnbanUserResponse { was_banned }))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn list_bans(
+        &self,
+        request: Request<ListBansRequest>,
+    ) -> Result<Response<ListBansResponse>, Status> {
+        let outcome = self
+            .moderate_fields(Action::ListBans, request, |request| UncheckedModeration {
+                room_identifier: request.room_identifier,
+                page_size: request.page_size,
+                page_token: request.page_token,
+                ..UncheckedModeration::default()
+            })
+            .await?;
+        match outcome {
+            ModerationOutcome::Bans(page) => Ok(Response::new(ListBansResponse {
+                bans: page.bans.into_iter().map(ban_to_proto).collect(),
+                next_page_token: page
+                    .next
+                    .map(|token| token.as_str().to_owned())
+                    .unwrap_or_default(),
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn verify_chat_token(
+        &self,
+        request: Request<VerifyChatTokenRequest>,
+    ) -> Result<Response<VerifyChatTokenResponse>, Status> {
+        // The token is opened before the stack: its room is what policy decides about, and only an
+        // authentic token names one. Revocation and single use are checked by the moderator, after
+        // policy and rate limits.
+        let outcome = self
+            .moderate(Action::VerifyChatToken, request, |door, caller, request| {
+                let claims = door.open(&request.token)?;
+                Ok(ModerationRequest {
+                    caller,
+                    room: claims.room.clone(),
+                    action: ModerationAction::Verify {
+                        claims: Box::new(claims),
+                    },
+                })
+            })
+            .await?;
+        match outcome {
+            ModerationOutcome::Verified(claims) => Ok(Response::new(claims_to_proto(*claims))),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+/// The stack answered a different action than asked: a bug, never a caller's fault.
+fn unexpected(outcome: ModerationOutcome) -> Status {
+    status(Error::Internal(format!(
+        "moderation stack answered an unexpected outcome: {}",
+        match outcome {
+            ModerationOutcome::Disconnected => "Disconnected",
+            ModerationOutcome::Banned(_) => "Banned",
+            ModerationOutcome::Unbanned { .. } => "Unbanned",
+            ModerationOutcome::Bans(_) => "Bans",
+            ModerationOutcome::Verified(_) => "Verified",
+        }
+    )))
+}
+
+/// How much earlier than the caller's deadline we give up, so our DEADLINE_EXCEEDED is certain to come
+/// before tonic's CANCELLED. (tonic polls the call before its timer, so equal deadlines would do; the
+/// margin absorbs the microseconds between its timer starting and [`CallStarted`] being taken.)
+pub(crate) const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+
+/// The instant to give up on `request`: its `grpc-timeout` counted from when the call reached the server
+/// (when tonic's own timer started), just before tonic would answer CANCELLED.
+fn deadline<T>(request: &Request<T>) -> Option<Instant> {
+    grpc_timeout(request.metadata()).map(|timeout| {
+        let started = request
+            .extensions()
+            .get::<CallStarted>()
+            .map_or_else(Instant::now, |started| started.0);
+        started + timeout.saturating_sub(DEADLINE_MARGIN)
+    })
+}
+
+/// The caller's deadline from `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n), as the gRPC
+/// HTTP/2 protocol defines it. Malformed values are ignored, as tonic ignores them.
+fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// Validates `request` from `caller`, reporting every bad field at once by its proto name.
+pub fn token_request(
+    caller: Caller,
+    request: CreateChatTokenRequest,
+) -> Result<TokenRequest, Error> {
+    let unchecked = UncheckedRequest {
+        capabilities: capabilities_from_proto(&request.capabilities),
+        room_identifier: request.room_identifier,
+        user_id: request.user_id,
+        session_duration_in_minutes: request.session_duration_in_minutes.map(i64::from),
+        attributes: request.attributes.into_iter().collect(),
+    };
+    TokenRequest::validate(caller, unchecked, &FieldNames::PROTO)
+}
+
+/// Refuses UNSPECIFIED and numbers the proto does not define. The reason counts the bad entries and
+/// names only the first few, so it stays short however many a request sends.
+fn capabilities_from_proto(values: &[i32]) -> Result<Capabilities, String> {
+    const NAMED: usize = 3;
+    let mut set = Vec::new();
+    let mut bad = 0usize;
+    let mut named = Vec::with_capacity(NAMED);
+    for (index, &value) in values.iter().enumerate() {
+        match pb::ChatTokenCapability::try_from(value) {
+            Ok(pb::ChatTokenCapability::SendMessage) => set.push(Capability::SendMessage),
+            Ok(pb::ChatTokenCapability::DisconnectUser) => set.push(Capability::DisconnectUser),
+            Ok(pb::ChatTokenCapability::DeleteMessage) => set.push(Capability::DeleteMessage),
+            Ok(pb::ChatTokenCapability::Unspecified) | Err(_) => {
+                bad += 1;
+                if named.len() < NAMED {
+                    named.push(format!("[{index}]={value}"));
+                }
+            }
+        }
+    }
+    if bad == 0 {
+        return Ok(Capabilities::new(set));
+    }
+    let more = if bad > named.len() {
+        format!(" and {} more", bad - named.len())
+    } else {
+        String::new()
+    };
+    Err(format!(
+        "each capability must be SEND_MESSAGE, DISCONNECT_USER or DELETE_MESSAGE; {bad} invalid: {}{more}",
+        named.join(", ")
+    ))
+}
+
+fn capabilities_to_proto(capabilities: &Capabilities) -> Vec<i32> {
+    capabilities
+        .iter()
+        .map(|c| match c {
+            Capability::SendMessage => pb::ChatTokenCapability::SendMessage,
+            Capability::DisconnectUser => pb::ChatTokenCapability::DisconnectUser,
+            Capability::DeleteMessage => pb::ChatTokenCapability::DeleteMessage,
+        } as i32)
+        .collect()
+}
+
+fn token_to_proto(issued: IssuedToken) -> CreateChatTokenResponse {
+    CreateChatTokenResponse {
+        token: issued.token,
+        token_expiration_time: Some(issued.token_expires_at.into()),
+        session_expiration_time: Some(issued.session_expires_at.into()),
+    }
+}
+
+fn ban_to_proto(ban: Ban) -> pb::Ban {
+    pb::Ban {
+        room_identifier: ban.room.as_str().to_owned(),
+        user_id: ban.user_id.expose().to_owned(),
+        banned_by: ban.banned_by.id().to_owned(),
+        created_time: Some(ban.created_at.into()),
+        expiration_time: ban.expires_at.map(Into::into),
+        reason: ban.reason.expose().to_owned(),
+    }
+}
+
+fn claims_to_proto(claims: TokenClaims) -> VerifyChatTokenResponse {
+    VerifyChatTokenResponse {
+        token_id: claims.token_id,
+        room_identifier: claims.room.as_str().to_owned(),
+        user_id: claims.user_id.expose().to_owned(),
+        capabilities: capabilities_to_proto(&claims.capabilities),
+        attributes: claims.attributes.expose().clone().into_iter().collect(),
+        issued_time: Some(claims.issued_at.into()),
+        token_expiration_time: Some(claims.token_expires_at.into()),
+        session_expiration_time: Some(claims.session_expires_at.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::domain::IssuedToken;
+    use crate::issuer::Issuer;
+    use crate::proto::ivschat::v1::token_service_server::TokenService as _;
+
+    /// An issuer that never answers: a hung upstream.
+    struct Hung;
+
+    impl Issuer for Hung {
+        const NAME: &'static str = "hung";
+
+        async fn issue(&self, _: TokenRequest) -> Result<IssuedToken, Error> {
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_past_the_callers_deadline_is_answered_deadline_exceeded_before_it() {
+        let app = crate::app::build_around(&Config::default(), Hung)
+            .await
+            .unwrap();
+        let service = TokenGrpc::new(app.door);
+        let mut request = Request::new(CreateChatTokenRequest {
+            room_identifier: "arn:aws:ivschat:us-west-2:123456789012:room/abc".into(),
+            user_id: "u".into(),
+            ..Default::default()
+        });
+        request
+            .metadata_mut()
+            .insert("grpc-timeout", "300m".parse().unwrap());
+        let arrived = Instant::now();
+        request.extensions_mut().insert(CallStarted(arrived));
+
+        let status = service.create_chat_token(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        // Answered before tonic's own timer (at 300 ms) would answer CANCELLED.
+        assert_eq!(
+            arrived.elapsed(),
+            Duration::from_millis(300) - DEADLINE_MARGIN
+        );
+    }
+
+    fn timeout(value: &str) -> Option<Duration> {
+        let mut metadata = MetadataMap::new();
+        metadata.insert("grpc-timeout", value.parse().unwrap());
+        grpc_timeout(&metadata)
+    }
+
+    #[test]
+    fn grpc_timeouts_are_read_in_every_unit() {
+        assert_eq!(timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(
+            timeout("99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
+        assert_eq!(timeout("7n"), Some(Duration::from_nanos(7)));
+    }
+
+    #[test]
+    fn malformed_grpc_timeouts_are_ignored() {
+        for bad in ["", "S", "123456789S", "5s", "-5S", "5", "x5S"] {
+            assert_eq!(timeout(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&MetadataMap::new()), None);
+    }
+
+    #[test]
+    fn every_bad_field_is_reported_at_once_by_its_proto_name() {
+        let err = token_request(
+            Caller::new("test"),
+            CreateChatTokenRequest {
+                room_identifier: "nope".into(),
+                user_id: String::new(),
+                capabilities: vec![0, 7],
+                session_duration_in_minutes: Some(0),
+                attributes: [("k".to_string(), "v".repeat(1024))].into(),
+            },
+        )
+        .unwrap_err();
+        let Error::InvalidArgument(violations) = err else {
+            panic!("expected InvalidArgument, got {err:?}");
+        };
+        let fields: Vec<_> = violations.iter().map(|v| v.field.as_ref()).collect();
+        assert_eq!(
+            fields,
+            [
+                "room_identifier",
+                "user_id",
+                "capabilities",
+                "session_duration_in_minutes",
+                "attributes"
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_capabilities_are_counted_not_listed() {
+        let reason = capabilities_from_proto(&[1, 0, 7]).unwrap_err();
+        assert!(reason.ends_with("2 invalid: [1]=0, [2]=7"), "{reason}");
+        let three = capabilities_from_proto(&[9, 9, 9]).unwrap_err();
+        assert!(three.ends_with("3 invalid: [0]=9, [1]=9, [2]=9"), "{three}");
+        let many = capabilities_from_proto(&vec![42; 30_000]).unwrap_err();
+        assert!(
+            many.ends_with("30000 invalid: [0]=42, [1]=42, [2]=42 and 29997 more"),
+            "{many}"
+        );
+        assert!(many.len() < 200, "{} bytes", many.len());
+    }
+
+    #[test]
+    fn capabilities_go_to_proto_and_back() {
+        let all = Capabilities::new(Capability::ALL);
+        assert_eq!(
+            capabilities_from_proto(&capabilities_to_proto(&all)),
+            Ok(all)
+        );
+    }
+}

@@ -1,0 +1,445 @@
+//! The front doors: gRPC ([`grpc`]) and IVS Chat's REST-JSON API ([`rest`]), thin translations of their
+//! wire formats around what both share here.
+//!
+//! Every call, whichever door carried it, takes the same path: identify the caller (one
+//! [`Resolver`]), validate the request into a domain type (each door naming fields its own way), run it
+//! through the domain stack within the caller's deadline, and write one audit event. So the same request
+//! gets the same decision and the same audit event through either door, and refusals are rendered from one
+//! table ([`crate::rescue`]).
+
+pub mod grpc;
+pub mod rest;
+
+use std::{fmt, time::Duration};
+
+use tokio::time::Instant;
+use tower::{Service, ServiceExt};
+
+use crate::domain::moderation::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MAX_TOKEN_BYTES, MIN_BAN};
+use crate::domain::{
+    Action, Caller, CallerSource, Error, FieldViolation, IssuedToken, ModerationAction,
+    ModerationOutcome, ModerationRequest, PageToken, Reason, RoomArn, TokenClaims, TokenRejection,
+    TokenRequest, UserId,
+};
+use crate::identity::Resolver;
+use crate::issuer::local::LiveKeys;
+use crate::rescue::{IvsError, rescue};
+use crate::stack::{ModerationStack, TokenStack};
+
+/// Why VerifyChatToken is refused with the ivs issuer.
+const IVS_VERIFIES_ITS_TOKENS: &str =
+    "VerifyChatToken verifies tokens of the local issuer; Amazon IVS Chat verifies its own tokens";
+
+/// CreateChatToken as every door serves it: one identity resolver, one token stack, one audit trail.
+#[derive(Clone)]
+pub struct Door {
+    /// Who is calling.
+    identity: Resolver,
+    /// The issuer's name, for audit events.
+    issuer: &'static str,
+    /// Policy, scope, bans, limits, issuer.
+    stack: TokenStack,
+}
+
+impl Door {
+    /// A door that identifies callers with `identity` and sends every valid request through `stack`,
+    /// whose issuer is called `issuer` in audit events.
+    pub fn new(identity: Resolver, issuer: &'static str, stack: TokenStack) -> Self {
+        Door {
+            identity,
+            issuer,
+            stack,
+        }
+    }
+
+    /// Who is calling.
+    pub fn identity(&self) -> &Resolver {
+        &self.identity
+    }
+
+    /// Records the refusal of a request that never became a [`TokenRequest`] (no identity, or invalid),
+    /// and hands the error back.
+    pub fn refuse(&self, caller: Option<&Caller>, error: Error) -> Error {
+        match caller {
+            Some(caller) => {
+                tracing::info!(target: "audit", caller = %caller, outcome = error.outcome(), "token refused")
+            }
+            None => tracing::info!(target: "audit", outcome = error.outcome(), "token refused"),
+        }
+        error
+    }
+
+    /// Sends `request` through the token stack and records the decision. With a `deadline`, gives up at
+    /// that instant with [`Error::DeadlineExceeded`], cancelling any upstream call in flight.
+    pub async fn issue(
+        &self,
+        request: TokenRequest,
+        deadline: Option<Instant>,
+    ) -> Result<IssuedToken, Error> {
+        // What the decision was about: never the user id or attribute values.
+        let audit = tracing::info_span!(
+            target: "audit",
+            "audit",
+            caller = %request.caller,
+            caller_source = request.caller.source().map(CallerSource::name),
+            room = %request.room,
+            capabilities = ?request.capabilities.ivs_names(),
+            session_minutes = request.session_duration().minutes(),
+            issuer = self.issuer,
+        );
+        let issued = within(deadline, self.stack.clone(), request).await;
+        audit.in_scope(|| match &issued {
+            Ok(token) => tracing::info!(
+                target: "audit",
+                outcome = "issued",
+                token_id_hash = %short_hash(token.token_id.as_deref().unwrap_or(&token.token)),
+                "token issued"
+            ),
+            Err(error) => {
+                tracing::info!(target: "audit", outcome = error.outcome(), "token refused")
+            }
+        });
+        issued
+    }
+}
+
+/// The moderation calls as every door serves them: the same identity resolver as tokens, the moderation
+/// stack, one audit trail.
+#[derive(Clone)]
+pub struct ModerationDoor {
+    /// Who is calling.
+    identity: Resolver,
+    /// The issuer's name, for audit events.
+    issuer: &'static str,
+    /// Policy, limits, the moderator and the ban store.
+    stack: ModerationStack,
+    /// The local issuer's keys, which open tokens for VerifyChatToken; `None` with the ivs issuer.
+    verifier: Option<LiveKeys>,
+    /// Longest ban accepted with a duration (`moderation.max_ban_duration`).
+    max_ban: Duration,
+}
+
+impl ModerationDoor {
+    /// A door identifying callers with `identity`, opening tokens with `verifier`, refusing bans longer
+    /// than `max_ban`, and sending every valid request through `stack`.
+    pub fn new(
+        identity: Resolver,
+        issuer: &'static str,
+        stack: ModerationStack,
+        verifier: Option<LiveKeys>,
+        max_ban: Duration,
+    ) -> Self {
+        ModerationDoor {
+            identity,
+            issuer,
+            stack,
+            verifier,
+            max_ban,
+        }
+    }
+
+    /// Who is calling.
+    pub fn identity(&self) -> &Resolver {
+        &self.identity
+    }
+
+    /// Records a call whose caller could not be identified, and hands the error back.
+    pub fn unidentified(action: Action, error: Error) -> Error {
+        tracing::info!(target: "audit", action = action.as_str(), outcome = error.outcome(), "moderation refused");
+        error
+    }
+
+    /// The part of every moderation call that no door changes: refuses what did not validate, runs the
+    /// stack (giving up at `deadline`), and audits the outcome.
+    pub async fn decide(
+        &self,
+        action: Action,
+        caller: &Caller,
+        validated: Result<ModerationRequest, Error>,
+        deadline: Option<Instant>,
+    ) -> Result<ModerationOutcome, Error> {
+        let action = action.as_str();
+        let request = validated.inspect_err(|error| {
+            tracing::info!(target: "audit", caller = %caller, action, outcome = error.outcome(), "moderation refused");
+        })?;
+        // Who did what to which room, and a hash of whom: never the user id or the reason text.
+        let audit = tracing::info_span!(
+            target: "audit",
+            "audit",
+            caller = %request.caller,
+            room = %request.room,
+            action,
+            user_hash = request
+                .action
+                .user_id()
+                .map(|user| tracing::field::display(short_hash(user.expose()))),
+            issuer = self.issuer,
+        );
+        let done = within(deadline, self.stack.clone(), request).await;
+        audit.in_scope(|| match &done {
+            Ok(_) => tracing::info!(target: "audit", outcome = "done", "moderation done"),
+            Err(error) => {
+                tracing::info!(target: "audit", outcome = error.outcome(), "moderation refused")
+            }
+        });
+        done
+    }
+
+    /// Opens `token` with the local issuer's keys: its authentic, unexpired claims. The room it names is
+    /// what policy then decides about.
+    pub fn open(&self, token: &str) -> Result<TokenClaims, Error> {
+        let keys = self
+            .verifier
+            .as_ref()
+            .ok_or(Error::Unsupported(IVS_VERIFIES_ITS_TOKENS))?;
+        if token.is_empty() {
+            return Err(invalid("token", "is required".into()));
+        }
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(invalid(
+                "token",
+                format!(
+                    "must be at most {MAX_TOKEN_BYTES} bytes, got {}",
+                    token.len()
+                ),
+            ));
+        }
+        keys.current()
+            .verify(token)
+            .map_err(|e| Error::TokenRejected(TokenRejection::from(e)))
+    }
+
+    /// A ban's length from whole `seconds` (and `nanos`, which must be 0): `None` (until unbanned) when
+    /// absent, else between [`MIN_BAN`] and `moderation.max_ban_duration`.
+    fn ban_duration(&self, duration: Option<(i64, i32)>) -> Result<Option<Duration>, String> {
+        let Some((seconds, nanos)) = duration else {
+            return Ok(None);
+        };
+        let max = self.max_ban;
+        let out_of_range = || {
+            format!(
+                "must be whole seconds between {} and {} (moderation.max_ban_duration), or absent for a ban until unbanned",
+                humantime::format_duration(MIN_BAN),
+                humantime::format_duration(max)
+            )
+        };
+        let seconds = u64::try_from(seconds)
+            .ok()
+            .filter(|_| nanos == 0)
+            .ok_or_else(out_of_range)?;
+        let duration = Duration::from_secs(seconds);
+        (MIN_BAN..=max)
+            .contains(&duration)
+            .then_some(Some(duration))
+            .ok_or_else(out_of_range)
+    }
+}
+
+/// Runs `request` through `stack`, giving up at `deadline` with [`Error::DeadlineExceeded`]; dropping the
+/// call cancels whatever it was waiting on (an upstream call, a store).
+async fn within<S, R>(deadline: Option<Instant>, stack: S, request: R) -> Result<S::Response, Error>
+where
+    S: Service<R, Error = Error>,
+{
+    let call = stack.oneshot(request);
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, call)
+            .await
+            .unwrap_or(Err(Error::DeadlineExceeded)),
+        None => call.await,
+    }
+}
+
+/// A domain error as a gRPC status, through the one table; internal faults are logged here, once, with
+/// their detail (the caller sees none).
+pub fn status(error: Error) -> tonic::Status {
+    log_internal(&error);
+    rescue(error).into_status()
+}
+
+/// A domain error in IVS Chat's shape, through the one table; internal faults are logged as [`status`]
+/// logs them.
+pub fn ivs_error(error: Error) -> IvsError {
+    log_internal(&error);
+    rescue(error).into_ivs()
+}
+
+fn log_internal(error: &Error) {
+    if let Error::Internal(detail) = error {
+        tracing::error!(error = %detail, "internal error");
+    }
+}
+
+/// The first 12 hex digits of SHA-256: enough to correlate a token or user across logs, useless to a
+/// thief.
+pub(crate) fn short_hash(value: &str) -> ShortHash {
+    let digest = ring::digest::digest(&ring::digest::SHA256, value.as_bytes());
+    let mut digits = [0; 12];
+    hex::encode_to_slice(&digest.as_ref()[..6], &mut digits).expect("12 digits hold 6 bytes");
+    ShortHash(digits)
+}
+
+/// See [`short_hash`]: its digits, displayed without allocating.
+pub(crate) struct ShortHash([u8; 12]);
+
+impl fmt::Display for ShortHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(std::str::from_utf8(&self.0).expect("hex digits are ASCII"))
+    }
+}
+
+fn invalid(field: &'static str, why: String) -> Error {
+    Error::InvalidArgument(vec![FieldViolation::new(field, why)])
+}
+
+/// How a door names the fields of moderation requests in validation errors, so callers see their own
+/// names.
+pub struct ModerationNames {
+    room_identifier: &'static str,
+    user_id: &'static str,
+    reason: &'static str,
+}
+
+impl ModerationNames {
+    /// The proto field names, for gRPC callers.
+    pub const PROTO: ModerationNames = ModerationNames {
+        room_identifier: "room_identifier",
+        user_id: "user_id",
+        reason: "reason",
+    };
+    /// IVS Chat's own member names, for the REST-JSON API.
+    pub const IVS: ModerationNames = ModerationNames {
+        room_identifier: "roomIdentifier",
+        user_id: "userId",
+        reason: "reason",
+    };
+}
+
+/// The fields of a moderation call as a door decoded them, before validation.
+#[derive(Default)]
+pub struct UncheckedModeration {
+    /// `roomIdentifier`.
+    pub room_identifier: String,
+    /// `userId` (DisconnectUser, BanUser, UnbanUser).
+    pub user_id: String,
+    /// `reason` (DisconnectUser, BanUser).
+    pub reason: String,
+    /// A ban's length in whole seconds and nanoseconds; `None`: until unbanned.
+    pub duration: Option<(i64, i32)>,
+    /// ListBans' page size; 0: the default.
+    pub page_size: i32,
+    /// ListBans' page token; empty: the first page.
+    pub page_token: String,
+}
+
+impl ModerationDoor {
+    /// Validates the fields of `action` (not VerifyChatToken, whose token is opened instead) from `caller`,
+    /// reporting every bad field at once under `names`.
+    pub fn validate(
+        &self,
+        action: Action,
+        caller: Caller,
+        fields: UncheckedModeration,
+        names: &ModerationNames,
+    ) -> Result<ModerationRequest, Error> {
+        let mut bad = Vec::new();
+        let mut check = |field: &'static str, why: String| {
+            bad.push(FieldViolation::new(field, why));
+        };
+        let room = RoomArn::parse(&fields.room_identifier)
+            .map_err(|why| check(names.room_identifier, why))
+            .ok();
+        let about_a_user = !matches!(action, Action::ListBans);
+        let user_id = about_a_user
+            .then(|| UserId::parse(fields.user_id))
+            .transpose()
+            .map_err(|why| check(names.user_id, why))
+            .ok()
+            .flatten();
+        let duration = matches!(action, Action::BanUser)
+            .then(|| self.ban_duration(fields.duration))
+            .transpose()
+            .map_err(|why| check("duration", why))
+            .ok()
+            .flatten();
+        let with_reason = matches!(action, Action::DisconnectUser | Action::BanUser);
+        let reason = with_reason
+            .then(|| Reason::parse(fields.reason))
+            .transpose()
+            .map_err(|why| check(names.reason, why))
+            .ok()
+            .flatten();
+        let listing = matches!(action, Action::ListBans);
+        let page_size = listing
+            .then(|| page_size(fields.page_size))
+            .transpose()
+            .map_err(|why| check("page_size", why))
+            .ok()
+            .flatten();
+        let after = (listing && !fields.page_token.is_empty())
+            .then(|| PageToken::parse(&fields.page_token))
+            .transpose()
+            .map_err(|why| check("page_token", why));
+        let action = match action {
+            Action::DisconnectUser => user_id
+                .zip(reason)
+                .map(|(user_id, reason)| ModerationAction::Disconnect { user_id, reason }),
+            Action::BanUser => match (user_id, duration, reason) {
+                (Some(user_id), Some(duration), Some(reason)) => Some(ModerationAction::Ban {
+                    user_id,
+                    duration,
+                    reason,
+                }),
+                _ => None,
+            },
+            Action::UnbanUser => user_id.map(|user_id| ModerationAction::Unban { user_id }),
+            Action::ListBans => page_size
+                .zip(after.ok())
+                .map(|(page_size, after)| ModerationAction::ListBans { page_size, after }),
+            Action::CreateChatToken | Action::VerifyChatToken => {
+                return Err(Error::Internal(format!(
+                    "{action} is not a moderation call with fields to validate"
+                )));
+            }
+        };
+        match (room, action) {
+            (Some(room), Some(action)) if bad.is_empty() => Ok(ModerationRequest {
+                caller,
+                room,
+                action,
+            }),
+            _ => Err(Error::InvalidArgument(bad)),
+        }
+    }
+}
+
+/// 0 → the default; otherwise 1 to [`MAX_PAGE_SIZE`].
+fn page_size(requested: i32) -> Result<usize, String> {
+    match usize::try_from(requested) {
+        Ok(0) => Ok(DEFAULT_PAGE_SIZE),
+        Ok(size @ 1..=MAX_PAGE_SIZE) => Ok(size),
+        _ => Err(format!(
+            "must be between 0 (the default, {DEFAULT_PAGE_SIZE}) and {MAX_PAGE_SIZE}, got {requested}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_size_bounds() {
+        assert_eq!(page_size(0), Ok(DEFAULT_PAGE_SIZE));
+        assert_eq!(page_size(1), Ok(1));
+        assert_eq!(page_size(1000), Ok(1000));
+        assert!(page_size(1001).is_err());
+        assert!(page_size(-1).is_err());
+    }
+
+    #[test]
+    fn short_hash_is_the_first_12_hex_digits_of_sha_256() {
+        // SHA-256("abc") = ba7816bf8f01cfea…
+        assert_eq!(short_hash("abc").to_string(), "ba7816bf8f01");
+    }
+}

@@ -1,0 +1,497 @@
+use std::time::SystemTime;
+
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+use super::*;
+use crate::domain::{ExceededLimit, FieldViolation, UpstreamKind};
+
+fn grpc_status(error: Error) -> Status {
+    rescue(error).into_status()
+}
+
+fn ivs_error(error: Error) -> IvsError {
+    rescue(error).into_ivs()
+}
+
+#[test]
+fn invalid_argument_carries_one_bad_request_violation_per_field() {
+    let status = grpc_status(Error::InvalidArgument(vec![
+        FieldViolation::new("user_id", "is required"),
+        FieldViolation::new("room_identifier", "must be an IVS Chat room ARN"),
+    ]));
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        status.message(),
+        "invalid request: user_id is required; room_identifier must be an IVS Chat room ARN"
+    );
+    let bad_request = status
+        .get_details_bad_request()
+        .expect("BadRequest details");
+    let fields: Vec<_> = bad_request
+        .field_violations
+        .iter()
+        .map(|v| (v.field.as_str(), v.description.as_str()))
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            ("user_id", "is required"),
+            ("room_identifier", "must be an IVS Chat room ARN")
+        ]
+    );
+}
+
+#[test]
+fn invalid_argument_replies_are_bounded_whatever_the_input() {
+    let violations = (0..10_000)
+        .map(|i| FieldViolation::new(format!("field_{i}"), "é".repeat(10_000)))
+        .collect();
+    let status = grpc_status(Error::InvalidArgument(violations));
+    assert!(status.message().len() <= MAX_MESSAGE_BYTES);
+    assert!(status.message().ends_with('…'));
+    let fields = status.get_details_bad_request().unwrap().field_violations;
+    assert_eq!(fields.len(), MAX_VIOLATIONS + 1);
+    assert!(
+        fields
+            .iter()
+            .all(|v| v.description.len() <= MAX_DESCRIPTION_BYTES)
+    );
+    assert_eq!(
+        fields[MAX_VIOLATIONS].description,
+        format!("and {} more violations", 10_000 - MAX_VIOLATIONS)
+    );
+    assert!(
+        status.details().len() < 16 * 1024,
+        "{}",
+        status.details().len()
+    );
+}
+
+#[test]
+fn unauthenticated_says_why() {
+    let status = grpc_status(Error::Unauthenticated("no client certificate"));
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert_eq!(
+        status.message(),
+        "no caller identity: no client certificate"
+    );
+}
+
+#[test]
+fn policy_denied_carries_error_info_with_the_deciding_policies() {
+    let status = grpc_status(Error::PolicyDenied {
+        policy_ids: vec![
+            "moderation-needs-moderators".into(),
+            "web-max-session".into(),
+        ],
+    });
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "POLICY_DENIED");
+    assert_eq!(info.domain, ERROR_DOMAIN);
+    assert_eq!(
+        info.metadata["policy_ids"],
+        "moderation-needs-moderators,web-max-session"
+    );
+}
+
+#[test]
+fn rate_limited_carries_retry_info_quota_failure_and_retry_after() {
+    let status = grpc_status(Error::RateLimited {
+        limits: vec![ExceededLimit {
+            name: "per-user".into(),
+            description: "5/min per user, burst 5".into(),
+        }],
+        retry_after: Duration::from_millis(12_001),
+    });
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(status.message(), "rate limit exceeded: per-user");
+    let retry = status.get_details_retry_info().expect("RetryInfo");
+    assert_eq!(retry.retry_delay, Some(Duration::from_millis(12_001)));
+    let quota = status.get_details_quota_failure().expect("QuotaFailure");
+    assert_eq!(quota.violations[0].subject, "limit:per-user");
+    assert_eq!(quota.violations[0].description, "5/min per user, burst 5");
+    assert_eq!(status.metadata().get("retry-after").unwrap(), "13");
+}
+
+#[test]
+fn upstream_failures_map_to_their_codes_and_keep_the_request_id() {
+    let upstream = |kind| {
+        grpc_status(Error::Upstream {
+            kind,
+            message: "what happened".into(),
+            request_id: Some("req-1".into()),
+        })
+    };
+    let cases = [
+        (UpstreamKind::NotFound, Code::NotFound, "IVS_ROOM_NOT_FOUND"),
+        (
+            UpstreamKind::AccessDenied,
+            Code::PermissionDenied,
+            "IVS_ACCESS_DENIED",
+        ),
+        (
+            UpstreamKind::PendingVerification,
+            Code::FailedPrecondition,
+            "IVS_PENDING_VERIFICATION",
+        ),
+        (
+            UpstreamKind::Unavailable,
+            Code::Unavailable,
+            "IVS_UNAVAILABLE",
+        ),
+    ];
+    for (kind, code, reason) in cases {
+        let status = upstream(kind);
+        assert_eq!(status.code(), code);
+        assert_eq!(
+            status.message(),
+            "IVS Chat: what happened (request id req-1)"
+        );
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, reason);
+        assert_eq!(info.domain, IVS_ERROR_DOMAIN);
+        assert_eq!(info.metadata["aws_request_id"], "req-1");
+    }
+
+    let throttled = upstream(UpstreamKind::Throttled {
+        retry_after: Duration::from_millis(1500),
+    });
+    assert_eq!(throttled.code(), Code::ResourceExhausted);
+    assert_eq!(
+        throttled.get_details_retry_info().unwrap().retry_delay,
+        Some(Duration::from_millis(1500))
+    );
+    assert_eq!(throttled.metadata().get("retry-after").unwrap(), "2");
+
+    let invalid = upstream(UpstreamKind::Invalid(vec![FieldViolation::new(
+        "user_id", "too long",
+    )]));
+    assert_eq!(invalid.code(), Code::InvalidArgument);
+    let fields = invalid.get_details_bad_request().unwrap().field_violations;
+    assert_eq!(
+        (fields[0].field.as_str(), fields[0].description.as_str()),
+        ("user_id", "too long")
+    );
+}
+
+#[test]
+fn deadline_exceeded() {
+    assert_eq!(
+        grpc_status(Error::DeadlineExceeded).code(),
+        Code::DeadlineExceeded
+    );
+}
+
+#[test]
+fn limiter_unavailable_is_unavailable_with_retry_info_and_retry_after() {
+    let status = grpc_status(Error::LimiterUnavailable {
+        retry_after: Duration::from_millis(1_500),
+    });
+    assert_eq!(status.code(), Code::Unavailable);
+    let retry = status.get_details_retry_info().expect("RetryInfo");
+    assert_eq!(retry.retry_delay, Some(Duration::from_millis(1_500)));
+    assert_eq!(status.metadata().get("retry-after").unwrap(), "2");
+    assert!(!status.message().to_lowercase().contains("redis"));
+}
+
+#[test]
+fn user_banned_is_permission_denied_with_the_end_of_the_ban_only() {
+    let end = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+    let status = grpc_status(Error::UserBanned {
+        expires_at: Some(end),
+    });
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "USER_BANNED");
+    assert_eq!(info.domain, ERROR_DOMAIN);
+    assert_eq!(info.metadata["expires_at"], "2023-11-14T22:13:20.123Z");
+    assert_eq!(info.metadata.len(), 1);
+
+    let until_lifted = grpc_status(Error::UserBanned { expires_at: None });
+    assert!(
+        until_lifted
+            .get_details_error_info()
+            .unwrap()
+            .metadata
+            .is_empty()
+    );
+}
+
+#[test]
+fn token_rejections_carry_their_reason_genuine_ones_as_failed_precondition() {
+    use crate::domain::TokenRejection::*;
+    for (rejection, code, reason) in [
+        (Malformed, Code::InvalidArgument, "TOKEN_MALFORMED"),
+        (UnknownKey, Code::InvalidArgument, "TOKEN_UNKNOWN_KEY"),
+        (Tampered, Code::InvalidArgument, "TOKEN_TAMPERED"),
+        (NotYetValid, Code::FailedPrecondition, "TOKEN_NOT_YET_VALID"),
+        (Expired, Code::FailedPrecondition, "TOKEN_EXPIRED"),
+        (Revoked, Code::FailedPrecondition, "TOKEN_REVOKED"),
+        (AlreadyUsed, Code::FailedPrecondition, "TOKEN_ALREADY_USED"),
+    ] {
+        let status = grpc_status(Error::TokenRejected(rejection));
+        assert_eq!(status.code(), code, "{rejection:?}");
+        assert_eq!(status.get_details_error_info().unwrap().reason, reason);
+    }
+}
+
+#[test]
+fn unsupported_is_unimplemented_and_a_full_store_resource_exhausted() {
+    assert_eq!(
+        grpc_status(Error::Unsupported("not here")).code(),
+        Code::Unimplemented
+    );
+    let full = grpc_status(Error::StoreFull { capacity: 3 });
+    assert_eq!(full.code(), Code::ResourceExhausted);
+    assert_eq!(
+        full.get_details_error_info().unwrap().reason,
+        "MODERATION_STORE_FULL"
+    );
+}
+
+#[test]
+fn internal_hides_the_detail_from_the_caller() {
+    let status = grpc_status(Error::Internal("key material exploded".into()));
+    assert_eq!(status.code(), Code::Internal);
+    assert!(!status.message().contains("key material"));
+}
+
+/// Every domain error, through both doors: the gRPC code and the IVS shape must tell the same story.
+#[test]
+fn both_doors_map_every_error_from_the_same_cases() {
+    let violations = || {
+        vec![FieldViolation::new(
+            "sessionDurationInMinutes",
+            "must be between 1 and 180 minutes, got 181",
+        )]
+    };
+    let upstream = |kind| Error::Upstream {
+        kind,
+        message: "what happened".into(),
+        request_id: Some("req-1".into()),
+    };
+    let rate_limited = || Error::RateLimited {
+        limits: vec![ExceededLimit {
+            name: "per-user".into(),
+            description: "5/min per user, burst 5".into(),
+        }],
+        retry_after: Duration::from_millis(1_500),
+    };
+    type Case = (fn() -> Error, Code, u16, &'static str, Option<&'static str>);
+    let cases: Vec<Case> = vec![
+        (
+            || {
+                Error::InvalidArgument(vec![FieldViolation::new(
+                    "sessionDurationInMinutes",
+                    "must be between 1 and 180 minutes, got 181",
+                )])
+            },
+            Code::InvalidArgument,
+            400,
+            "ValidationException",
+            None,
+        ),
+        (
+            || Error::Unauthenticated("the signature does not match"),
+            Code::Unauthenticated,
+            403,
+            "AccessDeniedException",
+            None,
+        ),
+        (
+            || Error::PolicyDenied {
+                policy_ids: vec!["p".into()],
+            },
+            Code::PermissionDenied,
+            403,
+            "AccessDeniedException",
+            None,
+        ),
+        (
+            || Error::Overloaded { max_calls: 3 },
+            Code::Unavailable,
+            503,
+            "ServiceUnavailableException",
+            Some("1"),
+        ),
+        (
+            || Error::DeadlineExceeded,
+            Code::DeadlineExceeded,
+            504,
+            "RequestTimeoutException",
+            None,
+        ),
+        (
+            || Error::LimiterUnavailable {
+                retry_after: Duration::from_millis(200),
+            },
+            Code::Unavailable,
+            503,
+            "ServiceUnavailableException",
+            Some("1"),
+        ),
+        (
+            || Error::Internal("boom".into()),
+            Code::Internal,
+            500,
+            "InternalServerException",
+            None,
+        ),
+        (
+            || Error::UserBanned { expires_at: None },
+            Code::PermissionDenied,
+            403,
+            "AccessDeniedException",
+            None,
+        ),
+        (
+            || Error::Unsupported("not here"),
+            Code::Unimplemented,
+            400,
+            "ValidationException",
+            None,
+        ),
+        (
+            || Error::StoreFull { capacity: 9 },
+            Code::ResourceExhausted,
+            402,
+            "ServiceQuotaExceededException",
+            None,
+        ),
+    ];
+    for (error, code, status, error_type, retry_after) in cases {
+        let grpc = grpc_status(error());
+        let ivs = ivs_error(error());
+        assert_eq!(grpc.code(), code, "{error_type}");
+        assert_eq!((ivs.status.as_u16(), ivs.error_type), (status, error_type));
+        assert_eq!(
+            ivs.message,
+            grpc.message(),
+            "the same words through both doors"
+        );
+        assert_eq!(
+            ivs.retry_after_seconds().map(|s| s.to_string()).as_deref(),
+            retry_after,
+            "{error_type}"
+        );
+    }
+
+    let grpc = grpc_status(rate_limited());
+    let ivs = ivs_error(rate_limited());
+    assert_eq!(grpc.code(), Code::ResourceExhausted);
+    assert_eq!(
+        (ivs.status.as_u16(), ivs.error_type),
+        (429, "ThrottlingException")
+    );
+    assert_eq!(ivs.message, grpc.message());
+    assert_eq!(ivs.retry_after_seconds(), Some(2));
+    assert_eq!(grpc.metadata().get("retry-after").unwrap(), "2");
+    assert_eq!(ivs.body()["resourceId"], "per-user");
+
+    let ivs = ivs_error(Error::InvalidArgument(violations()));
+    assert_eq!(
+        ivs.body(),
+        serde_json::json!({
+            "message": "invalid request: sessionDurationInMinutes must be between 1 and 180 minutes, got 181",
+            "reason": "FIELD_VALIDATION_FAILED",
+            "fieldList": [{"name": "sessionDurationInMinutes", "message": "must be between 1 and 180 minutes, got 181"}],
+        })
+    );
+
+    for (kind, code, status, error_type) in [
+        (
+            UpstreamKind::Invalid(violations()),
+            Code::InvalidArgument,
+            400,
+            "ValidationException",
+        ),
+        (
+            UpstreamKind::NotFound,
+            Code::NotFound,
+            404,
+            "ResourceNotFoundException",
+        ),
+        (
+            UpstreamKind::AccessDenied,
+            Code::PermissionDenied,
+            403,
+            "AccessDeniedException",
+        ),
+        (
+            UpstreamKind::PendingVerification,
+            Code::FailedPrecondition,
+            403,
+            "PendingVerification",
+        ),
+        (
+            UpstreamKind::Throttled {
+                retry_after: Duration::from_secs(2),
+            },
+            Code::ResourceExhausted,
+            429,
+            "ThrottlingException",
+        ),
+        (
+            UpstreamKind::Unavailable,
+            Code::Unavailable,
+            503,
+            "ServiceUnavailableException",
+        ),
+    ] {
+        let grpc = grpc_status(upstream(kind.clone()));
+        let ivs = ivs_error(upstream(kind));
+        assert_eq!(grpc.code(), code, "{error_type}");
+        assert_eq!((ivs.status.as_u16(), ivs.error_type), (status, error_type));
+        assert_eq!(ivs.message, grpc.message());
+        assert!(ivs.message.contains("req-1"));
+    }
+}
+
+#[test]
+fn both_doors_bound_their_replies_the_same_way() {
+    let violations = || {
+        (0..10_000)
+            .map(|i| FieldViolation::new(format!("field_{i}"), "é".repeat(10_000)))
+            .collect::<Vec<_>>()
+    };
+    let grpc = grpc_status(Error::InvalidArgument(violations()));
+    let rest = ivs_error(Error::InvalidArgument(violations()));
+    assert_eq!(rest.message, grpc.message(), "the same bounded words");
+    assert!(rest.message.len() <= MAX_MESSAGE_BYTES);
+    let IvsMembers::Validation { fields, .. } = &rest.members else {
+        panic!("a ValidationException with its fields");
+    };
+    assert_eq!(fields.len(), MAX_VIOLATIONS + 1);
+    assert!(
+        fields
+            .iter()
+            .all(|v| v.description.len() <= MAX_DESCRIPTION_BYTES)
+    );
+    assert!(
+        rest.body().to_string().len() < 16 * 1024,
+        "{}",
+        rest.body().to_string().len()
+    );
+
+    let upstream = || Error::Upstream {
+        kind: UpstreamKind::Invalid(violations()),
+        message: "x".repeat(100_000),
+        request_id: Some("req-1".into()),
+    };
+    let grpc = grpc_status(upstream());
+    let rest = ivs_error(upstream());
+    assert_eq!(rest.message, grpc.message());
+    assert!(rest.message.len() <= MAX_MESSAGE_BYTES);
+    assert!(rest.body().to_string().len() < 16 * 1024);
+}
+
+#[test]
+fn internal_errors_show_no_detail_through_either_door() {
+    let grpc = grpc_status(Error::Internal("key material exploded".into()));
+    let rest = ivs_error(Error::Internal("key material exploded".into()));
+    assert_eq!(grpc.message(), "internal error; the server log has details");
+    assert_eq!(rest.message, grpc.message());
+    assert_eq!(rest.status.as_u16(), 500);
+}
