@@ -143,8 +143,7 @@ mod tests {
     use super::*;
 
     /// The watcher's task may first run well after `spawn` (a busy runtime): a change made in between is
-    /// a change. It used to be taken as the starting point and never applied (tests/identity.rs's
-    /// certificate rotation failed one run in three with its tests in parallel).
+    /// a change, not the starting point.
     #[tokio::test]
     async fn a_change_made_before_the_watcher_first_runs_is_applied() {
         let dir = tempfile::tempdir().unwrap();

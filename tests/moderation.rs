@@ -985,62 +985,6 @@ async fn redis_list_bans_pages_skip_ended_bans_and_cover_the_rest_once() {
 }
 
 #[tokio::test]
-async fn reflection_describes_the_moderation_service() {
-    use tonic_reflection::pb::v1::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    };
-    let keys = LocalKeys::new();
-    let server = TestServer::from_config(keys.config()).await;
-    let mut client = ServerReflectionClient::new(server.channel().await);
-    let requests = tokio_stream::iter([
-        ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        },
-        ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::FileContainingSymbol(
-                "ivschat.v1.ModerationService".into(),
-            )),
-        },
-    ]);
-    let mut responses = client
-        .server_reflection_info(requests)
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) =
-        responses.message().await.unwrap().unwrap().message_response
-    else {
-        panic!("expected a service list");
-    };
-    assert!(
-        list.service
-            .iter()
-            .any(|s| s.name == "ivschat.v1.ModerationService"),
-        "{list:?}"
-    );
-    let Some(MessageResponse::FileDescriptorResponse(files)) =
-        responses.message().await.unwrap().unwrap().message_response
-    else {
-        panic!("expected file descriptors");
-    };
-    let described = files.file_descriptor_proto.iter().any(|file| {
-        prost::Message::decode(file.as_slice()).is_ok_and(
-            |file: prost_types::FileDescriptorProto| {
-                file.name() == "ivschat/v1/moderation_service.proto"
-                    && file
-                        .service
-                        .iter()
-                        .any(|s| s.name() == "ModerationService" && s.method.len() == 5)
-            },
-        )
-    });
-    assert!(described, "ModerationService with its five methods");
-}
-
-#[tokio::test]
 async fn bans_work_in_redis_cluster_under_hashed_keys_that_expire_with_the_ban() {
     let redis = RedisServer::cluster();
     let keys = LocalKeys::new();

@@ -10,7 +10,7 @@ use chat_token_service::{
     domain::{Error, IssuedToken, TokenRequest},
     issuer::{Issuer, local::LocalIssuer},
 };
-use common::{Binary, LocalKeys, TestServer, valid_request};
+use common::{Binary, LocalKeys, TestServer, reflect, valid_request};
 use tokio::sync::Notify;
 use tokio_stream::StreamExt;
 use tonic_health::pb::{
@@ -43,64 +43,53 @@ async fn health_reports_serving_for_the_server_and_the_token_service() {
 }
 
 #[tokio::test]
-async fn reflection_v1_lists_and_describes_the_service() {
-    use tonic_reflection::pb::v1::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    };
+async fn reflection_v1_lists_and_describes_every_service_and_the_error_details() {
     let keys = LocalKeys::new();
     let server = TestServer::from_config(keys.config()).await;
-    let mut client = ServerReflectionClient::new(server.channel().await);
-    let requests = tokio_stream::iter([
-        ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        },
-        ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::FileContainingSymbol(
-                "ivschat.v1.TokenService".into(),
-            )),
-        },
-        // Error details, so grpcurl can decode them.
-        ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::FileContainingSymbol(
-                "google.rpc.BadRequest".into(),
-            )),
-        },
-    ]);
-    let mut responses = client
-        .server_reflection_info(requests)
-        .await
-        .unwrap()
-        .into_inner();
-
-    let Some(MessageResponse::ListServicesResponse(list)) =
-        responses.next().await.unwrap().unwrap().message_response
-    else {
-        panic!("expected a service list");
-    };
-    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    let (services, described) = reflect(
+        server.channel().await,
+        &[
+            "ivschat.v1.TokenService",
+            "ivschat.v1.ModerationService",
+            // Error details, so grpcurl can decode them.
+            "google.rpc.BadRequest",
+        ],
+    )
+    .await;
     for expected in [
         "ivschat.v1.TokenService",
+        "ivschat.v1.ModerationService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
     ] {
         assert!(
-            names.contains(&expected),
-            "{expected} missing from {names:?}"
+            services.iter().any(|s| s == expected),
+            "{expected} missing from {services:?}"
         );
     }
-
-    for _ in ["ivschat.v1.TokenService", "google.rpc.BadRequest"] {
-        let Some(MessageResponse::FileDescriptorResponse(files)) =
-            responses.next().await.unwrap().unwrap().message_response
-        else {
-            panic!("expected file descriptors");
-        };
-        assert!(!files.file_descriptor_proto.is_empty());
-    }
+    let service = |files: &[prost_types::FileDescriptorProto], name: &str| {
+        files
+            .iter()
+            .flat_map(|file| &file.service)
+            .find(|s| s.name() == name)
+            .map(|s| s.method.len())
+    };
+    assert_eq!(service(&described[0], "TokenService"), Some(1));
+    assert_eq!(
+        service(&described[1], "ModerationService"),
+        Some(5),
+        "ModerationService with its five methods"
+    );
+    let bad_request = described[2]
+        .iter()
+        .filter(|file| file.package() == "google.rpc")
+        .flat_map(|file| &file.message_type)
+        .find(|message| message.name() == "BadRequest");
+    assert!(
+        bad_request
+            .is_some_and(|message| message.field.iter().any(|f| f.name() == "field_violations")),
+        "google.rpc.BadRequest with its field_violations"
+    );
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use super::moderation::TokenRejection;
+use super::action::Action;
 
 /// One field of a request that failed validation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,6 +74,8 @@ pub enum Error {
     /// Amazon IVS Chat refused the request or could not be reached, after the SDK's bounded retries.
     #[error("IVS Chat: {message}")]
     Upstream {
+        /// The IVS operation that failed.
+        operation: Action,
         /// What kind of failure, which decides the gRPC code.
         kind: UpstreamKind,
         /// What happened, for the caller: never credentials, tokens or user ids.
@@ -190,4 +192,56 @@ pub fn join(violations: &[FieldViolation]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// Why VerifyChatToken refused a token. Each has its own `google.rpc.ErrorInfo` reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRejection {
+    /// Not a token of this service at all.
+    #[error("not a well-formed chat token")]
+    Malformed,
+    /// Encrypted with a key this service does not hold (rotated out, or another deployment's).
+    #[error("the token was encrypted with a key this service does not hold")]
+    UnknownKey,
+    /// Authentication failed, or the authentic claims are not chat token claims: altered or forged.
+    #[error("the token failed authentication")]
+    Tampered,
+    /// Not valid yet.
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    /// Past its expiration time.
+    #[error("the token has expired")]
+    Expired,
+    /// Issued before the user was disconnected or banned from the room.
+    #[error("the token was revoked: its user was disconnected or banned from the room")]
+    Revoked,
+    /// Single-use mode, and the token was verified before.
+    #[error("the token was already used")]
+    AlreadyUsed,
+}
+
+impl TokenRejection {
+    /// The `google.rpc.ErrorInfo` reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            TokenRejection::Malformed => "TOKEN_MALFORMED",
+            TokenRejection::UnknownKey => "TOKEN_UNKNOWN_KEY",
+            TokenRejection::Tampered => "TOKEN_TAMPERED",
+            TokenRejection::NotYetValid => "TOKEN_NOT_YET_VALID",
+            TokenRejection::Expired => "TOKEN_EXPIRED",
+            TokenRejection::Revoked => "TOKEN_REVOKED",
+            TokenRejection::AlreadyUsed => "TOKEN_ALREADY_USED",
+        }
+    }
+
+    /// Whether the token is genuine and only its state (time, revocation, use) refuses it.
+    pub fn is_genuine(self) -> bool {
+        matches!(
+            self,
+            TokenRejection::NotYetValid
+                | TokenRejection::Expired
+                | TokenRejection::Revoked
+                | TokenRejection::AlreadyUsed
+        )
+    }
 }

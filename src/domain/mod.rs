@@ -17,11 +17,10 @@ pub mod token;
 
 pub use action::{Action, IVS_SIGNING_NAME};
 pub use caller::{Caller, CallerSource};
-pub use error::{Error, ExceededLimit, FieldViolation, UpstreamKind};
+pub use error::{Error, ExceededLimit, FieldViolation, TokenRejection, UpstreamKind};
 pub use limit::{DISCONNECT_QUOTA_LIMIT_NAME, IVS_QUOTA_LIMIT_NAME, Limit, LimitKey, Rate};
 pub use moderation::{
     Ban, BanPage, ModerationAction, ModerationOutcome, ModerationRequest, PageToken, Reason,
-    TokenRejection,
 };
 pub use room::{AccountId, MAX_ROOM_ARN_CHARS, Region, RoomArn, ServedRooms};
 pub use secret::Secret;

@@ -24,6 +24,9 @@ pub const MIN_BAN: Duration = Duration::from_secs(1);
 pub const DEFAULT_PAGE_SIZE: usize = 50;
 /// Largest ListBans page.
 pub const MAX_PAGE_SIZE: usize = 1000;
+/// Why VerifyChatToken is refused with the ivs issuer.
+pub const VERIFY_NEEDS_LOCAL_ISSUER: &str =
+    "VerifyChatToken verifies tokens of the local issuer; Amazon IVS Chat verifies its own tokens";
 /// Longest token VerifyChatToken reads, in bytes: a token with the largest attributes is under 3 KiB.
 pub const MAX_TOKEN_BYTES: usize = 8192;
 
@@ -181,58 +184,6 @@ impl Ban {
     /// Whether the ban is still in force at `now`.
     pub fn in_force(&self, now: SystemTime) -> bool {
         self.expires_at.is_none_or(|end| now < end)
-    }
-}
-
-/// Why VerifyChatToken refused a token. Each has its own `google.rpc.ErrorInfo` reason.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum TokenRejection {
-    /// Not a token of this service at all.
-    #[error("not a well-formed chat token")]
-    Malformed,
-    /// Encrypted with a key this service does not hold (rotated out, or another deployment's).
-    #[error("the token was encrypted with a key this service does not hold")]
-    UnknownKey,
-    /// Authentication failed, or the authentic claims are not chat token claims: altered or forged.
-    #[error("the token failed authentication")]
-    Tampered,
-    /// Not valid yet.
-    #[error("the token is not valid yet")]
-    NotYetValid,
-    /// Past its expiration time.
-    #[error("the token has expired")]
-    Expired,
-    /// Issued before the user was disconnected or banned from the room.
-    #[error("the token was revoked: its user was disconnected or banned from the room")]
-    Revoked,
-    /// Single-use mode, and the token was verified before.
-    #[error("the token was already used")]
-    AlreadyUsed,
-}
-
-impl TokenRejection {
-    /// The `google.rpc.ErrorInfo` reason.
-    pub fn reason(self) -> &'static str {
-        match self {
-            TokenRejection::Malformed => "TOKEN_MALFORMED",
-            TokenRejection::UnknownKey => "TOKEN_UNKNOWN_KEY",
-            TokenRejection::Tampered => "TOKEN_TAMPERED",
-            TokenRejection::NotYetValid => "TOKEN_NOT_YET_VALID",
-            TokenRejection::Expired => "TOKEN_EXPIRED",
-            TokenRejection::Revoked => "TOKEN_REVOKED",
-            TokenRejection::AlreadyUsed => "TOKEN_ALREADY_USED",
-        }
-    }
-
-    /// Whether the token is genuine and only its state (time, revocation, use) refuses it.
-    pub fn is_genuine(self) -> bool {
-        matches!(
-            self,
-            TokenRejection::NotYetValid
-                | TokenRejection::Expired
-                | TokenRejection::Revoked
-                | TokenRejection::AlreadyUsed
-        )
     }
 }
 

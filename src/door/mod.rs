@@ -15,7 +15,9 @@ use std::{fmt, time::Duration};
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
-use crate::domain::moderation::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MAX_TOKEN_BYTES, MIN_BAN};
+use crate::domain::moderation::{
+    DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MAX_TOKEN_BYTES, MIN_BAN, VERIFY_NEEDS_LOCAL_ISSUER,
+};
 use crate::domain::{
     Action, Caller, CallerSource, Error, FieldViolation, IssuedToken, ModerationAction,
     ModerationOutcome, ModerationRequest, PageToken, Reason, RoomArn, TokenClaims, TokenRejection,
@@ -25,10 +27,6 @@ use crate::identity::Resolver;
 use crate::issuer::local::LiveKeys;
 use crate::rescue::{IvsError, rescue};
 use crate::stack::{ModerationStack, TokenStack};
-
-/// Why VerifyChatToken is refused with the ivs issuer.
-const IVS_VERIFIES_ITS_TOKENS: &str =
-    "VerifyChatToken verifies tokens of the local issuer; Amazon IVS Chat verifies its own tokens";
 
 /// CreateChatToken as every door serves it: one identity resolver, one token stack, one audit trail.
 #[derive(Clone)]
@@ -191,7 +189,7 @@ impl ModerationDoor {
         let keys = self
             .verifier
             .as_ref()
-            .ok_or(Error::Unsupported(IVS_VERIFIES_ITS_TOKENS))?;
+            .ok_or(Error::Unsupported(VERIFY_NEEDS_LOCAL_ISSUER))?;
         if token.is_empty() {
             return Err(invalid("token", "is required".into()));
         }

@@ -40,9 +40,11 @@ use tracing::Instrument;
 
 use super::{Issuer, Moderator};
 use crate::config::{EndpointUrl, RoleArn};
+use crate::domain::moderation::VERIFY_NEEDS_LOCAL_ISSUER;
 use crate::domain::{
-    AccountId, Capability, Error, ExceededLimit, FieldViolation, IssuedToken, Limit, Reason,
-    RoomArn, ServedRooms, TokenClaims, TokenRequest, UpstreamKind, UserId,
+    AccountId, Action, Capability, Error, ExceededLimit, FieldViolation, IVS_SIGNING_NAME,
+    IssuedToken, Limit, Reason, RoomArn, ServedRooms, TokenClaims, TokenRequest, UpstreamKind,
+    UserId,
 };
 use crate::store::{Check, LimiterStore, Quota, Verdict};
 use crate::telemetry::metrics::metrics;
@@ -269,17 +271,7 @@ impl<St: LimiterStore> Issuer for IvsIssuer<St> {
         let client = self.client(&request.room).await?;
 
         let started = std::time::Instant::now();
-        let span = tracing::info_span!(
-            "ivschat.CreateChatToken",
-            otel.name = "ivschat/CreateChatToken",
-            otel.kind = "client",
-            rpc.system = "aws-api",
-            rpc.service = "ivschat",
-            rpc.method = "CreateChatToken",
-            cloud.region = request.room.region(),
-            aws.request_id = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-        );
+        let span = client_span(Action::CreateChatToken, request.room.region());
         let response = client
             .create_chat_token()
             .room_identifier(request.room.as_str())
@@ -314,8 +306,7 @@ impl<St: LimiterStore> Issuer for IvsIssuer<St> {
         let response = response.map_err(|e| {
             upstream_failed(
                 &span,
-                map_error(e, "create tokens for"),
-                "CreateChatToken",
+                map_error(e, Action::CreateChatToken, "create tokens for"),
                 request.room.region(),
                 started,
             )
@@ -356,17 +347,7 @@ impl<St: LimiterStore> Moderator for IvsIssuer<St> {
         let client = self.client(room).await?;
 
         let started = std::time::Instant::now();
-        let span = tracing::info_span!(
-            "ivschat.DisconnectUser",
-            otel.name = "ivschat/DisconnectUser",
-            otel.kind = "client",
-            rpc.system = "aws-api",
-            rpc.service = "ivschat",
-            rpc.method = "DisconnectUser",
-            cloud.region = room.region(),
-            aws.request_id = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-        );
+        let span = client_span(Action::DisconnectUser, room.region());
         let response = client
             .disconnect_user()
             .room_identifier(room.as_str())
@@ -391,8 +372,7 @@ impl<St: LimiterStore> Moderator for IvsIssuer<St> {
             }
             Err(e) => Err(upstream_failed(
                 &span,
-                map_error(e, "disconnect users from"),
-                "DisconnectUser",
+                map_error(e, Action::DisconnectUser, "disconnect users from"),
                 room.region(),
                 started,
             )),
@@ -400,13 +380,24 @@ impl<St: LimiterStore> Moderator for IvsIssuer<St> {
     }
 
     async fn verify(&self, _: TokenClaims) -> Result<TokenClaims, Error> {
-        Err(Error::Unsupported(IVS_VERIFIES_ITS_TOKENS))
+        Err(Error::Unsupported(VERIFY_NEEDS_LOCAL_ISSUER))
     }
 }
 
-/// Why VerifyChatToken is refused with the ivs issuer.
-pub const IVS_VERIFIES_ITS_TOKENS: &str =
-    "VerifyChatToken verifies tokens of the local issuer; Amazon IVS Chat verifies its own tokens";
+/// The client span of one call to IVS Chat, per the OpenTelemetry conventions for AWS SDK calls.
+fn client_span(operation: Action, region: &str) -> tracing::Span {
+    tracing::info_span!(
+        "ivschat.call",
+        otel.name = %format_args!("{IVS_SIGNING_NAME}/{operation}"),
+        otel.kind = "client",
+        rpc.system = "aws-api",
+        rpc.service = IVS_SIGNING_NAME,
+        rpc.method = operation.as_str(),
+        cloud.region = region,
+        aws.request_id = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    )
+}
 
 /// HTTPS through rustls with ring: the SDK's default client would bring aws-lc-rs and a second hyper.
 fn https_client() -> aws_sdk_ivschat::config::SharedHttpClient {
@@ -485,18 +476,23 @@ impl OperationError for DisconnectUserError {
 fn upstream_failed(
     span: &tracing::Span,
     error: Error,
-    operation: &str,
     region: &str,
     started: std::time::Instant,
 ) -> Error {
     span.record("otel.status_code", "ERROR");
-    if let Error::Upstream {
-        request_id: Some(id),
-        ..
-    } = &error
-    {
-        span.record("aws.request_id", id.as_str());
-    }
+    let operation = match &error {
+        Error::Upstream {
+            operation,
+            request_id,
+            ..
+        } => {
+            if let Some(id) = request_id {
+                span.record("aws.request_id", id.as_str());
+            }
+            operation.as_str()
+        }
+        _ => "a call",
+    };
     metrics()
         .upstream_errors
         .add(1, &[KeyValue::new("kind", error.outcome())]);
@@ -508,12 +504,13 @@ fn upstream_failed(
     error
 }
 
-/// The one place SDK errors become domain errors. `denied_to` completes "this service's AWS identity may
-/// not …" for AccessDenied. IVS's own messages stay out of what callers see (and of our logs, but for
+/// The one place SDK errors become domain errors, of `operation`. `denied_to` completes "this service's
+/// AWS identity may not …" for AccessDenied. IVS's own messages stay out of what callers see (and of our logs, but for
 /// AccessDenied's, which names our IAM principal): they may quote the user id or attributes. Codes,
 /// reasons and field names are enough.
 fn map_error<E>(
     error: SdkError<E, aws_sdk_ivschat::config::http::HttpResponse>,
+    operation: Action,
     denied_to: &str,
 ) -> Error
 where
@@ -521,6 +518,7 @@ where
 {
     let request_id = error.request_id().map(str::to_owned);
     let upstream = |kind, message: String| Error::Upstream {
+        operation,
         kind,
         message,
         request_id: request_id.clone(),

@@ -1,11 +1,10 @@
 //! Which context attributes the loaded policies can read, so a request's Cedar context holds only those.
 //!
-//! Building the context is a fixed cost of every decision (Cedar evaluates each attribute into a value):
-//! with the embedded development policy it was half of the policy check. An attribute no policy names
-//! cannot change a decision, so it is left out. The analysis is conservative: it walks each policy's JSON
-//! form, records `a` for every `context.a`, `context["a"]` and `context has a`, and any other use of
-//! `context` (compared, put in a set or record, an annotation it cannot read, a template) means every
-//! attribute is built, as before.
+//! Building the context is a fixed cost of every decision (Cedar evaluates each attribute into a value),
+//! and an attribute no policy names cannot change a decision, so it is left out. The analysis is
+//! conservative: it walks each policy's JSON form, records `a` for every `context.a`, `context["a"]` and
+//! `context has a`, and any other use of `context` (compared, put in a set or record, an annotation it
+//! cannot read, a template) means every attribute is built.
 
 use std::collections::BTreeSet;
 

@@ -16,7 +16,7 @@ use http::StatusCode;
 use tonic::{Code, Status, metadata::MetadataValue};
 use tonic_types::{ErrorDetails, QuotaViolation, StatusExt};
 
-use crate::domain::{Error, ExceededLimit, FieldViolation, UpstreamKind, error::join};
+use crate::domain::{Action, Error, ExceededLimit, FieldViolation, UpstreamKind, error::join};
 
 /// `google.rpc.ErrorInfo.domain` for errors this service decides.
 pub const ERROR_DOMAIN: &str = "chat-token-service";
@@ -239,10 +239,11 @@ pub fn rescue(error: Error) -> Rescue {
         )
         .retry_after(OVERLOADED_RETRY_AFTER),
         Error::Upstream {
+            operation,
             kind,
             message,
             request_id,
-        } => upstream(kind, message, request_id),
+        } => upstream(operation, kind, message, request_id),
         Error::DeadlineExceeded => Rescue::new(
             Code::DeadlineExceeded,
             S::GATEWAY_TIMEOUT,
@@ -314,7 +315,12 @@ pub fn rescue(error: Error) -> Rescue {
 /// How long a caller shed for overload is advised to wait: another replica can take it at once.
 const OVERLOADED_RETRY_AFTER: Duration = Duration::from_millis(100);
 
-fn upstream(kind: UpstreamKind, message: String, request_id: Option<String>) -> Rescue {
+fn upstream(
+    operation: Action,
+    kind: UpstreamKind,
+    message: String,
+    request_id: Option<String>,
+) -> Rescue {
     use StatusCode as S;
     let message = match &request_id {
         Some(id) => format!("IVS Chat: {message} (request id {id})"),
@@ -372,7 +378,7 @@ fn upstream(kind: UpstreamKind, message: String, request_id: Option<String>) -> 
         }
         UpstreamKind::Throttled { retry_after } => {
             rescue = rescue.retry_after(retry_after);
-            rescue.resource = Some(("CreateChatToken".into(), "IVS_QUOTA"));
+            rescue.resource = Some((operation.as_str().to_owned(), "IVS_QUOTA"));
         }
         _ => {}
     }

@@ -4,7 +4,7 @@ use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
 use super::*;
-use crate::domain::{ExceededLimit, FieldViolation, UpstreamKind};
+use crate::domain::{Action, ExceededLimit, FieldViolation, UpstreamKind};
 
 fn grpc_status(error: Error) -> Status {
     rescue(error).into_status()
@@ -119,6 +119,7 @@ fn rate_limited_carries_retry_info_quota_failure_and_retry_after() {
 fn upstream_failures_map_to_their_codes_and_keep_the_request_id() {
     let upstream = |kind| {
         grpc_status(Error::Upstream {
+            operation: Action::CreateChatToken,
             kind,
             message: "what happened".into(),
             request_id: Some("req-1".into()),
@@ -268,6 +269,7 @@ fn both_doors_map_every_error_from_the_same_cases() {
         )]
     };
     let upstream = |kind| Error::Upstream {
+        operation: Action::CreateChatToken,
         kind,
         message: "what happened".into(),
         request_id: Some("req-1".into()),
@@ -476,6 +478,7 @@ fn both_doors_bound_their_replies_the_same_way() {
     );
 
     let upstream = || Error::Upstream {
+        operation: Action::CreateChatToken,
         kind: UpstreamKind::Invalid(violations()),
         message: "x".repeat(100_000),
         request_id: Some("req-1".into()),

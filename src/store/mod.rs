@@ -6,50 +6,22 @@
 //! and, on a single Redis node, the [`BanGate`] that checks a ban and the limits in one round trip.
 //! Clones of a store share its state, so everything that limits shares one budget.
 
+mod error;
 pub mod limits;
 pub mod moderation;
 pub mod redis;
 
-use std::{num::NonZeroUsize, time::Duration};
+use std::num::NonZeroUsize;
 
 use tokio::sync::watch;
 
 use crate::config::{FailureMode, LimiterBackend, LimiterConfig};
-use crate::domain::Error;
 use limits::{MemoryStore, RedisLimits};
 use moderation::{MemoryModeration, RedisModeration};
 
+pub use error::StoreError;
 pub use limits::{Check, LimiterStore, Quota, Verdict};
 pub use moderation::{BanGate, Gated, ModerationStore};
-
-/// Why a store could not decide.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The shared store cannot be reached and is configured to fail closed: the request is refused rather
-    /// than decided without it. The in-process stores never fail this way.
-    #[error("store unavailable")]
-    Unavailable {
-        /// When the store will next be tried, for the caller's retry.
-        retry_after: Duration,
-    },
-    /// The in-process moderation store holds as many entries still in force as it may; rather than forget
-    /// one, the new one is refused. Rate-limit checks never fail this way: they forget the keys closest to
-    /// recovery.
-    #[error("store full: {capacity} entries in force")]
-    Full {
-        /// The configured bound (`limiter.max_tracked_keys`).
-        capacity: usize,
-    },
-}
-
-impl From<StoreError> for Error {
-    fn from(error: StoreError) -> Self {
-        match error {
-            StoreError::Unavailable { retry_after } => Error::LimiterUnavailable { retry_after },
-            StoreError::Full { capacity } => Error::StoreFull { capacity },
-        }
-    }
-}
 
 /// The rate-limit store and the moderation store of one backend, and, where the backend can, the gate
 /// that checks a ban and the limits in one round trip.

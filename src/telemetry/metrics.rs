@@ -54,7 +54,7 @@ pub struct Metrics {
     pub limiter_fallbacks: Counter<u64>,
     /// Moderation calls that reached the moderator or the ban store, by action and result.
     pub moderation_actions: Counter<u64>,
-    /// Connections the server refused or closed, by reason (see [`crate::listener::Closed`]).
+    /// Connections the server refused or closed, by reason (see `transport::listener::Closed`).
     pub connections_closed: Counter<u64>,
 }
 

@@ -2,17 +2,17 @@
 //!
 //! - **Logs**: human-readable lines on stderr by default, JSON with `--log-format json` (or `log_format`);
 //!   the level comes from `RUST_LOG` (default `info`). Lines written inside a call carry its `trace_id`.
-//! - **Traces**: a server span per RPC ([`rpc`]), children for policy, rate limits, the issuer and the
-//!   IVS call (the first three only when traces are exported: see [`trace_only_span`]). W3C `traceparent`/`tracestate` from the caller's metadata make our spans part of its trace.
+//! - **Traces**: a server span per RPC (`transport::trace`), children for policy, rate limits, the issuer and the
+//!   IVS call (the first three only when traces are exported). W3C `traceparent`/`tracestate` from the caller's metadata make our spans part of its trace.
 //! - **Metrics**: see [`metrics`].
 //! - **Export**: over OTLP/gRPC when the standard variables say where (`OTEL_EXPORTER_OTLP_ENDPOINT`, or
 //!   the `_TRACES_`/`_METRICS_` variants; `OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER`, … apply). Without
 //!   them nothing is exported, metric instruments are no-ops and no OpenTelemetry layer is installed (no
 //!   span data is built for anyone): the server span still gives logs their trace id, the caller's from
-//!   `traceparent` or a fresh random one ([`rpc`]).
+//!   `traceparent` or a fresh random one (`transport::trace`).
 //!   Export runs in batches off the request path: a slow or absent collector costs dropped telemetry,
 //!   never a slower request.
-//! - **Audit**: one `audit` event per decision, see [`crate::service`].
+//! - **Audit**: one `audit` event per decision, written by the front doors (`door`).
 //!
 //! Log lines are formatted by the thread that writes them and written to stderr by a background thread
 //! through a queue of [`LOG_QUEUE_LINES`] lines: a call never waits on stderr. When stderr cannot keep up

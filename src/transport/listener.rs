@@ -9,7 +9,7 @@
 //! - **Silent clients:** a new connection must send its first request bytes (the 24-byte HTTP/2 preface,
 //!   or an HTTP/1.1 request line) within `transport.preface_timeout` of being accepted, or of its TLS
 //!   handshake completing; else it is closed. TLS handshakes have their own bound
-//!   (`tls.handshake_timeout`) and cap (`tls.max_concurrent_handshakes`, see [`crate::tls`]).
+//!   (`tls.handshake_timeout`) and cap (`tls.max_concurrent_handshakes`, see [`super::tls`]).
 //! - **Idle clients:** a connection with no call open for `transport.idle_timeout` is closed (gRPC's
 //!   MAX_CONNECTION_IDLE). HTTP/2 PINGs do not count as activity, calls do. The close is checked only
 //!   when the socket has nothing left to read, so a request already received is never dropped.

@@ -286,3 +286,55 @@ impl Drop for Binary {
         let _ = self.child.wait();
     }
 }
+
+/// What reflection v1 says on `channel`: the services it lists, and for each of `symbols` the file
+/// descriptors it answers, decoded.
+pub async fn reflect(
+    channel: Channel,
+    symbols: &[&str],
+) -> (Vec<String>, Vec<Vec<prost_types::FileDescriptorProto>>) {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let request = |message| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(message),
+    };
+    let requests: Vec<_> = std::iter::once(request(MessageRequest::ListServices(String::new())))
+        .chain(
+            symbols
+                .iter()
+                .map(|symbol| request(MessageRequest::FileContainingSymbol(symbol.to_string()))),
+        )
+        .collect();
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let mut described = Vec::new();
+    for symbol in symbols {
+        let Some(MessageResponse::FileDescriptorResponse(files)) =
+            responses.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("expected the file descriptors of {symbol}");
+        };
+        described.push(
+            files
+                .file_descriptor_proto
+                .iter()
+                .map(|file| prost::Message::decode(file.as_slice()).unwrap())
+                .collect(),
+        );
+    }
+    (
+        list.service.into_iter().map(|s| s.name).collect(),
+        described,
+    )
+}

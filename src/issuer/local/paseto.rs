@@ -1,10 +1,10 @@
 //! PASETO `v4.local` encryption, the minting half only: decryption stays with pasetors
 //! ([`super::token`]), which also checks every token this module makes in the tests below.
 //!
-//! Why not pasetors' `LocalToken::encrypt`: it was the largest cost of a CreateChatToken call (30% of the
-//! instructions), and half of that was its constant-time base64. The bytes encoded here — nonce,
-//! ciphertext, tag and the public footer — are all sent in the clear, so encoding them in constant time
-//! protects nothing; the `base64` crate does it in a few percent of the time. The rest is the same
+//! Why not pasetors' `LocalToken::encrypt`: it encodes in constant-time base64, a large share of a
+//! CreateChatToken call (BENCHMARKS.md has the profile). The bytes encoded here — nonce, ciphertext, tag
+//! and the public footer — are all sent in the clear, so encoding them in constant time protects nothing;
+//! the `base64` crate does it in a fraction of the time. The rest is the same
 //! construction, on the same orion primitives pasetors uses, with the pre-authentication encoding fed to
 //! BLAKE2b piece by piece instead of copied into a buffer, the plaintext encrypted in place, and the nonce
 //! from the thread-local CSPRNG instead of a `getrandom` system call per token.

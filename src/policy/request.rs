@@ -1,0 +1,122 @@
+//! What Cedar is asked about a request: the principal, the action, the resource and the action's context,
+//! as the schema declares them.
+
+use cedar_policy::{Context, RestrictedExpression};
+
+use super::load::string;
+use crate::domain::{
+    Action, Caller, Capability, Error, ModerationAction, ModerationRequest, RoomArn, TokenRequest,
+};
+
+/// A request Cedar can decide: who asks to do what to which room, and the action's context.
+pub trait Authorize {
+    /// The principal.
+    fn caller(&self) -> &Caller;
+    /// The resource.
+    fn room(&self) -> &RoomArn;
+    /// The action, one of the schema's actions.
+    fn action(&self) -> Action;
+    /// The action's context, as the schema declares it: one list both for Cedar and for the decision
+    /// cache's key, so the two cannot disagree about what a decision depends on.
+    fn context(&self) -> Vec<(&'static str, ContextValue<'_>)>;
+}
+
+/// A value in a request's context, in the shapes the schema uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ContextValue<'a> {
+    String(&'a str),
+    Long(i64),
+    /// A set of strings.
+    Strings(Vec<&'a str>),
+}
+
+impl ContextValue<'_> {
+    fn to_cedar(&self) -> RestrictedExpression {
+        match self {
+            ContextValue::String(s) => string(s),
+            ContextValue::Long(n) => RestrictedExpression::new_long(*n),
+            ContextValue::Strings(items) => {
+                RestrictedExpression::new_set(items.iter().map(|s| string(s)))
+            }
+        }
+    }
+}
+
+/// `pairs` as a Cedar context.
+pub(super) fn cedar_context<'a>(
+    pairs: impl IntoIterator<Item = &'a (&'static str, ContextValue<'a>)>,
+) -> Result<Context, Error> {
+    Context::from_pairs(
+        pairs
+            .into_iter()
+            .map(|(name, value)| ((*name).to_owned(), value.to_cedar())),
+    )
+    .map_err(|e| Error::Internal(format!("policy context: {e}")))
+}
+
+impl Authorize for TokenRequest {
+    fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    fn room(&self) -> &RoomArn {
+        &self.room
+    }
+
+    fn action(&self) -> Action {
+        Action::CreateChatToken
+    }
+
+    fn context(&self) -> Vec<(&'static str, ContextValue<'_>)> {
+        vec![
+            (
+                "capabilities",
+                ContextValue::Strings(self.capabilities.iter().map(Capability::ivs_name).collect()),
+            ),
+            (
+                "sessionDurationInMinutes",
+                ContextValue::Long(self.session_duration().minutes().into()),
+            ),
+            ("userId", ContextValue::String(self.user_id.expose())),
+            (
+                "attributeKeys",
+                ContextValue::Strings(self.attributes.keys().collect()),
+            ),
+            (
+                "attributesBytes",
+                ContextValue::Long(self.attributes.byte_size() as i64),
+            ),
+        ]
+    }
+}
+
+impl Authorize for ModerationRequest {
+    fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    fn room(&self) -> &RoomArn {
+        &self.room
+    }
+
+    fn action(&self) -> Action {
+        self.action.action()
+    }
+
+    fn context(&self) -> Vec<(&'static str, ContextValue<'_>)> {
+        let mut context: Vec<(&'static str, ContextValue<'_>)> = self
+            .action
+            .user_id()
+            .map(|user| ("userId", ContextValue::String(user.expose())))
+            .into_iter()
+            .collect();
+        if let ModerationAction::Ban { duration, .. } = &self.action {
+            let seconds = duration.map_or(0, |d| d.as_secs());
+            context.push((
+                "durationSeconds",
+                ContextValue::Long(i64::try_from(seconds).unwrap_or(i64::MAX)),
+            ));
+        }
+        context
+    }
+}
