@@ -519,11 +519,13 @@ fn blocks(text: &str) -> Result<Vec<Block>, String> {
 // Shell words and commands
 // ---------------------------------------------------------------------------------------------------
 
-/// Whether `text` is a whole shell command: quotes closed, no trailing `\`, here-documents ended.
+/// Whether `text` is a whole shell command: quotes closed, no trailing `\`, here-documents ended,
+/// compound commands (`for … do … done`, `if … fi`, `case … esac`, `{ … }`) closed.
 fn is_complete(text: &str) -> bool {
     let (mut single, mut double) = (false, false);
     let mut continued = false;
     let mut heredoc: Option<String> = None;
+    let mut depth = 0i32;
     for line in text.split_inclusive('\n') {
         if let Some(word) = &heredoc {
             if line.trim() == word {
@@ -534,39 +536,71 @@ fn is_complete(text: &str) -> bool {
         continued = false;
         let mut starts_heredoc = None;
         let mut chars = line.chars().peekable();
-        let mut at_word_start = true;
+        let mut word = String::new();
+        let mut quoted_word = false;
+        let mut end_word = |word: &mut String, quoted: &mut bool, depth: &mut i32| {
+            if !*quoted {
+                match word.as_str() {
+                    "do" | "if" | "case" | "{" => *depth += 1,
+                    "done" | "fi" | "esac" | "}" => *depth -= 1,
+                    _ => {}
+                }
+            }
+            word.clear();
+            *quoted = false;
+        };
         while let Some(c) = chars.next() {
+            if single || double {
+                match c {
+                    '\'' if single => single = false,
+                    '"' if double => double = false,
+                    '\\' if double => {
+                        chars.next();
+                    }
+                    _ => {}
+                }
+                continue;
+            }
             match c {
-                '\\' if !single => match chars.next() {
+                '\\' => match chars.next() {
                     Some('\n') | None => continued = true,
-                    Some(_) => {}
+                    Some(_) => quoted_word = true,
                 },
-                '\'' if !double => single = !single,
-                '"' if !single => double = !double,
-                '#' if !single && !double && at_word_start => break,
-                '<' if !single && !double && chars.peek() == Some(&'<') => {
+                '\'' => {
+                    single = true;
+                    quoted_word = true;
+                }
+                '"' => {
+                    double = true;
+                    quoted_word = true;
+                }
+                '#' if word.is_empty() && !quoted_word => break,
+                '<' if chars.peek() == Some(&'<') => {
                     chars.next();
                     let rest: String = chars.clone().collect();
-                    let word: String = rest
+                    let marker: String = rest
                         .trim_start_matches('-')
                         .trim_start()
                         .trim_start_matches(['\'', '"'])
                         .chars()
                         .take_while(|c| c.is_alphanumeric() || *c == '_')
                         .collect();
-                    if !word.is_empty() {
-                        starts_heredoc = Some(word);
+                    if !marker.is_empty() {
+                        starts_heredoc = Some(marker);
                     }
                 }
-                _ => {}
+                c if c.is_whitespace() || matches!(c, ';' | '|' | '&' | '(' | ')') => {
+                    end_word(&mut word, &mut quoted_word, &mut depth);
+                }
+                c => word.push(c),
             }
-            at_word_start = c.is_whitespace() || matches!(c, ';' | '|' | '&' | '(');
         }
+        end_word(&mut word, &mut quoted_word, &mut depth);
         if starts_heredoc.is_some() {
             heredoc = starts_heredoc;
         }
     }
-    !single && !double && !continued && heredoc.is_none()
+    !single && !double && !continued && heredoc.is_none() && depth <= 0
 }
 
 /// A script's commands: lines joined while a command is incomplete; blank lines and comments dropped.
@@ -946,10 +980,12 @@ impl Shell {
         self.stdin
             .write_all(script.as_bytes())
             .map_err(|e| format!("the shell is gone: {e}"))?;
-        let status = self
-            .done
-            .recv_timeout(COMMAND_TIMEOUT)
-            .map_err(|_| format!("no end within {COMMAND_TIMEOUT:?}"))?;
+        let status = self.done.recv_timeout(COMMAND_TIMEOUT).map_err(|e| match e {
+            mpsc::RecvTimeoutError::Timeout => format!("no end within {COMMAND_TIMEOUT:?}"),
+            mpsc::RecvTimeoutError::Disconnected => {
+                "the page's shell exited (a syntax error, or `exit`?)".to_owned()
+            }
+        })?;
         let printed = fs::read(&self.output).unwrap_or_default();
         Ok((status, String::from_utf8_lossy(&printed).into_owned()))
     }
@@ -1525,13 +1561,14 @@ fn the_runner_fails_broken_examples() {
 
 #[test]
 fn shell_commands_are_split_and_launches_recognised() {
-    let script = "# a comment\nA=1 \\\n  cargo run\necho 'a\nb' # c\ncat > f <<'EOF'\nx = \"$y\"\nEOF\n\nls\n";
+    let script = "# a comment\nA=1 \\\n  cargo run\necho 'a\nb' # c\ncat > f <<'EOF'\nx = \"$y\"\nEOF\n\nfor i in 1 2; do\n  echo \"done $i\"\ndone\nls\n";
     assert_eq!(
         commands(script).unwrap(),
         [
             "A=1 \\\n  cargo run",
             "echo 'a\nb' # c",
             "cat > f <<'EOF'\nx = \"$y\"\nEOF",
+            "for i in 1 2; do\n  echo \"done $i\"\ndone",
             "ls"
         ]
     );
