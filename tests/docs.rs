@@ -7,8 +7,9 @@
 //!   command must exit 0 (with `<!-- docs-test: fails -->`, the last one must not).
 //! - `console`: `$ command` lines run the same way; the lines after one are its expected output.
 //! - `toml`: a configuration (its top-level keys are settings) goes through `--check-config`, then the
-//!   binary starts with it and stops on SIGTERM (with `serve`, it stays up as the page's server). Other
-//!   TOML (a key set, SigV4 credentials) must name its file with `file`.
+//!   binary starts with it and stops on SIGTERM (with `serve`, it stays up as the page's server; with
+//!   `file` alone, it is only written, for a later command to check or start: it may be broken on
+//!   purpose). Other TOML (a key set, SigV4 credentials) must name its file with `file`.
 //! - `json` and `yaml` are parsed; `python` runs with the AWS clients' virtualenv's python (with `file`,
 //!   it is only written and compiled, for a later command to run); `cedar` is loaded as a policy through
 //!   `--check-config`.
@@ -42,8 +43,8 @@ use std::{
     fs,
     io::{BufRead, BufReader, Write as _},
     net::SocketAddr,
-    path::{Path, PathBuf},
     os::unix::process::CommandExt,
+    path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
@@ -108,7 +109,8 @@ fn settings_from_code() -> BTreeMap<String, CodeDefault> {
     let defaults = serde_json::to_value(Config::default()).unwrap();
     collect_settings(&defaults, "", &mut settings);
     // Optional sections: the fields serde requires, then each other field's default.
-    let sections: [(&str, Value, fn(Value) -> Option<Value>); 2] = [
+    type Parse = fn(Value) -> Option<Value>;
+    let sections: [(&str, Value, Parse); 2] = [
         ("tls", json!({"cert_file": "c", "key_file": "k"}), |v| {
             serde_json::from_value::<TlsConfig>(v)
                 .ok()
@@ -171,10 +173,7 @@ fn settings_in_reference(page: &str) -> Vec<(String, String, usize)> {
         if cells.len() < 4 || !cells[0].is_empty() {
             continue;
         }
-        let Some(setting) = cells[1]
-            .strip_prefix('`')
-            .and_then(|s| s.strip_suffix('`'))
-        else {
+        let Some(setting) = cells[1].strip_prefix('`').and_then(|s| s.strip_suffix('`')) else {
             continue;
         };
         rows.push((setting.to_owned(), cells[2].to_owned(), index + 1));
@@ -192,8 +191,8 @@ fn default_matches(cell: &str, code: &CodeDefault) -> Result<(), String> {
         CodeDefault::Value(Value::Null) => (cell
             .strip_prefix("none")
             .is_some_and(|rest| !rest.starts_with(char::is_alphanumeric)))
-            .then_some(())
-            .ok_or_else(|| "should start with `none` (no default)".into()),
+        .then_some(())
+        .ok_or_else(|| "should start with `none` (no default)".into()),
         CodeDefault::Value(expected) => {
             let literal = cell
                 .strip_prefix('`')
@@ -538,7 +537,7 @@ fn is_complete(text: &str) -> bool {
         let mut chars = line.chars().peekable();
         let mut word = String::new();
         let mut quoted_word = false;
-        let mut end_word = |word: &mut String, quoted: &mut bool, depth: &mut i32| {
+        let end_word = |word: &mut String, quoted: &mut bool, depth: &mut i32| {
             if !*quoted {
                 match word.as_str() {
                     "do" | "if" | "case" | "{" => *depth += 1,
@@ -713,7 +712,9 @@ fn launch_of(command: &str) -> Result<Option<Launch>, String> {
         match word.split_once('=') {
             Some((name, value))
                 if !name.is_empty()
-                    && name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_') =>
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_') =>
             {
                 env.push((name.to_owned(), value.to_owned()));
                 words.next();
@@ -980,12 +981,15 @@ impl Shell {
         self.stdin
             .write_all(script.as_bytes())
             .map_err(|e| format!("the shell is gone: {e}"))?;
-        let status = self.done.recv_timeout(COMMAND_TIMEOUT).map_err(|e| match e {
-            mpsc::RecvTimeoutError::Timeout => format!("no end within {COMMAND_TIMEOUT:?}"),
-            mpsc::RecvTimeoutError::Disconnected => {
-                "the page's shell exited (a syntax error, or `exit`?)".to_owned()
-            }
-        })?;
+        let status = self
+            .done
+            .recv_timeout(COMMAND_TIMEOUT)
+            .map_err(|e| match e {
+                mpsc::RecvTimeoutError::Timeout => format!("no end within {COMMAND_TIMEOUT:?}"),
+                mpsc::RecvTimeoutError::Disconnected => {
+                    "the page's shell exited (a syntax error, or `exit`?)".to_owned()
+                }
+            })?;
         let printed = fs::read(&self.output).unwrap_or_default();
         Ok((status, String::from_utf8_lossy(&printed).into_owned()))
     }
@@ -1070,7 +1074,10 @@ impl Server {
             if let Some(status) = self.child.try_wait().map_err(|e| e.to_string())? {
                 let log: Vec<String> = self.log.try_iter().collect();
                 return status.success().then_some(()).ok_or_else(|| {
-                    format!("the server exited with {status} after SIGTERM:\n{}", log.join("\n"))
+                    format!(
+                        "the server exited with {status} after SIGTERM:\n{}",
+                        log.join("\n")
+                    )
                 });
             }
             if Instant::now() > deadline {
@@ -1114,7 +1121,6 @@ struct Page<'t> {
     /// The address of the server the previous command started: its log names it where the docs say
     /// `127.0.0.1:50051`.
     printed_by_server: Option<String>,
-    blocks_run: usize,
     tally: &'t mut Tally,
 }
 
@@ -1157,7 +1163,6 @@ impl<'t> Page<'t> {
             redis: None,
             printed: None,
             printed_by_server: None,
-            blocks_run: 0,
             tally,
         }
     }
@@ -1334,8 +1339,11 @@ impl<'t> Page<'t> {
                     .as_deref()
                     .ok_or("an output block with no command before it")?;
                 self.tally.outputs += 1;
-                output_matches(&block.lang, &self.expected(&block.body), printed)
-                    .map_err(|e| format!("the previous command printed something else: {e}\n--- printed:\n{printed}"))
+                output_matches(&block.lang, &self.expected(&block.body), printed).map_err(|e| {
+                    format!(
+                        "the previous command printed something else: {e}\n--- printed:\n{printed}"
+                    )
+                })
             }
             "json" => json_values(&block.body)
                 .map_err(|e| format!("not JSON: {e}"))
@@ -1371,9 +1379,11 @@ impl<'t> Page<'t> {
                         .arg(&file)
                         .output()
                         .map_err(|e| e.to_string())?;
-                    return output.status.success().then_some(()).ok_or_else(|| {
-                        String::from_utf8_lossy(&output.stderr).into_owned()
-                    });
+                    return output
+                        .status
+                        .success()
+                        .then_some(())
+                        .ok_or_else(|| String::from_utf8_lossy(&output.stderr).into_owned());
                 }
                 self.script(&[(format!("python3 {}", file.display()), None)], fails)
             }
@@ -1387,7 +1397,7 @@ impl<'t> Page<'t> {
             }
             "text" => {
                 self.tally.shown += 1;
-                return Ok(());
+                Ok(())
             }
             other => Err(format!(
                 "a `{other}` block cannot run here: mark it <!-- docs-test: skip (why) -->"
@@ -1397,10 +1407,7 @@ impl<'t> Page<'t> {
 
     /// A configuration is checked and started; other TOML is a file that something else reads.
     fn toml(&mut self, block: &Block) -> Result<(), String> {
-        let table: toml::Table = block
-            .body
-            .parse()
-            .map_err(|e| format!("not TOML: {e}"))?;
+        let table: toml::Table = block.body.parse().map_err(|e| format!("not TOML: {e}"))?;
         let settings = serde_json::to_value(Config::default()).unwrap();
         let is_config = table.keys().all(|key| settings.get(key).is_some());
         if !is_config {
@@ -1454,7 +1461,6 @@ impl<'t> Page<'t> {
                 Ok(()) => {
                     if block.lang != "text" && !block.has(&Directive::Output) {
                         *self.tally.ran.entry(kind).or_default() += 1;
-                        self.blocks_run += 1;
                     }
                 }
                 Err(why) => self
@@ -1524,7 +1530,10 @@ fn every_example_in_the_docs_runs() {
 #[test]
 fn the_runner_fails_broken_examples() {
     let broken = [
-        ("an unknown setting", "```toml\n[limiter]\nmax_keys = 1\n```\n"),
+        (
+            "an unknown setting",
+            "```toml\n[limiter]\nmax_keys = 1\n```\n",
+        ),
         (
             "an output that differs",
             "```console\n$ echo hello\ngoodbye\n```\n",
@@ -1535,9 +1544,15 @@ fn the_runner_fails_broken_examples() {
         ),
         ("a language it cannot run", "```go\nfunc main() {}\n```\n"),
         ("a failing command", "```sh\nfalse\n```\n"),
-        ("a command that should fail but works", "<!-- docs-test: fails -->\n```sh\ntrue\n```\n"),
+        (
+            "a command that should fail but works",
+            "<!-- docs-test: fails -->\n```sh\ntrue\n```\n",
+        ),
         ("a stray directive", "<!-- docs-test: output -->\nprose\n"),
-        ("a skip without a reason", "<!-- docs-test: skip -->\n```go\n```\n"),
+        (
+            "a skip without a reason",
+            "<!-- docs-test: skip -->\n```go\n```\n",
+        ),
         (
             "a server that does not start",
             "```sh\nCTS_ISSUER=nobody cargo run\n```\n",
