@@ -13,6 +13,9 @@ const PROTOS: &[&str] = &[
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={PROTO_ROOT}");
+    // Listing files replaces cargo's default of rerunning on any change: this script's own output
+    // (the codec path) must follow it too.
+    println!("cargo:rerun-if-changed=build.rs");
 
     // include_imports: reflection must be able to describe google.protobuf.Timestamp too.
     let descriptors = protox::compile(PROTOS, [PROTO_ROOT])?;

@@ -16,18 +16,18 @@ use tokio::{
 
 /// Mints Amazon IVS Chat tokens for internal callers over gRPC.
 #[derive(Parser)]
-#[command(version, args_conflicts_with_subcommands = true)]
+#[command(version)]
 struct Cli {
-    /// TOML configuration file; `CTS_*` environment variables override it.
+    /// TOML configuration file; `CTS_*` environment variables override it. Before or after the
+    /// subcommand.
     #[arg(long, global = true, env = "CTS_CONFIG")]
     config: Option<PathBuf>,
 
     /// Log line format; overrides the config's `log_format`.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, global = true)]
     log_format: Option<LogFormat>,
 
-    /// Load and check the configuration, policies, entities, keys and TLS files without serving or
-    /// connecting anywhere; print what would run and exit 0, or name every problem and exit 1.
+    /// The same as the `check` subcommand.
     #[arg(long)]
     check_config: bool,
 
@@ -39,6 +39,9 @@ struct Cli {
 enum Command {
     /// Run the gRPC server (the default).
     Serve,
+    /// Load and check the configuration, policies, entities, keys and TLS files without serving or
+    /// connecting anywhere; print what would run and exit 0, or name every problem and exit 1.
+    Check,
     /// Print a new random local-issuer key (PASERK k4.local) for a key set file or CTS_LOCAL_ISSUER__KEY.
     GenerateKey,
     /// Verify a local-issuer token with the configured keys and print its claims as JSON.
@@ -50,8 +53,18 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if cli.check_config {
-        return match app::check(cli.config.as_deref()) {
+    let command = match (cli.check_config, cli.command) {
+        (false, command) => command.unwrap_or(Command::Serve),
+        (true, None | Some(Command::Check)) => Command::Check,
+        (true, Some(_)) => {
+            eprintln!(
+                "chat-token-service: --check-config is the `check` subcommand; give one or the other"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match command {
+        Command::Check => match app::check(cli.config.as_deref()) {
             Ok(summary) => {
                 print!("{summary}");
                 ExitCode::SUCCESS
@@ -62,9 +75,7 @@ fn main() -> ExitCode {
                 }
                 ExitCode::FAILURE
             }
-        };
-    }
-    match cli.command.unwrap_or(Command::Serve) {
+        },
         Command::GenerateKey => {
             println!("{}", generate_key());
             ExitCode::SUCCESS
@@ -101,7 +112,7 @@ async fn serve(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::load(config_file.as_deref())?;
     let telemetry = telemetry::init(log_format.unwrap_or(config.log_format))?;
-    tokio::spawn(log_hangups(hangups, reloaded_on_hangup(&config)));
+    tokio::spawn(log_hangups(hangups, app::reloaded_on_hangup(&config)));
     let result = serve_with(&config).await;
     telemetry.shutdown();
     result
@@ -118,24 +129,13 @@ async fn serve_with(config: &Config) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// What SIGHUP reloads in this configuration; each reloader logs its own outcome.
-fn reloaded_on_hangup(config: &Config) -> Vec<&'static str> {
-    let mut reloaded = Vec::new();
-    if !config.policy.files.is_empty() {
-        reloaded.push("policies");
-    }
-    if config.tls.is_some() {
-        reloaded.push("TLS certificates");
-    }
-    reloaded
-}
-
 /// Says, for every SIGHUP, what it reloads.
 async fn log_hangups(mut hangups: Signal, reloaded: Vec<&'static str>) {
     while hangups.recv().await.is_some() {
         if reloaded.is_empty() {
             tracing::info!(
-                "SIGHUP received: nothing to reload (no policy files, no TLS); still serving"
+                "SIGHUP received: nothing to reload (no policy, TLS, key set or SigV4 credentials \
+                 files); still serving"
             );
         } else {
             tracing::info!(reloading = ?reloaded, "SIGHUP received: reloading");
@@ -180,15 +180,16 @@ fn verify_token(
         token.to_owned()
     };
     let claims = keys.verify(&token)?;
+    // The names VerifyChatToken's response gives these claims.
     let json = serde_json::json!({
-        "tokenId": claims.token_id,
-        "roomArn": claims.room.as_str(),
-        "userId": claims.user_id.expose(),
+        "token_id": claims.token_id,
+        "room_identifier": claims.room.as_str(),
+        "user_id": claims.user_id.expose(),
         "capabilities": claims.capabilities.iter().map(|c| c.ivs_name()).collect::<Vec<_>>(),
         "attributes": claims.attributes.expose(),
-        "issuedAt": rfc3339(claims.issued_at),
-        "tokenExpirationTime": rfc3339(claims.token_expires_at),
-        "sessionExpirationTime": rfc3339(claims.session_expires_at),
+        "issued_time": rfc3339(claims.issued_at),
+        "token_expiration_time": rfc3339(claims.token_expires_at),
+        "session_expiration_time": rfc3339(claims.session_expires_at),
     });
     println!("{}", serde_json::to_string_pretty(&json)?);
     Ok(())

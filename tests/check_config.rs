@@ -238,3 +238,42 @@ fn it_is_not_combined_with_a_command() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
 }
+
+#[test]
+fn the_check_subcommand_is_check_config_with_the_config_before_or_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, "max_request_bytes = 100").unwrap();
+    let run = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_chat-token-service"))
+            .env_clear()
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8(output.stderr).unwrap(),
+        )
+    };
+    let file = file.to_str().unwrap();
+    for args in [
+        ["check", "--config", file],
+        ["--config", file, "check"],
+        ["--config", file, "--check-config"],
+    ] {
+        let (code, stderr) = run(&args);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("max_request_bytes"), "{args:?}: {stderr}");
+    }
+    // The same file, fixed, passes the same three ways.
+    std::fs::write(file, "max_request_bytes = 9000").unwrap();
+    for args in [
+        ["check", "--config", file],
+        ["--config", file, "check"],
+        ["--config", file, "--check-config"],
+    ] {
+        assert_eq!(run(&args).0, Some(0), "{args:?}");
+    }
+    let (code, stderr) = run(&["--check-config", "generate-key"]);
+    assert_eq!(code, Some(2), "{stderr}");
+}

@@ -384,8 +384,10 @@ async fn generate_key_then_verify_token_round_trip_through_the_cli() {
     let out = verify.wait_with_output().unwrap();
     assert!(out.status.success());
     let claims: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(claims["roomArn"], common::ROOM_ARN);
-    assert_eq!(claims["userId"], "user-1");
+    // The names VerifyChatToken gives the claims.
+    assert_eq!(claims["room_identifier"], common::ROOM_ARN);
+    assert_eq!(claims["user_id"], "user-1");
+    assert!(claims["issued_time"].is_string() && claims["token_id"].is_string());
 
     // Another key set refuses it.
     let other = Command::new(bin)

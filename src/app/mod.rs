@@ -262,6 +262,25 @@ fn watch<T>(
     });
 }
 
+/// What SIGHUP reloads in `config`, as the start-up log names it: every file [`build`] watches.
+pub fn reloaded_on_hangup(config: &Config) -> Vec<&'static str> {
+    [
+        (!config.policy.files.is_empty(), "policies"),
+        (config.tls.is_some(), "TLS certificates"),
+        (
+            config.issuer == IssuerKind::Local && config.local_issuer.keys_file.is_some(),
+            "local issuer keys",
+        ),
+        (
+            config.identity.sigv4_credentials().is_some(),
+            "SigV4 credentials",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(watched, what)| watched.then_some(what))
+    .collect()
+}
+
 /// Where the policies `settings` name come from.
 pub fn policy_source(settings: &PolicyConfig) -> PolicySource {
     if settings.files.is_empty() {

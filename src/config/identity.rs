@@ -49,7 +49,7 @@ pub enum CertificateName {
     Cn,
 }
 
-/// Where caller identities come from. See the README's "Security model".
+/// Where caller identities come from. See docs/security.md.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IdentityConfig {

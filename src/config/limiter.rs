@@ -17,7 +17,7 @@ pub struct LimiterConfig {
 
     /// Most keys (one per limit and caller, user, room… as the limit counts) whose state is kept in memory,
     /// so a flood of distinct users cannot exhaust it. Each costs about 40 bytes (a digest of the key, not the
-    /// key: 1,000,000 keys raise peak RSS by 37 MiB, see BENCHMARKS.md). Beyond the cap the keys closest to
+    /// key: 1,000,000 keys raise peak RSS by 37 MiB, see docs/performance.md). Beyond the cap the keys closest to
     /// recovery are forgotten, which can only make a limit more lenient. It also bounds each kind of
     /// moderation state kept in memory (bans, revocations, used token ids), and with the Redis backend the
     /// fail_open fallback. Default `1000000`; at least 1.

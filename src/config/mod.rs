@@ -71,8 +71,9 @@ pub struct Config {
     /// UNAVAILABLE (health checks and reflection are never shed). Default `1024`; at least 1.
     pub max_concurrent_calls: NonZeroUsize,
 
-    /// How often policy and TLS files are checked for changes; SIGHUP reloads both at once.
-    /// Default `10s`; at least `100ms`.
+    /// How often the files the service reads are checked for changes (policies and entities, TLS, the
+    /// local issuer's key set, SigV4 credentials); SIGHUP reloads them all at once. Default `10s`; at
+    /// least `100ms`.
     #[serde(with = "humantime_serde")]
     pub reload_interval: Duration,
 
@@ -114,7 +115,7 @@ pub struct Config {
     /// Moderation: bans and token verification (ivschat.v1.ModerationService).
     pub moderation: ModerationConfig,
 
-    /// Per-connection limits and timeouts of the listener. See the README's "Limits and timeouts".
+    /// Per-connection limits and timeouts of the listener. See docs/security.md, "Limits and timeouts".
     pub transport: TransportConfig,
 }
 
@@ -178,7 +179,7 @@ impl ModerationConfig {
     }
 }
 
-/// Policy settings. See the README's "Policy" for what a policy sees.
+/// Policy settings. See docs/policy.md for what a policy sees.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PolicyConfig {
