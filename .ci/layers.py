@@ -26,6 +26,7 @@ LAYERS = {
     "proto": 0,
     "key": 1,
     "reload": 1,
+    "secret_file": 1,
     "telemetry": 1,
     "rescue": 1,
     "config": 2,

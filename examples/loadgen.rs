@@ -9,6 +9,10 @@
 //!   --requests 1000000 --server-pid "$(pgrep -n chat-token-service)"
 //! # CreateChatToken straight to an IVS Chat endpoint (the stub) through aws-sdk-ivschat.
 //! cargo run --release --example loadgen -- ivs --endpoint http://127.0.0.1:4566 --requests 20000
+//! # What unauthenticated clients can make the server hold: 64 connections × 100 streams, each with
+//! # 12 KiB of headers and a 16 KiB message announced but never finished; RSS before and while held.
+//! cargo run --release --example loadgen -- hold --addr 127.0.0.1:50051 --connections 64 --streams 100 \
+//!   --server-pid "$(pgrep -n chat-token-service)"
 //! # Milliseconds from exec to the token service answering SERVING on the gRPC health check.
 //! cargo run --release --example loadgen -- startup --addr 127.0.0.1:50051 -- target/release/chat-token-service
 //! ```
@@ -60,6 +64,38 @@ enum Command {
         #[command(flatten)]
         load: Load,
     },
+    /// Opens streams that send their headers and the start of a message, and never finish: what an
+    /// unauthenticated client can make the server hold. Reports how many the server shed at once, and
+    /// its RSS before and while they are held.
+    Hold {
+        /// The server, `host:port` (plaintext HTTP/2).
+        #[arg(long)]
+        addr: SocketAddr,
+        /// HTTP/2 connections.
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// Streams opened on each connection.
+        #[arg(long, default_value_t = 100)]
+        streams: usize,
+        /// Bytes of padding header per stream (besides the gRPC ones).
+        #[arg(long, default_value_t = 12 * 1024)]
+        header_bytes: usize,
+        /// The message length each stream announces in its gRPC prefix.
+        #[arg(long, default_value_t = 16_000)]
+        message_bytes: u32,
+        /// Bytes of the message each stream sends.
+        #[arg(long, default_value_t = 1_000)]
+        sent_bytes: usize,
+        /// Seconds to hold the streams open before measuring.
+        #[arg(long, default_value_t = 2)]
+        settle_seconds: u64,
+        /// The server process whose RSS is reported.
+        #[arg(long)]
+        server_pid: u32,
+        /// Connect over TLS, trusting this CA (PEM) for the name `localhost`.
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
+    },
     /// Runs a server and prints the time from exec until its token service answers SERVING.
     Startup {
         /// Where the server listens (set it in the server's configuration too).
@@ -100,6 +136,131 @@ struct Load {
     /// A server process whose peak and current RSS (from /proc) are reported after the run.
     #[arg(long)]
     server_pid: Option<u32>,
+}
+
+/// The VmRSS of `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("the server process is gone")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .expect("/proc/PID/status has VmRSS")
+}
+
+/// See [`Command::Hold`].
+#[allow(clippy::too_many_arguments)]
+async fn hold(
+    tls: Option<tokio_rustls::TlsConnector>,
+    addr: SocketAddr,
+    connections: usize,
+    streams: usize,
+    header_bytes: usize,
+    message_bytes: u32,
+    sent_bytes: usize,
+    settle: Duration,
+    server_pid: u32,
+) -> ExitCode {
+    let before = rss_kib(server_pid);
+    let mut prefix = vec![0u8];
+    prefix.extend_from_slice(&message_bytes.to_be_bytes());
+    prefix.resize(5 + sent_bytes.min(message_bytes as usize), 0x0a);
+    let prefix = bytes::Bytes::from(prefix);
+    let padding = "p".repeat(header_bytes);
+    let mut held = Vec::new();
+    let mut responses = Vec::new();
+    let mut open = 0usize;
+    for _ in 0..connections {
+        let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+            break;
+        };
+        let send = match &tls {
+            None => {
+                let Ok((send, connection)) = h2::client::handshake(tcp).await else {
+                    continue;
+                };
+                held.push(tokio::spawn(async move {
+                    let _ = connection.await;
+                }));
+                send
+            }
+            Some(connector) => {
+                let name = "localhost".try_into().expect("a valid name");
+                let Ok(tls) = connector.connect(name, tcp).await else {
+                    continue;
+                };
+                let Ok((send, connection)) = h2::client::handshake(tls).await else {
+                    continue;
+                };
+                held.push(tokio::spawn(async move {
+                    let _ = connection.await;
+                }));
+                send
+            }
+        };
+        open += 1;
+        for _ in 0..streams {
+            let Ok(mut send) = send.clone().ready().await else {
+                break;
+            };
+            let request = http::Request::post(format!(
+                "http://{addr}/ivschat.v1.TokenService/CreateChatToken"
+            ))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("x-padding", padding.as_str())
+            .body(())
+            .expect("a valid request");
+            let Ok((response, mut body)) = send.send_request(request, false) else {
+                break;
+            };
+            let _ = body.send_data(prefix.clone(), false);
+            responses.push((response, body));
+        }
+    }
+    tokio::time::sleep(settle).await;
+    let during = rss_kib(server_pid);
+    // A stream the server shed has its answer by now; the others are still waiting.
+    let mut shed = 0usize;
+    let mut waiting = 0usize;
+    for (response, _body) in &mut responses {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::pin::Pin::new(response).poll(&mut cx) {
+            std::task::Poll::Ready(_) => shed += 1,
+            std::task::Poll::Pending => waiting += 1,
+        }
+    }
+    println!(
+        "connections={open} streams={} held={waiting} shed={shed} rss_before_kib={before} \
+         rss_held_kib={during} held_kib={}",
+        responses.len(),
+        during.saturating_sub(before)
+    );
+    drop(responses);
+    for connection in held {
+        connection.abort();
+    }
+    ExitCode::SUCCESS
+}
+
+/// A TLS connector that trusts the CA in `ca` (PEM) and offers HTTP/2.
+fn tls_connector(ca: &std::path::Path) -> tokio_rustls::TlsConnector {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("a readable CA file") {
+        roots
+            .add(cert.expect("a PEM certificate"))
+            .expect("a CA certificate");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS 1.2 and 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
 /// Something that makes one CreateChatToken call.
@@ -174,6 +335,31 @@ async fn main() -> ExitCode {
                 clients.push(GrpcCaller(TokenServiceClient::new(channel)));
             }
             measure(clients, &load).await
+        }
+        Command::Hold {
+            addr,
+            connections,
+            streams,
+            header_bytes,
+            message_bytes,
+            sent_bytes,
+            settle_seconds,
+            server_pid,
+            tls_ca,
+        } => {
+            let tls = tls_ca.map(|ca| tls_connector(&ca));
+            hold(
+                tls,
+                addr,
+                connections,
+                streams,
+                header_bytes,
+                message_bytes,
+                sent_bytes,
+                Duration::from_secs(settle_seconds),
+                server_pid,
+            )
+            .await
         }
         Command::Ivs { endpoint, load } => {
             let config = aws_sdk_ivschat::Config::builder()

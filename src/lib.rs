@@ -22,7 +22,7 @@
 //!                     one shared Redis connection with its timeout, failure mode and probe
 //! L2  config          data only: the settings, parsed into typed values at load
 //! L1  rescue          THE error table: one classification, rendered as a gRPC status or an IVS error
-//!     telemetry key reload
+//!     telemetry key reload secret_file
 //! L0  domain          the vocabulary (caller, room, token, moderation, action, limit, error, secret);
 //!     proto           the generated wire types, for door, transport and server only
 //! ```
@@ -70,6 +70,7 @@ pub mod ratelimit;
 pub mod reload;
 pub mod rescue;
 pub mod scope;
+mod secret_file;
 pub mod server;
 pub mod stack;
 pub mod store;

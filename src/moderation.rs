@@ -87,9 +87,12 @@ impl<M: Moderator, St: ModerationStore + Clone> ModerationService<M, St> {
             ModerationAction::ListBans { page_size, after } => Ok(ModerationOutcome::Bans(
                 store.list_bans(&room, after.as_ref(), page_size).await?,
             )),
-            ModerationAction::Verify { claims } => Ok(ModerationOutcome::Verified(Box::new(
-                moderator.verify(*claims).await?,
-            ))),
+            ModerationAction::Verify { opened } => {
+                let claims = opened.map_err(Error::TokenRejected)?;
+                Ok(ModerationOutcome::Verified(Box::new(
+                    moderator.verify(*claims).await?,
+                )))
+            }
         }
     }
 }

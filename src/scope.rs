@@ -17,7 +17,27 @@ use std::{
 
 use futures_util::future::Either;
 
-use crate::domain::{Error, ServedRooms, TokenRequest};
+use crate::domain::{Error, ModerationRequest, RoomArn, ServedRooms, TokenRequest};
+
+/// A request about one room, which [`Scope`] checks.
+pub trait InRoom {
+    /// The room.
+    fn room(&self) -> &RoomArn;
+}
+
+impl InRoom for TokenRequest {
+    fn room(&self) -> &RoomArn {
+        &self.room
+    }
+}
+
+/// Moderation too: a ban for a room the issuer does not serve is refused before it is stored (it could
+/// never be enforced, and would be listed as if it were).
+impl InRoom for ModerationRequest {
+    fn room(&self) -> &RoomArn {
+        &self.room
+    }
+}
 
 /// Wraps a service in [`Scope`].
 #[derive(Clone, Debug)]
@@ -50,9 +70,10 @@ pub struct Scope<S> {
     rooms: ServedRooms,
 }
 
-impl<S> tower::Service<TokenRequest> for Scope<S>
+impl<S, R> tower::Service<R> for Scope<S>
 where
-    S: tower::Service<TokenRequest, Error = Error>,
+    R: InRoom,
+    S: tower::Service<R, Error = Error>,
 {
     type Response = S::Response;
     type Error = Error;
@@ -62,8 +83,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: TokenRequest) -> Self::Future {
-        match self.rooms.check(&request.room) {
+    fn call(&mut self, request: R) -> Self::Future {
+        match self.rooms.check(request.room()) {
             Ok(()) => Either::Left(self.inner.call(request)),
             Err(error) => Either::Right(ready(Err(error))),
         }

@@ -85,8 +85,12 @@ where
 }
 
 /// The moderation stack: the same policy engine and limits as the token stack, over `moderator` and the
-/// moderation store.
-pub fn moderation<L, M, Mo>(parts: &Parts<L, M>, moderator: Mo) -> ModerationStack
+/// moderation store; rooms outside `served` (the upstream issuer's) are refused.
+pub fn moderation<L, M, Mo>(
+    parts: &Parts<L, M>,
+    served: Option<ServedRooms>,
+    moderator: Mo,
+) -> ModerationStack
 where
     L: LimiterStore + Clone,
     M: ModerationStore + Clone,
@@ -96,6 +100,9 @@ where
         // Policy first, for the same reasons as for tokens: the production policy gives these actions to
         // moderators (and VerifyChatToken to chat servers) only.
         .layer(PolicyLayer::new(parts.policy.clone(), parts.policy_shadow))
+        // Then the rooms the upstream serves, as for tokens: a ban for a room it does not serve could never
+        // be enforced, so it is refused before anything is stored or spent.
+        .option_layer(served.map(ScopeLayer::new))
         // The configured limits count moderation calls in budgets of their own (see `Limited::scope`).
         .layer(RateLimitLayer::new(
             parts.limits.clone(),

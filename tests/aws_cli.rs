@@ -359,7 +359,7 @@ fn signed_callers_are_identified_and_refusals_are_access_denied() {
             Some((WEB_KEY_ID, "a-wrong-secret-key-000000000000000000000")),
             &[&room, "--user-id", "u"],
         ),
-        "the signature does not match",
+        "the request signature is not valid for this service",
     );
     denied(
         cli(
@@ -367,7 +367,7 @@ fn signed_callers_are_identified_and_refusals_are_access_denied() {
             Some(("CTSUNKNOWN000000001", WEB_SECRET)),
             &[&room, "--user-id", "u"],
         ),
-        "the access key id is not known",
+        "the request signature is not valid for this service",
     );
     denied(
         cli(binary.addr, None, &[&room, "--user-id", "u"]),

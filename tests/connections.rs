@@ -129,6 +129,7 @@ fn tls_config(keys: &LocalKeys, dir: &std::path::Path, server_ca: &Ca) -> Config
         client_ca_file: None,
         handshake_timeout: Duration::from_millis(300),
         max_concurrent_handshakes: NonZeroUsize::new(2).unwrap(),
+        max_handshakes_per_peer: std::num::NonZeroUsize::new(16).unwrap(),
     });
     config.transport.preface_timeout = Duration::from_millis(300);
     config
@@ -184,7 +185,7 @@ async fn silent_tls_clients_are_closed_during_and_after_the_handshake() {
     let server_ca = Ca::new("server CA");
     let server = TestServer::from_config(tls_config(&keys, dir.path(), &server_ca)).await;
 
-    // Silent before the handshake: closed after tls.handshake_timeout.
+    // Silent before the handshake: closed after transport.preface_timeout, holding no handshake place.
     let mut silent = TcpStream::connect(server.addr).await.unwrap();
     closed_by_server(&mut silent).await;
 
@@ -210,17 +211,20 @@ async fn handshakes_over_the_cap_are_refused_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let server_ca = Ca::new("server CA");
     let mut config = tls_config(&keys, dir.path(), &server_ca);
-    // Long enough that the silent handshakes below hold their places for the whole test.
+    // Long enough that the stalled handshakes below hold their places for the whole test.
     config.tls.as_mut().unwrap().handshake_timeout = Duration::from_secs(30);
     let server = TestServer::from_config(config).await;
 
-    // Two silent clients take both handshake places.
+    // Two clients that start a ClientHello (one byte of a TLS record) and stall take both places.
     let mut silent = Vec::new();
     for _ in 0..2 {
-        silent.push(TcpStream::connect(server.addr).await.unwrap());
+        let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+        tcp.write_all(&[0x16]).await.unwrap();
+        silent.push(tcp);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut third = TcpStream::connect(server.addr).await.unwrap();
+    third.write_all(&[0x16]).await.unwrap();
     closed_by_server(&mut third).await;
     assert!(
         tls_client(server.addr, &server_ca).await.is_err(),
@@ -238,6 +242,64 @@ async fn handshakes_over_the_cap_are_refused_at_once() {
     tls_client(server.addr, &server_ca)
         .await
         .expect("served once the silent handshakes are gone");
+}
+
+/// A TCP connection to `addr` from `source`, a loopback address of its own (`127.0.0.2`, …), so the
+/// server sees another client host.
+async fn connect_from(source: [u8; 4], addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::from((source, 0)))
+        .expect("Linux routes all of 127.0.0.0/8 to loopback");
+    socket.connect(addr).await.unwrap()
+}
+
+/// Issue 20, "TLS lock-out": sockets that never send a byte used to hold every handshake place for
+/// `tls.handshake_timeout`, shutting valid clients out. Now a place is taken only once a ClientHello
+/// starts, and one address holds at most `tls.max_handshakes_per_peer` connections in handshake.
+#[tokio::test]
+async fn silent_sockets_never_shut_valid_tls_clients_out_and_one_host_cannot_take_every_place() {
+    let keys = LocalKeys::new();
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = Ca::new("server CA");
+    let mut config = tls_config(&keys, dir.path(), &server_ca);
+    let tls = config.tls.as_mut().unwrap();
+    tls.handshake_timeout = Duration::from_secs(30);
+    tls.max_concurrent_handshakes = NonZeroUsize::new(4).unwrap();
+    tls.max_handshakes_per_peer = NonZeroUsize::new(2).unwrap();
+    config.transport.preface_timeout = Duration::from_secs(30);
+    let server = TestServer::from_config(config).await;
+
+    // Ten times the handshake places in silent sockets, from ten other hosts.
+    let mut silent = Vec::new();
+    for host in 2..12 {
+        for _ in 0..4 {
+            silent.push(connect_from([127, 0, 0, host], server.addr).await);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tls_client(server.addr, &server_ca)
+        .await
+        .expect("40 silent sockets hold no handshake place");
+
+    // A host that starts handshakes and stalls holds at most two places: its third connection is closed
+    // at once, and a valid client still finds a place.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut tcp = connect_from([127, 0, 0, 20], server.addr).await;
+        tcp.write_all(&[0x16]).await.unwrap();
+        stalled.push(tcp);
+    }
+    let mut third = connect_from([127, 0, 0, 20], server.addr).await;
+    third.write_all(&[0x16]).await.unwrap();
+    closed_by_server(&mut third).await;
+    for tcp in &mut stalled {
+        assert!(still_open_after(tcp, Duration::from_millis(100)).await);
+    }
+    tls_client(server.addr, &server_ca)
+        .await
+        .expect("a valid client is served while one host stalls its handshakes");
+    drop(silent);
 }
 
 #[tokio::test]

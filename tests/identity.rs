@@ -80,6 +80,7 @@ async fn mtls_server(keys: &LocalKeys) -> MtlsServer {
         client_ca_file: Some(ca_file),
         handshake_timeout: Duration::from_secs(5),
         max_concurrent_handshakes: std::num::NonZeroUsize::new(128).unwrap(),
+        max_handshakes_per_peer: std::num::NonZeroUsize::new(16).unwrap(),
     });
     MtlsServer {
         server: TestServer::from_config(config).await,
@@ -288,6 +289,7 @@ async fn rotated_certificates_take_effect_without_a_restart() {
         client_ca_file: Some(ca_file),
         handshake_timeout: Duration::from_secs(5),
         max_concurrent_handshakes: std::num::NonZeroUsize::new(128).unwrap(),
+        max_handshakes_per_peer: std::num::NonZeroUsize::new(16).unwrap(),
     });
     let server = TestServer::from_config(config).await;
     let client = client_ca.client(MODERATION);

@@ -189,7 +189,7 @@ for example in config.example.toml config.production.example.toml; do
   (as_image examples "$image_binary" --config "/etc/chat-token-service/config/$example" --check-config)
 done
 echo "-- a broken configuration is refused, naming each problem"
-printf 'listen_addr = "0.0.0.0:50051"\n[identity]\nsources = ["xfcc"]\nallow_anonymous = false\n[policy]\nfiles = ["/etc/chat-token-service/policy/missing.cedar"]\n[local_issuer]\nkeys_file = "/etc/chat-token-service/keys/missing.toml"\n' \
+printf 'listen_addr = "0.0.0.0:50051"\n[identity]\nsources = ["xfcc"]\nallow_anonymous = false\ntrust_network_in_front = true\n[policy]\nfiles = ["/etc/chat-token-service/policy/missing.cedar"]\n[local_issuer]\nkeys_file = "/etc/chat-token-service/keys/missing.toml"\n' \
   >"$work/broken.toml"
 if "$binary" --config "$work/broken.toml" --check-config 2>"$work/broken.err"; then
   fail "--check-config accepted a configuration with missing files"

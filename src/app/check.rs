@@ -97,8 +97,10 @@ fn summary(config: &Config, config_file: Option<&Path>, keys: Option<&str>) -> S
         &mut out,
         "calls",
         format!(
-            "at most {} CreateChatToken calls in flight, requests up to {} bytes",
-            config.max_concurrent_calls, config.max_request_bytes
+            "at most {} calls in flight, requests up to {} bytes, {} request bytes held at once",
+            config.max_concurrent_calls,
+            config.max_request_bytes,
+            config.transport.max_request_bytes_in_flight
         ),
     );
     line(

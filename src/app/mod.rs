@@ -17,7 +17,7 @@ pub use check::check;
 
 use crate::config::{
     Config, HttpApiConfig, IdentityConfig, IssuerKind, LocalIssuerConfig, PolicyConfig,
-    TransportConfig,
+    ReflectionConfig, TransportConfig,
 };
 use crate::domain::{
     DISCONNECT_QUOTA_LIMIT_NAME, IVS_QUOTA_LIMIT_NAME, Limit, LimitKey, ServedRooms,
@@ -71,6 +71,8 @@ pub struct Serving {
     pub transport: TransportConfig,
     /// The IVS REST-JSON API.
     pub http_api: HttpApiConfig,
+    /// gRPC server reflection.
+    pub reflection: ReflectionConfig,
 }
 
 impl Serving {
@@ -83,6 +85,7 @@ impl Serving {
             shutdown_grace_period: config.shutdown_grace_period,
             transport: config.transport.clone(),
             http_api: config.http_api.clone(),
+            reflection: config.reflection.clone(),
         }
     }
 }
@@ -183,7 +186,7 @@ where
                 LocalIssuer::new(keys.clone(), settings.token_ttl),
             );
             let moderation = Moderation {
-                stack: stack::moderation(&parts, moderator),
+                stack: stack::moderation(&parts, None, moderator),
                 verifier: Some(keys),
             };
             Ok((tokens, Some(moderation)))
@@ -203,9 +206,10 @@ where
     M: ModerationStore + Clone,
     I: Issuer + Moderator,
 {
+    let served = upstream.served.clone();
     let tokens = stack::tokens(parts, upstream, issuer.clone());
     let moderation = Moderation {
-        stack: stack::moderation(parts, issuer),
+        stack: stack::moderation(parts, served, issuer),
         verifier: None,
     };
     (tokens, Some(moderation))

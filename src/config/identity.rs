@@ -104,6 +104,12 @@ pub struct Sigv4Config {
     /// cannot be replayed. Default `5m` (what AWS allows); between `1s` and `15m`.
     #[serde(with = "humantime_serde")]
     pub max_clock_skew: Duration,
+
+    /// The names callers reach this service by (`chat-token.internal`, `chat-token.internal:8443`): a
+    /// signature is accepted only for a signed `Host` that is one of them, so a request signed for
+    /// another service cannot be replayed here. A name without a port matches any port. Default `[]`:
+    /// the loopback names only (`localhost`, `127.0.0.1`, `[::1]`); required off loopback.
+    pub hosts: Vec<String>,
 }
 
 impl Default for Sigv4Config {
@@ -112,6 +118,7 @@ impl Default for Sigv4Config {
             credentials_file: None,
             regions: Vec::new(),
             max_clock_skew: Duration::from_secs(300),
+            hosts: Vec::new(),
         }
     }
 }
@@ -177,6 +184,26 @@ impl IdentityConfig {
                         .into(),
                 });
             }
+            if self.sigv4.hosts.is_empty() && !listen_addr.ip().is_loopback() {
+                return Err(ConfigError::Invalid {
+                    setting: "identity.sigv4.hosts".into(),
+                    reason: format!(
+                        "is required off loopback (listen_addr {listen_addr}): the names callers sign \
+                         requests for, such as \"chat-token.internal\""
+                    ),
+                });
+            }
+            if let Some(host) = self
+                .sigv4
+                .hosts
+                .iter()
+                .find(|host| host.parse::<http::uri::Authority>().is_err())
+            {
+                return Err(ConfigError::Invalid {
+                    setting: "identity.sigv4.hosts".into(),
+                    reason: format!("{host:?} is not a host name, with or without a port"),
+                });
+            }
         }
         let skew = self.sigv4.max_clock_skew;
         if !(Duration::from_secs(1)..=Duration::from_secs(900)).contains(&skew) {
@@ -196,24 +223,33 @@ impl IdentityConfig {
         if listen_addr.ip().is_loopback() || self.trust_network_in_front {
             return Ok(());
         }
-        let believes_anyone = match (
-            self.sources.contains(&IdentitySource::Header),
-            self.allow_anonymous,
-        ) {
-            (true, true) => {
-                "identity.sources includes \"header\" and identity.allow_anonymous is true"
-            }
-            (true, false) => "identity.sources includes \"header\"",
-            (false, true) => "identity.allow_anonymous is true",
-            (false, false) => return Ok(()),
-        };
+        // What believes whatever a client says: a plain header, an x-forwarded-client-cert header (only a
+        // sidecar that strips the client's own makes it true), and the anonymous principal.
+        let believed: Vec<&str> = [
+            (
+                self.sources.contains(&IdentitySource::Header),
+                "identity.sources includes \"header\"",
+            ),
+            (
+                self.sources.contains(&IdentitySource::Xfcc),
+                "identity.sources includes \"xfcc\"",
+            ),
+            (self.allow_anonymous, "identity.allow_anonymous is true"),
+        ]
+        .into_iter()
+        .filter_map(|(believes, what)| believes.then_some(what))
+        .collect();
+        if believed.is_empty() {
+            return Ok(());
+        }
         Err(ConfigError::Invalid {
             setting: "identity.trust_network_in_front".into(),
             reason: format!(
-                "{believes_anyone}, so any client could choose who it is, and listen_addr {listen_addr} \
-                 is not loopback; use identity.sources = [\"mtls\"] or [\"xfcc\"] with \
-                 identity.allow_anonymous = false, or set identity.trust_network_in_front = true if a \
-                 proxy in front authenticates every caller"
+                "{}, so a client that reaches listen_addr {listen_addr} (not loopback) directly could \
+                 choose who it is; use identity.sources = [\"mtls\"] with identity.allow_anonymous = \
+                 false, or set identity.trust_network_in_front = true when a proxy or mesh sidecar in \
+                 front authenticates every caller and overwrites these headers",
+                believed.join(" and ")
             ),
         })
     }

@@ -64,7 +64,8 @@ pub struct Config {
     pub shutdown_grace_period: Duration,
 
     /// Largest request message the transport accepts, in bytes; larger ones are refused before they are
-    /// parsed. The largest valid request is under 4 KiB. Default `65536`; at least `8192`.
+    /// parsed. The largest valid request is under 9 KiB (VerifyChatToken with a token of the largest size
+    /// read); a CreateChatToken request under 3 KiB. Default `16384`; at least `8192`.
     pub max_request_bytes: usize,
 
     /// Most CreateChatToken calls in flight at once on this replica; more are shed at once with
@@ -117,6 +118,9 @@ pub struct Config {
 
     /// Per-connection limits and timeouts of the listener. See docs/security.md, "Limits and timeouts".
     pub transport: TransportConfig,
+
+    /// gRPC server reflection, for grpcurl and buf curl.
+    pub reflection: ReflectionConfig,
 }
 
 impl Default for Config {
@@ -125,7 +129,7 @@ impl Default for Config {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             shutdown_drain_delay: Duration::from_secs(5),
             shutdown_grace_period: Duration::from_secs(20),
-            max_request_bytes: 64 * 1024,
+            max_request_bytes: 16 * 1024,
             max_concurrent_calls: NonZeroUsize::new(1024).expect("1024 is not zero"),
             reload_interval: Duration::from_secs(10),
             tls: None,
@@ -140,7 +144,24 @@ impl Default for Config {
             http_api: HttpApiConfig::default(),
             moderation: ModerationConfig::default(),
             transport: TransportConfig::default(),
+            reflection: ReflectionConfig::default(),
         }
+    }
+}
+
+/// gRPC server reflection.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReflectionConfig {
+    /// Whether the server describes its API (v1 and v1alpha) to tools such as grpcurl, which then need
+    /// no proto files. Its streams count against `transport.max_streaming_calls` and end at
+    /// `transport.max_call_duration`. Default `true`.
+    pub enabled: bool,
+}
+
+impl Default for ReflectionConfig {
+    fn default() -> Self {
+        ReflectionConfig { enabled: true }
     }
 }
 
@@ -275,6 +296,15 @@ impl Config {
             });
         }
         self.http_api.check()?;
+        if self.transport.max_request_bytes_in_flight.get() < self.max_request_bytes {
+            return Err(ConfigError::Invalid {
+                setting: "transport.max_request_bytes_in_flight".into(),
+                reason: format!(
+                    "must be at least max_request_bytes ({}), got {}",
+                    self.max_request_bytes, self.transport.max_request_bytes_in_flight
+                ),
+            });
+        }
         self.check_limit_names()?;
         self.limiter.check()
     }

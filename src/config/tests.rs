@@ -2,7 +2,9 @@ use std::collections::BTreeSet;
 
 use std::num::NonZeroU32;
 
-use super::transport::{default_handshake_timeout, default_max_concurrent_handshakes};
+use super::transport::{
+    default_handshake_timeout, default_max_concurrent_handshakes, default_max_handshakes_per_peer,
+};
 use super::*;
 use crate::domain::{LimitKey, Rate};
 
@@ -21,7 +23,7 @@ fn an_empty_file_gives_the_documented_defaults() {
     assert_eq!(config.listen_addr, "127.0.0.1:50051".parse().unwrap());
     assert_eq!(config.shutdown_drain_delay, Duration::from_secs(5));
     assert_eq!(config.shutdown_grace_period, Duration::from_secs(20));
-    assert_eq!(config.max_request_bytes, 65536);
+    assert_eq!(config.max_request_bytes, 16384);
     assert_eq!(config.issuer, IssuerKind::Local);
     assert_eq!(config.local_issuer.token_ttl, Duration::from_secs(60));
 }
@@ -133,6 +135,7 @@ fn the_example_config_covers_the_whole_config() {
     // Every optional section filled in, so its fields are listed too.
     let whole = Config {
         tls: Some(TlsConfig {
+            max_handshakes_per_peer: default_max_handshakes_per_peer(),
             cert_file: "c".into(),
             key_file: "k".into(),
             client_ca_file: Some("ca".into()),
@@ -257,7 +260,8 @@ fn the_development_policy_is_refused_off_loopback() {
     assert!(err.contains("policy.files"), "{err}");
     load_str(
         "listen_addr = \"0.0.0.0:50051\"\n[policy]\nfiles = [\"p.cedar\"]\n\
-         [identity]\nsources = [\"xfcc\"]\nallow_anonymous = false",
+         [identity]\nsources = [\"mtls\"]\nallow_anonymous = false\n\
+         [tls]\ncert_file = \"c\"\nkey_file = \"k\"\nclient_ca_file = \"ca\"",
     )
     .unwrap();
     load_str("listen_addr = \"[::1]:50051\"").unwrap();
@@ -271,10 +275,17 @@ fn identity_that_believes_anyone_is_refused_off_loopback() {
             "",
             "identity.sources includes \"header\" and identity.allow_anonymous",
         ),
-        ("sources = [\"xfcc\"]", "identity.allow_anonymous is true"),
+        (
+            "sources = [\"xfcc\"]",
+            "identity.sources includes \"xfcc\" and identity.allow_anonymous is true",
+        ),
+        (
+            "sources = [\"xfcc\"]\nallow_anonymous = false",
+            "identity.sources includes \"xfcc\",",
+        ),
         (
             "sources = [\"xfcc\", \"header\"]\nallow_anonymous = false",
-            "identity.sources includes \"header\",",
+            "identity.sources includes \"header\" and identity.sources includes \"xfcc\",",
         ),
     ] {
         let err = load_str(&format!("{production}[identity]\n{identity}"))

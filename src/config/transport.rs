@@ -53,9 +53,10 @@ pub struct TransportConfig {
     /// descriptor and some tens of KiB of buffers. Default `4096`.
     pub max_connections: NonZeroUsize,
 
-    /// How long a new connection may stay silent: its first request bytes (the HTTP/2 preface, or an
-    /// HTTP/1.1 request line) must arrive this soon after it is accepted, or after its TLS handshake.
-    /// Clients send them at once. Default `5s`; at least `100ms`.
+    /// How long a new connection may go without a request: its first request (over HTTP/2 the preface and
+    /// the first call's headers; over HTTP/1.1 each whole request head) must arrive this soon after it is
+    /// accepted, or after its TLS handshake; over TLS its first bytes (the ClientHello) must arrive this
+    /// soon after it is accepted. Clients send them at once. Default `5s`; at least `100ms`.
     #[serde(with = "humantime_serde")]
     pub preface_timeout: Duration,
 
@@ -64,6 +65,30 @@ pub struct TransportConfig {
     /// Default `5m`; at least `1s`.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+
+    /// Bytes of request messages the replica holds at once, over every call and connection: taken when a
+    /// message's length is known (gRPC's length prefix, HTTP's `Content-Length`) and given back when its
+    /// call ends; a call that would pass it is shed with UNAVAILABLE (HTTP 503). It bounds what clients
+    /// can make the server hold before they are identified. Default `16777216` (16 MiB: every call place
+    /// with a full-size message); at least `max_request_bytes`.
+    pub max_request_bytes_in_flight: NonZeroUsize,
+
+    /// Streaming calls (health `Watch`, reflection) open at once on this replica; one more is refused
+    /// with UNAVAILABLE. Default `256`.
+    pub max_streaming_calls: NonZeroUsize,
+
+    /// Streaming calls one connection may have open at once. Default `4`.
+    pub max_streaming_calls_per_connection: NonZeroUsize,
+
+    /// The longest a health `Watch` stream lives; it then ends with UNAVAILABLE and the client watches
+    /// again (reflection streams end at `max_call_duration`). Default `30m`; at least `1s`.
+    #[serde(with = "humantime_serde")]
+    pub max_stream_age: Duration,
+
+    /// The memory this replica may use, in bytes (for example its container's limit, given by the
+    /// Downward API as `CTS_TRANSPORT__MEMORY_LIMIT_BYTES`): start-up warns when the connection and
+    /// request bounds above could use more than three quarters of it. Default: none (no check).
+    pub memory_limit_bytes: Option<u64>,
 }
 
 impl Default for TransportConfig {
@@ -79,6 +104,11 @@ impl Default for TransportConfig {
             max_connections: NonZeroUsize::new(4096).expect("4096 is not zero"),
             preface_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(5 * 60),
+            max_request_bytes_in_flight: NonZeroUsize::new(16 * 1024 * 1024).expect("not zero"),
+            max_streaming_calls: NonZeroUsize::new(256).expect("256 is not zero"),
+            max_streaming_calls_per_connection: NonZeroUsize::new(4).expect("4 is not zero"),
+            max_stream_age: Duration::from_secs(30 * 60),
+            memory_limit_bytes: None,
         }
     }
 }
@@ -102,6 +132,11 @@ impl TransportConfig {
                 self.idle_timeout,
                 Duration::from_secs(1),
             ),
+            (
+                "transport.max_stream_age",
+                self.max_stream_age,
+                Duration::from_secs(1),
+            ),
         ] {
             at_least(setting, value, min)?;
         }
@@ -122,6 +157,12 @@ pub struct HttpApiConfig {
     /// The largest valid request is under 8 KiB even with every character of its attributes escaped.
     /// Default `16384`; between `8192` and `1048576`.
     pub max_body_bytes: usize,
+
+    /// Web origins (`https://app.example.com`) whose pages may call this API from a browser. A request
+    /// carrying an `Origin` header, or `Sec-Fetch-Site: cross-site`, from any other origin is refused
+    /// with 403: AWS SDKs and the CLI send neither, and a web page a developer visits must not be able to
+    /// drive a local service (no CORS is served either way). Default `[]`: no browser.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for HttpApiConfig {
@@ -129,6 +170,7 @@ impl Default for HttpApiConfig {
         HttpApiConfig {
             enabled: true,
             max_body_bytes: 16 * 1024,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -161,18 +203,27 @@ pub struct TlsConfig {
     /// CA certificates, PEM, that client certificates must chain to. When set, every client must present
     /// a valid certificate (mutual TLS) or the handshake fails; needed by the `mtls` identity source.
     pub client_ca_file: Option<PathBuf>,
-    /// How long a client may take to complete the TLS handshake. Default `10s`.
+    /// How long a client may take to complete the TLS handshake, from its first bytes. Default `10s`.
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
-    /// TLS handshakes in progress at once; a connection arriving while this many are is closed at once.
-    /// A handshake costs a signature (about a millisecond of CPU), so this bounds what a burst of new
-    /// connections can take from calls in flight. Default `128`.
+    /// TLS handshakes in progress at once; a connection whose first bytes arrive while this many are is
+    /// closed at once. A handshake costs a signature (about a millisecond of CPU), so this bounds what a
+    /// burst of new connections can take from calls in flight. A connection takes a place only once its
+    /// ClientHello has started to arrive, so sockets that say nothing hold none. Default `128`.
     #[serde(default = "default_max_concurrent_handshakes")]
     pub max_concurrent_handshakes: NonZeroUsize,
+    /// TLS handshakes in progress at once from one client address, so one host cannot hold every place
+    /// by starting handshakes it never finishes. Default `16`.
+    #[serde(default = "default_max_handshakes_per_peer")]
+    pub max_handshakes_per_peer: NonZeroUsize,
 }
 
 pub(super) fn default_handshake_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+pub(super) fn default_max_handshakes_per_peer() -> NonZeroUsize {
+    NonZeroUsize::new(16).expect("16 is not zero")
 }
 
 pub(super) fn default_max_concurrent_handshakes() -> NonZeroUsize {

@@ -64,12 +64,9 @@ pub enum Error {
         retry_after: Duration,
     },
 
-    /// Too many token calls are in flight on this replica; shed before any work was done.
-    #[error("overloaded: {max_calls} token calls already in flight")]
-    Overloaded {
-        /// The configured cap (`max_concurrent_calls`).
-        max_calls: usize,
-    },
+    /// This replica is at one of its bounds; the call was shed before any work was done.
+    #[error("overloaded: {0}")]
+    Overloaded(Overload),
 
     /// Amazon IVS Chat refused the request or could not be reached, after the SDK's bounded retries.
     #[error("IVS Chat: {message}")]
@@ -87,6 +84,10 @@ pub enum Error {
     /// The caller's deadline passed before a token was issued; upstream work was cancelled.
     #[error("the caller's deadline passed before the token was issued")]
     DeadlineExceeded,
+
+    /// The call reached one of the server's time limits and was ended; upstream work was cancelled.
+    #[error("{0}")]
+    TimeLimit(TimeLimit),
 
     /// Rate limits cannot be checked: the shared store (Redis) is unreachable and configured to fail
     /// closed, so nothing is issued unchecked.
@@ -135,7 +136,7 @@ impl Error {
             Error::Unauthenticated(_) => "unauthenticated",
             Error::PolicyDenied { .. } => "denied_by_policy",
             Error::RateLimited { .. } => "rate_limited",
-            Error::Overloaded { .. } => "overloaded",
+            Error::Overloaded(_) => "overloaded",
             Error::Upstream { kind, .. } => match kind {
                 UpstreamKind::Invalid(_) => "upstream_invalid",
                 UpstreamKind::NotFound => "upstream_not_found",
@@ -145,6 +146,8 @@ impl Error {
                 UpstreamKind::Unavailable => "upstream_unavailable",
             },
             Error::DeadlineExceeded => "deadline_exceeded",
+            Error::TimeLimit(TimeLimit::CallDuration(_)) => "call_too_long",
+            Error::TimeLimit(TimeLimit::StreamAge(_)) => "stream_too_old",
             Error::LimiterUnavailable { .. } => "limiter_unavailable",
             Error::UserBanned { .. } => "user_banned",
             Error::TokenRejected(_) => "token_rejected",
@@ -153,6 +156,41 @@ impl Error {
             Error::Internal(_) => "internal_error",
         }
     }
+}
+
+/// The server's time limits on a call (the caller's own deadline is [`Error::DeadlineExceeded`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TimeLimit {
+    /// `transport.max_call_duration`: the longest any call but a health `Watch` may take.
+    #[error("the call took longer than transport.max_call_duration ({})", humantime::format_duration(*.0))]
+    CallDuration(Duration),
+    /// `transport.max_stream_age`: the longest a health `Watch` stream lives; the client watches again.
+    #[error("the stream reached transport.max_stream_age ({}); open it again", humantime::format_duration(*.0))]
+    StreamAge(Duration),
+}
+
+/// Which of a replica's bounds shed a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Overload {
+    /// `max_concurrent_calls` calls are in flight.
+    #[error("{max_calls} calls already in flight")]
+    Calls {
+        /// The configured cap.
+        max_calls: usize,
+    },
+    /// The request bytes held for calls in flight would pass `transport.max_request_bytes_in_flight`.
+    #[error("{budget} bytes of requests already held")]
+    RequestBytes {
+        /// The configured budget.
+        budget: usize,
+    },
+    /// `transport.max_streaming_calls` streaming calls (health `Watch`, reflection) are open, in total or
+    /// on this connection (`transport.max_streaming_calls_per_connection`).
+    #[error("{max_streams} streaming calls already open")]
+    Streams {
+        /// The bound that was reached.
+        max_streams: usize,
+    },
 }
 
 /// The kinds of IVS Chat failure, each with its gRPC code.

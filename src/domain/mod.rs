@@ -17,7 +17,9 @@ pub mod token;
 
 pub use action::{Action, IVS_SIGNING_NAME};
 pub use caller::{Caller, CallerSource};
-pub use error::{Error, ExceededLimit, FieldViolation, TokenRejection, UpstreamKind};
+pub use error::{
+    Error, ExceededLimit, FieldViolation, Overload, TimeLimit, TokenRejection, UpstreamKind,
+};
 pub use limit::{DISCONNECT_QUOTA_LIMIT_NAME, IVS_QUOTA_LIMIT_NAME, Limit, LimitKey, Rate};
 pub use moderation::{
     Ban, BanPage, ModerationAction, ModerationOutcome, ModerationRequest, PageToken, Reason,

@@ -11,6 +11,7 @@ use std::{
 
 use super::action::Action;
 use super::caller::Caller;
+use super::error::TokenRejection;
 use super::room::RoomArn;
 use super::token::{TokenClaims, UserId};
 
@@ -72,11 +73,13 @@ pub enum ModerationAction {
         /// Where the previous page ended.
         after: Option<PageToken>,
     },
-    /// Check a local token. The room is the one the token names, known once its authenticity is checked
-    /// (by the front door): policy then decides whether the caller may verify tokens of it.
+    /// Check a local token. The room is the one the token names, known once it is opened (by the front
+    /// door), or [`RoomArn::UNOPENED_TOKEN`] when it does not open: policy decides first whether the
+    /// caller may verify tokens of that room, so a caller it denies learns nothing about the token.
     Verify {
-        /// The token's authenticated claims; expiry, revocation and single use are checked innermost.
-        claims: Box<TokenClaims>,
+        /// The token's authentic claims, whatever their times (validity, bans, revocation and single use
+        /// are checked innermost, after policy and rate limits); or why it did not open.
+        opened: Result<Box<TokenClaims>, TokenRejection>,
     },
 }
 
@@ -98,7 +101,9 @@ impl ModerationAction {
             ModerationAction::Disconnect { user_id, .. }
             | ModerationAction::Ban { user_id, .. }
             | ModerationAction::Unban { user_id } => Some(user_id),
-            ModerationAction::Verify { claims } => Some(&claims.user_id),
+            ModerationAction::Verify { opened } => {
+                opened.as_ref().ok().map(|claims| &claims.user_id)
+            }
             ModerationAction::ListBans { .. } => None,
         }
     }

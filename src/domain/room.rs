@@ -65,6 +65,18 @@ impl RoomArn {
         })
     }
 
+    /// What policy is asked about when VerifyChatToken is given a token that does not open (malformed,
+    /// tampered, or under a key this service does not hold): such a token names no room, and the caller
+    /// learns why it was refused only if policy lets it verify tokens of this room. The production
+    /// policy, which ties chat servers to their own accounts, does not: they see PERMISSION_DENIED.
+    pub const UNOPENED_TOKEN: &'static str =
+        "arn:aws:ivschat:none:000000000000:room/unopened-token";
+
+    /// [`Self::UNOPENED_TOKEN`], parsed.
+    pub fn unopened_token() -> Self {
+        RoomArn::parse(Self::UNOPENED_TOKEN).expect("a valid room ARN")
+    }
+
     /// The whole ARN.
     pub fn as_str(&self) -> &str {
         &self.arn

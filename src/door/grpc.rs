@@ -2,16 +2,12 @@
 //! the shared [`Door`] and [`ModerationDoor`], proto out. Conversions between the wire format and the
 //! domain are the free functions at the end; no business rule lives here.
 
-use std::time::Duration;
-
-use tokio::time::Instant;
-use tonic::{Request, Response, Status, metadata::MetadataMap};
+use tonic::{Request, Response, Status};
 
 use super::{Door, ModerationDoor, ModerationNames, UncheckedModeration, status};
 use crate::domain::{
     Action, Ban, Caller, Capabilities, Capability, Error, FieldNames, IssuedToken,
-    ModerationAction, ModerationOutcome, ModerationRequest, TokenClaims, TokenRequest,
-    UncheckedRequest,
+    ModerationOutcome, ModerationRequest, TokenClaims, TokenRequest, UncheckedRequest,
 };
 use crate::proto::ivschat::v1::{
     self as pb, BanUserRequest, BanUserResponse, CreateChatTokenRequest, CreateChatTokenResponse,
@@ -19,7 +15,7 @@ use crate::proto::ivschat::v1::{
     UnbanUserRequest, UnbanUserResponse, VerifyChatTokenRequest, VerifyChatTokenResponse,
     moderation_service_server, token_service_server,
 };
-use crate::transport::{inflight::CallStarted, listener::peer_certs};
+use crate::transport::{deadline::CallDeadline, listener::peer_certs};
 
 /// Serves `ivschat.v1.TokenService` through a [`Door`].
 #[derive(Clone)]
@@ -192,18 +188,11 @@ impl moderation_service_server::ModerationService for ModerationGrpc {
         request: Request<VerifyChatTokenRequest>,
     ) -> Result<Response<VerifyChatTokenResponse>, Status> {
         // The token is opened before the stack: its room is what policy decides about, and only an
-        // authentic token names one. Revocation and single use are checked by the moderator, after
-        // policy and rate limits.
+        // authentic token names one. Its times, bans, revocation and single use are checked by the
+        // moderator, after policy and rate limits.
         let outcome = self
             .moderate(Action::VerifyChatToken, request, |door, caller, request| {
-                let claims = door.open(&request.token)?;
-                Ok(ModerationRequest {
-                    caller,
-                    room: claims.room.clone(),
-                    action: ModerationAction::Verify {
-                        claims: Box::new(claims),
-                    },
-                })
+                door.verify_request(caller, &request.token)
             })
             .await?;
         match outcome {
@@ -227,41 +216,9 @@ fn unexpected(outcome: ModerationOutcome) -> Status {
     )))
 }
 
-/// How much earlier than the caller's deadline we give up, so our DEADLINE_EXCEEDED is certain to come
-/// before tonic's CANCELLED. (tonic polls the call before its timer, so equal deadlines would do; the
-/// margin absorbs the microseconds between its timer starting and [`CallStarted`] being taken.)
-pub(crate) const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
-
-/// The instant to give up on `request`: its `grpc-timeout` counted from when the call reached the server
-/// (when tonic's own timer started), just before tonic would answer CANCELLED.
-fn deadline<T>(request: &Request<T>) -> Option<Instant> {
-    grpc_timeout(request.metadata()).map(|timeout| {
-        let started = request
-            .extensions()
-            .get::<CallStarted>()
-            .map_or_else(Instant::now, |started| started.0);
-        started + timeout.saturating_sub(DEADLINE_MARGIN)
-    })
-}
-
-/// The caller's deadline from `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n), as the gRPC
-/// HTTP/2 protocol defines it. Malformed values are ignored, as tonic ignores them.
-fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 {
-        return None;
-    }
-    let amount: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(amount * 3600),
-        "M" => Duration::from_secs(amount * 60),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
-        _ => return None,
-    })
+/// The call's deadline, as the transport set it (see [`crate::transport::deadline`]).
+fn deadline<T>(request: &Request<T>) -> Option<CallDeadline> {
+    request.extensions().get::<CallDeadline>().copied()
 }
 
 /// Validates `request` from `caller`, reporting every bad field at once by its proto name.
@@ -363,6 +320,8 @@ mod tests {
     use crate::domain::IssuedToken;
     use crate::issuer::Issuer;
     use crate::proto::ivschat::v1::token_service_server::TokenService as _;
+    use std::time::Duration;
+    use tokio::time::Instant;
 
     /// An issuer that never answers: a hung upstream.
     struct Hung;
@@ -376,107 +335,40 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_call_past_the_callers_deadline_is_answered_deadline_exceeded_before_it() {
+    async fn a_call_past_its_deadline_is_answered_by_the_door_just_before_it() {
         let app = crate::app::build_around(&Config::default(), Hung)
             .await
             .unwrap();
         let service = TokenGrpc::new(app.door);
-        let mut request = Request::new(CreateChatTokenRequest {
-            room_identifier: "arn:aws:ivschat:us-west-2:123456789012:room/abc".into(),
-            user_id: "u".into(),
-            ..Default::default()
-        });
-        request
-            .metadata_mut()
-            .insert("grpc-timeout", "300m".parse().unwrap());
-        let arrived = Instant::now();
-        request.extensions_mut().insert(CallStarted(arrived));
-
-        let status = service.create_chat_token(request).await.unwrap_err();
-        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
-        // Answered before tonic's own timer (at 300 ms) would answer CANCELLED.
-        assert_eq!(
-            arrived.elapsed(),
-            Duration::from_millis(300) - DEADLINE_MARGIN
-        );
-    }
-
-    fn timeout(value: &str) -> Option<Duration> {
-        let mut metadata = MetadataMap::new();
-        metadata.insert("grpc-timeout", value.parse().unwrap());
-        grpc_timeout(&metadata)
-    }
-
-    #[test]
-    fn grpc_timeouts_are_read_in_every_unit() {
-        assert_eq!(timeout("2H"), Some(Duration::from_secs(7200)));
-        assert_eq!(timeout("3M"), Some(Duration::from_secs(180)));
-        assert_eq!(timeout("5S"), Some(Duration::from_secs(5)));
-        assert_eq!(timeout("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(
-            timeout("99999999u"),
-            Some(Duration::from_micros(99_999_999))
-        );
-        assert_eq!(timeout("7n"), Some(Duration::from_nanos(7)));
-    }
-
-    #[test]
-    fn malformed_grpc_timeouts_are_ignored() {
-        for bad in ["", "S", "123456789S", "5s", "-5S", "5", "x5S"] {
-            assert_eq!(timeout(bad), None, "{bad:?}");
+        for (limit, code) in [
+            (None, tonic::Code::DeadlineExceeded),
+            (
+                Some(crate::domain::TimeLimit::CallDuration(Duration::from_secs(
+                    30,
+                ))),
+                tonic::Code::DeadlineExceeded,
+            ),
+        ] {
+            let mut request = Request::new(CreateChatTokenRequest {
+                room_identifier: "arn:aws:ivschat:us-west-2:123456789012:room/abc".into(),
+                user_id: "u".into(),
+                ..Default::default()
+            });
+            let arrived = Instant::now();
+            request.extensions_mut().insert(CallDeadline {
+                at: arrived + Duration::from_millis(300),
+                limit,
+            });
+            let status = service.create_chat_token(request).await.unwrap_err();
+            assert_eq!(status.code(), code);
+            if limit.is_some() {
+                assert!(status.message().contains("max_call_duration"), "{status:?}");
+            }
+            // Answered before the transport's own timer (at 300 ms) would answer.
+            assert_eq!(
+                arrived.elapsed(),
+                Duration::from_millis(300) - super::super::DEADLINE_MARGIN
+            );
         }
-        assert_eq!(grpc_timeout(&MetadataMap::new()), None);
-    }
-
-    #[test]
-    fn every_bad_field_is_reported_at_once_by_its_proto_name() {
-        let err = token_request(
-            Caller::new("test"),
-            CreateChatTokenRequest {
-                room_identifier: "nope".into(),
-                user_id: String::new(),
-                capabilities: vec![0, 7],
-                session_duration_in_minutes: Some(0),
-                attributes: [("k".to_string(), "v".repeat(1024))].into(),
-            },
-        )
-        .unwrap_err();
-        let Error::InvalidArgument(violations) = err else {
-            panic!("expected InvalidArgument, got {err:?}");
-        };
-        let fields: Vec<_> = violations.iter().map(|v| v.field.as_ref()).collect();
-        assert_eq!(
-            fields,
-            [
-                "room_identifier",
-                "user_id",
-                "capabilities",
-                "session_duration_in_minutes",
-                "attributes"
-            ]
-        );
-    }
-
-    #[test]
-    fn bad_capabilities_are_counted_not_listed() {
-        let reason = capabilities_from_proto(&[1, 0, 7]).unwrap_err();
-        assert!(reason.ends_with("2 invalid: [1]=0, [2]=7"), "{reason}");
-        let three = capabilities_from_proto(&[9, 9, 9]).unwrap_err();
-        assert!(three.ends_with("3 invalid: [0]=9, [1]=9, [2]=9"), "{three}");
-        let many = capabilities_from_proto(&vec![42; 30_000]).unwrap_err();
-        assert!(
-            many.ends_with("30000 invalid: [0]=42, [1]=42, [2]=42 and 29997 more"),
-            "{many}"
-        );
-        assert!(many.len() < 200, "{} bytes", many.len());
-    }
-
-    #[test]
-    fn capabilities_go_to_proto_and_back() {
-        let all = Capabilities::new(Capability::ALL);
-        assert_eq!(
-            capabilities_from_proto(&capabilities_to_proto(&all)),
-            Ok(all)
-        );
     }
 }

@@ -12,21 +12,22 @@ pub mod rest;
 
 use std::{fmt, time::Duration};
 
-use tokio::time::Instant;
 use tower::{Service, ServiceExt};
+use tracing::Instrument;
 
 use crate::domain::moderation::{
     DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MAX_TOKEN_BYTES, MIN_BAN, VERIFY_NEEDS_LOCAL_ISSUER,
 };
 use crate::domain::{
     Action, Caller, CallerSource, Error, FieldViolation, IssuedToken, ModerationAction,
-    ModerationOutcome, ModerationRequest, PageToken, Reason, RoomArn, TokenClaims, TokenRejection,
-    TokenRequest, UserId,
+    ModerationOutcome, ModerationRequest, PageToken, Reason, RoomArn, TokenRejection, TokenRequest,
+    UserId,
 };
 use crate::identity::Resolver;
 use crate::issuer::local::LiveKeys;
 use crate::rescue::{IvsError, rescue};
 use crate::stack::{ModerationStack, TokenStack};
+use crate::transport::deadline::CallDeadline;
 
 /// CreateChatToken as every door serves it: one identity resolver, one token stack, one audit trail.
 #[derive(Clone)]
@@ -67,12 +68,12 @@ impl Door {
         error
     }
 
-    /// Sends `request` through the token stack and records the decision. With a `deadline`, gives up at
-    /// that instant with [`Error::DeadlineExceeded`], cancelling any upstream call in flight.
+    /// Sends `request` through the token stack and records the decision. With a `deadline`, gives up just
+    /// before it with the deadline's error, cancelling any upstream call in flight.
     pub async fn issue(
         &self,
         request: TokenRequest,
-        deadline: Option<Instant>,
+        deadline: Option<CallDeadline>,
     ) -> Result<IssuedToken, Error> {
         // What the decision was about: never the user id or attribute values.
         let audit = tracing::info_span!(
@@ -149,12 +150,16 @@ impl ModerationDoor {
 
     /// The part of every moderation call that no door changes: refuses what did not validate, runs the
     /// stack (giving up at `deadline`), and audits the outcome.
+    ///
+    /// The stack and the audit line run on a task of their own: a caller that goes away (a cancelled
+    /// call, a closed connection) cannot cut a ban between being stored and being audited, or leave a
+    /// disconnect half done. The work is still bounded by the call's deadline.
     pub async fn decide(
         &self,
         action: Action,
         caller: &Caller,
         validated: Result<ModerationRequest, Error>,
-        deadline: Option<Instant>,
+        deadline: Option<CallDeadline>,
     ) -> Result<ModerationOutcome, Error> {
         let action = action.as_str();
         let request = validated.inspect_err(|error| {
@@ -173,19 +178,29 @@ impl ModerationDoor {
                 .map(|user| tracing::field::display(short_hash(user.expose()))),
             issuer = self.issuer,
         );
-        let done = within(deadline, self.stack.clone(), request).await;
-        audit.in_scope(|| match &done {
-            Ok(_) => tracing::info!(target: "audit", outcome = "done", "moderation done"),
-            Err(error) => {
-                tracing::info!(target: "audit", outcome = error.outcome(), "moderation refused")
+        let stack = self.stack.clone();
+        let task = tokio::spawn(
+            async move {
+                let done = within(deadline, stack, request).await;
+                audit.in_scope(|| match &done {
+                    Ok(_) => tracing::info!(target: "audit", outcome = "done", "moderation done"),
+                    Err(error) => {
+                        tracing::info!(target: "audit", outcome = error.outcome(), "moderation refused")
+                    }
+                });
+                done
             }
-        });
-        done
+            .in_current_span(),
+        );
+        task.await
+            .unwrap_or_else(|e| Err(Error::Internal(format!("moderation task failed: {e}"))))
     }
 
-    /// Opens `token` with the local issuer's keys: its authentic, unexpired claims. The room it names is
-    /// what policy then decides about.
-    pub fn open(&self, token: &str) -> Result<TokenClaims, Error> {
+    /// VerifyChatToken's request for `token` from `caller`: the token opened with the local issuer's keys
+    /// (its authentic claims, whatever their times), or why it did not open. Policy decides about the
+    /// room it names, or [`RoomArn::UNOPENED_TOKEN`], before anything about the token is told; only an
+    /// empty or oversized token is refused here.
+    pub fn verify_request(&self, caller: Caller, token: &str) -> Result<ModerationRequest, Error> {
         let keys = self
             .verifier
             .as_ref()
@@ -202,9 +217,20 @@ impl ModerationDoor {
                 ),
             ));
         }
-        keys.current()
-            .verify(token)
-            .map_err(|e| Error::TokenRejected(TokenRejection::from(e)))
+        let opened = keys
+            .current()
+            .open(token)
+            .map(Box::new)
+            .map_err(TokenRejection::from);
+        let room = match &opened {
+            Ok(claims) => claims.room.clone(),
+            Err(_) => RoomArn::unopened_token(),
+        };
+        Ok(ModerationRequest {
+            caller,
+            room,
+            action: ModerationAction::Verify { opened },
+        })
     }
 
     /// A ban's length from whole `seconds` (and `nanos`, which must be 0): `None` (until unbanned) when
@@ -233,17 +259,31 @@ impl ModerationDoor {
     }
 }
 
-/// Runs `request` through `stack`, giving up at `deadline` with [`Error::DeadlineExceeded`]; dropping the
-/// call cancels whatever it was waiting on (an upstream call, a store).
-async fn within<S, R>(deadline: Option<Instant>, stack: S, request: R) -> Result<S::Response, Error>
+/// How much earlier than a call's deadline a door gives up, so its own answer (audited, in the door's
+/// shape) is certain to come before the transport's (see [`crate::transport::deadline`]).
+pub const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+
+/// Runs `request` through `stack`, giving up [`DEADLINE_MARGIN`] before `deadline` with its error; dropping
+/// the call cancels whatever it was waiting on (an upstream call, a store).
+async fn within<S, R>(
+    deadline: Option<CallDeadline>,
+    stack: S,
+    request: R,
+) -> Result<S::Response, Error>
 where
     S: Service<R, Error = Error>,
 {
     let call = stack.oneshot(request);
     match deadline {
-        Some(deadline) => tokio::time::timeout_at(deadline, call)
-            .await
-            .unwrap_or(Err(Error::DeadlineExceeded)),
+        Some(deadline) => {
+            let at = deadline
+                .at
+                .checked_sub(DEADLINE_MARGIN)
+                .unwrap_or(deadline.at);
+            tokio::time::timeout_at(at, call)
+                .await
+                .unwrap_or_else(|_| Err(deadline.error()))
+        }
         None => call.await,
     }
 }

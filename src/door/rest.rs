@@ -8,6 +8,20 @@
 //! one domain stack, one audit trail. Errors come from the same table ([`crate::rescue`]), shaped as IVS
 //! shapes them so SDKs raise their typed exceptions.
 //!
+//! What a browser can do to a developer's machine is what shapes the checks before any body is read, so
+//! a web page open in the developer's browser cannot drive a local service (CSRF) or read what it
+//! answers (DNS rebinding):
+//! - a request carrying `Origin`, or `Sec-Fetch-Site` other than `same-origin` or `none`, is refused
+//!   (403) unless its origin is in `http_api.allowed_origins`: SDKs and the CLI send neither;
+//! - a body must say it is JSON (`application/json`, or `application/x-amz-json-1.1`), which a page can
+//!   only send after a CORS preflight that is never answered (415 otherwise, also with no Content-Type);
+//! - on a loopback listener the `Host` must be a loopback name (`localhost`, `127.0.0.1`, `[::1]`), so a
+//!   rebound DNS name reaches nothing (403).
+//!
+//! Then every call takes a place under `max_concurrent_calls`, like gRPC's, and runs within its
+//! deadline (`transport.max_call_duration`): one that passes it answers IVS's `RequestTimeoutException`
+//! (504), never a 200.
+//!
 //! Every response carries `x-amzn-RequestId`: the call's trace id (set by the
 //! [`RpcTraceLayer`](crate::transport::trace::RpcTraceLayer), the one its log lines carry), else a fresh
 //! UUID, so the CLI's `--debug` output and SDK exceptions name something the server log can be searched
@@ -17,7 +31,8 @@
 //! # use chat_token_service::{config::HttpApiConfig, door::{Door, rest}, transport::inflight::Calls};
 //! # async fn example(door: Door) {
 //! // No moderation door: only CreateChatToken. `rest::beside` puts it next to the gRPC routes.
-//! let router = rest::router(door, None, &HttpApiConfig::default(), Calls::new(1024));
+//! let calls = Calls::new(Default::default());
+//! let router = rest::router(door, None, &HttpApiConfig::default(), calls);
 //! # }
 //! ```
 
@@ -30,23 +45,30 @@ use serde::Deserialize;
 use super::{Door, ModerationDoor, ModerationNames, UncheckedModeration, ivs_error};
 use crate::config::HttpApiConfig;
 use crate::domain::{
-    Action, Capabilities, Error, FieldNames, IssuedToken, TokenRequest, UncheckedRequest,
+    Action, Capabilities, FieldNames, IssuedToken, TokenRequest, UncheckedRequest,
 };
-use crate::rescue::{IvsError, UNKNOWN_OPERATION, VALIDATION_OTHER};
-use crate::transport::{inflight::Calls, listener::peer_certs, trace::CallTraceId};
+#[cfg(test)]
+use crate::rescue::ERROR_TYPE;
+use crate::rescue::{IvsError, IvsMembers, UNKNOWN_OPERATION, VALIDATION_OTHER};
+use crate::transport::{
+    deadline::CallDeadline,
+    inflight::{Calls, Place},
+    listener::{ConnInfo, peer_certs},
+    trace::CallTraceId,
+};
 
 /// The header AWS SDKs read the request id from.
 const REQUEST_ID: &str = "x-amzn-requestid";
-/// The header AWS SDKs read the error shape from.
-const ERROR_TYPE: &str = "x-amzn-errortype";
 
 /// What every route of this API needs.
 struct Api {
     door: Door,
     /// Largest body read (`http_api.max_body_bytes`).
     max_body_bytes: usize,
-    /// Token calls in flight, shared with gRPC's, and their cap (`max_concurrent_calls`).
+    /// Calls in flight, shared with gRPC's, and their cap (`max_concurrent_calls`).
     calls: Calls,
+    /// Web origins whose pages may call (`http_api.allowed_origins`).
+    allowed_origins: Vec<String>,
 }
 
 /// `grpc`'s routes with the IVS Chat API's (`rest`, from [`router`]) beside them. Requests for paths
@@ -102,6 +124,7 @@ pub fn router(
         door,
         max_body_bytes: settings.max_body_bytes,
         calls,
+        allowed_origins: settings.allowed_origins.clone(),
     });
     let router = axum::Router::new().route(&path(Action::CreateChatToken), {
         let api = api.clone();
@@ -160,43 +183,155 @@ fn respond(request_id: String, result: Result<serde_json::Value, IvsError>) -> R
     response
 }
 
-/// A call's head and whole body, once it is a POST of JSON within the size limit.
+/// A call that may go on: its head, its whole body, and its place under the cap.
+struct Accepted {
+    parts: http::request::Parts,
+    body: axum::body::Bytes,
+    /// Held until the call ends.
+    _place: Place,
+}
+
+impl Accepted {
+    /// The deadline the transport set (see [`crate::transport::deadline`]).
+    fn deadline(&self) -> Option<CallDeadline> {
+        self.parts.extensions.get::<CallDeadline>().copied()
+    }
+}
+
+/// A call's head and whole body, once it is a POST of JSON, not from a web page, within the size limit
+/// and the cap on calls. Refusals are audited by operation: no caller is known yet.
 async fn accept(
     api: &Api,
     operation: Action,
     request: Request<Body>,
-) -> Result<(http::request::Parts, axum::body::Bytes), IvsError> {
+) -> Result<Accepted, IvsError> {
+    let refused = |error: IvsError| {
+        tracing::info!(
+            target: "audit",
+            action = operation.as_str(),
+            outcome = error.error_type,
+            status = error.status.as_u16(),
+            "call refused"
+        );
+        error
+    };
     if request.method() != Method::POST {
-        return Err(IvsError {
+        return Err(refused(IvsError {
             status: StatusCode::METHOD_NOT_ALLOWED,
             ..IvsError::unreadable(VALIDATION_OTHER, format!("{operation} takes POST"))
-        });
+        }));
     }
     let (parts, body) = request.into_parts();
-    check_content_type(&parts.headers)?;
-    let body = read_body(&parts.headers, body, api.max_body_bytes).await?;
-    Ok((parts, body))
+    check_browser(&parts.headers, &api.allowed_origins).map_err(refused)?;
+    check_host(&parts).map_err(refused)?;
+    check_content_type(&parts.headers).map_err(refused)?;
+    let body = read_body(&parts.headers, body, api.max_body_bytes)
+        .await
+        .map_err(refused)?;
+    // The same cap as gRPC calls, taken once the whole body has arrived (see
+    // crate::transport::inflight).
+    let place = api
+        .calls
+        .admit()
+        .map_err(|error| refused(ivs_error(error)))?;
+    Ok(Accepted {
+        parts,
+        body,
+        _place: place,
+    })
+}
+
+/// 403 for what a web page sends and SDKs never do: an `Origin` not in `allowed`, or a `Sec-Fetch-Site`
+/// saying the request comes from another site.
+fn check_browser(headers: &http::HeaderMap, allowed: &[String]) -> Result<(), IvsError> {
+    let origin = headers.get(header::ORIGIN);
+    let allowed_origin = origin
+        .and_then(|origin| origin.to_str().ok())
+        .is_some_and(|origin| allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)));
+    if allowed_origin {
+        return Ok(());
+    }
+    let cross_site = headers
+        .get("sec-fetch-site")
+        .is_some_and(|site| !matches!(site.as_bytes(), b"same-origin" | b"none"));
+    if origin.is_some() || cross_site {
+        return Err(forbidden(
+            "requests from web pages are refused: this API is for AWS SDKs and the CLI (allow an origin \
+             with http_api.allowed_origins)",
+        ));
+    }
+    Ok(())
+}
+
+/// On a loopback listener, 403 unless the request names a loopback host: a web page whose DNS name was
+/// rebound to 127.0.0.1 sends its own name, and is refused. A request without a host (HTTP/1.0) is let
+/// through: browsers always send one.
+fn check_host(parts: &http::request::Parts) -> Result<(), IvsError> {
+    let loopback_listener = parts
+        .extensions
+        .get::<ConnInfo>()
+        .is_some_and(|conn| conn.local.ip().is_loopback());
+    if !loopback_listener {
+        return Ok(());
+    }
+    // HTTP/2's :authority, else HTTP/1.1's Host; one that does not parse is no loopback name.
+    let authority = match parts.uri.authority() {
+        Some(authority) => Some(authority.host().to_owned()),
+        None => parts.headers.get(header::HOST).map(|host| {
+            host.to_str()
+                .ok()
+                .and_then(|host| host.parse::<http::uri::Authority>().ok())
+                .map(|authority| authority.host().to_owned())
+                .unwrap_or_default()
+        }),
+    };
+    match authority {
+        None => Ok(()),
+        Some(host) if is_loopback_name(&host) => Ok(()),
+        Some(_) => Err(forbidden(
+            "this service listens on a loopback address and answers only requests for localhost, \
+             127.0.0.1 or [::1]",
+        )),
+    }
+}
+
+/// `localhost`, a name under `.localhost`, or a loopback address (`127.0.0.0/8`, `[::1]`).
+fn is_loopback_name(host: &str) -> bool {
+    let host = host.trim_end_matches('.');
+    let ip = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .len()
+            .checked_sub(".localhost".len())
+            .is_some_and(|at| host[at..].eq_ignore_ascii_case(".localhost"))
+        || ip
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// AccessDeniedException (403) for a request refused before it is read.
+fn forbidden(message: &str) -> IvsError {
+    IvsError {
+        status: StatusCode::FORBIDDEN,
+        error_type: "AccessDeniedException",
+        message: message.to_owned(),
+        members: IvsMembers::None,
+        retry_after: None,
+    }
 }
 
 async fn issue(api: &Api, request: Request<Body>) -> Result<IssuedToken, IvsError> {
-    let (parts, body) = accept(api, Action::CreateChatToken, request).await?;
-    // The same cap as gRPC token calls, taken once the whole body has arrived (see
-    // crate::transport::inflight).
-    let _place = api.calls.admit().ok_or_else(|| {
-        let error = Error::Overloaded {
-            max_calls: api.calls.max(),
-        };
-        tracing::info!(target: "audit", outcome = error.outcome(), "token refused");
-        ivs_error(error)
-    })?;
+    let accepted = accept(api, Action::CreateChatToken, request).await?;
+    let deadline = accepted.deadline();
+    let (parts, body) = (&accepted.parts, &accepted.body);
     let door = &api.door;
     let peer_certs = peer_certs(&parts.extensions);
     let caller = door
         .identity()
-        .resolve_http(&parts, &body, peer_certs)
+        .resolve_http(parts, body, peer_certs)
         .map_err(|error| ivs_error(door.refuse(None, error)))?;
 
-    let input: CreateChatTokenInput = serde_json::from_slice(&body).map_err(|e| {
+    let input: CreateChatTokenInput = serde_json::from_slice(body).map_err(|e| {
         // serde's messages can quote the values (user ids, attributes): report where, not what.
         IvsError::unreadable(
             VALIDATION_OTHER,
@@ -217,7 +352,7 @@ async fn issue(api: &Api, request: Request<Body>) -> Result<IssuedToken, IvsErro
     };
     let request = TokenRequest::validate(caller.clone(), unchecked, &FieldNames::IVS)
         .map_err(|error| ivs_error(door.refuse(Some(&caller), error)))?;
-    door.issue(request, None).await.map_err(ivs_error)
+    door.issue(request, deadline).await.map_err(ivs_error)
 }
 
 /// `DisconnectUserRequest` as IVS Chat's model spells it; absent strings are reported as required fields.
@@ -252,13 +387,15 @@ async fn disconnect(
     request: Request<Body>,
 ) -> Result<(), IvsError> {
     const ACTION: Action = Action::DisconnectUser;
-    let (parts, body) = accept(api, ACTION, request).await?;
+    let accepted = accept(api, ACTION, request).await?;
+    let deadline = accepted.deadline();
+    let (parts, body) = (&accepted.parts, &accepted.body);
     let peer_certs = peer_certs(&parts.extensions);
     let caller = moderation
         .identity()
-        .resolve_http(&parts, &body, peer_certs)
+        .resolve_http(parts, body, peer_certs)
         .map_err(|error| ivs_error(ModerationDoor::unidentified(ACTION, error)))?;
-    let input: DisconnectUserInput = serde_json::from_slice(&body).map_err(|e| {
+    let input: DisconnectUserInput = serde_json::from_slice(body).map_err(|e| {
         // serde's messages can quote the values (user ids, reasons): report where, not what.
         IvsError::unreadable(
             VALIDATION_OTHER,
@@ -277,29 +414,32 @@ async fn disconnect(
         ..UncheckedModeration::default()
     };
     let validated = moderation.validate(ACTION, caller.clone(), fields, &ModerationNames::IVS);
-    // IVS's HTTP API carries no deadline; ivs.operation_timeout bounds the upstream call.
     moderation
-        .decide(ACTION, &caller, validated, None)
+        .decide(ACTION, &caller, validated, deadline)
         .await
         .map_err(ivs_error)?;
     Ok(())
 }
 
-/// REST-JSON bodies are `application/json`; a body in anything else is refused rather than guessed at.
+/// The content types AWS SDKs and the CLI send: REST-JSON's, and the JSON protocol's.
+const JSON_TYPES: [&str; 2] = ["application/json", "application/x-amz-json-1.1"];
+
+/// The body must say it is JSON: anything else, or no Content-Type at all (what an HTML form or a
+/// cross-site "simple request" sends), is refused with 415 rather than guessed at.
 fn check_content_type(headers: &http::HeaderMap) -> Result<(), IvsError> {
-    let Some(content_type) = headers.get(header::CONTENT_TYPE) else {
-        return Ok(());
-    };
-    let essence = content_type
-        .to_str()
-        .ok()
+    let essence = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .map(str::trim);
     match essence {
-        Some(essence) if essence.eq_ignore_ascii_case("application/json") => Ok(()),
+        Some(essence) if JSON_TYPES.iter().any(|t| essence.eq_ignore_ascii_case(t)) => Ok(()),
         _ => Err(IvsError {
             status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ..IvsError::unreadable(VALIDATION_OTHER, "the body must be application/json")
+            ..IvsError::unreadable(
+                VALIDATION_OTHER,
+                "the body must be JSON, sent with Content-Type: application/json",
+            )
         }),
     }
 }
@@ -364,13 +504,7 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body>
 }
 
 fn error_response(error: &IvsError) -> Response<Body> {
-    let mut response = json_response(error.status, &error.body());
-    let headers = response.headers_mut();
-    headers.insert(ERROR_TYPE, HeaderValue::from_static(error.error_type));
-    if let Some(seconds) = error.retry_after_seconds() {
-        headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-    }
-    response
+    error.to_http().map(Body::from)
 }
 
 /// The call's trace id, or a fresh UUID outside the
@@ -387,12 +521,13 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::issuer::local::{KeySet, LocalIssuer};
+    use crate::transport::inflight::CallLimits;
     use tower::ServiceExt;
 
     const ARN: &str = "arn:aws:ivschat:us-west-2:123456789012:room/g1H2I3j4k5L6";
 
     async fn router(max_body_bytes: usize) -> axum::Router {
-        router_with_cap(max_body_bytes, Calls::new(1024)).await
+        router_with_cap(max_body_bytes, Calls::new(CallLimits::default())).await
     }
 
     /// The door of the embedded defaults, around an ephemeral local key.
@@ -437,7 +572,10 @@ mod tests {
 
     #[tokio::test]
     async fn token_calls_over_the_shared_cap_get_service_unavailable() {
-        let calls = Calls::new(1);
+        let calls = Calls::new(CallLimits {
+            max_calls: 1,
+            ..CallLimits::default()
+        });
         let held = calls.admit().expect("the only place");
         let request = || {
             post(
@@ -465,7 +603,12 @@ mod tests {
         let config = Config::default();
         let routes = beside(
             tonic::service::Routes::default(),
-            super::router(door().await, None, &config.http_api, Calls::new(1024)),
+            super::router(
+                door().await,
+                None,
+                &config.http_api,
+                Calls::new(CallLimits::default()),
+            ),
         );
         let router = routes.into_axum_router();
 
@@ -571,7 +714,10 @@ mod tests {
 
         let (response, json) = call(router(16384).await, post("text/plain", "{}")).await;
         assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
-        assert_eq!(json["message"], "the body must be application/json");
+        assert_eq!(
+            json["message"],
+            "the body must be JSON, sent with Content-Type: application/json"
+        );
 
         let get = Request::get(path(Action::CreateChatToken))
             .body(Body::empty())

@@ -100,9 +100,9 @@ impl Resolver {
             Some(verifier) => match verifier.verify(parts, body, SystemTime::now()) {
                 sigv4::Verdict::Unsigned => None,
                 sigv4::Verdict::Verified(caller) => Some(caller),
-                sigv4::Verdict::Refused(why) => {
-                    tracing::info!(reason = why, "SigV4 signature refused");
-                    return Err(Error::Unauthenticated(why));
+                sigv4::Verdict::Refused { reason, detail } => {
+                    tracing::info!(reason = detail, "SigV4 signature refused");
+                    return Err(Error::Unauthenticated(reason));
                 }
             },
         };

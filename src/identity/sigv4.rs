@@ -16,9 +16,16 @@
 //! within the allowed clock skew of ours; an `x-amz-content-sha256` header, when sent, must be the body's
 //! hash.
 //!
+//! The signed `Host` must be one of the names callers reach this service by (`identity.sigv4.hosts`;
+//! the loopback names when that is empty), so a request signed for another service that shares the keys'
+//! format cannot be replayed here.
+//!
 //! A request without an `AWS4-HMAC-SHA256` `Authorization` header is unsigned and falls to the next
 //! source. A signed request that fails any check is refused: it is never treated as unsigned, or a
-//! caller with a wrong key would silently become anonymous. Secret keys never reach logs or errors.
+//! caller with a wrong key would silently become anonymous. A malformed request is told what is wrong
+//! with it; every failure of the signature itself (an unknown access key, a wrong secret, a host not
+//! served here) gets one answer, [`SIGNATURE_REFUSED`], so a caller cannot probe which access key ids
+//! exist; the server log says which it was. Secret keys never reach logs or errors.
 
 use std::{
     collections::HashMap,
@@ -40,6 +47,11 @@ const ALGORITHM: &str = "AWS4-HMAC-SHA256";
 const MAX_SIGNED_HEADERS: usize = 32;
 /// Most keys a credentials file may hold.
 const MAX_KEYS: usize = 10_000;
+/// The answer to every signature that does not verify, whatever the reason.
+pub const SIGNATURE_REFUSED: &str = "the request signature is not valid for this service: check the access key, the secret and the \
+     endpoint signed for";
+/// The names a signature may be for when `identity.sigv4.hosts` is empty.
+const LOOPBACK_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "[::1]"];
 
 /// What the `sigv4` source found on a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -48,8 +60,29 @@ pub enum Verdict {
     Unsigned,
     /// A valid signature by a known key: the key's principal.
     Verified(Caller),
-    /// Signed, but the signature cannot be accepted; says why without echoing any secret.
-    Refused(&'static str),
+    /// Signed, but the signature cannot be accepted.
+    Refused {
+        /// What the caller is told: what is wrong with the request's form, or [`SIGNATURE_REFUSED`].
+        reason: &'static str,
+        /// What the server log says: exactly what failed. Never a secret.
+        detail: &'static str,
+    },
+}
+
+impl Verdict {
+    /// A refusal the caller may be told in full.
+    fn malformed(reason: &'static str) -> Self {
+        Verdict::Refused {
+            reason,
+            detail: reason,
+        }
+    }
+}
+
+/// A check that failed: the request's form, or the signature.
+enum Failure {
+    Malformed(&'static str),
+    Signature(&'static str),
 }
 
 /// Why the credentials file cannot be used.
@@ -99,7 +132,34 @@ pub struct Verifier {
     keys: ArcSwap<HashMap<String, Key>>,
     /// Regions a credential scope may name; empty means any.
     regions: Vec<Region>,
+    /// The hosts a signature may be for (`identity.sigv4.hosts`, or the loopback names).
+    hosts: Vec<AllowedHost>,
     max_clock_skew: Duration,
+}
+
+/// One of `identity.sigv4.hosts`: a name, and its port when one is given.
+#[derive(Debug)]
+struct AllowedHost {
+    host: String,
+    port: Option<u16>,
+}
+
+impl AllowedHost {
+    fn parse(name: &str) -> Option<Self> {
+        let authority = name.parse::<http::uri::Authority>().ok()?;
+        Some(AllowedHost {
+            host: authority.host().to_ascii_lowercase(),
+            port: authority.port_u16(),
+        })
+    }
+
+    /// Whether `authority` (as signed) names this host, on its port when it has one.
+    fn admits(&self, authority: &http::uri::Authority) -> bool {
+        authority.host().eq_ignore_ascii_case(&self.host)
+            && self
+                .port
+                .is_none_or(|port| authority.port_u16() == Some(port))
+    }
 }
 
 impl std::fmt::Debug for Verifier {
@@ -108,6 +168,7 @@ impl std::fmt::Debug for Verifier {
             .field("path", &self.path)
             .field("keys", &self.keys.load().len())
             .field("regions", &self.regions)
+            .field("hosts", &self.hosts)
             .field("max_clock_skew", &self.max_clock_skew)
             .finish()
     }
@@ -120,6 +181,19 @@ impl Verifier {
             path: credentials_file.to_owned(),
             keys: ArcSwap::from_pointee(load_keys(credentials_file)?),
             regions: settings.regions.clone(),
+            hosts: if settings.hosts.is_empty() {
+                LOOPBACK_HOSTS
+                    .iter()
+                    .filter_map(|h| AllowedHost::parse(h))
+                    .collect()
+            } else {
+                // The configuration check has parsed each of them.
+                settings
+                    .hosts
+                    .iter()
+                    .filter_map(|h| AllowedHost::parse(h))
+                    .collect()
+            },
             max_clock_skew: settings.max_clock_skew,
         })
     }
@@ -141,7 +215,7 @@ impl Verifier {
     /// Checks the signature of a request with `parts` and the whole `body`, received at `now`.
     pub fn verify(&self, parts: &http::request::Parts, body: &[u8], now: SystemTime) -> Verdict {
         if has_presigned_query(&parts.uri) {
-            return Verdict::Refused(
+            return Verdict::malformed(
                 "presigned URLs are not accepted; sign the Authorization header",
             );
         }
@@ -154,13 +228,19 @@ impl Verifier {
         let Some(fields) = authorization.strip_prefix(ALGORITHM) else {
             // SigV4a and other AWS4 algorithms are signatures we cannot check: refuse, never ignore.
             if authorization.starts_with("AWS4-") {
-                return Verdict::Refused("only the AWS4-HMAC-SHA256 signing algorithm is accepted");
+                return Verdict::malformed(
+                    "only the AWS4-HMAC-SHA256 signing algorithm is accepted",
+                );
             }
             return Verdict::Unsigned;
         };
         match self.check(parts, body, now, fields) {
             Ok(caller) => Verdict::Verified(caller),
-            Err(why) => Verdict::Refused(why),
+            Err(Failure::Malformed(reason)) => Verdict::malformed(reason),
+            Err(Failure::Signature(detail)) => Verdict::Refused {
+                reason: SIGNATURE_REFUSED,
+                detail,
+            },
         }
     }
 
@@ -170,7 +250,20 @@ impl Verifier {
         body: &[u8],
         now: SystemTime,
         fields: &str,
-    ) -> Result<Caller, &'static str> {
+    ) -> Result<Caller, Failure> {
+        self.check_form(parts, body, now, fields)
+            .map_err(Failure::Malformed)?
+            .map_err(Failure::Signature)
+    }
+
+    /// The checks of the request's form (`Err`), then those of the signature (`Ok(Err)`).
+    fn check_form(
+        &self,
+        parts: &http::request::Parts,
+        body: &[u8],
+        now: SystemTime,
+        fields: &str,
+    ) -> Result<Result<Caller, &'static str>, &'static str> {
         let auth = Authorization::parse(fields).ok_or("malformed SigV4 Authorization header")?;
         let scope = &auth.scope;
         if scope.service != IVS_SIGNING_NAME {
@@ -203,19 +296,37 @@ impl Verifier {
                 return Err("x-amz-content-sha256 does not match the body");
             }
         }
-        let keys = self.keys.load();
-        let key = keys
-            .get(scope.access_key_id)
-            .ok_or("the access key id is not known")?;
-
+        // HTTP/2 carries the host in :authority, which hyper keeps in the URI, not in the headers.
         let host = parts
             .uri
             .authority()
             .map(http::uri::Authority::as_str)
             .filter(|_| !parts.headers.contains_key(http::header::HOST));
+        let signed_host = match host {
+            Some(host) => host,
+            None => parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .ok_or("host and x-amz-date must be signed")?,
+        };
+        let signed_host = signed_host
+            .parse::<http::uri::Authority>()
+            .map_err(|_| "the host header is not a host name")?;
+        if !self
+            .hosts
+            .iter()
+            .any(|allowed| allowed.admits(&signed_host))
+        {
+            return Ok(Err("the signed host is not one of identity.sigv4.hosts"));
+        }
+        let keys = self.keys.load();
+        let Some(key) = keys.get(scope.access_key_id) else {
+            return Ok(Err("the access key id is not known"));
+        };
+
         let mut headers = Vec::with_capacity(auth.signed_headers.len() + 1);
         for &name in &auth.signed_headers {
-            // HTTP/2 carries the host in :authority, which hyper keeps in the URI, not in the headers.
             if name == "host"
                 && let Some(host) = host
             {
@@ -268,9 +379,11 @@ impl Verifier {
             .map_err(|_| "the request cannot be canonicalised")?
             .into();
         let expected = sign(request, &params).map_err(|_| "the request cannot be canonicalised")?;
-        orion::util::secure_cmp(expected.signature().as_bytes(), auth.signature.as_bytes())
-            .map_err(|_| "the signature does not match")?;
-        Ok(key.principal.clone())
+        Ok(
+            orion::util::secure_cmp(expected.signature().as_bytes(), auth.signature.as_bytes())
+                .map(|()| key.principal.clone())
+                .map_err(|_| "the signature does not match"),
+        )
     }
 }
 
@@ -376,6 +489,7 @@ fn load_keys(path: &Path) -> Result<HashMap<String, Key>, CredentialsError> {
         path: path.to_owned(),
         source,
     })?;
+    crate::secret_file::warn_if_shared(path, "the SigV4 credentials file");
     let invalid = |reason: String| CredentialsError::Invalid {
         path: path.to_owned(),
         reason,
@@ -443,6 +557,10 @@ mod tests {
         br#"{"roomIdentifier":"arn:aws:ivschat:us-west-2:123456789012:room/abc","userId":"u"}"#;
 
     fn verifier(regions: &[&str]) -> (tempfile::TempDir, Verifier) {
+        verifier_for(regions, &[])
+    }
+
+    fn verifier_for(regions: &[&str], hosts: &[&str]) -> (tempfile::TempDir, Verifier) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("credentials.toml");
         std::fs::write(
@@ -454,6 +572,7 @@ mod tests {
         .unwrap();
         let settings = Sigv4Config {
             regions: regions.iter().map(|r| Region::parse(r).unwrap()).collect(),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
             ..Sigv4Config::default()
         };
         let verifier = Verifier::load(&path, &settings).unwrap();
@@ -524,22 +643,74 @@ mod tests {
         );
         assert_eq!(
             verifier.verify(&wrong_secret, BODY, now),
-            Verdict::Refused("the signature does not match")
+            Verdict::Refused {
+                reason: SIGNATURE_REFUSED,
+                detail: "the signature does not match"
+            }
         );
         let good = signed(SECRET, "us-west-2", IVS_SIGNING_NAME, now, BODY);
         assert_eq!(
             verifier.verify(&good, b"{}", now),
-            Verdict::Refused("the signature does not match")
+            Verdict::Refused {
+                reason: SIGNATURE_REFUSED,
+                detail: "the signature does not match"
+            }
         );
         let other_service = signed(SECRET, "us-west-2", "ivs", now, BODY);
         assert!(matches!(
             verifier.verify(&other_service, BODY, now),
-            Verdict::Refused(_)
+            Verdict::Refused { .. }
         ));
         let other_region = signed(SECRET, "eu-west-1", IVS_SIGNING_NAME, now, BODY);
         assert_eq!(
             verifier.verify(&other_region, BODY, now),
-            Verdict::Refused("the credential scope names a region that is not allowed")
+            Verdict::malformed("the credential scope names a region that is not allowed")
+        );
+    }
+
+    #[test]
+    fn the_signed_host_must_be_a_served_name_and_every_signature_failure_gets_one_answer() {
+        let now = SystemTime::now();
+        let parts = signed(SECRET, "us-west-2", IVS_SIGNING_NAME, now, BODY);
+        let web = Verdict::Verified(Caller::with_source("web", CallerSource::Sigv4));
+        for (hosts, admitted) in [
+            (&[][..], true),
+            (&["127.0.0.1"][..], true),
+            (&["chat-token.internal", "127.0.0.1:50051"][..], true),
+            (&["127.0.0.1:50052"][..], false),
+            (&["chat-token.internal"][..], false),
+        ] {
+            let (_dir, verifier) = verifier_for(&[], hosts);
+            let verdict = verifier.verify(&parts, BODY, now);
+            if admitted {
+                assert_eq!(verdict, web, "{hosts:?}");
+            } else {
+                assert_eq!(
+                    verdict,
+                    Verdict::Refused {
+                        reason: SIGNATURE_REFUSED,
+                        detail: "the signed host is not one of identity.sigv4.hosts"
+                    },
+                    "{hosts:?}"
+                );
+            }
+        }
+        // An unknown access key id is answered as a wrong secret is; only the log tells them apart.
+        let (_dir, verifier) = verifier(&[]);
+        let mut unknown = parts.clone();
+        let authorization = unknown.headers[http::header::AUTHORIZATION]
+            .to_str()
+            .unwrap()
+            .replace(KEY_ID, "CTSUNKNOWN000000001");
+        unknown
+            .headers
+            .insert(http::header::AUTHORIZATION, authorization.parse().unwrap());
+        assert_eq!(
+            verifier.verify(&unknown, BODY, now),
+            Verdict::Refused {
+                reason: SIGNATURE_REFUSED,
+                detail: "the access key id is not known"
+            }
         );
     }
 
@@ -561,7 +732,7 @@ mod tests {
         ] {
             assert_eq!(
                 verifier.verify(&parts, BODY, now),
-                Verdict::Refused("x-amz-date is too far from the server's time")
+                Verdict::malformed("x-amz-date is too far from the server's time")
             );
         }
     }
@@ -577,7 +748,7 @@ mod tests {
         );
         assert_eq!(
             verifier.verify(&parts, BODY, now),
-            Verdict::Refused("x-amz-content-sha256 does not match the body")
+            Verdict::malformed("x-amz-content-sha256 does not match the body")
         );
     }
 
@@ -606,11 +777,11 @@ mod tests {
                 BODY,
                 now
             ),
-            Verdict::Refused(_)
+            Verdict::Refused { .. }
         ));
         assert_eq!(
             verifier.verify(&request(Some("AWS4-HMAC-SHA256 garbage")), BODY, now),
-            Verdict::Refused("malformed SigV4 Authorization header")
+            Verdict::malformed("malformed SigV4 Authorization header")
         );
     }
 

@@ -409,7 +409,7 @@ fn every_actions_request_matches_the_schema() {
             after: None,
         },
         ModerationAction::Verify {
-            claims: Box::new(crate::domain::TokenClaims {
+            opened: Ok(Box::new(crate::domain::TokenClaims {
                 token_id: "t".into(),
                 room: room.clone(),
                 user_id: user,
@@ -418,7 +418,7 @@ fn every_actions_request_matches_the_schema() {
                 issued_at: now,
                 token_expires_at: now,
                 session_expires_at: now,
-            }),
+            })),
         },
     ];
     let moderation = actions.into_iter().map(|action| ModerationRequest {

@@ -16,7 +16,9 @@ use http::StatusCode;
 use tonic::{Code, Status, metadata::MetadataValue};
 use tonic_types::{ErrorDetails, QuotaViolation, StatusExt};
 
-use crate::domain::{Action, Error, ExceededLimit, FieldViolation, UpstreamKind, error::join};
+use crate::domain::{
+    Action, Error, ExceededLimit, FieldViolation, TimeLimit, UpstreamKind, error::join,
+};
 
 /// `google.rpc.ErrorInfo.domain` for errors this service decides.
 pub const ERROR_DOMAIN: &str = "chat-token-service";
@@ -229,13 +231,11 @@ pub fn rescue(error: Error) -> Rescue {
             rescue.quota = limits;
             rescue
         }
-        Error::Overloaded { max_calls } => Rescue::new(
+        Error::Overloaded(overload) => Rescue::new(
             Code::Unavailable,
             S::SERVICE_UNAVAILABLE,
             "ServiceUnavailableException",
-            format!(
-                "server overloaded: {max_calls} token calls already in flight; retry, preferably on another replica"
-            ),
+            format!("server overloaded: {overload}; retry, preferably on another replica"),
         )
         .retry_after(OVERLOADED_RETRY_AFTER),
         Error::Upstream {
@@ -249,6 +249,19 @@ pub fn rescue(error: Error) -> Rescue {
             S::GATEWAY_TIMEOUT,
             "RequestTimeoutException",
             "the caller's deadline passed before the token was issued",
+        ),
+        Error::TimeLimit(limit @ TimeLimit::CallDuration(_)) => Rescue::new(
+            Code::DeadlineExceeded,
+            S::GATEWAY_TIMEOUT,
+            "RequestTimeoutException",
+            limit.to_string(),
+        ),
+        // Not the client's fault and not final: a stream ended for its age is opened again at once.
+        Error::TimeLimit(limit @ TimeLimit::StreamAge(_)) => Rescue::new(
+            Code::Unavailable,
+            S::SERVICE_UNAVAILABLE,
+            "ServiceUnavailableException",
+            limit.to_string(),
         ),
         Error::LimiterUnavailable { retry_after } => Rescue::new(
             Code::Unavailable,
@@ -465,7 +478,27 @@ impl IvsError {
     pub fn retry_after_seconds(&self) -> Option<u64> {
         self.retry_after.map(whole_seconds)
     }
+
+    /// The HTTP response: the status, `x-amzn-ErrorType`, `Retry-After` when a retry can succeed, and the
+    /// JSON body.
+    pub fn to_http(&self) -> http::Response<bytes::Bytes> {
+        let mut response = http::Response::new(bytes::Bytes::from(self.body().to_string()));
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        headers.insert(ERROR_TYPE, http::HeaderValue::from_static(self.error_type));
+        if let Some(seconds) = self.retry_after_seconds() {
+            headers.insert(http::header::RETRY_AFTER, http::HeaderValue::from(seconds));
+        }
+        response
+    }
 }
+
+/// The header AWS SDKs read the error shape from.
+pub const ERROR_TYPE: &str = "x-amzn-errortype";
 
 /// `text` cut to at most `max` bytes on a character boundary, marked with `…` when cut.
 fn truncated(mut text: String, max: usize) -> String {

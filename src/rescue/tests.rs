@@ -4,7 +4,7 @@ use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
 use super::*;
-use crate::domain::{Action, ExceededLimit, FieldViolation, UpstreamKind};
+use crate::domain::{Action, ExceededLimit, FieldViolation, Overload, UpstreamKind};
 
 fn grpc_status(error: Error) -> Status {
     rescue(error).into_status()
@@ -312,7 +312,7 @@ fn both_doors_map_every_error_from_the_same_cases() {
             None,
         ),
         (
-            || Error::Overloaded { max_calls: 3 },
+            || Error::Overloaded(Overload::Calls { max_calls: 3 }),
             Code::Unavailable,
             503,
             "ServiceUnavailableException",

@@ -1,5 +1,5 @@
-//! Calls in flight: counted, so a draining server can stop as soon as the last call finishes, and capped,
-//! so an overloaded server sheds token calls at once instead of queueing them.
+//! Calls in flight: counted, so a draining server can stop as soon as the last call finishes, and bounded,
+//! so an overloaded server sheds calls at once instead of queueing them or buffering without end.
 //!
 //! After GOAWAY, hyper's graceful shutdown can keep waiting on connections that are idle but still
 //! open (pooled clients, sidecars; hyperium/hyper#4170), which would stretch every shutdown to the full
@@ -8,20 +8,27 @@
 //!
 //! A call counts from the moment its request headers reach the service until its response body
 //! (message and trailers) has been sent or dropped. It also keeps its connection from being closed as
-//! idle ([`super::listener::ConnInfo::call`]).
+//! idle ([`super::listener::ConnInfo::call`]). Three bounds apply, each answered at once with
+//! [`Error::Overloaded`] (UNAVAILABLE, HTTP 503: clients and meshes retry on another replica):
 //!
-//! The cap applies to token calls only (the token service's paths): health checks and reflection are
-//! never shed, so probes keep answering under load. A token call takes a place under the cap only once
-//! its whole request message has arrived, so streams that send headers and never a body (or send it
-//! slowly) cannot fill the cap and shut other callers out; they hold only an HTTP/2 stream of their own
-//! connection, and only for `transport.max_call_duration`. A token call whose message arrives while the
-//! cap is full is answered at once with [`Error::Overloaded`] (UNAVAILABLE, so clients and meshes retry
-//! on another replica), before it is decoded and before any identity, policy or issuing work.
+//! - **Calls:** every call but health checks and reflection takes a place under `max_concurrent_calls`,
+//!   once its whole request message has arrived (the HTTP API's door takes its place once it has read the
+//!   body). Streams that send headers and never a body (or send it slowly) cannot fill the cap and shut
+//!   other callers out; they hold only an HTTP/2 stream of their own connection, and only for
+//!   `transport.max_call_duration`. Health checks are never shed, so probes keep answering under load.
+//! - **Request bytes:** every call but a health check reserves its request head's size (as HTTP/2
+//!   counts it: name, value and 32 bytes a header) from `transport.max_request_bytes_in_flight` when it
+//!   arrives, and its message's size as soon as that is known (gRPC's 5-byte length prefix; HTTP's
+//!   `Content-Length`, or the HTTP API's largest body when there is none), and holds both until it ends.
+//!   What clients can make the server hold for their calls is bounded before they are even identified.
+//! - **Streaming calls:** health `Watch` and reflection streams, at most
+//!   `transport.max_streaming_calls_per_connection` on a connection and `transport.max_streaming_calls`
+//!   in total.
 //!
 //! ```
-//! use chat_token_service::transport::inflight::{Calls, InFlightLayer};
-//! let calls = Calls::new(1000);
-//! let layer = InFlightLayer::new(calls.clone()); // tonic::transport::Server::builder().layer(layer)
+//! use chat_token_service::transport::inflight::{CallLimits, Calls, InFlightLayer};
+//! let calls = Calls::new(CallLimits::default());
+//! let layer = InFlightLayer::new(calls.clone()); // a tower layer over the HTTP service
 //! assert_eq!(calls.in_flight(), 0);
 //! ```
 
@@ -29,34 +36,103 @@ use std::{
     future::Future,
     pin::Pin,
     sync::{
-        Arc, OnceLock,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll, ready},
 };
 
-use bytes::Buf;
+use bytes::{Buf, Bytes};
+use http_body_util::{Either, Full};
 use pin_project_lite::pin_project;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::listener::{ConnInfo, OpenCall};
-use crate::domain::Error;
-use crate::proto::ivschat::v1::token_service_server;
+use super::listener::{ConnInfo, OpenCall, StreamingCall};
+use crate::domain::{Error, Overload};
 use crate::rescue::rescue;
 
 /// When a call reached the server, as a request extension: the handler measures the caller's deadline from
-/// here, the moment tonic's own `grpc-timeout` timer starts, not from whenever the handler first runs.
+/// here, the moment the transport's own deadline starts, not from whenever the handler first runs.
 #[derive(Clone, Copy, Debug)]
 pub struct CallStarted(pub tokio::time::Instant);
 
-/// Whether calls to `path` count against the cap: the token service's methods.
-fn capped(path: &str) -> bool {
-    path.strip_prefix('/')
-        .and_then(|path| path.strip_prefix(token_service_server::SERVICE_NAME))
-        .is_some_and(|method| method.starts_with('/'))
+/// What kind of call a request is, by its path and content type: what it counts against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallKind {
+    /// `grpc.health.v1.Health/Check`: never shed.
+    HealthCheck,
+    /// `grpc.health.v1.Health/Watch`: a stream.
+    HealthWatch,
+    /// gRPC server reflection (v1 or v1alpha): a stream.
+    Reflection,
+    /// Any other gRPC call.
+    Grpc,
+    /// The IVS HTTP API (anything that is not gRPC).
+    Http,
 }
 
-/// The shared count of calls in flight, and the cap on token calls. Clones share both.
+impl CallKind {
+    /// The kind of `request`.
+    pub fn of<B>(request: &http::Request<B>) -> Self {
+        let path = request.uri().path();
+        if let Some(method) = path.strip_prefix("/grpc.health.v1.Health/") {
+            return if method == "Watch" {
+                CallKind::HealthWatch
+            } else {
+                CallKind::HealthCheck
+            };
+        }
+        if path.starts_with("/grpc.reflection.") {
+            return CallKind::Reflection;
+        }
+        let grpc = request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        if grpc { CallKind::Grpc } else { CallKind::Http }
+    }
+
+    /// Whether it takes a place under `max_concurrent_calls`.
+    fn capped(self) -> bool {
+        matches!(self, CallKind::Grpc | CallKind::Http)
+    }
+
+    /// Whether it is a stream that may stay open (and so counts against the streaming bounds).
+    pub fn streaming(self) -> bool {
+        matches!(self, CallKind::HealthWatch | CallKind::Reflection)
+    }
+}
+
+/// The bounds of [`Calls`], from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct CallLimits {
+    /// Calls holding a place at once (`max_concurrent_calls`).
+    pub max_calls: usize,
+    /// Request bytes held at once (`transport.max_request_bytes_in_flight`).
+    pub request_bytes: usize,
+    /// What an HTTP request without `Content-Length` reserves: the HTTP API's largest body
+    /// (`http_api.max_body_bytes`).
+    pub max_http_body: usize,
+    /// Streaming calls open at once (`transport.max_streaming_calls`).
+    pub max_streams: usize,
+    /// Streaming calls open at once on one connection (`transport.max_streaming_calls_per_connection`).
+    pub max_streams_per_connection: usize,
+}
+
+impl Default for CallLimits {
+    /// The configuration's defaults.
+    fn default() -> Self {
+        CallLimits {
+            max_calls: 1024,
+            request_bytes: 16 * 1024 * 1024,
+            max_http_body: 16 * 1024,
+            max_streams: 256,
+            max_streams_per_connection: 4,
+        }
+    }
+}
+
+/// The shared count of calls in flight, and their bounds. Clones share everything.
 #[derive(Clone)]
 pub struct Calls(Arc<Counter>);
 
@@ -65,21 +141,25 @@ struct Counter {
     in_flight: AtomicUsize,
     /// Woken when `in_flight` drops to zero.
     idle: Notify,
-    /// Places under the cap: a token call holds one from the moment its message has arrived until its
-    /// answer has been sent.
+    /// Places under `max_concurrent_calls`.
     places: Arc<Semaphore>,
-    /// How many places there are (`max_concurrent_calls`).
-    max: usize,
+    /// Request bytes, one permit a byte.
+    bytes: Arc<Semaphore>,
+    /// Streaming calls in total.
+    streams: Arc<Semaphore>,
+    limits: CallLimits,
 }
 
 impl Calls {
-    /// Counts calls, with `max` places for token calls.
-    pub fn new(max: usize) -> Self {
+    /// Counts calls within `limits`.
+    pub fn new(limits: CallLimits) -> Self {
         Calls(Arc::new(Counter {
             in_flight: AtomicUsize::new(0),
             idle: Notify::new(),
-            places: Arc::new(Semaphore::new(max)),
-            max,
+            places: Arc::new(Semaphore::new(limits.max_calls)),
+            bytes: Arc::new(Semaphore::new(limits.request_bytes)),
+            streams: Arc::new(Semaphore::new(limits.max_streams)),
+            limits,
         }))
     }
 
@@ -88,14 +168,19 @@ impl Calls {
         self.0.in_flight.load(Ordering::Acquire)
     }
 
-    /// How many token calls hold a place under the cap now.
+    /// How many calls hold a place under the cap now.
     pub fn capped(&self) -> usize {
-        self.0.max - self.0.places.available_permits()
+        self.0.limits.max_calls - self.0.places.available_permits()
+    }
+
+    /// How many request bytes are held now.
+    pub fn request_bytes(&self) -> usize {
+        self.0.limits.request_bytes - self.0.bytes.available_permits()
     }
 
     /// How many places there are.
     pub fn max(&self) -> usize {
-        self.0.max
+        self.0.limits.max_calls
     }
 
     /// Completes once no call is in flight (at once if none is).
@@ -117,30 +202,67 @@ impl Calls {
         self.0.in_flight.fetch_add(1, Ordering::AcqRel);
         CallGuard {
             counter: self.0.clone(),
-            place: None,
+            held: Held::default(),
             _open: None,
         }
     }
 
-    /// A place under the cap for a call whose message has arrived, held until it is dropped; `None` when
-    /// every place is taken.
-    pub fn admit(&self) -> Option<Place> {
-        self.0.places.clone().try_acquire_owned().ok().map(Place)
+    /// A place under the cap for a call whose request has arrived, held until it is dropped.
+    pub fn admit(&self) -> Result<Place, Error> {
+        self.0
+            .places
+            .clone()
+            .try_acquire_owned()
+            .map(Place)
+            .map_err(|_| {
+                Error::Overloaded(Overload::Calls {
+                    max_calls: self.0.limits.max_calls,
+                })
+            })
+    }
+
+    /// `bytes` of the request budget, held until dropped.
+    fn reserve(&self, bytes: usize) -> Result<OwnedSemaphorePermit, Error> {
+        let refused = || {
+            Error::Overloaded(Overload::RequestBytes {
+                budget: self.0.limits.request_bytes,
+            })
+        };
+        let bytes = u32::try_from(bytes).map_err(|_| refused())?;
+        self.0
+            .bytes
+            .clone()
+            .try_acquire_many_owned(bytes)
+            .map_err(|_| refused())
     }
 }
 
-/// A token call's place under the cap (see [`Calls::admit`]); given back when dropped.
+/// A call's place under the cap (see [`Calls::admit`]); given back when dropped.
 pub struct Place(#[allow(dead_code, reason = "held for its drop")] OwnedSemaphorePermit);
 
-/// Where a token call's place is kept once its message has arrived: shared by its request body, which
-/// takes the place, and its call guard, which holds it until the answer has been sent.
-type PlaceSlot = Arc<OnceLock<Place>>;
+/// What a call holds until it ends, shared by its request body (which takes places and bytes as its
+/// message arrives) and its guard (which gives them back when the answer has been sent).
+type Held = Arc<Mutex<Holding>>;
+
+#[derive(Default)]
+struct Holding {
+    place: Option<Place>,
+    /// The request head's bytes.
+    head: Option<OwnedSemaphorePermit>,
+    /// The request message's bytes.
+    bytes: Option<OwnedSemaphorePermit>,
+    stream: Option<(OwnedSemaphorePermit, StreamingCall)>,
+}
+
+fn hold(held: &Held) -> std::sync::MutexGuard<'_, Holding> {
+    // A panic while holding the lock cannot leave a half-written permit behind.
+    held.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Holds one call's place in the counts until dropped.
 struct CallGuard {
     counter: Arc<Counter>,
-    /// A token call's place under the cap, once its request body has taken it.
-    place: Option<PlaceSlot>,
+    held: Held,
     /// Keeps the connection from being closed as idle.
     _open: Option<OpenCall>,
 }
@@ -153,14 +275,14 @@ impl Drop for CallGuard {
     }
 }
 
-/// Wraps an HTTP service so each call is counted in [`Calls`] and token calls are capped.
+/// Wraps an HTTP service so each call is counted in [`Calls`] and kept within its bounds.
 #[derive(Clone)]
 pub struct InFlightLayer {
     calls: Calls,
 }
 
 impl InFlightLayer {
-    /// Counts into `calls`; sheds token calls beyond its places.
+    /// Counts into `calls`, within its bounds.
     pub fn new(calls: Calls) -> Self {
         InFlightLayer { calls }
     }
@@ -184,11 +306,14 @@ pub struct InFlight<S> {
     layer: InFlightLayer,
 }
 
+/// A response of [`InFlight`]: the inner service's, or a refusal made here.
+pub type InFlightBody<B> = CountedBody<Either<B, Full<Bytes>>>;
+
 impl<S, ResBody> tower::Service<http::Request<tonic::body::Body>> for InFlight<S>
 where
     S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<ResBody>>,
 {
-    type Response = http::Response<CountedBody<ResBody>>;
+    type Response = http::Response<InFlightBody<ResBody>>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future>;
 
@@ -200,26 +325,110 @@ where
         request
             .extensions_mut()
             .insert(CallStarted(tokio::time::Instant::now()));
-        let mut guard = self.layer.calls.enter();
-        guard._open = request.extensions().get::<ConnInfo>().map(ConnInfo::call);
-        if capped(request.uri().path()) {
-            let place = PlaceSlot::default();
-            guard.place = Some(place.clone());
-            let calls = self.layer.calls.clone();
+        let calls = &self.layer.calls;
+        let mut guard = calls.enter();
+        let conn = request.extensions().get::<ConnInfo>().cloned();
+        guard._open = conn.as_ref().map(ConnInfo::call);
+        let kind = CallKind::of(&request);
+        // Health checks are never shed, so probes answer under any load; everything else holds its head.
+        let head = match kind {
+            CallKind::HealthCheck => Ok(()),
+            _ => calls
+                .reserve(head_bytes(request.headers()))
+                .map(|permit| hold(&guard.held).head = Some(permit)),
+        };
+        let admitted = head.and_then(|()| match kind {
+            // The HTTP API's door takes the call's place once it has read the body; the bytes are
+            // reserved here, from the head, before anything is read.
+            CallKind::Http => {
+                let declared = request
+                    .headers()
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+                let bytes = declared.map_or(calls.0.limits.max_http_body, |length| {
+                    length.min(calls.0.limits.max_http_body)
+                });
+                calls.reserve(bytes).map(|permit| {
+                    hold(&guard.held).bytes = Some(permit);
+                })
+            }
+            CallKind::HealthWatch | CallKind::Reflection => {
+                open_stream(calls, conn.as_ref()).map(|stream| {
+                    hold(&guard.held).stream = Some(stream);
+                })
+            }
+            CallKind::HealthCheck | CallKind::Grpc => Ok(()),
+        });
+        if let Err(error) = admitted {
+            tracing::info!(target: "audit", outcome = error.outcome(), "call refused");
+            return ResponseFuture {
+                state: State::Refused {
+                    response: Some(refusal(kind, error)),
+                },
+                guard: Some(guard),
+            };
+        }
+        if kind != CallKind::Http {
+            let held = guard.held.clone();
+            let calls = calls.clone();
             request = request.map(|body| {
                 tonic::body::Body::new(GatedBody {
                     inner: body,
                     calls,
-                    place,
+                    held,
+                    capped: kind.capped(),
                     message: MessageProgress::default(),
                 })
             });
         }
         ResponseFuture {
-            future: self.inner.call(request),
+            state: State::Called {
+                future: self.inner.call(request),
+            },
             guard: Some(guard),
         }
     }
+}
+
+/// A request head's size as HTTP/2 counts it against SETTINGS_MAX_HEADER_LIST_SIZE: each header's name
+/// and value, plus 32 bytes.
+fn head_bytes(headers: &http::HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 32)
+        .sum()
+}
+
+/// A streaming call's places: one of the connection's and one of the replica's.
+fn open_stream(
+    calls: &Calls,
+    conn: Option<&ConnInfo>,
+) -> Result<(OwnedSemaphorePermit, StreamingCall), Error> {
+    let limits = calls.0.limits;
+    let per_connection = conn
+        .and_then(|conn| conn.stream(limits.max_streams_per_connection))
+        .ok_or(Error::Overloaded(Overload::Streams {
+            max_streams: limits.max_streams_per_connection,
+        }))?;
+    let total = calls.0.streams.clone().try_acquire_owned().map_err(|_| {
+        Error::Overloaded(Overload::Streams {
+            max_streams: limits.max_streams,
+        })
+    })?;
+    Ok((total, per_connection))
+}
+
+/// `error` answered before the call ran, as its protocol answers errors.
+fn refusal<B>(kind: CallKind, error: Error) -> http::Response<Either<B, Full<Bytes>>> {
+    let rescued = rescue(error);
+    if kind == CallKind::Http {
+        return rescued
+            .into_ivs()
+            .to_http()
+            .map(|body| Either::Right(Full::new(body)));
+    }
+    let (parts, ()) = rescued.into_status().into_http::<()>().into_parts();
+    http::Response::from_parts(parts, Either::Right(Full::default()))
 }
 
 /// How much of a gRPC request's first message has arrived: its 5-byte prefix, then its length.
@@ -252,22 +461,29 @@ impl MessageProgress {
         self.received += data.remaining() as u64;
         self.needed.is_some_and(|needed| self.received >= needed)
     }
+
+    /// The first message's length, once its prefix has arrived.
+    fn length(&self) -> Option<u64> {
+        self.needed.map(|needed| needed - 5)
+    }
 }
 
 pin_project! {
-    /// A token call's request body: takes the call's place under the cap when the whole message has
-    /// arrived, or ends the call with UNAVAILABLE when there is none.
+    /// A gRPC call's request body: reserves the request bytes as soon as the first message's length is
+    /// known, and takes the call's place under the cap (when it is capped) once the whole message has
+    /// arrived; or ends the call with UNAVAILABLE when either is spent.
     struct GatedBody {
         #[pin]
         inner: tonic::body::Body,
         calls: Calls,
-        place: PlaceSlot,
+        held: Held,
+        capped: bool,
         message: MessageProgress,
     }
 }
 
 impl http_body::Body for GatedBody {
-    type Data = bytes::Bytes;
+    type Data = Bytes;
     type Error = tonic::Status;
 
     fn poll_frame(
@@ -282,20 +498,26 @@ impl http_body::Body for GatedBody {
                 .message
                 .needed
                 .is_none_or(|n| this.message.received < n)
-            && this.message.feed(data.clone())
         {
-            match this.calls.admit() {
-                Some(place) => {
-                    let _ = this.place.set(place);
-                }
-                None => {
-                    let error = Error::Overloaded {
-                        max_calls: this.calls.max(),
-                    };
-                    // Shed before decoding or identity: the audit knows only that a token call was refused.
-                    tracing::info!(target: "audit", outcome = error.outcome(), "token refused");
-                    return Poll::Ready(Some(Err(rescue(error).into_status())));
-                }
+            let had_length = this.message.length().is_some();
+            let whole = this.message.feed(data.clone());
+            let mut admitted = Ok(());
+            if !had_length && let Some(length) = this.message.length() {
+                admitted = this
+                    .calls
+                    .reserve(usize::try_from(length).unwrap_or(usize::MAX))
+                    .map(|permit| hold(this.held).bytes = Some(permit));
+            }
+            if admitted.is_ok() && whole && *this.capped {
+                admitted = this
+                    .calls
+                    .admit()
+                    .map(|place| hold(this.held).place = Some(place));
+            }
+            if let Err(error) = admitted {
+                // Shed before decoding or identity: the audit knows only that a call was refused.
+                tracing::info!(target: "audit", outcome = error.outcome(), "call refused");
+                return Poll::Ready(Some(Err(rescue(error).into_status())));
             }
         }
         Poll::Ready(frame)
@@ -311,23 +533,43 @@ impl http_body::Body for GatedBody {
 }
 
 pin_project! {
-    /// The inner call, which hands its guard to the response body.
+    /// The inner call, or a refusal made before it; hands the call's guard to the response body.
     pub struct ResponseFuture<F> {
         #[pin]
-        future: F,
+        state: State<F>,
         guard: Option<CallGuard>,
     }
 }
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Called { #[pin] future: F },
+        Refused { response: Option<http::Response<Either<Never, Full<Bytes>>>> },
+    }
+}
+
+/// The inner body type of a refusal, which never is the inner service's.
+enum Never {}
 
 impl<F, ResBody, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<http::Response<ResBody>, E>>,
 {
-    type Output = Result<http::Response<CountedBody<ResBody>>, E>;
+    type Output = Result<http::Response<InFlightBody<ResBody>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let response = ready!(this.future.poll(cx))?;
+        let response = match this.state.project() {
+            StateProj::Called { future } => ready!(future.poll(cx))?.map(Either::Left),
+            StateProj::Refused { response } => response
+                .take()
+                .expect("a refusal is answered once")
+                .map(|body| match body {
+                    Either::Right(full) => Either::Right(full),
+                    Either::Left(never) => match never {},
+                }),
+        };
         let guard = this.guard.take();
         Poll::Ready(Ok(response.map(|inner| CountedBody {
             inner,
@@ -337,7 +579,7 @@ where
 }
 
 pin_project! {
-    /// A response body that keeps its call counted until it is dropped.
+    /// A response body that keeps its call counted, and its places held, until it is dropped.
     pub struct CountedBody<B> {
         #[pin]
         inner: B,
@@ -383,6 +625,7 @@ mod tests {
     fn token_call(body: tonic::body::Body) -> http::Request<tonic::body::Body> {
         http::Request::builder()
             .uri("/ivschat.v1.TokenService/CreateChatToken")
+            .header("content-type", "application/grpc")
             .body(body)
             .unwrap()
     }
@@ -399,7 +642,7 @@ mod tests {
         calls: &Calls,
     ) -> impl tower::Service<
         http::Request<tonic::body::Body>,
-        Response = http::Response<CountedBody<String>>,
+        Response = http::Response<InFlightBody<String>>,
         Error = Infallible,
     > + Clone {
         InFlightLayer::new(calls.clone()).layer(tower::service_fn(
@@ -420,8 +663,25 @@ mod tests {
         service.ready().await.unwrap().call(request).await.unwrap()
     }
 
-    async fn answer(response: http::Response<CountedBody<String>>) -> String {
-        response.into_body().inner
+    /// What the inner service answered, or the status of a refusal made before it.
+    async fn answer(response: http::Response<InFlightBody<String>>) -> String {
+        let status = response.headers().get("grpc-status").cloned();
+        match response.into_body().inner {
+            Either::Left(answer) => answer,
+            Either::Right(_) => {
+                let code =
+                    tonic::Code::from_bytes(status.expect("a refusal has a status").as_bytes());
+                format!("{code:?}")
+            }
+        }
+    }
+
+    /// The defaults, with `max_calls` places.
+    fn limits(max_calls: usize) -> Calls {
+        Calls::new(CallLimits {
+            max_calls,
+            ..CallLimits::default()
+        })
     }
 
     fn poll_once<F: Future>(future: &mut Pin<&mut F>) -> Poll<F::Output> {
@@ -431,7 +691,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_counts_until_its_body_is_dropped() {
-        let calls = Calls::new(10);
+        let calls = limits(10);
         let mut service = service(&calls);
         let response = send(
             &mut service,
@@ -441,18 +701,80 @@ mod tests {
         )
         .await;
         assert_eq!((calls.in_flight(), calls.capped()), (1, 1));
+        assert!(
+            calls.request_bytes() > 3,
+            "the head and the message are held"
+        );
 
         let idle = calls.idle();
         let mut idle = std::pin::pin!(idle);
         assert!(poll_once(&mut idle).is_pending());
         drop(response);
         assert_eq!((calls.in_flight(), calls.capped()), (0, 0));
+        assert_eq!(calls.request_bytes(), 0);
         assert!(poll_once(&mut idle).is_ready());
     }
 
     #[tokio::test]
+    async fn calls_past_the_request_byte_budget_are_shed_and_health_checks_are_not() {
+        let calls = Calls::new(CallLimits {
+            request_bytes: 1000,
+            ..CallLimits::default()
+        });
+        let mut service = service(&calls);
+        let call = |len| {
+            token_call(tonic::body::Body::new(
+                http_body_util::Full::new(message(len)).map_err(|e| match e {}),
+            ))
+        };
+        let head = head_bytes(call(0).headers());
+        // One byte short of the budget, then one past it: the first is admitted, the second shed.
+        let fits = send(&mut service, call(1000 - head - 1)).await;
+        assert_eq!(calls.request_bytes(), 999);
+        let past = send(&mut service, call(1)).await;
+        assert_eq!(answer(past).await, "Unavailable");
+        assert_eq!(calls.request_bytes(), 999, "a shed call holds nothing");
+        let health = send(&mut service, health_check()).await;
+        assert_eq!(answer(health).await, "ok");
+        drop(fits);
+        assert_eq!(calls.request_bytes(), 0);
+        let exactly = send(&mut service, call(1000 - head)).await;
+        assert_eq!(answer(exactly).await, "ok");
+    }
+
+    #[tokio::test]
+    async fn streaming_calls_are_capped_per_connection_and_in_total() {
+        let calls = Calls::new(CallLimits {
+            max_streams: 3,
+            max_streams_per_connection: 2,
+            ..CallLimits::default()
+        });
+        let mut service = service(&calls);
+        let (one, two) = (ConnInfo::for_tests(), ConnInfo::for_tests());
+        let watch = |conn: &ConnInfo| {
+            let mut request = http::Request::builder()
+                .uri("/grpc.health.v1.Health/Watch")
+                .header("content-type", "application/grpc")
+                .body(tonic::body::Body::empty())
+                .unwrap();
+            request.extensions_mut().insert(conn.clone());
+            request
+        };
+        let a = send(&mut service, watch(&one)).await;
+        let _b = send(&mut service, watch(&one)).await;
+        let third_on_one = send(&mut service, watch(&one)).await;
+        assert_eq!(answer(third_on_one).await, "Unavailable");
+        let _c = send(&mut service, watch(&two)).await;
+        let fourth = send(&mut service, watch(&two)).await;
+        assert_eq!(answer(fourth).await, "Unavailable", "three in total");
+        drop(a);
+        let again = send(&mut service, watch(&one)).await;
+        assert_eq!(answer(again).await, "ok");
+    }
+
+    #[tokio::test]
     async fn token_calls_over_the_cap_are_shed_with_unavailable_but_health_checks_are_not() {
-        let calls = Calls::new(2);
+        let calls = limits(2);
         let mut service = service(&calls);
         let full = || {
             token_call(tonic::body::Body::new(
@@ -476,7 +798,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_token_call_takes_a_place_only_once_its_whole_message_has_arrived() {
-        let calls = Calls::new(1);
+        let calls = limits(1);
         let mut service = service(&calls);
         // A body that sends the prefix and part of the message, then waits.
         let (sender, body) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
@@ -537,7 +859,7 @@ mod tests {
 
     #[tokio::test]
     async fn idle_is_immediate_with_nothing_in_flight() {
-        let calls = Calls::new(1);
+        let calls = limits(1);
         let idle = calls.idle();
         let mut idle = std::pin::pin!(idle);
         assert!(poll_once(&mut idle).is_ready());

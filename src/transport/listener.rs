@@ -6,10 +6,12 @@
 //! - **How many:** at most `transport.max_connections` are open at once (TLS handshakes included). One
 //!   more is accepted and closed at once, so its client moves on to another replica instead of waiting
 //!   in the kernel's backlog.
-//! - **Silent clients:** a new connection must send its first request bytes (the 24-byte HTTP/2 preface,
-//!   or an HTTP/1.1 request line) within `transport.preface_timeout` of being accepted, or of its TLS
-//!   handshake completing; else it is closed. TLS handshakes have their own bound
-//!   (`tls.handshake_timeout`) and cap (`tls.max_concurrent_handshakes`, see [`super::tls`]).
+//! - **Silent clients:** a new connection must send its first request (over HTTP/2 the preface and the
+//!   first call's whole header block, over HTTP/1.1 a whole request head) within
+//!   `transport.preface_timeout` of being accepted, or of its TLS handshake completing; else it is
+//!   closed. A client that sends the preface, or SETTINGS and PINGs, and never a call is closed like a
+//!   silent one. Over TLS the ClientHello must start within the same time, and only then does the
+//!   connection take a handshake place (see [`super::tls`]).
 //! - **Idle clients:** a connection with no call open for `transport.idle_timeout` is closed (gRPC's
 //!   MAX_CONNECTION_IDLE). HTTP/2 PINGs do not count as activity, calls do. The close is checked only
 //!   when the socket has nothing left to read, so a request already received is never dropped.
@@ -53,8 +55,14 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// At most one log line per this long per kind of refusal or close.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// The HTTP/2 connection preface is 24 bytes; an HTTP/1.1 request line with its Host header is longer.
-const PREFACE_BYTES: usize = 24;
+/// The HTTP/2 connection preface.
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// An HTTP/2 frame header: length (3 bytes), type, flags, stream id (4 bytes).
+const FRAME_HEADER_BYTES: usize = 9;
+/// The HTTP/2 frame types that carry a header block, and the flag that ends one.
+const HEADERS: u8 = 0x1;
+const CONTINUATION: u8 = 0x9;
+const END_HEADERS: u8 = 0x4;
 
 /// The bounds of [`incoming`], from `[transport]`.
 #[derive(Clone, Copy, Debug)]
@@ -85,20 +93,23 @@ pub enum Closed {
     MaxConnections,
     /// `tls.max_concurrent_handshakes` were in progress.
     MaxHandshakes,
+    /// `tls.max_handshakes_per_peer` were in progress from the client's address.
+    MaxHandshakesPerPeer,
     /// The TLS handshake failed (no or a bad client certificate, not TLS, …).
     HandshakeFailed,
     /// The TLS handshake took longer than `tls.handshake_timeout`.
     HandshakeTimeout,
-    /// No request bytes within `transport.preface_timeout`.
+    /// No first request (or, over TLS, no ClientHello) within `transport.preface_timeout`.
     PrefaceTimeout,
     /// No call for `transport.idle_timeout`.
     Idle,
 }
 
 impl Closed {
-    const ALL: [Closed; 6] = [
+    const ALL: [Closed; 7] = [
         Closed::MaxConnections,
         Closed::MaxHandshakes,
+        Closed::MaxHandshakesPerPeer,
         Closed::HandshakeFailed,
         Closed::HandshakeTimeout,
         Closed::PrefaceTimeout,
@@ -110,6 +121,7 @@ impl Closed {
         match self {
             Closed::MaxConnections => "max_connections",
             Closed::MaxHandshakes => "max_handshakes",
+            Closed::MaxHandshakesPerPeer => "max_handshakes_per_peer",
             Closed::HandshakeFailed => "handshake_failed",
             Closed::HandshakeTimeout => "handshake_timeout",
             Closed::PrefaceTimeout => "preface_timeout",
@@ -125,10 +137,13 @@ impl Closed {
             Closed::MaxHandshakes => {
                 "connection refused: tls.max_concurrent_handshakes handshakes are in progress"
             }
+            Closed::MaxHandshakesPerPeer => {
+                "connection refused: tls.max_handshakes_per_peer handshakes are in progress from its address"
+            }
             Closed::HandshakeFailed => "TLS handshake refused",
             Closed::HandshakeTimeout => "TLS handshake timed out (tls.handshake_timeout)",
             Closed::PrefaceTimeout => {
-                "connection closed: no request bytes within transport.preface_timeout"
+                "connection closed: no request within transport.preface_timeout"
             }
             Closed::Idle => "connection closed: no call within transport.idle_timeout",
         }
@@ -140,7 +155,8 @@ impl Closed {
         metrics()
             .connections_closed
             .add(1, &[opentelemetry::KeyValue::new("reason", self.as_str())]);
-        static LOGS: [LogThrottle; 6] = [const { LogThrottle::new() }; 6];
+        static LOGS: [LogThrottle; Closed::ALL.len()] =
+            [const { LogThrottle::new() }; Closed::ALL.len()];
         let index = Closed::ALL
             .iter()
             .position(|c| *c == self)
@@ -151,7 +167,7 @@ impl Closed {
         let what = self.describe();
         let detail = detail.map(|d| d.to_string());
         match self {
-            Closed::MaxConnections | Closed::MaxHandshakes => {
+            Closed::MaxConnections | Closed::MaxHandshakes | Closed::MaxHandshakesPerPeer => {
                 tracing::warn!(%peer, suppressed, "{what}")
             }
             _ => tracing::info!(%peer, suppressed, detail, "{what}"),
@@ -223,6 +239,9 @@ impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
 pub struct ConnInfo {
     /// The client's address.
     pub peer: SocketAddr,
+    /// The address the client connected to: the listener's (a loopback listener answers only loopback
+    /// names, see [`crate::door::rest`]).
+    pub local: SocketAddr,
     certs: Option<Arc<Vec<CertificateDer<'static>>>>,
     activity: Arc<Activity>,
 }
@@ -239,6 +258,44 @@ impl ConnInfo {
         self.activity.open.fetch_add(1, Ordering::AcqRel);
         OpenCall(self.activity.clone())
     }
+
+    /// A connection from and to `127.0.0.1`, accepted now, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Self {
+        ConnInfo {
+            peer: SocketAddr::from(([127, 0, 0, 1], 40000)),
+            local: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            certs: None,
+            activity: Arc::new(Activity {
+                open: AtomicUsize::new(0),
+                streams: AtomicUsize::new(0),
+                start: Instant::now(),
+                last_end: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// A place for one streaming call on this connection, if fewer than `max` are open; given back when
+    /// the returned guard is dropped.
+    pub fn stream(&self, max: usize) -> Option<StreamingCall> {
+        self.activity
+            .streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < max).then_some(open + 1)
+            })
+            .ok()
+            .map(|_| StreamingCall(self.activity.clone()))
+    }
+}
+
+/// One streaming call's place on its connection; see [`ConnInfo::stream`].
+#[derive(Debug)]
+pub struct StreamingCall(Arc<Activity>);
+
+impl Drop for StreamingCall {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The client certificates of the connection a request came on (`None` for plaintext, or TLS without a
@@ -251,6 +308,8 @@ pub fn peer_certs(extensions: &http::Extensions) -> Option<&[CertificateDer<'sta
 #[derive(Debug)]
 struct Activity {
     open: AtomicUsize,
+    /// Streaming calls open (see [`ConnInfo::stream`]).
+    streams: AtomicUsize,
     /// When the connection was accepted; `last_end` counts from here.
     start: Instant,
     /// Milliseconds from `start` to the end of the last call.
@@ -286,8 +345,8 @@ pub struct HandshakeRefused {
     pub detail: Option<io::Error>,
 }
 
-/// Accepts connections on `listener` within `limits`, runs `handshake` on each (on its own task, so a
-/// slow one never holds up the loop), and yields those that complete it. The listener closes when the
+/// Accepts connections on `listener` within `limits`, runs `handshake` on each with its client's address
+/// (on its own task, so a slow one never holds up the loop), and yields those that complete it. The listener closes when the
 /// stream is dropped.
 pub fn incoming<T, H, F>(
     listener: TcpListener,
@@ -296,7 +355,7 @@ pub fn incoming<T, H, F>(
 ) -> ReceiverStream<io::Result<Conn<T>>>
 where
     T: Transport,
-    H: Fn(TcpStream) -> F + Send + 'static,
+    H: Fn(TcpStream, SocketAddr) -> F + Send + 'static,
     F: Future<Output = Result<T, HandshakeRefused>> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -344,12 +403,15 @@ where
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let handshake = handshake(tcp);
+            let Ok(local) = tcp.local_addr() else {
+                continue;
+            };
+            let handshake = handshake(tcp, peer);
             let tx = tx.clone();
             tokio::spawn(async move {
                 match handshake.await {
                     Ok(io) => {
-                        let conn = Conn::new(io, peer, permit, limits);
+                        let conn = Conn::new(io, peer, local, permit, limits);
                         let _ = tx.send(Ok(conn)).await;
                     }
                     Err(refused) => refused.reason.record(
@@ -375,9 +437,9 @@ fn is_out_of_resources(error: &io::Error) -> bool {
 pub struct Conn<T> {
     io: T,
     info: ConnInfo,
-    /// Bytes of the preface still to come; `0` once it has.
-    preface_remaining: usize,
-    /// The preface deadline until it has come, then the idle deadline.
+    /// How much of the first request has arrived.
+    first: FirstRequest,
+    /// The first request's deadline until it has come, then the idle deadline.
     deadline: Pin<Box<Sleep>>,
     idle_timeout: Duration,
     _permit: OwnedSemaphorePermit,
@@ -387,6 +449,7 @@ impl<T: Transport> Conn<T> {
     fn new(
         io: T,
         peer: SocketAddr,
+        local: SocketAddr,
         permit: OwnedSemaphorePermit,
         limits: ConnectionLimits,
     ) -> Self {
@@ -394,19 +457,34 @@ impl<T: Transport> Conn<T> {
         Conn {
             info: ConnInfo {
                 peer,
+                local,
                 certs: io.peer_certs(),
                 activity: Arc::new(Activity {
                     open: AtomicUsize::new(0),
+                    streams: AtomicUsize::new(0),
                     start: now,
                     last_end: AtomicU64::new(0),
                 }),
             },
             io,
-            preface_remaining: PREFACE_BYTES,
+            first: FirstRequest::Start,
             deadline: Box::pin(tokio::time::sleep_until(now + limits.preface_timeout)),
             idle_timeout: limits.idle_timeout,
             _permit: permit,
         }
+    }
+
+    /// What its requests know of it.
+    pub fn info(&self) -> &ConnInfo {
+        &self.info
+    }
+
+    fn first_request_timed_out(&self) -> io::Error {
+        Closed::PrefaceTimeout.record(self.info.peer, None);
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "no request within transport.preface_timeout",
+        )
     }
 
     /// With nothing to read: whether the connection has been without a call for `idle_timeout`. Else
@@ -435,24 +513,23 @@ impl<T: Transport> AsyncRead for Conn<T> {
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if this.preface_remaining > 0 {
-                    let read = buf.filled().len() - before;
-                    this.preface_remaining = this.preface_remaining.saturating_sub(read);
-                    if read == 0 || this.preface_remaining == 0 {
-                        this.preface_remaining = 0;
+                if !this.first.arrived() {
+                    let read = &buf.filled()[before..];
+                    // End of stream: nothing more is coming, the connection ends either way.
+                    if read.is_empty() || this.first.feed(read) {
+                        this.first = FirstRequest::Arrived;
                         let idle_at = Instant::now() + this.idle_timeout;
                         this.deadline.as_mut().reset(idle_at);
+                    } else if this.deadline.as_mut().poll(cx).is_ready() {
+                        // Bytes keep coming, but never a request (PINGs, SETTINGS, a head without end).
+                        return Poll::Ready(Err(this.first_request_timed_out()));
                     }
                 }
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending if this.preface_remaining > 0 => {
+            Poll::Pending if !this.first.arrived() => {
                 if this.deadline.as_mut().poll(cx).is_ready() {
-                    Closed::PrefaceTimeout.record(this.info.peer, None);
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "no request bytes within transport.preface_timeout",
-                    )));
+                    return Poll::Ready(Err(this.first_request_timed_out()));
                 }
                 Poll::Pending
             }
@@ -465,6 +542,151 @@ impl<T: Transport> AsyncRead for Conn<T> {
                 Poll::Pending
             }
             ready @ Poll::Ready(Err(_)) => ready,
+        }
+    }
+}
+
+/// How much of a connection's first request has arrived: enough of HTTP/2's framing, or of an HTTP/1.1
+/// head, to tell when the first call's headers are whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FirstRequest {
+    /// Nothing yet.
+    Start,
+    /// This many bytes of the HTTP/2 preface.
+    Preface(usize),
+    /// This many bytes of an HTTP/2 frame header.
+    FrameHeader {
+        header: [u8; FRAME_HEADER_BYTES],
+        seen: usize,
+    },
+    /// An HTTP/2 frame's payload still to come, and whether it ends the first header block.
+    Payload {
+        remaining: usize,
+        ends_headers: bool,
+    },
+    /// An HTTP/1.1 head, and how much of its closing `\r\n\r\n` was last seen.
+    Head(usize),
+    /// The first request's headers are whole.
+    Arrived,
+}
+
+impl FirstRequest {
+    fn arrived(&self) -> bool {
+        *self == FirstRequest::Arrived
+    }
+
+    /// Reads `data`; `true` once the first request's headers are whole.
+    fn feed(&mut self, data: &[u8]) -> bool {
+        let mut data = data;
+        while !data.is_empty() && !self.arrived() {
+            data = self.step(data);
+        }
+        self.arrived()
+    }
+
+    /// Moves on by at least one byte of `data`; returns the rest.
+    fn step<'a>(&mut self, data: &'a [u8]) -> &'a [u8] {
+        match *self {
+            FirstRequest::Start => {
+                *self = if data[0] == PREFACE[0] {
+                    FirstRequest::Preface(0)
+                } else {
+                    FirstRequest::Head(0)
+                };
+                data
+            }
+            FirstRequest::Preface(seen) => {
+                if data[0] != PREFACE[seen] {
+                    // Not HTTP/2 after all (`POST …`): read what came so far as an HTTP/1.1 head.
+                    *self = FirstRequest::Head(0);
+                    self.feed(&PREFACE[..seen]);
+                    return data;
+                }
+                *self = if seen + 1 == PREFACE.len() {
+                    FirstRequest::FrameHeader {
+                        header: [0; FRAME_HEADER_BYTES],
+                        seen: 0,
+                    }
+                } else {
+                    FirstRequest::Preface(seen + 1)
+                };
+                &data[1..]
+            }
+            FirstRequest::FrameHeader { mut header, seen } => {
+                let take = (FRAME_HEADER_BYTES - seen).min(data.len());
+                header[seen..seen + take].copy_from_slice(&data[..take]);
+                *self = if seen + take < FRAME_HEADER_BYTES {
+                    FirstRequest::FrameHeader {
+                        header,
+                        seen: seen + take,
+                    }
+                } else {
+                    let length = usize::from(header[0]) << 16
+                        | usize::from(header[1]) << 8
+                        | usize::from(header[2]);
+                    let kind = header[3];
+                    let ends_headers =
+                        matches!(kind, HEADERS | CONTINUATION) && header[4] & END_HEADERS != 0;
+                    FirstRequest::Payload {
+                        remaining: length,
+                        ends_headers,
+                    }
+                    .after_payload(0)
+                };
+                &data[take..]
+            }
+            FirstRequest::Payload {
+                remaining,
+                ends_headers,
+            } => {
+                let take = remaining.min(data.len());
+                *self = FirstRequest::Payload {
+                    remaining,
+                    ends_headers,
+                }
+                .after_payload(take);
+                &data[take..]
+            }
+            FirstRequest::Head(matched) => {
+                const END: &[u8] = b"\r\n\r\n";
+                let byte = data[0];
+                let matched = if byte == END[matched] {
+                    matched + 1
+                } else if byte == b'\r' {
+                    1
+                } else {
+                    0
+                };
+                *self = if matched == END.len() {
+                    FirstRequest::Arrived
+                } else {
+                    FirstRequest::Head(matched)
+                };
+                &data[1..]
+            }
+            FirstRequest::Arrived => &data[data.len()..],
+        }
+    }
+
+    /// A frame payload with `read` more bytes of it read: the next frame, or the first request.
+    fn after_payload(self, read: usize) -> Self {
+        let FirstRequest::Payload {
+            remaining,
+            ends_headers,
+        } = self
+        else {
+            return self;
+        };
+        match remaining - read {
+            0 if ends_headers => FirstRequest::Arrived,
+            0 => FirstRequest::FrameHeader {
+                header: [0; FRAME_HEADER_BYTES],
+                seen: 0,
+            },
+            remaining => FirstRequest::Payload {
+                remaining,
+                ends_headers,
+            },
         }
     }
 }
@@ -521,6 +743,67 @@ mod tests {
         // A later line than this thread's clock reading, stored by another thread, is no underflow.
         throttle.last.store(u64::MAX, Ordering::Relaxed);
         assert_eq!(throttle.admit(), None);
+    }
+
+    /// An HTTP/2 frame: header and `payload`.
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let length = (payload.len() as u32).to_be_bytes();
+        let mut frame = vec![length[1], length[2], length[3], kind, flags, 0, 0, 0, 1];
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    #[test]
+    fn an_http2_connection_has_its_first_request_once_a_header_block_ends() {
+        let settings = frame(0x4, 0, &[0; 12]);
+        let ping = frame(0x6, 0, &[0; 8]);
+        let headers = frame(HEADERS, 0, &[1, 2, 3]);
+        let continuation = frame(CONTINUATION, END_HEADERS, &[4]);
+        let mut stream = PREFACE.to_vec();
+        for frame in [&settings, &ping, &ping, &headers] {
+            stream.extend_from_slice(frame);
+        }
+        // Byte by byte, and all at once: never before the CONTINUATION that ends the block.
+        let mut first = FirstRequest::Start;
+        for byte in &stream {
+            assert!(!first.feed(&[*byte]), "not a request yet: {first:?}");
+        }
+        for (i, byte) in continuation.iter().enumerate() {
+            assert_eq!(first.feed(&[*byte]), i == continuation.len() - 1);
+        }
+        let mut whole = FirstRequest::Start;
+        assert!(!whole.feed(&stream));
+        assert!(whole.feed(&continuation));
+
+        let mut only_preface = FirstRequest::Start;
+        assert!(!only_preface.feed(PREFACE));
+        let mut one_frame = FirstRequest::Start;
+        let mut request = PREFACE.to_vec();
+        request.extend_from_slice(&frame(HEADERS, END_HEADERS | 0x1, &[]));
+        assert!(
+            one_frame.feed(&request),
+            "an empty header block ends at once"
+        );
+    }
+
+    #[test]
+    fn an_http1_connection_has_its_first_request_once_its_head_ends() {
+        for head in [
+            &b"POST / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"PRIVATE / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nA: \r\r\n\r\n",
+        ] {
+            let mut first = FirstRequest::Start;
+            assert!(!first.feed(&head[..head.len() - 1]), "{head:?}");
+            assert!(first.feed(&head[head.len() - 1..]), "{head:?}");
+            let mut bytewise = FirstRequest::Start;
+            let ends: Vec<bool> = head.iter().map(|b| bytewise.feed(&[*b])).collect();
+            assert_eq!(
+                ends.iter().position(|e| *e),
+                Some(head.len() - 1),
+                "{head:?}"
+            );
+        }
     }
 
     #[test]

@@ -2,14 +2,18 @@
 //!
 //! - [`listener`]: the accept loop and each connection's bounds (how many, silent, idle, out of file
 //!   descriptors), and the [`listener::ConnInfo`] every request sees.
+//! - [`serve`]: HTTP/2 and HTTP/1.1 on those connections, every bound set.
 //! - [`tls`]: rustls termination, mutual TLS, certificates swapped on reload.
 //! - [`trace`]: the server span and duration metric of every call, W3C trace context in.
-//! - [`inflight`]: counts calls in flight (shutdown ends when the last one does) and caps token calls once
-//!   their request message has arrived.
+//! - [`inflight`]: counts calls in flight (shutdown ends when the last one does) and keeps them within
+//!   the cap on calls, the request byte budget and the streaming bounds.
+//! - [`deadline`]: every call's deadline, the caller's within the server's limits, and its end there.
 //! - [`end_on_drain`]: ends health `Watch` streams when shutdown starts.
 
+pub mod deadline;
 pub mod end_on_drain;
 pub mod inflight;
 pub mod listener;
+pub mod serve;
 pub mod tls;
 pub mod trace;

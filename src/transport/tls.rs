@@ -3,15 +3,21 @@
 //!
 //! Each connection is accepted with the configuration current at that moment, so a rotated certificate or
 //! CA applies to the next handshake; a bad new file is refused and the last good configuration stays.
-//! Handshakes run on their own tasks (see [`super::listener`]), bounded by `handshake_timeout` and at
-//! most `max_concurrent_handshakes` at once, so slow or silent clients never hold up the accept loop or
-//! take every core. With a client CA, a client without a certificate signed by it is refused at
+//! Handshakes run on their own tasks (see [`super::listener`]). A connection takes one of the
+//! `max_concurrent_handshakes` places only once its ClientHello has started to arrive (within
+//! `transport.preface_timeout`), and holds it at most `handshake_timeout`; at most
+//! `max_handshakes_per_peer` connections from one address wait or handshake at once. So sockets that
+//! never speak hold no handshake place, one host cannot take them all, and slow or silent clients never
+//! hold up the accept loop or take every core. With a client CA, a client without a certificate signed by it is refused at
 //! the handshake, before any gRPC is spoken.
 
 use std::{
+    collections::HashMap,
     future::Future,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
 };
 
 use arc_swap::ArcSwap;
@@ -41,6 +47,46 @@ pub struct Tls {
     current: ArcSwap<ServerConfig>,
     /// Places for handshakes in progress: `max_concurrent_handshakes`.
     handshakes: Arc<Semaphore>,
+    /// Connections waiting for their ClientHello or in handshake, by client address.
+    peers: Arc<Peers>,
+}
+
+/// Connections in handshake by client address; an address is removed when its last one is done, so the
+/// map never holds more entries than there are connections.
+#[derive(Default)]
+struct Peers(Mutex<HashMap<IpAddr, usize>>);
+
+/// One connection's place among its address's handshakes; given back when dropped.
+struct PeerPlace {
+    peers: Arc<Peers>,
+    ip: IpAddr,
+}
+
+impl Peers {
+    fn enter(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<PeerPlace> {
+        let mut peers = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let open = peers.entry(ip).or_default();
+        if *open >= max {
+            return None;
+        }
+        *open += 1;
+        Some(PeerPlace {
+            peers: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerPlace {
+    fn drop(&mut self) {
+        let mut peers = self.peers.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(open) = peers.get_mut(&self.ip) {
+            *open -= 1;
+            if *open == 0 {
+                peers.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Tls {
@@ -49,6 +95,7 @@ impl Tls {
         Ok(Arc::new(Tls {
             current: ArcSwap::from_pointee(build(settings)?),
             handshakes: Arc::new(Semaphore::new(settings.max_concurrent_handshakes.get())),
+            peers: Arc::default(),
             settings: settings.clone(),
         }))
     }
@@ -69,31 +116,57 @@ impl Tls {
         paths
     }
 
-    /// The TLS handshake of `tcp`, with the configuration current now; bounded by `handshake_timeout`
-    /// and refused at once while `max_concurrent_handshakes` are in progress (see
+    /// The TLS handshake of `tcp` from `peer`, with the configuration current when its ClientHello
+    /// starts: refused at once while `max_handshakes_per_peer` are in progress from its address; closed
+    /// if nothing arrives within `first_bytes_timeout`; refused when its first bytes arrive while
+    /// `max_concurrent_handshakes` are in progress; bounded by `handshake_timeout` from there (see
     /// [`super::listener::incoming`], which runs it on its own task).
     pub fn handshake(
-        &self,
+        self: &Arc<Self>,
         tcp: TcpStream,
+        peer: SocketAddr,
+        first_bytes_timeout: Duration,
     ) -> impl Future<Output = Result<TlsStream<TcpStream>, HandshakeRefused>> + Send + use<> {
-        let permit = self.handshakes.clone().try_acquire_owned();
-        let acceptor = tokio_rustls::TlsAcceptor::from(self.current.load_full());
-        let timeout = self.settings.handshake_timeout;
+        let refused = |reason| HandshakeRefused {
+            reason,
+            detail: None,
+        };
+        let peer_place = self
+            .peers
+            .enter(peer.ip(), self.settings.max_handshakes_per_peer.get());
+        let tls = self.clone();
         async move {
-            let _permit = permit.map_err(|_| HandshakeRefused {
-                reason: Closed::MaxHandshakes,
-                detail: None,
-            })?;
-            match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+            let _peer_place = peer_place.ok_or(refused(Closed::MaxHandshakesPerPeer))?;
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(first_bytes_timeout, tcp.peek(&mut first)).await {
+                Ok(Ok(1..)) => {}
+                Ok(Ok(0)) => {
+                    return Err(HandshakeRefused {
+                        reason: Closed::HandshakeFailed,
+                        detail: Some(std::io::ErrorKind::UnexpectedEof.into()),
+                    });
+                }
+                Ok(Err(e)) => {
+                    return Err(HandshakeRefused {
+                        reason: Closed::HandshakeFailed,
+                        detail: Some(e),
+                    });
+                }
+                Err(_) => return Err(refused(Closed::PrefaceTimeout)),
+            }
+            let _permit = tls
+                .handshakes
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| refused(Closed::MaxHandshakes))?;
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current.load_full());
+            match tokio::time::timeout(tls.settings.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => Ok(stream),
                 Ok(Err(e)) => Err(HandshakeRefused {
                     reason: Closed::HandshakeFailed,
                     detail: Some(e),
                 }),
-                Err(_) => Err(HandshakeRefused {
-                    reason: Closed::HandshakeTimeout,
-                    detail: None,
-                }),
+                Err(_) => Err(refused(Closed::HandshakeTimeout)),
             }
         }
     }

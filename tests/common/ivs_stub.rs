@@ -18,7 +18,8 @@
 //! | `throttled` | 429 `ThrottlingException`, every time |
 //! | `broken` | 500, every time |
 //! | `flaky` | 500 on the first attempt, then success |
-//! | `slow` | success after 30 seconds |
+//! | `slow` | CreateChatToken: success after 30 seconds |
+//! | `lag` | success after 1.5 seconds (both operations): longer than the shortest `max_call_duration`, shorter than the default `ivs.read_timeout` |
 //! | anything else | CreateChatToken: 200 with a token, expiring one minute / the session duration from now; DisconnectUser: 200 `{}` |
 
 use std::{
@@ -280,6 +281,20 @@ fn disconnect_violations(body: &Value) -> Vec<(&'static str, String)> {
     violations
 }
 
+/// How long `lag…` rooms take.
+pub const LAG: Duration = Duration::from_millis(1500);
+
+/// The room id of a request body: the part of its room ARN after `room/`.
+fn room_id_of(body: &Value) -> String {
+    body["roomIdentifier"]
+        .as_str()
+        .unwrap_or_default()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
 async fn disconnect_user(
     State(state): State<Arc<StubState>>,
     headers: HeaderMap,
@@ -290,6 +305,9 @@ async fn disconnect_user(
         Ok(call) => call,
         Err(response) => return *response,
     };
+    if room_id_of(&body).starts_with("lag") {
+        tokio::time::sleep(LAG).await;
+    }
     call.response = Some(json!({}));
     state.calls.lock().unwrap().push(call);
     Json(json!({})).into_response()
@@ -305,15 +323,12 @@ async fn create_chat_token(
         Ok(call) => call,
         Err(response) => return *response,
     };
-    let room_id = body["roomIdentifier"]
-        .as_str()
-        .unwrap_or_default()
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
+    let room_id = room_id_of(&body);
     if room_id.starts_with("slow") {
         tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+    if room_id.starts_with("lag") {
+        tokio::time::sleep(LAG).await;
     }
 
     let now = SystemTime::now();

@@ -287,6 +287,29 @@ impl Drop for Binary {
     }
 }
 
+/// The status reflection v1 answers a ListServices with on `channel`: its error, or OK.
+pub async fn reflect_status(channel: Channel) -> tonic::Status {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest,
+    };
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut client = ServerReflectionClient::new(channel);
+    match client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+    {
+        Err(status) => status,
+        Ok(stream) => match stream.into_inner().message().await {
+            Err(status) => status,
+            Ok(_) => tonic::Status::ok(""),
+        },
+    }
+}
+
 /// What reflection v1 says on `channel`: the services it lists, and for each of `symbols` the file
 /// descriptors it answers, decoded.
 pub async fn reflect(

@@ -2,7 +2,10 @@
 //! id in the footer, and an implicit assertion binding it to this purpose. Encrypting and verifying
 //! live here; which key encrypts is [`super::keys`]' business.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime},
+};
 
 use pasetors::{
     Local,
@@ -39,6 +42,14 @@ impl KeySet {
         token: &str,
         now: OffsetDateTime,
     ) -> Result<TokenClaims, VerifyError> {
+        let claims = self.open(token)?;
+        check_times(&claims, now.into())?;
+        Ok(claims)
+    }
+
+    /// Decrypts and authenticates `token` and returns its claims, whatever their times: VerifyChatToken
+    /// checks those ([`check_times`]) only once policy has allowed the caller to learn them.
+    pub fn open(&self, token: &str) -> Result<TokenClaims, VerifyError> {
         let untrusted =
             UntrustedToken::<Local, V4>::try_from(token).map_err(|_| VerifyError::Malformed)?;
         let mut footer = Footer::new();
@@ -52,17 +63,15 @@ impl KeySet {
         let key = self.find(kid).ok_or(VerifyError::UnknownKey)?;
 
         // The lower-level decrypt: it authenticates and decrypts but checks no claims (pasetors' own
-        // check of `exp` reads the real clock and allows no leeway); validity is checked below against
-        // `now`, with our leeway.
+        // check of `exp` reads the real clock and allows no leeway); validity is checked by
+        // `check_times`, with our leeway.
         let trusted = LocalToken::decrypt(&key.key, &untrusted, None, Some(IMPLICIT_ASSERTION))
             .map_err(|_| VerifyError::Forged)?;
         let payload: Payload =
             serde_json::from_str(trusted.payload()).map_err(|_| VerifyError::Claims)?;
-        if now + VERIFY_LEEWAY < payload.nbf {
-            return Err(VerifyError::NotYetValid);
-        }
-        if now >= payload.exp + VERIFY_LEEWAY {
-            return Err(VerifyError::Expired);
+        // This issuer writes `nbf` as `iat` truncated to the second, which `check_times` relies on.
+        if Ok(payload.nbf) != payload.iat.replace_nanosecond(0) {
+            return Err(VerifyError::Claims);
         }
         payload.into_claims()
     }
@@ -87,6 +96,26 @@ impl KeySet {
         )
         .map_err(|_| pasetors::errors::Error::Encryption)
     }
+}
+
+/// Whether authentic `claims` are valid at `now`: from [`VERIFY_LEEWAY`] before their `nbf` (which this
+/// issuer writes as `iat` truncated to the second)
+/// until [`VERIFY_LEEWAY`] after their expiry, that instant excluded. The last instant a token verifies is
+/// just before `token_expires_at + VERIFY_LEEWAY`; whatever must outlive a token (a used-token record, a
+/// revocation) must be kept until then.
+pub fn check_times(claims: &TokenClaims, now: SystemTime) -> Result<(), VerifyError> {
+    let since_epoch = claims
+        .issued_at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let not_before = SystemTime::UNIX_EPOCH + Duration::from_secs(since_epoch.as_secs());
+    if now + VERIFY_LEEWAY < not_before {
+        return Err(VerifyError::NotYetValid);
+    }
+    if now >= claims.token_expires_at + VERIFY_LEEWAY {
+        return Err(VerifyError::Expired);
+    }
+    Ok(())
 }
 
 /// Why a token was refused. Deliberately coarse: a verifier should not help a forger.

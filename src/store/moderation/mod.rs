@@ -45,8 +45,9 @@ pub trait ModerationStore: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<BanPage, StoreError>> + Send;
 
-    /// Records that tokens of `user_id` for `room` issued before `at` are revoked; the record is kept for
-    /// `keep_for` (the longest a token can live), after which every such token has expired anyway.
+    /// Records that tokens of `user_id` for `room` issued before `at` are revoked, unless a later
+    /// revocation is kept (revocations only move forward); the record is kept for `keep_for` (the
+    /// longest a token can verify), after which every such token has stopped verifying anyway.
     fn revoke(
         &self,
         room: &RoomArn,
@@ -62,7 +63,8 @@ pub trait ModerationStore: Send + Sync + 'static {
         user_id: &UserId,
     ) -> impl Future<Output = Result<Option<SystemTime>, StoreError>> + Send;
 
-    /// Marks `token_id` used until `until` (its expiry); `true` when this is its first use.
+    /// Marks `token_id` used until at least `until` (the last instant it can verify); `true` when this
+    /// is its first use.
     fn first_use(
         &self,
         token_id: &str,

@@ -5,8 +5,8 @@
 //! |---|---|---|---|
 //! | `<prefix>:ban:{<room>}:<user>` | string | the ban record (JSON) | until the ban ends (no TTL: until unbanned) |
 //! | `<prefix>:bans:{<room>}` | sorted set | `<user>` of every ban in the room, score 0 (ordered by digest) | as long as its longest ban |
-//! | `<prefix>:rev:{<room>}:<user>` | string | when the user's tokens were revoked (µs since the epoch) | the longest token lifetime |
-//! | `<prefix>:used:{<token>}` | string | `1`: the token id was verified once | until the token expires |
+//! | `<prefix>:rev:{<room>}:<user>` | string | when the user's tokens were revoked (µs since the epoch); only moves forward | the longest token lifetime plus the verify leeway |
+//! | `<prefix>:used:{<token>}` | string | `1`: the token id was verified once | until the token's last valid instant (expiry plus leeway), at least 1 s |
 //!
 //! `<room>`, `<user>` and `<token>` are BLAKE2b-128 digests (hex) of the room ARN, user id and token id: no
 //! key names a user. The room digest is the hash tag, so in Redis Cluster a room's bans and its index share a
@@ -54,6 +54,17 @@ static BAN_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(BAN_SOURCE));
 /// where both keys share the room's slot); answers how many ban records it deleted.
 static UNBAN_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new("redis.call('ZREM', KEYS[2], ARGV[1])\nreturn redis.call('DEL', KEYS[1])")
+});
+
+/// Records a revocation unless a later one is kept: revocations only move forward, as in memory, so a
+/// late write from a slower replica never un-revokes tokens. Answers 1 when it wrote.
+static REVOKE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "local kept = tonumber(redis.call('GET', KEYS[1]))\n\
+         if kept and kept >= tonumber(ARGV[1]) then return 0 end\n\
+         redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])\n\
+         return 1",
+    )
 });
 
 const BAN_SOURCE: &str = r"
@@ -294,7 +305,8 @@ impl RedisModeration {
         Ok(page)
     }
 
-    /// Records the revocation instant, kept for `keep_for`.
+    /// Records the revocation instant, kept for `keep_for` (whole milliseconds, rounded up), unless a
+    /// later one is kept.
     async fn put_revocation_in(
         &self,
         connection: &Connection,
@@ -303,15 +315,10 @@ impl RedisModeration {
         at: SystemTime,
         keep_for: Duration,
     ) -> RedisResult<()> {
-        connection
-            .query(
-                redis::cmd("SET")
-                    .arg(self.revocation_key(room, user_id))
-                    .arg(micros(at))
-                    .arg("PX")
-                    .arg((keep_for.as_millis() as u64).max(1)),
-            )
-            .await
+        let mut invocation = REVOKE_SCRIPT.key(self.revocation_key(room, user_id));
+        invocation.arg(micros(at)).arg(ceil_millis(keep_for).max(1));
+        let _wrote: u32 = connection.invoke(&invocation).await?;
+        Ok(())
     }
 
     /// The revocation instant, if one is kept.
@@ -334,9 +341,12 @@ impl RedisModeration {
         token_id: &str,
         until: SystemTime,
     ) -> RedisResult<bool> {
+        // Until `until` (rounded up to the millisecond), and never less than a second: a token verified at
+        // its last instant keeps its record past it, never a millisecond's.
         let ttl = until
             .duration_since(SystemTime::now())
-            .map_or(1, |left| (left.as_millis() as u64).max(1));
+            .map_or(0, ceil_millis)
+            .max(MIN_USED_RECORD_MS);
         let key = format!("{}:used:{{{}}}", self.redis.prefix(), digest_hex(token_id));
         let set: Option<String> = connection
             .query(
@@ -350,6 +360,14 @@ impl RedisModeration {
             .await?;
         Ok(set.is_some())
     }
+}
+
+/// The shortest a used-token record lives in Redis, in milliseconds.
+const MIN_USED_RECORD_MS: u64 = 1000;
+
+/// `duration` in whole milliseconds, rounded up.
+fn ceil_millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
 
 async fn drop_ended(connection: &Connection, index: &str, ended: Vec<String>) -> RedisResult<()> {
