@@ -27,6 +27,7 @@ LAYERS = {
     "key": 1,
     "reload": 1,
     "telemetry": 1,
+    "pem": 1,
     "rescue": 1,
     "config": 2,
     "store": 3,

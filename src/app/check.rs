@@ -13,6 +13,7 @@ use crate::config::{Config, FailureMode, IssuerKind, LimiterBackend, LogFormat};
 use crate::identity::sigv4::Verifier;
 use crate::issuer::local::KeySource;
 use crate::policy::{PolicyEngine, PolicySource};
+use crate::store::redis::RedisTls;
 use crate::transport::tls::Tls;
 
 /// What the check found: the summary when everything loads, else every problem, each naming its setting.
@@ -48,6 +49,11 @@ pub fn check(config_file: Option<&Path>) -> Result<String, Vec<String>> {
     }
     if let Some(tls) = &config.tls
         && let Err(e) = Tls::load(tls)
+    {
+        problems.push(e.to_string());
+    }
+    if config.limiter.redis().is_some()
+        && let Err(e) = RedisTls::load(&config.limiter)
     {
         problems.push(e.to_string());
     }
@@ -209,8 +215,18 @@ fn summary(config: &Config, config_file: Option<&Path>, keys: Option<&str>) -> S
                 .redis()
                 .map(|url| url.info().addr().to_string())
                 .unwrap_or_default();
+            let tls = match (&limiter.redis_ca_file, &limiter.redis_client_cert_file) {
+                (Some(ca), Some(cert)) => format!(
+                    " (TLS: CA {}, client certificate {})",
+                    ca.display(),
+                    cert.display()
+                ),
+                (Some(ca), None) => format!(" (TLS: CA {})", ca.display()),
+                (None, Some(cert)) => format!(" (TLS: client certificate {})", cert.display()),
+                (None, None) => String::new(),
+            };
             format!(
-                "Redis{} at {address}, prefix {:?}, timeout {}, {} while unreachable",
+                "Redis{} at {address}{tls}, prefix {:?}, timeout {}, {} while unreachable",
                 if limiter.redis_cluster {
                     " Cluster"
                 } else {

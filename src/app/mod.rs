@@ -32,6 +32,7 @@ use crate::issuer::{
     ivs::{CallBounds, IvsIssuer, Routes},
     local::{KeyError, KeySource, LiveKeys, LocalIssuer, LocalModerator},
 };
+use crate::pem::PemError;
 use crate::policy::{PolicyEngine, PolicyError, PolicySource};
 use crate::reload::{self, Reload, Trigger};
 use crate::stack::{self, ModerationStack, Parts, TokenStack, Upstream};
@@ -102,6 +103,9 @@ pub enum StartError {
     /// The TLS files do not load.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The Redis TLS files do not load (`limiter.redis_ca_file`, `limiter.redis_client_*_file`).
+    #[error(transparent)]
+    RedisTls(#[from] PemError),
 }
 
 /// What a test or an embedder supplies instead of what the configuration would build.
@@ -120,7 +124,7 @@ pub async fn build(config: &Config) -> Result<App, StartError> {
 
 /// [`build`], with `overrides` in place of what the configuration would build.
 pub async fn build_with(config: &Config, overrides: Overrides) -> Result<App, StartError> {
-    let backend = Backend::new(&config.limiter);
+    let backend = Backend::new(&config.limiter)?;
     let policy = policy(config)?;
     let (tokens, moderation) = match backend.clone() {
         Backend::Memory(stores) => stacks(config, overrides, policy, stores).await?,
@@ -132,7 +136,7 @@ pub async fn build_with(config: &Config, overrides: Overrides) -> Result<App, St
 /// The service around an embedder's (or a test's) own `issuer`, with everything else as `config`
 /// describes. Such an issuer is not a moderator: ModerationService is not served.
 pub async fn build_around<I: Issuer>(config: &Config, issuer: I) -> Result<App, StartError> {
-    let backend = Backend::new(&config.limiter);
+    let backend = Backend::new(&config.limiter)?;
     let policy = policy(config)?;
     let tokens = match backend.clone() {
         Backend::Memory(stores) => {

@@ -13,6 +13,7 @@
 mod identity;
 mod issuer;
 mod limiter;
+mod service_links;
 mod transport;
 
 use std::{
@@ -37,6 +38,7 @@ pub use issuer::{
     EndpointUrl, IVS_CHAT_REGIONS, IssuerKind, IvsConfig, LocalIssuerConfig, RoleArn,
 };
 pub use limiter::{FailureMode, LimiterBackend, LimiterConfig, RedisUrl};
+pub use service_links::service_link_variables;
 pub use transport::{HttpApiConfig, TlsConfig, TransportConfig};
 
 /// Prefix of environment variables that override settings.
@@ -236,14 +238,24 @@ pub enum ConfigError {
 
 impl Config {
     /// Defaults, overridden by `file` (which must exist when given), overridden by `CTS_*` variables.
+    /// Kubernetes service links that happen to start with `CTS_` are not settings and are left out
+    /// ([`service_link_variables`] names them, for a warning).
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         let mut figment = Figment::new();
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
+        // CTS_CONFIG names the file (a flag's environment form), not a setting.
+        let not_settings: Vec<String> = std::iter::once("CONFIG".to_owned())
+            .chain(
+                service_link_variables()
+                    .into_iter()
+                    .map(|name| name[ENV_PREFIX.len()..].to_owned()),
+            )
+            .collect();
+        let not_settings: Vec<&str> = not_settings.iter().map(String::as_str).collect();
         let config: Config = figment
-            // CTS_CONFIG names the file (a flag's environment form), not a setting.
-            .merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]).split("__"))
+            .merge(Env::prefixed(ENV_PREFIX).ignore(&not_settings).split("__"))
             .extract()
             .map_err(describe)?;
         config.validate()?;
