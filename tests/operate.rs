@@ -5,18 +5,87 @@
 mod common;
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
+    process::{Command, Output},
     time::{Duration, Instant},
 };
 
-use chat_token_service::{config::Config, store::Backend};
+use chat_token_service::{
+    config::Config, proto::ivschat::v1::token_service_client::TokenServiceClient, store::Backend,
+};
 use common::{
-    LocalKeys, TestServer,
+    Binary, LocalKeys, TestServer,
     pki::{Ca, Leaf},
     redis_server::{RedisServer, TlsFiles, unique_prefix},
     valid_request,
 };
-use tonic::Code;
+use tonic::{Code, Request};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_chat-token-service");
+
+/// The binary run to its end with `args` and only `env` in its environment.
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(BINARY)
+        .env_clear()
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The binary serving with `args` (e.g. `--dev`) and `env`, on the address it logs.
+fn serve_with(args: &[&str], env: &[(&str, &str)]) -> Binary {
+    let mut command = Command::new(BINARY);
+    command.args(args);
+    Binary::start_command(command, env)
+}
+
+/// Kubernetes' service links for Services named `cts` (the gRPC port) and `cts-redis`.
+const SERVICE_LINKS: [(&str, &str); 9] = [
+    ("CTS_SERVICE_HOST", "10.96.0.20"),
+    ("CTS_SERVICE_PORT", "50051"),
+    ("CTS_SERVICE_PORT_GRPC", "50051"),
+    ("CTS_PORT", "tcp://10.96.0.20:50051"),
+    ("CTS_PORT_50051_TCP", "tcp://10.96.0.20:50051"),
+    ("CTS_PORT_50051_TCP_PROTO", "tcp"),
+    ("CTS_PORT_50051_TCP_PORT", "50051"),
+    ("CTS_PORT_50051_TCP_ADDR", "10.96.0.20"),
+    ("CTS_REDIS_SERVICE_HOST", "10.96.0.21"),
+];
+
+#[tokio::test]
+async fn kubernetes_service_links_do_not_stop_start_up_and_are_named_in_a_warning() {
+    let binary = Binary::start(&SERVICE_LINKS);
+    let mut client = binary.client().await;
+    client.create_chat_token(valid_request()).await.unwrap();
+    binary.signal("-TERM");
+    let (status, log) = binary.wait();
+    assert_eq!(status.code(), Some(0));
+    let warning = log
+        .iter()
+        .find(|line| line.contains("service links"))
+        .unwrap_or_else(|| panic!("no warning names the service links: {log:?}"));
+    for (name, _) in SERVICE_LINKS {
+        assert!(
+            warning.contains(&format!("\"{name}\"")),
+            "{name}: {warning}"
+        );
+    }
+
+    // A variable of that name whose value the kubelet would never write is a setting, and unknown.
+    let refused = run(&["check"], &[("CTS_REDIS_SERVICE_HOST", "redis.chat.svc")]);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = text(&refused.stderr);
+    assert!(
+        stderr.contains("unknown field") && stderr.contains("CTS_REDIS_SERVICE_HOST"),
+        "{stderr}"
+    );
+}
 
 /// Writes `leaf`'s certificate and key into `dir` as `NAME.crt` and `NAME.key`.
 fn write_leaf(dir: &Path, name: &str, leaf: &Leaf) -> (PathBuf, PathBuf) {
@@ -252,4 +321,180 @@ fn redis_tls_files_are_checked_at_start_up_naming_the_setting() {
             "{lines}: {error}"
         );
     }
+}
+
+/// A token client of the server listening on `addr`'s port on loopback.
+async fn loopback_client(addr: SocketAddr) -> TokenServiceClient<tonic::transport::Channel> {
+    TokenServiceClient::connect(format!("http://127.0.0.1:{}", addr.port()))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn development_mode_serves_the_trusting_defaults_on_every_address_and_says_so() {
+    let anywhere = [("CTS_LISTEN_ADDR", "0.0.0.0:0")];
+    // Without --dev, the defaults are refused off loopback, pointing at --dev.
+    let refused = run(&["check"], &anywhere);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        text(&refused.stderr).contains("serve --dev"),
+        "{}",
+        text(&refused.stderr)
+    );
+
+    for args in [&["--dev"][..], &["serve", "--dev"]] {
+        let binary = serve_with(args, &anywhere);
+        assert!(
+            binary.addr.ip().is_unspecified(),
+            "{args:?}: {}",
+            binary.addr
+        );
+        let mut client = loopback_client(binary.addr).await;
+        let mut request = Request::new(valid_request());
+        request
+            .metadata_mut()
+            .insert("x-caller-id", "spiffe://try/out".parse().unwrap());
+        client.create_chat_token(request).await.unwrap();
+        binary.signal("-TERM");
+        let (status, log) = binary.wait();
+        assert_eq!(status.code(), Some(0));
+        let warning = log
+            .iter()
+            .find(|line| line.contains("DEVELOPMENT MODE"))
+            .unwrap_or_else(|| panic!("{args:?}: no development-mode warning in {log:?}"));
+        for trusted in [
+            "the development policy permits every valid request",
+            "x-caller-id header",
+            "pass as \"anonymous\"",
+            "0.0.0.0:",
+        ] {
+            assert!(warning.contains(trusted), "{trusted}: {warning}");
+        }
+    }
+
+    // --dev is serve's: with another subcommand it is a usage error.
+    let misused = run(&["--dev", "check"], &[]);
+    assert_eq!(misused.status.code(), Some(2), "{}", text(&misused.stderr));
+}
+
+/// `health` against the server `env` describes (the same variables the server was started with).
+fn health(env: &[(&str, &str)]) -> Output {
+    run(&["health", "--timeout", "5s"], env)
+}
+
+#[tokio::test]
+async fn health_exits_0_while_serving_1_when_draining_or_stopped_2_on_a_configuration_error() {
+    // A drain delay long enough to be seen: after SIGTERM the server reports NOT_SERVING and keeps
+    // serving meanwhile.
+    let binary = Binary::start(&[("CTS_SHUTDOWN_DRAIN_DELAY", "30s")]);
+    let listen = binary.addr.to_string();
+    let env = [("CTS_LISTEN_ADDR", listen.as_str())];
+
+    let serving = health(&env);
+    assert_eq!(serving.status.code(), Some(0), "{}", text(&serving.stderr));
+    assert_eq!(
+        text(&serving.stdout),
+        format!("ivschat.v1.TokenService on {listen}: SERVING\n")
+    );
+    let liveness = run(&["health", "--service", ""], &env);
+    assert_eq!(
+        liveness.status.code(),
+        Some(0),
+        "{}",
+        text(&liveness.stderr)
+    );
+
+    binary.signal("-TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let draining = loop {
+        let outcome = health(&env);
+        if outcome.status.code() != Some(0) {
+            break outcome;
+        }
+        assert!(Instant::now() < deadline, "still SERVING after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(draining.status.code(), Some(1));
+    assert!(
+        text(&draining.stderr).contains("ivschat.v1.TokenService on 127.0.0.1:"),
+        "{}",
+        text(&draining.stderr)
+    );
+    assert!(
+        text(&draining.stderr).contains("is NOT_SERVING"),
+        "{}",
+        text(&draining.stderr)
+    );
+    drop(binary);
+
+    let stopped = health(&env);
+    assert_eq!(stopped.status.code(), Some(1));
+    assert!(
+        text(&stopped.stderr).contains("cannot reach"),
+        "{}",
+        text(&stopped.stderr)
+    );
+
+    let misconfigured = health(&[("CTS_CONFIG", "/nonexistent/config.toml")]);
+    assert_eq!(
+        misconfigured.status.code(),
+        Some(2),
+        "{}",
+        text(&misconfigured.stderr)
+    );
+    let bad_flag = run(&["health", "--timeout", "soon"], &[]);
+    assert_eq!(bad_flag.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn health_speaks_mutual_tls_trusting_exactly_the_servers_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("cts-ca");
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let (cert, key) = write_leaf(dir.path(), "server", &ca.server());
+    let (cert, key, ca_file) = (
+        cert.display().to_string(),
+        key.display().to_string(),
+        ca_file.display().to_string(),
+    );
+    let tls = [
+        ("CTS_TLS__CERT_FILE", cert.as_str()),
+        ("CTS_TLS__KEY_FILE", key.as_str()),
+        ("CTS_TLS__CLIENT_CA_FILE", ca_file.as_str()),
+    ];
+    let binary = Binary::start(&tls);
+    let listen = binary.addr.to_string();
+    let mut env = tls.to_vec();
+    env.push(("CTS_LISTEN_ADDR", listen.as_str()));
+
+    let serving = health(&env);
+    assert_eq!(serving.status.code(), Some(0), "{}", text(&serving.stderr));
+
+    // Another certificate from the same CA is not the server's own: not trusted.
+    let (other_cert, other_key) = write_leaf(dir.path(), "other", &ca.server());
+    let (other_cert, other_key) = (
+        other_cert.display().to_string(),
+        other_key.display().to_string(),
+    );
+    let mut impostor = env.clone();
+    impostor[0].1 = &other_cert;
+    impostor[1].1 = &other_key;
+    let refused = health(&impostor);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        text(&refused.stderr).contains("cannot reach"),
+        "{}",
+        text(&refused.stderr)
+    );
+    // Plaintext to a TLS server answers nothing a health client understands.
+    let plaintext = health(&[("CTS_LISTEN_ADDR", listen.as_str())]);
+    assert_eq!(plaintext.status.code(), Some(1));
+    // A key that does not load is a configuration error.
+    let mut broken = env.clone();
+    broken[1].1 = &cert;
+    assert_eq!(health(&broken).status.code(), Some(2));
+
+    binary.signal("-TERM");
+    assert_eq!(binary.wait().0.code(), Some(0));
 }

@@ -302,9 +302,15 @@ fn policy(config: &Config) -> Result<Arc<PolicyEngine>, PolicyError> {
     let source = policy_source(&config.policy);
     let engine = Arc::new(PolicyEngine::load(source.clone())?);
     match source {
-        PolicySource::Development => tracing::warn!(
+        // Off loopback only in development mode: the configuration's load refuses it otherwise.
+        PolicySource::Development if config.listen_addr.ip().is_loopback() => tracing::warn!(
             "no policy files configured (policy.files): the embedded development policy permits every \
              valid request from any caller; serving on loopback only"
+        ),
+        PolicySource::Development => tracing::warn!(
+            "no policy files configured (policy.files): the embedded development policy permits every \
+             valid request from any caller, on {} (development mode)",
+            config.listen_addr
         ),
         PolicySource::Files { policies, entities } => {
             tracing::info!(files = ?policies, entities = ?entities, shadow = config.policy.shadow, "policies loaded");

@@ -7,9 +7,11 @@
 //! - [`inflight`]: counts calls in flight (shutdown ends when the last one does) and caps token calls once
 //!   their request message has arrived.
 //! - [`end_on_drain`]: ends health `Watch` streams when shutdown starts.
+//! - [`probe`]: the `health` command's client, a gRPC health check of this replica's own listener.
 
 pub mod end_on_drain;
 pub mod inflight;
 pub mod listener;
+pub mod probe;
 pub mod tls;
 pub mod trace;
