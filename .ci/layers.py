@@ -24,10 +24,10 @@ from pathlib import Path
 LAYERS = {
     "domain": 0,
     "proto": 0,
+    "pem": 0,
     "key": 1,
     "reload": 1,
     "telemetry": 1,
-    "pem": 1,
     "rescue": 1,
     "config": 2,
     "store": 3,

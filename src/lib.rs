@@ -22,9 +22,10 @@
 //!                     one shared Redis connection with its timeout, failure mode and probe
 //! L2  config          data only: the settings, parsed into typed values at load
 //! L1  rescue          THE error table: one classification, rendered as a gRPC status or an IVS error
-//!     telemetry key reload pem   (pem: certificates and keys for rustls, read naming their setting)
+//!     telemetry key reload
 //! L0  domain          the vocabulary (caller, room, token, moderation, action, limit, error, secret);
 //!     proto           the generated wire types, for door, transport and server only
+//!     pem             certificates and keys for rustls, read naming their setting (a leaf)
 //! ```
 //!
 //! # Request flow

@@ -117,7 +117,7 @@ pub async fn run(
     });
     let layers = tower::ServiceBuilder::new()
         // Outermost: every call gets its server span and duration, shed ones included.
-        .layer(RpcTraceLayer)
+        .layer(RpcTraceLayer::new(tls.is_some()))
         // Counts every call for draining, sheds token calls over the cap before any decoding, policy or
         // issuing work is spent on them.
         .layer(InFlightLayer::new(calls.clone()));
