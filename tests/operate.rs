@@ -77,6 +77,15 @@ async fn kubernetes_service_links_do_not_stop_start_up_and_are_named_in_a_warnin
         );
     }
 
+    // `check` names them too.
+    let checked = run(&["check"], &SERVICE_LINKS);
+    assert_eq!(checked.status.code(), Some(0), "{}", text(&checked.stderr));
+    assert!(
+        text(&checked.stdout).contains("ignoring Kubernetes service links, not settings: CTS_"),
+        "{}",
+        text(&checked.stdout)
+    );
+
     // A variable of that name whose value the kubelet would never write is a setting, and unknown.
     let refused = run(&["check"], &[("CTS_REDIS_SERVICE_HOST", "redis.chat.svc")]);
     assert_eq!(refused.status.code(), Some(1));

@@ -1031,5 +1031,16 @@ fn unsupported_otlp_settings_stop_start_up_saying_why() {
         let (code, stderr) = start(&env);
         assert_eq!(code, Some(1), "{env:?}: {stderr}");
         assert!(stderr.contains(says), "{env:?}: {stderr}");
+        // `check` finds the same problem without starting anything.
+        let checked = std::process::Command::new(env!("CARGO_BIN_EXE_chat-token-service"))
+            .env_clear()
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", "https://localhost:4317")
+            .envs(env.iter().copied())
+            .arg("check")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&checked.stderr);
+        assert_eq!(checked.status.code(), Some(1), "check {env:?}: {stderr}");
+        assert!(stderr.contains(says), "check {env:?}: {stderr}");
     }
 }

@@ -262,6 +262,11 @@ echo "CreateChatToken in plaintext: refused"
 # The image's HEALTHCHECK, as Docker runs it: the same mounts and environment, over the same mutual TLS.
 (as_image local-issuer "$image_binary" health) || fail "the image's HEALTHCHECK (chat-token-service health) failed"
 echo "the image's HEALTHCHECK, chat-token-service health: healthy (exit 0)"
+# The Deployment's readiness probe, as the kubelet runs it in the container: the manifest's own command.
+mapfile -t readiness <"$work/local-issuer/readiness"
+[ "${readiness[0]:-}" = /usr/local/bin/chat-token-service ] || fail "the readiness probe runs ${readiness[*]:-nothing}"
+(as_image local-issuer "$image_binary" "${readiness[@]:1}") || fail "the readiness probe (${readiness[*]}) failed"
+echo "the Deployment's readiness probe, ${readiness[*]}: ready (exit 0)"
 stop
 unhealthy=0
 (as_image local-issuer "$image_binary" health) 2>"$work/unhealthy.err" || unhealthy=$?

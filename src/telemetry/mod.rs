@@ -212,6 +212,19 @@ impl Telemetry {
     }
 }
 
+/// What the standard variables say of export, checked as [`init`] would use them but without exporting
+/// (for `check`): for each exported signal its transport (e.g. `grpc, TLS`), or why it cannot be used.
+pub fn check_export() -> Vec<(&'static str, Result<String, TelemetryError>)> {
+    [
+        ("traces", otlp::Signal::Traces),
+        ("metrics", otlp::Signal::Metrics),
+    ]
+    .into_iter()
+    .filter(|(name, _)| exporting(&name.to_ascii_uppercase()))
+    .map(|(name, signal)| (name, otlp::check(signal).map(|()| otlp::describe(signal))))
+    .collect()
+}
+
 /// Whether the standard variables ask for `signal` ("TRACES" or "METRICS") to be exported.
 fn exporting(signal: &str) -> bool {
     let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());

@@ -285,6 +285,17 @@ fn tonic_tls(signal: Signal, tls: &TlsFiles) -> Result<Option<ClientTlsConfig>, 
     }
 }
 
+/// Checks what the variables say of `signal` without building an exporter (no runtime, no connection):
+/// the protocol, and the TLS files an https endpoint or the TLS variables name.
+pub(super) fn check(signal: Signal) -> Result<(), TelemetryError> {
+    transport(signal)?;
+    let tls = TlsFiles::of(signal)?;
+    if is_https(signal) || tls.is_set() {
+        tls.rustls()?;
+    }
+    Ok(())
+}
+
 /// What the variables say of `signal`'s transport, for the start-up log.
 pub(super) fn describe(signal: Signal) -> String {
     let transport = match transport(signal) {
