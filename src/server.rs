@@ -38,6 +38,7 @@ use crate::transport::{
     inflight::{Calls, InFlightLayer},
     listener::{self, ConnectionLimits},
     trace::RpcTraceLayer,
+    unknown_method::UnknownMethodLayer,
 };
 
 /// Streams a client may open and reset before the server accepts them, per connection (hyper's default).
@@ -120,7 +121,9 @@ pub async fn run(
         .layer(RpcTraceLayer::new(tls.is_some()))
         // Counts every call for draining, sheds token calls over the cap before any decoding, policy or
         // issuing work is spent on them.
-        .layer(InFlightLayer::new(calls.clone()));
+        .layer(InFlightLayer::new(calls.clone()))
+        // Unknown gRPC methods are answered here, with ErrorInfo, before any service sees them.
+        .layer(UnknownMethodLayer);
     // Health and reflection get the token service's bound too: nothing decodes (or echoes) more.
     let (draining_tx, draining) = watch::channel(false);
     let mut routes = tonic::service::Routes::builder();

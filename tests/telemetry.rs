@@ -315,6 +315,12 @@ async fn the_callers_trace_continues_through_our_server_span_and_its_children() 
     // failure; named `grpc`, its method `_OTHER`, what the caller asked for kept as rpc.method_original.
     let unknown = unknown_method(binary.addr, "/ivschat.v1.TokenService/Nope").await;
     assert_eq!(unknown.code(), tonic::Code::Unimplemented);
+    assert_eq!(
+        tonic_types::StatusExt::get_details_error_info(&unknown)
+            .unwrap()
+            .reason,
+        "UNKNOWN_METHOD"
+    );
     collector
         .until("the refused and unknown calls' spans", |r| {
             let with_status = |code: &str| {
@@ -948,11 +954,15 @@ async fn otlp_over_https_with_a_private_ca_and_a_client_certificate_over_grpc_an
 #[tokio::test]
 async fn otlp_http_protobuf_in_plaintext_sends_traces_and_metrics_to_v1_paths() {
     let (collector, addr) = Collector::start(Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = OtlpPki::new(dir.path());
     let binary = exporting_binary(
         addr,
         &[
             ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
             ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/protobuf"),
+            // Of no use to an http:// endpoint: start-up says so.
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", pki.ca.as_str()),
         ],
     );
     binary
@@ -975,6 +985,12 @@ async fn otlp_http_protobuf_in_plaintext_sends_traces_and_metrics_to_v1_paths() 
     assert_eq!(status.code(), Some(0));
     assert!(
         log.iter().any(|l| l.contains("http/protobuf, plaintext")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter().any(|l| l.contains(
+            "OTEL_EXPORTER_OTLP_CERTIFICATE is set but the OTLP endpoint is not https://"
+        )),
         "{log:?}"
     );
 }

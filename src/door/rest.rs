@@ -32,7 +32,7 @@ use crate::config::HttpApiConfig;
 use crate::domain::{
     Action, Capabilities, Error, FieldNames, IssuedToken, TokenRequest, UncheckedRequest,
 };
-use crate::rescue::{IvsError, UNKNOWN_OPERATION, VALIDATION_OTHER};
+use crate::rescue::{IvsError, UNKNOWN_OPERATION, VALIDATION_OTHER, unknown_method};
 use crate::transport::{inflight::Calls, listener::peer_certs, trace::CallTraceId};
 
 /// The header AWS SDKs read the request id from.
@@ -66,9 +66,7 @@ async fn unknown_operation(request: Request<Body>) -> Response<Body> {
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     if grpc {
-        let (parts, ()) = tonic::Status::unimplemented("")
-            .into_http::<()>()
-            .into_parts();
+        let (parts, ()) = unknown_method().into_http::<()>().into_parts();
         return Response::from_parts(parts, Body::empty());
     }
     let request_id = request_id(&request);

@@ -343,6 +343,20 @@ pub fn rescue(error: Error) -> Rescue {
     }
 }
 
+/// The status of a gRPC call to a method this server does not serve (no domain error: nothing was
+/// asked of the service), with its ErrorInfo like every other error. (The HTTP API answers an unknown
+/// path with [`IvsError::unreadable`]`(`[`UNKNOWN_OPERATION`]`)`, the same shape given here.)
+pub fn unknown_method() -> Status {
+    Rescue::new(
+        Code::Unimplemented,
+        StatusCode::BAD_REQUEST,
+        "ValidationException",
+        "this server does not serve this method; reflection lists those it does",
+    )
+    .info("UNKNOWN_METHOD", ERROR_DOMAIN, Vec::new())
+    .into_status()
+}
+
 /// How long a caller shed for overload is advised to wait: another replica can take it at once.
 const OVERLOADED_RETRY_AFTER: Duration = Duration::from_millis(100);
 

@@ -601,3 +601,14 @@ fn invalid_argument_error_info_names_each_bad_field_once() {
 fn the_codec_refuses_in_the_same_error_domain() {
     assert_eq!(crate::proto::codec::ERROR_DOMAIN, ERROR_DOMAIN);
 }
+
+#[test]
+fn an_unknown_method_is_unimplemented_with_its_own_reason() {
+    let status = unknown_method();
+    assert_eq!(status.code(), Code::Unimplemented);
+    let info = status.get_details_error_info().unwrap();
+    assert_eq!(
+        (info.reason.as_str(), info.domain.as_str()),
+        ("UNKNOWN_METHOD", ERROR_DOMAIN)
+    );
+}

@@ -186,6 +186,17 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
             metrics = %over(export_metrics, otlp::Signal::Metrics),
             "exporting telemetry over OTLP"
         );
+        for (exporting, signal) in [
+            (export_traces, otlp::Signal::Traces),
+            (export_metrics, otlp::Signal::Metrics),
+        ] {
+            if let Some(variable) = otlp::unused_tls(signal).filter(|_| exporting) {
+                tracing::warn!(
+                    "{variable} is set but the OTLP endpoint is not https://: it is not used, and \
+                     {signal:?} go out in plaintext"
+                );
+            }
+        }
     }
     Ok(Telemetry {
         log_writer,

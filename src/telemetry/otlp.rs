@@ -276,7 +276,8 @@ pub(super) fn metric_exporter() -> Result<MetricExporter, TelemetryError> {
     built.map_err(|e| TelemetryError(format!("OTLP metric exporter: {e}")))
 }
 
-/// tonic's TLS settings for the signal: for an `https://` endpoint, or whenever TLS files are named.
+/// tonic's TLS settings for the signal: for an `https://` endpoint, or whenever TLS files are named (so a
+/// bad file is refused either way; tonic uses them for `https://` only).
 fn tonic_tls(signal: Signal, tls: &TlsFiles) -> Result<Option<ClientTlsConfig>, TelemetryError> {
     if is_https(signal) || tls.is_set() {
         tls.tonic().map(Some)
@@ -294,6 +295,18 @@ pub(super) fn check(signal: Signal) -> Result<(), TelemetryError> {
         tls.rustls()?;
     }
     Ok(())
+}
+
+/// The TLS variable set for `signal` whose endpoint is not `https://`: its files are not used (the
+/// export is in plaintext), which start-up says rather than leave unnoticed.
+pub(super) fn unused_tls(signal: Signal) -> Option<String> {
+    if is_https(signal) {
+        return None;
+    }
+    ["CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY"]
+        .into_iter()
+        .find_map(|setting| variable(signal, setting))
+        .map(|(name, _)| name)
 }
 
 /// What the variables say of `signal`'s transport, for the start-up log.

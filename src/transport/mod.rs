@@ -8,6 +8,7 @@
 //!   their request message has arrived.
 //! - [`end_on_drain`]: ends health `Watch` streams when shutdown starts.
 //! - [`probe`]: the `health` command's client, a gRPC health check of this replica's own listener.
+//! - [`unknown_method`]: answers gRPC calls to methods not served, with ErrorInfo.
 
 pub mod end_on_drain;
 pub mod inflight;
@@ -15,3 +16,4 @@ pub mod listener;
 pub mod probe;
 pub mod tls;
 pub mod trace;
+pub mod unknown_method;

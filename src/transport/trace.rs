@@ -123,6 +123,15 @@ fn operation(path: &str, headers: &http::HeaderMap) -> Operation {
     }
 }
 
+/// Whether a request is a gRPC call to a method this server does not serve (health and reflection
+/// aside, which their own services answer).
+pub(super) fn is_unknown_grpc_method(path: &str, headers: &http::HeaderMap) -> bool {
+    !UNTRACED_PREFIXES
+        .iter()
+        .any(|prefix| path.starts_with(prefix))
+        && operation(path, headers) == (Operation::Grpc { method: OTHER })
+}
+
 /// `http.request.method`: the method's name when it is one of RFC 9110's, PATCH or QUERY, else
 /// [`OTHER`] (semantic conventions: "known" methods).
 fn known_method(method: &http::Method) -> &'static str {
