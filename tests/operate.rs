@@ -364,6 +364,17 @@ async fn development_mode_serves_the_trusting_defaults_on_every_address_and_says
             .metadata_mut()
             .insert("x-caller-id", "spiffe://try/out".parse().unwrap());
         client.create_chat_token(request).await.unwrap();
+        // The image's HEALTHCHECK in the try-out: the same variables, 0.0.0.0 dialled as 127.0.0.1.
+        let listen = binary.addr.to_string();
+        let healthy = health(&[("CTS_LISTEN_ADDR", listen.as_str())]);
+        assert_eq!(healthy.status.code(), Some(0), "{}", text(&healthy.stderr));
+        assert_eq!(
+            text(&healthy.stdout),
+            format!(
+                "ivschat.v1.TokenService on 127.0.0.1:{}: SERVING\n",
+                binary.addr.port()
+            )
+        );
         binary.signal("-TERM");
         let (status, log) = binary.wait();
         assert_eq!(status.code(), Some(0));
