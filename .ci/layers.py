@@ -24,6 +24,7 @@ from pathlib import Path
 LAYERS = {
     "domain": 0,
     "proto": 0,
+    "pem": 0,
     "key": 1,
     "reload": 1,
     "secret_file": 1,

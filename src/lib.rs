@@ -25,6 +25,7 @@
 //!     telemetry key reload secret_file
 //! L0  domain          the vocabulary (caller, room, token, moderation, action, limit, error, secret);
 //!     proto           the generated wire types, for door, transport and server only
+//!     pem             certificates and keys for rustls, read naming their setting (a leaf)
 //! ```
 //!
 //! # Request flow
@@ -64,6 +65,7 @@ pub mod identity;
 pub mod issuer;
 mod key;
 pub mod moderation;
+pub mod pem;
 pub mod policy;
 pub mod proto;
 pub mod ratelimit;

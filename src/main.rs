@@ -1,12 +1,14 @@
 //! The `chat-token-service` binary: parse flags, load the config, start logging, build, bind, serve.
 
-use std::{io::Read, path::PathBuf, process::ExitCode};
+use std::{io::Read, path::PathBuf, process::ExitCode, time::Duration};
 
 use chat_token_service::{
     app,
-    config::{Config, LogFormat},
+    config::{Config, LogFormat, Mode, service_link_variables},
     issuer::local::{KeySource, generate_key},
-    server, telemetry,
+    server::{self, TOKEN_SERVICE_NAME},
+    telemetry,
+    transport::probe::Probe,
 };
 use clap::{Parser, Subcommand};
 use tokio::{
@@ -31,6 +33,10 @@ struct Cli {
     #[arg(long)]
     check_config: bool,
 
+    /// The same as `serve --dev`.
+    #[arg(long)]
+    dev: bool,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -38,7 +44,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gRPC server (the default).
-    Serve,
+    Serve {
+        /// Development mode, to try the service out: the development policy, the `header` identity and
+        /// anonymous callers are allowed on any listen_addr (CTS_LISTEN_ADDR=0.0.0.0:50051 in a
+        /// container), and start-up warns what it trusts. Never where others can connect.
+        #[arg(long)]
+        dev: bool,
+    },
     /// Load and check the configuration, policies, entities, keys and TLS files without serving or
     /// connecting anywhere; print what would run and exit 0, or name every problem and exit 1.
     Check,
@@ -49,18 +61,39 @@ enum Command {
         /// The token, or `-` to read it from standard input (keeps it out of shell history).
         token: String,
     },
+    /// Ask this host's server, as the configuration describes it, whether it serves (gRPC health, over
+    /// its TLS): exit 0 when SERVING, 1 when not or unreachable, 2 on a usage or configuration error.
+    /// For Docker and compose HEALTHCHECKs.
+    Health {
+        /// The health-checked service; "" for the server as a whole.
+        #[arg(long, default_value = TOKEN_SERVICE_NAME)]
+        service: String,
+        /// The longest the whole check may take: connecting, the handshake, the call.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
+
+/// Exit status of a usage or configuration error of `health`, apart from "not healthy" (1).
+const USAGE_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let command = match (cli.check_config, cli.command) {
-        (false, command) => command.unwrap_or(Command::Serve),
-        (true, None | Some(Command::Check)) => Command::Check,
-        (true, Some(_)) => {
+    let command = match (cli.check_config, cli.dev, cli.command) {
+        (false, false, command) => command.unwrap_or(Command::Serve { dev: false }),
+        (true, false, None | Some(Command::Check)) => Command::Check,
+        (false, true, None | Some(Command::Serve { .. })) => Command::Serve { dev: true },
+        (true, _, _) => {
             eprintln!(
                 "chat-token-service: --check-config is the `check` subcommand; give one or the other"
             );
-            return ExitCode::from(2);
+            return ExitCode::from(USAGE_ERROR);
+        }
+        (false, true, Some(_)) => {
+            eprintln!(
+                "chat-token-service: --dev is `serve --dev`; it goes with no other subcommand"
+            );
+            return ExitCode::from(USAGE_ERROR);
         }
     };
     match command {
@@ -81,7 +114,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::VerifyToken { token } => report(verify_token(cli.config, &token)),
-        Command::Serve => {
+        Command::Health { service, timeout } => health(cli.config, &service, timeout),
+        Command::Serve { dev } => {
             let runtime = tokio::runtime::Runtime::new().expect("cannot start the tokio runtime");
             // SIGHUP's default action ends the process. Take it over before anything else, so a reload
             // signal that arrives while the config loads (or in a configuration with nothing to reload)
@@ -90,7 +124,8 @@ fn main() -> ExitCode {
                 let _runtime = runtime.enter();
                 signal(SignalKind::hangup()).expect("cannot install the SIGHUP handler")
             };
-            report(runtime.block_on(serve(cli.config, cli.log_format, hangups)))
+            let mode = if dev { Mode::Development } else { Mode::Serve };
+            report(runtime.block_on(serve(cli.config, cli.log_format, mode, hangups)))
         }
     }
 }
@@ -108,10 +143,15 @@ fn report(result: Result<(), Box<dyn std::error::Error>>) -> ExitCode {
 async fn serve(
     config_file: Option<PathBuf>,
     log_format: Option<LogFormat>,
+    mode: Mode,
     hangups: Signal,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let config = Config::load(config_file.as_deref())?;
+    let config = Config::load_for(config_file.as_deref(), mode)?;
     let telemetry = telemetry::init(log_format.unwrap_or(config.log_format))?;
+    warn_of_service_links();
+    if mode == Mode::Development {
+        warn_of_development_mode(&config);
+    }
     tokio::spawn(log_hangups(hangups, app::reloaded_on_hangup(&config)));
     let result = serve_with(&config).await;
     telemetry.shutdown();
@@ -127,6 +167,71 @@ async fn serve_with(config: &Config) -> Result<(), Box<dyn std::error::Error>> {
         .map_err(|e| format!("cannot listen on {} (listen_addr): {e}", config.listen_addr))?;
     server::run(listener, app, shutdown).await?;
     Ok(())
+}
+
+/// Names the Kubernetes service-link variables the configuration left out: never silently.
+fn warn_of_service_links() {
+    let links = service_link_variables();
+    if !links.is_empty() {
+        tracing::warn!(
+            variables = ?links,
+            "ignoring environment variables that Kubernetes injects for Services named cts…: they are \
+             service links, not settings (set enableServiceLinks: false on the pod to drop them)"
+        );
+    }
+}
+
+/// Says what development mode trusts, loudly.
+fn warn_of_development_mode(config: &Config) {
+    let addr = config.listen_addr;
+    let trusts = config.trusts_any_client();
+    if trusts.is_empty() {
+        tracing::warn!(
+            "development mode (--dev): this configuration believes nothing a client says of itself, so \
+             --dev changes nothing"
+        );
+    } else {
+        tracing::warn!(
+            "DEVELOPMENT MODE (--dev): every client that can reach {addr} is trusted: {}. For trying \
+             the service out only, never where others can connect",
+            trusts.join("; ")
+        );
+    }
+}
+
+/// `health`: 0 when the configured server reports `service` SERVING, 1 when not or unreachable, 2 when
+/// the configuration cannot be used. Loads the configuration as the server does, but checks nothing that
+/// only serving needs (the health command serves nothing): a server in development mode passes too.
+fn health(config_file: Option<PathBuf>, service: &str, timeout: Duration) -> ExitCode {
+    let probe = Config::load_for(config_file.as_deref(), Mode::Development)
+        .map_err(|e| e.to_string())
+        .and_then(|config| Probe::new(&config).map_err(|e| e.to_string()));
+    let probe = match probe {
+        Ok(probe) => probe,
+        Err(error) => {
+            eprintln!("chat-token-service health: {error}");
+            return ExitCode::from(USAGE_ERROR);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("cannot start the tokio runtime");
+    let shown = if service.is_empty() {
+        "the server"
+    } else {
+        service
+    };
+    match runtime.block_on(probe.check(service, timeout)) {
+        Ok(()) => {
+            println!("{shown} on {}: SERVING", probe.addr());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("chat-token-service health: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Says, for every SIGHUP, what it reloads.

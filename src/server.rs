@@ -40,6 +40,7 @@ use crate::transport::{
     listener::{self, ConnectionLimits},
     serve::{self, HttpSettings},
     trace::RpcTraceLayer,
+    unknown_method::UnknownMethodLayer,
 };
 
 /// The health-check name of the token service; `""` stands for the server as a whole.
@@ -142,7 +143,7 @@ pub async fn run(
     }
     let service = tower::ServiceBuilder::new()
         // Outermost: every call gets its server span and duration, shed ones included.
-        .layer(RpcTraceLayer)
+        .layer(RpcTraceLayer::new(tls.is_some()))
         // Counts every call for draining, and sheds calls over the cap, the request byte budget or the
         // streaming bounds before any decoding, policy or issuing work is spent on them.
         .layer(InFlightLayer::new(calls.clone()))
@@ -151,6 +152,8 @@ pub async fn run(
             max_call_duration: transport.max_call_duration,
             max_stream_age: transport.max_stream_age,
         }))
+        // Unknown gRPC methods are answered here, with ErrorInfo, before any service sees them.
+        .layer(UnknownMethodLayer)
         .service(routes.prepare().into_axum_router());
     let settings = HttpSettings {
         transport: transport.clone(),

@@ -689,10 +689,11 @@ enum Launch {
 }
 
 /// Subcommands and flags that make the binary do one thing and exit.
-const ONE_SHOT: [&str; 10] = [
+const ONE_SHOT: [&str; 11] = [
     "generate-key",
     "verify-token",
     "check",
+    "health",
     "help",
     "--check-config",
     "--help",

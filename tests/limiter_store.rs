@@ -93,7 +93,7 @@ fn store(backend: LimiterBackend, redis: Option<&RedisServer>) -> Backend {
         config.limiter.failure_mode = FailureMode::FailClosed;
         config.limiter.redis_timeout = Duration::from_secs(2);
     }
-    Backend::new(&config.limiter)
+    Backend::new(&config.limiter).unwrap()
 }
 
 #[tokio::test]

@@ -62,7 +62,7 @@ fn check(key: &str, rate: &str, burst: u32, shadow: bool) -> Check {
 
 /// The Redis limits store `config` describes.
 fn limits(config: &Config) -> RedisLimits {
-    match Backend::new(&config.limiter) {
+    match Backend::new(&config.limiter).unwrap() {
         Backend::Redis(stores) => stores.limits,
         Backend::Memory(_) => panic!("the Redis backend was configured"),
     }
@@ -462,7 +462,7 @@ async fn a_read_only_replica_is_reported_as_such_and_readiness_does_not_flap() {
         &unique_prefix(),
         "failure_mode = \"fail_closed\"\nredis_timeout = \"1s\"",
     );
-    let backend = Backend::new(&config.limiter);
+    let backend = Backend::new(&config.limiter).unwrap();
     let Backend::Redis(stores) = &backend else {
         panic!("the Redis backend was configured");
     };

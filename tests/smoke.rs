@@ -86,7 +86,9 @@ fn buf_curl_lists_calls_and_health_checks_through_reflection() {
     assert!(!refused.status.success());
     let error: serde_json::Value = serde_json::from_slice(&refused.stderr).expect("JSON error");
     assert_eq!(error["code"], "invalid_argument");
-    assert_eq!(error["details"][0]["type"], "google.rpc.BadRequest");
+    // ErrorInfo on every error (AIP-193), then the field violations.
+    assert_eq!(error["details"][0]["type"], "google.rpc.ErrorInfo");
+    assert_eq!(error["details"][1]["type"], "google.rpc.BadRequest");
 
     binary.signal("-TERM");
     assert_eq!(binary.wait().0.code(), Some(0));

@@ -27,7 +27,19 @@ use opentelemetry_proto::tonic::{
     metrics::v1::{Metric, metric::Data},
     trace::v1::{Span, span::SpanKind, status::StatusCode},
 };
-use tonic::{Request, Response, Status};
+use prost::Message;
+use tonic::{
+    Request, Response, Status,
+    transport::{Certificate, Identity, ServerTlsConfig},
+};
+
+/// An OTLP/HTTP response: protobuf, as the exporter expects.
+fn protobuf(message: impl Message) -> ([(http::HeaderName, &'static str); 1], Vec<u8>) {
+    (
+        [(http::header::CONTENT_TYPE, "application/x-protobuf")],
+        message.encode_to_vec(),
+    )
+}
 
 /// What the collector received.
 #[derive(Default)]
@@ -35,6 +47,8 @@ struct Received {
     spans: Vec<Span>,
     /// Every metric of every export, in arrival order (cumulative: the last one of a name is the total).
     metrics: Vec<Metric>,
+    /// Exports that came over OTLP/HTTP (protobuf) rather than gRPC.
+    http_exports: usize,
 }
 
 #[derive(Clone, Default)]
@@ -80,19 +94,74 @@ impl MetricsService for Collector {
     }
 }
 
+/// TLS for the collector: its certificate (from a private CA) and, for mutual TLS, the CA its clients'
+/// certificates must chain to.
+struct CollectorTls {
+    cert_pem: String,
+    key_pem: String,
+    client_ca_pem: Option<String>,
+}
+
 impl Collector {
     async fn start(stall: Duration) -> (Collector, SocketAddr) {
+        Self::start_with(stall, None).await
+    }
+
+    /// A collector receiving OTLP over gRPC and over HTTP (`POST /v1/traces`, `/v1/metrics` in
+    /// protobuf) on one port, over `tls` when given.
+    async fn start_with(stall: Duration, tls: Option<CollectorTls>) -> (Collector, SocketAddr) {
         let collector = Collector {
             stall,
             ..Collector::default()
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let router = tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(collector.clone()))
-            .add_service(MetricsServiceServer::new(collector.clone()));
+        let http = axum::Router::new()
+            .route(
+                "/v1/traces",
+                axum::routing::post({
+                    let collector = collector.clone();
+                    move |body: bytes::Bytes| async move {
+                        collector.received.lock().unwrap().http_exports += 1;
+                        let request = ExportTraceServiceRequest::decode(body).unwrap();
+                        TraceService::export(&collector, Request::new(request))
+                            .await
+                            .unwrap();
+                        protobuf(ExportTraceServiceResponse::default())
+                    }
+                }),
+            )
+            .route(
+                "/v1/metrics",
+                axum::routing::post({
+                    let collector = collector.clone();
+                    move |body: bytes::Bytes| async move {
+                        collector.received.lock().unwrap().http_exports += 1;
+                        let request = ExportMetricsServiceRequest::decode(body).unwrap();
+                        MetricsService::export(&collector, Request::new(request))
+                            .await
+                            .unwrap();
+                        protobuf(ExportMetricsServiceResponse::default())
+                    }
+                }),
+            );
+        let routes = tonic::service::Routes::new(TraceServiceServer::new(collector.clone()))
+            .add_service(MetricsServiceServer::new(collector.clone()))
+            .into_axum_router()
+            .merge(http);
+        let mut server = tonic::transport::Server::builder().accept_http1(true);
+        if let Some(tls) = tls {
+            let mut config =
+                ServerTlsConfig::new().identity(Identity::from_pem(tls.cert_pem, tls.key_pem));
+            if let Some(ca) = tls.client_ca_pem {
+                config = config.client_ca_root(Certificate::from_pem(ca));
+            }
+            server = server.tls_config(config).unwrap();
+        }
         tokio::spawn(
-            router.serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+            server
+                .add_routes(tonic::service::Routes::from(routes))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
         );
         (collector, addr)
     }
@@ -112,9 +181,13 @@ impl Collector {
 
 /// The binary exporting to `collector` quickly, so the test need not wait long.
 fn exporting_binary(collector: SocketAddr, extra: &[(&str, &str)]) -> Binary {
-    let endpoint = format!("http://{collector}");
+    exporting_to(&format!("http://{collector}"), extra)
+}
+
+/// The binary exporting to `endpoint` quickly, with `extra` variables.
+fn exporting_to(endpoint: &str, extra: &[(&str, &str)]) -> Binary {
     let mut envs = vec![
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
         ("OTEL_SERVICE_NAME", "cts-under-test"),
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),
         ("OTEL_METRIC_EXPORT_INTERVAL", "200"),
@@ -190,11 +263,20 @@ async fn the_callers_trace_continues_through_our_server_span_and_its_children() 
             "the caller's span is our parent"
         );
         assert_eq!(server.kind, SpanKind::Server as i32);
+        // The RPC semantic conventions (v1.44, docs/rpc/grpc.md): exactly these attributes.
         let attrs = attributes(&server.attributes);
-        assert_eq!(attrs["rpc.system"], "grpc");
-        assert_eq!(attrs["rpc.service"], "ivschat.v1.TokenService");
-        assert_eq!(attrs["rpc.method"], "CreateChatToken");
-        assert_eq!(attrs["rpc.grpc.status_code"], "0");
+        assert_eq!(attrs["rpc.system.name"], "grpc");
+        assert_eq!(attrs["rpc.method"], name);
+        assert_eq!(attrs["rpc.status_code"], "OK");
+        for old in [
+            "rpc.system",
+            "rpc.service",
+            "rpc.grpc.status_code",
+            "error.type",
+        ] {
+            assert!(!attrs.contains_key(old), "{old} in {attrs:?}");
+        }
+        assert_eq!(hex(&server.span_id).len(), 16);
         assert_ne!(
             server.status.as_ref().map(|s| s.code),
             Some(StatusCode::Error as i32)
@@ -222,34 +304,95 @@ async fn the_callers_trace_continues_through_our_server_span_and_its_children() 
         );
     }
 
-    // A refused call: its span carries the code and an error status.
+    // A refused call: the caller's mistake, not the server's. Its span carries the code's name and no
+    // error status.
     let status = client
         .create_chat_token(CreateChatTokenRequest::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    // A method this server does not serve: UNIMPLEMENTED, which the conventions count as the server's
+    // failure; named `grpc`, its method `_OTHER`, what the caller asked for kept as rpc.method_original.
+    let unknown = unknown_method(binary.addr, "/ivschat.v1.TokenService/Nope").await;
+    assert_eq!(unknown.code(), tonic::Code::Unimplemented);
+    assert_eq!(
+        tonic_types::StatusExt::get_details_error_info(&unknown)
+            .unwrap()
+            .reason,
+        "UNKNOWN_METHOD"
+    );
     collector
-        .until("the refused call's span", |r| {
-            r.spans.iter().any(|s| {
-                s.name == name
-                    && attributes(&s.attributes)
-                        .get("rpc.grpc.status_code")
+        .until("the refused and unknown calls' spans", |r| {
+            let with_status = |code: &str| {
+                r.spans.iter().any(|s| {
+                    attributes(&s.attributes)
+                        .get("rpc.status_code")
                         .map(String::as_str)
-                        == Some("3")
-            })
+                        == Some(code)
+                })
+            };
+            with_status("INVALID_ARGUMENT") && with_status("UNIMPLEMENTED")
         })
         .await;
     {
         let received = collector.received.lock().unwrap();
-        let refused = received
-            .spans
-            .iter()
-            .find(|s| s.name == name && attributes(&s.attributes)["rpc.grpc.status_code"] == "3")
-            .unwrap();
+        let with_status = |code: &str| {
+            received
+                .spans
+                .iter()
+                .find(|s| {
+                    attributes(&s.attributes)
+                        .get("rpc.status_code")
+                        .map(String::as_str)
+                        == Some(code)
+                })
+                .unwrap()
+        };
+        let refused = with_status("INVALID_ARGUMENT");
+        assert_eq!(refused.name, name);
+        assert_ne!(
+            refused.status.as_ref().map(|s| s.code),
+            Some(StatusCode::Error as i32),
+            "a refusal is not a server error"
+        );
+        assert!(!attributes(&refused.attributes).contains_key("error.type"));
+
+        let unknown = with_status("UNIMPLEMENTED");
+        assert_eq!(unknown.name, "grpc");
+        let attrs = attributes(&unknown.attributes);
+        assert_eq!(attrs["rpc.method"], "_OTHER");
+        assert_eq!(attrs["rpc.method_original"], "ivschat.v1.TokenService/Nope");
+        assert_eq!(attrs["error.type"], "UNIMPLEMENTED");
         assert_eq!(
-            refused.status.as_ref().unwrap().code,
+            unknown.status.as_ref().unwrap().code,
             StatusCode::Error as i32
         );
+    }
+
+    // The IVS Chat HTTP API: the HTTP server conventions (docs/http/http-spans.md).
+    rest_create_chat_token(binary.addr, "0af7651916cd43dd8448eb211c80319c").await;
+    let route = "POST /CreateChatToken";
+    collector
+        .until("the HTTP API call's span", |r| {
+            r.spans.iter().any(|s| s.name == route)
+        })
+        .await;
+    {
+        let received = collector.received.lock().unwrap();
+        let rest = received.spans.iter().find(|s| s.name == route).unwrap();
+        assert_eq!(rest.kind, SpanKind::Server as i32);
+        let attrs = attributes(&rest.attributes);
+        for (key, value) in [
+            ("http.request.method", "POST"),
+            ("http.route", "/CreateChatToken"),
+            ("http.response.status_code", "200"),
+            ("url.scheme", "http"),
+            ("url.path", "/CreateChatToken"),
+            ("network.protocol.version", "2"),
+        ] {
+            assert_eq!(attrs[key], value, "{key}");
+        }
+        assert!(!attrs.contains_key("rpc.method"), "{attrs:?}");
     }
 
     binary.signal("-TERM");
@@ -292,7 +435,10 @@ async fn without_an_exporter_log_lines_still_carry_the_callers_trace_id_or_a_fre
         .filter(|l| l.contains("token issued"))
         .map(|l| {
             let audit: serde_json::Value = serde_json::from_str(l).expect("JSON log lines");
-            audit["spans"][0]["trace_id"]
+            // Flat, where collectors look; still in the call's span too. No span id: no span exists.
+            assert_eq!(audit["trace_id"], audit["spans"][0]["trace_id"], "{l}");
+            assert!(audit.get("span_id").is_none(), "{l}");
+            audit["trace_id"]
                 .as_str()
                 .expect("the call's trace id")
                 .to_owned()
@@ -309,8 +455,37 @@ async fn without_an_exporter_log_lines_still_carry_the_callers_trace_id_or_a_fre
     );
 }
 
+/// A gRPC call to `path`, a method the server does not serve.
+async fn unknown_method(addr: SocketAddr, path: &'static str) -> tonic::Status {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let codec =
+        tonic_prost::ProstCodec::<CreateChatTokenRequest, CreateChatTokenRequest>::default();
+    grpc.unary(
+        Request::new(valid_request()),
+        http::uri::PathAndQuery::from_static(path),
+        codec,
+    )
+    .await
+    .unwrap_err()
+}
+
 /// POST /CreateChatToken over h2c with the caller's `traceparent`; returns the response's x-amzn-RequestId.
 async fn rest_create_chat_token(addr: SocketAddr, trace_id: &str) -> String {
+    rest_call(addr, trace_id, "user-1").await
+}
+
+/// [`rest_create_chat_token`] for `user`, with a fresh trace.
+async fn rest_create_chat_token_as(addr: SocketAddr, user: &str) -> String {
+    rest_call(addr, "5bf92f3577b34da6a3ce929d0e0e4736", user).await
+}
+
+async fn rest_call(addr: SocketAddr, trace_id: &str, user: &str) -> String {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (send, connection) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(connection);
@@ -321,7 +496,7 @@ async fn rest_create_chat_token(addr: SocketAddr, trace_id: &str) -> String {
         .body(())
         .unwrap();
     let (response, mut body) = send.send_request(request, false).unwrap();
-    let json = serde_json::json!({ "roomIdentifier": ROOM_ARN, "userId": "user-1" });
+    let json = serde_json::json!({ "roomIdentifier": ROOM_ARN, "userId": user });
     body.send_data(json.to_string().into(), true).unwrap();
     let response = response.await.unwrap();
     assert_eq!(response.status(), 200);
@@ -416,17 +591,21 @@ async fn metrics_arrive_with_their_names_attributes_and_counts() {
         .create_chat_token(CreateChatTokenRequest::default())
         .await
         .unwrap_err(); // invalid
+    // Through the IVS Chat HTTP API: measured on the HTTP histogram, not the RPC one.
+    rest_create_chat_token_as(binary.addr, "another-user").await;
 
     collector
         .until("every expected count", |r| {
             let rpc = points(r, "rpc.server.call.duration");
-            value_where(&points(r, "cts.tokens.issued"), "issuer", "local") == 2.0
-                && value_where(&rpc, "rpc.grpc.status_code", "0") == 2.0
-                && value_where(&rpc, "rpc.grpc.status_code", "8") == 1.0
-                && value_where(&rpc, "rpc.grpc.status_code", "7") == 1.0
-                && value_where(&rpc, "rpc.grpc.status_code", "3") == 1.0
+            let http = points(r, "http.server.request.duration");
+            value_where(&points(r, "cts.tokens.issued"), "issuer", "local") == 3.0
+                && value_where(&rpc, "rpc.status_code", "OK") == 2.0
+                && value_where(&rpc, "rpc.status_code", "RESOURCE_EXHAUSTED") == 1.0
+                && value_where(&rpc, "rpc.status_code", "PERMISSION_DENIED") == 1.0
+                && value_where(&rpc, "rpc.status_code", "INVALID_ARGUMENT") == 1.0
+                && value_where(&http, "http.response.status_code", "200") == 1.0
                 && value_where(&points(r, "cts.policy.decisions"), "decision", "deny") == 1.0
-                && value_where(&points(r, "cts.policy.decisions"), "decision", "allow") == 3.0
+                && value_where(&points(r, "cts.policy.decisions"), "decision", "allow") == 4.0
                 && value_where(&points(r, "cts.ratelimit.rejections"), "limit", "per-user") == 1.0
                 && !points(r, "cts.rpc.in_flight").is_empty()
                 && !points(r, "cts.log.dropped_lines").is_empty()
@@ -440,10 +619,47 @@ async fn metrics_arrive_with_their_names_attributes_and_counts() {
             .find(|m| m.name == "rpc.server.call.duration")
             .unwrap();
         assert_eq!(duration.unit, "s");
+        // The conventions' attributes, and no others: refusals the caller caused have no error.type.
         let rpc = points(&received, "rpc.server.call.duration");
-        assert!(rpc.iter().all(|(attrs, _)| attrs["rpc.system"] == "grpc"
-            && attrs["rpc.service"] == "ivschat.v1.TokenService"
-            && attrs["rpc.method"] == "CreateChatToken"));
+        assert_eq!(rpc.len(), 4, "{rpc:?}");
+        for (attrs, _) in &rpc {
+            let mut keys: Vec<_> = attrs.keys().map(String::as_str).collect();
+            keys.sort_unstable();
+            assert_eq!(
+                keys,
+                ["rpc.method", "rpc.status_code", "rpc.system.name"],
+                "{attrs:?}"
+            );
+            assert_eq!(attrs["rpc.system.name"], "grpc");
+            assert_eq!(
+                attrs["rpc.method"],
+                "ivschat.v1.TokenService/CreateChatToken"
+            );
+        }
+        let http = received
+            .metrics
+            .iter()
+            .find(|m| m.name == "http.server.request.duration")
+            .unwrap();
+        assert_eq!(http.unit, "s");
+        let http = points(&received, "http.server.request.duration");
+        assert_eq!(http.len(), 1, "{http:?}");
+        let (attrs, _) = &http[0];
+        let mut keys: Vec<_> = attrs.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "http.request.method",
+                "http.response.status_code",
+                "http.route",
+                "network.protocol.version",
+                "url.scheme"
+            ]
+        );
+        assert_eq!(attrs["http.route"], "/CreateChatToken");
+        assert_eq!(attrs["http.request.method"], "POST");
+        assert_eq!(attrs["url.scheme"], "http");
     }
     binary.signal("-TERM");
     assert_eq!(binary.wait().0.code(), Some(0));
@@ -539,12 +755,24 @@ async fn no_token_user_id_or_attribute_value_reaches_logs_or_spans() {
     assert_eq!(audit["fields"]["outcome"], "issued");
     assert_eq!(audit["span"]["room"], ROOM_ARN);
     assert_eq!(audit["span"]["session_minutes"], 30);
-    let trace_id = audit["spans"][0]["trace_id"]
+    let trace_id = audit["trace_id"]
         .as_str()
-        .expect("the call's trace id");
+        .expect("the call's trace id, flat");
     assert_eq!(trace_id.len(), 32, "{audit}");
+    let span_id = audit["span_id"]
+        .as_str()
+        .expect("the server span's id, flat");
+    assert_eq!(span_id.len(), 16, "{audit}");
 
     let received = collector.received.lock().unwrap();
+    // The log line's ids are those of the exported server span.
+    assert!(
+        received
+            .spans
+            .iter()
+            .any(|s| hex(&s.trace_id) == trace_id && hex(&s.span_id) == span_id),
+        "no exported span {trace_id}/{span_id}"
+    );
     let spans = format!("{:?}", received.spans);
     for (what, secret) in [
         ("token", token.as_str()),
@@ -553,5 +781,282 @@ async fn no_token_user_id_or_attribute_value_reaches_logs_or_spans() {
     ] {
         assert!(!log.contains(secret), "the {what} leaked into the logs");
         assert!(!spans.contains(secret), "the {what} leaked into a span");
+    }
+}
+
+/// A collector's TLS files and a client's, from one throwaway CA: PEM strings and files in `dir`.
+struct OtlpPki {
+    ca: String,
+    client_cert: String,
+    client_key: String,
+    collector: common::pki::Leaf,
+    ca_pem: String,
+}
+
+impl OtlpPki {
+    fn new(dir: &std::path::Path) -> Self {
+        let ca = common::pki::Ca::new("collector-ca");
+        let client = ca.client("spiffe://cluster.local/ns/chat/sa/chat-token-service");
+        let path = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        OtlpPki {
+            ca: path("ca.crt", &ca.pem()),
+            client_cert: path("client.crt", &client.cert_pem),
+            client_key: path("client.key", &client.key_pem),
+            collector: ca.server(),
+            ca_pem: ca.pem(),
+        }
+    }
+
+    /// The collector's TLS: its certificate for `localhost`, client certificates from the same CA required.
+    fn collector_tls(&self) -> CollectorTls {
+        CollectorTls {
+            cert_pem: self.collector.cert_pem.clone(),
+            key_pem: self.collector.key_pem.clone(),
+            client_ca_pem: Some(self.ca_pem.clone()),
+        }
+    }
+}
+
+/// One traced call with trace id `trace_id` through a binary started with `env`, then SIGTERM (which
+/// flushes what is left): how many spans of that trace the collector holds once the binary has exited.
+async fn spans_of_one_call(
+    collector: &Collector,
+    endpoint: &str,
+    env: &[(&str, &str)],
+    trace_id: &str,
+) -> usize {
+    let binary = exporting_to(endpoint, env);
+    let mut request = Request::new(valid_request());
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{CALLER_SPAN_ID}-01")
+            .parse()
+            .unwrap(),
+    );
+    binary
+        .client()
+        .await
+        .create_chat_token(request)
+        .await
+        .unwrap();
+    binary.signal("-TERM");
+    // The binary's last flush needs the collector, which runs on this test's runtime: wait off it.
+    let status = tokio::task::spawn_blocking(move || binary.wait().0)
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let received = collector.received.lock().unwrap();
+    received
+        .spans
+        .iter()
+        .filter(|s| hex(&s.trace_id) == trace_id)
+        .count()
+}
+
+// Multi-threaded: the collector answers while a thread waits for a binary to exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_over_https_with_a_private_ca_and_a_client_certificate_over_grpc_and_http_protobuf() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = OtlpPki::new(dir.path());
+    let (collector, addr) = Collector::start_with(Duration::ZERO, Some(pki.collector_tls())).await;
+    let endpoint = format!("https://localhost:{}", addr.port());
+    let tls = [
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", pki.ca.as_str()),
+        (
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+            pki.client_cert.as_str(),
+        ),
+        ("OTEL_EXPORTER_OTLP_CLIENT_KEY", pki.client_key.as_str()),
+    ];
+
+    for (protocol, trace_id) in [
+        ("grpc", "11111111111111111111111111111111"),
+        ("http/protobuf", "22222222222222222222222222222222"),
+    ] {
+        let http_exports = collector.received.lock().unwrap().http_exports;
+        collector.received.lock().unwrap().metrics.clear();
+        let mut env = tls.to_vec();
+        env.push(("OTEL_EXPORTER_OTLP_PROTOCOL", protocol));
+        let binary = exporting_to(&endpoint, &env);
+        let mut request = Request::new(valid_request());
+        request.metadata_mut().insert(
+            "traceparent",
+            format!("00-{trace_id}-{CALLER_SPAN_ID}-01")
+                .parse()
+                .unwrap(),
+        );
+        binary
+            .client()
+            .await
+            .create_chat_token(request)
+            .await
+            .unwrap();
+        collector
+            .until(&format!("spans and metrics over {protocol}"), |r| {
+                r.spans.iter().any(|s| {
+                    hex(&s.trace_id) == trace_id
+                        && s.name == "ivschat.v1.TokenService/CreateChatToken"
+                }) && !points(r, "rpc.server.call.duration").is_empty()
+            })
+            .await;
+        let over_http = collector.received.lock().unwrap().http_exports > http_exports;
+        assert_eq!(over_http, protocol == "http/protobuf", "{protocol}");
+        binary.signal("-TERM");
+        let (status, log) = binary.wait();
+        assert_eq!(status.code(), Some(0));
+        let started = log
+            .iter()
+            .find(|l| l.contains("exporting telemetry over OTLP"))
+            .unwrap();
+        assert!(started.contains(&format!("{protocol}, TLS")), "{started}");
+    }
+
+    // Without the CA the collector's certificate is not trusted; without the client certificate the
+    // collector refuses the handshake. Either way nothing arrives, while the same call with both does.
+    assert!(
+        spans_of_one_call(
+            &collector,
+            &endpoint,
+            &tls,
+            "33333333333333333333333333333333"
+        )
+        .await
+            > 0
+    );
+    for (protocol, trace_id, env) in [
+        ("grpc", "44444444444444444444444444444444", &tls[1..]),
+        (
+            "http/protobuf",
+            "55555555555555555555555555555555",
+            &tls[1..],
+        ),
+        ("grpc", "66666666666666666666666666666666", &tls[..1]),
+        (
+            "http/protobuf",
+            "77777777777777777777777777777777",
+            &tls[..1],
+        ),
+    ] {
+        let mut env = env.to_vec();
+        env.push(("OTEL_EXPORTER_OTLP_PROTOCOL", protocol));
+        assert_eq!(
+            spans_of_one_call(&collector, &endpoint, &env, trace_id).await,
+            0,
+            "{protocol} with {env:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn otlp_http_protobuf_in_plaintext_sends_traces_and_metrics_to_v1_paths() {
+    let (collector, addr) = Collector::start(Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = OtlpPki::new(dir.path());
+    let binary = exporting_binary(
+        addr,
+        &[
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/protobuf"),
+            // Of no use to an http:// endpoint: start-up says so.
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", pki.ca.as_str()),
+        ],
+    );
+    binary
+        .client()
+        .await
+        .create_chat_token(valid_request())
+        .await
+        .unwrap();
+    collector
+        .until("spans and metrics over OTLP/HTTP", |r| {
+            r.http_exports >= 2
+                && r.spans
+                    .iter()
+                    .any(|s| s.name == "ivschat.v1.TokenService/CreateChatToken")
+                && !points(r, "rpc.server.call.duration").is_empty()
+        })
+        .await;
+    binary.signal("-TERM");
+    let (status, log) = binary.wait();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        log.iter().any(|l| l.contains("http/protobuf, plaintext")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter().any(|l| l.contains(
+            "OTEL_EXPORTER_OTLP_CERTIFICATE is set but the OTLP endpoint is not https://"
+        )),
+        "{log:?}"
+    );
+}
+
+#[test]
+fn unsupported_otlp_settings_stop_start_up_saying_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = OtlpPki::new(dir.path());
+    let start = |env: &[(&str, &str)]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_chat-token-service"))
+            .env_clear()
+            .env("CTS_LISTEN_ADDR", "127.0.0.1:0")
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", "https://localhost:4317")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    for (env, says) in [
+        (
+            vec![("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")],
+            "OTEL_EXPORTER_OTLP_PROTOCOL=\"http/json\" is not supported: use \"grpc\" or \"http/protobuf\"",
+        ),
+        (
+            vec![("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "thrift")],
+            "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL=\"thrift\" is not supported",
+        ),
+        (
+            vec![(
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+                pki.client_cert.as_str(),
+            )],
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE needs its pair",
+        ),
+        (
+            vec![("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.crt")],
+            "OTEL_EXPORTER_OTLP_CERTIFICATE: /nonexistent/ca.crt",
+        ),
+        (
+            vec![
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+                (
+                    "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+                    pki.client_cert.as_str(),
+                ),
+                ("OTEL_EXPORTER_OTLP_CLIENT_KEY", pki.ca.as_str()),
+            ],
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+        ),
+    ] {
+        let (code, stderr) = start(&env);
+        assert_eq!(code, Some(1), "{env:?}: {stderr}");
+        assert!(stderr.contains(says), "{env:?}: {stderr}");
+        // `check` finds the same problem without starting anything.
+        let checked = std::process::Command::new(env!("CARGO_BIN_EXE_chat-token-service"))
+            .env_clear()
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", "https://localhost:4317")
+            .envs(env.iter().copied())
+            .arg("check")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&checked.stderr);
+        assert_eq!(checked.status.code(), Some(1), "check {env:?}: {stderr}");
+        assert!(stderr.contains(says), "check {env:?}: {stderr}");
     }
 }

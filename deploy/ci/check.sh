@@ -207,7 +207,7 @@ fi
 serve() {
   local combination=$1
   shift
-  (as_image "$combination" "$image_binary") >"$work/server.log" 2>&1 &
+  (as_image "$combination" "$image_binary" "${image_args[@]}") >"$work/server.log" 2>&1 &
   server=$!
   for _ in $(seq 1 100); do
     "$@" >"$work/health.json" 2>/dev/null && return 0
@@ -227,6 +227,7 @@ stop() {
   echo "exited 0 $(($(date +%s) - started))s after SIGTERM"
 }
 request='{"room_identifier":"arn:aws:ivschat:us-east-1:111111111111:room/abcdEFGH1234","user_id":"ci-user"}'
+image_args=() # what the container is run with after the image's ENTRYPOINT
 
 step "serve as the image would, mesh-less (local-issuer): mutual TLS, a client certificate gets a token, none is refused"
 tls=(-connect-timeout 5 -cacert "$secrets/tls/ca.crt" -servername chat-token-service)
@@ -258,13 +259,19 @@ if grpcurl -plaintext -d "$request" 127.0.0.1:50051 ivschat.v1.TokenService/Crea
   fail "a plaintext call was served"
 fi
 echo "CreateChatToken in plaintext: refused"
-if "$binary" health --help >/dev/null 2>&1; then
-  (as_image local-issuer "$image_binary" health) || fail "the image's HEALTHCHECK (chat-token-service health) failed"
-  echo "the image's HEALTHCHECK, chat-token-service health: healthy"
-else
-  echo "the image's HEALTHCHECK (chat-token-service health): not run, this binary has no health subcommand yet"
-fi
+# The image's HEALTHCHECK, as Docker runs it: the same mounts and environment, over the same mutual TLS.
+(as_image local-issuer "$image_binary" health) || fail "the image's HEALTHCHECK (chat-token-service health) failed"
+echo "the image's HEALTHCHECK, chat-token-service health: healthy (exit 0)"
+# The Deployment's readiness probe, as the kubelet runs it in the container: the manifest's own command.
+mapfile -t readiness <"$work/local-issuer/readiness"
+[ "${readiness[0]:-}" = /usr/local/bin/chat-token-service ] || fail "the readiness probe runs ${readiness[*]:-nothing}"
+(as_image local-issuer "$image_binary" "${readiness[@]:1}") || fail "the readiness probe (${readiness[*]}) failed"
+echo "the Deployment's readiness probe, ${readiness[*]}: ready (exit 0)"
 stop
+unhealthy=0
+(as_image local-issuer "$image_binary" health) 2>"$work/unhealthy.err" || unhealthy=$?
+[ "$unhealthy" = 1 ] || fail "chat-token-service health of a stopped server exited $unhealthy, not 1: $(cat "$work/unhealthy.err")"
+echo "chat-token-service health once the server has stopped: unhealthy (exit 1): $(cat "$work/unhealthy.err")"
 
 step "serve as the image would behind Istio (local-issuer+istio): gRPC health, a token through XFCC, none without"
 buf_curl() { npx -y @bufbuild/buf curl --protocol grpc --http2-prior-knowledge "$@"; }
@@ -284,4 +291,29 @@ if buf_curl -d '{"roomIdentifier":"arn:aws:ivschat:us-east-1:111111111111:room/a
 fi
 grep -qi 'unauthenticated' "$work/anonymous.err" || fail "without XFCC: $(cat "$work/anonymous.err")"
 echo "CreateChatToken without XFCC: UNAUTHENTICATED"
+(as_image local-issuer+istio "$image_binary" health) || fail "chat-token-service health failed behind the sidecar"
+echo "the image's HEALTHCHECK, chat-token-service health, in plaintext behind the sidecar: healthy"
+stop
+
+step "try the image out as docs/deploy.md says: nothing mounted, its own default config, --dev on 0.0.0.0"
+mkdir -p "$work/tryout/root/etc/chat-token-service/config"
+# What the image carries at CTS_CONFIG's path (deploy/Dockerfile), and the try-out's one variable.
+cp deploy/config.example.toml "$work/tryout/root/etc/chat-token-service/config/config.toml"
+: >"$work/tryout/secrets"
+printf 'CTS_CONFIG=/etc/chat-token-service/config/config.toml\nCTS_LISTEN_ADDR=0.0.0.0:50051\n' >"$work/tryout/env"
+stage tryout
+tryout_refused=0
+(as_image tryout "$image_binary" --check-config) >/dev/null 2>"$work/tryout.err" || tryout_refused=$?
+[ "$tryout_refused" = 1 ] && grep -q 'serve --dev' "$work/tryout.err" \
+  || fail "the defaults on 0.0.0.0 without --dev: exit $tryout_refused, $(cat "$work/tryout.err")"
+echo "without --dev, the defaults on 0.0.0.0 are refused, pointing at --dev"
+image_health() { (as_image "$1" "$image_binary" health); }
+image_args=(--dev)
+serve tryout image_health tryout
+image_args=()
+grep 'DEVELOPMENT MODE' "$work/server.log" || fail "no development-mode warning: $(cat "$work/server.log")"
+grpcurl -plaintext -H 'x-caller-id: try-out' -d "$request" 127.0.0.1:50051 \
+  ivschat.v1.TokenService/CreateChatToken >"$work/token.json"
+grep -q '"token"' "$work/token.json" || fail "no token in development mode: $(cat "$work/token.json")"
+echo "CreateChatToken in development mode, as x-caller-id: try-out: a token; HEALTHCHECK healthy"
 stop

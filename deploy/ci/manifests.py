@@ -183,6 +183,9 @@ def promises(combination: str, docs: list[dict]) -> list[str]:
         expect(all(f"CTS_TLS__{n}" in env for n in ("CERT_FILE", "KEY_FILE", "CLIENT_CA_FILE")),
                "without a mesh the service does not terminate mutual TLS")
         expect("/etc/chat-token-service/tls" in mounts, "without a mesh the TLS Secret is not mounted")
+        command = container["readinessProbe"].get("exec", {}).get("command", [])
+        expect(command[:2] == ["/usr/local/bin/chat-token-service", "health"],
+               "without a mesh readiness is not the service's health check over its TLS")
     if "autoscaling" in parts:
         hpa = one(docs, "HorizontalPodAutoscaler")
         (metric,) = hpa["spec"]["metrics"]
@@ -245,7 +248,7 @@ def exported_metric_names() -> set[str]:
     return names
 
 
-RAW_METRIC = re.compile(r"\b(cts_[a-z_]+|rpc_server_[a-z_]+)\b")
+RAW_METRIC = re.compile(r"\b(cts_[a-z_]+|rpc_server_[a-z_]+|http_server_[a-z_]+)\b")
 
 
 def check_metric_names() -> list[str]:
@@ -353,6 +356,9 @@ def stage(combination: str, dest: pathlib.Path) -> int:
         env.append(f"{var['name']}={value}")
     (dest / "env").write_text("".join(f"{line}\n" for line in env))
     (dest / "secrets").write_text("".join(f"{line}\n" for line in secrets))
+    # The readiness probe's command when it runs one in the container, one argument per line.
+    command = container["readinessProbe"].get("exec", {}).get("command", [])
+    (dest / "readiness").write_text("".join(f"{word}\n" for word in command))
     return 0
 
 

@@ -9,10 +9,14 @@
 use std::{fmt::Write as _, path::Path, time::Duration};
 
 use super::{key_source, policy_source};
-use crate::config::{Config, FailureMode, IssuerKind, LimiterBackend, LogFormat};
+use crate::config::{
+    Config, FailureMode, IssuerKind, LimiterBackend, LogFormat, service_link_variables,
+};
 use crate::identity::sigv4::Verifier;
 use crate::issuer::local::KeySource;
 use crate::policy::{PolicyEngine, PolicySource};
+use crate::store::redis::RedisTls;
+use crate::telemetry;
 use crate::transport::tls::Tls;
 
 /// What the check found: the summary when everything loads, else every problem, each naming its setting.
@@ -50,6 +54,17 @@ pub fn check(config_file: Option<&Path>) -> Result<String, Vec<String>> {
         && let Err(e) = Tls::load(tls)
     {
         problems.push(e.to_string());
+    }
+    if config.limiter.redis().is_some()
+        && let Err(e) = RedisTls::load(&config.limiter)
+    {
+        problems.push(e.to_string());
+    }
+
+    for (_, export) in telemetry::check_export() {
+        if let Err(e) = export {
+            problems.push(format!("configuration error: {e}"));
+        }
     }
 
     if problems.is_empty() {
@@ -211,8 +226,18 @@ fn summary(config: &Config, config_file: Option<&Path>, keys: Option<&str>) -> S
                 .redis()
                 .map(|url| url.info().addr().to_string())
                 .unwrap_or_default();
+            let tls = match (&limiter.redis_ca_file, &limiter.redis_client_cert_file) {
+                (Some(ca), Some(cert)) => format!(
+                    " (TLS: CA {}, client certificate {})",
+                    ca.display(),
+                    cert.display()
+                ),
+                (Some(ca), None) => format!(" (TLS: CA {})", ca.display()),
+                (None, Some(cert)) => format!(" (TLS: client certificate {})", cert.display()),
+                (None, None) => String::new(),
+            };
             format!(
-                "Redis{} at {address}, prefix {:?}, timeout {}, {} while unreachable",
+                "Redis{} at {address}{tls}, prefix {:?}, timeout {}, {} while unreachable",
                 if limiter.redis_cluster {
                     " Cluster"
                 } else {
@@ -245,9 +270,14 @@ fn summary(config: &Config, config_file: Option<&Path>, keys: Option<&str>) -> S
     let otlp = [
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
     ]
     .iter()
     .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()));
+    let transports: Vec<String> = telemetry::check_export()
+        .into_iter()
+        .filter_map(|(signal, export)| Some(format!("{signal} {}", export.ok()?)))
+        .collect();
     line(
         &mut out,
         "telemetry",
@@ -259,10 +289,21 @@ fn summary(config: &Config, config_file: Option<&Path>, keys: Option<&str>) -> S
             },
             otlp.map_or(
                 "off (OTEL_EXPORTER_OTLP_ENDPOINT unset)".into(),
-                |endpoint| { format!("to {endpoint}") }
+                |endpoint| format!("to {endpoint} ({})", transports.join("; "))
             )
         ),
     );
+    let links = service_link_variables();
+    if !links.is_empty() {
+        line(
+            &mut out,
+            "environment",
+            format!(
+                "ignoring Kubernetes service links, not settings: {}",
+                links.join(", ")
+            ),
+        );
+    }
     out
 }
 

@@ -32,6 +32,7 @@ use crate::issuer::{
     ivs::{CallBounds, IvsIssuer, Routes},
     local::{KeyError, KeySource, LiveKeys, LocalIssuer, LocalModerator},
 };
+use crate::pem::PemError;
 use crate::policy::{PolicyEngine, PolicyError, PolicySource};
 use crate::reload::{self, Reload, Trigger};
 use crate::stack::{self, ModerationStack, Parts, TokenStack, Upstream};
@@ -105,6 +106,9 @@ pub enum StartError {
     /// The TLS files do not load.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The Redis TLS files do not load (`limiter.redis_ca_file`, `limiter.redis_client_*_file`).
+    #[error(transparent)]
+    RedisTls(#[from] PemError),
 }
 
 /// What a test or an embedder supplies instead of what the configuration would build.
@@ -123,7 +127,7 @@ pub async fn build(config: &Config) -> Result<App, StartError> {
 
 /// [`build`], with `overrides` in place of what the configuration would build.
 pub async fn build_with(config: &Config, overrides: Overrides) -> Result<App, StartError> {
-    let backend = Backend::new(&config.limiter);
+    let backend = Backend::new(&config.limiter)?;
     let policy = policy(config)?;
     let (tokens, moderation) = match backend.clone() {
         Backend::Memory(stores) => stacks(config, overrides, policy, stores).await?,
@@ -135,7 +139,7 @@ pub async fn build_with(config: &Config, overrides: Overrides) -> Result<App, St
 /// The service around an embedder's (or a test's) own `issuer`, with everything else as `config`
 /// describes. Such an issuer is not a moderator: ModerationService is not served.
 pub async fn build_around<I: Issuer>(config: &Config, issuer: I) -> Result<App, StartError> {
-    let backend = Backend::new(&config.limiter);
+    let backend = Backend::new(&config.limiter)?;
     let policy = policy(config)?;
     let tokens = match backend.clone() {
         Backend::Memory(stores) => {
@@ -302,9 +306,15 @@ fn policy(config: &Config) -> Result<Arc<PolicyEngine>, PolicyError> {
     let source = policy_source(&config.policy);
     let engine = Arc::new(PolicyEngine::load(source.clone())?);
     match source {
-        PolicySource::Development => tracing::warn!(
+        // Off loopback only in development mode: the configuration's load refuses it otherwise.
+        PolicySource::Development if config.listen_addr.ip().is_loopback() => tracing::warn!(
             "no policy files configured (policy.files): the embedded development policy permits every \
              valid request from any caller; serving on loopback only"
+        ),
+        PolicySource::Development => tracing::warn!(
+            "no policy files configured (policy.files): the embedded development policy permits every \
+             valid request from any caller, on {} (development mode)",
+            config.listen_addr
         ),
         PolicySource::Files { policies, entities } => {
             tracing::info!(files = ?policies, entities = ?entities, shadow = config.policy.shadow, "policies loaded");

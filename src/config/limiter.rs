@@ -1,6 +1,6 @@
 //! `[limiter]`: where rate-limit and moderation state live.
 
-use std::{fmt, num::NonZeroUsize, time::Duration};
+use std::{fmt, num::NonZeroUsize, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +28,18 @@ pub struct LimiterConfig {
     /// `CTS_LIMITER__REDIS_URL` environment variable from a secret store. Required with `backend = "redis"`.
     pub redis_url: Option<RedisUrl>,
 
+    /// CA certificates, PEM, that the Redis server's certificate must chain to, in place of the system's
+    /// trusted roots: for a Redis whose certificate a private CA signed. Needs a `rediss://` URL; used for
+    /// every node of a cluster. Read at start-up. Default: none (the system's roots).
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// A client certificate chain, PEM, presented to Redis (for `tls-auth-clients yes`, Redis' default
+    /// with TLS); with `redis_client_key_file`. Needs a `rediss://` URL. Default: none.
+    pub redis_client_cert_file: Option<PathBuf>,
+
+    /// The private key of `redis_client_cert_file`, PEM (PKCS#8, PKCS#1 or SEC1). Default: none.
+    pub redis_client_key_file: Option<PathBuf>,
+
     /// Whether `redis_url` is a node of a Redis Cluster (the other nodes are discovered). In a cluster a
     /// request's limits are checked one key at a time, so a request refused by one limit may still consume
     /// from another. Default `false`.
@@ -54,6 +66,9 @@ impl Default for LimiterConfig {
             backend: LimiterBackend::Memory,
             max_tracked_keys: NonZeroUsize::new(1_000_000).expect("not zero"),
             redis_url: None,
+            redis_ca_file: None,
+            redis_client_cert_file: None,
+            redis_client_key_file: None,
             redis_cluster: false,
             redis_timeout: Duration::from_millis(50),
             failure_mode: FailureMode::FailOpen,
@@ -86,8 +101,22 @@ impl LimiterConfig {
             setting: format!("limiter.{setting}"),
             reason,
         };
+        let tls_files = [
+            ("redis_ca_file", &self.redis_ca_file),
+            ("redis_client_cert_file", &self.redis_client_cert_file),
+            ("redis_client_key_file", &self.redis_client_key_file),
+        ];
         let url = match (self.backend, &self.redis_url) {
-            (LimiterBackend::Memory, None) => return Ok(()),
+            (LimiterBackend::Memory, None) => {
+                if let Some((setting, _)) = tls_files.iter().find(|(_, file)| file.is_some()) {
+                    return Err(invalid(
+                        setting,
+                        "is set but limiter.backend is \"memory\": it is for a rediss:// limiter.redis_url"
+                            .into(),
+                    ));
+                }
+                return Ok(());
+            }
             (LimiterBackend::Memory, Some(_)) => {
                 return Err(invalid(
                     "redis_url",
@@ -106,6 +135,27 @@ impl LimiterConfig {
         };
         if let Err(why) = url.client(self.redis_cluster) {
             return Err(invalid("redis_url", why));
+        }
+        if !url.is_tls()
+            && let Some((setting, _)) = tls_files.iter().find(|(_, file)| file.is_some())
+        {
+            return Err(invalid(
+                setting,
+                "needs TLS: limiter.redis_url must be rediss://, not redis://".into(),
+            ));
+        }
+        if self.redis_client_cert_file.is_some() != self.redis_client_key_file.is_some() {
+            let missing = if self.redis_client_cert_file.is_some() {
+                "redis_client_key_file"
+            } else {
+                "redis_client_cert_file"
+            };
+            return Err(invalid(
+                missing,
+                "is required with the other: a client certificate needs its key and the key its \
+                 certificate"
+                    .into(),
+            ));
         }
         if !(Duration::from_millis(1)..=Duration::from_secs(10)).contains(&self.redis_timeout) {
             return Err(invalid(
@@ -160,6 +210,11 @@ impl RedisUrl {
     /// Where and how to connect.
     pub fn info(&self) -> &redis::ConnectionInfo {
         &self.0
+    }
+
+    /// Whether the URL asks for TLS (`rediss://`).
+    pub fn is_tls(&self) -> bool {
+        matches!(self.0.addr(), redis::ConnectionAddr::TcpTls { .. })
     }
 
     /// Builds (without connecting) the client start-up will build, so whatever it could refuse is refused

@@ -13,6 +13,7 @@
 mod identity;
 mod issuer;
 mod limiter;
+mod service_links;
 mod transport;
 
 use std::{
@@ -37,6 +38,7 @@ pub use issuer::{
     EndpointUrl, IVS_CHAT_REGIONS, IssuerKind, IvsConfig, LocalIssuerConfig, RoleArn,
 };
 pub use limiter::{FailureMode, LimiterBackend, LimiterConfig, RedisUrl};
+pub use service_links::service_link_variables;
 pub use transport::{HttpApiConfig, TlsConfig, TransportConfig};
 
 /// Prefix of environment variables that override settings.
@@ -225,7 +227,7 @@ impl PolicyConfig {
                 reason: format!(
                     "no policy files: the development policy permits every request, so it is only \
                      allowed on a loopback listen_addr, not {listen_addr}; configure policies (see \
-                     deploy/policy/production.cedar)"
+                     deploy/policy/production.cedar), or run `serve --dev` to try the service out"
                 ),
             });
         }
@@ -237,6 +239,18 @@ impl PolicyConfig {
         }
         Ok(())
     }
+}
+
+/// What a configuration is loaded for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Serving as configured: settings that believe any client (the development policy, the `header`
+    /// identity source, anonymous callers) are refused off loopback unless a proxy in front is declared.
+    #[default]
+    Serve,
+    /// Development mode (`serve --dev`), for trying the service out: those settings are allowed on any
+    /// `listen_addr`. Start-up says loudly what is trusted ([`Config::trusts_any_client`]).
+    Development,
 }
 
 /// Why the configuration cannot be used.
@@ -257,22 +271,79 @@ pub enum ConfigError {
 
 impl Config {
     /// Defaults, overridden by `file` (which must exist when given), overridden by `CTS_*` variables.
+    /// Kubernetes service links that happen to start with `CTS_` are not settings and are left out
+    /// ([`service_link_variables`] names them, for a warning).
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_for(file, Mode::Serve)
+    }
+
+    /// [`Config::load`], checked for `mode`.
+    pub fn load_for(file: Option<&Path>, mode: Mode) -> Result<Config, ConfigError> {
         let mut figment = Figment::new();
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
+        // CTS_CONFIG names the file (a flag's environment form), not a setting.
+        let not_settings: Vec<String> = std::iter::once("CONFIG".to_owned())
+            .chain(
+                service_link_variables()
+                    .into_iter()
+                    .map(|name| name[ENV_PREFIX.len()..].to_owned()),
+            )
+            .collect();
+        let not_settings: Vec<&str> = not_settings.iter().map(String::as_str).collect();
         let config: Config = figment
-            // CTS_CONFIG names the file (a flag's environment form), not a setting.
-            .merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]).split("__"))
+            .merge(Env::prefixed(ENV_PREFIX).ignore(&not_settings).split("__"))
             .extract()
             .map_err(describe)?;
-        config.validate()?;
+        config.validate_for(mode)?;
         Ok(config)
     }
 
-    /// The rules that types alone cannot express: each section's own, then those across sections.
+    /// The rules that types alone cannot express, for serving as configured ([`Mode::Serve`]).
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_for(Mode::Serve)
+    }
+
+    /// The rules that types alone cannot express, for `mode`. Development mode waives exactly the rules
+    /// that keep settings which believe any client on loopback: they are checked as if `listen_addr` were
+    /// loopback; everything else is checked the same.
+    pub fn validate_for(&self, mode: Mode) -> Result<(), ConfigError> {
+        match mode {
+            Mode::Serve => self.check_rules(),
+            Mode::Development => Config {
+                listen_addr: SocketAddr::from(([127, 0, 0, 1], self.listen_addr.port())),
+                ..self.clone()
+            }
+            .check_rules(),
+        }
+    }
+
+    /// What this configuration believes of any client that reaches `listen_addr`, one phrase each: empty
+    /// when it believes nothing a client says of itself. Development mode's warning names them.
+    pub fn trusts_any_client(&self) -> Vec<String> {
+        let identity = &self.identity;
+        let mut trusts = Vec::new();
+        if self.policy.files.is_empty() {
+            trusts.push("the development policy permits every valid request".to_owned());
+        }
+        if identity.sources.contains(&IdentitySource::Header) {
+            trusts.push(format!(
+                "any client names itself in the {} header",
+                identity.header
+            ));
+        }
+        if identity.allow_anonymous {
+            trusts.push(format!(
+                "callers no identity source names pass as {:?}",
+                identity.anonymous_principal
+            ));
+        }
+        trusts
+    }
+
+    /// Each section's own rules, then those across sections.
+    fn check_rules(&self) -> Result<(), ConfigError> {
         self.transport.check()?;
         self.local_issuer.check()?;
         // Policy before identity: without policy files nothing else off loopback matters yet.

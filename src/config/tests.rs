@@ -498,3 +498,105 @@ fn the_key_never_shows_in_debug_output() {
     let config = load_str("[local_issuer]\nkey = \"k4.local.very-secret\"").unwrap();
     assert!(!format!("{config:?}").contains("very-secret"));
 }
+
+#[test]
+fn kubernetes_service_links_are_recognised_by_name_and_value() {
+    use super::service_links::is_service_link;
+    // What the kubelet injects for Services named `cts`, `cts-redis` (port 6379, named `redis`) and
+    // `cts-v6` (an IPv6 cluster IP, UDP).
+    for (name, value) in [
+        ("CTS_SERVICE_HOST", "10.0.0.11"),
+        ("CTS_SERVICE_PORT", "50051"),
+        ("CTS_SERVICE_PORT_GRPC", "50051"),
+        ("CTS_PORT", "tcp://10.0.0.11:50051"),
+        ("CTS_PORT_50051_TCP", "tcp://10.0.0.11:50051"),
+        ("CTS_PORT_50051_TCP_PROTO", "tcp"),
+        ("CTS_PORT_50051_TCP_PORT", "50051"),
+        ("CTS_PORT_50051_TCP_ADDR", "10.0.0.11"),
+        ("CTS_REDIS_SERVICE_HOST", "10.0.0.12"),
+        ("CTS_REDIS_SERVICE_PORT_REDIS", "6379"),
+        ("CTS_REDIS_PORT_6379_TCP_ADDR", "10.0.0.12"),
+        ("CTS_V6_PORT", "udp://[fd00::1]:53"),
+        ("CTS_V6_PORT_53_UDP", "udp://[fd00::1]:53"),
+        ("CTS_V6_SERVICE_HOST", "fd00::1"),
+    ] {
+        assert!(is_service_link(name, value), "{name}={value}");
+    }
+    // Names of that shape whose values are not what the kubelet writes stay settings (and are refused as
+    // unknown ones), as do settings and near misses.
+    for (name, value) in [
+        ("CTS_PORT", "50051"),
+        ("CTS_SERVICE_HOST", "cts.chat.svc"),
+        ("CTS_REDIS_SERVICE_PORT", "six"),
+        ("CTS_PORT_50051_TCP", "tcp://10.0.0.11:6379"),
+        ("CTS_PORT_50051_TCP_PROTO", "udp"),
+        ("CTS_PORT_50051_TCP_PORT", "6379"),
+        ("CTS_PORT_50051_HTTP", "http://10.0.0.11:50051"),
+        ("CTS_PORT_50051_TCP_HOST", "10.0.0.11"),
+        ("CTS_LISTEN_ADDR", "10.0.0.11:50051"),
+        ("OTHER_SERVICE_HOST", "10.0.0.11"),
+    ] {
+        assert!(!is_service_link(name, value), "{name}={value}");
+    }
+}
+
+#[test]
+fn no_setting_can_be_taken_for_a_service_link() {
+    use super::service_links::is_service_link;
+    let whole = Config {
+        tls: Some(TlsConfig {
+            cert_file: "c".into(),
+            key_file: "k".into(),
+            client_ca_file: Some("ca".into()),
+            handshake_timeout: default_handshake_timeout(),
+            max_concurrent_handshakes: default_max_concurrent_handshakes(),
+            max_handshakes_per_peer: default_max_handshakes_per_peer(),
+        }),
+        ..Config::default()
+    };
+    let values = ["10.0.0.11", "6379", "tcp://10.0.0.11:6379", "tcp"];
+    for setting in paths_of(&whole) {
+        let variable = format!("{ENV_PREFIX}{}", setting.replace('.', "__").to_uppercase());
+        for value in values {
+            assert!(!is_service_link(&variable, value), "{variable}={value}");
+        }
+    }
+}
+
+#[test]
+fn redis_tls_files_need_a_rediss_url_and_come_as_a_pair() {
+    let redis = "backend = \"redis\"\nredis_url = \"rediss://redis.internal:6380\"";
+    assert!(
+        load_str(&format!(
+            "[limiter]\n{redis}\nredis_ca_file = \"ca.crt\"\nredis_client_cert_file = \"c.crt\"\n\
+             redis_client_key_file = \"c.key\""
+        ))
+        .is_ok()
+    );
+    for (toml, setting, why) in [
+        (
+            "redis_ca_file = \"ca.crt\"",
+            "limiter.redis_ca_file",
+            "\"memory\"",
+        ),
+        (
+            "backend = \"redis\"\nredis_url = \"redis://redis.internal\"\nredis_ca_file = \"ca.crt\"",
+            "limiter.redis_ca_file",
+            "rediss://",
+        ),
+        (
+            &format!("{redis}\nredis_client_cert_file = \"c.crt\""),
+            "limiter.redis_client_key_file",
+            "is required with the other",
+        ),
+        (
+            &format!("{redis}\nredis_client_key_file = \"c.key\""),
+            "limiter.redis_client_cert_file",
+            "is required with the other",
+        ),
+    ] {
+        let (got, reason) = invalid_setting(&format!("[limiter]\n{toml}"));
+        assert_eq!(got, setting, "{toml}");
+        assert!(reason.contains(why), "{toml}: {reason}");
+    }
+}

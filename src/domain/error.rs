@@ -184,13 +184,41 @@ pub enum Overload {
         /// The configured budget.
         budget: usize,
     },
-    /// `transport.max_streaming_calls` streaming calls (health `Watch`, reflection) are open, in total or
-    /// on this connection (`transport.max_streaming_calls_per_connection`).
+    /// `transport.max_streaming_calls` streaming calls (health `Watch`, reflection) are open.
     #[error("{max_streams} streaming calls already open")]
     Streams {
-        /// The bound that was reached.
+        /// The configured bound.
         max_streams: usize,
     },
+    /// `transport.max_streaming_calls_per_connection` streaming calls are open on this connection.
+    #[error("{max_streams} streaming calls already open on this connection")]
+    StreamsOnConnection {
+        /// The configured bound.
+        max_streams: usize,
+    },
+}
+
+impl Overload {
+    /// The setting that bounds it.
+    pub fn setting(self) -> &'static str {
+        match self {
+            Overload::Calls { .. } => "max_concurrent_calls",
+            Overload::RequestBytes { .. } => "transport.max_request_bytes_in_flight",
+            Overload::Streams { .. } => "transport.max_streaming_calls",
+            Overload::StreamsOnConnection { .. } => "transport.max_streaming_calls_per_connection",
+        }
+    }
+
+    /// The setting's value.
+    pub fn max(self) -> usize {
+        match self {
+            Overload::Calls { max_calls } => max_calls,
+            Overload::RequestBytes { budget } => budget,
+            Overload::Streams { max_streams } | Overload::StreamsOnConnection { max_streams } => {
+                max_streams
+            }
+        }
+    }
 }
 
 /// The kinds of IVS Chat failure, each with its gRPC code.

@@ -49,7 +49,7 @@ use crate::domain::{
 };
 #[cfg(test)]
 use crate::rescue::ERROR_TYPE;
-use crate::rescue::{IvsError, IvsMembers, UNKNOWN_OPERATION, VALIDATION_OTHER};
+use crate::rescue::{IvsError, IvsMembers, UNKNOWN_OPERATION, VALIDATION_OTHER, unknown_method};
 use crate::transport::{
     deadline::CallDeadline,
     inflight::{Calls, Place},
@@ -88,9 +88,7 @@ async fn unknown_operation(request: Request<Body>) -> Response<Body> {
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     if grpc {
-        let (parts, ()) = tonic::Status::unimplemented("")
-            .into_http::<()>()
-            .into_parts();
+        let (parts, ()) = unknown_method().into_http::<()>().into_parts();
         return Response::from_parts(parts, Body::empty());
     }
     let request_id = request_id(&request);

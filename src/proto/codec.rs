@@ -3,6 +3,10 @@
 //! counts as a server fault and clients may retry).
 //!
 //! The generated service uses it through `codec_path` in build.rs.
+//!
+//! Its refusal carries `google.rpc.ErrorInfo` like every other error (AIP-193), reason
+//! [`UNDECODABLE`] in the service's error domain, which lives in `rescue` above this layer: the same
+//! words are written here, and a test of the rescue table holds them equal.
 
 use std::marker::PhantomData;
 
@@ -12,6 +16,12 @@ use tonic::{
     codec::{BufferSettings, Codec, DecodeBuf, Decoder},
 };
 use tonic_prost::ProstEncoder;
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// `google.rpc.ErrorInfo.reason` of a request message that cannot be decoded.
+pub const UNDECODABLE: &str = "MESSAGE_UNDECODABLE";
+/// `rescue::ERROR_DOMAIN`, which this layer cannot name.
+pub const ERROR_DOMAIN: &str = "chat-token-service.internal";
 
 /// A [`Codec`] for `application/grpc+proto` whose decode errors are INVALID_ARGUMENT.
 #[derive(Debug, Clone, Copy)]
@@ -54,7 +64,15 @@ impl<U: Message + Default> Decoder for ProstDecoder<U> {
         U::decode(buf).map(Some).map_err(|error| {
             // prost's message names the field and the problem (e.g. "invalid string value: data is not
             // UTF-8 encoded"), never the bytes.
-            Status::invalid_argument(format!("the request message cannot be decoded: {error}"))
+            Status::with_error_details(
+                tonic::Code::InvalidArgument,
+                format!("the request message cannot be decoded: {error}"),
+                ErrorDetails::with_error_info(
+                    UNDECODABLE,
+                    ERROR_DOMAIN,
+                    std::collections::HashMap::new(),
+                ),
+            )
         })
     }
 

@@ -6,6 +6,11 @@
 //! It sits below the transport as well as the doors because the transport sheds over-capacity calls
 //! ([`Error::Overloaded`]) before any door sees them. Messages name what went wrong and never carry tokens,
 //! keys, user ids or attribute values.
+//!
+//! Every gRPC error carries a `google.rpc.ErrorInfo` (AIP-193): one reason per cause, in
+//! [`ERROR_DOMAIN`] for this service's decisions and [`IVS_ERROR_DOMAIN`] for IVS Chat's. Every retry
+//! delay is given three ways: `google.rpc.RetryInfo`, `retry-after` (whole seconds, for people and
+//! proxies) and `grpc-retry-pushback-ms` (gRFC A6: what gRPC clients' retry policies obey).
 
 use std::{
     collections::HashMap,
@@ -20,10 +25,18 @@ use crate::domain::{
     Action, Error, ExceededLimit, FieldViolation, TimeLimit, UpstreamKind, error::join,
 };
 
-/// `google.rpc.ErrorInfo.domain` for errors this service decides.
-pub const ERROR_DOMAIN: &str = "chat-token-service";
+/// `google.rpc.ErrorInfo.domain` for errors this service decides. AIP-193 wants a DNS-style name for the
+/// service that defines the reasons, stable wherever it runs. This service has no public domain of its
+/// own; `.internal` is the top-level domain ICANN reserved (2024) for private use, which will never be
+/// delegated, so the name cannot collide with anyone's registered service, and it says whose reasons
+/// these are: this service's, not IVS Chat's ([`IVS_ERROR_DOMAIN`]).
+pub const ERROR_DOMAIN: &str = "chat-token-service.internal";
 /// `google.rpc.ErrorInfo.domain` for errors Amazon IVS Chat returned.
 pub const IVS_ERROR_DOMAIN: &str = "ivschat.amazonaws.com";
+
+/// gRFC A6's retry pushback, in whole milliseconds: a gRPC client retrying under a retry policy waits
+/// this long before its next attempt, instead of its own backoff. (gRPC clients ignore `retry-after`.)
+pub const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
 
 /// The longest message a caller gets, in bytes. gRPC messages travel in the `grpc-message` trailer, next
 /// to `grpc-status-details-bin`; gRPC clients refuse header blocks past 8 KiB (grpc-go, grpcio) or 16 KiB,
@@ -60,7 +73,8 @@ pub struct Rescue {
     quota: Vec<ExceededLimit>,
     /// `ThrottlingException`'s `resourceId` and `resourceType`.
     resource: Option<(String, &'static str)>,
-    /// When a retry can succeed: `google.rpc.RetryInfo` and `retry-after` / `Retry-After` (whole seconds).
+    /// When a retry can succeed: `google.rpc.RetryInfo`, `retry-after` / `Retry-After` (whole seconds)
+    /// and `grpc-retry-pushback-ms`.
     retry_after: Option<Duration>,
 }
 
@@ -159,9 +173,9 @@ impl Rescue {
             Status::with_error_details(self.code, self.message, details)
         };
         if let Some(delay) = self.retry_after {
-            status
-                .metadata_mut()
-                .insert("retry-after", MetadataValue::from(whole_seconds(delay)));
+            let metadata = status.metadata_mut();
+            metadata.insert("retry-after", MetadataValue::from(whole_seconds(delay)));
+            metadata.insert(RETRY_PUSHBACK, MetadataValue::from(whole_millis(delay)));
         }
         status
     }
@@ -189,12 +203,14 @@ pub fn rescue(error: Error) -> Rescue {
     match error {
         Error::InvalidArgument(violations) => {
             let violations = bounded(violations);
+            let fields = field_names(&violations);
             Rescue::new(
                 Code::InvalidArgument,
                 S::BAD_REQUEST,
                 "ValidationException",
                 format!("invalid request: {}", join(&violations)),
             )
+            .info(FIELD_VALIDATION_FAILED, ERROR_DOMAIN, vec![("fields", fields)])
             .fields(FIELD_VALIDATION_FAILED, violations)
         }
         // IVS has no "unauthenticated" shape: AWS answers unknown keys and bad signatures with 403.
@@ -203,7 +219,8 @@ pub fn rescue(error: Error) -> Rescue {
             S::FORBIDDEN,
             "AccessDeniedException",
             format!("no caller identity: {why}"),
-        ),
+        )
+        .info("NO_CALLER_IDENTITY", ERROR_DOMAIN, Vec::new()),
         Error::PolicyDenied { policy_ids } => Rescue::new(
             Code::PermissionDenied,
             S::FORBIDDEN,
@@ -226,6 +243,11 @@ pub fn rescue(error: Error) -> Rescue {
                 "ThrottlingException",
                 format!("rate limit exceeded: {}", names.join(", ")),
             )
+            .info(
+                "RATE_LIMIT_EXCEEDED",
+                ERROR_DOMAIN,
+                vec![("limits", names.join(","))],
+            )
             .retry_after(retry_after);
             rescue.resource = Some((names.join(","), "RATE_LIMIT"));
             rescue.quota = limits;
@@ -236,6 +258,14 @@ pub fn rescue(error: Error) -> Rescue {
             S::SERVICE_UNAVAILABLE,
             "ServiceUnavailableException",
             format!("server overloaded: {overload}; retry, preferably on another replica"),
+        )
+        .info(
+            "SERVER_OVERLOADED",
+            ERROR_DOMAIN,
+            vec![
+                ("setting", overload.setting().to_owned()),
+                ("max", overload.max().to_string()),
+            ],
         )
         .retry_after(OVERLOADED_RETRY_AFTER),
         Error::Upstream {
@@ -249,26 +279,30 @@ pub fn rescue(error: Error) -> Rescue {
             S::GATEWAY_TIMEOUT,
             "RequestTimeoutException",
             "the caller's deadline passed before the token was issued",
-        ),
+        )
+        .info("DEADLINE_EXCEEDED", ERROR_DOMAIN, Vec::new()),
         Error::TimeLimit(limit @ TimeLimit::CallDuration(_)) => Rescue::new(
             Code::DeadlineExceeded,
             S::GATEWAY_TIMEOUT,
             "RequestTimeoutException",
             limit.to_string(),
-        ),
+        )
+        .info("CALL_TOO_LONG", ERROR_DOMAIN, Vec::new()),
         // Not the client's fault and not final: a stream ended for its age is opened again at once.
         Error::TimeLimit(limit @ TimeLimit::StreamAge(_)) => Rescue::new(
             Code::Unavailable,
             S::SERVICE_UNAVAILABLE,
             "ServiceUnavailableException",
             limit.to_string(),
-        ),
+        )
+        .info("STREAM_TOO_OLD", ERROR_DOMAIN, Vec::new()),
         Error::LimiterUnavailable { retry_after } => Rescue::new(
             Code::Unavailable,
             S::SERVICE_UNAVAILABLE,
             "ServiceUnavailableException",
             "rate limits cannot be checked right now; retry later",
         )
+        .info("RATE_LIMITS_UNAVAILABLE", ERROR_DOMAIN, Vec::new())
         .retry_after(retry_after),
         // The end of the ban tells the user's app when to try again; the reason stays with the moderators.
         Error::UserBanned { expires_at } => Rescue::new(
@@ -305,6 +339,7 @@ pub fn rescue(error: Error) -> Rescue {
             "ValidationException",
             what,
         )
+        .info("UNSUPPORTED_BY_ISSUER", ERROR_DOMAIN, Vec::new())
         .fields(UNKNOWN_OPERATION, Vec::new()),
         Error::StoreFull { capacity } => Rescue::new(
             Code::ResourceExhausted,
@@ -321,8 +356,23 @@ pub fn rescue(error: Error) -> Rescue {
             S::INTERNAL_SERVER_ERROR,
             "InternalServerException",
             "internal error; the server log has details",
-        ),
+        )
+        .info("INTERNAL_ERROR", ERROR_DOMAIN, Vec::new()),
     }
+}
+
+/// The status of a gRPC call to a method this server does not serve (no domain error: nothing was
+/// asked of the service), with its ErrorInfo like every other error. (The HTTP API answers an unknown
+/// path with [`IvsError::unreadable`]`(`[`UNKNOWN_OPERATION`]`)`, the same shape given here.)
+pub fn unknown_method() -> Status {
+    Rescue::new(
+        Code::Unimplemented,
+        StatusCode::BAD_REQUEST,
+        "ValidationException",
+        "this server does not serve this method; reflection lists those it does",
+    )
+    .info("UNKNOWN_METHOD", ERROR_DOMAIN, Vec::new())
+    .into_status()
 }
 
 /// How long a caller shed for overload is advised to wait: another replica can take it at once.
@@ -513,6 +563,17 @@ fn truncated(mut text: String, max: usize) -> String {
     text
 }
 
+/// The names of the fields `violations` refuses, for ErrorInfo's metadata: comma-separated, each once.
+fn field_names(violations: &[FieldViolation]) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for violation in violations {
+        if !violation.field.is_empty() && !names.contains(&violation.field.as_ref()) {
+            names.push(&violation.field);
+        }
+    }
+    names.join(",")
+}
+
 /// `violations` within the reply bounds: at most [`MAX_VIOLATIONS`], each description at most
 /// [`MAX_DESCRIPTION_BYTES`].
 fn bounded(violations: Vec<FieldViolation>) -> Vec<FieldViolation> {
@@ -532,6 +593,11 @@ fn bounded(violations: Vec<FieldViolation>) -> Vec<FieldViolation> {
         ));
     }
     kept
+}
+
+/// Retry pushback in whole milliseconds, rounded up, so retrying after it never fails early.
+fn whole_millis(delay: Duration) -> u64 {
+    u64::try_from(delay.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
 
 /// Retry hints in whole seconds, rounded up, so retrying at the advertised second never fails early.

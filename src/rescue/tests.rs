@@ -4,7 +4,7 @@ use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
 use super::*;
-use crate::domain::{Action, ExceededLimit, FieldViolation, Overload, UpstreamKind};
+use crate::domain::{Action, ExceededLimit, FieldViolation, Overload, TimeLimit, UpstreamKind};
 
 fn grpc_status(error: Error) -> Status {
     rescue(error).into_status()
@@ -281,7 +281,15 @@ fn both_doors_map_every_error_from_the_same_cases() {
         }],
         retry_after: Duration::from_millis(1_500),
     };
-    type Case = (fn() -> Error, Code, u16, &'static str, Option<&'static str>);
+    // (error, gRPC code, HTTP status, IVS shape, retry-after seconds, ErrorInfo reason)
+    type Case = (
+        fn() -> Error,
+        Code,
+        u16,
+        &'static str,
+        Option<&'static str>,
+        &'static str,
+    );
     let cases: Vec<Case> = vec![
         (
             || {
@@ -294,6 +302,7 @@ fn both_doors_map_every_error_from_the_same_cases() {
             400,
             "ValidationException",
             None,
+            "FIELD_VALIDATION_FAILED",
         ),
         (
             || Error::Unauthenticated("the signature does not match"),
@@ -301,6 +310,7 @@ fn both_doors_map_every_error_from_the_same_cases() {
             403,
             "AccessDeniedException",
             None,
+            "NO_CALLER_IDENTITY",
         ),
         (
             || Error::PolicyDenied {
@@ -310,6 +320,7 @@ fn both_doors_map_every_error_from_the_same_cases() {
             403,
             "AccessDeniedException",
             None,
+            "POLICY_DENIED",
         ),
         (
             || Error::Overloaded(Overload::Calls { max_calls: 3 }),
@@ -317,6 +328,7 @@ fn both_doors_map_every_error_from_the_same_cases() {
             503,
             "ServiceUnavailableException",
             Some("1"),
+            "SERVER_OVERLOADED",
         ),
         (
             || Error::DeadlineExceeded,
@@ -324,6 +336,31 @@ fn both_doors_map_every_error_from_the_same_cases() {
             504,
             "RequestTimeoutException",
             None,
+            "DEADLINE_EXCEEDED",
+        ),
+        (
+            || Error::TimeLimit(TimeLimit::CallDuration(Duration::from_secs(30))),
+            Code::DeadlineExceeded,
+            504,
+            "RequestTimeoutException",
+            None,
+            "CALL_TOO_LONG",
+        ),
+        (
+            || Error::TimeLimit(TimeLimit::StreamAge(Duration::from_secs(1800))),
+            Code::Unavailable,
+            503,
+            "ServiceUnavailableException",
+            None,
+            "STREAM_TOO_OLD",
+        ),
+        (
+            || Error::Overloaded(Overload::StreamsOnConnection { max_streams: 4 }),
+            Code::Unavailable,
+            503,
+            "ServiceUnavailableException",
+            Some("1"),
+            "SERVER_OVERLOADED",
         ),
         (
             || Error::LimiterUnavailable {
@@ -333,6 +370,7 @@ fn both_doors_map_every_error_from_the_same_cases() {
             503,
             "ServiceUnavailableException",
             Some("1"),
+            "RATE_LIMITS_UNAVAILABLE",
         ),
         (
             || Error::Internal("boom".into()),
@@ -340,6 +378,7 @@ fn both_doors_map_every_error_from_the_same_cases() {
             500,
             "InternalServerException",
             None,
+            "INTERNAL_ERROR",
         ),
         (
             || Error::UserBanned { expires_at: None },
@@ -347,6 +386,7 @@ fn both_doors_map_every_error_from_the_same_cases() {
             403,
             "AccessDeniedException",
             None,
+            "USER_BANNED",
         ),
         (
             || Error::Unsupported("not here"),
@@ -354,6 +394,7 @@ fn both_doors_map_every_error_from_the_same_cases() {
             400,
             "ValidationException",
             None,
+            "UNSUPPORTED_BY_ISSUER",
         ),
         (
             || Error::StoreFull { capacity: 9 },
@@ -361,12 +402,30 @@ fn both_doors_map_every_error_from_the_same_cases() {
             402,
             "ServiceQuotaExceededException",
             None,
+            "MODERATION_STORE_FULL",
         ),
     ];
-    for (error, code, status, error_type, retry_after) in cases {
+    for (error, code, status, error_type, retry_after, reason) in cases {
+        covered(&error());
         let grpc = grpc_status(error());
         let ivs = ivs_error(error());
         assert_eq!(grpc.code(), code, "{error_type}");
+        let info = grpc
+            .get_details_error_info()
+            .expect("ErrorInfo on every error");
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            (reason, ERROR_DOMAIN)
+        );
+        assert_eq!(
+            grpc.metadata()
+                .get(RETRY_PUSHBACK)
+                .map(|v| v.to_str().unwrap().to_owned()),
+            grpc.get_details_retry_info()
+                .and_then(|r| r.retry_delay)
+                .map(|d| d.as_millis().to_string()),
+            "{error_type}: grpc-retry-pushback-ms wherever a retry delay is given"
+        );
         assert_eq!((ivs.status.as_u16(), ivs.error_type), (status, error_type));
         assert_eq!(
             ivs.message,
@@ -380,9 +439,17 @@ fn both_doors_map_every_error_from_the_same_cases() {
         );
     }
 
+    covered(&rate_limited());
     let grpc = grpc_status(rate_limited());
     let ivs = ivs_error(rate_limited());
     assert_eq!(grpc.code(), Code::ResourceExhausted);
+    let info = grpc.get_details_error_info().unwrap();
+    assert_eq!(
+        (info.reason.as_str(), info.domain.as_str()),
+        ("RATE_LIMIT_EXCEEDED", ERROR_DOMAIN)
+    );
+    assert_eq!(info.metadata["limits"], "per-user");
+    assert_eq!(grpc.metadata().get(RETRY_PUSHBACK).unwrap(), "1500");
     assert_eq!(
         (ivs.status.as_u16(), ivs.error_type),
         (429, "ThrottlingException")
@@ -442,9 +509,14 @@ fn both_doors_map_every_error_from_the_same_cases() {
             "ServiceUnavailableException",
         ),
     ] {
+        covered(&upstream(kind.clone()));
         let grpc = grpc_status(upstream(kind.clone()));
         let ivs = ivs_error(upstream(kind));
         assert_eq!(grpc.code(), code, "{error_type}");
+        let info = grpc
+            .get_details_error_info()
+            .expect("ErrorInfo on every error");
+        assert_eq!(info.domain, IVS_ERROR_DOMAIN, "{error_type}");
         assert_eq!((ivs.status.as_u16(), ivs.error_type), (status, error_type));
         assert_eq!(ivs.message, grpc.message());
         assert!(ivs.message.contains("req-1"));
@@ -497,4 +569,71 @@ fn internal_errors_show_no_detail_through_either_door() {
     assert_eq!(grpc.message(), "internal error; the server log has details");
     assert_eq!(rest.message, grpc.message());
     assert_eq!(rest.status.as_u16(), 500);
+}
+
+/// Every variant of [`Error`], matched without a wildcard: a new variant does not compile until it is
+/// added here, and so to the side-by-side cases above (token rejections have a test of their own,
+/// `token_rejections_carry_their_reason_genuine_ones_as_failed_precondition`).
+fn covered(error: &Error) {
+    match error {
+        Error::InvalidArgument(_)
+        | Error::Unauthenticated(_)
+        | Error::PolicyDenied { .. }
+        | Error::RateLimited { .. }
+        | Error::Overloaded { .. }
+        | Error::Upstream { .. }
+        | Error::DeadlineExceeded
+        | Error::TimeLimit(_)
+        | Error::LimiterUnavailable { .. }
+        | Error::UserBanned { .. }
+        | Error::TokenRejected(_)
+        | Error::Unsupported(_)
+        | Error::StoreFull { .. }
+        | Error::Internal(_) => {}
+    }
+}
+
+#[test]
+fn retry_delays_go_out_as_retry_info_retry_after_and_grpc_retry_pushback_ms() {
+    let status = grpc_status(Error::RateLimited {
+        limits: vec![ExceededLimit {
+            name: "per-user".into(),
+            description: "5/min per user, burst 5".into(),
+        }],
+        retry_after: Duration::from_micros(12_000_001),
+    });
+    assert_eq!(status.metadata().get("retry-after").unwrap(), "13");
+    assert_eq!(status.metadata().get(RETRY_PUSHBACK).unwrap(), "12001");
+    // Without a delay, neither header: a client must not be told to wait for nothing.
+    let denied = grpc_status(Error::PolicyDenied { policy_ids: vec![] });
+    assert!(denied.metadata().get(RETRY_PUSHBACK).is_none());
+    assert!(denied.metadata().get("retry-after").is_none());
+}
+
+#[test]
+fn invalid_argument_error_info_names_each_bad_field_once() {
+    let status = grpc_status(Error::InvalidArgument(vec![
+        FieldViolation::new("user_id", "is required"),
+        FieldViolation::new("attributes", "too many"),
+        FieldViolation::new("user_id", "too long"),
+    ]));
+    let info = status.get_details_error_info().unwrap();
+    assert_eq!(info.reason, "FIELD_VALIDATION_FAILED");
+    assert_eq!(info.metadata["fields"], "user_id,attributes");
+}
+
+#[test]
+fn the_codec_refuses_in_the_same_error_domain() {
+    assert_eq!(crate::proto::codec::ERROR_DOMAIN, ERROR_DOMAIN);
+}
+
+#[test]
+fn an_unknown_method_is_unimplemented_with_its_own_reason() {
+    let status = unknown_method();
+    assert_eq!(status.code(), Code::Unimplemented);
+    let info = status.get_details_error_info().unwrap();
+    assert_eq!(
+        (info.reason.as_str(), info.domain.as_str()),
+        ("UNKNOWN_METHOD", ERROR_DOMAIN)
+    );
 }

@@ -16,6 +16,7 @@ use std::num::NonZeroUsize;
 use tokio::sync::watch;
 
 use crate::config::{FailureMode, LimiterBackend, LimiterConfig};
+use crate::pem::PemError;
 use limits::{MemoryStore, RedisLimits};
 use moderation::{MemoryModeration, RedisModeration};
 
@@ -46,14 +47,16 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// The backend `settings` choose. With Redis it starts the probe, so call it inside a tokio runtime;
-    /// Redis need not be up yet. Each kind of state is bounded by `limiter.max_tracked_keys` in memory.
-    pub fn new(settings: &LimiterConfig) -> Self {
+    /// The backend `settings` choose. With Redis it reads the TLS files `settings` name (refusing bad
+    /// ones) and starts the probe, so call it inside a tokio runtime; Redis need not be up yet. Each kind
+    /// of state is bounded by `limiter.max_tracked_keys` in memory.
+    pub fn new(settings: &LimiterConfig) -> Result<Self, PemError> {
         let capacity = settings.max_tracked_keys;
         let Some(url) = settings.redis() else {
-            return Backend::memory(capacity);
+            return Ok(Backend::memory(capacity));
         };
-        let connection = redis::Connection::open(url.info(), settings.redis_cluster);
+        let tls = redis::RedisTls::load(settings)?;
+        let connection = redis::Connection::open(url.info(), settings.redis_cluster, tls.as_ref());
         let shared = redis::SharedRedis::new(
             connection,
             &settings.key_prefix,
@@ -63,6 +66,9 @@ impl Backend {
         );
         tracing::info!(
             cluster = settings.redis_cluster,
+            tls = url.is_tls(),
+            private_ca = settings.redis_ca_file.is_some(),
+            client_certificate = settings.redis_client_cert_file.is_some(),
             timeout = ?settings.redis_timeout,
             failure_mode = ?settings.failure_mode,
             "rate limits and moderation state shared through Redis"
@@ -72,11 +78,11 @@ impl Backend {
         // In a cluster the ban record and the limits live in different slots: no single script sees both.
         let ban_gate =
             (!settings.redis_cluster).then(|| BanGate::new(moderation.clone(), limits.clone()));
-        Backend::Redis(Stores {
+        Ok(Backend::Redis(Stores {
             limits,
             moderation,
             ban_gate,
-        })
+        }))
     }
 
     /// Both stores in process, each holding at most `capacity` keys or entries of a kind.

@@ -22,6 +22,7 @@
 
 use std::{
     future::Future,
+    path::Path,
     pin::Pin,
     sync::{
         Arc, Weak,
@@ -32,15 +33,17 @@ use std::{
 
 use opentelemetry::KeyValue;
 use redis::{
-    ConnectionInfo, FromRedisValue, RedisResult,
+    ClientTlsConfig, ConnectionInfo, FromRedisValue, RedisResult, TlsCertificates,
     aio::{ConnectionManager, ConnectionManagerConfig},
     cluster::{ClusterClient, ClusterConfig},
     cluster_async::ClusterConnection,
 };
 use tokio::sync::watch;
+use tokio_rustls::rustls::RootCertStore;
 
 use super::StoreError;
-use crate::config::FailureMode;
+use crate::config::{FailureMode, LimiterConfig};
+use crate::pem::{self, ClientIdentity, PemError};
 use crate::telemetry::metrics::metrics;
 
 /// How often Redis is probed: how soon a replica notices an outage while idle, and its end at all. Also
@@ -63,24 +66,34 @@ pub enum Connection {
 
 impl Connection {
     /// A connection to the Redis `info` names (`redis://` or `rediss://` for TLS, `user:password@` for
-    /// ACL auth, a `/db` number), or to the cluster it is a node of. Connects lazily, so the service starts
-    /// even while Redis is down.
+    /// ACL auth, a `/db` number), or to the cluster it is a node of; over TLS with `tls`'s CA and client
+    /// certificate when given ([`RedisTls::load`]). Connects lazily, so the service starts even while Redis
+    /// is down.
     ///
     /// # Panics
-    /// If redis-rs refuses `info`: the configuration's load already built the same client from it
-    /// ([`crate::config::RedisUrl`]), so this cannot happen after a successful load.
-    pub fn open(info: &ConnectionInfo, cluster: bool) -> Self {
-        const CHECKED: &str = "the Redis URL was checked when the configuration was loaded";
+    /// If redis-rs refuses `info` or `tls`: the configuration's load built the same client from the URL
+    /// ([`crate::config::RedisUrl`]) and [`RedisTls::load`] checked the files, so this cannot happen
+    /// after both succeeded.
+    pub fn open(info: &ConnectionInfo, cluster: bool, tls: Option<&RedisTls>) -> Self {
+        const CHECKED: &str =
+            "the Redis URL and TLS files were checked when the configuration was loaded";
+        let certificates = tls.map(|tls| tls.0.clone());
         if cluster {
-            let client = ClusterClient::builder([info.clone()])
-                .connection_timeout(CONNECT_TIMEOUT)
-                .build()
-                .expect(CHECKED);
+            let mut builder =
+                ClusterClient::builder([info.clone()]).connection_timeout(CONNECT_TIMEOUT);
+            if let Some(certificates) = certificates {
+                builder = builder.certs(certificates);
+            }
+            let client = builder.build().expect(CHECKED);
             Connection::Cluster(
                 client.get_pending_async_connection_with_config(ClusterConfig::new()),
             )
         } else {
-            let client = redis::Client::open(info.clone()).expect(CHECKED);
+            let client = match certificates {
+                Some(certificates) => redis::Client::build_with_tls(info.clone(), certificates),
+                None => redis::Client::open(info.clone()),
+            }
+            .expect(CHECKED);
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(CONNECT_TIMEOUT))
                 .set_max_delay(MAX_RECONNECT_DELAY);
@@ -111,6 +124,57 @@ impl Connection {
                 invocation.invoke_async(&mut connection.clone()).await
             }
         }
+    }
+}
+
+/// The TLS files `[limiter]` names, read and checked: the CA the server's certificate must chain to
+/// (`limiter.redis_ca_file`) and the client certificate and key (`limiter.redis_client_cert_file`,
+/// `limiter.redis_client_key_file`). Both single-node and cluster connections use them.
+#[derive(Clone)]
+pub struct RedisTls(TlsCertificates);
+
+impl RedisTls {
+    /// The files `settings` name, or `None` when it names none. Refuses unreadable files, PEM without a
+    /// certificate, and a key that does not match its certificate, naming the setting.
+    pub fn load(settings: &LimiterConfig) -> Result<Option<Self>, PemError> {
+        let ca = settings.redis_ca_file.as_deref();
+        let client = settings
+            .redis_client_cert_file
+            .as_deref()
+            .zip(settings.redis_client_key_file.as_deref());
+        if ca.is_none() && client.is_none() {
+            return Ok(None);
+        }
+        let roots = match ca {
+            Some(ca) => pem::roots(ca, "limiter.redis_ca_file")?,
+            None => RootCertStore::empty(),
+        };
+        // What redis-rs will build from these files at each connection, built once now so a bad file
+        // stops start-up instead of every connection.
+        pem::client_config(
+            roots,
+            client.map(|(cert, key)| ClientIdentity {
+                cert: (cert, "limiter.redis_client_cert_file"),
+                key: (key, "limiter.redis_client_key_file"),
+            }),
+        )?;
+        let read = |path: &Path, setting: &str| {
+            std::fs::read(path).map_err(|e| PemError {
+                setting: setting.to_owned(),
+                reason: format!("{}: {e}", path.display()),
+            })
+        };
+        Ok(Some(RedisTls(TlsCertificates {
+            root_cert: ca.map(|ca| read(ca, "limiter.redis_ca_file")).transpose()?,
+            client_tls: client
+                .map(|(cert, key)| {
+                    Ok::<_, PemError>(ClientTlsConfig {
+                        client_cert: read(cert, "limiter.redis_client_cert_file")?,
+                        client_key: read(key, "limiter.redis_client_key_file")?,
+                    })
+                })
+                .transpose()?,
+        })))
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! | name | kind | unit | attributes |
 //! |---|---|---|---|
-//! | `rpc.server.call.duration` | histogram | s | `rpc.system`, `rpc.service`, `rpc.method`, `rpc.grpc.status_code` |
+//! | `rpc.server.call.duration` | histogram | s | `rpc.system.name` (`grpc`), `rpc.method` (`ivschat.v1.TokenService/CreateChatToken`, …, `_OTHER`), `rpc.status_code` (`OK`, `PERMISSION_DENIED`, …), `error.type` (server faults only) |
+//! | `http.server.request.duration` | histogram | s | `http.request.method`, `http.route` (`/CreateChatToken`, `/DisconnectUser`; none for other paths), `http.response.status_code`, `url.scheme`, `network.protocol.version`, `error.type` (5xx only) |
 //! | `cts.rpc.in_flight` | gauge | {call} | |
 //! | `cts.connections.open` | gauge | {connection} | |
 //! | `cts.connections.closed` | counter | {connection} | `reason`: `max_connections`, `max_handshakes`, `handshake_failed`, `handshake_timeout`, `preface_timeout`, `idle` (connections the server refused or closed; not those the client closed) |
@@ -17,8 +18,10 @@
 //! | `cts.moderation.actions` | counter | {action} | `action` (`DisconnectUser`, `BanUser`, …), `result` (`ok`, `error`) |
 //! | `cts.log.dropped_lines` | counter | {line} | |
 //!
-//! Attribute values are names and codes, never keys, user ids or tokens. Without an exporter configured
-//! the global meter is a no-op and so is every instrument here.
+//! The two call durations follow the OpenTelemetry semantic conventions (v1.44: docs/rpc/rpc-metrics.md,
+//! docs/http/http-metrics.md; see `transport::trace`). Attribute values are names and codes, never keys,
+//! user ids or tokens. Without an exporter configured the global meter is a no-op and so is every
+//! instrument here.
 
 use std::sync::LazyLock;
 
@@ -27,15 +30,19 @@ use opentelemetry::{
     metrics::{Counter, Histogram},
 };
 
-/// Bucket boundaries, in seconds, for latencies from sub-millisecond to the 5 s upstream timeout.
+/// Bucket boundaries, in seconds, for latencies from sub-millisecond to the 5 s upstream timeout. The
+/// conventions advise buckets from 5 ms; a local-issuer call takes a fraction of one, so these start at
+/// 0.5 ms and end at 10 s as theirs do.
 const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// The instruments.
 pub struct Metrics {
-    /// Duration of each RPC, until its trailers are sent.
-    pub rpc_duration: Histogram<f64>,
+    /// Duration of each gRPC call, until its trailers are sent.
+    pub rpc_server_duration: Histogram<f64>,
+    /// Duration of each IVS Chat HTTP API call, until its response headers are sent.
+    pub http_server_duration: Histogram<f64>,
     /// Tokens minted.
     pub tokens_issued: Counter<u64>,
     /// Policy outcomes.
@@ -61,10 +68,16 @@ pub struct Metrics {
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let meter = global::meter("chat-token-service");
     Metrics {
-        rpc_duration: meter
+        rpc_server_duration: meter
             .f64_histogram("rpc.server.call.duration")
             .with_unit("s")
-            .with_description("Duration of incoming RPCs")
+            .with_description("Measures the duration of an incoming Remote Procedure Call (RPC)")
+            .with_boundaries(LATENCY_BUCKETS.to_vec())
+            .build(),
+        http_server_duration: meter
+            .f64_histogram("http.server.request.duration")
+            .with_unit("s")
+            .with_description("Duration of HTTP server requests")
             .with_boundaries(LATENCY_BUCKETS.to_vec())
             .build(),
         tokens_issued: meter

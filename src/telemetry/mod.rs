@@ -1,12 +1,15 @@
 //! Logs, traces and metrics.
 //!
 //! - **Logs**: human-readable lines on stderr by default, JSON with `--log-format json` (or `log_format`);
-//!   the level comes from `RUST_LOG` (default `info`). Lines written inside a call carry its `trace_id`.
+//!   the level comes from `RUST_LOG` (default `info`). Lines written inside a call carry its `trace_id`
+//!   (JSON: top-level `trace_id` and, when spans are exported, `span_id`; see [`ids`]).
 //! - **Traces**: a server span per RPC (`transport::trace`), children for policy, rate limits, the issuer and the
 //!   IVS call (the first three only when traces are exported). W3C `traceparent`/`tracestate` from the caller's metadata make our spans part of its trace.
 //! - **Metrics**: see [`metrics`].
-//! - **Export**: over OTLP/gRPC when the standard variables say where (`OTEL_EXPORTER_OTLP_ENDPOINT`, or
-//!   the `_TRACES_`/`_METRICS_` variants; `OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER`, … apply). Without
+//! - **Export**: over OTLP when the standard variables say where (`OTEL_EXPORTER_OTLP_ENDPOINT`, or
+//!   the `_TRACES_`/`_METRICS_` variants; `OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER`, … apply): gRPC or
+//!   `http/protobuf`, over TLS for `https://` endpoints, with a private CA and client certificates from
+//!   the standard variables (see [`otlp`]). Without
 //!   them nothing is exported, metric instruments are no-ops and no OpenTelemetry layer is installed (no
 //!   span data is built for anyone): the server span still gives logs their trace id, the caller's from
 //!   `traceparent` or a fresh random one (`transport::trace`).
@@ -19,7 +22,11 @@
 //! and the queue is full, lines are dropped and counted (`cts.log.dropped_lines`); [`Telemetry::shutdown`]
 //! writes out what is queued.
 
+mod ids;
 pub mod metrics;
+mod otlp;
+
+pub(crate) use ids::tag_call;
 
 use std::{
     io::IsTerminal,
@@ -45,8 +52,8 @@ pub enum LogFormat {
     /// One human-readable line per event (colour on a terminal).
     #[default]
     Text,
-    /// One JSON object per event, with its spans' fields (the call's `trace_id` among them): for
-    /// collectors.
+    /// One JSON object per event, with its spans' fields, and inside a call its `trace_id` (and `span_id`
+    /// when spans are exported) as top-level fields: for collectors.
     Json,
 }
 
@@ -104,10 +111,7 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
     // Without an exporter, an OpenTelemetry layer would build span data for every span of every call
     // only to drop it: there is none then.
     let tracer_provider = if export_traces {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .build()
-            .map_err(|e| TelemetryError(format!("OTLP span exporter: {e}")))?;
+        let exporter = otlp::span_exporter()?;
         Some(
             SdkTracerProvider::builder()
                 .with_resource(resource.clone())
@@ -119,10 +123,7 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
     };
 
     let meter_provider = if export_metrics {
-        let exporter = opentelemetry_otlp::MetricExporter::builder()
-            .with_tonic()
-            .build()
-            .map_err(|e| TelemetryError(format!("OTLP metric exporter: {e}")))?;
+        let exporter = otlp::metric_exporter()?;
         let provider = SdkMeterProvider::builder()
             .with_resource(resource)
             .with_periodic_exporter(exporter)
@@ -164,6 +165,7 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
             .with_writer(stderr)
             .with_current_span(true)
             .with_span_list(true)
+            .map_event_format(ids::FlatIds)
             .with_filter(printed)
             .boxed(),
     };
@@ -175,11 +177,26 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
     EXPORTING_TRACES.store(tracer_provider.is_some(), Ordering::Relaxed);
 
     if export_traces || export_metrics {
+        let over = |exporting: bool, signal| match exporting {
+            true => otlp::describe(signal),
+            false => "off".to_owned(),
+        };
         tracing::info!(
-            traces = export_traces,
-            metrics = export_metrics,
+            traces = %over(export_traces, otlp::Signal::Traces),
+            metrics = %over(export_metrics, otlp::Signal::Metrics),
             "exporting telemetry over OTLP"
         );
+        for (exporting, signal) in [
+            (export_traces, otlp::Signal::Traces),
+            (export_metrics, otlp::Signal::Metrics),
+        ] {
+            if let Some(variable) = otlp::unused_tls(signal).filter(|_| exporting) {
+                tracing::warn!(
+                    "{variable} is set but the OTLP endpoint is not https://: it is not used, and \
+                     {signal:?} go out in plaintext"
+                );
+            }
+        }
     }
     Ok(Telemetry {
         log_writer,
@@ -204,6 +221,19 @@ impl Telemetry {
         // Last, so the lines logged above are written too.
         drop(self.log_writer);
     }
+}
+
+/// What the standard variables say of export, checked as [`init`] would use them but without exporting
+/// (for `check`): for each exported signal its transport (e.g. `grpc, TLS`), or why it cannot be used.
+pub fn check_export() -> Vec<(&'static str, Result<String, TelemetryError>)> {
+    [
+        ("traces", otlp::Signal::Traces),
+        ("metrics", otlp::Signal::Metrics),
+    ]
+    .into_iter()
+    .filter(|(name, _)| exporting(&name.to_ascii_uppercase()))
+    .map(|(name, signal)| (name, otlp::check(signal).map(|()| otlp::describe(signal))))
+    .collect()
 }
 
 /// Whether the standard variables ask for `signal` ("TRACES" or "METRICS") to be exported.

@@ -407,7 +407,7 @@ fn open_stream(
     let limits = calls.0.limits;
     let per_connection = conn
         .and_then(|conn| conn.stream(limits.max_streams_per_connection))
-        .ok_or(Error::Overloaded(Overload::Streams {
+        .ok_or(Error::Overloaded(Overload::StreamsOnConnection {
             max_streams: limits.max_streams_per_connection,
         }))?;
     let total = calls.0.streams.clone().try_acquire_owned().map_err(|_| {

@@ -9,11 +9,15 @@
 //!   the cap on calls, the request byte budget and the streaming bounds.
 //! - [`deadline`]: every call's deadline, the caller's within the server's limits, and its end there.
 //! - [`end_on_drain`]: ends health `Watch` streams when shutdown starts.
+//! - [`probe`]: the `health` command's client, a gRPC health check of this replica's own listener.
+//! - [`unknown_method`]: answers gRPC calls to methods not served, with ErrorInfo.
 
 pub mod deadline;
 pub mod end_on_drain;
 pub mod inflight;
 pub mod listener;
+pub mod probe;
 pub mod serve;
 pub mod tls;
 pub mod trace;
+pub mod unknown_method;

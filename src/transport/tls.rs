@@ -15,21 +15,21 @@ use std::{
     collections::HashMap,
     future::Future,
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
 use arc_swap::ArcSwap;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use tokio::{net::TcpStream, sync::Semaphore};
 use tokio_rustls::{
-    rustls::{RootCertStore, ServerConfig, server::WebPkiClientVerifier},
+    rustls::{ServerConfig, server::WebPkiClientVerifier},
     server::TlsStream,
 };
 
 use super::listener::{Closed, HandshakeRefused};
 use crate::config::TlsConfig;
+use crate::pem::{self, PemError};
 
 /// Why TLS settings cannot be used; names the setting.
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +173,7 @@ impl Tls {
 }
 
 fn build(settings: &TlsConfig) -> Result<ServerConfig, TlsError> {
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let provider = pem::provider();
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError {
@@ -182,31 +182,22 @@ fn build(settings: &TlsConfig) -> Result<ServerConfig, TlsError> {
         })?;
     let builder = match &settings.client_ca_file {
         Some(ca_file) => {
-            let mut roots = RootCertStore::empty();
-            for ca in certificates(ca_file, "tls.client_ca_file")? {
-                roots.add(ca).map_err(|e| TlsError {
-                    setting: "tls.client_ca_file",
-                    reason: format!("{}: {e}", ca_file.display()),
-                })?;
-            }
+            const SETTING: &str = "tls.client_ca_file";
+            let roots = pem::roots(ca_file, SETTING).map_err(|e| refused(SETTING, e))?;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .map_err(|e| TlsError {
-                    setting: "tls.client_ca_file",
+                    setting: SETTING,
                     reason: format!("{}: {e}", ca_file.display()),
                 })?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
     };
-    let chain = certificates(&settings.cert_file, "tls.cert_file")?;
-    let key = PrivateKeyDer::from_pem_file(&settings.key_file).map_err(|e| TlsError {
-        setting: "tls.key_file",
-        reason: format!(
-            "{}: no usable PEM private key: {e}",
-            settings.key_file.display()
-        ),
-    })?;
+    let chain = pem::certificates(&settings.cert_file, "tls.cert_file")
+        .map_err(|e| refused("tls.cert_file", e))?;
+    let key = pem::private_key(&settings.key_file, "tls.key_file")
+        .map_err(|e| refused("tls.key_file", e))?;
     let mut config = builder.with_single_cert(chain, key).map_err(|e| TlsError {
         setting: "tls.key_file",
         reason: format!("does not match tls.cert_file: {e}"),
@@ -217,20 +208,9 @@ fn build(settings: &TlsConfig) -> Result<ServerConfig, TlsError> {
     Ok(config)
 }
 
-fn certificates(
-    path: &Path,
-    setting: &'static str,
-) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let invalid = |reason: String| TlsError {
+fn refused(setting: &'static str, error: PemError) -> TlsError {
+    TlsError {
         setting,
-        reason: format!("{}: {reason}", path.display()),
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| invalid(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(invalid("no PEM certificates".into()));
+        reason: error.reason,
     }
-    Ok(certs)
 }

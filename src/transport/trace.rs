@@ -1,19 +1,35 @@
-//! The server span and duration metric of each RPC, at the HTTP level, in front of everything.
+//! The server span and duration metric of each call, at the HTTP level, in front of everything.
 //!
-//! The span follows the OpenTelemetry RPC conventions: named `package.Service/Method`, kind server,
-//! attributes `rpc.system = "grpc"`, `rpc.service`, `rpc.method`, `rpc.grpc.status_code`, error status when
-//! the code is not OK. Its parent is the caller's span from W3C `traceparent`/`tracestate`, and its
-//! `trace_id` field puts the trace id on every log line written during the call. Without a trace exporter
-//! there is no OpenTelemetry layer and no span data: the trace id is then the caller's (`traceparent`) or a
-//! fresh random one. Handlers find it in the request's extensions as [`CallTraceId`].
+//! gRPC calls follow the OpenTelemetry RPC semantic conventions for gRPC servers (semantic-conventions
+//! v1.44, docs/rpc/grpc.md "Server" and docs/rpc/rpc-metrics.md `rpc.server.call.duration`): the span is
+//! named by `rpc.method`, the fully qualified `package.Service/Method` (`_OTHER` for a method this server
+//! does not serve, whose span is named `grpc`, with `rpc.method_original`); attributes `rpc.system.name =
+//! "grpc"`, `rpc.method`, `rpc.status_code` (the status code's name, e.g. `OK`, `PERMISSION_DENIED`) and,
+//! for the codes the conventions count as the server's failure (UNKNOWN, DEADLINE_EXCEEDED,
+//! UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS), `error.type` (the code's name) and an error span
+//! status. A refusal the caller caused (INVALID_ARGUMENT, PERMISSION_DENIED, RESOURCE_EXHAUSTED, …) is
+//! not a server error: it neither marks the span nor counts as an error.
+//!
+//! Calls to the IVS Chat HTTP API follow the HTTP server conventions instead (docs/http/http-spans.md and
+//! http-metrics.md `http.server.request.duration`): span `POST /CreateChatToken` (the method alone for
+//! a path the API does not serve), attributes `http.request.method` (`_OTHER` for unknown methods, with
+//! `http.request.method_original`), `http.route`, `url.scheme`, `url.path`, `network.protocol.version`,
+//! `http.response.status_code`, and `error.type` with an error status for 5xx only. They end when the
+//! response headers are sent.
+//!
+//! The span's parent is the caller's span from W3C `traceparent`/`tracestate`; its `trace_id` field
+//! (and, when spans are exported, `span_id`) puts the ids on every log line written during the call, as
+//! flat fields of JSON lines too (`telemetry::tag_call`). Without a trace exporter there is no
+//! OpenTelemetry layer and no span data: the trace id is then the caller's (`traceparent`) or a fresh
+//! random one. Handlers find it in the request's extensions as [`CallTraceId`].
 //!
 //! A gRPC status arrives either in the response headers (trailers-only responses: errors) or in the
 //! trailers after the body, so the span and the measurement end when the body does. Health checks and
 //! reflection are not traced: probes every few seconds would bury the calls that matter.
 //!
-//! Calls to the IVS Chat HTTP API (paths with one segment such as `/CreateChatToken`)
-//! get the same span and metric with `rpc.system = "aws-api"`, `rpc.service = "ivschat"`, and
-//! `http.response.status_code` instead of the gRPC code; they end when the response headers are sent.
+//! Attribute values are bounded: methods and routes come from the services served (anything else is
+//! `_OTHER` or no route), codes from gRPC's and HTTP's; what a caller sent for an unknown method or path
+//! is kept on its span only, cut to [`MAX_ORIGINAL_BYTES`].
 
 use std::{
     future::Future,
@@ -26,36 +42,38 @@ use std::{
 use opentelemetry::{
     KeyValue, global,
     propagation::Extractor,
-    trace::{TraceContextExt, TraceId},
+    trace::{SpanId, TraceContextExt, TraceId},
 };
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
 use pin_project_lite::pin_project;
 use tracing::{Instrument, Span, field::Empty, instrument::Instrumented};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::domain::{Action, IVS_SIGNING_NAME};
+use crate::domain::Action;
 use crate::proto::ivschat::v1::{moderation_service_server, token_service_server};
-use crate::telemetry::{exporting_traces, metrics::metrics};
+use crate::telemetry::{exporting_traces, metrics::metrics, tag_call};
 
-/// The operations this server offers (health and reflection aside: they are not traced), as their spans
-/// and metrics name them: each action at its gRPC path, and those of IVS Chat's API at their REST path too.
-/// Made once; the names live as long as the process.
-static SERVED_OPERATIONS: LazyLock<Vec<Labels>> = LazyLock::new(|| {
-    let leak = |name: String| -> &'static str { Box::leak(name.into_boxed_str()) };
+/// The gRPC methods this server serves (health and reflection aside: they are not traced), fully
+/// qualified as `rpc.method` names them. Made once; the names live as long as the process.
+static GRPC_METHODS: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
     Action::ALL
         .into_iter()
-        .flat_map(|action| {
-            let service = grpc_service(action);
-            let method = action.as_str();
-            let grpc = grpc(service, method, leak(format!("{service}/{method}")));
-            let rest = action
-                .in_ivs_api()
-                .then(|| aws_api(method, leak(format!("{IVS_SIGNING_NAME}/{method}"))));
-            [Some(grpc), rest]
-        })
-        .flatten()
+        .map(|action| leak(format!("{}/{action}", grpc_service(action))))
         .collect()
 });
+
+/// The routes of IVS Chat's HTTP API this server serves, as `http.route` names them.
+static HTTP_ROUTES: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
+    Action::ALL
+        .into_iter()
+        .filter(|action| action.in_ivs_api())
+        .map(|action| leak(format!("/{action}")))
+        .collect()
+});
+
+fn leak(name: String) -> &'static str {
+    Box::leak(name.into_boxed_str())
+}
 
 /// The gRPC service that serves `action`.
 fn grpc_service(action: Action) -> &'static str {
@@ -69,59 +87,126 @@ fn grpc_service(action: Action) -> &'static str {
     }
 }
 
-/// What any other path is called: callers can send paths without end, but not grow the label sets.
-const UNKNOWN_GRPC: Labels = grpc("unknown", "unknown", "unknown/unknown");
-const UNKNOWN_AWS_API: Labels = aws_api("unknown", "ivschat/unknown");
+/// `rpc.method` and `http.request.method` of what this server does not know: callers can send methods
+/// and paths without end, but not grow the label sets.
+const OTHER: &str = "_OTHER";
 
-/// A call's `rpc.system`, `rpc.service` and `rpc.method`, and its span's name (`otel.name`): static, so
-/// no call allocates them.
+/// The longest `rpc.method_original`, `http.request.method_original` or unknown `url.path` a span keeps.
+pub const MAX_ORIGINAL_BYTES: usize = 128;
+
+/// What a call is, as its span and measurement name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Labels {
-    system: &'static str,
-    service: &'static str,
-    method: &'static str,
-    name: &'static str,
+enum Operation {
+    /// A gRPC call: `rpc.method`, fully qualified, or [`OTHER`].
+    Grpc { method: &'static str },
+    /// An HTTP API call: its `http.route`, or `None` for a path the API does not serve.
+    Http { route: Option<&'static str> },
 }
 
-/// A gRPC method, served at `/{name}`; `name` is `service/method`.
-const fn grpc(service: &'static str, method: &'static str, name: &'static str) -> Labels {
-    Labels {
-        system: "grpc",
-        service,
-        method,
-        name,
+/// The operation of a request for `path`: a served gRPC method or HTTP route by its path; otherwise
+/// gRPC when the content type says so (an unknown method), else HTTP (an unknown path).
+fn operation(path: &str, headers: &http::HeaderMap) -> Operation {
+    let method = path.strip_prefix('/').unwrap_or(path);
+    if let Some(method) = GRPC_METHODS.iter().find(|known| **known == method) {
+        return Operation::Grpc { method };
+    }
+    if let Some(route) = HTTP_ROUTES.iter().find(|known| **known == path) {
+        return Operation::Http { route: Some(route) };
+    }
+    let grpc = headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        Operation::Grpc { method: OTHER }
+    } else {
+        Operation::Http { route: None }
     }
 }
 
-/// An operation of the IVS Chat HTTP API, served at `/{method}`; `name` is `ivschat/method`.
-const fn aws_api(method: &'static str, name: &'static str) -> Labels {
-    Labels {
-        system: "aws-api",
-        service: IVS_SIGNING_NAME,
-        method,
-        name,
+/// Whether a request is a gRPC call to a method this server does not serve (health and reflection
+/// aside, which their own services answer).
+pub(super) fn is_unknown_grpc_method(path: &str, headers: &http::HeaderMap) -> bool {
+    !UNTRACED_PREFIXES
+        .iter()
+        .any(|prefix| path.starts_with(prefix))
+        && operation(path, headers) == (Operation::Grpc { method: OTHER })
+}
+
+/// `http.request.method`: the method's name when it is one of RFC 9110's, PATCH or QUERY, else
+/// [`OTHER`] (semantic conventions: "known" methods).
+fn known_method(method: &http::Method) -> &'static str {
+    use http::Method as M;
+    const KNOWN: [(M, &str); 9] = [
+        (M::GET, "GET"),
+        (M::HEAD, "HEAD"),
+        (M::POST, "POST"),
+        (M::PUT, "PUT"),
+        (M::DELETE, "DELETE"),
+        (M::CONNECT, "CONNECT"),
+        (M::OPTIONS, "OPTIONS"),
+        (M::TRACE, "TRACE"),
+        (M::PATCH, "PATCH"),
+    ];
+    match KNOWN.iter().find(|(known, _)| known == method) {
+        Some((_, name)) => name,
+        None if method.as_str() == "QUERY" => "QUERY",
+        None => OTHER,
     }
 }
 
-impl Labels {
-    /// The path this operation is served at, without its leading `/`.
-    fn path(&self) -> &'static str {
-        if self.system == "grpc" {
-            self.name
-        } else {
-            self.method
-        }
+/// `network.protocol.version` of a request.
+fn protocol_version(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_09 => "0.9",
+        http::Version::HTTP_10 => "1.0",
+        http::Version::HTTP_2 => "2",
+        http::Version::HTTP_3 => "3",
+        _ => "1.1",
     }
 }
 
-/// The labels of a call to `path`: its operation's, or "unknown" when this server does not serve it.
-fn labels(path: &str) -> Labels {
-    let path = path.strip_prefix('/').unwrap_or(path);
-    match SERVED_OPERATIONS.iter().find(|op| op.path() == path) {
-        Some(served) => *served,
-        None if path.contains('/') => UNKNOWN_GRPC,
-        None => UNKNOWN_AWS_API,
-    }
+/// The names of gRPC's status codes, by number: `rpc.status_code`.
+const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// The name of gRPC status `code`; a number outside gRPC's is UNKNOWN, as gRPC reads it.
+fn grpc_code_name(code: i64) -> &'static str {
+    usize::try_from(code)
+        .ok()
+        .and_then(|code| GRPC_CODES.get(code))
+        .copied()
+        .unwrap_or("UNKNOWN")
+}
+
+/// Whether a gRPC server that answered `code` failed, as the conventions count it (docs/rpc/grpc.md,
+/// server span, note on `rpc.status_code`): the server's faults, not the caller's refusals.
+fn is_server_error(code: &str) -> bool {
+    matches!(
+        code,
+        "UNKNOWN"
+            | "DEADLINE_EXCEEDED"
+            | "UNIMPLEMENTED"
+            | "INTERNAL"
+            | "UNAVAILABLE"
+            | "DATA_LOSS"
+    )
 }
 
 /// Paths not traced: health checks and reflection.
@@ -134,15 +219,30 @@ const UNTRACED_PREFIXES: [&str; 3] = [
 /// gRPC's CANCELLED, recorded when the body is dropped before its trailers: the client went away.
 const CANCELLED: i64 = 1;
 
-/// Traces and measures every RPC of the service it wraps.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RpcTraceLayer;
+/// Traces and measures every call of the service it wraps.
+#[derive(Clone, Copy, Debug)]
+pub struct RpcTraceLayer {
+    /// `url.scheme` of HTTP API calls: `https` when the listener terminates TLS.
+    scheme: &'static str,
+}
+
+impl RpcTraceLayer {
+    /// Traces the calls of a listener with TLS (`tls`) or without.
+    pub fn new(tls: bool) -> Self {
+        RpcTraceLayer {
+            scheme: if tls { "https" } else { "http" },
+        }
+    }
+}
 
 impl<S> tower::Layer<S> for RpcTraceLayer {
     type Service = RpcTrace<S>;
 
     fn layer(&self, inner: S) -> RpcTrace<S> {
-        RpcTrace { inner }
+        RpcTrace {
+            inner,
+            scheme: self.scheme,
+        }
     }
 }
 
@@ -150,6 +250,7 @@ impl<S> tower::Layer<S> for RpcTraceLayer {
 #[derive(Clone, Debug)]
 pub struct RpcTrace<S> {
     inner: S,
+    scheme: &'static str,
 }
 
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for RpcTrace<S>
@@ -172,7 +273,7 @@ where
                 call: None,
             };
         }
-        let (call, trace_id) = Call::start(&request);
+        let (call, trace_id) = Call::start(&request, self.scheme);
         request.extensions_mut().insert(CallTraceId(trace_id));
         let span = call.span.clone();
         ResponseFuture {
@@ -187,34 +288,55 @@ where
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CallTraceId(pub TraceId);
 
-/// One traced call: its span, start and attributes.
+/// One traced call: its span, start and what its measurement is labelled with.
 struct Call {
     span: Span,
     started: Instant,
-    labels: Labels,
+    kind: Kind,
+}
+
+/// What a call's measurement needs besides its outcome.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Grpc {
+        method: &'static str,
+    },
+    Http {
+        method: &'static str,
+        route: Option<&'static str>,
+        scheme: &'static str,
+        version: &'static str,
+    },
 }
 
 impl Call {
-    fn start<B>(request: &http::Request<B>) -> (Call, TraceId) {
-        let labels = labels(request.uri().path());
+    fn start<B>(request: &http::Request<B>, scheme: &'static str) -> (Call, TraceId) {
+        let path = request.uri().path();
+        let kind = match operation(path, request.headers()) {
+            Operation::Grpc { method } => Kind::Grpc { method },
+            Operation::Http { route } => Kind::Http {
+                method: known_method(request.method()),
+                route,
+                scheme,
+                version: protocol_version(request.version()),
+            },
+        };
         let (span, trace_id) = if exporting_traces() {
-            let span = tracing::info_span!(
-                "grpc.server",
-                otel.name = labels.name,
-                otel.kind = "server",
-                rpc.system = labels.system,
-                rpc.service = labels.service,
-                rpc.method = labels.method,
-                rpc.grpc.status_code = Empty,
-                http.response.status_code = Empty,
-                otel.status_code = Empty,
-                trace_id = Empty,
-            );
+            let span = exported_span(kind, request);
             // The OpenTelemetry layer gives the span its context: the caller's trace, or a new one.
             let _ = span.set_parent(callers_context(request.headers()));
-            let trace_id = span.context().span().span_context().trace_id();
+            let context = span.context();
+            let otel_span = context.span();
+            let span_context = otel_span.span_context();
+            let (trace_id, span_id) = (span_context.trace_id(), span_context.span_id());
             if trace_id != TraceId::INVALID {
                 span.record("trace_id", tracing::field::display(trace_id));
+                span.record("span_id", tracing::field::display(span_id));
+                tag_call(
+                    &span,
+                    trace_id,
+                    Some(span_id).filter(|id| *id != SpanId::INVALID),
+                );
             }
             (span, trace_id)
         } else {
@@ -224,55 +346,171 @@ impl Call {
                 .map(|headers| callers_context(headers).span().span_context().trace_id())
                 .filter(|id| *id != TraceId::INVALID)
                 .unwrap_or_else(|| RandomIdGenerator::default().new_trace_id());
-            // Only the log lines read this span: what a reader needs, not the OpenTelemetry attributes
-            // (each field is formatted into every call's context, and the status fields recorded at the
-            // end of a call would be formatted for no line at all). The trace id is known already, so it
-            // is formatted with the rest rather than recorded afterwards.
-            let span = tracing::info_span!(
-                "grpc.server",
-                rpc.service = labels.service,
-                rpc.method = labels.method,
-                trace_id = %trace_id,
-            );
+            let span = logged_span(kind, trace_id);
+            tag_call(&span, trace_id, None);
             (span, trace_id)
         };
         let call = Call {
             span,
             started: Instant::now(),
-            labels,
+            kind,
         };
         (call, trace_id)
     }
 
+    /// Ends a gRPC call with status `code`.
     fn finish(self, code: i64) {
-        self.span.record("rpc.grpc.status_code", code);
-        if code != 0 {
+        let status = grpc_code_name(code);
+        let error = is_server_error(status).then_some(status);
+        self.span.record("rpc.status_code", status);
+        if let Some(error) = error {
+            self.span.record("error.type", error);
             self.span.record("otel.status_code", "ERROR");
         }
-        self.record(KeyValue::new("rpc.grpc.status_code", code));
+        let Kind::Grpc { method } = self.kind else {
+            debug_assert!(false, "only gRPC calls end with a gRPC status");
+            return;
+        };
+        let mut attributes = vec![
+            KeyValue::new("rpc.system.name", "grpc"),
+            KeyValue::new("rpc.method", method),
+            KeyValue::new("rpc.status_code", status),
+        ];
+        attributes.extend(error.map(|error| KeyValue::new("error.type", error)));
+        metrics()
+            .rpc_server_duration
+            .record(self.started.elapsed().as_secs_f64(), &attributes);
     }
 
-    /// Ends an HTTP API call with its response's `status`; server errors mark the span as failed.
+    /// Ends an HTTP API call with its response's `status`; server errors (5xx) mark the span as failed.
     fn finish_http(self, status: http::StatusCode) {
-        let status = i64::from(status.as_u16());
-        self.span.record("http.response.status_code", status);
-        if status >= 500 {
+        let Kind::Http {
+            method,
+            route,
+            scheme,
+            version,
+        } = self.kind
+        else {
+            debug_assert!(false, "only HTTP API calls end with an HTTP status");
+            return;
+        };
+        let code = i64::from(status.as_u16());
+        let error = status.is_server_error().then(|| status.as_str().to_owned());
+        self.span.record("http.response.status_code", code);
+        if let Some(error) = &error {
+            self.span.record("error.type", error.as_str());
             self.span.record("otel.status_code", "ERROR");
         }
-        self.record(KeyValue::new("http.response.status_code", status));
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", method),
+            KeyValue::new("url.scheme", scheme),
+            KeyValue::new("network.protocol.version", version),
+            KeyValue::new("http.response.status_code", code),
+        ];
+        attributes.extend(route.map(|route| KeyValue::new("http.route", route)));
+        attributes.extend(error.map(|error| KeyValue::new("error.type", error)));
+        metrics()
+            .http_server_duration
+            .record(self.started.elapsed().as_secs_f64(), &attributes);
     }
 
-    fn record(self, outcome: KeyValue) {
-        metrics().rpc_duration.record(
-            self.started.elapsed().as_secs_f64(),
-            &[
-                KeyValue::new("rpc.system", self.labels.system),
-                KeyValue::new("rpc.service", self.labels.service),
-                KeyValue::new("rpc.method", self.labels.method),
-                outcome,
-            ],
-        );
+    fn is_grpc(&self) -> bool {
+        matches!(self.kind, Kind::Grpc { .. })
     }
+}
+
+/// The span of a call whose spans are exported: every attribute the conventions ask for.
+fn exported_span<B>(kind: Kind, request: &http::Request<B>) -> Span {
+    let path = request.uri().path();
+    match kind {
+        Kind::Grpc { method } => {
+            let span = tracing::info_span!(
+                "grpc.server",
+                otel.name = if method == OTHER { "grpc" } else { method },
+                otel.kind = "server",
+                rpc.system.name = "grpc",
+                rpc.method = method,
+                rpc.method_original = Empty,
+                rpc.status_code = Empty,
+                "error.type" = Empty,
+                otel.status_code = Empty,
+                trace_id = Empty,
+                span_id = Empty,
+            );
+            if method == OTHER {
+                let original = path.strip_prefix('/').unwrap_or(path);
+                span.record("rpc.method_original", bounded(original));
+            }
+            span
+        }
+        Kind::Http {
+            method,
+            route,
+            scheme,
+            version,
+        } => {
+            let name = match (method, route) {
+                (OTHER, Some(route)) => format!("HTTP {route}"),
+                (OTHER, None) => "HTTP".to_owned(),
+                (method, Some(route)) => format!("{method} {route}"),
+                (method, None) => method.to_owned(),
+            };
+            let span = tracing::info_span!(
+                "http.server",
+                otel.name = name,
+                otel.kind = "server",
+                http.request.method = method,
+                http.request.method_original = Empty,
+                http.route = Empty,
+                url.scheme = scheme,
+                url.path = bounded(path),
+                network.protocol.version = version,
+                http.response.status_code = Empty,
+                "error.type" = Empty,
+                otel.status_code = Empty,
+                trace_id = Empty,
+                span_id = Empty,
+            );
+            if let Some(route) = route {
+                span.record("http.route", route);
+            }
+            if method == OTHER {
+                span.record(
+                    "http.request.method_original",
+                    bounded(request.method().as_str()),
+                );
+            }
+            span
+        }
+    }
+}
+
+/// The span of a call whose spans are not exported: only what a reader of its log lines needs (each
+/// field is formatted into every call's context), the trace id already known.
+fn logged_span(kind: Kind, trace_id: TraceId) -> Span {
+    match kind {
+        Kind::Grpc { method } => {
+            tracing::info_span!("grpc.server", rpc.method = method, trace_id = %trace_id)
+        }
+        Kind::Http { method, route, .. } => tracing::info_span!(
+            "http.server",
+            http.request.method = method,
+            http.route = route.unwrap_or(OTHER),
+            trace_id = %trace_id,
+        ),
+    }
+}
+
+/// `text` cut to [`MAX_ORIGINAL_BYTES`] on a character boundary.
+fn bounded(text: &str) -> &str {
+    if text.len() <= MAX_ORIGINAL_BYTES {
+        return text;
+    }
+    let mut end = MAX_ORIGINAL_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// The W3C trace-context header.
@@ -318,13 +556,12 @@ where
         let this = self.project();
         let response = ready!(this.inner.poll(cx))?;
         let mut call = this.call.take();
-        if let Some(code) = grpc_status(response.headers())
+        if let Some(rest) = call.take_if(|call| !call.is_grpc()) {
+            rest.finish_http(response.status());
+        } else if let Some(code) = grpc_status(response.headers())
             && let Some(call) = call.take()
         {
             call.finish(code);
-        }
-        if let Some(rest) = call.take_if(|call| call.labels.system != "grpc") {
-            rest.finish_http(response.status());
         }
         Poll::Ready(Ok(response.map(|inner| TracedBody { inner, call })))
     }
@@ -377,68 +614,4 @@ impl<B: http_body::Body> http_body::Body for TracedBody<B> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::labels;
-
-    fn of(path: &str) -> (&'static str, &'static str, &'static str, &'static str) {
-        let labels = labels(path);
-        (labels.system, labels.service, labels.method, labels.name)
-    }
-
-    #[test]
-    fn only_served_operations_name_their_labels() {
-        assert_eq!(
-            of("/ivschat.v1.TokenService/CreateChatToken"),
-            (
-                "grpc",
-                "ivschat.v1.TokenService",
-                "CreateChatToken",
-                "ivschat.v1.TokenService/CreateChatToken"
-            )
-        );
-        assert_eq!(
-            of("/DisconnectUser"),
-            (
-                "aws-api",
-                "ivschat",
-                "DisconnectUser",
-                "ivschat/DisconnectUser"
-            )
-        );
-        // Made-up paths, which a caller can send without end, all fall under one label value.
-        assert_eq!(
-            of("/ivschat.v1.TokenService/Made-up-1"),
-            ("grpc", "unknown", "unknown", "unknown/unknown")
-        );
-        assert_eq!(
-            of("/made-up-2"),
-            ("aws-api", "ivschat", "unknown", "ivschat/unknown")
-        );
-    }
-
-    #[test]
-    fn every_served_operation_is_named_service_slash_method() {
-        for op in super::SERVED_OPERATIONS
-            .iter()
-            .chain([&super::UNKNOWN_GRPC, &super::UNKNOWN_AWS_API])
-        {
-            assert_eq!(op.name, format!("{}/{}", op.service, op.method));
-        }
-        for action in crate::domain::Action::ALL {
-            let rest = labels(&format!("/{action}"));
-            assert_eq!(
-                rest.method,
-                if action.in_ivs_api() {
-                    action.as_str()
-                } else {
-                    "unknown"
-                },
-                "{action}"
-            );
-            assert_eq!(
-                labels(&format!("/{}/{action}", super::grpc_service(action))).method,
-                action.as_str()
-            );
-        }
-    }
-}
+mod tests;

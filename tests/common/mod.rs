@@ -208,7 +208,7 @@ impl Binary {
         Self::start_command(command, envs)
     }
 
-    fn start_command(mut command: Command, envs: &[(&str, &str)]) -> Binary {
+    pub fn start_command(mut command: Command, envs: &[(&str, &str)]) -> Binary {
         let mut child = command
             .env_clear()
             .env("CTS_LISTEN_ADDR", "127.0.0.1:0")

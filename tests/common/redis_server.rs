@@ -72,17 +72,57 @@ impl RedisServer {
     /// A one-node Redis Cluster of our own owning every slot: enough for cross-slot rules to apply.
     pub fn cluster() -> RedisServer {
         let server = Self::own(&["--cluster-enabled", "yes"]);
-        let reply = server.command(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
+        server.own_every_slot();
+        server
+    }
+
+    /// Gives this one-node cluster every slot and waits until the cluster is ok.
+    fn own_every_slot(&self) {
+        let reply = self.command(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
         assert!(reply.starts_with("+OK"), "CLUSTER ADDSLOTSRANGE: {reply}");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !server
+        while !self
             .command(&["CLUSTER", "INFO"])
             .contains("cluster_state:ok")
         {
             assert!(Instant::now() < deadline, "the cluster never became ok");
             std::thread::sleep(Duration::from_millis(50));
         }
-        server
+    }
+
+    /// A redis-server of our own serving TLS on a second port (returned) with `files`' server certificate,
+    /// trusting client certificates of `files`' CA, and requiring one when `auth_clients`; as a one-node
+    /// cluster owning every slot when `cluster`. Its plain port ([`RedisServer::addr`]) stays open for
+    /// the test's own commands.
+    pub fn tls(files: &TlsFiles, auth_clients: bool, cluster: bool) -> (RedisServer, u16) {
+        let tls_port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+            .to_string();
+        let path = |p: &std::path::Path| p.display().to_string();
+        let (cert, key, ca) = (path(&files.cert), path(&files.key), path(&files.ca));
+        let mut args = vec![
+            "--tls-port",
+            &tls_port,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            if auth_clients { "yes" } else { "no" },
+        ];
+        if cluster {
+            args.extend(["--cluster-enabled", "yes", "--tls-cluster", "yes"]);
+        }
+        let server = Self::own(&args);
+        if cluster {
+            server.own_every_slot();
+        }
+        (server, tls_port.parse().unwrap())
     }
 
     pub fn url(&self) -> String {
@@ -165,6 +205,14 @@ impl Drop for RedisServer {
             let _ = child.wait();
         }
     }
+}
+
+/// A TLS server's files: its certificate and key, and the CA that signed it (and trusted client
+/// certificates).
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 /// A key prefix no other test uses, so tests can share one Redis.
