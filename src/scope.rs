@@ -17,7 +17,25 @@ use std::{
 
 use futures_util::future::Either;
 
-use crate::domain::{Error, ServedRooms, TokenRequest};
+use crate::domain::{Error, MessagingRequest, RoomArn, ServedRooms, TokenRequest};
+
+/// A request about one room, which the scope decides on.
+pub trait InRoom {
+    /// The room.
+    fn room(&self) -> &RoomArn;
+}
+
+impl InRoom for TokenRequest {
+    fn room(&self) -> &RoomArn {
+        &self.room
+    }
+}
+
+impl InRoom for MessagingRequest {
+    fn room(&self) -> &RoomArn {
+        &self.room
+    }
+}
 
 /// Wraps a service in [`Scope`].
 #[derive(Clone, Debug)]
@@ -50,9 +68,10 @@ pub struct Scope<S> {
     rooms: ServedRooms,
 }
 
-impl<S> tower::Service<TokenRequest> for Scope<S>
+impl<S, R> tower::Service<R> for Scope<S>
 where
-    S: tower::Service<TokenRequest, Error = Error>,
+    R: InRoom,
+    S: tower::Service<R, Error = Error>,
 {
     type Response = S::Response;
     type Error = Error;
@@ -62,8 +81,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: TokenRequest) -> Self::Future {
-        match self.rooms.check(&request.room) {
+    fn call(&mut self, request: R) -> Self::Future {
+        match self.rooms.check(request.room()) {
             Ok(()) => Either::Left(self.inner.call(request)),
             Err(error) => Either::Right(ready(Err(error))),
         }

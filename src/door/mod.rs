@@ -8,6 +8,7 @@
 //! table ([`crate::rescue`]).
 
 pub mod grpc;
+pub mod messaging;
 pub mod rest;
 
 use std::{fmt, time::Duration};
@@ -27,6 +28,8 @@ use crate::identity::Resolver;
 use crate::issuer::local::LiveKeys;
 use crate::rescue::{IvsError, rescue};
 use crate::stack::{ModerationStack, TokenStack};
+
+pub use messaging::{MessagingDoor, MessagingNames, UncheckedMessage};
 
 /// CreateChatToken as every door serves it: one identity resolver, one token stack, one audit trail.
 #[derive(Clone)]
@@ -394,7 +397,10 @@ impl ModerationDoor {
             Action::ListBans => page_size
                 .zip(after.ok())
                 .map(|(page_size, after)| ModerationAction::ListBans { page_size, after }),
-            Action::CreateChatToken | Action::VerifyChatToken => {
+            Action::CreateChatToken
+            | Action::VerifyChatToken
+            | Action::SendEvent
+            | Action::DeleteMessage => {
                 return Err(Error::Internal(format!(
                     "{action} is not a moderation call with fields to validate"
                 )));

@@ -1,10 +1,10 @@
-//! IVS Chat's own REST-JSON API, beside gRPC on the same listener: `POST /CreateChatToken` and
-//! `POST /DisconnectUser` exactly as IVS Chat's service model defines them, so `aws ivschat
-//! create-chat-token --endpoint-url …` (and `disconnect-user`) and every AWS SDK become clients by changing
-//! only their endpoint.
+//! IVS Chat's own REST-JSON API, beside gRPC on the same listener: `POST /CreateChatToken`,
+//! `POST /DisconnectUser`, `POST /SendEvent` and `POST /DeleteMessage` exactly as IVS Chat's service model
+//! defines them, so `aws ivschat create-chat-token --endpoint-url …` (and `disconnect-user`, `send-event`,
+//! `delete-message`) and every AWS SDK become clients by changing only their endpoint.
 //!
 //! This door is as thin as the gRPC one: JSON ⇄ domain types, nothing else. Both go through the same
-//! [`Door`] and [`ModerationDoor`]: one identity resolver (plus the `sigv4` source, which needs the body),
+//! [`Door`], [`ModerationDoor`] and [`MessagingDoor`]: one identity resolver (plus the `sigv4` source, which needs the body),
 //! one domain stack, one audit trail. Errors come from the same table ([`crate::rescue`]), shaped as IVS
 //! shapes them so SDKs raise their typed exceptions.
 //!
@@ -16,8 +16,8 @@
 //! ```
 //! # use chat_token_service::{config::HttpApiConfig, door::{Door, rest}, transport::inflight::Calls};
 //! # async fn example(door: Door) {
-//! // No moderation door: only CreateChatToken. `rest::beside` puts it next to the gRPC routes.
-//! let router = rest::router(door, None, &HttpApiConfig::default(), Calls::new(1024));
+//! // No moderation or messaging door: only CreateChatToken. `rest::beside` puts it next to the gRPC routes.
+//! let router = rest::router(door, None, None, &HttpApiConfig::default(), Calls::new(1024));
 //! # }
 //! ```
 
@@ -27,7 +27,10 @@ use axum::body::Body;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use serde::Deserialize;
 
-use super::{Door, ModerationDoor, ModerationNames, UncheckedModeration, ivs_error};
+use super::{
+    Door, MessagingDoor, MessagingNames, ModerationDoor, ModerationNames, UncheckedMessage,
+    UncheckedModeration, ivs_error,
+};
 use crate::config::HttpApiConfig;
 use crate::domain::{
     Action, Capabilities, Error, FieldNames, IssuedToken, TokenRequest, UncheckedRequest,
@@ -81,7 +84,7 @@ async fn unknown_operation(request: Request<Body>) -> Response<Body> {
         UNKNOWN_OPERATION,
         format!(
             "this service offers {} of IVS Chat's API",
-            offered.join(" and ")
+            offered.join(", ")
         ),
     ));
     if let Ok(value) = HeaderValue::from_str(&request_id) {
@@ -90,11 +93,13 @@ async fn unknown_operation(request: Request<Body>) -> Response<Body> {
     response
 }
 
-/// The routes of the IVS Chat API: CreateChatToken through `door`, and DisconnectUser through
-/// `moderation` when there is one. CreateChatToken calls take a place in `calls` (with gRPC's).
+/// The routes of the IVS Chat API: CreateChatToken through `door`, DisconnectUser through `moderation`
+/// and SendEvent and DeleteMessage through `messaging` when there are those. CreateChatToken calls take a
+/// place in `calls` (with gRPC's).
 pub fn router(
     door: Door,
     moderation: Option<ModerationDoor>,
+    messaging: Option<MessagingDoor>,
     settings: &HttpApiConfig,
     calls: Calls,
 ) -> axum::Router {
@@ -103,19 +108,31 @@ pub fn router(
         max_body_bytes: settings.max_body_bytes,
         calls,
     });
-    let router = axum::Router::new().route(&path(Action::CreateChatToken), {
+    let mut router = axum::Router::new().route(&path(Action::CreateChatToken), {
         let api = api.clone();
         axum::routing::any(move |request| create_chat_token(api.clone(), request))
     });
-    match moderation {
-        Some(moderation) => router.route(
+    if let Some(moderation) = moderation {
+        let api = api.clone();
+        router = router.route(
             &path(Action::DisconnectUser),
             axum::routing::any(move |request| {
                 disconnect_user(api.clone(), moderation.clone(), request)
             }),
-        ),
-        None => router,
+        );
     }
+    if let Some(messaging) = messaging {
+        for action in [Action::SendEvent, Action::DeleteMessage] {
+            let (api, messaging) = (api.clone(), messaging.clone());
+            router = router.route(
+                &path(action),
+                axum::routing::any(move |request| {
+                    send_message(api.clone(), messaging.clone(), action, request)
+                }),
+            );
+        }
+    }
+    router
 }
 
 /// Where IVS Chat's API serves `action`.
@@ -285,6 +302,82 @@ async fn disconnect(
     Ok(())
 }
 
+/// `SendEventRequest` and `DeleteMessageRequest` as IVS Chat's model spells them (one struct: each
+/// operation's members are absent from the other's body). Absent strings are reported as required fields.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MessageInput {
+    #[serde(default)]
+    room_identifier: String,
+    #[serde(default)]
+    event_name: String,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// SendEvent and DeleteMessage: `{"id": …}`, as IVS Chat answers both.
+async fn send_message(
+    api: Arc<Api>,
+    messaging: MessagingDoor,
+    action: Action,
+    request: Request<Body>,
+) -> Response<Body> {
+    respond(
+        request_id(&request),
+        message(&api, &messaging, action, request)
+            .await
+            .map(|id| serde_json::json!({ "id": id })),
+    )
+}
+
+async fn message(
+    api: &Api,
+    messaging: &MessagingDoor,
+    action: Action,
+    request: Request<Body>,
+) -> Result<String, IvsError> {
+    let (parts, body) = accept(api, action, request).await?;
+    let peer_certs = peer_certs(&parts.extensions);
+    let caller = messaging
+        .identity()
+        .resolve_http(&parts, &body, peer_certs)
+        .map_err(|error| ivs_error(MessagingDoor::unidentified(action, error)))?;
+    let input: MessageInput = serde_json::from_slice(&body).map_err(|e| {
+        // serde's messages can quote the values (attributes, reasons): report where, not what.
+        let members = match action {
+            Action::SendEvent => "roomIdentifier, eventName, attributes",
+            _ => "roomIdentifier, id, reason",
+        };
+        IvsError::unreadable(
+            VALIDATION_OTHER,
+            format!(
+                "the body is not a {action} request in JSON (line {}, column {}): expected an object \
+                 with {members}",
+                e.line(),
+                e.column()
+            ),
+        )
+    })?;
+    let fields = UncheckedMessage {
+        room_identifier: input.room_identifier,
+        event_name: input.event_name,
+        attributes: input.attributes.into_iter().collect(),
+        id: input.id,
+        reason: input.reason,
+    };
+    let validated = messaging.validate(action, caller.clone(), fields, &MessagingNames::IVS);
+    // IVS's HTTP API carries no deadline; ivs.operation_timeout (or messaging.timeout) bounds the call.
+    let outcome = messaging
+        .decide(action, &caller, validated, None)
+        .await
+        .map_err(ivs_error)?;
+    Ok(outcome.id)
+}
+
 /// REST-JSON bodies are `application/json`; a body in anything else is refused rather than guessed at.
 fn check_content_type(headers: &http::HeaderMap) -> Result<(), IvsError> {
     let Some(content_type) = headers.get(header::CONTENT_TYPE) else {
@@ -409,6 +502,7 @@ mod tests {
         super::router(
             door().await,
             None,
+            None,
             &HttpApiConfig {
                 max_body_bytes,
                 ..HttpApiConfig::default()
@@ -465,7 +559,7 @@ mod tests {
         let config = Config::default();
         let routes = beside(
             tonic::service::Routes::default(),
-            super::router(door().await, None, &config.http_api, Calls::new(1024)),
+            super::router(door().await, None, None, &config.http_api, Calls::new(1024)),
         );
         let router = routes.into_axum_router();
 

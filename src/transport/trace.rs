@@ -34,7 +34,9 @@ use tracing::{Instrument, Span, field::Empty, instrument::Instrumented};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::domain::{Action, IVS_SIGNING_NAME};
-use crate::proto::ivschat::v1::{moderation_service_server, token_service_server};
+use crate::proto::ivschat::v1::{
+    messaging_service_server, moderation_service_server, token_service_server,
+};
 use crate::telemetry::{exporting_traces, metrics::metrics};
 
 /// The operations this server offers (health and reflection aside: they are not traced), as their spans
@@ -66,6 +68,7 @@ fn grpc_service(action: Action) -> &'static str {
         | Action::UnbanUser
         | Action::ListBans
         | Action::VerifyChatToken => moderation_service_server::SERVICE_NAME,
+        Action::SendEvent | Action::DeleteMessage => messaging_service_server::SERVICE_NAME,
     }
 }
 

@@ -211,7 +211,7 @@ fn warn_if_shared(path: &Path) {
 /// counts only when the group is not the process's own: Kubernetes mounts a Secret for a non-root pod as
 /// root-owned with group `fsGroup` (the pod's `runAsGroup`) and mode 0440, and that is as private as a
 /// mounted secret gets.
-fn readable_by_others(mode: u32, file_group: u32, own_group: u32) -> bool {
+pub(crate) fn readable_by_others(mode: u32, file_group: u32, own_group: u32) -> bool {
     mode & 0o007 != 0 || (mode & 0o070 != 0 && file_group != own_group)
 }
 
