@@ -7,8 +7,8 @@ use tokio::time::Instant;
 use super::{short_hash, within};
 use crate::domain::messaging::optional_reason;
 use crate::domain::{
-    Action, Attributes, Caller, Error, EventName, FieldViolation, MessageId, MessagingAction,
-    MessagingOutcome, MessagingRequest, RoomArn,
+    Action, Attributes, Caller, CallerSource, Error, EventName, FieldViolation, MessageId,
+    MessagingAction, MessagingOutcome, MessagingRequest, RoomArn,
 };
 use crate::identity::Resolver;
 use crate::stack::MessagingStack;
@@ -161,6 +161,7 @@ impl MessagingDoor {
             target: "audit",
             "audit",
             caller = %request.caller,
+            caller_source = request.caller.source().map(CallerSource::name),
             room = %request.room,
             action,
             message_hash = request
