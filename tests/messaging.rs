@@ -727,3 +727,22 @@ async fn a_secret_file_too_short_or_missing_stops_start_up_naming_the_setting() 
         .to_string();
     assert!(error.contains("cannot read"), "{error}");
 }
+
+#[tokio::test]
+async fn reflection_describes_messaging_service_with_its_two_methods() {
+    let keys = LocalKeys::new();
+    let server = TestServer::from_config(keys.config()).await;
+    let (services, described) =
+        common::reflect(server.channel().await, &["ivschat.v1.MessagingService"]).await;
+    assert!(
+        services.iter().any(|s| s == "ivschat.v1.MessagingService"),
+        "{services:?}"
+    );
+    let methods: Vec<&str> = described[0]
+        .iter()
+        .flat_map(|file| &file.service)
+        .filter(|service| service.name() == "MessagingService")
+        .flat_map(|service| service.method.iter().map(|m| m.name()))
+        .collect();
+    assert_eq!(methods, ["SendEvent", "DeleteMessage"]);
+}
