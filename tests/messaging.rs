@@ -746,3 +746,35 @@ async fn reflection_describes_messaging_service_with_its_two_methods() {
         .collect();
     assert_eq!(methods, ["SendEvent", "DeleteMessage"]);
 }
+
+#[tokio::test]
+async fn rooms_outside_the_served_regions_are_refused_before_any_budget_is_spent() {
+    let stub = IvsStub::start().await;
+    let server = TestServer::ivs(&stub, |config| {
+        config.ivs.allowed_regions =
+            vec![chat_token_service::domain::Region::parse("us-west-2").unwrap()];
+        config.rate_limits = vec![chat_token_service::domain::Limit {
+            name: "everything".into(),
+            key: chat_token_service::domain::LimitKey::Global,
+            rate: Rate::parse("1/h").unwrap(),
+            burst: NonZeroU32::new(1).unwrap(),
+            shadow: false,
+        }];
+    })
+    .await;
+    let mut client = messaging(&server).await;
+    for _ in 0..3 {
+        let status = client
+            .send_event(event(&format!("{EU}/lobby"), "e"))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(bad_fields(&status), ["room_identifier"]);
+    }
+    // The one call the global limit admits is still there for a served room.
+    client
+        .send_event(event(&format!("{WEST}/lobby"), "e"))
+        .await
+        .unwrap();
+    assert_eq!(stub.calls().len(), 1);
+}
