@@ -289,6 +289,8 @@ async fn the_production_policy_and_the_quota_guards_refuse_before_ivs_is_called(
         config.identity.allow_anonymous = false;
         config.ivs.send_event_quota = Rate::parse("1/h").unwrap();
         config.ivs.send_event_quota_burst = NonZeroU32::new(2).unwrap();
+        config.ivs.delete_message_quota = Rate::parse("1/h").unwrap();
+        config.ivs.delete_message_quota_burst = NonZeroU32::new(3).unwrap();
     })
     .await;
     let mut client = messaging(&server).await;
@@ -358,12 +360,23 @@ async fn the_production_policy_and_the_quota_guards_refuse_before_ivs_is_called(
     assert_eq!(quota.violations[0].subject, "limit:ivs-send-event-quota");
     assert!(throttled.get_details_retry_info().is_some());
     assert_eq!(calls_of(&stub, "SendEvent").len(), 2);
-    // DeleteMessage has a quota of its own.
+    // DeleteMessage has a quota of its own: untouched by SendEvent's, and spent by its own calls only.
     client
         .delete_message(from(MODERATION, delete(room, MESSAGE_ID, "again")))
         .await
         .unwrap();
-    assert_eq!(calls_of(&stub, "DeleteMessage").len(), 2);
+    client
+        .delete_message(from(MODERATION, delete(room, MESSAGE_ID, "and again")))
+        .await
+        .unwrap();
+    let throttled = client
+        .delete_message(from(MODERATION, delete(room, MESSAGE_ID, "once more")))
+        .await
+        .unwrap_err();
+    assert_eq!(throttled.code(), Code::ResourceExhausted, "{throttled:?}");
+    let quota = throttled.get_details_quota_failure().unwrap();
+    assert_eq!(quota.violations[0].subject, "limit:ivs-delete-message-quota");
+    assert_eq!(calls_of(&stub, "DeleteMessage").len(), 3);
 }
 
 #[tokio::test]
