@@ -375,7 +375,10 @@ async fn the_production_policy_and_the_quota_guards_refuse_before_ivs_is_called(
         .unwrap_err();
     assert_eq!(throttled.code(), Code::ResourceExhausted, "{throttled:?}");
     let quota = throttled.get_details_quota_failure().unwrap();
-    assert_eq!(quota.violations[0].subject, "limit:ivs-delete-message-quota");
+    assert_eq!(
+        quota.violations[0].subject,
+        "limit:ivs-delete-message-quota"
+    );
     assert_eq!(calls_of(&stub, "DeleteMessage").len(), 3);
 }
 
@@ -790,4 +793,77 @@ async fn rooms_outside_the_served_regions_are_refused_before_any_budget_is_spent
         .await
         .unwrap();
     assert_eq!(stub.calls().len(), 1);
+}
+
+/// Attribute values and reasons are the application's words: whatever happens to a call, they reach
+/// neither the server's log nor the caller's error.
+#[tokio::test]
+async fn attribute_values_and_reasons_never_reach_the_log_or_errors() {
+    const VALUE: &str = "ATTRIBUTE-VALUE-7f3a";
+    const REASON: &str = "REASON-TEXT-91c2";
+    let stub = IvsStub::start().await;
+    let receiver = Receiver::start().await;
+    let keys = LocalKeys::new();
+    let secret = secret_file(&keys, SECRET);
+    let ivs = common::Binary::start(&[
+        ("CTS_ISSUER", "ivs"),
+        ("CTS_IVS__ENDPOINT_URL", &stub.endpoint()),
+        ("CTS_IVS__MAX_ATTEMPTS", "1"),
+        ("AWS_ACCESS_KEY_ID", "AKIDOFTHESERVICE0000"),
+        ("AWS_SECRET_ACCESS_KEY", "service-secret"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ]);
+    let local = common::Binary::start(&[
+        ("CTS_LOCAL_ISSUER__KEYS_FILE", keys.path.to_str().unwrap()),
+        ("CTS_MESSAGING__WEBHOOK_URL", &receiver.url()),
+        (
+            "CTS_MESSAGING__SIGNING_SECRET_FILE",
+            secret.to_str().unwrap(),
+        ),
+    ]);
+    let mut refusals = Vec::new();
+    for binary in [&ivs, &local] {
+        let mut client = MessagingServiceClient::connect(format!("http://{}", binary.addr))
+            .await
+            .unwrap();
+        for room in [
+            "lobby", "invalid1", "denied1", "broken1", "refuse1", "missing1", "huge1",
+        ] {
+            let room = format!("{WEST}/{room}");
+            let mut request = event(&room, "game:score");
+            request.attributes = [("detail".to_string(), VALUE.to_string())].into();
+            let sent = client.send_event(request).await;
+            let deleted = client
+                .delete_message(delete(&room, MESSAGE_ID, REASON))
+                .await;
+            refusals.extend(sent.err().into_iter().chain(deleted.err()));
+        }
+        // Too long: refused by validation, which describes the rule.
+        let mut request = event(ACCOUNT_111_ROOM, "e");
+        request.attributes = [("detail".to_string(), VALUE.repeat(200))].into();
+        refusals.extend(client.send_event(request).await.err());
+    }
+    assert!(refusals.len() >= 10, "{refusals:?}");
+    for status in &refusals {
+        let shown = format!("{status:?}");
+        assert!(!shown.contains(VALUE) && !shown.contains(REASON), "{shown}");
+    }
+    assert!(
+        stub.calls()
+            .iter()
+            .any(|call| call.body.to_string().contains(VALUE))
+            && receiver
+                .deliveries()
+                .iter()
+                .any(|d| d.body.to_string().contains(REASON)),
+        "positive control: the values did travel to IVS and to the webhook"
+    );
+    for binary in [ivs, local] {
+        binary.signal("-TERM");
+        let (status, log) = binary.wait();
+        assert_eq!(status.code(), Some(0));
+        let log = log.join("\n");
+        assert!(log.contains("messaging"), "the calls were logged: {log}");
+        assert!(!log.contains(VALUE) && !log.contains(REASON), "{log}");
+    }
 }
