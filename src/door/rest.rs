@@ -304,18 +304,13 @@ async fn disconnect(
 
 /// `SendEventRequest` and `DeleteMessageRequest` as IVS Chat's model spells them (one struct: each
 /// operation's members are absent from the other's body). Absent strings are reported as required fields.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
 struct MessageInput {
-    #[serde(default)]
     room_identifier: String,
-    #[serde(default)]
     event_name: String,
-    #[serde(default)]
     attributes: BTreeMap<String, String>,
-    #[serde(default)]
     id: String,
-    #[serde(default)]
     reason: String,
 }
 
@@ -348,15 +343,11 @@ async fn message(
         .map_err(|error| ivs_error(MessagingDoor::unidentified(action, error)))?;
     let input: MessageInput = serde_json::from_slice(&body).map_err(|e| {
         // serde's messages can quote the values (attributes, reasons): report where, not what.
-        let members = match action {
-            Action::SendEvent => "roomIdentifier, eventName, attributes",
-            _ => "roomIdentifier, id, reason",
-        };
         IvsError::unreadable(
             VALIDATION_OTHER,
             format!(
                 "the body is not a {action} request in JSON (line {}, column {}): expected an object \
-                 with {members}",
+                 with roomIdentifier and eventName, attributes (SendEvent) or id, reason (DeleteMessage)",
                 e.line(),
                 e.column()
             ),
