@@ -325,15 +325,6 @@ async fn the_production_policy_and_the_quota_guards_refuse_before_ivs_is_called(
             .await
             .unwrap_err(),
     );
-    // Attributes of at most 512 bytes: one more is refused.
-    let mut large = event(room, "game:score");
-    large.attributes = [("k".to_string(), "v".repeat(512))].into();
-    denied(
-        client
-            .send_event(from(GAME_SERVER, large))
-            .await
-            .unwrap_err(),
-    );
     // Moderators delete messages, with a reason; game servers do not.
     denied(
         client
