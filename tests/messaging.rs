@@ -867,3 +867,120 @@ async fn attribute_values_and_reasons_never_reach_the_log_or_errors() {
         assert!(!log.contains(VALUE) && !log.contains(REASON), "{log}");
     }
 }
+
+/// An `https://` webhook signed by a private CA: trusted through `SSL_CERT_FILE`, refused without it.
+#[tokio::test]
+async fn an_https_webhook_is_trusted_through_the_system_roots_or_ssl_cert_file() {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let ca = common::pki::Ca::new("chat server CA");
+    let leaf = ca.server();
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes()).unwrap()],
+        PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let bodies = Arc::new(Mutex::new(Vec::<Value>::new()));
+    tokio::spawn({
+        let bodies = bodies.clone();
+        async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, bodies) = (acceptor.clone(), bodies.clone());
+                tokio::spawn(async move {
+                    // One HTTP/1.1 request per connection, enough for the webhook's single POST.
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut read = Vec::new();
+                    let mut buffer = [0; 4096];
+                    let body = loop {
+                        let n = tls.read(&mut buffer).await.unwrap();
+                        assert!(n > 0, "the request ended early");
+                        read.extend_from_slice(&buffer[..n]);
+                        let text = String::from_utf8_lossy(&read).into_owned();
+                        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                            continue;
+                        };
+                        let length: usize = head
+                            .lines()
+                            .find_map(|line| {
+                                line.to_ascii_lowercase()
+                                    .strip_prefix("content-length: ")
+                                    .map(str::to_owned)
+                            })
+                            .unwrap()
+                            .parse()
+                            .unwrap();
+                        if body.len() >= length {
+                            break body.to_owned();
+                        }
+                    };
+                    bodies
+                        .lock()
+                        .unwrap()
+                        .push(serde_json::from_str(&body).unwrap());
+                    let answer = r#"{"id":"OverTls12345"}"#;
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    tls.write_all(response.as_bytes()).await.unwrap();
+                    tls.shutdown().await.ok();
+                });
+            }
+        }
+    });
+
+    let keys = LocalKeys::new();
+    let secret = secret_file(&keys, SECRET);
+    let ca_file = keys.dir.path().join("chat-server-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let url = format!("https://localhost:{port}/cts");
+    let send = |trust: Option<&PathBuf>| {
+        let mut env = vec![
+            (
+                "CTS_LOCAL_ISSUER__KEYS_FILE",
+                keys.path.to_str().unwrap().to_owned(),
+            ),
+            ("CTS_MESSAGING__WEBHOOK_URL", url.clone()),
+            (
+                "CTS_MESSAGING__SIGNING_SECRET_FILE",
+                secret.to_str().unwrap().to_owned(),
+            ),
+        ];
+        if let Some(ca_file) = trust {
+            env.push(("SSL_CERT_FILE", ca_file.to_str().unwrap().to_owned()));
+        }
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let binary = common::Binary::start(&env);
+        async move {
+            let answer = MessagingServiceClient::connect(format!("http://{}", binary.addr))
+                .await
+                .unwrap()
+                .send_event(event(&format!("{WEST}/lobby"), "game:score"))
+                .await;
+            drop(binary);
+            answer
+        }
+    };
+
+    let untrusted = send(None).await.unwrap_err();
+    assert_eq!(
+        (untrusted.code(), untrusted.message()),
+        (Code::Unavailable, "chat backend: cannot connect")
+    );
+    assert!(bodies.lock().unwrap().is_empty());
+    let trusted = send(Some(&ca_file)).await.unwrap().into_inner();
+    assert_eq!(trusted.id, "OverTls12345");
+    assert_eq!(bodies.lock().unwrap()[0]["eventName"], "game:score");
+}
