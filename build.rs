@@ -9,6 +9,7 @@ const PROTO_ROOT: &str = "proto";
 const PROTOS: &[&str] = &[
     "ivschat/v1/token_service.proto",
     "ivschat/v1/moderation_service.proto",
+    "ivschat/v1/messaging_service.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -2,8 +2,9 @@
 //!
 //! Callers ask `ivschat.v1.TokenService/CreateChatToken` for a token for one user in one room; the request
 //! and response mirror IVS Chat's own CreateChatToken API field for field and enforce the same limits.
-//! `ivschat.v1.ModerationService` disconnects, bans and verifies; IVS Chat's own REST-JSON API is served
-//! on the same port for the AWS CLI and SDKs.
+//! `ivschat.v1.ModerationService` disconnects, bans and verifies; `ivschat.v1.MessagingService` sends events
+//! and deletes messages (IVS Chat's SendEvent and DeleteMessage); IVS Chat's own REST-JSON API is served on
+//! the same port for the AWS CLI and SDKs.
 //!
 //! # Layout
 //! Every module has a layer and imports only from lower layers, or from within its own folder without
@@ -54,6 +55,12 @@
 //! ModerationService takes the same path through door::ModerationDoor and stack::moderation: identity,
 //! validation, PolicyLayer, RateLimitLayer, then moderation::ModerationService (the issuer's moderator: IVS
 //! DisconnectUser, or local revocation; and the ban store).
+//!
+//! MessagingService takes it through door::MessagingDoor and stack::messaging: identity, validation,
+//! PolicyLayer, ScopeLayer (ivs), a RateLimitLayer per action (the configured limits and, with ivs, that
+//! action's IVS quota guard), then issuer::MessengerService (IVS SendEvent / DeleteMessage, or the local
+//! issuer's signed webhook); with the local issuer and no webhook the door refuses at once
+//! (FAILED_PRECONDITION).
 //! ```
 
 pub mod app;

@@ -34,7 +34,8 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use crate::domain::{
-    Caller, Error, ExceededLimit, Limit, LimitKey, ModerationRequest, RoomArn, TokenRequest, UserId,
+    Caller, Error, ExceededLimit, Limit, LimitKey, MessagingRequest, ModerationRequest, RoomArn,
+    TokenRequest, UserId,
 };
 use crate::store::{BanGate, Check, Gated, LimiterStore, Quota, Verdict};
 use crate::telemetry::{metrics::metrics, trace_only_span};
@@ -183,6 +184,26 @@ impl Limited for ModerationRequest {
 
     fn user_id(&self) -> Option<&UserId> {
         self.action.user_id()
+    }
+
+    fn scope(&self) -> Option<&'static str> {
+        Some(self.action.action().as_str())
+    }
+}
+
+/// SendEvent and DeleteMessage are about no user: `user` limits count them once per room, each action in
+/// budgets of its own.
+impl Limited for MessagingRequest {
+    fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    fn room(&self) -> &RoomArn {
+        &self.room
+    }
+
+    fn user_id(&self) -> Option<&UserId> {
+        None
     }
 
     fn scope(&self) -> Option<&'static str> {

@@ -17,7 +17,9 @@ use std::{
 
 use futures_util::future::Either;
 
-use crate::domain::{Error, ModerationRequest, RoomArn, ServedRooms, TokenRequest};
+use crate::domain::{
+    Error, MessagingRequest, ModerationRequest, RoomArn, ServedRooms, TokenRequest,
+};
 
 /// A request about one room, which [`Scope`] checks.
 pub trait InRoom {
@@ -34,6 +36,12 @@ impl InRoom for TokenRequest {
 /// Moderation too: a ban for a room the issuer does not serve is refused before it is stored (it could
 /// never be enforced, and would be listed as if it were).
 impl InRoom for ModerationRequest {
+    fn room(&self) -> &RoomArn {
+        &self.room
+    }
+}
+
+impl InRoom for MessagingRequest {
     fn room(&self) -> &RoomArn {
         &self.room
     }

@@ -22,12 +22,13 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::app::{App, Serving};
 use crate::door::{
-    grpc::{ModerationGrpc, TokenGrpc},
+    grpc::{MessagingGrpc, ModerationGrpc, TokenGrpc},
     rest,
 };
 use crate::proto::{
     FILE_DESCRIPTOR_SET,
     ivschat::v1::{
+        messaging_service_server::MessagingServiceServer,
         moderation_service_server::ModerationServiceServer,
         token_service_server::{self, TokenServiceServer},
     },
@@ -63,6 +64,7 @@ pub async fn run(
     let App {
         door,
         moderation,
+        messaging,
         readiness,
         tls,
         serving,
@@ -86,6 +88,10 @@ pub async fn run(
         .max_decoding_message_size(max_request_bytes);
     let moderation_service = moderation.clone().map(|moderation| {
         ModerationServiceServer::new(ModerationGrpc::new(moderation))
+            .max_decoding_message_size(max_request_bytes)
+    });
+    let messaging_service = messaging.clone().map(|messaging| {
+        MessagingServiceServer::new(MessagingGrpc::new(messaging))
             .max_decoding_message_size(max_request_bytes)
     });
 
@@ -133,12 +139,21 @@ pub async fn run(
     if let Some(moderation_service) = moderation_service {
         routes.add_service(moderation_service);
     }
+    if let Some(messaging_service) = messaging_service {
+        routes.add_service(messaging_service);
+    }
     let mut routes = routes.routes();
     // The IVS Chat REST-JSON API: its routes beside the gRPC ones, over HTTP/1.1 as well as HTTP/2.
     if serving.http_api.enabled {
         routes = rest::beside(
             routes,
-            rest::router(door, moderation, &serving.http_api, calls.clone()),
+            rest::router(
+                door,
+                moderation,
+                messaging,
+                &serving.http_api,
+                calls.clone(),
+            ),
         );
     }
     let service = tower::ServiceBuilder::new()

@@ -1,20 +1,27 @@
 //! The one place the domain stacks are composed: the tower services between the front doors and the
-//! issuer (CreateChatToken) or the moderator (ModerationService), one comment per layer on why it sits
-//! where it does.
+//! issuer (CreateChatToken), the moderator (ModerationService) or the messenger (MessagingService), one
+//! comment per layer on why it sits where it does.
 //!
 //! Both stacks share one policy engine and one backend's stores, so a ban made through the moderation
 //! stack is what the token stack's ban check reads, and every limit spends one budget. Everything here is
 //! already built ([`crate::app`] builds it from the configuration); composing cannot fail.
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+};
 
-use tower::{ServiceBuilder, util::BoxCloneSyncService};
+use tower::{
+    Layer, Service, ServiceBuilder, ServiceExt,
+    util::{BoxCloneSyncService, Oneshot},
+};
 
 use crate::ban_check::BanCheckLayer;
 use crate::domain::{
-    Error, IssuedToken, Limit, ModerationOutcome, ModerationRequest, ServedRooms, TokenRequest,
+    Error, IssuedToken, Limit, MessagingAction, MessagingOutcome, MessagingRequest,
+    ModerationOutcome, ModerationRequest, ServedRooms, TokenRequest,
 };
-use crate::issuer::{Issuer, IssuerService, Moderator};
+use crate::issuer::{Issuer, IssuerService, Messenger, MessengerService, Moderator};
 use crate::moderation::ModerationService;
 use crate::policy::{PolicyEngine, PolicyLayer};
 use crate::ratelimit::RateLimitLayer;
@@ -27,7 +34,10 @@ pub type TokenStack = BoxCloneSyncService<TokenRequest, IssuedToken, Error>;
 /// The moderation stack as a front door sees it.
 pub type ModerationStack = BoxCloneSyncService<ModerationRequest, ModerationOutcome, Error>;
 
-/// What both stacks are made of, besides their innermost service.
+/// The messaging stack (SendEvent, DeleteMessage) as a front door sees it.
+pub type MessagingStack = BoxCloneSyncService<MessagingRequest, MessagingOutcome, Error>;
+
+/// What the stacks are made of, besides their innermost service.
 pub struct Parts<L, M> {
     /// Decides who may do what; shared, so a reload applies to both stacks.
     pub policy: Arc<PolicyEngine>,
@@ -113,4 +123,77 @@ where
             parts.stores.moderation.clone(),
         ));
     BoxCloneSyncService::new(stack)
+}
+
+/// What an upstream messenger (IVS Chat) asks of the messaging stack in front of it.
+#[derive(Clone, Debug, Default)]
+pub struct MessagingUpstream {
+    /// The rooms it serves: others are refused before any budget is spent.
+    pub served: Option<ServedRooms>,
+    /// Its SendEvent quota (IVS's per account and region).
+    pub send_event_quota: Option<Limit>,
+    /// Its DeleteMessage quota (IVS's per account and region).
+    pub delete_message_quota: Option<Limit>,
+}
+
+/// The SendEvent and DeleteMessage stack around `messenger`: the same policy engine, limits and stores as
+/// the other stacks.
+pub fn messaging<L, M, Ms>(
+    parts: &Parts<L, M>,
+    upstream: MessagingUpstream,
+    messenger: Ms,
+) -> MessagingStack
+where
+    L: LimiterStore + Clone,
+    M: ModerationStore + Clone,
+    Ms: Messenger,
+{
+    let messenger = MessengerService::new(messenger);
+    // Each action spends its own upstream quota, so each gets a rate-limit layer of its own: the
+    // configured limits (which count each action in budgets of its own, see `Limited::scope`) and its
+    // quota, in one store call. A request refused by any of them consumes from none, and only requests
+    // about to be sent spend the quota.
+    let limited = |quota: Option<Limit>| -> MessagingStack {
+        let limits = parts.limits.iter().cloned().chain(quota).collect();
+        BoxCloneSyncService::new(
+            RateLimitLayer::new(limits, parts.stores.limits.clone()).layer(messenger.clone()),
+        )
+    };
+    let by_action = ByAction {
+        send_event: limited(upstream.send_event_quota),
+        delete_message: limited(upstream.delete_message_quota),
+    };
+    let stack = ServiceBuilder::new()
+        // Policy first, as everywhere: a denied caller spends no budget and no quota.
+        .layer(PolicyLayer::new(parts.policy.clone(), parts.policy_shadow))
+        // Then the rooms the upstream serves (ivs), before any budget is spent or any client is made.
+        .option_layer(upstream.served.map(ScopeLayer::new))
+        .service(by_action);
+    BoxCloneSyncService::new(stack)
+}
+
+/// Sends each messaging request on to the stack of its action.
+#[derive(Clone)]
+struct ByAction {
+    send_event: MessagingStack,
+    delete_message: MessagingStack,
+}
+
+impl Service<MessagingRequest> for ByAction {
+    type Response = MessagingOutcome;
+    type Error = Error;
+    type Future = Oneshot<MessagingStack, MessagingRequest>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        // Which stack a request needs is known only in `call`; that one is readied there.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: MessagingRequest) -> Self::Future {
+        let stack = match request.action {
+            MessagingAction::SendEvent { .. } => &self.send_event,
+            MessagingAction::DeleteMessage { .. } => &self.delete_message,
+        };
+        stack.clone().oneshot(request)
+    }
 }

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use common::{ACCOUNT_111_ROOM, Binary, ROOM_ARN, WEB, ivs_stub::IvsStub};
+use common::{ACCOUNT_111_ROOM, Binary, MODERATION, ROOM_ARN, WEB, ivs_stub::IvsStub};
 use serde_json::{Value, json};
 
 const WEB_KEY_ID: &str = "CTSWEB0000000000001";
@@ -21,6 +21,16 @@ const WEB_SECRET: &str = "webSecretAccessKey0000000000000000000000";
 /// A key of a caller the production policy gives no accounts to.
 const STRANGER_KEY_ID: &str = "CTSSTRANGER00000001";
 const STRANGER_SECRET: &str = "strangerSecretAccessKey00000000000000000";
+/// The production entities' game server (SendEvent) and moderation tool (DeleteMessage).
+const GAME_SERVER: &str = "spiffe://cluster.local/ns/games/sa/game-server";
+const GAME_KEY: (&str, &str) = (
+    "CTSGAMESERVER000001",
+    "gameServerSecretAccessKey000000000000000",
+);
+const MODERATION_KEY: (&str, &str) = (
+    "CTSMODERATION000001",
+    "moderationSecretAccessKey000000000000000",
+);
 
 /// The virtualenv holding `aws` and `boto3`.
 fn venv() -> PathBuf {
@@ -89,12 +99,24 @@ fn disconnect_cli(addr: SocketAddr, key: Option<(&str, &str)>, args: &[&str]) ->
 
 /// CreateChatToken through boto3: what happened, as `tests/aws/boto3_call.py` reports it.
 fn boto3(addr: SocketAddr, key: Option<(&str, &str)>, request: Value) -> Value {
+    boto3_operation("create_chat_token", addr, key, request)
+}
+
+/// `operation` (boto3's method name) through boto3: what happened, as `tests/aws/boto3_call.py` reports it.
+fn boto3_operation(
+    operation: &str,
+    addr: SocketAddr,
+    key: Option<(&str, &str)>,
+    request: Value,
+) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/aws/boto3_call.py");
     let mut command = aws_client("python", key);
     command.args([
         script.to_str().unwrap(),
         &format!("http://{addr}"),
         &request.to_string(),
+        "--operation",
+        operation,
     ]);
     if key.is_none() {
         command.arg("--unsigned");
@@ -134,7 +156,10 @@ fn signed_callers_config(dir: &Path, extra: &str) -> String {
         &credentials,
         format!(
             "[[keys]]\naccess_key_id = \"{WEB_KEY_ID}\"\nsecret_access_key = \"{WEB_SECRET}\"\nprincipal = \"{WEB}\"\n\n\
-             [[keys]]\naccess_key_id = \"{STRANGER_KEY_ID}\"\nsecret_access_key = \"{STRANGER_SECRET}\"\nprincipal = \"stranger\"\n"
+             [[keys]]\naccess_key_id = \"{STRANGER_KEY_ID}\"\nsecret_access_key = \"{STRANGER_SECRET}\"\nprincipal = \"stranger\"\n\n\
+             [[keys]]\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprincipal = \"{GAME_SERVER}\"\n\n\
+             [[keys]]\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprincipal = \"{MODERATION}\"\n",
+            GAME_KEY.0, GAME_KEY.1, MODERATION_KEY.0, MODERATION_KEY.1,
         ),
     )
     .unwrap();
@@ -644,6 +669,8 @@ fn audit_event(binary: &Binary) -> Value {
         }
         let mut fields = event["fields"].clone();
         fields.as_object_mut().unwrap().remove("token_id_hash");
+        // The id IVS (the stub) made for a delivered event differs per call.
+        fields.as_object_mut().unwrap().remove("id_hash");
         // Refusals before a request is valid have no audit span; the transport's span differs by door.
         let span = &event["span"];
         let audit = if span["name"] == "audit" {
@@ -729,6 +756,324 @@ async fn the_aws_cli_disconnects_a_user() {
     assert!(
         String::from_utf8_lossy(refused.details()).contains("TOKEN_REVOKED"),
         "{refused:?}"
+    );
+    stop(binary);
+}
+
+/// The IVS issuer against the stub, callers signing with SigV4 under the production policy, and the
+/// SendEvent quota guard at 2 calls: the configuration of the messaging tests below.
+fn messaging_binary(dir: &Path, stub: &IvsStub, extra: &str) -> Binary {
+    let config = signed_callers_config(
+        dir,
+        &format!(
+            "issuer = \"ivs\"\n{extra}\n\
+             [ivs]\nendpoint_url = \"{}\"\nmax_attempts = 1\nsend_event_quota = \"1/h\"\nsend_event_quota_burst = 2\n",
+            stub.endpoint()
+        ),
+    );
+    Binary::start(&[
+        ("CTS_CONFIG", &config),
+        ("AWS_ACCESS_KEY_ID", "AKIDOFTHESERVICE0000"),
+        ("AWS_SECRET_ACCESS_KEY", "service-secret"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ])
+}
+
+/// `aws ivschat send-event` and `delete-message` reach IVS (the stub) with IVS's bodies and print IVS's
+/// ids; boto3 gets AccessDeniedException for a caller the policy refuses and ThrottlingException past the
+/// quota guard, neither reaching IVS; IVS's limits are enforced at their edges, by IVS's field names.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_aws_cli_and_boto3_send_events_and_delete_messages_through_ivs() {
+    let stub = IvsStub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let binary = messaging_binary(dir.path(), &stub, "");
+    let addr = binary.addr;
+    let room = format!("--room-identifier={ACCOUNT_111_ROOM}");
+    let blocking = |f: Box<dyn FnOnce() -> Output + Send>| tokio::task::spawn_blocking(f);
+
+    let output = blocking(Box::new({
+        let room = room.clone();
+        move || {
+            aws_ivschat(
+                "send-event",
+                addr,
+                Some(GAME_KEY),
+                &[
+                    &room,
+                    "--event-name=game:score",
+                    "--attributes",
+                    "home=3,away=1",
+                ],
+            )
+        }
+    }))
+    .await
+    .unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let printed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let calls = stub.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].operation, "SendEvent");
+    assert_eq!(
+        calls[0].body,
+        json!({"roomIdentifier": ACCOUNT_111_ROOM, "eventName": "game:score", "attributes": {"home": "3", "away": "1"}})
+    );
+    assert_eq!(
+        printed,
+        json!({"id": calls[0].response.as_ref().unwrap()["id"]})
+    );
+    let event_id = printed["id"].as_str().unwrap().to_owned();
+
+    let output = blocking(Box::new({
+        let (room, id) = (room.clone(), format!("--id={event_id}"));
+        move || {
+            aws_ivschat(
+                "delete-message",
+                addr,
+                Some(MODERATION_KEY),
+                &[&room, &id, "--reason=spoiler"],
+            )
+        }
+    }))
+    .await
+    .unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let printed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let calls = stub.calls();
+    assert_eq!(calls[1].operation, "DeleteMessage");
+    assert_eq!(
+        calls[1].body,
+        json!({"roomIdentifier": ACCOUNT_111_ROOM, "id": event_id, "reason": "spoiler"})
+    );
+    assert_eq!(
+        printed,
+        json!({"id": calls[1].response.as_ref().unwrap()["id"]})
+    );
+
+    let (denied, second, throttled, edges) = tokio::task::spawn_blocking(move || {
+        let send = |key, name: &str| {
+            boto3_operation(
+                "send_event",
+                addr,
+                Some(key),
+                json!({"roomIdentifier": ACCOUNT_111_ROOM, "eventName": name}),
+            )
+        };
+        let denied = send((WEB_KEY_ID, WEB_SECRET), "game:score");
+        let second = send(GAME_KEY, "stream:start");
+        let throttled = send(GAME_KEY, "stream:start");
+        let edges = [
+            send(GAME_KEY, &"e".repeat(100)),
+            send(GAME_KEY, &"e".repeat(101)),
+            boto3_operation(
+                "send_event",
+                addr,
+                Some(GAME_KEY),
+                json!({"roomIdentifier": ACCOUNT_111_ROOM, "eventName": "game:score", "attributes": {"k": "v".repeat(1024)}}),
+            ),
+            boto3_operation(
+                "delete_message",
+                addr,
+                Some(MODERATION_KEY),
+                json!({"roomIdentifier": ACCOUNT_111_ROOM, "id": "AbCdEf123456", "reason": "r".repeat(257)}),
+            ),
+            boto3_operation(
+                "delete_message",
+                addr,
+                Some(MODERATION_KEY),
+                json!({"roomIdentifier": ACCOUNT_111_ROOM, "id": "AbCdEf1234567", "reason": "r".repeat(256)}),
+            ),
+        ];
+        (denied, second, throttled, edges)
+    })
+    .await
+    .unwrap();
+    assert_eq!(denied["exception"], "AccessDeniedException", "{denied}");
+    assert!(second["id"].is_string(), "{second}");
+    assert_eq!(throttled["exception"], "ThrottlingException", "{throttled}");
+    assert_eq!(
+        throttled["error"]["Message"],
+        "rate limit exceeded: ivs-send-event-quota"
+    );
+    assert_eq!(
+        throttled["retryAttempts"], 2,
+        "AWS_MAX_ATTEMPTS=3: {throttled}"
+    );
+    // The first edge (100 characters) is valid, and refused by policy: not a name our clients handle.
+    assert_eq!(
+        edges[0]["exception"], "AccessDeniedException",
+        "{}",
+        edges[0]
+    );
+    for (edge, field) in edges[1..]
+        .iter()
+        .zip(["eventName", "attributes", "reason", "id"])
+    {
+        assert_eq!(edge["exception"], "ValidationException", "{edge}");
+        assert_eq!(edge["fieldList"][0]["name"], field, "{edge}");
+    }
+    let sent: Vec<_> = stub
+        .calls()
+        .into_iter()
+        .filter(|call| call.operation == "SendEvent")
+        .collect();
+    assert_eq!(
+        sent.len(),
+        2,
+        "neither the refused caller, the throttled calls nor the invalid ones reached IVS"
+    );
+    stop(binary);
+}
+
+/// The same messaging calls over gRPC and over the HTTP API: the same decisions and the same audit events.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_and_http_give_the_same_messaging_decisions_and_audit_events() {
+    use chat_token_service::proto::ivschat::v1::{
+        DeleteMessageRequest, SendEventRequest, messaging_service_client::MessagingServiceClient,
+    };
+
+    let stub = IvsStub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let binary = messaging_binary(dir.path(), &stub, "log_format = \"json\"");
+    let mut client = MessagingServiceClient::connect(format!("http://{}", binary.addr))
+        .await
+        .unwrap();
+    drain_log(&binary, Duration::from_millis(300));
+
+    let cases = [
+        // Sent.
+        (
+            GAME_SERVER,
+            GAME_KEY,
+            "send_event",
+            json!({"roomIdentifier": ACCOUNT_111_ROOM, "eventName": "game:score", "attributes": {"home": "3"}}),
+        ),
+        // Denied by policy: web front ends send no events.
+        (
+            WEB,
+            (WEB_KEY_ID, WEB_SECRET),
+            "send_event",
+            json!({"roomIdentifier": ACCOUNT_111_ROOM, "eventName": "game:score"}),
+        ),
+        // Invalid.
+        (
+            GAME_SERVER,
+            GAME_KEY,
+            "send_event",
+            json!({"roomIdentifier": ACCOUNT_111_ROOM, "eventName": "e".repeat(101)}),
+        ),
+        // Deleted.
+        (
+            MODERATION,
+            MODERATION_KEY,
+            "delete_message",
+            json!({"roomIdentifier": ACCOUNT_111_ROOM, "id": "AbCdEf123456", "reason": "spam"}),
+        ),
+        // Denied by policy: no reason.
+        (
+            MODERATION,
+            MODERATION_KEY,
+            "delete_message",
+            json!({"roomIdentifier": ACCOUNT_111_ROOM, "id": "AbCdEf123456"}),
+        ),
+    ];
+    for (caller, key, operation, case) in cases {
+        let field = |name: &str| case[name].as_str().unwrap_or_default().to_owned();
+        let grpc = match operation {
+            "send_event" => {
+                let mut request = tonic::Request::new(SendEventRequest {
+                    room_identifier: field("roomIdentifier"),
+                    event_name: field("eventName"),
+                    attributes: serde_json::from_value(case["attributes"].clone())
+                        .unwrap_or_default(),
+                });
+                request
+                    .metadata_mut()
+                    .insert("x-caller-id", caller.parse().unwrap());
+                client.send_event(request).await.map(|r| r.into_inner().id)
+            }
+            _ => {
+                let mut request = tonic::Request::new(DeleteMessageRequest {
+                    room_identifier: field("roomIdentifier"),
+                    id: field("id"),
+                    reason: field("reason"),
+                });
+                request
+                    .metadata_mut()
+                    .insert("x-caller-id", caller.parse().unwrap());
+                client
+                    .delete_message(request)
+                    .await
+                    .map(|r| r.into_inner().id)
+            }
+        };
+        let grpc_audit = audit_event(&binary);
+        let http = tokio::task::spawn_blocking({
+            let (addr, case) = (binary.addr, case.clone());
+            move || boto3_operation(operation, addr, Some(key), case)
+        })
+        .await
+        .unwrap();
+        let http_audit = audit_event(&binary);
+
+        let decision = match (&grpc, http["exception"].as_str()) {
+            (Ok(_), None) => "done",
+            (Err(status), Some("AccessDeniedException"))
+                if status.code() == tonic::Code::PermissionDenied =>
+            {
+                "denied"
+            }
+            (Err(status), Some("ValidationException"))
+                if status.code() == tonic::Code::InvalidArgument =>
+            {
+                "invalid"
+            }
+            _ => panic!("the doors disagree on {case}: gRPC {grpc:?}, HTTP {http}"),
+        };
+        assert_eq!(grpc_audit, http_audit, "{decision}: {case}");
+        if operation == "delete_message" && decision == "done" {
+            // A short hash of the message id: the first 12 hex digits of its SHA-256.
+            let digest = ring::digest::digest(&ring::digest::SHA256, b"AbCdEf123456");
+            assert_eq!(
+                grpc_audit["audit"]["message_hash"],
+                hex::encode(&digest.as_ref()[..6]),
+                "{grpc_audit}"
+            );
+        }
+        let audit = grpc_audit.to_string();
+        assert!(
+            !audit.contains("\"3\"") && !audit.contains("spam") && !audit.contains("AbCdEf123456"),
+            "no attribute value, reason or message id in the audit event: {audit}"
+        );
+    }
+    assert_eq!(
+        stub.calls().len(),
+        4,
+        "two sent and two deleted, one of each per door"
+    );
+    stop(binary);
+}
+
+/// With the local issuer and no webhook, `aws ivschat send-event` is told what to configure.
+#[test]
+fn the_aws_cli_is_told_how_to_enable_messaging_with_the_local_issuer() {
+    let binary = Binary::start(&[]);
+    let output = aws_ivschat(
+        "send-event",
+        binary.addr,
+        None,
+        &[
+            &format!("--room-identifier={ROOM_ARN}"),
+            "--event-name=game:score",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(service_error_exit_code()));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains(
+            "An error occurred (ValidationException) when calling the SendEvent operation"
+        ) && stderr.contains("messaging.webhook_url"),
+        "{stderr}"
     );
     stop(binary);
 }

@@ -56,9 +56,12 @@ OPTIONAL = {
 DOCUMENTED_PATHS = {
     "/ivschat.v1.TokenService/*",
     "/ivschat.v1.ModerationService/*",
+    "/ivschat.v1.MessagingService/*",
     "/grpc.health.v1.Health/*",
     "/CreateChatToken",
     "/DisconnectUser",
+    "/SendEvent",
+    "/DeleteMessage",
 }
 REFLECTION_PATHS = {"/grpc.reflection.v1.ServerReflection/*", "/grpc.reflection.v1alpha.ServerReflection/*"}
 # Kinds from projects other than Kubernetes, by API group: the cloudcoil module that models them.

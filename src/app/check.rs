@@ -13,7 +13,7 @@ use crate::config::{
     Config, FailureMode, IssuerKind, LimiterBackend, LogFormat, service_link_variables,
 };
 use crate::identity::sigv4::Verifier;
-use crate::issuer::local::KeySource;
+use crate::issuer::{local::KeySource, webhook::SigningSecret};
 use crate::policy::{PolicyEngine, PolicySource};
 use crate::store::redis::RedisTls;
 use crate::telemetry;
@@ -59,6 +59,13 @@ pub fn check(config_file: Option<&Path>) -> Result<String, Vec<String>> {
         && let Err(e) = RedisTls::load(&config.limiter)
     {
         problems.push(e.to_string());
+    }
+    if let Some(file) = &config.messaging.signing_secret_file
+        && let Err(e) = SigningSecret::load(file)
+    {
+        problems.push(format!(
+            "configuration error: messaging.signing_secret_file: {e}"
+        ));
     }
 
     for (_, export) in telemetry::check_export() {
@@ -266,6 +273,25 @@ fn summary(config: &Config, config_file: Option<&Path>, keys: Option<&str>) -> S
             }
         ),
     );
+    let ivs = &config.ivs;
+    let messaging = match (config.issuer, &config.messaging.webhook_url) {
+        (IssuerKind::Ivs, _) => format!(
+            "SendEvent and DeleteMessage to IVS Chat; quotas {} burst {}, {} burst {}",
+            ivs.send_event_quota,
+            ivs.send_event_quota_burst,
+            ivs.delete_message_quota,
+            ivs.delete_message_quota_burst
+        ),
+        (IssuerKind::Local, Some(url)) => format!(
+            "SendEvent and DeleteMessage to the webhook {}, signed, within {}",
+            url.as_str(),
+            duration(config.messaging.timeout)
+        ),
+        (IssuerKind::Local, None) => {
+            "no chat backend: SendEvent and DeleteMessage answer FAILED_PRECONDITION".into()
+        }
+    };
+    line(&mut out, "messaging", messaging);
 
     let otlp = [
         "OTEL_EXPORTER_OTLP_ENDPOINT",

@@ -16,26 +16,30 @@ use tokio::sync::watch;
 pub use check::check;
 
 use crate::config::{
-    Config, HttpApiConfig, IdentityConfig, IssuerKind, LocalIssuerConfig, PolicyConfig,
-    ReflectionConfig, TransportConfig,
+    Config, HttpApiConfig, IdentityConfig, IssuerKind, LocalIssuerConfig, MessagingConfig,
+    PolicyConfig, ReflectionConfig, TransportConfig,
 };
 use crate::domain::{
-    DISCONNECT_QUOTA_LIMIT_NAME, IVS_QUOTA_LIMIT_NAME, Limit, LimitKey, ServedRooms,
+    DELETE_MESSAGE_QUOTA_LIMIT_NAME, DISCONNECT_QUOTA_LIMIT_NAME, IVS_QUOTA_LIMIT_NAME, Limit,
+    LimitKey, Rate, SEND_EVENT_QUOTA_LIMIT_NAME, ServedRooms,
 };
-use crate::door::{Door, ModerationDoor};
+use crate::door::{Door, MessagingDoor, ModerationDoor};
 use crate::identity::{
     Resolver,
     sigv4::{CredentialsError, Verifier},
 };
 use crate::issuer::{
-    Issuer, Moderator,
+    Issuer, Messenger, Moderator,
     ivs::{CallBounds, IvsIssuer, Routes},
     local::{KeyError, KeySource, LiveKeys, LocalIssuer, LocalModerator},
+    webhook::{SecretError, SigningSecret, Webhook, WebhookError},
 };
 use crate::pem::PemError;
 use crate::policy::{PolicyEngine, PolicyError, PolicySource};
 use crate::reload::{self, Reload, Trigger};
-use crate::stack::{self, ModerationStack, Parts, TokenStack, Upstream};
+use crate::stack::{
+    self, MessagingStack, MessagingUpstream, ModerationStack, Parts, TokenStack, Upstream,
+};
 use crate::store::{Backend, LimiterStore, ModerationStore, Stores};
 use crate::transport::tls::{Tls, TlsError};
 
@@ -45,6 +49,9 @@ pub struct App {
     pub door: Door,
     /// ModerationService (and the HTTP API's DisconnectUser); `None` around an embedder's own issuer.
     pub moderation: Option<ModerationDoor>,
+    /// MessagingService (and the HTTP API's SendEvent and DeleteMessage); `None` around an embedder's own
+    /// issuer.
+    pub messaging: Option<MessagingDoor>,
     /// What the token service's health follows, if anything: Redis' reachability in fail_closed mode.
     pub readiness: Option<watch::Receiver<bool>>,
     /// TLS termination, its files watched; `None`: plaintext.
@@ -109,6 +116,12 @@ pub enum StartError {
     /// The Redis TLS files do not load (`limiter.redis_ca_file`, `limiter.redis_client_*_file`).
     #[error(transparent)]
     RedisTls(#[from] PemError),
+    /// The webhook's signing secret does not load (`messaging.signing_secret_file`).
+    #[error("configuration error: messaging.signing_secret_file: {0}")]
+    SigningSecret(#[from] SecretError),
+    /// The webhook's HTTPS client cannot be made.
+    #[error("configuration error: {0}")]
+    Webhook(#[from] WebhookError),
 }
 
 /// What a test or an embedder supplies instead of what the configuration would build.
@@ -129,15 +142,23 @@ pub async fn build(config: &Config) -> Result<App, StartError> {
 pub async fn build_with(config: &Config, overrides: Overrides) -> Result<App, StartError> {
     let backend = Backend::new(&config.limiter)?;
     let policy = policy(config)?;
-    let (tokens, moderation) = match backend.clone() {
+    let (tokens, moderation, messaging) = match backend.clone() {
         Backend::Memory(stores) => stacks(config, overrides, policy, stores).await?,
         Backend::Redis(stores) => stacks(config, overrides, policy, stores).await?,
     };
-    finish(config, config.issuer.name(), tokens, moderation, backend)
+    finish(
+        config,
+        config.issuer.name(),
+        tokens,
+        moderation,
+        Some(messaging),
+        backend,
+    )
 }
 
 /// The service around an embedder's (or a test's) own `issuer`, with everything else as `config`
-/// describes. Such an issuer is not a moderator: ModerationService is not served.
+/// describes. Such an issuer is not a moderator or a messenger: ModerationService and MessagingService are
+/// not served.
 pub async fn build_around<I: Issuer>(config: &Config, issuer: I) -> Result<App, StartError> {
     let backend = Backend::new(&config.limiter)?;
     let policy = policy(config)?;
@@ -149,7 +170,7 @@ pub async fn build_around<I: Issuer>(config: &Config, issuer: I) -> Result<App, 
             stack::tokens(&parts(config, policy, stores), Upstream::default(), issuer)
         }
     };
-    finish(config, I::NAME, tokens, None, backend)
+    finish(config, I::NAME, tokens, None, None, backend)
 }
 
 /// The moderation stack and what its door needs besides.
@@ -159,13 +180,14 @@ struct Moderation {
     verifier: Option<LiveKeys>,
 }
 
-/// Both stacks over `stores`, around the issuer `config` chooses.
+/// The stacks over `stores`, around the issuer `config` chooses: tokens, moderation, and messaging when
+/// something can deliver it (IVS Chat, or the local issuer's webhook).
 async fn stacks<L, M>(
     config: &Config,
     overrides: Overrides,
     policy: Arc<PolicyEngine>,
     stores: Stores<L, M>,
-) -> Result<(TokenStack, Option<Moderation>), StartError>
+) -> Result<(TokenStack, Option<Moderation>, Option<MessagingStack>), StartError>
 where
     L: LimiterStore + Clone,
     M: ModerationStore + Clone,
@@ -174,7 +196,10 @@ where
     match config.issuer {
         IssuerKind::Ivs => {
             let issuer = Arc::new(ivs_issuer(config, overrides, parts.stores.limits.clone()).await);
-            Ok(moderated(&parts, ivs_upstream(config), issuer))
+            let messaging =
+                stack::messaging(&parts, ivs_messaging_upstream(config), issuer.clone());
+            let (tokens, moderation) = moderated(&parts, ivs_upstream(config), issuer);
+            Ok((tokens, moderation, Some(messaging)))
         }
         IssuerKind::Local => {
             let keys = local_keys(&config.local_issuer, config.reload_interval)?;
@@ -193,7 +218,9 @@ where
                 stack: stack::moderation(&parts, None, moderator),
                 verifier: Some(keys),
             };
-            Ok((tokens, Some(moderation)))
+            let messaging = webhook(&config.messaging, config.reload_interval)?
+                .map(|webhook| stack::messaging(&parts, MessagingUpstream::default(), webhook));
+            Ok((tokens, Some(moderation), messaging))
         }
     }
 }
@@ -229,11 +256,14 @@ fn parts<L, M>(config: &Config, policy: Arc<PolicyEngine>, stores: Stores<L, M>)
 }
 
 /// The doors around the stacks, the identity resolver and TLS: the rest of what `config` describes.
+/// `messaging`: `None` when MessagingService is not served, `Some(None)` when it is served but nothing can
+/// deliver its calls.
 fn finish(
     config: &Config,
     issuer: &'static str,
     tokens: TokenStack,
     moderation: Option<Moderation>,
+    messaging: Option<Option<MessagingStack>>,
     backend: Backend,
 ) -> Result<App, StartError> {
     let identity = identity(&config.identity, config.reload_interval)?;
@@ -246,9 +276,11 @@ fn finish(
             config.moderation.max_ban_duration,
         )
     });
+    let messaging = messaging.map(|stack| MessagingDoor::new(identity.clone(), issuer, stack));
     Ok(App {
         door: Door::new(identity, issuer, tokens),
         moderation,
+        messaging,
         readiness: backend.readiness(),
         tls: tls(config)?,
         backend,
@@ -282,6 +314,10 @@ pub fn reloaded_on_hangup(config: &Config) -> Vec<&'static str> {
         (
             config.identity.sigv4_credentials().is_some(),
             "SigV4 credentials",
+        ),
+        (
+            config.issuer == IssuerKind::Local && config.messaging.signing_secret_file.is_some(),
+            "the webhook's signing secret",
         ),
     ]
     .into_iter()
@@ -474,13 +510,11 @@ pub async fn ivs_issuer<L: LimiterStore>(
         assume_roles: settings.assume_roles.clone(),
         endpoint_url: settings.endpoint_url.clone(),
     };
-    let disconnect_quota = Limit {
-        name: DISCONNECT_QUOTA_LIMIT_NAME.into(),
-        key: LimitKey::AccountRegion,
-        rate: settings.disconnect_quota,
-        burst: settings.disconnect_quota_burst,
-        shadow: false,
-    };
+    let disconnect_quota = ivs_quota(
+        DISCONNECT_QUOTA_LIMIT_NAME,
+        settings.disconnect_quota,
+        settings.disconnect_quota_burst,
+    );
     let issuer = match overrides.aws_sdk {
         Some(base) => IvsIssuer::new(base, bounds, routes, limits, disconnect_quota),
         None => IvsIssuer::from_environment(bounds, routes, limits, disconnect_quota).await,
@@ -504,12 +538,74 @@ fn served_rooms(config: &Config) -> ServedRooms {
 fn ivs_upstream(config: &Config) -> Upstream {
     Upstream {
         served: Some(served_rooms(config)),
-        quota: Some(Limit {
-            name: IVS_QUOTA_LIMIT_NAME.into(),
-            key: LimitKey::AccountRegion,
-            rate: config.ivs.quota,
-            burst: config.ivs.quota_burst,
-            shadow: false,
-        }),
+        quota: Some(ivs_quota(
+            IVS_QUOTA_LIMIT_NAME,
+            config.ivs.quota,
+            config.ivs.quota_burst,
+        )),
     }
+}
+
+/// What the ivs issuer asks of the messaging stack: its served rooms, and IVS's SendEvent and
+/// DeleteMessage quotas.
+fn ivs_messaging_upstream(config: &Config) -> MessagingUpstream {
+    let ivs = &config.ivs;
+    MessagingUpstream {
+        served: Some(served_rooms(config)),
+        send_event_quota: Some(ivs_quota(
+            SEND_EVENT_QUOTA_LIMIT_NAME,
+            ivs.send_event_quota,
+            ivs.send_event_quota_burst,
+        )),
+        delete_message_quota: Some(ivs_quota(
+            DELETE_MESSAGE_QUOTA_LIMIT_NAME,
+            ivs.delete_message_quota,
+            ivs.delete_message_quota_burst,
+        )),
+    }
+}
+
+/// A built-in guard of one of IVS's quotas, per account and region.
+fn ivs_quota(name: &str, rate: Rate, burst: std::num::NonZeroU32) -> Limit {
+    Limit {
+        name: name.into(),
+        key: LimitKey::AccountRegion,
+        rate,
+        burst,
+        shadow: false,
+    }
+}
+
+/// The local issuer's chat backend, when `settings` name one: the webhook, its signing secret loaded and
+/// re-read when its file changes and on SIGHUP.
+fn webhook(
+    settings: &MessagingConfig,
+    interval: Duration,
+) -> Result<Option<impl Messenger>, StartError> {
+    let (Some(url), Some(file)) = (&settings.webhook_url, &settings.signing_secret_file) else {
+        tracing::info!(
+            "no chat backend (messaging.webhook_url): SendEvent and DeleteMessage answer \
+             FAILED_PRECONDITION"
+        );
+        return Ok(None);
+    };
+    let secret = Arc::new(SigningSecret::load(file)?);
+    let weak = Arc::downgrade(&secret);
+    watch(
+        vec![file.clone()],
+        interval,
+        move || weak.upgrade(),
+        |secret: &Arc<SigningSecret>, trigger| match secret.reload() {
+            Ok(()) => {
+                tracing::info!(?trigger, "webhook signing secret reloaded");
+                Reload::Applied
+            }
+            Err(e) => Reload::Refused(format!(
+                "webhook signing secret reload refused, the previous secret stays in force: {e}"
+            )),
+        },
+    );
+    let webhook = Webhook::new(url, secret, settings.timeout)?;
+    tracing::info!(url = url.as_str(), timeout = ?settings.timeout, "chat backend webhook ready");
+    Ok(Some(webhook))
 }

@@ -104,6 +104,26 @@ pub struct IvsConfig {
 
     /// DisconnectUser calls admitted at once from a fully recovered quota. Default `10`; at least 1.
     pub disconnect_quota_burst: NonZeroU32,
+
+    /// Upstream quota guard for SendEvent (MessagingService SendEvent and `POST /SendEvent`): calls per AWS
+    /// account and region across this deployment. Default `"100/s"`: IVS Chat's SendEvent quota, 100
+    /// requests per second per account and region, not adjustable (IVS Chat User Guide, "IVS Chat Service
+    /// Quotas", API call rate quotas). Calls over it are refused with RESOURCE_EXHAUSTED before they reach
+    /// AWS and consume no other budget.
+    pub send_event_quota: Rate,
+
+    /// SendEvent calls admitted at once from a fully recovered quota. Default `10`; at least 1.
+    pub send_event_quota_burst: NonZeroU32,
+
+    /// Upstream quota guard for DeleteMessage (MessagingService DeleteMessage and `POST /DeleteMessage`):
+    /// calls per AWS account and region across this deployment. Default `"100/s"`: IVS Chat's DeleteMessage
+    /// quota, 100 requests per second per account and region, not adjustable (IVS Chat User Guide, "IVS
+    /// Chat Service Quotas", API call rate quotas). Calls over it are refused with RESOURCE_EXHAUSTED before
+    /// they reach AWS and consume no other budget.
+    pub delete_message_quota: Rate,
+
+    /// DeleteMessage calls admitted at once from a fully recovered quota. Default `10`; at least 1.
+    pub delete_message_quota_burst: NonZeroU32,
 }
 
 impl Default for IvsConfig {
@@ -126,6 +146,10 @@ impl Default for IvsConfig {
             quota_burst: NonZeroU32::new(20).expect("20 is not zero"),
             disconnect_quota: Rate::parse("100/s").expect("a valid rate"),
             disconnect_quota_burst: NonZeroU32::new(10).expect("10 is not zero"),
+            send_event_quota: Rate::parse("100/s").expect("a valid rate"),
+            send_event_quota_burst: NonZeroU32::new(10).expect("10 is not zero"),
+            delete_message_quota: Rate::parse("100/s").expect("a valid rate"),
+            delete_message_quota_burst: NonZeroU32::new(10).expect("10 is not zero"),
         }
     }
 }

@@ -13,6 +13,7 @@
 mod identity;
 mod issuer;
 mod limiter;
+mod messaging;
 mod service_links;
 mod transport;
 
@@ -30,7 +31,10 @@ use figment::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{DISCONNECT_QUOTA_LIMIT_NAME, IVS_QUOTA_LIMIT_NAME, Limit};
+use crate::domain::{
+    DELETE_MESSAGE_QUOTA_LIMIT_NAME, DISCONNECT_QUOTA_LIMIT_NAME, IVS_QUOTA_LIMIT_NAME, Limit,
+    SEND_EVENT_QUOTA_LIMIT_NAME,
+};
 pub use crate::telemetry::LogFormat;
 
 pub use identity::{CertificateName, IdentityConfig, IdentitySource, Sigv4Config};
@@ -38,6 +42,7 @@ pub use issuer::{
     EndpointUrl, IVS_CHAT_REGIONS, IssuerKind, IvsConfig, LocalIssuerConfig, RoleArn,
 };
 pub use limiter::{FailureMode, LimiterBackend, LimiterConfig, RedisUrl};
+pub use messaging::{MAX_WEBHOOK_TIMEOUT, MIN_WEBHOOK_TIMEOUT, MessagingConfig};
 pub use service_links::service_link_variables;
 pub use transport::{HttpApiConfig, TlsConfig, TransportConfig};
 
@@ -118,6 +123,10 @@ pub struct Config {
     /// Moderation: bans and token verification (ivschat.v1.ModerationService).
     pub moderation: ModerationConfig,
 
+    /// SendEvent and DeleteMessage (ivschat.v1.MessagingService) with the local issuer: the chat server's
+    /// webhook.
+    pub messaging: MessagingConfig,
+
     /// Per-connection limits and timeouts of the listener. See docs/security.md, "Limits and timeouts".
     pub transport: TransportConfig,
 
@@ -145,6 +154,7 @@ impl Default for Config {
             limiter: LimiterConfig::default(),
             http_api: HttpApiConfig::default(),
             moderation: ModerationConfig::default(),
+            messaging: MessagingConfig::default(),
             transport: TransportConfig::default(),
             reflection: ReflectionConfig::default(),
         }
@@ -351,6 +361,7 @@ impl Config {
         self.identity
             .check(self.listen_addr, self.tls.as_ref(), &self.http_api)?;
         self.moderation.check()?;
+        self.messaging.check(self.issuer)?;
         self.ivs.check()?;
         at_least(
             "reload_interval",
@@ -391,9 +402,16 @@ impl Config {
             if limit.name.trim().is_empty() {
                 return Err(invalid("must not be empty".into()));
             }
-            if [IVS_QUOTA_LIMIT_NAME, DISCONNECT_QUOTA_LIMIT_NAME].contains(&limit.name.as_str()) {
+            let built_in = [
+                IVS_QUOTA_LIMIT_NAME,
+                DISCONNECT_QUOTA_LIMIT_NAME,
+                SEND_EVENT_QUOTA_LIMIT_NAME,
+                DELETE_MESSAGE_QUOTA_LIMIT_NAME,
+            ];
+            if built_in.contains(&limit.name.as_str()) {
                 return Err(invalid(format!(
-                    "{:?} names a built-in IVS quota limit (ivs.quota, ivs.disconnect_quota)",
+                    "{:?} names a built-in IVS quota limit (ivs.quota, ivs.disconnect_quota, \
+                     ivs.send_event_quota, ivs.delete_message_quota)",
                     limit.name
                 )));
             }

@@ -23,17 +23,23 @@ pub enum Action {
     ListBans,
     /// Check a local issuer token for a chat server.
     VerifyChatToken,
+    /// Send an application event to a room's clients (IVS Chat's SendEvent).
+    SendEvent,
+    /// Tell a room's clients to delete a message (IVS Chat's DeleteMessage).
+    DeleteMessage,
 }
 
 impl Action {
     /// Every operation, in the order the API lists them.
-    pub const ALL: [Action; 6] = [
+    pub const ALL: [Action; 8] = [
         Action::CreateChatToken,
         Action::DisconnectUser,
         Action::BanUser,
         Action::UnbanUser,
         Action::ListBans,
         Action::VerifyChatToken,
+        Action::SendEvent,
+        Action::DeleteMessage,
     ];
 
     /// The operation's name.
@@ -45,13 +51,21 @@ impl Action {
             Action::UnbanUser => "UnbanUser",
             Action::ListBans => "ListBans",
             Action::VerifyChatToken => "VerifyChatToken",
+            Action::SendEvent => "SendEvent",
+            Action::DeleteMessage => "DeleteMessage",
         }
     }
 
     /// Whether IVS Chat's own REST-JSON API has this operation, so this service offers it at
     /// `POST /{name}` for the AWS CLI and SDKs. The others exist only in this service's gRPC API.
     pub const fn in_ivs_api(self) -> bool {
-        matches!(self, Action::CreateChatToken | Action::DisconnectUser)
+        matches!(
+            self,
+            Action::CreateChatToken
+                | Action::DisconnectUser
+                | Action::SendEvent
+                | Action::DeleteMessage
+        )
     }
 }
 

@@ -81,6 +81,22 @@ pub enum Error {
         request_id: Option<String>,
     },
 
+    /// The self-hosted chat backend (`messaging.webhook_url`) refused a SendEvent or DeleteMessage, or
+    /// could not be reached, within `messaging.timeout`.
+    #[error("chat backend: {message}")]
+    ChatBackend {
+        /// The operation that failed.
+        operation: Action,
+        /// What kind of failure, which decides the gRPC code (as for IVS Chat's).
+        kind: UpstreamKind,
+        /// What happened, for the caller: never the request's values or the backend's own words.
+        message: String,
+    },
+
+    /// SendEvent or DeleteMessage with the local issuer and no chat backend to deliver them.
+    #[error("{}", super::messaging::MESSAGING_NOT_CONFIGURED)]
+    MessagingNotConfigured,
+
     /// The caller's deadline passed before a token was issued; upstream work was cancelled.
     #[error("the caller's deadline passed before the token was issued")]
     DeadlineExceeded,
@@ -145,6 +161,15 @@ impl Error {
                 UpstreamKind::Throttled { .. } => "upstream_throttled",
                 UpstreamKind::Unavailable => "upstream_unavailable",
             },
+            Error::ChatBackend { kind, .. } => match kind {
+                UpstreamKind::Invalid(_) => "chat_backend_invalid",
+                UpstreamKind::NotFound => "chat_backend_not_found",
+                UpstreamKind::Throttled { .. } => "chat_backend_throttled",
+                UpstreamKind::AccessDenied
+                | UpstreamKind::PendingVerification
+                | UpstreamKind::Unavailable => "chat_backend_unavailable",
+            },
+            Error::MessagingNotConfigured => "messaging_not_configured",
             Error::DeadlineExceeded => "deadline_exceeded",
             Error::TimeLimit(TimeLimit::CallDuration(_)) => "call_too_long",
             Error::TimeLimit(TimeLimit::StreamAge(_)) => "stream_too_old",

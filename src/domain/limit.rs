@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 pub const IVS_QUOTA_LIMIT_NAME: &str = "ivs-quota";
 /// The name of the IVS issuer's DisconnectUser quota guard (per AWS account and region).
 pub const DISCONNECT_QUOTA_LIMIT_NAME: &str = "ivs-disconnect-quota";
+/// The name of the IVS issuer's SendEvent quota guard (per AWS account and region).
+pub const SEND_EVENT_QUOTA_LIMIT_NAME: &str = "ivs-send-event-quota";
+/// The name of the IVS issuer's DeleteMessage quota guard (per AWS account and region).
+pub const DELETE_MESSAGE_QUOTA_LIMIT_NAME: &str = "ivs-delete-message-quota";
 
 /// One limit, as configured in a `[[rate_limits]]` entry.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]

@@ -1,6 +1,6 @@
 //! The vocabulary every other module speaks: who calls ([`Caller`]), about which room ([`RoomArn`]), asking
-//! for what ([`Action`], [`TokenRequest`], [`ModerationRequest`]), under which rules ([`Limit`]), and why
-//! it was refused ([`Error`]).
+//! for what ([`Action`], [`TokenRequest`], [`ModerationRequest`], [`MessagingRequest`]), under which rules
+//! ([`Limit`]), and why it was refused ([`Error`]).
 //!
 //! This is the bottom layer: it imports nothing else of the crate, and no wire format (tonic, prost, http),
 //! store (redis), upstream (aws), policy engine (cedar) or runtime (tokio), so every type here can be used
@@ -10,6 +10,7 @@ pub mod action;
 pub mod caller;
 pub mod error;
 pub mod limit;
+pub mod messaging;
 pub mod moderation;
 pub mod room;
 pub mod secret;
@@ -20,7 +21,11 @@ pub use caller::{Caller, CallerSource};
 pub use error::{
     Error, ExceededLimit, FieldViolation, Overload, TimeLimit, TokenRejection, UpstreamKind,
 };
-pub use limit::{DISCONNECT_QUOTA_LIMIT_NAME, IVS_QUOTA_LIMIT_NAME, Limit, LimitKey, Rate};
+pub use limit::{
+    DELETE_MESSAGE_QUOTA_LIMIT_NAME, DISCONNECT_QUOTA_LIMIT_NAME, IVS_QUOTA_LIMIT_NAME, Limit,
+    LimitKey, Rate, SEND_EVENT_QUOTA_LIMIT_NAME,
+};
+pub use messaging::{EventName, MessageId, MessagingAction, MessagingOutcome, MessagingRequest};
 pub use moderation::{
     Ban, BanPage, ModerationAction, ModerationOutcome, ModerationRequest, PageToken, Reason,
 };

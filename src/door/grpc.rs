@@ -1,18 +1,23 @@
-//! The gRPC door: `ivschat.v1.TokenService` and `ivschat.v1.ModerationService`, proto in, domain through
-//! the shared [`Door`] and [`ModerationDoor`], proto out. Conversions between the wire format and the
+//! The gRPC door: `ivschat.v1.TokenService`, `ivschat.v1.ModerationService` and
+//! `ivschat.v1.MessagingService`, proto in, domain through the shared [`Door`], [`ModerationDoor`] and
+//! [`MessagingDoor`], proto out. Conversions between the wire format and the
 //! domain are the free functions at the end; no business rule lives here.
 
 use tonic::{Request, Response, Status};
 
-use super::{Door, ModerationDoor, ModerationNames, UncheckedModeration, status};
+use super::{
+    Door, MessagingDoor, MessagingNames, ModerationDoor, ModerationNames, UncheckedMessage,
+    UncheckedModeration, status,
+};
 use crate::domain::{
     Action, Ban, Caller, Capabilities, Capability, Error, FieldNames, IssuedToken,
     ModerationOutcome, ModerationRequest, TokenClaims, TokenRequest, UncheckedRequest,
 };
 use crate::proto::ivschat::v1::{
     self as pb, BanUserRequest, BanUserResponse, CreateChatTokenRequest, CreateChatTokenResponse,
-    DisconnectUserRequest, DisconnectUserResponse, ListBansRequest, ListBansResponse,
-    UnbanUserRequest, UnbanUserResponse, VerifyChatTokenRequest, VerifyChatTokenResponse,
+    DeleteMessageRequest, DeleteMessageResponse, DisconnectUserRequest, DisconnectUserResponse,
+    ListBansRequest, ListBansResponse, SendEventRequest, SendEventResponse, UnbanUserRequest,
+    UnbanUserResponse, VerifyChatTokenRequest, VerifyChatTokenResponse, messaging_service_server,
     moderation_service_server, token_service_server,
 };
 use crate::transport::{deadline::CallDeadline, listener::peer_certs};
@@ -199,6 +204,82 @@ impl moderation_service_server::ModerationService for ModerationGrpc {
             ModerationOutcome::Verified(claims) => Ok(Response::new(claims_to_proto(*claims))),
             other => Err(unexpected(other)),
         }
+    }
+}
+
+/// Serves `ivschat.v1.MessagingService` through a [`MessagingDoor`].
+#[derive(Clone)]
+pub struct MessagingGrpc {
+    door: MessagingDoor,
+}
+
+impl MessagingGrpc {
+    /// A handler that passes every call through `door`.
+    pub fn new(door: MessagingDoor) -> Self {
+        MessagingGrpc { door }
+    }
+
+    /// Identifies the caller, validates the fields, runs the stack within the caller's deadline, and
+    /// audits the outcome; answers the id the chat backend gave the event.
+    async fn send<T>(
+        &self,
+        action: Action,
+        request: Request<T>,
+        fields: impl FnOnce(T) -> UncheckedMessage,
+    ) -> Result<String, Status> {
+        let door = &self.door;
+        let caller = door
+            .identity()
+            .resolve(
+                request.metadata().as_ref(),
+                peer_certs(request.extensions()),
+            )
+            .map_err(|error| status(MessagingDoor::unidentified(action, error)))?;
+        let deadline = deadline(&request);
+        let validated = door.validate(
+            action,
+            caller.clone(),
+            fields(request.into_inner()),
+            &MessagingNames::PROTO,
+        );
+        let outcome = door
+            .decide(action, &caller, validated, deadline)
+            .await
+            .map_err(status)?;
+        Ok(outcome.id)
+    }
+}
+
+#[tonic::async_trait]
+impl messaging_service_server::MessagingService for MessagingGrpc {
+    async fn send_event(
+        &self,
+        request: Request<SendEventRequest>,
+    ) -> Result<Response<SendEventResponse>, Status> {
+        let id = self
+            .send(Action::SendEvent, request, |request| UncheckedMessage {
+                room_identifier: request.room_identifier,
+                event_name: request.event_name,
+                attributes: request.attributes.into_iter().collect(),
+                ..UncheckedMessage::default()
+            })
+            .await?;
+        Ok(Response::new(SendEventResponse { id }))
+    }
+
+    async fn delete_message(
+        &self,
+        request: Request<DeleteMessageRequest>,
+    ) -> Result<Response<DeleteMessageResponse>, Status> {
+        let id = self
+            .send(Action::DeleteMessage, request, |request| UncheckedMessage {
+                room_identifier: request.room_identifier,
+                id: request.id,
+                reason: request.reason,
+                ..UncheckedMessage::default()
+            })
+            .await?;
+        Ok(Response::new(DeleteMessageResponse { id }))
     }
 }
 

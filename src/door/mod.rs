@@ -8,6 +8,7 @@
 //! table ([`crate::rescue`]).
 
 pub mod grpc;
+pub mod messaging;
 pub mod rest;
 
 use std::{fmt, time::Duration};
@@ -28,6 +29,8 @@ use crate::issuer::local::LiveKeys;
 use crate::rescue::{IvsError, rescue};
 use crate::stack::{ModerationStack, TokenStack};
 use crate::transport::deadline::CallDeadline;
+
+pub use messaging::{MessagingDoor, MessagingNames, UncheckedMessage};
 
 /// CreateChatToken as every door serves it: one identity resolver, one token stack, one audit trail.
 #[derive(Clone)]
@@ -434,7 +437,10 @@ impl ModerationDoor {
             Action::ListBans => page_size
                 .zip(after.ok())
                 .map(|(page_size, after)| ModerationAction::ListBans { page_size, after }),
-            Action::CreateChatToken | Action::VerifyChatToken => {
+            Action::CreateChatToken
+            | Action::VerifyChatToken
+            | Action::SendEvent
+            | Action::DeleteMessage => {
                 return Err(Error::Internal(format!(
                     "{action} is not a moderation call with fields to validate"
                 )));

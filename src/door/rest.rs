@@ -1,10 +1,10 @@
-//! IVS Chat's own REST-JSON API, beside gRPC on the same listener: `POST /CreateChatToken` and
-//! `POST /DisconnectUser` exactly as IVS Chat's service model defines them, so `aws ivschat
-//! create-chat-token --endpoint-url …` (and `disconnect-user`) and every AWS SDK become clients by changing
-//! only their endpoint.
+//! IVS Chat's own REST-JSON API, beside gRPC on the same listener: `POST /CreateChatToken`,
+//! `POST /DisconnectUser`, `POST /SendEvent` and `POST /DeleteMessage` exactly as IVS Chat's service model
+//! defines them, so `aws ivschat create-chat-token --endpoint-url …` (and `disconnect-user`, `send-event`,
+//! `delete-message`) and every AWS SDK become clients by changing only their endpoint.
 //!
 //! This door is as thin as the gRPC one: JSON ⇄ domain types, nothing else. Both go through the same
-//! [`Door`] and [`ModerationDoor`]: one identity resolver (plus the `sigv4` source, which needs the body),
+//! [`Door`], [`ModerationDoor`] and [`MessagingDoor`]: one identity resolver (plus the `sigv4` source, which needs the body),
 //! one domain stack, one audit trail. Errors come from the same table ([`crate::rescue`]), shaped as IVS
 //! shapes them so SDKs raise their typed exceptions.
 //!
@@ -30,9 +30,10 @@
 //! ```
 //! # use chat_token_service::{config::HttpApiConfig, door::{Door, rest}, transport::inflight::Calls};
 //! # async fn example(door: Door) {
-//! // No moderation door: only CreateChatToken. `rest::beside` puts it next to the gRPC routes.
+//! // No moderation or messaging door: only CreateChatToken. `rest::beside` puts it next to the gRPC
+//! // routes.
 //! let calls = Calls::new(Default::default());
-//! let router = rest::router(door, None, &HttpApiConfig::default(), calls);
+//! let router = rest::router(door, None, None, &HttpApiConfig::default(), calls);
 //! # }
 //! ```
 
@@ -42,7 +43,10 @@ use axum::body::Body;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use serde::Deserialize;
 
-use super::{Door, ModerationDoor, ModerationNames, UncheckedModeration, ivs_error};
+use super::{
+    Door, MessagingDoor, MessagingNames, ModerationDoor, ModerationNames, UncheckedMessage,
+    UncheckedModeration, ivs_error,
+};
 use crate::config::HttpApiConfig;
 use crate::domain::{
     Action, Capabilities, FieldNames, IssuedToken, TokenRequest, UncheckedRequest,
@@ -101,7 +105,7 @@ async fn unknown_operation(request: Request<Body>) -> Response<Body> {
         UNKNOWN_OPERATION,
         format!(
             "this service offers {} of IVS Chat's API",
-            offered.join(" and ")
+            offered.join(", ")
         ),
     ));
     if let Ok(value) = HeaderValue::from_str(&request_id) {
@@ -110,11 +114,13 @@ async fn unknown_operation(request: Request<Body>) -> Response<Body> {
     response
 }
 
-/// The routes of the IVS Chat API: CreateChatToken through `door`, and DisconnectUser through
-/// `moderation` when there is one. CreateChatToken calls take a place in `calls` (with gRPC's).
+/// The routes of the IVS Chat API: CreateChatToken through `door`, DisconnectUser through `moderation`
+/// and SendEvent and DeleteMessage through `messaging` when there are those. CreateChatToken calls take a
+/// place in `calls` (with gRPC's).
 pub fn router(
     door: Door,
     moderation: Option<ModerationDoor>,
+    messaging: Option<MessagingDoor>,
     settings: &HttpApiConfig,
     calls: Calls,
 ) -> axum::Router {
@@ -124,19 +130,31 @@ pub fn router(
         calls,
         allowed_origins: settings.allowed_origins.clone(),
     });
-    let router = axum::Router::new().route(&path(Action::CreateChatToken), {
+    let mut router = axum::Router::new().route(&path(Action::CreateChatToken), {
         let api = api.clone();
         axum::routing::any(move |request| create_chat_token(api.clone(), request))
     });
-    match moderation {
-        Some(moderation) => router.route(
+    if let Some(moderation) = moderation {
+        let api = api.clone();
+        router = router.route(
             &path(Action::DisconnectUser),
             axum::routing::any(move |request| {
                 disconnect_user(api.clone(), moderation.clone(), request)
             }),
-        ),
-        None => router,
+        );
     }
+    if let Some(messaging) = messaging {
+        for action in [Action::SendEvent, Action::DeleteMessage] {
+            let (api, messaging) = (api.clone(), messaging.clone());
+            router = router.route(
+                &path(action),
+                axum::routing::any(move |request| {
+                    send_message(api.clone(), messaging.clone(), action, request)
+                }),
+            );
+        }
+    }
+    router
 }
 
 /// Where IVS Chat's API serves `action`.
@@ -419,6 +437,74 @@ async fn disconnect(
     Ok(())
 }
 
+/// `SendEventRequest` and `DeleteMessageRequest` as IVS Chat's model spells them (one struct: each
+/// operation's members are absent from the other's body). Absent strings are reported as required fields.
+#[derive(Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct MessageInput {
+    room_identifier: String,
+    event_name: String,
+    attributes: BTreeMap<String, String>,
+    id: String,
+    reason: String,
+}
+
+/// SendEvent and DeleteMessage: `{"id": …}`, as IVS Chat answers both.
+async fn send_message(
+    api: Arc<Api>,
+    messaging: MessagingDoor,
+    action: Action,
+    request: Request<Body>,
+) -> Response<Body> {
+    respond(
+        request_id(&request),
+        message(&api, &messaging, action, request)
+            .await
+            .map(|id| serde_json::json!({ "id": id })),
+    )
+}
+
+async fn message(
+    api: &Api,
+    messaging: &MessagingDoor,
+    action: Action,
+    request: Request<Body>,
+) -> Result<String, IvsError> {
+    let accepted = accept(api, action, request).await?;
+    let deadline = accepted.deadline();
+    let (parts, body) = (&accepted.parts, &accepted.body);
+    let peer_certs = peer_certs(&parts.extensions);
+    let caller = messaging
+        .identity()
+        .resolve_http(parts, body, peer_certs)
+        .map_err(|error| ivs_error(MessagingDoor::unidentified(action, error)))?;
+    let input: MessageInput = serde_json::from_slice(body).map_err(|e| {
+        // serde's messages can quote the values (attributes, reasons): report where, not what.
+        IvsError::unreadable(
+            VALIDATION_OTHER,
+            format!(
+                "the body is not a {action} request in JSON (line {}, column {}): expected an object \
+                 with roomIdentifier and eventName, attributes (SendEvent) or id, reason (DeleteMessage)",
+                e.line(),
+                e.column()
+            ),
+        )
+    })?;
+    let fields = UncheckedMessage {
+        room_identifier: input.room_identifier,
+        event_name: input.event_name,
+        attributes: input.attributes.into_iter().collect(),
+        id: input.id,
+        reason: input.reason,
+    };
+    let validated = messaging.validate(action, caller.clone(), fields, &MessagingNames::IVS);
+    let outcome = messaging
+        .decide(action, &caller, validated, deadline)
+        .await
+        .map_err(ivs_error)?;
+    Ok(outcome.id)
+}
+
 /// The content types AWS SDKs and the CLI send: REST-JSON's, and the JSON protocol's.
 const JSON_TYPES: [&str; 2] = ["application/json", "application/x-amz-json-1.1"];
 
@@ -542,6 +628,7 @@ mod tests {
         super::router(
             door().await,
             None,
+            None,
             &HttpApiConfig {
                 max_body_bytes,
                 ..HttpApiConfig::default()
@@ -603,6 +690,7 @@ mod tests {
             tonic::service::Routes::default(),
             super::router(
                 door().await,
+                None,
                 None,
                 &config.http_api,
                 Calls::new(CallLimits::default()),

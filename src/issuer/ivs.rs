@@ -13,6 +13,9 @@
 //! - **DisconnectUser**: the issuer is also the [`Moderator`] of the ivs deployment: DisconnectUser goes to
 //!   the room's region with the same clients, timeouts, retries and error mapping, under a quota guard of
 //!   its own (IVS allows 100 DisconnectUser calls per second per account and region).
+//! - **SendEvent, DeleteMessage**: and its [`Messenger`](super::Messenger) (in `ivs_messaging.rs`), with
+//!   the same clients and error mapping; their quota guards are built-in limits of the messaging stack's
+//!   rate-limit layer, as CreateChatToken's is of the token stack's.
 //! - **Errors**: SDK errors are mapped to [`Error`] here and nowhere else; SDK types never leave this module.
 //!   IVS's messages are summarised, never passed on: they may quote the request's values.
 
@@ -96,7 +99,7 @@ pub struct IvsIssuer<St> {
     /// Shared AWS settings: credentials chain, HTTP client, timeouts, retries.
     base: SdkConfig,
     endpoint_url: Option<String>,
-    served: ServedRooms,
+    pub(super) served: ServedRooms,
     clients: Clients,
     /// Where the DisconnectUser quota guard keeps its state: the rate limits' store.
     store: St,
@@ -224,7 +227,7 @@ impl<St: LimiterStore> IvsIssuer<St> {
 
     /// The client for `room`: its region, and the role configured for its account, if any. A region not
     /// served gets no client: the request is refused.
-    async fn client(&self, room: &RoomArn) -> Result<Client, Error> {
+    pub(super) async fn client(&self, room: &RoomArn) -> Result<Client, Error> {
         let Some(cells) = self.clients.by_region.get(room.region()) else {
             return Err(Error::InvalidArgument(vec![FieldViolation::new(
                 "room_identifier",
@@ -385,7 +388,7 @@ impl<St: LimiterStore> Moderator for IvsIssuer<St> {
 }
 
 /// The client span of one call to IVS Chat, per the OpenTelemetry conventions for AWS SDK calls.
-fn client_span(operation: Action, region: &str) -> tracing::Span {
+pub(super) fn client_span(operation: Action, region: &str) -> tracing::Span {
     tracing::info_span!(
         "ivschat.call",
         otel.name = %format_args!("{IVS_SIGNING_NAME}/{operation}"),
@@ -429,12 +432,14 @@ fn our_field(ivs_field: &str) -> &'static str {
         "sessionDurationInMinutes" => "session_duration_in_minutes",
         "attributes" => "attributes",
         "reason" => "reason",
+        "eventName" => "event_name",
+        "id" => "id",
         _ => "request",
     }
 }
 
 /// The errors IVS Chat operations share, whichever operation answered them.
-enum Known<'a> {
+pub(super) enum Known<'a> {
     Validation(&'a aws_sdk_ivschat::types::error::ValidationException),
     NotFound,
     AccessDenied(&'a aws_sdk_ivschat::types::error::AccessDeniedException),
@@ -443,7 +448,7 @@ enum Known<'a> {
 }
 
 /// An operation's error enum, seen through [`Known`].
-trait OperationError: ProvideErrorMetadata {
+pub(super) trait OperationError: ProvideErrorMetadata {
     fn known(&self) -> Known<'_>;
 }
 
@@ -473,7 +478,7 @@ impl OperationError for DisconnectUserError {
 
 /// Records an upstream call's failure on its client span, in `cts.upstream.errors` and in the log (IVS's
 /// message never: `error` is already our summary), and hands the error back.
-fn upstream_failed(
+pub(super) fn upstream_failed(
     span: &tracing::Span,
     error: Error,
     region: &str,
@@ -508,7 +513,7 @@ fn upstream_failed(
 /// AWS identity may not …" for AccessDenied. IVS's own messages stay out of what callers see (and of our logs, but for
 /// AccessDenied's, which names our IAM principal): they may quote the user id or attributes. Codes,
 /// reasons and field names are enough.
-fn map_error<E>(
+pub(super) fn map_error<E>(
     error: SdkError<E, aws_sdk_ivschat::config::http::HttpResponse>,
     operation: Action,
     denied_to: &str,

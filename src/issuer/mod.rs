@@ -4,9 +4,15 @@
 //! `tower::Service<TokenRequest>` so policy and rate-limit layers can wrap it without knowing which
 //! issuer sits inside. [`local::LocalIssuer`] mints PASETO tokens itself; [`ivs::IvsIssuer`] asks Amazon IVS
 //! Chat.
+//!
+//! SendEvent and DeleteMessage go to a [`Messenger`], adapted the same way by [`MessengerService`]: the
+//! IVS issuer (IVS Chat's own operations) or, with the local issuer, [`webhook::Webhook`] (the self-hosted
+//! chat server).
 
 pub mod ivs;
+mod ivs_messaging;
 pub mod local;
+pub mod webhook;
 
 use std::{
     future::Future,
@@ -18,7 +24,10 @@ use std::{
 use opentelemetry::KeyValue;
 use tracing::Instrument;
 
-use crate::domain::{Error, IssuedToken, Reason, RoomArn, TokenClaims, TokenRequest, UserId};
+use crate::domain::{
+    Error, IssuedToken, MessagingOutcome, MessagingRequest, Reason, RoomArn, TokenClaims,
+    TokenRequest, UserId,
+};
 use crate::telemetry::{metrics::metrics, trace_only_span};
 
 /// Something that turns a validated request into a token.
@@ -133,6 +142,85 @@ impl<I: Issuer> tower::Service<TokenRequest> for IssuerService<I> {
                     }
                 }
                 issued
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// What delivers SendEvent and DeleteMessage to a room's clients.
+pub trait Messenger: Send + Sync + 'static {
+    /// The backend's name in spans, metrics and audit events, e.g. `ivs`.
+    const NAME: &'static str;
+
+    /// Sends `request` on, answering the id the backend gave it.
+    fn deliver(
+        &self,
+        request: MessagingRequest,
+    ) -> impl Future<Output = Result<MessagingOutcome, Error>> + Send;
+}
+
+impl<M: Messenger> Messenger for Arc<M> {
+    const NAME: &'static str = M::NAME;
+
+    fn deliver(
+        &self,
+        request: MessagingRequest,
+    ) -> impl Future<Output = Result<MessagingOutcome, Error>> + Send {
+        M::deliver(self, request)
+    }
+}
+
+/// Adapts a [`Messenger`] to `tower::Service`, sharing it behind an `Arc` so the service clones cheaply.
+pub struct MessengerService<M>(Arc<M>);
+
+impl<M> MessengerService<M> {
+    /// Wraps `messenger`.
+    pub fn new(messenger: M) -> Self {
+        MessengerService(Arc::new(messenger))
+    }
+}
+
+impl<M> Clone for MessengerService<M> {
+    fn clone(&self) -> Self {
+        MessengerService(self.0.clone())
+    }
+}
+
+impl<M: Messenger> tower::Service<MessagingRequest> for MessengerService<M> {
+    type Response = MessagingOutcome;
+    type Error = Error;
+    type Future = Pin<Box<dyn Future<Output = Result<MessagingOutcome, Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: MessagingRequest) -> Self::Future {
+        let messenger = self.0.clone();
+        let action = request.action.action().as_str();
+        let span = tracing::info_span!(
+            "messaging.deliver",
+            messaging.action = action,
+            messaging.backend = M::NAME,
+            otel.status_code = tracing::field::Empty
+        );
+        let failed = span.clone();
+        Box::pin(
+            async move {
+                let outcome = messenger.deliver(request).await;
+                if outcome.is_err() {
+                    failed.record("otel.status_code", "ERROR");
+                }
+                metrics().messaging_calls.add(
+                    1,
+                    &[
+                        KeyValue::new("action", action),
+                        KeyValue::new("backend", M::NAME),
+                        KeyValue::new("result", if outcome.is_ok() { "ok" } else { "error" }),
+                    ],
+                );
+                outcome
             }
             .instrument(span),
         )

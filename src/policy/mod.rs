@@ -2,12 +2,13 @@
 //!
 //! A request ([`Authorize`]) is put to Cedar as
 //! - principal `Caller::"<caller id>"` (with groups and attributes from the optional entities file),
-//! - action `Action::"CreateChatToken"`, or a moderation action: `DisconnectUser`, `BanUser`, `UnbanUser`,
-//!   `ListBans`, `VerifyChatToken`,
+//! - action `Action::"CreateChatToken"`, a moderation action: `DisconnectUser`, `BanUser`, `UnbanUser`,
+//!   `ListBans`, `VerifyChatToken`, or a messaging action: `SendEvent`, `DeleteMessage`,
 //! - resource `Room::"<room ARN>"` with attributes `region`, `account`, `roomId` parsed from the ARN,
 //! - context, for CreateChatToken: `capabilities` (IVS names), `sessionDurationInMinutes` (60 when absent),
 //!   `userId`, `attributeKeys` and `attributesBytes`; for moderation actions about a user: `userId`, and
-//!   for BanUser `durationSeconds` (0: until unbanned). Only the attributes some policy reads are put in
+//!   for BanUser `durationSeconds` (0: until unbanned); for SendEvent `eventName`, `attributeKeys` and
+//!   `attributesBytes`; for DeleteMessage `reasonLength` (0: no reason). Only the attributes some policy reads are put in
 //!   the request's context (`reads`: an attribute no policy names cannot change a decision).
 //!
 //! The schema (`src/policy/schema.cedarschema`) is embedded; every policy set is validated against it

@@ -112,7 +112,13 @@ mod tests {
         .unwrap();
         assert_eq!(
             reads(&text),
-            only(&["attributeKeys", "capabilities", "sessionDurationInMinutes"])
+            only(&[
+                "attributeKeys",
+                "capabilities",
+                "eventName",
+                "reasonLength",
+                "sessionDurationInMinutes"
+            ])
         );
     }
 

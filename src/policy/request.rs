@@ -5,7 +5,8 @@ use cedar_policy::{Context, RestrictedExpression};
 
 use super::load::string;
 use crate::domain::{
-    Action, Caller, Capability, Error, ModerationAction, ModerationRequest, RoomArn, TokenRequest,
+    Action, Caller, Capability, Error, MessagingAction, MessagingRequest, ModerationAction,
+    ModerationRequest, RoomArn, TokenRequest,
 };
 
 /// A request Cedar can decide: who asks to do what to which room, and the action's context.
@@ -118,5 +119,44 @@ impl Authorize for ModerationRequest {
             ));
         }
         context
+    }
+}
+
+impl Authorize for MessagingRequest {
+    fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    fn room(&self) -> &RoomArn {
+        &self.room
+    }
+
+    fn action(&self) -> Action {
+        self.action.action()
+    }
+
+    fn context(&self) -> Vec<(&'static str, ContextValue<'_>)> {
+        match &self.action {
+            // Attribute values and the message id are not shown: values are the application's data, and an
+            // id IVS made up says nothing a policy could decide on.
+            MessagingAction::SendEvent {
+                event_name,
+                attributes,
+            } => vec![
+                ("eventName", ContextValue::String(event_name.as_str())),
+                (
+                    "attributeKeys",
+                    ContextValue::Strings(attributes.keys().collect()),
+                ),
+                (
+                    "attributesBytes",
+                    ContextValue::Long(attributes.byte_size() as i64),
+                ),
+            ],
+            MessagingAction::DeleteMessage { reason, .. } => vec![(
+                "reasonLength",
+                ContextValue::Long(reason.as_ref().map_or(0, |r| r.expose().chars().count()) as i64),
+            )],
+        }
     }
 }

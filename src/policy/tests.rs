@@ -445,6 +445,31 @@ fn every_actions_request_matches_the_schema() {
         )
     });
     let mut seen = vec![token.action().as_str()];
+    let messaging = [
+        crate::domain::MessagingAction::SendEvent {
+            event_name: crate::domain::EventName::parse("score".into()).unwrap(),
+            attributes: crate::domain::Attributes::parse([("home".into(), "3".into())]).unwrap(),
+        },
+        crate::domain::MessagingAction::DeleteMessage {
+            message_id: crate::domain::MessageId::parse("AbCdEf123456").unwrap(),
+            reason: None,
+        },
+    ];
+    for action in messaging {
+        let request = crate::domain::MessagingRequest {
+            caller: Caller::new("c"),
+            room: room.clone(),
+            action,
+        };
+        check(&|| {
+            (
+                request.room.as_str().to_owned(),
+                request.action(),
+                cedar_context(&request.context()).unwrap(),
+            )
+        });
+        seen.push(request.action().as_str());
+    }
     for request in moderation {
         check(&|| {
             (

@@ -21,6 +21,7 @@ use http::StatusCode;
 use tonic::{Code, Status, metadata::MetadataValue};
 use tonic_types::{ErrorDetails, QuotaViolation, StatusExt};
 
+use crate::domain::messaging::MESSAGING_NOT_CONFIGURED;
 use crate::domain::{
     Action, Error, ExceededLimit, FieldViolation, TimeLimit, UpstreamKind, error::join,
 };
@@ -274,6 +275,21 @@ pub fn rescue(error: Error) -> Rescue {
             message,
             request_id,
         } => upstream(operation, kind, message, request_id),
+        Error::ChatBackend {
+            operation,
+            kind,
+            message,
+        } => chat_backend(operation, kind, message),
+        // A deployment without a chat backend: nothing the caller can change in the request. IVS's model
+        // gives SendEvent no shape for it; ValidationException is what SDKs surface with the message.
+        Error::MessagingNotConfigured => Rescue::new(
+            Code::FailedPrecondition,
+            S::BAD_REQUEST,
+            "ValidationException",
+            MESSAGING_NOT_CONFIGURED,
+        )
+        .info("MESSAGING_NOT_CONFIGURED", ERROR_DOMAIN, Vec::new())
+        .fields(VALIDATION_OTHER, Vec::new()),
         Error::DeadlineExceeded => Rescue::new(
             Code::DeadlineExceeded,
             S::GATEWAY_TIMEOUT,
@@ -446,6 +462,70 @@ fn upstream(
         _ => {}
     }
     rescue
+}
+
+/// `google.rpc.ErrorInfo.domain` for errors the self-hosted chat backend returned.
+pub const CHAT_BACKEND_ERROR_DOMAIN: &str = "chat-backend";
+
+/// The chat backend's refusals and failures, in the same codes and shapes as IVS Chat's (its words stay in
+/// our log: they may quote the request).
+fn chat_backend(operation: Action, kind: UpstreamKind, message: String) -> Rescue {
+    use StatusCode as S;
+    let message = format!("chat backend: {message}");
+    match kind {
+        UpstreamKind::Invalid(violations) => Rescue::new(
+            Code::InvalidArgument,
+            S::BAD_REQUEST,
+            "ValidationException",
+            message,
+        )
+        .info(
+            "CHAT_BACKEND_VALIDATION",
+            CHAT_BACKEND_ERROR_DOMAIN,
+            Vec::new(),
+        )
+        .fields(FIELD_VALIDATION_FAILED, bounded(violations)),
+        UpstreamKind::NotFound => Rescue::new(
+            Code::NotFound,
+            S::NOT_FOUND,
+            "ResourceNotFoundException",
+            message,
+        )
+        .info(
+            "CHAT_BACKEND_NOT_FOUND",
+            CHAT_BACKEND_ERROR_DOMAIN,
+            Vec::new(),
+        ),
+        UpstreamKind::Throttled { retry_after } => {
+            let mut rescue = Rescue::new(
+                Code::ResourceExhausted,
+                S::TOO_MANY_REQUESTS,
+                "ThrottlingException",
+                message,
+            )
+            .info(
+                "CHAT_BACKEND_THROTTLED",
+                CHAT_BACKEND_ERROR_DOMAIN,
+                Vec::new(),
+            )
+            .retry_after(retry_after);
+            rescue.resource = Some((operation.as_str().to_owned(), "CHAT_BACKEND"));
+            rescue
+        }
+        UpstreamKind::AccessDenied
+        | UpstreamKind::PendingVerification
+        | UpstreamKind::Unavailable => Rescue::new(
+            Code::Unavailable,
+            S::SERVICE_UNAVAILABLE,
+            "ServiceUnavailableException",
+            message,
+        )
+        .info(
+            "CHAT_BACKEND_UNAVAILABLE",
+            CHAT_BACKEND_ERROR_DOMAIN,
+            Vec::new(),
+        ),
+    }
 }
 
 /// A refusal as IVS Chat's REST-JSON API returns it, so AWS SDKs and the CLI raise their typed

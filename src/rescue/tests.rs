@@ -397,6 +397,14 @@ fn both_doors_map_every_error_from_the_same_cases() {
             "UNSUPPORTED_BY_ISSUER",
         ),
         (
+            || Error::MessagingNotConfigured,
+            Code::FailedPrecondition,
+            400,
+            "ValidationException",
+            None,
+            "MESSAGING_NOT_CONFIGURED",
+        ),
+        (
             || Error::StoreFull { capacity: 9 },
             Code::ResourceExhausted,
             402,
@@ -572,8 +580,8 @@ fn internal_errors_show_no_detail_through_either_door() {
 }
 
 /// Every variant of [`Error`], matched without a wildcard: a new variant does not compile until it is
-/// added here, and so to the side-by-side cases above (token rejections have a test of their own,
-/// `token_rejections_carry_their_reason_genuine_ones_as_failed_precondition`).
+/// added here, and so to the side-by-side cases above (token rejections, and the upstream and chat
+/// backend failures with their own error domains, have tests of their own).
 fn covered(error: &Error) {
     match error {
         Error::InvalidArgument(_)
@@ -589,6 +597,8 @@ fn covered(error: &Error) {
         | Error::TokenRejected(_)
         | Error::Unsupported(_)
         | Error::StoreFull { .. }
+        | Error::MessagingNotConfigured
+        | Error::ChatBackend { .. }
         | Error::Internal(_) => {}
     }
 }
@@ -636,4 +646,86 @@ fn an_unknown_method_is_unimplemented_with_its_own_reason() {
         (info.reason.as_str(), info.domain.as_str()),
         ("UNKNOWN_METHOD", ERROR_DOMAIN)
     );
+}
+
+#[test]
+fn messaging_without_a_backend_is_a_failed_precondition_that_says_how_to_enable_it() {
+    let grpc = grpc_status(Error::MessagingNotConfigured);
+    assert_eq!(grpc.code(), Code::FailedPrecondition);
+    assert!(grpc.message().contains("messaging.webhook_url"), "{grpc:?}");
+    let info = grpc.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(
+        (info.reason.as_str(), info.domain.as_str()),
+        ("MESSAGING_NOT_CONFIGURED", ERROR_DOMAIN)
+    );
+    let ivs = ivs_error(Error::MessagingNotConfigured);
+    assert_eq!(
+        (ivs.status.as_u16(), ivs.error_type),
+        (400, "ValidationException")
+    );
+    assert_eq!(
+        ivs.message,
+        grpc.message(),
+        "the same words through both doors"
+    );
+    assert_eq!(ivs.body()["reason"], "OTHER");
+}
+
+#[test]
+fn chat_backend_failures_map_like_ivs_chats_in_their_own_domain() {
+    let failed = |kind| Error::ChatBackend {
+        operation: Action::SendEvent,
+        kind,
+        message: "what happened".into(),
+    };
+    let cases = [
+        (
+            UpstreamKind::Invalid(vec![FieldViolation::new("request", "refused")]),
+            Code::InvalidArgument,
+            400,
+            "ValidationException",
+            "CHAT_BACKEND_VALIDATION",
+        ),
+        (
+            UpstreamKind::NotFound,
+            Code::NotFound,
+            404,
+            "ResourceNotFoundException",
+            "CHAT_BACKEND_NOT_FOUND",
+        ),
+        (
+            UpstreamKind::Throttled {
+                retry_after: Duration::from_secs(3),
+            },
+            Code::ResourceExhausted,
+            429,
+            "ThrottlingException",
+            "CHAT_BACKEND_THROTTLED",
+        ),
+        (
+            UpstreamKind::Unavailable,
+            Code::Unavailable,
+            503,
+            "ServiceUnavailableException",
+            "CHAT_BACKEND_UNAVAILABLE",
+        ),
+    ];
+    for (kind, code, status, error_type, reason) in cases {
+        let grpc = grpc_status(failed(kind.clone()));
+        let ivs = ivs_error(failed(kind));
+        assert_eq!(grpc.code(), code, "{reason}");
+        assert_eq!(grpc.message(), "chat backend: what happened");
+        let info = grpc.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            (reason, CHAT_BACKEND_ERROR_DOMAIN)
+        );
+        assert_eq!((ivs.status.as_u16(), ivs.error_type), (status, error_type));
+        assert_eq!(ivs.message, grpc.message());
+    }
+    let throttled = ivs_error(failed(UpstreamKind::Throttled {
+        retry_after: Duration::from_secs(3),
+    }));
+    assert_eq!(throttled.retry_after_seconds(), Some(3));
+    assert_eq!(throttled.body()["resourceId"], "SendEvent");
 }

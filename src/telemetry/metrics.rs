@@ -16,6 +16,7 @@
 //! | `cts.limiter.store.errors` | counter | {error} | `kind`: `timeout`, `unreachable`, `noscript`, `readonly`, `oom`, `crossslot`, `denied`, `other` (calls and probes) |
 //! | `cts.limiter.fallbacks` | counter | {request} | |
 //! | `cts.moderation.actions` | counter | {action} | `action` (`DisconnectUser`, `BanUser`, …), `result` (`ok`, `error`) |
+//! | `cts.messaging.calls` | counter | {call} | `action` (`SendEvent`, `DeleteMessage`), `backend` (`ivs`, `webhook`), `result` (`ok`, `error`) |
 //! | `cts.log.dropped_lines` | counter | {line} | |
 //!
 //! The two call durations follow the OpenTelemetry semantic conventions (v1.44: docs/rpc/rpc-metrics.md,
@@ -61,6 +62,8 @@ pub struct Metrics {
     pub limiter_fallbacks: Counter<u64>,
     /// Moderation calls that reached the moderator or the ban store, by action and result.
     pub moderation_actions: Counter<u64>,
+    /// SendEvent and DeleteMessage calls that reached their chat backend, by action, backend and result.
+    pub messaging_calls: Counter<u64>,
     /// Connections the server refused or closed, by reason (see `transport::listener::Closed`).
     pub connections_closed: Counter<u64>,
 }
@@ -127,6 +130,13 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             .u64_counter("cts.moderation.actions")
             .with_unit("{action}")
             .with_description("Moderation calls carried out, by action and result")
+            .build(),
+        messaging_calls: meter
+            .u64_counter("cts.messaging.calls")
+            .with_unit("{call}")
+            .with_description(
+                "SendEvent and DeleteMessage calls sent on, by action, backend and result",
+            )
             .build(),
         connections_closed: meter
             .u64_counter("cts.connections.closed")

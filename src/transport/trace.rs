@@ -50,7 +50,9 @@ use tracing::{Instrument, Span, field::Empty, instrument::Instrumented};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::domain::Action;
-use crate::proto::ivschat::v1::{moderation_service_server, token_service_server};
+use crate::proto::ivschat::v1::{
+    messaging_service_server, moderation_service_server, token_service_server,
+};
 use crate::telemetry::{exporting_traces, metrics::metrics, tag_call};
 
 /// The gRPC methods this server serves (health and reflection aside: they are not traced), fully
@@ -84,6 +86,7 @@ fn grpc_service(action: Action) -> &'static str {
         | Action::UnbanUser
         | Action::ListBans
         | Action::VerifyChatToken => moderation_service_server::SERVICE_NAME,
+        Action::SendEvent | Action::DeleteMessage => messaging_service_server::SERVICE_NAME,
     }
 }
 

@@ -1,7 +1,8 @@
-"""Calls CreateChatToken through boto3 and prints what happened as one JSON line, for tests/aws_cli.rs.
+"""Calls an IVS Chat operation through boto3 and prints what happened as one JSON line, for tests/aws_cli.rs.
 
-Usage: boto3_call.py ENDPOINT REQUEST_JSON [--unsigned]
-Credentials, region and retry settings come from the environment, as for any boto3 program.
+Usage: boto3_call.py ENDPOINT REQUEST_JSON [--unsigned] [--operation NAME]
+NAME is the client method (default create_chat_token; send_event, delete_message, …). Credentials, region and
+retry settings come from the environment, as for any boto3 program.
 """
 
 import json
@@ -12,17 +13,23 @@ import botocore
 from botocore.config import Config
 
 endpoint, request = sys.argv[1], json.loads(sys.argv[2])
-unsigned = "--unsigned" in sys.argv[3:]
+flags = sys.argv[3:]
+unsigned = "--unsigned" in flags
+operation = flags[flags.index("--operation") + 1] if "--operation" in flags else "create_chat_token"
 config = Config(signature_version=botocore.UNSIGNED) if unsigned else Config()
 client = boto3.client("ivschat", endpoint_url=endpoint, config=config)
 try:
-    response = client.create_chat_token(**request)
-    print(json.dumps({
-        "token": response["token"],
-        "tokenExpirationTime": response["tokenExpirationTime"].isoformat(),
-        "sessionExpirationTime": response["sessionExpirationTime"].isoformat(),
-        "requestId": response["ResponseMetadata"]["RequestId"],
-    }))
+    response = getattr(client, operation)(**request)
+    if operation == "create_chat_token":
+        print(json.dumps({
+            "token": response["token"],
+            "tokenExpirationTime": response["tokenExpirationTime"].isoformat(),
+            "sessionExpirationTime": response["sessionExpirationTime"].isoformat(),
+            "requestId": response["ResponseMetadata"]["RequestId"],
+        }))
+    else:
+        metadata = response.pop("ResponseMetadata")
+        print(json.dumps({**response, "requestId": metadata["RequestId"]}))
 except client.exceptions.ValidationException as e:
     print(json.dumps({"exception": "ValidationException", "error": e.response["Error"],
                       "reason": e.response.get("reason"), "fieldList": e.response.get("fieldList"),

@@ -1,7 +1,8 @@
-//! A stub of Amazon IVS Chat's REST-JSON API, enough for CreateChatToken and DisconnectUser, for tests and
-//! the local stack (`cargo run --example ivschat_stub`).
+//! A stub of Amazon IVS Chat's REST-JSON API, enough for CreateChatToken, DisconnectUser, SendEvent and
+//! DeleteMessage, for tests and the local stack (`cargo run --example ivschat_stub`).
 //!
-//! `POST /CreateChatToken` and `POST /DisconnectUser` check, as IVS does:
+//! `POST /CreateChatToken`, `POST /DisconnectUser`, `POST /SendEvent` and `POST /DeleteMessage` check, as
+//! IVS does:
 //! - a SigV4 `Authorization` header whose credential scope is service `ivschat` in the region of the room
 //!   ARN (the signature itself is not verified: the stub does not know the secret key);
 //! - the service model's field limits, answering `ValidationException` (400) with a `fieldList`.
@@ -14,13 +15,13 @@
 //! | `notfound` | 404 `ResourceNotFoundException` |
 //! | `denied` | 403 `AccessDeniedException` |
 //! | `pending` | 403 `PendingVerification` |
-//! | `invalid` | 400 `ValidationException` naming `userId` |
+//! | `invalid` | 400 `ValidationException` naming `userId` (SendEvent: `eventName`, DeleteMessage: `id`) |
 //! | `throttled` | 429 `ThrottlingException`, every time |
 //! | `broken` | 500, every time |
 //! | `flaky` | 500 on the first attempt, then success |
 //! | `slow` | CreateChatToken: success after 30 seconds |
-//! | `lag` | success after 1.5 seconds (both operations): longer than the shortest `max_call_duration`, shorter than the default `ivs.read_timeout` |
-//! | anything else | CreateChatToken: 200 with a token, expiring one minute / the session duration from now; DisconnectUser: 200 `{}` |
+//! | `lag` | success after 1.5 seconds (CreateChatToken and DisconnectUser): longer than the shortest `max_call_duration`, shorter than the default `ivs.read_timeout` |
+//! | anything else | CreateChatToken: 200 with a token, expiring one minute / the session duration from now; DisconnectUser: 200 `{}`; SendEvent and DeleteMessage: 200 with a fresh `id` |
 
 use std::{
     collections::HashMap,
@@ -41,7 +42,7 @@ use serde_json::{Value, json};
 /// One call the stub received.
 #[derive(Clone, Debug)]
 pub struct SeenCall {
-    /// `CreateChatToken` or `DisconnectUser`.
+    /// `CreateChatToken`, `DisconnectUser`, `SendEvent` or `DeleteMessage`.
     pub operation: &'static str,
     /// The region of the SigV4 credential scope.
     pub signed_region: String,
@@ -75,6 +76,8 @@ impl IvsStub {
         let app = Router::new()
             .route("/CreateChatToken", post(create_chat_token))
             .route("/DisconnectUser", post(disconnect_user))
+            .route("/SendEvent", post(send_event))
+            .route("/DeleteMessage", post(delete_message))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -237,7 +240,12 @@ fn admit(
             json!({ "message": "account pending verification" }),
         ))
     } else if room_id.starts_with("invalid") {
-        Some(validation(vec![("userId", "rejected by the stub".into())]))
+        let field = match operation {
+            "SendEvent" => "eventName",
+            "DeleteMessage" => "id",
+            _ => "userId",
+        };
+        Some(validation(vec![(field, "rejected by the stub".into())]))
     } else if room_id.starts_with("throttled") {
         Some(error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -338,6 +346,118 @@ async fn create_chat_token(
         "tokenExpirationTime": humantime::format_rfc3339_seconds(now + Duration::from_secs(60)).to_string(),
         "sessionExpirationTime": humantime::format_rfc3339_seconds(now + session).to_string(),
     });
+    call.response = Some(response.clone());
+    state.calls.lock().unwrap().push(call);
+    Json(response).into_response()
+}
+
+/// The model's rule for every operation's `roomIdentifier`: 1 to 128 characters matching its pattern.
+fn room_violations(body: &Value) -> Vec<(&'static str, String)> {
+    let room = body["roomIdentifier"].as_str().unwrap_or_default();
+    let pattern_ok = room
+        .strip_prefix("arn:aws:ivschat:")
+        .and_then(|rest| rest.split_once(":room/"))
+        .is_some_and(|(scope, id)| {
+            !id.is_empty()
+                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && scope.contains(':')
+        });
+    if room.is_empty() || room.chars().count() > 128 || !pattern_ok {
+        vec![(
+            "roomIdentifier",
+            "must be a room ARN of 1 to 128 characters".into(),
+        )]
+    } else {
+        Vec::new()
+    }
+}
+
+/// The model's rules for SendEvent's fields (`eventName` 1 to 100 characters; attributes at most 1 KB in
+/// total, as the API reference says).
+fn send_event_violations(body: &Value) -> Vec<(&'static str, String)> {
+    let mut violations = room_violations(body);
+    let name = body["eventName"].as_str().unwrap_or_default();
+    if !(1..=100).contains(&name.chars().count()) {
+        violations.push(("eventName", "must be 1 to 100 characters".into()));
+    }
+    if let Some(attributes) = body.get("attributes") {
+        let bytes = attributes.as_object().map(|map| {
+            map.iter()
+                .map(|(k, v)| k.len() + v.as_str().map_or(usize::MAX / 2, str::len))
+                .sum::<usize>()
+        });
+        if bytes.is_none_or(|bytes| bytes > 1024) {
+            violations.push((
+                "attributes",
+                "must be string values, at most 1 KB in total".into(),
+            ));
+        }
+    }
+    violations
+}
+
+/// The model's rules for DeleteMessage's fields (`id` a `MessageID`: 12 letters and digits; `reason` 1 to
+/// 256 characters when present).
+fn delete_message_violations(body: &Value) -> Vec<(&'static str, String)> {
+    let mut violations = room_violations(body);
+    let id = body["id"].as_str().unwrap_or_default();
+    if id.len() != 12 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        violations.push(("id", "must be 12 letters and digits".into()));
+    }
+    if let Some(reason) = body.get("reason")
+        && !matches!(reason.as_str().map(|r| r.chars().count()), Some(1..=256))
+    {
+        violations.push(("reason", "must be 1 to 256 characters".into()));
+    }
+    violations
+}
+
+/// A fresh IVS Chat `ID`: 12 letters and digits.
+fn fresh_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+async fn send_event(
+    State(state): State<Arc<StubState>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    answer_with_id(
+        &state,
+        "SendEvent",
+        &headers,
+        &body,
+        send_event_violations(&body),
+    )
+}
+
+async fn delete_message(
+    State(state): State<Arc<StubState>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    answer_with_id(
+        &state,
+        "DeleteMessage",
+        &headers,
+        &body,
+        delete_message_violations(&body),
+    )
+}
+
+/// SendEvent's and DeleteMessage's answer: `{"id": …}`, once `admit` lets the call through.
+fn answer_with_id(
+    state: &StubState,
+    operation: &'static str,
+    headers: &HeaderMap,
+    body: &Value,
+    violations: Vec<(&'static str, String)>,
+) -> Response {
+    let mut call = match admit(state, operation, headers, body, violations) {
+        Ok(call) => call,
+        Err(response) => return *response,
+    };
+    let response = json!({ "id": fresh_id() });
     call.response = Some(response.clone());
     state.calls.lock().unwrap().push(call);
     Json(response).into_response()
