@@ -15,12 +15,13 @@ use std::{
 };
 
 use chat_token_service::{
-    config::{Config, LimiterBackend, RedisUrl},
-    domain::{AccountId, Limit, LimitKey, Rate},
+    config::{Config, FailureMode, LimiterBackend, RedisUrl},
+    domain::{AccountId, Limit, LimitKey, Rate, RoomArn, UserId},
     proto::ivschat::v1::{
         BanUserRequest, CreateChatTokenRequest, DisconnectUserRequest, ListBansRequest,
         VerifyChatTokenRequest, moderation_service_client::ModerationServiceClient,
     },
+    store::{Backend, ModerationStore},
 };
 use common::{
     ACCOUNT_111_ROOM, Binary, LocalKeys, ROOM_ARN, TestServer,
@@ -189,6 +190,51 @@ async fn a_disconnect_revokes_a_token_for_as_long_as_it_could_verify() {
         .await
         .unwrap_err();
     assert_refused(&status, Code::FailedPrecondition, "TOKEN_REVOKED");
+}
+
+/// "Redis revocations move backwards": a revocation written late (a slower replica's, one microsecond
+/// earlier) never un-revokes tokens in Redis; a later one still moves it forward.
+#[tokio::test]
+async fn a_redis_revocation_only_moves_forward() {
+    let redis = RedisServer::shared();
+    let mut config = Config::default();
+    config.limiter.backend = LimiterBackend::Redis;
+    config.limiter.redis_url = Some(RedisUrl::parse(&redis.url()).unwrap());
+    config.limiter.key_prefix = unique_prefix();
+    // Decided in Redis or not at all: a store that fell back in process would not be under test.
+    config.limiter.failure_mode = FailureMode::FailClosed;
+    // Each replica keeps a local copy of what it wrote and answers the later of it and Redis's: every
+    // write and the read go through a replica of their own, so only Redis can carry the answer.
+    let replica = || match Backend::new(&config.limiter) {
+        Backend::Redis(stores) => stores.moderation,
+        Backend::Memory(_) => panic!("the Redis backend was configured"),
+    };
+    let (first, late, reader) = (replica(), replica(), replica());
+    let room = RoomArn::parse(ROOM_ARN).unwrap();
+    let user = UserId::parse("viewer".into()).unwrap();
+    let keep = Duration::from_secs(60);
+    // Whole microseconds, as Redis keeps them.
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    let at = |micros: u64| SystemTime::UNIX_EPOCH + Duration::from_micros(micros);
+    let (t1, t2, t3) = (at(now - 1), at(now), at(now + 1));
+
+    first.revoke(&room, &user, t2, keep).await.unwrap();
+    assert_eq!(reader.revoked_at(&room, &user).await.unwrap(), Some(t2));
+    late.revoke(&room, &user, t1, keep).await.unwrap();
+    assert_eq!(
+        reader.revoked_at(&room, &user).await.unwrap(),
+        Some(t2),
+        "an earlier revocation written late leaves the later one"
+    );
+    late.revoke(&room, &user, t3, keep).await.unwrap();
+    assert_eq!(
+        reader.revoked_at(&room, &user).await.unwrap(),
+        Some(t3),
+        "a later revocation moves it forward"
+    );
 }
 
 #[tokio::test]
