@@ -205,7 +205,7 @@ async fn a_redis_revocation_only_moves_forward() {
     config.limiter.failure_mode = FailureMode::FailClosed;
     // Each replica keeps a local copy of what it wrote and answers the later of it and Redis's: every
     // write and the read go through a replica of their own, so only Redis can carry the answer.
-    let replica = || match Backend::new(&config.limiter) {
+    let replica = || match Backend::new(&config.limiter).expect("no Redis TLS files") {
         Backend::Redis(stores) => stores.moderation,
         Backend::Memory(_) => panic!("the Redis backend was configured"),
     };
@@ -711,7 +711,21 @@ async fn request_heads_are_bounded_in_size_and_time_on_both_protocols() {
         .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
         .await
         .unwrap();
-    for tcp in [&mut slow_head, &mut preface_only] {
+    // On a kept-alive HTTP/1.1 connection, a later head that never ends is bounded the same way.
+    let mut second_head = TcpStream::connect(addr).await.unwrap();
+    let body = format!(r#"{{"roomIdentifier":"{ROOM_ARN}","userId":"u"}}"#);
+    second_head
+        .write_all(
+            format!(
+                "POST /CreateChatToken HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n{body}POST /CreateChatToken HTTP/1.1\r\nHost: {addr}\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    for tcp in [&mut slow_head, &mut preface_only, &mut second_head] {
         let mut buf = [0u8; 1024];
         tokio::time::timeout(PATIENCE, async {
             loop {
