@@ -8,16 +8,21 @@
 
 pub mod action;
 pub mod caller;
+pub mod end_user;
 pub mod error;
 pub mod limit;
 pub mod moderation;
 pub mod room;
 pub mod secret;
 pub mod token;
+pub mod user;
 
 pub use action::{Action, IVS_SIGNING_NAME};
 pub use caller::{Caller, CallerSource};
-pub use error::{Error, ExceededLimit, FieldViolation, TokenRejection, UpstreamKind};
+pub use end_user::EndUser;
+pub use error::{
+    EndUserRejection, Error, ExceededLimit, FieldViolation, TokenRejection, UpstreamKind,
+};
 pub use limit::{DISCONNECT_QUOTA_LIMIT_NAME, IVS_QUOTA_LIMIT_NAME, Limit, LimitKey, Rate};
 pub use moderation::{
     Ban, BanPage, ModerationAction, ModerationOutcome, ModerationRequest, PageToken, Reason,

@@ -217,6 +217,10 @@ async fn issue(api: &Api, request: Request<Body>) -> Result<IssuedToken, IvsErro
     };
     let request = TokenRequest::validate(caller.clone(), unchecked, &FieldNames::IVS)
         .map_err(|error| ivs_error(door.refuse(Some(&caller), error)))?;
+    let request = door
+        .bind(request, &parts.headers, &FieldNames::IVS, None)
+        .await
+        .map_err(ivs_error)?;
     door.issue(request, None).await.map_err(ivs_error)
 }
 

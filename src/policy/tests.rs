@@ -213,8 +213,16 @@ fn the_decision_cache_is_bounded() {
 
 #[test]
 fn decision_keys_are_unambiguous() {
-    use ContextValue::{Long, String as Str, Strings};
+    use ContextValue::{Bool, Long, Record, String as Str, Strings};
     let contexts: Vec<Vec<(&'static str, ContextValue)>> = vec![
+        vec![("a", Bool(true))],
+        vec![("a", Bool(false))],
+        vec![("a", Record(vec![]))],
+        vec![("a", Record(vec![("b", Bool(true))]))],
+        vec![("a", Record(vec![("b", Bool(true)), ("c", Str(""))]))],
+        vec![("a", Record(vec![("b", Record(vec![]))]))],
+        vec![("a", Record(vec![("b", Record(vec![("c", Str(""))]))]))],
+        vec![("a", Record(vec![("b", Record(vec![]))])), ("c", Str(""))],
         vec![],
         vec![("a", Str(""))],
         vec![("a", Str("1"))],
@@ -236,7 +244,13 @@ fn decision_keys_are_unambiguous() {
     ] {
         for context in &contexts {
             assert!(
-                keys.insert(decision_key(caller, action, room, context.iter())),
+                keys.insert(decision_key(
+                    caller,
+                    action,
+                    room,
+                    context.iter(),
+                    &super::reads::ContextReads::All
+                )),
                 "{caller} {action} {room} {context:?}"
             );
         }

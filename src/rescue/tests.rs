@@ -303,6 +303,29 @@ fn both_doors_map_every_error_from_the_same_cases() {
             None,
         ),
         (
+            || Error::EndUserInvalid(crate::domain::EndUserRejection::Expired),
+            Code::Unauthenticated,
+            403,
+            "AccessDeniedException",
+            None,
+        ),
+        (
+            || Error::EndUserMismatch,
+            Code::PermissionDenied,
+            403,
+            "AccessDeniedException",
+            None,
+        ),
+        (
+            || Error::EndUserKeysUnavailable {
+                retry_after: Duration::from_millis(1_200),
+            },
+            Code::Unavailable,
+            503,
+            "ServiceUnavailableException",
+            Some("2"),
+        ),
+        (
             || Error::PolicyDenied {
                 policy_ids: vec!["p".into()],
             },
