@@ -161,7 +161,13 @@ mod tests {
         .unwrap();
         assert_eq!(
             reads(&text),
-            only(&["attributeKeys", "capabilities", "sessionDurationInMinutes"])
+            only(&[
+                "attributeKeys",
+                "capabilities",
+                "end_user.claims.groups",
+                "end_user.verified",
+                "sessionDurationInMinutes"
+            ])
         );
     }
 
