@@ -461,3 +461,90 @@ async fn a_jwk_set_file_is_reloaded_when_it_changes() {
     write(&[&old, &new]);
     eventually_minted(&server, || call("web", "oidc|grace", vec![], Some(&token))).await;
 }
+
+/// CreateChatToken through boto3 against `server`'s IVS HTTP API, unsigned, with `headers` added by an
+/// event hook before signing: what `tests/aws/boto3_call.py` reports.
+fn boto3(server: &TestServer, request: Value, headers: &[(&str, &str)]) -> Value {
+    let venv = std::env::var_os("AWS_CLIENTS_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv"));
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/aws/boto3_call.py");
+    let mut command = std::process::Command::new(venv.join("bin/python"));
+    command
+        .env_clear()
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_DEFAULT_REGION", "us-west-2")
+        .env("AWS_MAX_ATTEMPTS", "1")
+        .arg(script)
+        .arg(format!("http://{}", server.addr))
+        .arg(request.to_string())
+        .arg("--unsigned");
+    for (name, value) in headers {
+        command.arg("--header").arg(format!("{name}={value}"));
+    }
+    let output = command
+        .output()
+        .expect("boto3 in target/venv (tests/run.sh installs it)");
+    assert!(
+        output.status.success(),
+        "boto3: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn the_ivs_http_api_binds_through_boto3_with_the_header_added_by_an_event_hook() {
+    let rsa = TestKey::rsa("rsa-1");
+    let idp = Idp::start(&[&rsa]).await;
+    let keys = LocalKeys::new();
+    let mut config = config(&keys, &idp);
+    production_policy(&mut config);
+    let server = TestServer::from_config(config).await;
+    let henry = claims(&idp.issuer, AUDIENCE, "henry");
+    let request = |user: &str| json!({"roomIdentifier": ACCOUNT_111_ROOM, "userId": user});
+    let server = std::sync::Arc::new(server);
+    // boto3 runs as a process: off the runtime, which serves the call meanwhile.
+    let call = |request: Value, token: Option<String>| {
+        let server = server.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut headers = vec![("x-caller-id", WEB_GATEWAY)];
+            headers.extend(token.as_deref().map(|token| (HEADER, token)));
+            boto3(&server, request, &headers)
+        })
+    };
+    let token = rsa.sign(&henry);
+    let bound = call(request("oidc|henry"), Some(token.clone()))
+        .await
+        .unwrap();
+    let minted = bound["token"].as_str().expect("a token");
+    assert_eq!(
+        keys.keys.verify(minted).unwrap().user_id.expose(),
+        "oidc|henry"
+    );
+
+    let expired = rsa.sign(&with(henry.clone(), json!({"exp": now() - 60})));
+    for (user, token, message) in [
+        // Another user than the token's.
+        (
+            "oidc|ivy",
+            Some(token),
+            "not the one the end-user token proves",
+        ),
+        (
+            "oidc|henry",
+            Some(expired),
+            "the end-user token has expired",
+        ),
+        // No token from an end-user-facing caller: the policy refuses.
+        ("oidc|henry", None, "policy does not allow"),
+    ] {
+        let refused = call(request(user), token).await.unwrap();
+        assert_eq!(refused["exception"], "AccessDeniedException", "{refused}");
+        assert_eq!(refused["status"], 403, "{refused}");
+        let said = refused["error"]["Message"].as_str().unwrap();
+        assert!(said.contains(message), "{said}");
+    }
+}

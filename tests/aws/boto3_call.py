@@ -1,7 +1,9 @@
 """Calls CreateChatToken through boto3 and prints what happened as one JSON line, for tests/aws_cli.rs.
 
-Usage: boto3_call.py ENDPOINT REQUEST_JSON [--unsigned]
-Credentials, region and retry settings come from the environment, as for any boto3 program.
+Usage: boto3_call.py ENDPOINT REQUEST_JSON [--unsigned] [--header NAME=VALUE ...]
+Credentials, region and retry settings come from the environment, as for any boto3 program. Each --header
+is added to the request by an event hook before it is signed (how an application forwards its end user's
+identity token, x-end-user-token, through an AWS SDK).
 """
 
 import json
@@ -12,9 +14,19 @@ import botocore
 from botocore.config import Config
 
 endpoint, request = sys.argv[1], json.loads(sys.argv[2])
-unsigned = "--unsigned" in sys.argv[3:]
+options = sys.argv[3:]
+unsigned = "--unsigned" in options
+headers = [options[i + 1].split("=", 1) for i, o in enumerate(options) if o == "--header"]
 config = Config(signature_version=botocore.UNSIGNED) if unsigned else Config()
 client = boto3.client("ivschat", endpoint_url=endpoint, config=config)
+
+
+def add_headers(request, **_):
+    for name, value in headers:
+        request.headers[name] = value
+
+
+client.meta.events.register("before-sign.ivschat.CreateChatToken", add_headers)
 try:
     response = client.create_chat_token(**request)
     print(json.dumps({
