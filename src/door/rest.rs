@@ -517,6 +517,24 @@ mod tests {
         assert!(response.headers().contains_key(REQUEST_ID));
     }
 
+    #[test]
+    fn the_response_keeps_ivs_shape_without_the_chat_endpoint() {
+        let issued = IssuedToken {
+            token: "t".into(),
+            token_id: None,
+            token_expires_at: SystemTime::UNIX_EPOCH,
+            session_expires_at: SystemTime::UNIX_EPOCH,
+            chat_endpoint: Some("wss://edge.ivschat.us-west-2.amazonaws.com".into()),
+        };
+        let output = token_output(&issued);
+        let mut keys: Vec<_> = output.as_object().unwrap().keys().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["sessionExpirationTime", "token", "tokenExpirationTime"]
+        );
+    }
+
     #[tokio::test]
     async fn every_bad_field_is_listed_with_ivs_names() {
         let body = serde_json::json!({
