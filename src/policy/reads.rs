@@ -83,23 +83,23 @@ fn walk(json: &Value, paths: &mut BTreeSet<Vec<String>>) -> bool {
             for (key, inner) in map {
                 // `context.a` and `context["a"]` are {".": {"left": {"Var": "context"}, "attr": "a"}};
                 // `context has a` is the same under "has", and `context has a.b` has "attr": ["a", "b"].
-                if key == "." || key == "has" {
-                    if let Some(mut path) = inner.get("left").and_then(context_path) {
-                        match inner.get("attr") {
-                            Some(Value::String(attr)) => path.push(attr.clone()),
-                            Some(Value::Array(attrs)) if !attrs.is_empty() => {
-                                for attr in attrs {
-                                    let Some(attr) = attr.as_str() else {
-                                        return false;
-                                    };
-                                    path.push(attr.to_owned());
-                                }
+                if (key == "." || key == "has")
+                    && let Some(mut path) = inner.get("left").and_then(context_path)
+                {
+                    match inner.get("attr") {
+                        Some(Value::String(attr)) => path.push(attr.clone()),
+                        Some(Value::Array(attrs)) if !attrs.is_empty() => {
+                            for attr in attrs {
+                                let Some(attr) = attr.as_str() else {
+                                    return false;
+                                };
+                                path.push(attr.to_owned());
                             }
-                            _ => return false,
                         }
-                        paths.insert(path);
-                        continue;
+                        _ => return false,
                     }
+                    paths.insert(path);
+                    continue;
                 }
                 if !walk(inner, paths) {
                     return false;

@@ -60,24 +60,32 @@ fn verifier(
 ) -> (Verifier, tempfile::NamedTempFile) {
     let mut file = tempfile::NamedTempFile::new().unwrap();
     file.write_all(jwks.to_string().as_bytes()).unwrap();
-    let mut settings = EndUserConfig::default();
-    settings.issuers = vec![EndUserIssuer {
+    let mut settings = EndUserConfig {
+        issuers: vec![issuer(file.path(), JwtAlgorithm::ES256)],
+        ..EndUserConfig::default()
+    };
+    settings.issuers[0].algorithms = vec![
+        JwtAlgorithm::RS256,
+        JwtAlgorithm::ES256,
+        JwtAlgorithm::EdDSA,
+    ];
+    tweak(&mut settings);
+    (Verifier::new(&settings).unwrap(), file)
+}
+
+/// ISSUER, its keys in `jwks_file`, accepting `algorithm`.
+fn issuer(jwks_file: &std::path::Path, algorithm: JwtAlgorithm) -> EndUserIssuer {
+    EndUserIssuer {
         issuer: ISSUER.into(),
         audiences: vec!["app".into()],
         jwks_url: None,
-        jwks_file: Some(file.path().to_owned()),
-        algorithms: vec![
-            JwtAlgorithm::RS256,
-            JwtAlgorithm::ES256,
-            JwtAlgorithm::EdDSA,
-        ],
+        jwks_file: Some(jwks_file.to_owned()),
+        algorithms: vec![algorithm],
         user_id_claim: "sub".into(),
         user_id_template: None,
         max_token_age: None,
         attributes: BTreeMap::new(),
-    }];
-    tweak(&mut settings);
-    (Verifier::new(&settings).unwrap(), file)
+    }
 }
 
 fn headers(token: &str) -> http::HeaderMap {
@@ -301,19 +309,11 @@ fn a_jwk_set_file_without_a_usable_key_or_over_the_size_bound_does_not_load() {
     let load = |set: &str, max_bytes: usize| {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         file.write_all(set.as_bytes()).unwrap();
-        let mut settings = EndUserConfig::default();
-        settings.max_jwks_bytes = max_bytes;
-        settings.issuers = vec![EndUserIssuer {
-            issuer: ISSUER.into(),
-            audiences: vec!["app".into()],
-            jwks_url: None,
-            jwks_file: Some(file.path().to_owned()),
-            algorithms: vec![JwtAlgorithm::ES256],
-            user_id_claim: "sub".into(),
-            user_id_template: None,
-            max_token_age: None,
-            attributes: BTreeMap::new(),
-        }];
+        let settings = EndUserConfig {
+            max_jwks_bytes: max_bytes,
+            issuers: vec![issuer(file.path(), JwtAlgorithm::ES256)],
+            ..EndUserConfig::default()
+        };
         Verifier::new(&settings).map(|_| ())
     };
     assert!(load(&set, set.len()).is_ok());
