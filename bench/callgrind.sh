@@ -6,6 +6,8 @@
 #   bench/callgrind.sh production 2000    deploy/policy/production.cedar + entities, 3 memory limits
 #   bench/callgrind.sh redis 2000         the same limits in Redis (REDIS_URL, default redis://127.0.0.1:6379);
 #                                         only the service's instructions are counted, not Redis's
+#   bench/callgrind.sh end-user 2000      production, every call bound to its end user by an RS256 ID token
+#                                         (a JWK set file and a token made ahead of time by loadgen)
 #
 # The server runs under callgrind with instrumentation off; loadgen makes 300 warm-up calls, then
 # instrumentation is switched on for CALLS calls (64 in flight over 4 connections) and the counts dumped.
@@ -18,16 +20,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scenario=${1:?embedded, production or redis} calls=${2:-2000}
+scenario=${1:?embedded, production, redis or end-user} calls=${2:-2000}
 bin_dir=${BENCH_BIN_DIR:-target/release}
 out_dir=${CALLGRIND_OUT:-target/callgrind}
 command -v valgrind >/dev/null || {
   echo "valgrind is needed (Debian package valgrind)" >&2
   exit 1
 }
+mkdir -p "$out_dir"
+loadgen_args=()
 case $scenario in
   embedded) settings=() ;;
-  production | redis)
+  production | redis | end-user)
     settings=(
       CTS_POLICY__FILES='["deploy/policy/production.cedar"]'
       CTS_POLICY__ENTITIES_FILE=deploy/policy/production.entities.json
@@ -37,6 +41,18 @@ case $scenario in
         {name="user",key="user",rate="1000000/s",burst=1000000},
         {name="room",key="room",rate="1000000/s",burst=1000000}]'
     )
+    if [ "$scenario" = end-user ]; then
+      # The caller is end-user-facing (production policy: binding required); every call forwards user-0's
+      # RS256 ID token, verified against a JWK set file (no identity provider to reach).
+      openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -outform DER -out "$out_dir/end-user-key.der" 2>/dev/null
+      token=$("$bin_dir/examples/loadgen" end-user-token --rsa-key "$out_dir/end-user-key.der" \
+        --jwks "$out_dir/end-user-jwks.json" --issuer https://id.example.com --audience chat-app --sub user-0)
+      loadgen_args=(--end-user-token "$token")
+      settings[3]=CTS_IDENTITY__ANONYMOUS_PRINCIPAL=spiffe://cluster.local/ns/chat/sa/web-gateway
+      settings+=(
+        CTS_END_USER__ISSUERS="[{issuer=\"https://id.example.com\",audiences=[\"chat-app\"],jwks_file=\"$out_dir/end-user-jwks.json\"}]"
+      )
+    fi
     if [ "$scenario" = redis ]; then
       settings+=(
         CTS_LIMITER__BACKEND=redis
@@ -49,12 +65,11 @@ case $scenario in
     fi
     ;;
   *)
-    echo "unknown scenario $scenario: embedded, production or redis" >&2
+    echo "unknown scenario $scenario: embedded, production, redis or end-user" >&2
     exit 1
     ;;
 esac
 
-mkdir -p "$out_dir"
 out=$out_dir/$scenario.callgrind
 rm -f "$out" "$out".*
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -69,7 +84,7 @@ done
 
 load() {
   "$bin_dir/examples/loadgen" grpc --addr "127.0.0.1:$port" --requests "$1" --warmup 0 \
-    --concurrency 64 --connections 4 --max-seconds 600 >/dev/null
+    --concurrency 64 --connections 4 --max-seconds 600 "${loadgen_args[@]}" >/dev/null
 }
 load 300
 callgrind_control --instr=on "$server" >/dev/null 2>&1

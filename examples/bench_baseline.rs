@@ -47,6 +47,7 @@ async fn main() {
             token: format!("v4.local.{}", "A".repeat(TOKEN_LEN - 9)),
             token_expiration_time: Some(now.into()),
             session_expiration_time: Some(now.into()),
+            chat_endpoint: String::new(),
         },
     };
     let listener = tokio::net::TcpListener::bind(addr)

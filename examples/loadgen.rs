@@ -13,6 +13,11 @@
 //! # 12 KiB of headers and a 16 KiB message announced but never finished; RSS before and while held.
 //! cargo run --release --example loadgen -- hold --addr 127.0.0.1:50051 --connections 64 --streams 100 \
 //!   --server-pid "$(pgrep -n chat-token-service)"
+//! # The same, each call forwarding an end user's identity token (end-user binding): first a JWK set file
+//! # and a token for user-0, signed with an RSA key (PKCS#1 DER, e.g. from `openssl genpkey`).
+//! cargo run --release --example loadgen -- end-user-token --rsa-key key.der --jwks jwks.json \
+//!   --issuer https://id.example.com --audience chat-app --sub user-0 > token
+//! cargo run --release --example loadgen -- grpc --addr 127.0.0.1:50051 --end-user-token "$(cat token)"
 //! # Milliseconds from exec to the token service answering SERVING on the gRPC health check.
 //! cargo run --release --example loadgen -- startup --addr 127.0.0.1:50051 -- target/release/chat-token-service
 //! ```
@@ -22,7 +27,7 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
     sync::{
         Arc,
@@ -53,8 +58,31 @@ enum Command {
         /// The server, `host:port` (plaintext HTTP/2).
         #[arg(long)]
         addr: SocketAddr,
+        /// An end user's identity token sent with every call (`x-end-user-token`); its user must be
+        /// every call's, so use it with `--users 1`.
+        #[arg(long)]
+        end_user_token: Option<String>,
         #[command(flatten)]
         load: Load,
+    },
+    /// Writes a JWK set file with the public half of an RSA key and prints an RS256 ID token signed with
+    /// it, valid for an hour: the fixture of the end-user binding benchmark.
+    EndUserToken {
+        /// The RSA private key, PKCS#1 DER (`openssl genpkey -algorithm RSA -outform DER`).
+        #[arg(long)]
+        rsa_key: PathBuf,
+        /// Where the JWK set is written.
+        #[arg(long)]
+        jwks: PathBuf,
+        /// The token's `iss`.
+        #[arg(long)]
+        issuer: String,
+        /// The token's `aud`.
+        #[arg(long)]
+        audience: String,
+        /// The token's `sub`.
+        #[arg(long, default_value = "user-0")]
+        sub: String,
     },
     /// CreateChatToken straight to an IVS Chat endpoint through aws-sdk-ivschat.
     Ivs {
@@ -271,16 +299,24 @@ trait Caller: Clone + Send + 'static {
 }
 
 #[derive(Clone)]
-struct GrpcCaller(TokenServiceClient<Channel>);
+struct GrpcCaller {
+    client: TokenServiceClient<Channel>,
+    end_user_token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
 
 impl Caller for GrpcCaller {
     async fn call(&mut self, room: &str, user: String) -> Result<(), String> {
-        let request = CreateChatTokenRequest {
+        let mut request = tonic::Request::new(CreateChatTokenRequest {
             room_identifier: room.to_owned(),
             user_id: user,
             ..Default::default()
-        };
-        match self.0.create_chat_token(request).await {
+        });
+        if let Some(token) = &self.end_user_token {
+            request
+                .metadata_mut()
+                .insert("x-end-user-token", token.clone());
+        }
+        match self.client.create_chat_token(request).await {
             Ok(response) if !response.get_ref().token.is_empty() => Ok(()),
             Ok(_) => Err("OK with an empty token".into()),
             Err(status) => Err(format!("{:?}: {}", status.code(), status.message())),
@@ -322,7 +358,13 @@ struct Report {
 #[tokio::main]
 async fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Grpc { addr, load } => {
+        Command::Grpc {
+            addr,
+            end_user_token,
+            load,
+        } => {
+            let end_user_token =
+                end_user_token.map(|token| token.parse().expect("a token is visible ASCII"));
             let mut clients = Vec::with_capacity(load.connections);
             for _ in 0..load.connections {
                 // One Endpoint::connect is one HTTP/2 connection.
@@ -332,7 +374,10 @@ async fn main() -> ExitCode {
                     .connect()
                     .await
                     .expect("cannot connect");
-                clients.push(GrpcCaller(TokenServiceClient::new(channel)));
+                clients.push(GrpcCaller {
+                    client: TokenServiceClient::new(channel),
+                    end_user_token: end_user_token.clone(),
+                });
             }
             measure(clients, &load).await
         }
@@ -382,7 +427,57 @@ async fn main() -> ExitCode {
             measure(vec![client], &load).await
         }
         Command::Startup { addr, command } => startup(addr, &command).await,
+        Command::EndUserToken {
+            rsa_key,
+            jwks,
+            issuer,
+            audience,
+            sub,
+        } => end_user_token(&rsa_key, &jwks, &issuer, &audience, &sub),
     }
+}
+
+/// See [`Command::EndUserToken`].
+fn end_user_token(
+    rsa_key: &Path,
+    jwks: &Path,
+    issuer: &str,
+    audience: &str,
+    sub: &str,
+) -> ExitCode {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+    use ring::signature::{RSA_PKCS1_SHA256, RsaKeyPair, RsaPublicKeyComponents};
+    let der = std::fs::read(rsa_key).expect("cannot read the RSA key");
+    let pair = RsaKeyPair::from_der(&der).expect("an RSA private key in PKCS#1 DER");
+    let public = RsaPublicKeyComponents::<Vec<u8>>::from(pair.public());
+    let set = serde_json::json!({"keys": [{
+        "kty": "RSA", "use": "sig", "alg": "RS256", "kid": "bench",
+        "n": B64.encode(&public.n), "e": B64.encode(&public.e),
+    }]});
+    std::fs::write(jwks, set.to_string()).expect("cannot write the JWK set");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let header = serde_json::json!({"alg": "RS256", "kid": "bench", "typ": "JWT"});
+    let claims = serde_json::json!({
+        "iss": issuer, "aud": audience, "sub": sub, "iat": now, "exp": now + 3600,
+    });
+    let input = format!(
+        "{}.{}",
+        B64.encode(header.to_string()),
+        B64.encode(claims.to_string())
+    );
+    let mut signature = vec![0; pair.public().modulus_len()];
+    pair.sign(
+        &RSA_PKCS1_SHA256,
+        &ring::rand::SystemRandom::new(),
+        input.as_bytes(),
+        &mut signature,
+    )
+    .expect("RSA signing");
+    println!("{input}.{}", B64.encode(signature));
+    ExitCode::SUCCESS
 }
 
 /// Warms up, then measures `load.requests` calls spread round-robin over `clients`.

@@ -40,6 +40,9 @@
 //!   ▶ door::grpc / door::rest       proto or IVS JSON ⇄ domain, through the shared door:
 //!                                   identity::Resolver → Caller, or UNAUTHENTICATED
 //!                                   validation → domain::TokenRequest, or INVALID_ARGUMENT
+//!                                   identity::end_user: the end user's own token (x-end-user-token), when
+//!                                   forwarded, verified and bound: user_id must be its user
+//!                                   (UNAUTHENTICATED / PERMISSION_DENIED / UNAVAILABLE otherwise)
 //!                                   the caller's deadline → DEADLINE_EXCEEDED; one audit event
 //!   ▶ stack::tokens                 tower::Service<TokenRequest, Response = IssuedToken>
 //!       ▶ policy::PolicyLayer         Cedar; deny → PERMISSION_DENIED

@@ -110,7 +110,7 @@ fn settings_from_code() -> BTreeMap<String, CodeDefault> {
     collect_settings(&defaults, "", &mut settings);
     // Optional sections: the fields serde requires, then each other field's default.
     type Parse = fn(Value) -> Option<Value>;
-    let sections: [(&str, Value, Parse); 2] = [
+    let sections: [(&str, Value, Parse); 3] = [
         ("tls", json!({"cert_file": "c", "key_file": "k"}), |v| {
             serde_json::from_value::<TlsConfig>(v)
                 .ok()
@@ -124,6 +124,16 @@ fn settings_from_code() -> BTreeMap<String, CodeDefault> {
                 serde_json::from_value::<Config>(config)
                     .ok()
                     .map(|c| serde_json::to_value(&c.rate_limits[0]).unwrap())
+            },
+        ),
+        (
+            "end_user.issuers[]",
+            json!({"issuer": "https://id.example.com", "audiences": ["app"]}),
+            |v| {
+                let config = json!({ "end_user": { "issuers": [v] } });
+                serde_json::from_value::<Config>(config)
+                    .ok()
+                    .map(|c| serde_json::to_value(&c.end_user.issuers[0]).unwrap())
             },
         ),
     ];
@@ -247,6 +257,8 @@ fn the_configuration_reference_lists_every_setting_with_the_codes_default() {
     for section in [
         "[identity]",
         "[identity.sigv4]",
+        "[end_user]",
+        "[[end_user.issuers]]",
         "[tls]",
         "[http_api]",
         "[transport]",

@@ -78,6 +78,16 @@ async fn tokens_come_from_ivs_with_each_room_routed_to_its_own_region() {
         calls[1].body
     );
 
+    // Each client is told its room's region's messaging endpoint.
+    assert_eq!(
+        west.chat_endpoint,
+        "wss://edge.ivschat.us-west-2.amazonaws.com"
+    );
+    assert_eq!(
+        eu.chat_endpoint,
+        "wss://edge.ivschat.eu-west-1.amazonaws.com"
+    );
+
     // And IVS's answer reached the caller unchanged.
     for (response, call) in [(&west, &calls[0]), (&eu, &calls[1])] {
         let stub_said = call.response.as_ref().unwrap();

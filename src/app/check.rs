@@ -12,7 +12,7 @@ use super::{key_source, policy_source};
 use crate::config::{
     Config, FailureMode, IssuerKind, LimiterBackend, LogFormat, service_link_variables,
 };
-use crate::identity::sigv4::Verifier;
+use crate::identity::{end_user, sigv4::Verifier};
 use crate::issuer::{local::KeySource, webhook::SigningSecret};
 use crate::policy::{PolicyEngine, PolicySource};
 use crate::store::redis::RedisTls;
@@ -24,7 +24,9 @@ pub fn check(config_file: Option<&Path>) -> Result<String, Vec<String>> {
     let config = Config::load(config_file).map_err(|e| vec![e.to_string()])?;
     let mut problems = Vec::new();
 
-    if let Err(e) = PolicyEngine::load(policy_source(&config.policy)) {
+    if let Err(e) =
+        PolicyEngine::load_with_claims(policy_source(&config.policy), &config.end_user.claims)
+    {
         problems.push(format!("configuration error: policy.files: {e}"));
     }
     let keys = if config.issuer == IssuerKind::Local {
@@ -49,6 +51,9 @@ pub fn check(config_file: Option<&Path>) -> Result<String, Vec<String>> {
         problems.push(format!(
             "configuration error: identity.sigv4.credentials_file: {e}"
         ));
+    }
+    if let Err(e) = end_user::Verifier::new(&config.end_user) {
+        problems.push(format!("configuration error: {e}"));
     }
     if let Some(tls) = &config.tls
         && let Err(e) = Tls::load(tls)
@@ -149,6 +154,24 @@ fn summary(config: &Config, config_file: Option<&Path>, keys: Option<&str>) -> S
         "identity",
         format!("sources [{}]; {anonymous}", sources.join(", ")),
     );
+
+    let end_users = &config.end_user;
+    let end_users = if end_users.issuers.is_empty() {
+        format!("no issuers: a request with {} is refused", end_users.header)
+    } else {
+        let issuers: Vec<&str> = end_users
+            .issuers
+            .iter()
+            .map(|issuer| issuer.issuer.as_str())
+            .collect();
+        format!(
+            "tokens in {} from {}; policies see claims [{}]",
+            end_users.header,
+            issuers.join(", "),
+            end_users.claims.join(", ")
+        )
+    };
+    line(&mut out, "end users", end_users);
 
     let policy = match policy_source(&config.policy) {
         PolicySource::Development => {

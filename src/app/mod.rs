@@ -26,6 +26,7 @@ use crate::domain::{
 use crate::door::{Door, MessagingDoor, ModerationDoor};
 use crate::identity::{
     Resolver,
+    end_user::{self, VerifierError},
     sigv4::{CredentialsError, Verifier},
 };
 use crate::issuer::{
@@ -110,6 +111,9 @@ pub enum StartError {
     /// The SigV4 credentials file does not load (`identity.sigv4.credentials_file`).
     #[error("configuration error: identity.sigv4.credentials_file: {0}")]
     Sigv4(#[from] CredentialsError),
+    /// The end-user verifier cannot be built: a JWK set file does not load, or no HTTPS client.
+    #[error("configuration error: {0}")]
+    EndUser(#[from] VerifierError),
     /// The TLS files do not load.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -212,7 +216,12 @@ where
             let tokens = stack::tokens(
                 &parts,
                 Upstream::default(),
-                LocalIssuer::new(keys.clone(), settings.token_ttl),
+                LocalIssuer::new(keys.clone(), settings.token_ttl).with_chat_endpoint(
+                    settings
+                        .chat_endpoint
+                        .as_ref()
+                        .map(|endpoint| endpoint.as_str().to_owned()),
+                ),
             );
             let moderation = Moderation {
                 stack: stack::moderation(&parts, None, moderator),
@@ -267,6 +276,7 @@ fn finish(
     backend: Backend,
 ) -> Result<App, StartError> {
     let identity = identity(&config.identity, config.reload_interval)?;
+    let end_user = end_user_verifier(config)?;
     let moderation = moderation.map(|moderation| {
         ModerationDoor::new(
             identity.clone(),
@@ -278,7 +288,7 @@ fn finish(
     });
     let messaging = messaging.map(|stack| MessagingDoor::new(identity.clone(), issuer, stack));
     Ok(App {
-        door: Door::new(identity, issuer, tokens),
+        door: Door::new(identity, end_user, issuer, tokens),
         moderation,
         messaging,
         readiness: backend.readiness(),
@@ -319,6 +329,14 @@ pub fn reloaded_on_hangup(config: &Config) -> Vec<&'static str> {
             config.issuer == IssuerKind::Local && config.messaging.signing_secret_file.is_some(),
             "the webhook's signing secret",
         ),
+        (
+            config
+                .end_user
+                .issuers
+                .iter()
+                .any(|issuer| issuer.jwks_file.is_some()),
+            "end-user JWK sets",
+        ),
     ]
     .into_iter()
     .filter_map(|(watched, what)| watched.then_some(what))
@@ -340,7 +358,10 @@ pub fn policy_source(settings: &PolicyConfig) -> PolicySource {
 /// Loads the configured policies and keeps them current: reloaded when a file changes and on SIGHUP.
 fn policy(config: &Config) -> Result<Arc<PolicyEngine>, PolicyError> {
     let source = policy_source(&config.policy);
-    let engine = Arc::new(PolicyEngine::load(source.clone())?);
+    let engine = Arc::new(PolicyEngine::load_with_claims(
+        source.clone(),
+        &config.end_user.claims,
+    )?);
     match source {
         // Off loopback only in development mode: the configuration's load refuses it otherwise.
         PolicySource::Development if config.listen_addr.ip().is_loopback() => tracing::warn!(
@@ -463,6 +484,32 @@ fn identity(settings: &IdentityConfig, interval: Duration) -> Result<Resolver, C
         },
     );
     Ok(resolver.with_sigv4(verifier))
+}
+
+/// The end-user token verifier `config.end_user` describes: its JWK set files re-read when they change
+/// and on SIGHUP, its fetched keys fetched now in the background (an identity provider that is down must
+/// not stop the service from starting).
+fn end_user_verifier(config: &Config) -> Result<Arc<end_user::Verifier>, VerifierError> {
+    let verifier = Arc::new(end_user::Verifier::new(&config.end_user)?);
+    for (path, keys) in verifier.files() {
+        let file = path.clone();
+        watch(
+            vec![path],
+            config.reload_interval,
+            move || keys.upgrade(),
+            move |keys: &Arc<end_user::jwks::IssuerKeys>, trigger| match keys.reload() {
+                Ok(count) => {
+                    tracing::info!(?trigger, file = %file.display(), keys = count, "end-user JWK set reloaded");
+                    Reload::Applied
+                }
+                Err(e) => Reload::Refused(format!(
+                    "end-user JWK set reload refused, the previous keys stay in force: {e}"
+                )),
+            },
+        );
+    }
+    verifier.prefetch();
+    Ok(verifier)
 }
 
 /// TLS as `config.tls` describes it, its files re-read when they change and on SIGHUP.

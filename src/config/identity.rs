@@ -256,7 +256,7 @@ impl IdentityConfig {
 }
 
 /// Header names as the configuration writes them: parsed (and lower-cased) at load.
-mod header_name {
+pub(super) mod header_name {
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
 
     pub fn serialize<S: Serializer>(

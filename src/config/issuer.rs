@@ -264,6 +264,51 @@ pub struct LocalIssuerConfig {
     /// Not together with `keys_file`. With neither, the service generates an ephemeral key at start-up
     /// and tokens do not survive a restart. Default: none.
     pub key: Option<Secret>,
+
+    /// Where clients connect with the tokens (the self-hosted chat server), returned with every token as
+    /// `chat_endpoint`: a `wss://`, `ws://`, `https://` or `http://` URL. Default: none (the field is
+    /// empty and clients must know where to connect).
+    pub chat_endpoint: Option<ChatEndpoint>,
+}
+
+/// Where a chat client connects: a `wss://`, `ws://`, `https://` or `http://` URL with a host, checked at
+/// load.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ChatEndpoint(String);
+
+impl ChatEndpoint {
+    /// Accepts absolute WebSocket and HTTP URLs.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let uri: http::Uri = url.parse().map_err(|_| format!("{url:?} is not a URL"))?;
+        let scheme_ok = matches!(uri.scheme_str(), Some("wss" | "ws" | "https" | "http"));
+        if scheme_ok && uri.host().is_some() {
+            Ok(ChatEndpoint(url.to_owned()))
+        } else {
+            Err(format!(
+                "{url:?} must start with wss://, ws://, https:// or http:// and name a host"
+            ))
+        }
+    }
+
+    /// The URL as configured.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ChatEndpoint {
+    type Error = String;
+
+    fn try_from(url: String) -> Result<Self, String> {
+        ChatEndpoint::parse(&url)
+    }
+}
+
+impl From<ChatEndpoint> for String {
+    fn from(url: ChatEndpoint) -> String {
+        url.0
+    }
 }
 
 impl Default for LocalIssuerConfig {
@@ -272,6 +317,7 @@ impl Default for LocalIssuerConfig {
             token_ttl: Duration::from_secs(60),
             keys_file: None,
             key: None,
+            chat_endpoint: None,
         }
     }
 }

@@ -10,6 +10,7 @@
 //! uses a loaded configuration can find a value bad. This module is data only: it builds no runtime object
 //! and starts nothing.
 
+mod end_user;
 mod identity;
 mod issuer;
 mod limiter;
@@ -37,9 +38,13 @@ use crate::domain::{
 };
 pub use crate::telemetry::LogFormat;
 
+pub use end_user::{
+    EndUserConfig, EndUserIssuer, FetchUrl, JwtAlgorithm, KeySource as EndUserKeySource,
+    MAX_ISSUERS,
+};
 pub use identity::{CertificateName, IdentityConfig, IdentitySource, Sigv4Config};
 pub use issuer::{
-    EndpointUrl, IVS_CHAT_REGIONS, IssuerKind, IvsConfig, LocalIssuerConfig, RoleArn,
+    ChatEndpoint, EndpointUrl, IVS_CHAT_REGIONS, IssuerKind, IvsConfig, LocalIssuerConfig, RoleArn,
 };
 pub use limiter::{FailureMode, LimiterBackend, LimiterConfig, RedisUrl};
 pub use messaging::{MAX_WEBHOOK_TIMEOUT, MIN_WEBHOOK_TIMEOUT, MessagingConfig};
@@ -80,8 +85,8 @@ pub struct Config {
     pub max_concurrent_calls: NonZeroUsize,
 
     /// How often the files the service reads are checked for changes (policies and entities, TLS, the
-    /// local issuer's key set, SigV4 credentials); SIGHUP reloads them all at once. Default `10s`; at
-    /// least `100ms`.
+    /// local issuer's key set, SigV4 credentials, end-user JWK set files); SIGHUP reloads them all at
+    /// once. Default `10s`; at least `100ms`.
     #[serde(with = "humantime_serde")]
     pub reload_interval: Duration,
 
@@ -94,6 +99,9 @@ pub struct Config {
 
     /// How callers are identified.
     pub identity: IdentityConfig,
+
+    /// End users' own identity tokens, which bind a request to the user they prove.
+    pub end_user: EndUserConfig,
 
     /// Which Cedar policies decide who may mint what.
     pub policy: PolicyConfig,
@@ -146,6 +154,7 @@ impl Default for Config {
             tls: None,
             log_format: LogFormat::Text,
             identity: IdentityConfig::default(),
+            end_user: EndUserConfig::default(),
             policy: PolicyConfig::default(),
             issuer: IssuerKind::Local,
             ivs: IvsConfig::default(),
@@ -362,6 +371,7 @@ impl Config {
             .check(self.listen_addr, self.tls.as_ref(), &self.http_api)?;
         self.moderation.check()?;
         self.messaging.check(self.issuer)?;
+        self.end_user.check()?;
         self.ivs.check()?;
         at_least(
             "reload_interval",

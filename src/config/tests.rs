@@ -600,3 +600,105 @@ fn redis_tls_files_need_a_rediss_url_and_come_as_a_pair() {
         assert!(reason.contains(why), "{toml}: {reason}");
     }
 }
+
+#[test]
+fn end_user_settings_are_checked_at_their_edges() {
+    let ok = |toml: &str| {
+        load_str(toml).unwrap_or_else(|e| panic!("{toml}: {e}"));
+    };
+    let refused = |toml: &str, setting: &str| {
+        let err = load_str(toml).unwrap_err().to_string();
+        assert!(err.contains(setting), "{toml}: {err}");
+    };
+    for (setting, min, max, below, above) in [
+        ("leeway", "0s", "5m", None, Some("301s")),
+        ("jwks_max_age", "1m", "24h", Some("59s"), Some("86401s")),
+        (
+            "jwks_min_refresh_interval",
+            "1s",
+            "1h",
+            Some("999ms"),
+            Some("3601s"),
+        ),
+        ("fetch_timeout", "100ms", "30s", Some("99ms"), Some("31s")),
+    ] {
+        ok(&format!("[end_user]\n{setting} = \"{min}\""));
+        ok(&format!("[end_user]\n{setting} = \"{max}\""));
+        for bad in [below, above].into_iter().flatten() {
+            refused(
+                &format!("[end_user]\n{setting} = \"{bad}\""),
+                &format!("end_user.{setting}"),
+            );
+        }
+    }
+    for (setting, min, max) in [("max_jwks_bytes", 1024, 1048576), ("max_keys", 1, 100)] {
+        ok(&format!("[end_user]\n{setting} = {min}"));
+        ok(&format!("[end_user]\n{setting} = {max}"));
+        refused(
+            &format!("[end_user]\n{setting} = {}", min - 1),
+            &format!("end_user.{setting}"),
+        );
+        refused(
+            &format!("[end_user]\n{setting} = {}", max + 1),
+            &format!("end_user.{setting}"),
+        );
+    }
+    let sixteen: Vec<String> = (0..16).map(|i| format!("\"c{i}\"")).collect();
+    ok(&format!("[end_user]\nclaims = [{}]", sixteen.join(",")));
+    refused(
+        &format!("[end_user]\nclaims = [{}, \"c16\"]", sixteen.join(",")),
+        "end_user.claims",
+    );
+    refused("[end_user]\nclaims = [\"a\\\"b\"]", "end_user.claims");
+    refused("[end_user]\nclaims = [\"g\", \"g\"]", "end_user.claims");
+
+    let issuer = |fields: &str| format!("[[end_user.issuers]]\n{fields}\n");
+    ok(&issuer(
+        "issuer = \"https://id.example.com\"\naudiences = [\"app\"]",
+    ));
+    refused(
+        &issuer("issuer = \"https://id.example.com\"\naudiences = []"),
+        "end_user.issuers[0].audiences",
+    );
+    // Keys travel over https, or plain http to loopback only.
+    ok(&issuer(
+        "issuer = \"http://127.0.0.1:8080\"\naudiences = [\"app\"]",
+    ));
+    refused(
+        &issuer("issuer = \"http://id.example.com\"\naudiences = [\"app\"]"),
+        "end_user.issuers[0].issuer",
+    );
+    refused(
+        &issuer(
+            "issuer = \"x\"\naudiences = [\"app\"]\njwks_url = \"http://keys.example.com/jwks\"",
+        ),
+        "jwks_url",
+    );
+    ok(&issuer(
+        "issuer = \"not-a-url\"\naudiences = [\"app\"]\njwks_url = \"https://keys.example.com/jwks\"",
+    ));
+    refused(
+        &issuer(
+            "issuer = \"https://a\"\naudiences = [\"app\"]\njwks_url = \"https://k/j\"\njwks_file = \"/j\"",
+        ),
+        "end_user.issuers[0].jwks_file",
+    );
+    refused(
+        &issuer(
+            "issuer = \"https://a\"\naudiences = [\"app\"]\nuser_id_template = \"oidc|{email}\"",
+        ),
+        "end_user.issuers[0].user_id_template",
+    );
+    refused(
+        &issuer("issuer = \"https://a\"\naudiences = [\"app\"]\nalgorithms = [\"HS256\"]"),
+        "end_user.issuers[0].algorithms",
+    );
+    refused(
+        &format!(
+            "{}{}",
+            issuer("issuer = \"https://a\"\naudiences = [\"app\"]"),
+            issuer("issuer = \"https://a\"\naudiences = [\"other\"]")
+        ),
+        "end_user.issuers[1].issuer",
+    );
+}

@@ -48,6 +48,23 @@ pub enum Error {
     #[error("no caller identity: {0}")]
     Unauthenticated(&'static str),
 
+    /// The end user's identity token the caller forwarded is present but cannot be accepted: it is never
+    /// ignored.
+    #[error("end-user token refused: {0}")]
+    EndUserInvalid(EndUserRejection),
+
+    /// The request names a user other than the one its end-user token proves.
+    #[error("the request's user id is not the end user's its end-user token proves")]
+    EndUserMismatch,
+
+    /// The end-user token's issuer has no keys this service could load (its JWK set cannot be fetched and
+    /// none is cached): the token can be neither accepted nor refused.
+    #[error("the end-user token's issuer keys are unavailable")]
+    EndUserKeysUnavailable {
+        /// When the keys will be fetched again.
+        retry_after: Duration,
+    },
+
     /// Policy does not allow this caller to grant what it asked for.
     #[error("denied by policy")]
     PolicyDenied {
@@ -150,6 +167,9 @@ impl Error {
         match self {
             Error::InvalidArgument(_) => "invalid_argument",
             Error::Unauthenticated(_) => "unauthenticated",
+            Error::EndUserInvalid(_) => "end_user_invalid",
+            Error::EndUserMismatch => "end_user_mismatch",
+            Error::EndUserKeysUnavailable { .. } => "end_user_keys_unavailable",
             Error::PolicyDenied { .. } => "denied_by_policy",
             Error::RateLimited { .. } => "rate_limited",
             Error::Overloaded(_) => "overloaded",
@@ -334,5 +354,64 @@ impl TokenRejection {
                 | TokenRejection::Revoked
                 | TokenRejection::AlreadyUsed
         )
+    }
+}
+
+/// Why an end user's identity token was refused. Each has a word of its own (the `cause` of
+/// `END_USER_TOKEN_INVALID`), so a caller can tell an expired token from a forged one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EndUserRejection {
+    /// Not a compact JWS, or its header or payload is not JSON of the expected shape, or it is too long.
+    #[error("the end-user token is not a well-formed JWT")]
+    Malformed,
+    /// The header appears more than once.
+    #[error("the end-user token header appears more than once")]
+    Repeated,
+    /// `iss` names no configured issuer.
+    #[error("the end-user token's issuer is not one this service trusts")]
+    Issuer,
+    /// `alg` is not one the issuer is configured for (`none` and HMAC never are), or not the key's.
+    #[error("the end-user token's algorithm is not allowed for its issuer or key")]
+    Algorithm,
+    /// No key of the issuer has the token's `kid`, even after a refresh of the issuer's keys.
+    #[error("the end-user token names a key its issuer does not publish")]
+    UnknownKey,
+    /// The signature does not verify: altered or forged.
+    #[error("the end-user token's signature does not verify")]
+    Signature,
+    /// `aud` names none of the issuer's configured audiences.
+    #[error("the end-user token is not meant for this service (audience)")]
+    Audience,
+    /// Past `exp`.
+    #[error("the end-user token has expired")]
+    Expired,
+    /// Before `nbf`, or issued (`iat`) in the future.
+    #[error("the end-user token is not valid yet")]
+    NotYetValid,
+    /// Issued longer ago than the issuer's `max_token_age`.
+    #[error("the end-user token is older than its issuer's maximum token age")]
+    TooOld,
+    /// The claim that gives the user id is missing or unusable, or an exposed claim is not strings within
+    /// the bounds.
+    #[error("the end-user token lacks a usable user id or carries an unusable claim")]
+    Claim,
+}
+
+impl EndUserRejection {
+    /// The word in `google.rpc.ErrorInfo.metadata["cause"]`, audit events and metrics.
+    pub fn cause(self) -> &'static str {
+        match self {
+            EndUserRejection::Malformed => "malformed",
+            EndUserRejection::Repeated => "repeated",
+            EndUserRejection::Issuer => "issuer",
+            EndUserRejection::Algorithm => "algorithm",
+            EndUserRejection::UnknownKey => "unknown_key",
+            EndUserRejection::Signature => "signature",
+            EndUserRejection::Audience => "audience",
+            EndUserRejection::Expired => "expired",
+            EndUserRejection::NotYetValid => "not_yet_valid",
+            EndUserRejection::TooOld => "too_old",
+            EndUserRejection::Claim => "claim",
+        }
     }
 }

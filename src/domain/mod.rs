@@ -8,6 +8,7 @@
 
 pub mod action;
 pub mod caller;
+pub mod end_user;
 pub mod error;
 pub mod limit;
 pub mod messaging;
@@ -15,11 +16,14 @@ pub mod moderation;
 pub mod room;
 pub mod secret;
 pub mod token;
+pub mod user;
 
 pub use action::{Action, IVS_SIGNING_NAME};
 pub use caller::{Caller, CallerSource};
+pub use end_user::EndUser;
 pub use error::{
-    Error, ExceededLimit, FieldViolation, Overload, TimeLimit, TokenRejection, UpstreamKind,
+    EndUserRejection, Error, ExceededLimit, FieldViolation, Overload, TimeLimit, TokenRejection,
+    UpstreamKind,
 };
 pub use limit::{
     DELETE_MESSAGE_QUOTA_LIMIT_NAME, DISCONNECT_QUOTA_LIMIT_NAME, IVS_QUOTA_LIMIT_NAME, Limit,

@@ -18,11 +18,11 @@ use std::{
 };
 
 use super::caller::Caller;
+use super::end_user::EndUser;
 use super::error::{Error, FieldViolation};
 use super::room::RoomArn;
+pub use super::user::{MAX_USER_ID_CHARS, UserId};
 
-/// Longest user id IVS Chat accepts, in characters (not bytes).
-pub const MAX_USER_ID_CHARS: usize = 128;
 /// Shortest session IVS Chat accepts, in minutes.
 pub const MIN_SESSION_MINUTES: u32 = 1;
 /// Longest session IVS Chat accepts, in minutes.
@@ -48,6 +48,9 @@ pub struct TokenRequest {
     pub session_duration: Option<SessionDuration>,
     /// Application data attached to the session.
     pub attributes: Attributes,
+    /// The end user the caller proved with the user's own identity token ([`TokenRequest::bind`]); `None`
+    /// when the caller forwarded none.
+    pub end_user: Option<EndUser>,
 }
 
 /// What a front door decoded, before validation. Capabilities arrive already decoded, because each door
@@ -137,9 +140,33 @@ impl TokenRequest {
                 capabilities,
                 session_duration,
                 attributes,
+                end_user: None,
             }),
             _ => Err(Error::InvalidArgument(violations)),
         }
+    }
+
+    /// Binds this request to `end_user`, proven by their own identity token: the request must be for that
+    /// user ([`Error::EndUserMismatch`] otherwise), and the token attributes taken from the user's claims
+    /// replace what the caller sent for the same keys, within the same limits (reported under
+    /// `attributes`, named as `names` name it). Kept beside validation: it is the same kind of rule, and
+    /// both doors apply it the same way.
+    pub fn bind(mut self, end_user: EndUser, names: &FieldNames) -> Result<Self, Error> {
+        if end_user.user_id != self.user_id {
+            return Err(Error::EndUserMismatch);
+        }
+        if !end_user.attributes.is_empty() {
+            let mut merged = self.attributes.0.clone();
+            merged.extend(end_user.attributes.iter().cloned());
+            self.attributes = Attributes::parse(merged).map_err(|why| {
+                Error::InvalidArgument(vec![FieldViolation::new(
+                    names.attributes,
+                    format!("with the attributes taken from the end user's token: {why}"),
+                )])
+            })?;
+        }
+        self.end_user = Some(end_user);
+        Ok(self)
     }
 
     /// The session length that applies: the requested one, or IVS Chat's default of 60 minutes.
@@ -161,6 +188,10 @@ pub struct IssuedToken {
     pub token_expires_at: SystemTime,
     /// After this instant a session opened with the token ends.
     pub session_expires_at: SystemTime,
+    /// Where the user's chat client connects with the token: for IVS Chat the room's region's messaging
+    /// endpoint (`wss://edge.ivschat.REGION.amazonaws.com`), for the local issuer the configured chat
+    /// server; `None` when the issuer knows none.
+    pub chat_endpoint: Option<String>,
 }
 
 impl fmt::Debug for IssuedToken {
@@ -169,6 +200,7 @@ impl fmt::Debug for IssuedToken {
             .field("token", &format_args!("<{} bytes>", self.token.len()))
             .field("token_expires_at", &self.token_expires_at)
             .field("session_expires_at", &self.session_expires_at)
+            .field("chat_endpoint", &self.chat_endpoint)
             .finish()
     }
 }
@@ -192,35 +224,6 @@ pub struct TokenClaims {
     pub token_expires_at: SystemTime,
     /// After this instant a session opened with the token ends.
     pub session_expires_at: SystemTime,
-}
-
-/// The application's id for an end user: 1 to 128 characters of any UTF-8 text. Personal data.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct UserId(String);
-
-impl UserId {
-    /// Counts characters, not bytes, as IVS Chat does.
-    pub fn parse(user_id: String) -> Result<Self, String> {
-        let chars = user_id.chars().count();
-        match chars {
-            0 => Err("is required".into()),
-            1..=MAX_USER_ID_CHARS => Ok(UserId(user_id)),
-            _ => Err(format!(
-                "must be at most {MAX_USER_ID_CHARS} characters, got {chars}"
-            )),
-        }
-    }
-
-    /// The id itself. Do not log it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for UserId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "UserId(<{} chars>)", self.0.chars().count())
-    }
 }
 
 /// Something a user may do in a room beyond reading messages.
@@ -460,12 +463,6 @@ impl TestRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn user_id_debug_hides_the_id() {
-        let user = UserId::parse("alice@example.com".into()).unwrap();
-        assert_eq!(format!("{user:?}"), "UserId(<17 chars>)");
-    }
 
     #[test]
     fn attributes_debug_hides_values() {

@@ -50,8 +50,13 @@ impl token_service_server::TokenService for TokenGrpc {
             )
             .map_err(|error| status(door.refuse(None, error)))?;
         let deadline = deadline(&request);
-        let request = token_request(caller.clone(), request.into_inner())
+        let (metadata, _, message) = request.into_parts();
+        let request = token_request(caller.clone(), message)
             .map_err(|error| status(door.refuse(Some(&caller), error)))?;
+        let request = door
+            .bind(request, metadata.as_ref(), &FieldNames::PROTO, deadline)
+            .await
+            .map_err(status)?;
         let issued = door.issue(request, deadline).await.map_err(status)?;
         Ok(Response::new(token_to_proto(issued)))
     }
@@ -367,6 +372,7 @@ fn token_to_proto(issued: IssuedToken) -> CreateChatTokenResponse {
         token: issued.token,
         token_expiration_time: Some(issued.token_expires_at.into()),
         session_expiration_time: Some(issued.session_expires_at.into()),
+        chat_endpoint: issued.chat_endpoint.unwrap_or_default(),
     }
 }
 

@@ -2,8 +2,10 @@
 //! wire formats around what both share here.
 //!
 //! Every call, whichever door carried it, takes the same path: identify the caller (one
-//! [`Resolver`]), validate the request into a domain type (each door naming fields its own way), run it
-//! through the domain stack within the caller's deadline, and write one audit event. So the same request
+//! [`Resolver`]), validate the request into a domain type (each door naming fields its own way), for
+//! CreateChatToken verify the end user's own token when the caller forwards one and bind the request to
+//! that user ([`Door::bind`]), run it through the domain stack within the caller's deadline, and write one
+//! audit event. So the same request
 //! gets the same decision and the same audit event through either door, and refusals are rendered from one
 //! table ([`crate::rescue`]).
 
@@ -11,7 +13,7 @@ pub mod grpc;
 pub mod messaging;
 pub mod rest;
 
-use std::{fmt, time::Duration};
+use std::{fmt, sync::Arc, time::Duration};
 
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
@@ -20,11 +22,11 @@ use crate::domain::moderation::{
     DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MAX_TOKEN_BYTES, MIN_BAN, VERIFY_NEEDS_LOCAL_ISSUER,
 };
 use crate::domain::{
-    Action, Caller, CallerSource, Error, FieldViolation, IssuedToken, ModerationAction,
+    Action, Caller, CallerSource, Error, FieldNames, FieldViolation, IssuedToken, ModerationAction,
     ModerationOutcome, ModerationRequest, PageToken, Reason, RoomArn, TokenRejection, TokenRequest,
     UserId,
 };
-use crate::identity::Resolver;
+use crate::identity::{Resolver, end_user};
 use crate::issuer::local::LiveKeys;
 use crate::rescue::{IvsError, rescue};
 use crate::stack::{ModerationStack, TokenStack};
@@ -37,6 +39,8 @@ pub use messaging::{MessagingDoor, MessagingNames, UncheckedMessage};
 pub struct Door {
     /// Who is calling.
     identity: Resolver,
+    /// The end user behind the call, from the token the caller forwards.
+    end_user: Arc<end_user::Verifier>,
     /// The issuer's name, for audit events.
     issuer: &'static str,
     /// Policy, scope, bans, limits, issuer.
@@ -44,11 +48,17 @@ pub struct Door {
 }
 
 impl Door {
-    /// A door that identifies callers with `identity` and sends every valid request through `stack`,
-    /// whose issuer is called `issuer` in audit events.
-    pub fn new(identity: Resolver, issuer: &'static str, stack: TokenStack) -> Self {
+    /// A door that identifies callers with `identity` and their end users with `end_user`, and sends
+    /// every valid request through `stack`, whose issuer is called `issuer` in audit events.
+    pub fn new(
+        identity: Resolver,
+        end_user: Arc<end_user::Verifier>,
+        issuer: &'static str,
+        stack: TokenStack,
+    ) -> Self {
         Door {
             identity,
+            end_user,
             issuer,
             stack,
         }
@@ -57,6 +67,37 @@ impl Door {
     /// Who is calling.
     pub fn identity(&self) -> &Resolver {
         &self.identity
+    }
+
+    /// Binds `request` to the end user the token in `headers` proves, when the caller forwarded one (the
+    /// request's user must be that user); a request without one goes on unbound, for policy to judge.
+    /// Verifying gives up just before `deadline` as the stack does. Refusals are audited here.
+    pub async fn bind(
+        &self,
+        request: TokenRequest,
+        headers: &http::HeaderMap,
+        names: &FieldNames,
+        deadline: Option<CallDeadline>,
+    ) -> Result<TokenRequest, Error> {
+        let resolved = match deadline {
+            Some(deadline) => tokio::time::timeout_at(
+                deadline
+                    .at
+                    .checked_sub(DEADLINE_MARGIN)
+                    .unwrap_or(deadline.at),
+                self.end_user.resolve(headers),
+            )
+            .await
+            .unwrap_or_else(|_| Err(deadline.error())),
+            None => self.end_user.resolve(headers).await,
+        };
+        let caller = request.caller.clone();
+        let bound = match resolved {
+            Ok(Some(end_user)) => request.bind(end_user, names),
+            Ok(None) => Ok(request),
+            Err(error) => Err(error),
+        };
+        bound.map_err(|error| self.refuse(Some(&caller), error))
     }
 
     /// Records the refusal of a request that never became a [`TokenRequest`] (no identity, or invalid),
@@ -88,6 +129,9 @@ impl Door {
             capabilities = ?request.capabilities.ivs_names(),
             session_minutes = request.session_duration().minutes(),
             issuer = self.issuer,
+            // Whether the user was proven by their own token, and by whom: never the token or its claims.
+            end_user_bound = request.end_user.is_some(),
+            end_user_issuer = request.end_user.as_ref().map(|user| user.issuer.as_str()),
         );
         let issued = within(deadline, self.stack.clone(), request).await;
         audit.in_scope(|| match &issued {

@@ -368,6 +368,10 @@ async fn issue(api: &Api, request: Request<Body>) -> Result<IssuedToken, IvsErro
     };
     let request = TokenRequest::validate(caller.clone(), unchecked, &FieldNames::IVS)
         .map_err(|error| ivs_error(door.refuse(Some(&caller), error)))?;
+    let request = door
+        .bind(request, &parts.headers, &FieldNames::IVS, deadline)
+        .await
+        .map_err(ivs_error)?;
     door.issue(request, deadline).await.map_err(ivs_error)
 }
 
@@ -740,6 +744,24 @@ mod tests {
             "{session}"
         );
         assert!(response.headers().contains_key(REQUEST_ID));
+    }
+
+    #[test]
+    fn the_response_keeps_ivs_shape_without_the_chat_endpoint() {
+        let issued = IssuedToken {
+            token: "t".into(),
+            token_id: None,
+            token_expires_at: SystemTime::UNIX_EPOCH,
+            session_expires_at: SystemTime::UNIX_EPOCH,
+            chat_endpoint: Some("wss://edge.ivschat.us-west-2.amazonaws.com".into()),
+        };
+        let output = token_output(&issued);
+        let mut keys: Vec<_> = output.as_object().unwrap().keys().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["sessionExpirationTime", "token", "tokenExpirationTime"]
+        );
     }
 
     #[tokio::test]

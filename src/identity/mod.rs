@@ -24,6 +24,7 @@
 //! When no source yields an identity, the configured anonymous principal is used; without one the call is
 //! refused with UNAUTHENTICATED.
 
+pub mod end_user;
 pub mod sigv4;
 
 use std::{sync::Arc, time::SystemTime};

@@ -332,8 +332,15 @@ impl<St: LimiterStore> Issuer for IvsIssuer<St> {
                 .token
                 .ok_or_else(|| Error::Internal("IVS Chat returned no token".into()))?,
             token_id: None,
+            chat_endpoint: Some(messaging_endpoint(request.room.region())),
         })
     }
+}
+
+/// IVS Chat's Messaging API endpoint of `region`, where clients open their WebSocket with a token of a room
+/// there (IVS Chat User Guide, "Send and Receive Your First Message").
+pub fn messaging_endpoint(region: &str) -> String {
+    format!("wss://edge.ivschat.{region}.amazonaws.com")
 }
 
 impl<St: LimiterStore> Moderator for IvsIssuer<St> {

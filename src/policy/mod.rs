@@ -56,10 +56,12 @@ use std::{
 use arc_swap::ArcSwap;
 use cedar_policy::{
     Authorizer, Decision, EntityId, EntityTypeName, EntityUid, PolicyId, Request, Schema,
+    SchemaFragment,
 };
 
-use crate::domain::{Action, Error};
+use crate::domain::{Action, Error, end_user::DEFAULT_POLICY_CLAIMS};
 use load::{Loaded, load, located, uid};
+use reads::{ContextReads, Read};
 use request::cedar_context;
 
 pub use layer::PolicyLayer;
@@ -130,10 +132,19 @@ pub struct PolicyEngine {
 }
 
 impl PolicyEngine {
-    /// Loads and validates the policies of `source`; any error stops here.
+    /// Loads and validates the policies of `source`, with the end-user claims policies see by default
+    /// ([`DEFAULT_POLICY_CLAIMS`]); any error stops here.
     pub fn load(source: PolicySource) -> Result<Self, PolicyError> {
-        let (schema, _) = Schema::from_cedarschema_str(SCHEMA)
-            .map_err(|e| PolicyError(located("schema.cedarschema", SCHEMA, &e)))?;
+        Self::load_with_claims(source, &DEFAULT_POLICY_CLAIMS.map(str::to_owned))
+    }
+
+    /// Loads and validates the policies of `source`, against the schema with `end_user_claims`
+    /// (`end_user.claims`) declared as the end user's claims; any error stops here.
+    pub fn load_with_claims(
+        source: PolicySource,
+        end_user_claims: &[String],
+    ) -> Result<Self, PolicyError> {
+        let schema = schema(end_user_claims)?;
         let loaded = load(&source, &schema)?;
         Ok(PolicyEngine {
             source,
@@ -201,6 +212,7 @@ impl PolicyEngine {
             request.action().as_str(),
             request.room().as_str(),
             read(),
+            &loaded.context_reads,
         );
         let decision = loaded
             .decisions
@@ -221,43 +233,94 @@ impl PolicyEngine {
     }
 }
 
+/// The embedded schema, with `EndUserClaims` declared from the configured claim names: each an optional
+/// set of strings.
+fn schema(end_user_claims: &[String]) -> Result<Schema, PolicyError> {
+    let (base, _) = SchemaFragment::from_cedarschema_str(SCHEMA)
+        .map_err(|e| PolicyError(located("schema.cedarschema", SCHEMA, &e)))?;
+    // Names are checked at load (no quote, no backslash), so each is a valid quoted attribute name.
+    let claims: String = end_user_claims
+        .iter()
+        .map(|name| format!("\"{name}\"?: Set<String>, "))
+        .collect();
+    let declared = format!("type EndUserClaims = {{ {claims}}};");
+    let (claims, _) = SchemaFragment::from_cedarschema_str(&declared)
+        .map_err(|e| PolicyError(located("end_user.claims", &declared, &e)))?;
+    Schema::from_schema_fragments([base, claims]).map_err(|e| PolicyError(format!("schema: {e}")))
+}
+
 /// The decision cache's key: everything a decision can depend on while a policy set is loaded. The
 /// caller's id and the room ARN (they pick the principal, its ancestors and attributes, and the room's
-/// attributes), the action, and the context attributes the policies read, by name and value. Every part
-/// is length-prefixed and every value tagged with its shape, so no two requests that could be decided
-/// differently share a key.
+/// attributes), the action, and the context the policies can read (`reads`), by name and value: of a
+/// record only the attributes they read (`context.end_user.verified` reads the one attribute, not the
+/// end user's subject). Every part is length-prefixed and every value tagged with its shape, records with
+/// how many attributes follow, so no two requests that could be decided differently share a key.
 fn decision_key<'a>(
     caller: &str,
     action: &str,
     room: &str,
     context: impl Iterator<Item = &'a (&'static str, ContextValue<'a>)>,
+    reads: &ContextReads,
 ) -> String {
     let mut key = String::with_capacity(256);
-    let mut part = |part: &str| crate::key::push_part(&mut key, part);
-    part(caller);
-    part(action);
-    part(room);
+    crate::key::push_part(&mut key, caller);
+    crate::key::push_part(&mut key, action);
+    crate::key::push_part(&mut key, room);
+    let mut path = Vec::with_capacity(4);
     for (name, value) in context {
-        part(name);
-        match value {
-            ContextValue::String(s) => {
-                part("s");
-                part(s);
+        crate::key::push_part(&mut key, name);
+        path.push(*name);
+        push_value(&mut key, value, &mut path, reads);
+        path.pop();
+    }
+    key
+}
+
+/// Appends `value`, found at `path`, as far as `reads` says the policies can observe it.
+fn push_value<'a>(
+    key: &mut String,
+    value: &'a ContextValue<'a>,
+    path: &mut Vec<&'a str>,
+    reads: &ContextReads,
+) {
+    let mut part = |part: &str| crate::key::push_part(key, part);
+    match value {
+        ContextValue::String(s) => {
+            part("s");
+            part(s);
+        }
+        ContextValue::Long(n) => {
+            part("l");
+            part(itoa::Buffer::new().format(*n));
+        }
+        ContextValue::Bool(b) => part(if *b { "t" } else { "f" }),
+        ContextValue::Strings(items) => {
+            part("S");
+            part(itoa::Buffer::new().format(items.len()));
+            for item in items {
+                part(item);
             }
-            ContextValue::Long(n) => {
-                part("l");
-                part(itoa::Buffer::new().format(*n));
-            }
-            ContextValue::Strings(items) => {
-                part("S");
-                part(itoa::Buffer::new().format(items.len()));
-                for item in items {
-                    part(item);
+        }
+        ContextValue::Record(fields) => {
+            let whole = reads.read(path) == Read::Whole;
+            let mut read = Vec::with_capacity(fields.len());
+            for (name, field) in fields {
+                path.push(name);
+                if whole || reads.read(path) != Read::Nothing {
+                    read.push((*name, field));
                 }
+                path.pop();
+            }
+            part("r");
+            part(itoa::Buffer::new().format(read.len()));
+            for (name, field) in read {
+                crate::key::push_part(key, name);
+                path.push(name);
+                push_value(key, field, path, reads);
+                path.pop();
             }
         }
     }
-    key
 }
 
 impl PolicyEngine {

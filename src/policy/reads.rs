@@ -1,10 +1,12 @@
-//! Which context attributes the loaded policies can read, so a request's Cedar context holds only those.
+//! Which context attributes the loaded policies can read, so a request's Cedar context holds only those
+//! and the decision cache's key only what can change a decision.
 //!
 //! Building the context is a fixed cost of every decision (Cedar evaluates each attribute into a value),
 //! and an attribute no policy names cannot change a decision, so it is left out. The analysis is
-//! conservative: it walks each policy's JSON form, records `a` for every `context.a`, `context["a"]` and
-//! `context has a`, and any other use of `context` (compared, put in a set or record, an annotation it
-//! cannot read, a template) means every attribute is built.
+//! conservative: it walks each policy's JSON form and records the path of every chain of attribute
+//! accesses on `context`: `context.a` and `context["a"]` read `a`, `context.a.b` and `context.a has b`
+//! read `a.b` (and nothing else of `a`), `context has a` reads `a`. Any other use of `context`
+//! (compared, put in a set or record, an annotation it cannot read, a template) means everything is read.
 
 use std::collections::BTreeSet;
 
@@ -14,10 +16,21 @@ use serde_json::Value;
 /// The context attributes a policy set can observe.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum ContextReads {
-    /// Only these, by name.
-    Attributes(BTreeSet<String>),
+    /// Only these paths (`["end_user", "verified"]`), each with everything under it.
+    Paths(BTreeSet<Vec<String>>),
     /// The context as a whole: every attribute.
     All,
+}
+
+/// How much of the value at a path the policies can observe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Read {
+    /// Nothing.
+    Nothing,
+    /// Some of the record's attributes: ask again for each.
+    Part,
+    /// All of it.
+    Whole,
 }
 
 impl ContextReads {
@@ -25,28 +38,43 @@ impl ContextReads {
         if policies.templates().next().is_some() {
             return ContextReads::All;
         }
-        let mut names = BTreeSet::new();
+        let mut paths = BTreeSet::new();
         for policy in policies.policies() {
             match policy.to_json() {
-                Ok(json) if attributes(&json, &mut names) => {}
+                Ok(json) if walk(&json, &mut paths) => {}
                 _ => return ContextReads::All,
             }
         }
-        ContextReads::Attributes(names)
+        ContextReads::Paths(paths)
     }
 
-    /// Whether the context must hold `attribute`.
+    /// Whether the context must hold the top-level `attribute`.
     pub(super) fn wants(&self, attribute: &str) -> bool {
-        match self {
-            ContextReads::Attributes(names) => names.contains(attribute),
-            ContextReads::All => true,
+        self.read(&[attribute]) != Read::Nothing
+    }
+
+    /// How much of the value at `path` (from the context's top) the policies can observe.
+    pub(super) fn read(&self, path: &[&str]) -> Read {
+        let ContextReads::Paths(paths) = self else {
+            return Read::Whole;
+        };
+        let mut part = false;
+        for read in paths {
+            let common = read.iter().zip(path).take_while(|(a, b)| a == b).count();
+            if common == read.len() && common <= path.len() {
+                return Read::Whole;
+            }
+            if common == path.len() {
+                part = true;
+            }
         }
+        if part { Read::Part } else { Read::Nothing }
     }
 }
 
-/// Adds to `names` the attributes `json` (a policy in Cedar's JSON format, or part of one) reads from
-/// `context`; false when it uses `context` in any other way.
-fn attributes(json: &Value, names: &mut BTreeSet<String>) -> bool {
+/// Adds to `paths` the context paths `json` (a policy in Cedar's JSON format, or part of one) reads;
+/// false when it uses `context` in any other way.
+fn walk(json: &Value, paths: &mut BTreeSet<Vec<String>>) -> bool {
     match json {
         Value::Object(map) => {
             if is_context(json) {
@@ -55,28 +83,44 @@ fn attributes(json: &Value, names: &mut BTreeSet<String>) -> bool {
             for (key, inner) in map {
                 // `context.a` and `context["a"]` are {".": {"left": {"Var": "context"}, "attr": "a"}};
                 // `context has a` is the same under "has", and `context has a.b` has "attr": ["a", "b"].
-                if (key == "." || key == "has") && inner.get("left").is_some_and(is_context) {
-                    let attr = match inner.get("attr") {
-                        Some(Value::Array(path)) => path.first(),
-                        attr => attr,
-                    };
-                    match attr.and_then(Value::as_str) {
-                        Some(attr) => {
-                            names.insert(attr.to_owned());
-                            continue;
+                if (key == "." || key == "has")
+                    && let Some(mut path) = inner.get("left").and_then(context_path)
+                {
+                    match inner.get("attr") {
+                        Some(Value::String(attr)) => path.push(attr.clone()),
+                        Some(Value::Array(attrs)) if !attrs.is_empty() => {
+                            for attr in attrs {
+                                let Some(attr) = attr.as_str() else {
+                                    return false;
+                                };
+                                path.push(attr.to_owned());
+                            }
                         }
-                        None => return false,
+                        _ => return false,
                     }
+                    paths.insert(path);
+                    continue;
                 }
-                if !attributes(inner, names) {
+                if !walk(inner, paths) {
                     return false;
                 }
             }
             true
         }
-        Value::Array(items) => items.iter().all(|item| attributes(item, names)),
+        Value::Array(items) => items.iter().all(|item| walk(item, paths)),
         _ => true,
     }
+}
+
+/// The path of `json` when it is `context` or a chain of attribute accesses on it.
+fn context_path(json: &Value) -> Option<Vec<String>> {
+    if is_context(json) {
+        return Some(Vec::new());
+    }
+    let access = json.get(".")?;
+    let mut path = context_path(access.get("left")?)?;
+    path.push(access.get("attr")?.as_str()?.to_owned());
+    Some(path)
 }
 
 /// `{"Var": "context"}`, or anything else that names the variable.
@@ -94,8 +138,13 @@ mod tests {
         ContextReads::of(&PolicySet::from_str(text).unwrap())
     }
 
-    fn only(names: &[&str]) -> ContextReads {
-        ContextReads::Attributes(names.iter().map(|n| (*n).to_owned()).collect())
+    fn only(paths: &[&str]) -> ContextReads {
+        ContextReads::Paths(
+            paths
+                .iter()
+                .map(|path| path.split('.').map(str::to_owned).collect())
+                .collect(),
+        )
     }
 
     #[test]
@@ -115,6 +164,8 @@ mod tests {
             only(&[
                 "attributeKeys",
                 "capabilities",
+                "end_user.claims.groups",
+                "end_user.verified",
                 "eventName",
                 "reasonLength",
                 "sessionDurationInMinutes"
@@ -132,8 +183,27 @@ mod tests {
                    permit (principal, action, resource) when { context has d.e };
                    permit (principal, action, resource) when { context.f.g == 1 };"#
             ),
-            only(&["a", "b", "c", "d", "f"])
+            only(&["a", "b", "c", "d.e", "f.g"])
         );
+    }
+
+    #[test]
+    fn nested_reads_are_told_apart_from_the_whole_record() {
+        let reads = reads(
+            r#"permit (principal, action, resource) when { context.u.verified };
+               forbid (principal, action, resource) when { context.u.claims has groups };
+               forbid (principal, action, resource) when { context.w == 1 };"#,
+        );
+        assert_eq!(reads, only(&["u.verified", "u.claims.groups", "w"]));
+        assert_eq!(reads.read(&["u"]), Read::Part);
+        assert_eq!(reads.read(&["u", "verified"]), Read::Whole);
+        assert_eq!(reads.read(&["u", "subject"]), Read::Nothing);
+        assert_eq!(reads.read(&["u", "claims"]), Read::Part);
+        assert_eq!(reads.read(&["u", "claims", "groups"]), Read::Whole);
+        assert_eq!(reads.read(&["u", "claims", "roles"]), Read::Nothing);
+        assert_eq!(reads.read(&["w"]), Read::Whole);
+        assert_eq!(reads.read(&["w", "x"]), Read::Whole);
+        assert_eq!(ContextReads::All.read(&["u", "subject"]), Read::Whole);
     }
 
     #[test]

@@ -5,8 +5,8 @@ use cedar_policy::{Context, RestrictedExpression};
 
 use super::load::string;
 use crate::domain::{
-    Action, Caller, Capability, Error, MessagingAction, MessagingRequest, ModerationAction,
-    ModerationRequest, RoomArn, TokenRequest,
+    Action, Caller, Capability, EndUser, Error, MessagingAction, MessagingRequest,
+    ModerationAction, ModerationRequest, RoomArn, TokenRequest,
 };
 
 /// A request Cedar can decide: who asks to do what to which room, and the action's context.
@@ -27,19 +27,30 @@ pub trait Authorize {
 pub enum ContextValue<'a> {
     String(&'a str),
     Long(i64),
+    Bool(bool),
     /// A set of strings.
     Strings(Vec<&'a str>),
+    /// A record: its attributes, each name once.
+    Record(Vec<(&'a str, ContextValue<'a>)>),
 }
 
 impl ContextValue<'_> {
-    fn to_cedar(&self) -> RestrictedExpression {
-        match self {
+    fn to_cedar(&self) -> Result<RestrictedExpression, Error> {
+        Ok(match self {
             ContextValue::String(s) => string(s),
             ContextValue::Long(n) => RestrictedExpression::new_long(*n),
+            ContextValue::Bool(b) => RestrictedExpression::new_bool(*b),
             ContextValue::Strings(items) => {
                 RestrictedExpression::new_set(items.iter().map(|s| string(s)))
             }
-        }
+            ContextValue::Record(fields) => RestrictedExpression::new_record(
+                fields
+                    .iter()
+                    .map(|(name, value)| Ok(((*name).to_owned(), value.to_cedar()?)))
+                    .collect::<Result<Vec<_>, Error>>()?,
+            )
+            .map_err(|e| Error::Internal(format!("policy context: {e}")))?,
+        })
     }
 }
 
@@ -50,7 +61,8 @@ pub(super) fn cedar_context<'a>(
     Context::from_pairs(
         pairs
             .into_iter()
-            .map(|(name, value)| ((*name).to_owned(), value.to_cedar())),
+            .map(|(name, value)| Ok(((*name).to_owned(), value.to_cedar()?)))
+            .collect::<Result<Vec<_>, Error>>()?,
     )
     .map_err(|e| Error::Internal(format!("policy context: {e}")))
 }
@@ -87,8 +99,40 @@ impl Authorize for TokenRequest {
                 "attributesBytes",
                 ContextValue::Long(self.attributes.byte_size() as i64),
             ),
+            ("end_user", end_user(self.end_user.as_ref())),
         ]
     }
+}
+
+/// `context.end_user`: whether an end-user token bound the request, its issuer and subject (empty when
+/// none did), and the claims policies may see; claims the token lacks are absent (policies test them with
+/// `has`).
+fn end_user(user: Option<&EndUser>) -> ContextValue<'_> {
+    ContextValue::Record(vec![
+        ("verified", ContextValue::Bool(user.is_some())),
+        (
+            "issuer",
+            ContextValue::String(user.map_or("", |u| u.issuer.as_str())),
+        ),
+        (
+            "subject",
+            ContextValue::String(user.map_or("", |u| u.subject.as_str())),
+        ),
+        (
+            "claims",
+            ContextValue::Record(
+                user.into_iter()
+                    .flat_map(|u| &u.claims)
+                    .map(|(name, values)| {
+                        (
+                            name.as_str(),
+                            ContextValue::Strings(values.iter().map(String::as_str).collect()),
+                        )
+                    })
+                    .collect(),
+            ),
+        ),
+    ])
 }
 
 impl Authorize for ModerationRequest {

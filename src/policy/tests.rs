@@ -213,8 +213,16 @@ fn the_decision_cache_is_bounded() {
 
 #[test]
 fn decision_keys_are_unambiguous() {
-    use ContextValue::{Long, String as Str, Strings};
+    use ContextValue::{Bool, Long, Record, String as Str, Strings};
     let contexts: Vec<Vec<(&'static str, ContextValue)>> = vec![
+        vec![("a", Bool(true))],
+        vec![("a", Bool(false))],
+        vec![("a", Record(vec![]))],
+        vec![("a", Record(vec![("b", Bool(true))]))],
+        vec![("a", Record(vec![("b", Bool(true)), ("c", Str(""))]))],
+        vec![("a", Record(vec![("b", Record(vec![]))]))],
+        vec![("a", Record(vec![("b", Record(vec![("c", Str(""))]))]))],
+        vec![("a", Record(vec![("b", Record(vec![]))])), ("c", Str(""))],
         vec![],
         vec![("a", Str(""))],
         vec![("a", Str("1"))],
@@ -236,7 +244,13 @@ fn decision_keys_are_unambiguous() {
     ] {
         for context in &contexts {
             assert!(
-                keys.insert(decision_key(caller, action, room, context.iter())),
+                keys.insert(decision_key(
+                    caller,
+                    action,
+                    room,
+                    context.iter(),
+                    &super::reads::ContextReads::All
+                )),
                 "{caller} {action} {room} {context:?}"
             );
         }
@@ -437,13 +451,23 @@ fn every_actions_request_matches_the_schema() {
         )
         .unwrap_or_else(|e| panic!("{action}: {e}"));
     };
-    check(&|| {
-        (
-            token.room.as_str().to_owned(),
-            token.action(),
-            cedar_context(&token.context()).unwrap(),
+    let bound = test_request()
+        .user("oidc|alice")
+        .build()
+        .bind(
+            end_user("alice", &["moderators"]),
+            &crate::domain::FieldNames::PROTO,
         )
-    });
+        .unwrap();
+    for token in [&token, &bound] {
+        check(&|| {
+            (
+                token.room.as_str().to_owned(),
+                token.action(),
+                cedar_context(&token.context()).unwrap(),
+            )
+        });
+    }
     let mut seen = vec![token.action().as_str()];
     let messaging = [
         crate::domain::MessagingAction::SendEvent {
@@ -484,4 +508,78 @@ fn every_actions_request_matches_the_schema() {
     let mut all: Vec<_> = Action::ALL.iter().map(|a| a.as_str()).collect();
     all.sort();
     assert_eq!(seen, all, "every action of the schema is checked");
+}
+
+/// An end user of issuer `https://id.example.com` with subject `subject`, user id `oidc|{subject}`, in
+/// `groups`.
+fn end_user(subject: &str, groups: &[&str]) -> crate::domain::EndUser {
+    crate::domain::EndUser {
+        issuer: "https://id.example.com".into(),
+        subject: subject.into(),
+        user_id: UserId::parse(format!("oidc|{subject}")).unwrap(),
+        claims: vec![(
+            "groups".into(),
+            groups.iter().map(|g| (*g).to_owned()).collect(),
+        )],
+        attributes: Vec::new(),
+    }
+}
+
+#[test]
+fn end_user_policies_decide_on_what_they_read_and_the_key_holds_only_that() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = PolicyEngine::load(files(
+        dir.path(),
+        r#"permit (principal, action == Action::"CreateChatToken", resource)
+           when { context.end_user.verified };
+           forbid (principal, action == Action::"CreateChatToken", resource)
+           when { context.capabilities.contains("DELETE_MESSAGE") }
+           unless { context.end_user.claims has groups && context.end_user.claims.groups.contains("moderators") };"#,
+    ))
+    .unwrap();
+    let bound = |subject: &str, groups: &[&str], capabilities: &[Capability]| {
+        test_request()
+            .user(&format!("oidc|{subject}"))
+            .capabilities(capabilities)
+            .build()
+            .bind(end_user(subject, groups), &crate::domain::FieldNames::PROTO)
+            .unwrap()
+    };
+    assert!(
+        !engine.evaluate(&test_request().build()).unwrap().allowed,
+        "unbound"
+    );
+    assert!(engine.evaluate(&bound("alice", &[], &[])).unwrap().allowed);
+    let delete = [Capability::DeleteMessage];
+    assert!(
+        !engine
+            .evaluate(&bound("alice", &["viewers"], &delete))
+            .unwrap()
+            .allowed
+    );
+    assert!(
+        engine
+            .evaluate(&bound("alice", &["moderators"], &delete))
+            .unwrap()
+            .allowed
+    );
+
+    // Subjects and user ids are not read: many users, one decision each way.
+    let before = engine.cached_decisions();
+    for subject in ["bob", "carol", "dave"] {
+        assert!(
+            engine
+                .evaluate(&bound(subject, &["moderators"], &delete))
+                .unwrap()
+                .allowed
+        );
+    }
+    assert_eq!(engine.cached_decisions(), before, "decided from the cache");
+    // The groups are read: another set is another decision.
+    assert!(
+        !engine
+            .evaluate(&bound("bob", &["moderators-not"], &delete))
+            .unwrap()
+            .allowed
+    );
 }

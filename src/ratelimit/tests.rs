@@ -48,6 +48,7 @@ fn token() -> IssuedToken {
         token: "t".into(),
         token_expires_at: SystemTime::UNIX_EPOCH,
         session_expires_at: SystemTime::UNIX_EPOCH,
+        chat_endpoint: None,
     }
 }
 

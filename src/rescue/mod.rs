@@ -222,6 +222,33 @@ pub fn rescue(error: Error) -> Rescue {
             format!("no caller identity: {why}"),
         )
         .info("NO_CALLER_IDENTITY", ERROR_DOMAIN, Vec::new()),
+        // The cause tells an expired token from a forged one; the token and its claims never appear.
+        Error::EndUserInvalid(rejection) => Rescue::new(
+            Code::Unauthenticated,
+            S::FORBIDDEN,
+            "AccessDeniedException",
+            rejection.to_string(),
+        )
+        .info(
+            "END_USER_TOKEN_INVALID",
+            ERROR_DOMAIN,
+            vec![("cause", rejection.cause().to_owned())],
+        ),
+        Error::EndUserMismatch => Rescue::new(
+            Code::PermissionDenied,
+            S::FORBIDDEN,
+            "AccessDeniedException",
+            "the request's user id is not the one the end-user token proves",
+        )
+        .info("END_USER_MISMATCH", ERROR_DOMAIN, Vec::new()),
+        Error::EndUserKeysUnavailable { retry_after } => Rescue::new(
+            Code::Unavailable,
+            S::SERVICE_UNAVAILABLE,
+            "ServiceUnavailableException",
+            "the end-user token's issuer keys cannot be loaded right now; retry later",
+        )
+        .info("END_USER_KEYS_UNAVAILABLE", ERROR_DOMAIN, Vec::new())
+        .retry_after(retry_after),
         Error::PolicyDenied { policy_ids } => Rescue::new(
             Code::PermissionDenied,
             S::FORBIDDEN,

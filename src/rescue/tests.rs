@@ -313,6 +313,32 @@ fn both_doors_map_every_error_from_the_same_cases() {
             "NO_CALLER_IDENTITY",
         ),
         (
+            || Error::EndUserInvalid(crate::domain::EndUserRejection::Expired),
+            Code::Unauthenticated,
+            403,
+            "AccessDeniedException",
+            None,
+            "END_USER_TOKEN_INVALID",
+        ),
+        (
+            || Error::EndUserMismatch,
+            Code::PermissionDenied,
+            403,
+            "AccessDeniedException",
+            None,
+            "END_USER_MISMATCH",
+        ),
+        (
+            || Error::EndUserKeysUnavailable {
+                retry_after: Duration::from_millis(1_200),
+            },
+            Code::Unavailable,
+            503,
+            "ServiceUnavailableException",
+            Some("2"),
+            "END_USER_KEYS_UNAVAILABLE",
+        ),
+        (
             || Error::PolicyDenied {
                 policy_ids: vec!["p".into()],
             },
@@ -586,6 +612,9 @@ fn covered(error: &Error) {
     match error {
         Error::InvalidArgument(_)
         | Error::Unauthenticated(_)
+        | Error::EndUserInvalid(_)
+        | Error::EndUserMismatch
+        | Error::EndUserKeysUnavailable { .. }
         | Error::PolicyDenied { .. }
         | Error::RateLimited { .. }
         | Error::Overloaded { .. }

@@ -18,6 +18,8 @@
 //! | `cts.moderation.actions` | counter | {action} | `action` (`DisconnectUser`, `BanUser`, …), `result` (`ok`, `error`) |
 //! | `cts.messaging.calls` | counter | {call} | `action` (`SendEvent`, `DeleteMessage`), `backend` (`ivs`, `webhook`), `result` (`ok`, `error`) |
 //! | `cts.log.dropped_lines` | counter | {line} | |
+//! | `cts.end_user.verifications` | counter | {token} | `issuer` (a configured issuer, or `unknown`), `outcome` (`bound`, or why the token was refused: `expired`, `signature`, …, `keys_unavailable`) |
+//! | `cts.end_user.jwks.fetches` | counter | {fetch} | `issuer`, `outcome` (`ok`, `error`) |
 //!
 //! The two call durations follow the OpenTelemetry semantic conventions (v1.44: docs/rpc/rpc-metrics.md,
 //! docs/http/http-metrics.md; see `transport::trace`). Attribute values are names and codes, never keys,
@@ -66,6 +68,10 @@ pub struct Metrics {
     pub messaging_calls: Counter<u64>,
     /// Connections the server refused or closed, by reason (see `transport::listener::Closed`).
     pub connections_closed: Counter<u64>,
+    /// End-user tokens verified (bound) or refused, by issuer and outcome.
+    pub end_user_verifications: Counter<u64>,
+    /// Fetches of end-user issuers' JWK sets, by issuer and outcome.
+    pub end_user_jwks_fetches: Counter<u64>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -142,6 +148,16 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             .u64_counter("cts.connections.closed")
             .with_unit("{connection}")
             .with_description("Connections the server refused or closed, by reason")
+            .build(),
+        end_user_verifications: meter
+            .u64_counter("cts.end_user.verifications")
+            .with_unit("{token}")
+            .with_description("End-user tokens verified or refused, by issuer and outcome")
+            .build(),
+        end_user_jwks_fetches: meter
+            .u64_counter("cts.end_user.jwks.fetches")
+            .with_unit("{fetch}")
+            .with_description("Fetches of end-user issuers' JWK sets, by issuer and outcome")
             .build(),
     }
 });

@@ -1,6 +1,7 @@
 //! Test harness: starts the real server on 127.0.0.1:0 in-process and hands out real tonic clients.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod idp;
 pub mod ivs_stub;
 pub mod pki;
 pub mod redis_server;
@@ -171,6 +172,8 @@ pub fn production_policy(config: &mut Config) {
 
 pub const WEB: &str = "spiffe://cluster.local/ns/chat/sa/web";
 pub const MODERATION: &str = "spiffe://cluster.local/ns/chat/sa/moderation";
+/// The production example's end-user-facing caller: it mints only for end users proven by their tokens.
+pub const WEB_GATEWAY: &str = "spiffe://cluster.local/ns/chat/sa/web-gateway";
 pub const ACCOUNT_111_ROOM: &str = "arn:aws:ivschat:us-west-2:111111111111:room/lobby";
 pub const ACCOUNT_222_ROOM: &str = "arn:aws:ivschat:eu-west-1:222222222222:room/backstage";
 

@@ -63,6 +63,8 @@ pub struct LocalIssuer {
     keys: LiveKeys,
     /// How long a token may be used to connect; IVS Chat uses one minute.
     token_ttl: Duration,
+    /// Where clients connect with the tokens (`local_issuer.chat_endpoint`).
+    chat_endpoint: Option<String>,
 }
 
 impl LocalIssuer {
@@ -72,7 +74,14 @@ impl LocalIssuer {
         LocalIssuer {
             keys: keys.into(),
             token_ttl,
+            chat_endpoint: None,
         }
+    }
+
+    /// This issuer, answering every token with `endpoint`: the chat server clients connect to.
+    pub fn with_chat_endpoint(mut self, endpoint: Option<String>) -> Self {
+        self.chat_endpoint = endpoint;
+        self
     }
 
     fn mint(&self, request: &TokenRequest, now: SystemTime) -> Result<IssuedToken, Error> {
@@ -107,6 +116,7 @@ impl LocalIssuer {
             token_id: Some(token_id),
             token_expires_at: exp.into(),
             session_expires_at: session_expiration_time.into(),
+            chat_endpoint: self.chat_endpoint.clone(),
         })
     }
 }
