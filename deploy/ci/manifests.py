@@ -327,6 +327,15 @@ def write(root: pathlib.Path, path: str, text: str) -> None:
     target.write_text(text)
 
 
+def quantity(text: str) -> int:
+    """A Kubernetes quantity in its base unit: "512Mi" is 536870912, "1G" 1000000000."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(text[: -len(unit)]) * factor
+    return int(text)
+
+
 def stage(combination: str, dest: pathlib.Path) -> int:
     docs = render(combination)
     config_maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
@@ -351,6 +360,10 @@ def stage(combination: str, dest: pathlib.Path) -> int:
             value = re.sub(r"\$\((\w+)\)", lambda m: values.get(m.group(1), m.group(0)), var["value"])
         elif "fieldRef" in var.get("valueFrom", {}):
             value = fields[var["valueFrom"]["fieldRef"]["fieldPath"]]
+        elif "resourceFieldRef" in var.get("valueFrom", {}):
+            # The kubelet gives a resource in its base unit: bytes for memory.
+            kind, resource = var["valueFrom"]["resourceFieldRef"]["resource"].split(".")
+            value = str(quantity(container["resources"][kind][resource]))
         else:
             ref = var["valueFrom"]["secretKeyRef"]
             secrets.append(f"{ref['name']} {ref['key']} env:{var['name']}")
