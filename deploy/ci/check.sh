@@ -55,6 +55,12 @@ hadolint deploy/Dockerfile
 pinned=$(sed -n 's/^rust-version = "\(.*\)"$/\1/p' Cargo.toml)
 grep -qE "^FROM rust:${pinned//./\\.}(\.[0-9]+)?-slim-bookworm@sha256:[0-9a-f]{64} AS build$" deploy/Dockerfile \
   || fail "deploy/Dockerfile must build with Rust $pinned (Cargo.toml rust-version), pinned by digest"
+# Every base image pinned by digest, and the runtime on the build image's Debian release (its glibc).
+if grep -E '^FROM ' deploy/Dockerfile | grep -vE '@sha256:[0-9a-f]{64}|^FROM (runtime|build) ' | grep -q .; then
+  fail "every external base image in deploy/Dockerfile must be pinned by digest"
+fi
+grep -qE '^FROM debian:bookworm-[0-9]{8}-slim@sha256:[0-9a-f]{64} AS runtime$' deploy/Dockerfile \
+  || fail "deploy/Dockerfile's runtime must be a dated Debian bookworm slim, pinned by digest, as the build image"
 echo "Rust $pinned in both"
 
 step "yamllint deploy/"
