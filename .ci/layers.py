@@ -4,7 +4,7 @@
 Each top-level module of the crate has a layer (LAYERS below, the same table as the "# Layout" section of
 src/lib.rs). A file may import from a lower layer, or from its own top-level module; within one module the
 files must not import each other in a cycle. `crate::proto` (generated code) may be imported only by the
-front doors, the transport and the server. Unit tests (`#[cfg(test)]` blocks and `tests.rs` files) are not
+front doors, the transport and the server. Unit tests (`#[cfg(test)]` blocks, `tests.rs` files and `tests/` folders) are not
 checked: they may reach up to build what they test.
 
 Imports are read from `use` trees and from paths written in code (`crate::a::b::f()`), comments and
@@ -140,7 +140,7 @@ def main() -> int:
         return self_test()
     if "--src" in sys.argv:
         SRC = Path(sys.argv[sys.argv.index("--src") + 1])
-    files = {module_of(p): p for p in SRC.rglob("*.rs") if p.name != "tests.rs"}
+    files = {module_of(p): p for p in SRC.rglob("*.rs") if "tests" not in module_of(p)}
     files.pop(("main",), None)
     files.pop(("lib",), None)
     modules = set(files)

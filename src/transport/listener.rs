@@ -49,20 +49,15 @@ use tonic::transport::server::Connected;
 
 use crate::telemetry::metrics::metrics;
 
+mod first_request;
+
+use first_request::FirstRequest;
+
 /// How long the accept loop pauses when the process is out of file descriptors or memory.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// At most one log line per this long per kind of refusal or close.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
-
-/// The HTTP/2 connection preface.
-const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// An HTTP/2 frame header: length (3 bytes), type, flags, stream id (4 bytes).
-const FRAME_HEADER_BYTES: usize = 9;
-/// The HTTP/2 frame types that carry a header block, and the flag that ends one.
-const HEADERS: u8 = 0x1;
-const CONTINUATION: u8 = 0x9;
-const END_HEADERS: u8 = 0x4;
 
 /// The bounds of [`incoming`], from `[transport]`.
 #[derive(Clone, Copy, Debug)]
@@ -546,151 +541,6 @@ impl<T: Transport> AsyncRead for Conn<T> {
     }
 }
 
-/// How much of a connection's first request has arrived: enough of HTTP/2's framing, or of an HTTP/1.1
-/// head, to tell when the first call's headers are whole.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum FirstRequest {
-    /// Nothing yet.
-    Start,
-    /// This many bytes of the HTTP/2 preface.
-    Preface(usize),
-    /// This many bytes of an HTTP/2 frame header.
-    FrameHeader {
-        header: [u8; FRAME_HEADER_BYTES],
-        seen: usize,
-    },
-    /// An HTTP/2 frame's payload still to come, and whether it ends the first header block.
-    Payload {
-        remaining: usize,
-        ends_headers: bool,
-    },
-    /// An HTTP/1.1 head, and how much of its closing `\r\n\r\n` was last seen.
-    Head(usize),
-    /// The first request's headers are whole.
-    Arrived,
-}
-
-impl FirstRequest {
-    fn arrived(&self) -> bool {
-        *self == FirstRequest::Arrived
-    }
-
-    /// Reads `data`; `true` once the first request's headers are whole.
-    fn feed(&mut self, data: &[u8]) -> bool {
-        let mut data = data;
-        while !data.is_empty() && !self.arrived() {
-            data = self.step(data);
-        }
-        self.arrived()
-    }
-
-    /// Moves on by at least one byte of `data`; returns the rest.
-    fn step<'a>(&mut self, data: &'a [u8]) -> &'a [u8] {
-        match *self {
-            FirstRequest::Start => {
-                *self = if data[0] == PREFACE[0] {
-                    FirstRequest::Preface(0)
-                } else {
-                    FirstRequest::Head(0)
-                };
-                data
-            }
-            FirstRequest::Preface(seen) => {
-                if data[0] != PREFACE[seen] {
-                    // Not HTTP/2 after all (`POST …`): read what came so far as an HTTP/1.1 head.
-                    *self = FirstRequest::Head(0);
-                    self.feed(&PREFACE[..seen]);
-                    return data;
-                }
-                *self = if seen + 1 == PREFACE.len() {
-                    FirstRequest::FrameHeader {
-                        header: [0; FRAME_HEADER_BYTES],
-                        seen: 0,
-                    }
-                } else {
-                    FirstRequest::Preface(seen + 1)
-                };
-                &data[1..]
-            }
-            FirstRequest::FrameHeader { mut header, seen } => {
-                let take = (FRAME_HEADER_BYTES - seen).min(data.len());
-                header[seen..seen + take].copy_from_slice(&data[..take]);
-                *self = if seen + take < FRAME_HEADER_BYTES {
-                    FirstRequest::FrameHeader {
-                        header,
-                        seen: seen + take,
-                    }
-                } else {
-                    let length = usize::from(header[0]) << 16
-                        | usize::from(header[1]) << 8
-                        | usize::from(header[2]);
-                    let kind = header[3];
-                    let ends_headers =
-                        matches!(kind, HEADERS | CONTINUATION) && header[4] & END_HEADERS != 0;
-                    FirstRequest::Payload {
-                        remaining: length,
-                        ends_headers,
-                    }
-                    .after_payload(0)
-                };
-                &data[take..]
-            }
-            FirstRequest::Payload {
-                remaining,
-                ends_headers,
-            } => {
-                let take = remaining.min(data.len());
-                *self = FirstRequest::Payload {
-                    remaining,
-                    ends_headers,
-                }
-                .after_payload(take);
-                &data[take..]
-            }
-            FirstRequest::Head(matched) => {
-                const END: &[u8] = b"\r\n\r\n";
-                let byte = data[0];
-                let matched = if byte == END[matched] {
-                    matched + 1
-                } else if byte == b'\r' {
-                    1
-                } else {
-                    0
-                };
-                *self = if matched == END.len() {
-                    FirstRequest::Arrived
-                } else {
-                    FirstRequest::Head(matched)
-                };
-                &data[1..]
-            }
-            FirstRequest::Arrived => &data[data.len()..],
-        }
-    }
-
-    /// A frame payload with `read` more bytes of it read: the next frame, or the first request.
-    fn after_payload(self, read: usize) -> Self {
-        let FirstRequest::Payload {
-            remaining,
-            ends_headers,
-        } = self
-        else {
-            return self;
-        };
-        match remaining - read {
-            0 if ends_headers => FirstRequest::Arrived,
-            0 => FirstRequest::FrameHeader {
-                header: [0; FRAME_HEADER_BYTES],
-                seen: 0,
-            },
-            remaining => FirstRequest::Payload {
-                remaining,
-                ends_headers,
-            },
-        }
-    }
-}
-
 impl<T: Transport> AsyncWrite for Conn<T> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -730,89 +580,4 @@ impl<T: Transport> Connected for Conn<T> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_log_throttle_admits_one_line_per_period_and_counts_the_rest() {
-        let throttle = LogThrottle::new();
-        assert_eq!(throttle.admit(), Some(0), "the first line is written");
-        assert_eq!(throttle.admit(), None);
-        assert_eq!(throttle.admit(), None);
-        assert_eq!(throttle.suppressed.load(Ordering::Relaxed), 2);
-        // A later line than this thread's clock reading, stored by another thread, is no underflow.
-        throttle.last.store(u64::MAX, Ordering::Relaxed);
-        assert_eq!(throttle.admit(), None);
-    }
-
-    /// An HTTP/2 frame: header and `payload`.
-    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
-        let length = (payload.len() as u32).to_be_bytes();
-        let mut frame = vec![length[1], length[2], length[3], kind, flags, 0, 0, 0, 1];
-        frame.extend_from_slice(payload);
-        frame
-    }
-
-    #[test]
-    fn an_http2_connection_has_its_first_request_once_a_header_block_ends() {
-        let settings = frame(0x4, 0, &[0; 12]);
-        let ping = frame(0x6, 0, &[0; 8]);
-        let headers = frame(HEADERS, 0, &[1, 2, 3]);
-        let continuation = frame(CONTINUATION, END_HEADERS, &[4]);
-        let mut stream = PREFACE.to_vec();
-        for frame in [&settings, &ping, &ping, &headers] {
-            stream.extend_from_slice(frame);
-        }
-        // Byte by byte, and all at once: never before the CONTINUATION that ends the block.
-        let mut first = FirstRequest::Start;
-        for byte in &stream {
-            assert!(!first.feed(&[*byte]), "not a request yet: {first:?}");
-        }
-        for (i, byte) in continuation.iter().enumerate() {
-            assert_eq!(first.feed(&[*byte]), i == continuation.len() - 1);
-        }
-        let mut whole = FirstRequest::Start;
-        assert!(!whole.feed(&stream));
-        assert!(whole.feed(&continuation));
-
-        let mut only_preface = FirstRequest::Start;
-        assert!(!only_preface.feed(PREFACE));
-        let mut one_frame = FirstRequest::Start;
-        let mut request = PREFACE.to_vec();
-        request.extend_from_slice(&frame(HEADERS, END_HEADERS | 0x1, &[]));
-        assert!(
-            one_frame.feed(&request),
-            "an empty header block ends at once"
-        );
-    }
-
-    #[test]
-    fn an_http1_connection_has_its_first_request_once_its_head_ends() {
-        for head in [
-            &b"POST / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
-            b"PRIVATE / HTTP/1.1\r\n\r\n",
-            b"GET / HTTP/1.1\r\nA: \r\r\n\r\n",
-        ] {
-            let mut first = FirstRequest::Start;
-            assert!(!first.feed(&head[..head.len() - 1]), "{head:?}");
-            assert!(first.feed(&head[head.len() - 1..]), "{head:?}");
-            let mut bytewise = FirstRequest::Start;
-            let ends: Vec<bool> = head.iter().map(|b| bytewise.feed(&[*b])).collect();
-            assert_eq!(
-                ends.iter().position(|e| *e),
-                Some(head.len() - 1),
-                "{head:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn only_resource_exhaustion_pauses_the_accept_loop() {
-        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
-            assert!(is_out_of_resources(&io::Error::from_raw_os_error(errno)));
-        }
-        assert!(!is_out_of_resources(&io::Error::from_raw_os_error(
-            libc::ECONNABORTED
-        )));
-    }
-}
+mod tests;
