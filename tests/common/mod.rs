@@ -186,6 +186,36 @@ pub fn valid_request() -> CreateChatTokenRequest {
     }
 }
 
+/// How long a test waits for something that should happen soon before it fails: generous, because a
+/// loaded 2-core machine is slow, and finite, so a broken feature fails with a message instead of hanging.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Polls `check` every 10 ms until it gives a value; fails naming `what` after [`PATIENCE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited {PATIENCE:?} for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `future`'s output; fails naming `what` if it takes longer than [`PATIENCE`].
+pub async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, future)
+        .await
+        .unwrap_or_else(|_| panic!("waited {PATIENCE:?} for {what}"))
+}
+
 /// The real binary, started with `envs`, and the address it logged.
 pub struct Binary {
     pub child: Child,
