@@ -8,6 +8,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use tokio::time::Instant;
+
 use chat_token_service::{
     app::{self, Overrides},
     config::{Config, EndpointUrl, IssuerKind},
@@ -15,7 +17,7 @@ use chat_token_service::{
     proto::ivschat::v1::CreateChatTokenRequest,
     store::limits::MemoryStore,
 };
-use common::{Binary, TestServer, ivs_stub::IvsStub};
+use common::{Binary, TestServer, eventually, ivs_stub::IvsStub, raw::RawConnection};
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
 
@@ -208,27 +210,54 @@ async fn retries_on_500_and_throttling_stop_at_the_configured_bound() {
     assert_eq!(stub.attempts("notfound"), 1);
 }
 
+/// Deadline propagation seen from the server's side: a raw HTTP/2 call (no client timer that could end it
+/// first) with `grpc-timeout: 500m` is answered `DEADLINE_EXCEEDED` by the server within the deadline and a
+/// small margin, and the server drops its upstream call, which the stub sees.
 #[tokio::test]
 async fn a_slow_upstream_is_cut_at_the_callers_deadline() {
+    const DEADLINE: Duration = Duration::from_millis(500);
+    /// What a loaded 2-core machine may add; far below `ivs.attempt_timeout` (3 s), the next thing that
+    /// would end the call if the deadline were ignored.
+    const MARGIN: Duration = Duration::from_millis(1000);
     let stub = IvsStub::start().await;
     let server = TestServer::ivs(&stub, |_| {}).await;
-    let mut client = server.client().await;
-    let mut slow = Request::new(request(&format!("{WEST}/slow")));
-    slow.set_timeout(Duration::from_millis(300));
-    let status = client.create_chat_token(slow).await.unwrap_err();
-    // The server answers DEADLINE_EXCEEDED 5 ms before the deadline (proven exactly in the service's unit
-    // tests); on a loaded machine tonic's client may reach its own 300 ms timer first and report that as
-    // CANCELLED "Timeout expired". Either way the call ends at the deadline, not after the stub's 30 s.
-    let client_gave_up = status.code() == Code::Cancelled && status.message() == "Timeout expired";
+    let mut connection = RawConnection::open(server.addr).await;
+    let started = Instant::now();
+    let (code, message) = tokio::time::timeout(
+        DEADLINE + MARGIN,
+        connection.unary(
+            "/ivschat.v1.TokenService/CreateChatToken",
+            &[("grpc-timeout", "500m")],
+            &request(&format!("{WEST}/slow")),
+        ),
+    )
+    .await
+    .expect("the server answers by the caller's deadline");
+    let answered = started.elapsed();
+    assert_eq!(code, Code::DeadlineExceeded, "{message}");
     assert!(
-        status.code() == Code::DeadlineExceeded || client_gave_up,
-        "{status:?}"
+        answered >= DEADLINE - Duration::from_millis(50),
+        "answered {answered:?}, before the deadline"
     );
-    // The service is free for the next call.
-    client
-        .create_chat_token(request(&format!("{WEST}/lobby")))
-        .await
-        .unwrap();
+    assert_eq!(stub.attempts("slow"), 1, "the call reached the stub");
+    tokio::time::timeout_at(started + DEADLINE + MARGIN, async {
+        while stub.abandoned("slow") == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the server drops its upstream call at the deadline");
+
+    // Positive control: the same connection serves the next call.
+    let (code, message) = connection
+        .unary(
+            "/ivschat.v1.TokenService/CreateChatToken",
+            &[("grpc-timeout", "5S")],
+            &request(&format!("{WEST}/lobby")),
+        )
+        .await;
+    assert_eq!(code, Code::Ok, "{message}");
+    assert_eq!(stub.abandoned("lobby"), 0);
 }
 
 #[tokio::test]
@@ -488,9 +517,10 @@ async fn a_call_shed_for_overload_is_audited() {
         slow.set_timeout(Duration::from_secs(3));
         slow_client.create_chat_token(slow).await
     });
-    while stub.attempts("slow") == 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the slow call to reach the stub", || async {
+        (stub.attempts("slow") > 0).then_some(())
+    })
+    .await;
     // ... so the next one is shed.
     let status = binary
         .client()

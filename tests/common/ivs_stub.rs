@@ -19,7 +19,7 @@
 //! | `throttled` | 429 `ThrottlingException`, every time |
 //! | `broken` | 500, every time |
 //! | `flaky` | 500 on the first attempt, then success |
-//! | `slow` | CreateChatToken: success after 30 seconds |
+//! | `slow` | CreateChatToken: success after 30 seconds; a call its caller drops first is counted by `abandoned` |
 //! | `lag` | success after 1.5 seconds (CreateChatToken and DisconnectUser): longer than the shortest `max_call_duration`, shorter than the default `ivs.read_timeout` |
 //! | anything else | CreateChatToken: 200 with a token, expiring one minute / the session duration from now; DisconnectUser: 200 `{}`; SendEvent and DeleteMessage: 200 with a fresh `id` |
 
@@ -56,6 +56,34 @@ pub struct SeenCall {
 struct StubState {
     calls: Mutex<Vec<SeenCall>>,
     attempts: Mutex<HashMap<String, usize>>,
+    /// Room ids of the calls whose handler was dropped before it answered: the caller went away.
+    abandoned: Mutex<Vec<String>>,
+}
+
+/// Records its room id in [`StubState::abandoned`] when dropped before [`Answering::answered`]: the
+/// handler's future is dropped exactly when the server under test drops its upstream call.
+struct Answering {
+    state: Arc<StubState>,
+    room_id: String,
+    answered: bool,
+}
+
+impl Answering {
+    fn answered(mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.state
+                .abandoned
+                .lock()
+                .unwrap()
+                .push(std::mem::take(&mut self.room_id));
+        }
+    }
 }
 
 /// A running stub.
@@ -93,6 +121,18 @@ impl IvsStub {
     /// Every call received so far, in order.
     pub fn calls(&self) -> Vec<SeenCall> {
         self.state.calls.lock().unwrap().clone()
+    }
+
+    /// How many calls for room ids starting with `room_id` were dropped by their caller before the stub
+    /// answered them.
+    pub fn abandoned(&self, room_id: &str) -> usize {
+        self.state
+            .abandoned
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|id| id.starts_with(room_id))
+            .count()
     }
 
     /// How many calls were received for room ids starting with `room_id`.
@@ -332,12 +372,18 @@ async fn create_chat_token(
         Err(response) => return *response,
     };
     let room_id = room_id_of(&body);
+    let answering = Answering {
+        state: state.clone(),
+        room_id: room_id.clone(),
+        answered: false,
+    };
     if room_id.starts_with("slow") {
         tokio::time::sleep(Duration::from_secs(30)).await;
     }
     if room_id.starts_with("lag") {
         tokio::time::sleep(LAG).await;
     }
+    answering.answered();
 
     let now = SystemTime::now();
     let session = Duration::from_secs(60 * body["sessionDurationInMinutes"].as_u64().unwrap_or(60));

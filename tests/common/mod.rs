@@ -4,6 +4,7 @@
 pub mod idp;
 pub mod ivs_stub;
 pub mod pki;
+pub mod raw;
 pub mod redis_server;
 
 use std::{
