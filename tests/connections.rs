@@ -431,7 +431,7 @@ async fn out_of_file_descriptors_the_accept_loop_pauses_and_recovers() {
         .await
         .expect("and serves");
     binary.signal("-TERM");
-    let (status, log) = binary.wait();
+    let (status, log) = binary.exit().await;
     assert!(status.success());
     let pauses = log
         .iter()

@@ -387,7 +387,7 @@ async fn the_binary_takes_credentials_from_the_standard_chain() {
         .await
         .unwrap();
     binary.signal("-TERM");
-    assert_eq!(binary.wait().0.code(), Some(0));
+    assert_eq!(binary.exit().await.0.code(), Some(0));
     assert_eq!(stub.calls()[0].signed_region, "us-west-2");
 }
 
@@ -531,7 +531,7 @@ async fn a_call_shed_for_overload_is_audited() {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     slow.abort();
     binary.signal("-TERM");
-    let (_, log) = binary.wait();
+    let (_, log) = binary.exit().await;
     let shed: Vec<serde_json::Value> = log
         .iter()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())

@@ -860,7 +860,7 @@ async fn attribute_values_and_reasons_never_reach_the_log_or_errors() {
     );
     for binary in [ivs, local] {
         binary.signal("-TERM");
-        let (status, log) = binary.wait();
+        let (status, log) = binary.exit().await;
         assert_eq!(status.code(), Some(0));
         let log = log.join("\n");
         assert!(log.contains("messaging"), "the calls were logged: {log}");

@@ -64,7 +64,7 @@ async fn kubernetes_service_links_do_not_stop_start_up_and_are_named_in_a_warnin
     let mut client = binary.client().await;
     client.create_chat_token(valid_request()).await.unwrap();
     binary.signal("-TERM");
-    let (status, log) = binary.wait();
+    let (status, log) = binary.exit().await;
     assert_eq!(status.code(), Some(0));
     let warning = log
         .iter()
@@ -376,7 +376,7 @@ async fn development_mode_serves_the_trusting_defaults_on_every_address_and_says
             )
         );
         binary.signal("-TERM");
-        let (status, log) = binary.wait();
+        let (status, log) = binary.exit().await;
         assert_eq!(status.code(), Some(0));
         let warning = log
             .iter()
@@ -516,5 +516,5 @@ async fn health_speaks_mutual_tls_trusting_exactly_the_servers_certificate() {
     assert_eq!(health(&broken).status.code(), Some(2));
 
     binary.signal("-TERM");
-    assert_eq!(binary.wait().0.code(), Some(0));
+    assert_eq!(binary.exit().await.0.code(), Some(0));
 }

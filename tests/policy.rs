@@ -5,11 +5,18 @@ mod common;
 
 use std::time::Duration;
 
-use chat_token_service::{identity::IdentitySource, proto::ivschat::v1::CreateChatTokenRequest};
-use common::{
-    ACCOUNT_111_ROOM, ACCOUNT_222_ROOM, LocalKeys, MODERATION, TestServer, WEB, production_policy,
+use chat_token_service::{
+    identity::IdentitySource,
+    proto::ivschat::v1::{
+        CreateChatTokenRequest, ListBansRequest, UnbanUserRequest, VerifyChatTokenRequest,
+        moderation_service_client::ModerationServiceClient,
+    },
 };
-use tonic::{Code, Request};
+use common::{
+    ACCOUNT_111_ROOM, ACCOUNT_222_ROOM, LocalKeys, MODERATION, TestServer, WEB, allowed_by_policy,
+    production_policy,
+};
+use tonic::{Code, Request, Status};
 use tonic_types::StatusExt;
 
 const SEND: i32 = 1;
@@ -208,7 +215,7 @@ async fn policy_files_reload_while_serving_and_bad_ones_are_refused() {
             attributes: &[],
             denied_by: None,
         };
-        client.create_chat_token(request(&case)).await.is_ok()
+        allowed_by_policy(client.create_chat_token(request(&case)).await)
     };
     assert!(allowed("a").await);
     assert!(!allowed("b").await);
@@ -244,5 +251,115 @@ async fn policy_files_reload_while_serving_and_bad_ones_are_refused() {
             "reloading stopped after a bad file"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const CHAT_SERVER: &str = "spiffe://cluster.local/ns/chat/sa/chat-server";
+
+/// `message` from `caller` (the `x-caller-id` header).
+fn from<T>(caller: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("x-caller-id", caller.parse().unwrap());
+    request
+}
+
+/// `None` when `result` is allowed; the deciding policies' ids when policy denied it. Any other outcome
+/// fails the test.
+fn policy_ids<T: std::fmt::Debug>(result: Result<T, Status>) -> Option<String> {
+    match result {
+        Err(status) if status.code() == Code::PermissionDenied => {
+            let info = status.get_details_error_info().expect("ErrorInfo");
+            assert_eq!(info.reason, "POLICY_DENIED", "{status:?}");
+            Some(info.metadata["policy_ids"].clone())
+        }
+        result => {
+            assert!(allowed_by_policy(result));
+            None
+        }
+    }
+}
+
+/// The production example's rules for VerifyChatToken, ListBans and UnbanUser: only chat servers verify,
+/// only moderators list bans and unban, each in the accounts it serves. Every denial has its allowed
+/// counterpart (the same call by the right caller or in the right account).
+#[tokio::test]
+async fn the_production_example_lets_only_chat_servers_verify_and_only_moderators_list_and_unban() {
+    let keys = LocalKeys::new();
+    let mut config = keys.config();
+    production_policy(&mut config);
+    config.identity.sources = vec![IdentitySource::Header];
+    config.identity.allow_anonymous = false;
+    let server = TestServer::from_config(config).await;
+    let mut tokens = server.client().await;
+    let mut mint = async |room: &str| {
+        tokens
+            .create_chat_token(from(
+                MODERATION,
+                CreateChatTokenRequest {
+                    room_identifier: room.into(),
+                    user_id: "user-7".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+    };
+    let in_111 = mint(ACCOUNT_111_ROOM).await;
+    let in_222 = mint(ACCOUNT_222_ROOM).await;
+    let mut moderation = ModerationServiceClient::new(server.channel().await);
+
+    let verify = |token: &str| VerifyChatTokenRequest {
+        token: token.into(),
+    };
+    let verified = policy_ids(
+        moderation
+            .verify_chat_token(from(CHAT_SERVER, verify(&in_111)))
+            .await,
+    );
+    assert_eq!(
+        verified, None,
+        "a chat server verifies its account's tokens"
+    );
+    for (what, caller, token) in [
+        ("another account's token", CHAT_SERVER, &in_222),
+        ("a moderator", MODERATION, &in_111),
+        ("a web front end", WEB, &in_111),
+    ] {
+        let denied = policy_ids(
+            moderation
+                .verify_chat_token(from(caller, verify(token)))
+                .await,
+        );
+        assert_eq!(denied.as_deref(), Some(""), "VerifyChatToken by {what}");
+    }
+
+    let list = |room: &str| ListBansRequest {
+        room_identifier: room.into(),
+        ..Default::default()
+    };
+    let unban = |room: &str| UnbanUserRequest {
+        room_identifier: room.into(),
+        user_id: "user-7".into(),
+    };
+    for room in [ACCOUNT_111_ROOM, ACCOUNT_222_ROOM] {
+        let listed = policy_ids(moderation.list_bans(from(MODERATION, list(room))).await);
+        assert_eq!(listed, None, "a moderator lists bans in {room}");
+        let unbanned = policy_ids(moderation.unban_user(from(MODERATION, unban(room))).await);
+        assert_eq!(unbanned, None, "a moderator unbans in {room}");
+    }
+    let outside = "arn:aws:ivschat:us-west-2:333333333333:room/elsewhere";
+    for (what, caller, room) in [
+        ("a moderator outside its accounts", MODERATION, outside),
+        ("a web front end", WEB, ACCOUNT_111_ROOM),
+        ("a chat server", CHAT_SERVER, ACCOUNT_111_ROOM),
+    ] {
+        let listed = policy_ids(moderation.list_bans(from(caller, list(room))).await);
+        assert_eq!(listed.as_deref(), Some(""), "ListBans by {what}");
+        let unbanned = policy_ids(moderation.unban_user(from(caller, unban(room))).await);
+        assert_eq!(unbanned.as_deref(), Some(""), "UnbanUser by {what}");
     }
 }

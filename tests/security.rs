@@ -518,7 +518,7 @@ async fn a_ban_cancelled_by_its_caller_is_still_completed_and_audited() {
     assert_eq!(bans.bans.len(), 1);
     tokio::time::sleep(Duration::from_millis(200)).await;
     binary.signal("-TERM");
-    let (_, log) = binary.wait();
+    let (_, log) = binary.exit().await;
     let audited = log
         .iter()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())

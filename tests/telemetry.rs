@@ -396,7 +396,7 @@ async fn the_callers_trace_continues_through_our_server_span_and_its_children() 
     }
 
     binary.signal("-TERM");
-    let (status, log) = binary.wait();
+    let (status, log) = binary.exit().await;
     assert_eq!(status.code(), Some(0));
     let audit = log
         .iter()
@@ -428,7 +428,7 @@ async fn without_an_exporter_log_lines_still_carry_the_callers_trace_id_or_a_fre
     assert_eq!(request_id, rest_trace_id);
 
     binary.signal("-TERM");
-    let (status, log) = binary.wait();
+    let (status, log) = binary.exit().await;
     assert_eq!(status.code(), Some(0));
     let trace_ids: Vec<String> = log
         .iter()
@@ -662,7 +662,7 @@ async fn metrics_arrive_with_their_names_attributes_and_counts() {
         assert_eq!(attrs["url.scheme"], "http");
     }
     binary.signal("-TERM");
-    assert_eq!(binary.wait().0.code(), Some(0));
+    assert_eq!(binary.exit().await.0.code(), Some(0));
 }
 
 async fn calls_succeed_promptly(binary: &Binary) {
@@ -688,13 +688,13 @@ async fn an_absent_or_stalled_collector_neither_fails_nor_slows_calls() {
     let binary = exporting_binary(absent, &[]);
     calls_succeed_promptly(&binary).await;
     binary.signal("-TERM");
-    assert_eq!(binary.wait().0.code(), Some(0));
+    assert_eq!(binary.exit().await.0.code(), Some(0));
 
     let (_collector, stalled) = Collector::start(Duration::from_secs(60)).await;
     let binary = exporting_binary(stalled, &[]);
     calls_succeed_promptly(&binary).await;
     binary.signal("-TERM");
-    let (status, _) = binary.wait();
+    let (status, _) = binary.exit().await;
     assert_eq!(
         status.code(),
         Some(0),
@@ -741,7 +741,7 @@ async fn no_token_user_id_or_attribute_value_reaches_logs_or_spans() {
         })
         .await;
     binary.signal("-TERM");
-    let (_, log) = binary.wait();
+    let (_, log) = binary.exit().await;
     let log = log.join("\n");
     assert!(
         log.contains("token issued"),
@@ -845,9 +845,7 @@ async fn spans_of_one_call(
         .unwrap();
     binary.signal("-TERM");
     // The binary's last flush needs the collector, which runs on this test's runtime: wait off it.
-    let status = tokio::task::spawn_blocking(move || binary.wait().0)
-        .await
-        .unwrap();
+    let status = binary.exit().await.0;
     assert_eq!(status.code(), Some(0));
     let received = collector.received.lock().unwrap();
     received
@@ -906,7 +904,7 @@ async fn otlp_over_https_with_a_private_ca_and_a_client_certificate_over_grpc_an
         let over_http = collector.received.lock().unwrap().http_exports > http_exports;
         assert_eq!(over_http, protocol == "http/protobuf", "{protocol}");
         binary.signal("-TERM");
-        let (status, log) = binary.wait();
+        let (status, log) = binary.exit().await;
         assert_eq!(status.code(), Some(0));
         let started = log
             .iter()
@@ -981,7 +979,7 @@ async fn otlp_http_protobuf_in_plaintext_sends_traces_and_metrics_to_v1_paths() 
         })
         .await;
     binary.signal("-TERM");
-    let (status, log) = binary.wait();
+    let (status, log) = binary.exit().await;
     assert_eq!(status.code(), Some(0));
     assert!(
         log.iter().any(|l| l.contains("http/protobuf, plaintext")),

@@ -302,12 +302,65 @@ impl Binary {
         assert!(status.success());
     }
 
-    /// Waits for exit; returns the status and everything the binary logged.
-    pub fn wait(mut self) -> (std::process::ExitStatus, Vec<String>) {
-        let status = self.child.wait().unwrap();
+    /// Waits, at most [`PATIENCE`], for the binary to exit and its log to end, without blocking the
+    /// runtime (the binary may need a collector or stub served by this test's runtime to exit); returns
+    /// its status and everything it logged. A binary still running after that fails the test, and is
+    /// killed when dropped.
+    pub async fn exit(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "waited {PATIENCE:?} for the binary to exit"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
         let mut log = std::mem::take(&mut self.startup_log);
         // The reader thread ends at EOF, which follows exit.
-        log.extend(self.log.iter());
+        loop {
+            match self.log.try_recv() {
+                Ok(line) => log.push(line),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "waited {PATIENCE:?} for the binary's log to end"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        (status, log)
+    }
+
+    /// [`Binary::exit`], bounded the same way, but blocking its thread (and so a worker of the runtime):
+    /// only for tests not yet moved to `exit().await`.
+    pub fn wait(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "waited {PATIENCE:?} for the binary to exit"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut log = std::mem::take(&mut self.startup_log);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) => log.push(line),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("waited {PATIENCE:?} for the binary's log to end")
+                }
+            }
+        }
         (status, log)
     }
 }
@@ -394,4 +447,24 @@ pub async fn reflect(
         list.service.into_iter().map(|s| s.name).collect(),
         described,
     )
+}
+
+/// Whether policy allowed a call: `true` when it succeeded, `false` when refused PERMISSION_DENIED by
+/// policy (ErrorInfo `POLICY_DENIED`). Anything else (UNAVAILABLE, a dead server, a validation error)
+/// fails the test: it says nothing about policy.
+pub fn allowed_by_policy<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> bool {
+    use tonic_types::StatusExt;
+    match result {
+        Ok(_) => true,
+        Err(status) if status.code() == tonic::Code::PermissionDenied => {
+            let reason = status.get_details_error_info().map(|info| info.reason);
+            assert_eq!(
+                reason.as_deref(),
+                Some("POLICY_DENIED"),
+                "refused, but not by policy: {status:?}"
+            );
+            false
+        }
+        Err(status) => panic!("neither allowed nor denied by policy: {status:?}"),
+    }
 }
