@@ -10,13 +10,19 @@ use chat_token_service::config::{Config, TlsConfig};
 use common::{
     Binary, LocalKeys, TestServer,
     pki::{Ca, write_server_files},
+    raw::RawConnection,
     valid_request,
 };
+
+const CREATE: &str = "/ivschat.v1.TokenService/CreateChatToken";
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::{
+    Code,
+    transport::{Certificate, ClientTlsConfig, Endpoint},
+};
 
 /// Longest any test here waits for the server to act on a bound (all are well below it).
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -111,11 +117,18 @@ async fn a_silent_tcp_client_is_closed_after_the_preface_timeout_and_a_talking_o
     stalled.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
     closed_by_server(&mut stalled).await;
 
-    // A gRPC client that sends its preface at once keeps its connection past the timeout.
-    let mut client = server.client().await;
-    client.create_chat_token(valid_request()).await.unwrap();
+    // A client that sends its preface at once keeps that very connection past the timeout: two calls on
+    // one raw HTTP/2 connection (no reconnection could hide a close), 600 ms apart.
+    let mut talking = RawConnection::open(server.addr).await;
+    let (code, message) = talking.unary(CREATE, &[], &valid_request()).await;
+    assert_eq!(code, Code::Ok, "{message}");
     tokio::time::sleep(Duration::from_millis(600)).await;
-    client.create_chat_token(valid_request()).await.unwrap();
+    assert!(
+        !talking.driver.is_finished(),
+        "the server closed a talking connection"
+    );
+    let (code, message) = talking.unary(CREATE, &[], &valid_request()).await;
+    assert_eq!(code, Code::Ok, "{message}");
 }
 
 /// A TLS server config (no client certificates) with `handshake_timeout`.
@@ -226,10 +239,6 @@ async fn handshakes_over_the_cap_are_refused_at_once() {
     let mut third = TcpStream::connect(server.addr).await.unwrap();
     third.write_all(&[0x16]).await.unwrap();
     closed_by_server(&mut third).await;
-    assert!(
-        tls_client(server.addr, &server_ca).await.is_err(),
-        "no handshake place is free"
-    );
     for tcp in &mut silent {
         assert!(
             still_open_after(tcp, Duration::from_millis(100)).await,
@@ -360,15 +369,6 @@ async fn an_idle_connection_is_closed_but_not_while_a_call_is_open() {
         .expect("an idle connection is closed")
         .unwrap()
         .ok();
-
-    // A gRPC client reconnects on its next call.
-    let mut client = server.client().await;
-    client.create_chat_token(valid_request()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1800)).await;
-    client
-        .create_chat_token(valid_request())
-        .await
-        .expect("tonic reconnects after the server closed an idle connection");
 }
 
 /// CPU time (user + system) the process `pid` has used.
@@ -500,4 +500,144 @@ async fn the_server_advertises_its_stream_and_header_limits_in_settings() {
         settings.contains(&(MAX_HEADER_LIST_SIZE, 4096)),
         "{settings:?}"
     );
+}
+
+/// Opens an HTTP/2 connection with raw bytes (the client preface and an empty SETTINGS) that then never
+/// writes again: it answers no PING.
+async fn mute_h2_peer(addr: SocketAddr) -> TcpStream {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    tcp
+}
+
+/// Reads frames from `tcp` until the server closes it; how many PING frames (not acknowledgements) it
+/// sent. Panics after [`PATIENCE`].
+async fn pings_until_closed(tcp: &mut TcpStream) -> usize {
+    common::within("the server to close the connection", async {
+        let mut pings = 0;
+        loop {
+            let mut header = [0u8; 9];
+            if tcp.read_exact(&mut header).await.is_err() {
+                return pings;
+            }
+            let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+            let mut payload = vec![0u8; length];
+            if tcp.read_exact(&mut payload).await.is_err() {
+                return pings;
+            }
+            const PING: u8 = 0x6;
+            const ACK: u8 = 0x1;
+            if header[3] == PING && header[4] & ACK == 0 {
+                pings += 1;
+            }
+        }
+    })
+    .await
+}
+
+/// Keepalive (`transport.keepalive_interval` / `keepalive_timeout`): the server PINGs, and a peer that
+/// never answers is closed after the timeout, while one that answers (h2 does) keeps its connection.
+#[tokio::test]
+async fn a_peer_that_never_answers_keepalive_pings_is_closed_and_one_that_answers_is_kept() {
+    const INTERVAL: Duration = Duration::from_millis(200);
+    const TIMEOUT: Duration = Duration::from_millis(300);
+    let keys = LocalKeys::new();
+    let mut config = keys.config();
+    config.transport.keepalive_interval = INTERVAL;
+    config.transport.keepalive_timeout = TIMEOUT;
+    let server = TestServer::from_config(config).await;
+
+    let mut answering = RawConnection::open(server.addr).await;
+    let started = tokio::time::Instant::now();
+    let mut mute = mute_h2_peer(server.addr).await;
+    let pings = pings_until_closed(&mut mute).await;
+    let closed = started.elapsed();
+    assert!(pings >= 1, "the server sent no keepalive PING");
+    assert!(
+        closed >= INTERVAL + TIMEOUT - Duration::from_millis(50),
+        "closed after {closed:?}, before a PING could go unanswered"
+    );
+
+    // Positive control: the connection that answers PINGs (h2 acknowledges them) is still open, several
+    // intervals and timeouts later, and serves on.
+    tokio::time::sleep((INTERVAL + TIMEOUT) * 2).await;
+    assert!(
+        !answering.driver.is_finished(),
+        "the server closed a connection that answers its PINGs"
+    );
+    let (code, message) = answering.unary(CREATE, &[], &valid_request()).await;
+    assert_eq!(code, Code::Ok, "{message}");
+}
+
+/// `transport.max_connection_age` and `max_connection_age_grace`: at its age a connection is told GOAWAY
+/// (no new stream is accepted on it) yet a call already open keeps it for the grace period; then it is
+/// closed. Both on one raw connection, which cannot reconnect behind the test's back.
+#[tokio::test]
+async fn a_connection_is_sent_goaway_at_its_maximum_age_and_closed_after_the_grace() {
+    const AGE: Duration = Duration::from_millis(1000);
+    const GRACE: Duration = Duration::from_millis(1500);
+    let keys = LocalKeys::new();
+    let mut config = keys.config();
+    config.transport.max_connection_age = AGE;
+    config.transport.max_connection_age_grace = GRACE;
+    let server = TestServer::from_config(config).await;
+
+    let mut old = RawConnection::open(server.addr).await;
+    let opened = tokio::time::Instant::now();
+    // A call before the age is served; then one stays open (headers sent, message never).
+    let (code, message) = old.unary(CREATE, &[], &valid_request()).await;
+    assert_eq!(code, Code::Ok, "{message}");
+    let head = old.head(CREATE, &[]);
+    let (_open_response, _open_body) = old
+        .send
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(head, false)
+        .unwrap();
+
+    // GOAWAY at the age: the connection refuses new streams, but stays open for the call in grace.
+    common::eventually("GOAWAY at the connection's maximum age", || {
+        let send = old.send.clone();
+        let head = old.head(CREATE, &[]);
+        async move {
+            let refused = match send.ready().await {
+                Err(_) => true,
+                Ok(mut send) => match send.send_request(head, true) {
+                    Err(_) => true,
+                    Ok((response, _)) => response
+                        .await
+                        .is_err_and(|e| e.is_go_away() || e.is_remote()),
+                },
+            };
+            refused.then_some(())
+        }
+    })
+    .await;
+    let goaway = opened.elapsed();
+    assert!(
+        goaway >= AGE - Duration::from_millis(50),
+        "GOAWAY after {goaway:?}"
+    );
+    assert!(
+        !old.driver.is_finished(),
+        "closed at GOAWAY ({goaway:?}), before the grace period for the open call"
+    );
+    common::within("the close after max_connection_age_grace", &mut old.driver)
+        .await
+        .unwrap()
+        .ok();
+    let closed = opened.elapsed();
+    assert!(
+        closed >= AGE + GRACE - Duration::from_millis(50),
+        "closed after {closed:?}, within the grace period"
+    );
+
+    // Positive control: a new connection is served.
+    let mut fresh = RawConnection::open(server.addr).await;
+    let (code, message) = fresh.unary(CREATE, &[], &valid_request()).await;
+    assert_eq!(code, Code::Ok, "{message}");
 }
