@@ -5,9 +5,12 @@
 
 mod common;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
+
+use tokio_rustls::rustls::AlertDescription;
 
 use chat_token_service::{
+    config::CertificateName,
     config::{Config, TlsConfig},
     identity::IdentitySource,
     proto::ivschat::v1::{CreateChatTokenRequest, token_service_client::TokenServiceClient},
@@ -68,6 +71,10 @@ struct MtlsServer {
 }
 
 async fn mtls_server(keys: &LocalKeys) -> MtlsServer {
+    mtls_server_with(keys, |_| {}).await
+}
+
+async fn mtls_server_with(keys: &LocalKeys, tweak: impl FnOnce(&mut Config)) -> MtlsServer {
     let server_ca = Ca::new("server CA");
     let client_ca = Ca::new("client CA");
     let dir = tempfile::tempdir().unwrap();
@@ -82,6 +89,7 @@ async fn mtls_server(keys: &LocalKeys) -> MtlsServer {
         max_concurrent_handshakes: std::num::NonZeroUsize::new(128).unwrap(),
         max_handshakes_per_peer: std::num::NonZeroUsize::new(16).unwrap(),
     });
+    tweak(&mut config);
     MtlsServer {
         server: TestServer::from_config(config).await,
         server_ca,
@@ -125,54 +133,141 @@ async fn mtls_identifies_a_trusted_client_by_its_spiffe_uri() {
     );
 }
 
+/// With common names honoured (`identity.certificate_names` includes `cn`), a CN that looks like a
+/// SPIFFE id is refused, while a plain CN identifies its caller (the positive control: policy, not
+/// identification, refuses it).
 #[tokio::test]
 async fn a_common_name_claiming_a_spiffe_id_is_unauthenticated() {
     let keys = LocalKeys::new();
-    let mtls = mtls_server(&keys).await;
+    let mtls = mtls_server_with(&keys, |config| {
+        config.identity.certificate_names = vec![
+            CertificateName::Uri,
+            CertificateName::Dns,
+            CertificateName::Cn,
+        ];
+    })
+    .await;
+    let call = async |leaf: &Leaf| {
+        let channel = tls_channel(mtls.server.addr, &mtls.server_ca, Some(leaf))
+            .await
+            .unwrap();
+        TokenServiceClient::new(channel)
+            .create_chat_token(moderator_token())
+            .await
+    };
+
     // Signed by the trusted CA, so the handshake succeeds; only its CN claims the moderation service.
-    let impostor = mtls.client_ca.client_with_common_name(MODERATION);
-    let channel = tls_channel(mtls.server.addr, &mtls.server_ca, Some(&impostor))
-        .await
-        .unwrap();
-    let mut request = Request::new(moderator_token());
-    request
-        .metadata_mut()
-        .insert("x-caller-id", MODERATION.parse().unwrap());
-    let status = TokenServiceClient::new(channel)
-        .create_chat_token(request)
+    let status = call(&mtls.client_ca.client_with_common_name(MODERATION))
         .await
         .expect_err("a CN is not a SPIFFE id");
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+
+    // A CN without a scheme is a caller: identified, then refused by policy, which does not know it.
+    let status = call(&mtls.client_ca.client_with_common_name("moderation"))
+        .await
+        .expect_err("policy knows no caller \"moderation\"");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(
+        status.get_details_error_info().expect("ErrorInfo").reason,
+        "POLICY_DENIED"
+    );
+    // And the URI SAN still comes first.
+    call(&mtls.client_ca.client(MODERATION))
+        .await
+        .expect("the moderation service, by its URI SAN");
 }
 
 #[tokio::test]
 async fn an_untrusted_client_is_refused_at_the_handshake() {
     let keys = LocalKeys::new();
     let mtls = mtls_server(&keys).await;
+    let addr = mtls.server.addr;
 
     let stranger_ca = Ca::new("some other CA");
     let stranger = stranger_ca.client(MODERATION);
-    assert_refused_at_handshake(
-        tls_channel(mtls.server.addr, &mtls.server_ca, Some(&stranger)).await,
+    assert_eq!(
+        handshake_alert(addr, &mtls.server_ca, Some(&stranger)).await,
+        AlertDescription::UnknownCA,
+        "a certificate from an unknown CA"
+    );
+    assert_eq!(
+        handshake_alert(addr, &mtls.server_ca, None).await,
+        AlertDescription::CertificateRequired,
+        "no client certificate"
+    );
+    // Positive control: the same server serves a trusted client.
+    let channel = tls_channel(
+        addr,
+        &mtls.server_ca,
+        Some(&mtls.client_ca.client(MODERATION)),
     )
-    .await;
-    assert_refused_at_handshake(tls_channel(mtls.server.addr, &mtls.server_ca, None).await).await;
-}
-
-/// In TLS 1.3 the client's side of the handshake completes before the server has checked the client's
-/// certificate, so the server's refusal (a fatal TLS alert) may surface on connect or on the first call.
-/// Either way the service itself never sees the call.
-async fn assert_refused_at_handshake(connected: Result<Channel, tonic::transport::Error>) {
-    let Ok(channel) = connected else { return };
-    let status = TokenServiceClient::new(channel)
+    .await
+    .unwrap();
+    TokenServiceClient::new(channel)
         .create_chat_token(moderator_token())
         .await
-        .expect_err("the connection must not carry calls");
-    let detail = format!("{status:?}");
-    assert!(
-        detail.contains("received fatal alert"),
-        "expected a TLS alert from the server: {detail}"
-    );
+        .expect("a trusted client is served");
+}
+
+/// The TLS alert the server refuses a TLS 1.3 connection from `client` with. The client's side of the
+/// handshake completes before the server has checked its certificate, so the alert arrives on the first
+/// read; a connection that carries data instead, or fails otherwise, fails the test.
+async fn handshake_alert(
+    addr: std::net::SocketAddr,
+    server_ca: &Ca,
+    client: Option<&Leaf>,
+) -> AlertDescription {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(server_ca.pem().as_bytes()).unwrap())
+        .unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots);
+    let mut config = match client {
+        Some(leaf) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    common::within("the server's TLS alert", async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let error = match connector
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+        {
+            Err(error) => error,
+            Ok(mut tls) => {
+                let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+                let mut buf = [0u8; 64];
+                match tls.read(&mut buf).await {
+                    Err(error) => error,
+                    Ok(read) => {
+                        panic!("the server carried data ({read} bytes) instead of an alert")
+                    }
+                }
+            }
+        };
+        match error
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            Some(rustls::Error::AlertReceived(alert)) => *alert,
+            _ => panic!("expected a TLS alert from the server, got {error:?}"),
+        }
+    })
+    .await
 }
 
 #[tokio::test]
