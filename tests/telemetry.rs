@@ -64,14 +64,9 @@ impl TraceService for Collector {
         &self,
         request: Request<ExportTraceServiceRequest>,
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        tokio::time::sleep(self.stall).await;
-        let spans = request
-            .into_inner()
-            .resource_spans
-            .into_iter()
-            .flat_map(|r| r.scope_spans)
-            .flat_map(|s| s.spans);
-        self.received.lock().unwrap().spans.extend(spans);
+        let spans = request.into_inner().resource_spans.into_iter();
+        let spans = spans.flat_map(|r| r.scope_spans).flat_map(|s| s.spans);
+        self.keep(spans, |received| &mut received.spans).await;
         Ok(Response::new(ExportTraceServiceResponse::default()))
     }
 }
@@ -82,14 +77,11 @@ impl MetricsService for Collector {
         &self,
         request: Request<ExportMetricsServiceRequest>,
     ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
-        tokio::time::sleep(self.stall).await;
-        let metrics = request
-            .into_inner()
-            .resource_metrics
-            .into_iter()
+        let metrics = request.into_inner().resource_metrics.into_iter();
+        let metrics = metrics
             .flat_map(|r| r.scope_metrics)
             .flat_map(|s| s.metrics);
-        self.received.lock().unwrap().metrics.extend(metrics);
+        self.keep(metrics, |received| &mut received.metrics).await;
         Ok(Response::new(ExportMetricsServiceResponse::default()))
     }
 }
@@ -103,6 +95,16 @@ struct CollectorTls {
 }
 
 impl Collector {
+    /// Answers an export after the stall, keeping its `items` in the list `into` picks.
+    async fn keep<T>(
+        &self,
+        items: impl Iterator<Item = T>,
+        into: impl FnOnce(&mut Received) -> &mut Vec<T>,
+    ) {
+        tokio::time::sleep(self.stall).await;
+        into(&mut self.received.lock().unwrap()).extend(items);
+    }
+
     async fn start(stall: Duration) -> (Collector, SocketAddr) {
         Self::start_with(stall, None).await
     }
@@ -506,6 +508,39 @@ async fn rest_call(addr: SocketAddr, trace_id: &str, user: &str) -> String {
         .to_owned()
 }
 
+/// POST /CreateChatToken with a body naming `user` that does not decode (a number for the room); the
+/// status and the JSON reply.
+async fn rest_unreadable(addr: SocketAddr, user: &str) -> (u16, serde_json::Value) {
+    let connection = common::raw::RawConnection::open(addr).await;
+    let request = http::Request::post(format!("http://{addr}/CreateChatToken"))
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap();
+    let (response, mut body) = connection
+        .send
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request, false)
+        .unwrap();
+    let json = serde_json::json!({ "roomIdentifier": 7, "userId": user });
+    body.send_data(json.to_string().into(), true).unwrap();
+    common::within("the reply", async {
+        let response = response.await.unwrap();
+        let status = response.status().as_u16();
+        let mut body = response.into_body();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            bytes.extend_from_slice(&chunk);
+        }
+        (status, serde_json::from_slice(&bytes).unwrap())
+    })
+    .await
+}
+
 /// The last exported data of metric `name`, with each data point's attributes.
 fn points(received: &Received, name: &str) -> Vec<(HashMap<String, String>, f64)> {
     let Some(metric) = received.metrics.iter().rev().find(|m| m.name == name) else {
@@ -694,18 +729,35 @@ async fn an_absent_or_stalled_collector_neither_fails_nor_slows_calls() {
     let binary = exporting_binary(stalled, &[]);
     calls_succeed_promptly(&binary).await;
     binary.signal("-TERM");
+    let signalled = tokio::time::Instant::now();
     let (status, _) = binary.exit().await;
+    let took = signalled.elapsed();
     assert_eq!(
         status.code(),
         Some(0),
         "shutdown gives up flushing to a stalled collector"
     );
+    // Two flushes (traces, metrics) of at most FLUSH_TIMEOUT (2 s) each, and what exports already in
+    // flight add (about 7 s in all on an idle machine): below the collector's 60 s stall and the two
+    // flushes' 20 s at the exporter's own 10 s timeout.
+    assert!(
+        took < Duration::from_secs(12),
+        "shutdown waited {took:?} on a stalled collector"
+    );
 }
 
 #[tokio::test]
-async fn no_token_user_id_or_attribute_value_reaches_logs_or_spans() {
+async fn no_token_key_user_id_or_attribute_value_reaches_logs_spans_or_metrics() {
     let (collector, addr) = Collector::start(Duration::ZERO).await;
-    let binary = exporting_binary(addr, &[("RUST_LOG", "debug"), ("CTS_LOG_FORMAT", "json")]);
+    let key = chat_token_service::issuer::local::generate_key();
+    let binary = exporting_binary(
+        addr,
+        &[
+            ("RUST_LOG", "debug"),
+            ("CTS_LOG_FORMAT", "json"),
+            ("CTS_LOCAL_ISSUER__KEY", &key),
+        ],
+    );
     let mut client = binary.client().await;
     let user_id = "user-SECRET-7f3a";
     let attribute_value = "attr-SECRET-9b2c";
@@ -730,14 +782,30 @@ async fn no_token_user_id_or_attribute_value_reaches_logs_or_spans() {
         })
         .await
         .unwrap_err();
+    // And through the IVS HTTP API: a token, and a body it cannot read, naming the user.
+    let rest_user_id = "rest-user-SECRET-5d1e";
+    rest_create_chat_token_as(binary.addr, rest_user_id).await;
+    let (status, reply) = rest_unreadable(binary.addr, rest_user_id).await;
+    assert_eq!(status, 400, "{reply}");
+    assert_eq!(reply["reason"], "OTHER", "{reply}");
+    assert!(
+        !reply.to_string().contains(rest_user_id),
+        "the reply echoes the user id: {reply}"
+    );
 
     collector
-        .until("the spans of both calls", |r| {
-            r.spans
+        .until("the spans and metrics of every call", |r| {
+            let spans = r
+                .spans
                 .iter()
                 .filter(|s| s.name == "ivschat.v1.TokenService/CreateChatToken")
-                .count()
-                >= 2
+                .count();
+            let issued = points(r, "cts.tokens.issued")
+                .iter()
+                .map(|(_, n)| n)
+                .sum::<f64>();
+            let http = points(r, "http.server.request.duration").len();
+            spans >= 2 && issued >= 2.0 && http >= 1
         })
         .await;
     binary.signal("-TERM");
@@ -774,13 +842,22 @@ async fn no_token_user_id_or_attribute_value_reaches_logs_or_spans() {
         "no exported span {trace_id}/{span_id}"
     );
     let spans = format!("{:?}", received.spans);
+    // Every metric exported, names, attributes and all, as text.
+    let metrics = format!("{:?}", received.metrics);
+    assert!(
+        metrics.contains("cts.tokens.issued") && metrics.contains("local"),
+        "the positive control: the metrics are there, with their attributes: {metrics}"
+    );
     for (what, secret) in [
         ("token", token.as_str()),
         ("user id", user_id),
+        ("REST user id", rest_user_id),
         ("attribute value", attribute_value),
+        ("issuer key", key.as_str()),
     ] {
         assert!(!log.contains(secret), "the {what} leaked into the logs");
         assert!(!spans.contains(secret), "the {what} leaked into a span");
+        assert!(!metrics.contains(secret), "the {what} leaked into a metric");
     }
 }
 
@@ -830,6 +907,21 @@ async fn spans_of_one_call(
     trace_id: &str,
 ) -> usize {
     let binary = exporting_to(endpoint, env);
+    traced_call(&binary, trace_id).await;
+    binary.signal("-TERM");
+    // The binary's last flush needs the collector, which runs on this test's runtime: exit() awaits.
+    let status = binary.exit().await.0;
+    assert_eq!(status.code(), Some(0));
+    let received = collector.received.lock().unwrap();
+    received
+        .spans
+        .iter()
+        .filter(|s| hex(&s.trace_id) == trace_id)
+        .count()
+}
+
+/// One token call to `binary`, in the caller's trace `trace_id`.
+async fn traced_call(binary: &Binary, trace_id: &str) {
     let mut request = Request::new(valid_request());
     request.metadata_mut().insert(
         "traceparent",
@@ -843,20 +935,9 @@ async fn spans_of_one_call(
         .create_chat_token(request)
         .await
         .unwrap();
-    binary.signal("-TERM");
-    // The binary's last flush needs the collector, which runs on this test's runtime: wait off it.
-    let status = binary.exit().await.0;
-    assert_eq!(status.code(), Some(0));
-    let received = collector.received.lock().unwrap();
-    received
-        .spans
-        .iter()
-        .filter(|s| hex(&s.trace_id) == trace_id)
-        .count()
 }
 
-// Multi-threaded: the collector answers while a thread waits for a binary to exit.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test]
 async fn otlp_over_https_with_a_private_ca_and_a_client_certificate_over_grpc_and_http_protobuf() {
     let dir = tempfile::tempdir().unwrap();
     let pki = OtlpPki::new(dir.path());
@@ -880,19 +961,7 @@ async fn otlp_over_https_with_a_private_ca_and_a_client_certificate_over_grpc_an
         let mut env = tls.to_vec();
         env.push(("OTEL_EXPORTER_OTLP_PROTOCOL", protocol));
         let binary = exporting_to(&endpoint, &env);
-        let mut request = Request::new(valid_request());
-        request.metadata_mut().insert(
-            "traceparent",
-            format!("00-{trace_id}-{CALLER_SPAN_ID}-01")
-                .parse()
-                .unwrap(),
-        );
-        binary
-            .client()
-            .await
-            .create_chat_token(request)
-            .await
-            .unwrap();
+        traced_call(&binary, trace_id).await;
         collector
             .until(&format!("spans and metrics over {protocol}"), |r| {
                 r.spans.iter().any(|s| {
