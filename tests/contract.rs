@@ -360,3 +360,108 @@ fn whole_second(at: SystemTime) -> SystemTime {
     let since_epoch = at.duration_since(SystemTime::UNIX_EPOCH).unwrap();
     SystemTime::UNIX_EPOCH + Duration::from_secs(since_epoch.as_secs())
 }
+
+/// The claims format checked independently of the service's own key set: pasetors decrypts the token with
+/// the key read from the key file, checks `exp`, `nbf` and `iat` by its own rules, requires the footer to
+/// name the key by its PASERK id and the implicit assertion the docs give, and the payload holds exactly
+/// the claims docs/local-issuer.md lists, spelled as IVS Chat spells them.
+#[tokio::test]
+async fn pasetors_alone_decrypts_a_token_to_the_documented_claims() {
+    use pasetors::{
+        Local, claims::ClaimsValidationRules, footer::Footer, keys::SymmetricKey, paserk::Id,
+        token::UntrustedToken, version4::V4,
+    };
+    let Fixture { keys, server } = fixture().await;
+    let response = server
+        .client()
+        .await
+        .create_chat_token(CreateChatTokenRequest {
+            room_identifier: ROOM_ARN.into(),
+            user_id: "user-42".into(),
+            capabilities: vec![ChatTokenCapability::DisconnectUser as i32],
+            session_duration_in_minutes: Some(15),
+            attributes: [("displayName".to_string(), "Zoë".to_string())].into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let file = std::fs::read_to_string(&keys.path).unwrap();
+    let paserk = file
+        .split('"')
+        .find(|part| part.starts_with("k4.local."))
+        .expect("the key file holds a k4.local PASERK key");
+    let key = SymmetricKey::<V4>::try_from(paserk).unwrap();
+    let mut footer = Footer::new();
+    footer.key_id(&Id::from(&key));
+    let untrusted = UntrustedToken::<Local, V4>::try_from(response.token.as_str()).unwrap();
+    let trusted = pasetors::local::decrypt(
+        &key,
+        &untrusted,
+        &ClaimsValidationRules::new(),
+        Some(&footer),
+        Some(b"ivschat.v1.ChatToken"),
+    )
+    .expect("pasetors decrypts and validates the token");
+    assert!(
+        pasetors::local::decrypt(
+            &key,
+            &untrusted,
+            &ClaimsValidationRules::new(),
+            Some(&footer),
+            Some(b"another purpose"),
+        )
+        .is_err(),
+        "the token is bound to its purpose by the implicit assertion"
+    );
+
+    let claims: serde_json::Value = serde_json::from_str(trusted.payload()).unwrap();
+    let mut names: Vec<&str> = claims
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "attributes",
+            "capabilities",
+            "exp",
+            "iat",
+            "jti",
+            "nbf",
+            "roomArn",
+            "sessionExpirationTime",
+            "userId"
+        ]
+    );
+    assert_eq!(claims["roomArn"], ROOM_ARN);
+    assert_eq!(claims["userId"], "user-42");
+    assert_eq!(
+        claims["capabilities"],
+        serde_json::json!(["DISCONNECT_USER"])
+    );
+    assert_eq!(
+        claims["attributes"],
+        serde_json::json!({ "displayName": "Zoë" })
+    );
+    let time = |name: &str| {
+        humantime::parse_rfc3339(claims[name].as_str().unwrap())
+            .unwrap_or_else(|e| panic!("{name} is RFC 3339: {e}"))
+    };
+    assert_eq!(
+        time("exp"),
+        SystemTime::try_from(response.token_expiration_time.unwrap()).unwrap()
+    );
+    assert_eq!(
+        time("sessionExpirationTime"),
+        SystemTime::try_from(response.session_expiration_time.unwrap()).unwrap()
+    );
+    assert_eq!(
+        time("exp").duration_since(time("nbf")).unwrap(),
+        Duration::from_secs(60)
+    );
+    assert!(!claims["jti"].as_str().unwrap().is_empty());
+}
