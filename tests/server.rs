@@ -11,7 +11,10 @@ use chat_token_service::{
     issuer::{Issuer, local::LocalIssuer},
 };
 use common::{Binary, LocalKeys, TestServer, allowed_by_policy, reflect, valid_request};
-use tokio::sync::Notify;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::Notify,
+};
 use tokio_stream::StreamExt;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -619,53 +622,145 @@ async fn a_key_rotated_on_disk_is_used_after_sighup_while_tokens_of_the_old_key_
     );
 }
 
-/// A raw HTTP/2 connection to `addr` (h2c prior knowledge) and its driver, polled until the server's
-/// SETTINGS have arrived.
-async fn raw_h2(
-    addr: SocketAddr,
-) -> (
-    h2::client::SendRequest<bytes::Bytes>,
-    h2::client::Connection<tokio::net::TcpStream, bytes::Bytes>,
-) {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (send, mut connection) = h2::client::handshake(tcp).await.unwrap();
-    // The server's SETTINGS arrive with its preface; drive the connection briefly to read them.
-    let _ = tokio::time::timeout(Duration::from_millis(300), &mut connection).await;
-    (send, connection)
+/// An HTTP/2 frame: its 9-byte header and `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = u32::try_from(payload.len()).unwrap().to_be_bytes()[1..].to_vec();
+    frame.extend_from_slice(&[kind, flags]);
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
 }
 
+/// An HPACK string literal (no Huffman coding), for strings under 127 bytes.
+fn hpack_string(text: &str) -> Vec<u8> {
+    let mut out = vec![u8::try_from(text.len()).unwrap()];
+    assert!(out[0] < 0x7f);
+    out.extend_from_slice(text.as_bytes());
+    out
+}
+
+/// The header block of a gRPC CreateChatToken call, every field literal without indexing (so each frame
+/// stands alone, whatever the server's dynamic table holds).
+fn create_chat_token_headers(authority: &str) -> Vec<u8> {
+    let mut block = vec![0x83, 0x86]; // :method POST, :scheme http (static table 3 and 6)
+    block.push(0x04); // :path (static name 4), literal value
+    block.extend(hpack_string("/ivschat.v1.TokenService/CreateChatToken"));
+    block.push(0x01); // :authority (static name 1)
+    block.extend(hpack_string(authority));
+    block.extend([0x0f, 0x10]); // content-type (static name 31)
+    block.extend(hpack_string("application/grpc"));
+    block.push(0x00); // a new name: te
+    block.extend(hpack_string("te"));
+    block.extend(hpack_string("trailers"));
+    block
+}
+
+/// 1,100 streams opened with raw HEADERS frames on one connection, each without its request message, so
+/// no client library can queue or drop any: the server takes the 128 it advertises, refuses each of the
+/// other 972 with RST_STREAM REFUSED_STREAM (below the 1,024 local resets that would end the connection),
+/// and another caller is served meanwhile.
 #[tokio::test]
 async fn eleven_hundred_header_only_streams_on_one_connection_do_not_shut_out_another_caller() {
+    const STREAMS: u32 = 1_100;
+    const ADVERTISED: u32 = 128;
+    const SETTINGS: u8 = 0x4;
+    const HEADERS: u8 = 0x1;
+    const RST_STREAM: u8 = 0x3;
+    const GOAWAY: u8 = 0x7;
+    const END_HEADERS: u8 = 0x4;
+    const ACK: u8 = 0x1;
+    const REFUSED_STREAM: u32 = 0x7;
     let server = TestServer::from_config(LocalKeys::new().config()).await;
-    let (flood, connection) = raw_h2(server.addr).await;
-    let driver = tokio::spawn(connection);
-    // Each stream sends its headers and never its request message.
-    let mut streams = Vec::new();
-    for _ in 0..1_100 {
-        let request = http::Request::post(format!(
-            "http://{}/ivschat.v1.TokenService/CreateChatToken",
-            server.addr
-        ))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut read, mut write) = tcp.into_split();
+    write
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
         .unwrap();
-        match tokio::time::timeout(Duration::from_millis(50), flood.clone().ready()).await {
-            Ok(Ok(mut ready)) => {
-                let (response, body) = ready.send_request(request, false).unwrap();
-                streams.push((response, body));
+    write
+        .write_all(&h2_frame(SETTINGS, 0, 0, &[]))
+        .await
+        .unwrap();
+
+    // Every frame the server sends: (type, flags, stream, payload).
+    let (frames_tx, mut frames) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let mut header = [0u8; 9];
+            if read.read_exact(&mut header).await.is_err() {
+                return;
             }
-            // h2 queues streams past the server's limit; the queue is what the server refuses to see.
-            _ => break,
+            let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+            let stream =
+                u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; length];
+            if read.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            if frames_tx
+                .send((header[3], header[4], stream, payload))
+                .is_err()
+            {
+                return;
+            }
         }
+    });
+    let (kind, flags, _, advertised) = common::within("the server's SETTINGS", frames.recv())
+        .await
+        .unwrap();
+    assert_eq!((kind, flags), (SETTINGS, 0));
+    assert!(
+        advertised
+            .chunks_exact(6)
+            .any(|s| s[..2] == [0, 3] && s[2..] == ADVERTISED.to_be_bytes()),
+        "the server advertises {ADVERTISED} concurrent streams"
+    );
+    let mut flood = h2_frame(SETTINGS, ACK, 0, &[]);
+    let block = create_chat_token_headers(&server.addr.to_string());
+    for stream in (0..STREAMS).map(|n| 2 * n + 1) {
+        flood.extend(h2_frame(HEADERS, END_HEADERS, stream, &block));
     }
-    let mut client = server.client().await;
-    client
+    write.write_all(&flood).await.unwrap();
+
+    // Another caller is served while the flood holds its streams.
+    server
+        .client()
+        .await
         .create_chat_token(valid_request())
         .await
         .expect("another caller is served while the flood holds its streams");
-    drop(streams);
-    driver.abort();
+
+    let mut refused = std::collections::BTreeSet::new();
+    common::within(
+        "a REFUSED_STREAM for every stream past the advertised limit",
+        async {
+            while refused.len() < (STREAMS - ADVERTISED) as usize {
+                let (kind, _, stream, payload) =
+                    frames.recv().await.expect("the connection stays open");
+                assert_ne!(kind, GOAWAY, "the server ended the connection: {payload:?}");
+                assert_ne!(
+                    kind, HEADERS,
+                    "stream {stream} was answered without its message"
+                );
+                if kind == RST_STREAM {
+                    assert_eq!(
+                        u32::from_be_bytes(payload[..4].try_into().unwrap()),
+                        REFUSED_STREAM,
+                        "stream {stream}"
+                    );
+                    refused.insert(stream);
+                }
+            }
+        },
+    )
+    .await;
+    let first_refused = 2 * ADVERTISED + 1;
+    assert_eq!(
+        refused.first().copied(),
+        Some(first_refused),
+        "the first {ADVERTISED} streams are taken, the rest refused"
+    );
+    assert_eq!(refused.last().copied(), Some(2 * STREAMS - 1));
 }
 
 /// `grpc.reflection.v1.ServerReflectionRequest` with only its `host` (field 1) set.
