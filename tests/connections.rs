@@ -73,10 +73,12 @@ async fn header_only_streams_on_many_connections_take_no_call_slots() {
     // 4 connections × 32 streams that send their headers and never their request message: 8 times the
     // cap of calls in flight.
     let mut connections = Vec::new();
+    let mut pings = Vec::new();
     let mut streams = Vec::new();
     for _ in 0..4 {
         let tcp = TcpStream::connect(server.addr).await.unwrap();
-        let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+        let (send, mut connection) = h2::client::handshake(tcp).await.unwrap();
+        pings.push(connection.ping_pong().unwrap());
         connections.push(tokio::spawn(connection));
         for _ in 0..32 {
             let mut send = send.clone().ready().await.unwrap();
@@ -86,8 +88,12 @@ async fn header_only_streams_on_many_connections_take_no_call_slots() {
             );
         }
     }
-    // Let the server see every stream.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The server has read every stream's headers once it answers a PING sent after them.
+    for ping in &mut pings {
+        common::within("the PING's answer", ping.ping(h2::Ping::opaque()))
+            .await
+            .unwrap();
+    }
 
     let mut client = server.client().await;
     for _ in 0..20 {
@@ -247,10 +253,11 @@ async fn handshakes_over_the_cap_are_refused_at_once() {
     }
 
     drop(silent);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    tls_client(server.addr, &server_ca)
-        .await
-        .expect("served once the silent handshakes are gone");
+    common::eventually(
+        "a TLS client served once the stalled handshakes are gone",
+        || async { tls_client(server.addr, &server_ca).await.ok() },
+    )
+    .await;
 }
 
 /// A TCP connection to `addr` from `source`, a loopback address of its own (`127.0.0.2`, …), so the
@@ -330,12 +337,22 @@ async fn connections_over_max_connections_are_closed_at_once() {
 
     drop(first);
     drop(second);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut client = server.client().await;
-    client
-        .create_chat_token(valid_request())
-        .await
-        .expect("served once connections are closed");
+    common::eventually("a call served once connections are closed", || async {
+        let connection = TcpStream::connect(server.addr).await.ok()?;
+        // A connection the server still counts against the cap is closed at once: retried.
+        let (send, driver) = h2::client::handshake(connection).await.ok()?;
+        let driver = tokio::spawn(async move { driver.await.ok() });
+        let mut raw = send.ready().await.ok()?;
+        let (response, mut body) = raw
+            .send_request(header_only_token_call(server.addr), false)
+            .ok()?;
+        body.send_data(common::raw::frame(&valid_request()), true)
+            .ok()?;
+        let response = response.await.ok()?;
+        driver.abort();
+        (response.status() == 200).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -412,21 +429,18 @@ async fn out_of_file_descriptors_the_accept_loop_pauses_and_recovers() {
     );
 
     drop(held);
-    let mut client = None;
-    for _ in 0..50 {
-        if let Ok(connected) =
+    let mut client = common::eventually(
+        "the binary to accept again once descriptors are free",
+        || async {
             chat_token_service::proto::ivschat::v1::token_service_client::TokenServiceClient::connect(
                 format!("http://{}", binary.addr),
             )
             .await
-        {
-            client = Some(connected);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            .ok()
+        },
+    )
+    .await;
     client
-        .expect("the binary accepts again once descriptors are free")
         .create_chat_token(valid_request())
         .await
         .expect("and serves");
