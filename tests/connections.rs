@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::PATIENCE;
+
 use std::{net::SocketAddr, num::NonZeroUsize, sync::Arc, time::Duration};
 
 use chat_token_service::config::{Config, TlsConfig};
@@ -23,9 +25,6 @@ use tonic::{
     Code,
     transport::{Certificate, ClientTlsConfig, Endpoint},
 };
-
-/// Longest any test here waits for the server to act on a bound (all are well below it).
-const PATIENCE: Duration = Duration::from_secs(10);
 
 /// Waits for the server to close `tcp`: end of stream or a reset. Panics after [`PATIENCE`].
 async fn closed_by_server(tcp: &mut TcpStream) {

@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::PATIENCE;
+
 use std::{
     net::SocketAddr,
     num::NonZeroUsize,
@@ -36,9 +38,6 @@ use tokio::{
 };
 use tonic::{Code, Request, Status, transport::Channel};
 use tonic_types::StatusExt;
-
-/// Longest any test here waits for the server to act (all bounds under test are well below it).
-const PATIENCE: Duration = Duration::from_secs(10);
 
 const CHAT_SERVER: &str = "spiffe://cluster.local/ns/chat/sa/chat-server";
 const STRANGER: &str = "spiffe://cluster.local/ns/chat/sa/stranger";
