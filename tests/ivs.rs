@@ -184,15 +184,17 @@ async fn retries_on_500_and_throttling_stop_at_the_configured_bound() {
     .await;
     let mut client = server.client().await;
 
-    client
+    let status = client
         .create_chat_token(request(&format!("{WEST}/broken")))
         .await
         .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(stub.attempts("broken"), 3);
-    client
+    let status = client
         .create_chat_token(request(&format!("{WEST}/throttled")))
         .await
         .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert_eq!(stub.attempts("throttled"), 3);
 
     // A transient 500 is retried away.
@@ -203,10 +205,11 @@ async fn retries_on_500_and_throttling_stop_at_the_configured_bound() {
     assert_eq!(stub.attempts("flaky"), 2);
 
     // Four-hundreds other than throttling are final.
-    client
+    let status = client
         .create_chat_token(request(&format!("{WEST}/notfound")))
         .await
         .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
     assert_eq!(stub.attempts("notfound"), 1);
 }
 
