@@ -612,8 +612,13 @@ async fn metrics_arrive_with_their_names_attributes_and_counts() {
     for _ in 0..2 {
         client.create_chat_token(valid_request()).await.unwrap(); // issued
     }
-    client.create_chat_token(valid_request()).await.unwrap_err(); // rate limited
-    client
+    let limited = client.create_chat_token(valid_request()).await.unwrap_err();
+    assert_eq!(
+        limited.code(),
+        tonic::Code::ResourceExhausted,
+        "{limited:?}"
+    );
+    let denied = client
         .create_chat_token(CreateChatTokenRequest {
             capabilities: vec![3],
             user_id: "another".into(),
@@ -621,11 +626,13 @@ async fn metrics_arrive_with_their_names_attributes_and_counts() {
             ..Default::default()
         })
         .await
-        .unwrap_err(); // denied by policy
-    client
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    let invalid = client
         .create_chat_token(CreateChatTokenRequest::default())
         .await
-        .unwrap_err(); // invalid
+        .unwrap_err();
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument, "{invalid:?}");
     // Through the IVS Chat HTTP API: measured on the HTTP histogram, not the RPC one.
     rest_create_chat_token_as(binary.addr, "another-user").await;
 
@@ -775,13 +782,14 @@ async fn no_token_key_user_id_or_attribute_value_reaches_logs_spans_or_metrics()
         .into_inner()
         .token;
     // A refusal too: errors are where secrets like to leak.
-    client
+    let invalid = client
         .create_chat_token(CreateChatTokenRequest {
             session_duration_in_minutes: Some(0),
             ..request
         })
         .await
         .unwrap_err();
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument, "{invalid:?}");
     // And through the IVS HTTP API: a token, and a body it cannot read, naming the user.
     let rest_user_id = "rest-user-SECRET-5d1e";
     rest_create_chat_token_as(binary.addr, rest_user_id).await;
