@@ -480,7 +480,7 @@ async fn a_ban_cancelled_by_its_caller_is_still_completed_and_audited() {
         .unwrap();
     let mut moderator = ModerationServiceClient::new(channel.clone());
     // The ban is stored at once; the disconnect that follows takes the stub 1.5 s. The caller gives up
-    // after 300 ms: its call is cancelled (RST_STREAM), the ban is not.
+    // once the disconnect has reached the stub: its call is cancelled (RST_STREAM), the ban is not.
     let cancelled = tokio::spawn(async move {
         moderator
             .ban_user(BanUserRequest {
@@ -491,7 +491,10 @@ async fn a_ban_cancelled_by_its_caller_is_still_completed_and_audited() {
             })
             .await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    common::eventually("the ban's disconnect to reach the stub", || async {
+        (stub.attempts("lag-ban") > 0).then_some(())
+    })
+    .await;
     cancelled.abort();
     // The disconnect still reaches IVS.
     tokio::time::timeout(PATIENCE, async {
@@ -515,18 +518,24 @@ async fn a_ban_cancelled_by_its_caller_is_still_completed_and_audited() {
         .unwrap()
         .into_inner();
     assert_eq!(bans.bans.len(), 1);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    binary.signal("-TERM");
-    let (_, log) = binary.exit().await;
-    let audited = log
-        .iter()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|line| {
+    let ban_audited = |line: &String| {
+        serde_json::from_str::<serde_json::Value>(line).is_ok_and(|line| {
             line["target"] == "audit"
                 && line["fields"]["message"] == "moderation done"
                 && line["span"]["action"] == "BanUser"
         })
-        .count();
+    };
+    let mut log = Vec::new();
+    common::within("the cancelled ban's audit line", async {
+        while !log.iter().any(ban_audited) {
+            log.extend(binary.log.try_iter());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    binary.signal("-TERM");
+    log.extend(binary.exit().await.1);
+    let audited = log.iter().filter(|line| ban_audited(line)).count();
     assert_eq!(audited, 1, "the cancelled ban is audited once: {log:#?}");
 }
 
@@ -645,9 +654,10 @@ async fn moderation_calls_take_a_place_under_the_same_cap_on_both_doors() {
             ))
             .await
     });
-    while stub.attempts("lag-hold") == 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::eventually("the held call to reach the stub", || async {
+        (stub.attempts("lag-hold") > 0).then_some(())
+    })
+    .await;
     let disconnect = DisconnectUserRequest {
         room_identifier: ROOM_ARN.into(),
         user_id: "u".into(),
