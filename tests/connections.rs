@@ -53,13 +53,7 @@ async fn still_open_after(tcp: &mut TcpStream, wait: Duration) -> bool {
 }
 
 fn header_only_token_call(addr: SocketAddr) -> http::Request<()> {
-    http::Request::post(format!(
-        "http://{addr}/ivschat.v1.TokenService/CreateChatToken"
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(())
-    .unwrap()
+    common::raw::grpc_head(addr, CREATE, &[])
 }
 
 #[tokio::test]

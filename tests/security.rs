@@ -8,7 +8,10 @@
 
 mod common;
 
-use common::PATIENCE;
+use common::{
+    PATIENCE,
+    raw::{grpc_head, status},
+};
 
 use std::{
     net::SocketAddr,
@@ -267,31 +270,6 @@ async fn a_banned_users_token_is_refused_as_user_banned_and_others_still_verify(
 // ---------------------------------------------------------------------------------------------------
 // "Memory before identity": request bytes are budgeted before anything is decoded; streams are capped.
 
-/// A gRPC call's headers on an HTTP/2 stream, for `path`.
-fn grpc_head(addr: SocketAddr, path: &str) -> http::Request<()> {
-    http::Request::post(format!("http://{addr}{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap()
-}
-
-/// The gRPC status of `response`: its trailers-only header, or its trailers; waits at most [`PATIENCE`].
-async fn grpc_status(response: h2::client::ResponseFuture) -> Code {
-    tokio::time::timeout(PATIENCE, async {
-        let response = response.await.unwrap();
-        if let Some(status) = response.headers().get("grpc-status") {
-            return Code::from_bytes(status.as_bytes());
-        }
-        let mut body = response.into_body();
-        while body.data().await.is_some() {}
-        let trailers = body.trailers().await.unwrap().expect("trailers");
-        Code::from_bytes(trailers["grpc-status"].as_bytes())
-    })
-    .await
-    .expect("the server answers within the patience")
-}
-
 #[tokio::test]
 async fn unfinished_requests_past_the_byte_budget_are_shed_before_identity() {
     let keys = LocalKeys::new();
@@ -311,7 +289,7 @@ async fn unfinished_requests_past_the_byte_budget_are_shed_before_identity() {
         let mut send = send.clone().ready().await.unwrap();
         let (response, mut body) = send
             .send_request(
-                grpc_head(server.addr, "/ivschat.v1.TokenService/CreateChatToken"),
+                grpc_head(server.addr, "/ivschat.v1.TokenService/CreateChatToken", &[]),
                 false,
             )
             .unwrap();
@@ -323,12 +301,12 @@ async fn unfinished_requests_past_the_byte_budget_are_shed_before_identity() {
     let mut send = send.clone().ready().await.unwrap();
     let (fifth, mut body) = send
         .send_request(
-            grpc_head(server.addr, "/ivschat.v1.TokenService/CreateChatToken"),
+            grpc_head(server.addr, "/ivschat.v1.TokenService/CreateChatToken", &[]),
             false,
         )
         .unwrap();
     body.send_data(prefix.clone().into(), false).unwrap();
-    assert_eq!(grpc_status(fifth).await, Code::Unavailable);
+    assert_eq!(status(fifth).await.0, Code::Unavailable);
 
     // A whole, small request still fits in what is left, and health checks are never shed.
     server

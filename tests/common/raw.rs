@@ -33,13 +33,7 @@ impl RawConnection {
 
     /// The headers of a gRPC call to `path`, with `extra` headers.
     pub fn head(&self, path: &str, extra: &[(&str, &str)]) -> http::Request<()> {
-        let mut request = http::Request::post(format!("http://{}{path}", self.addr))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers");
-        for (name, value) in extra {
-            request = request.header(*name, *value);
-        }
-        request.body(()).unwrap()
+        grpc_head(self.addr, path, extra)
     }
 
     /// Sends a unary call to `path` carrying `message`, on this connection; its status and message.
@@ -57,6 +51,17 @@ impl RawConnection {
         body.send_data(frame(message), true).unwrap();
         status(response).await
     }
+}
+
+/// The headers of a gRPC call to `path` on `addr`, with `extra` headers.
+pub fn grpc_head(addr: SocketAddr, path: &str, extra: &[(&str, &str)]) -> http::Request<()> {
+    let mut request = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in extra {
+        request = request.header(*name, *value);
+    }
+    request.body(()).unwrap()
 }
 
 /// `message` in gRPC's length-prefixed framing, uncompressed.
