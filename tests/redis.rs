@@ -92,15 +92,6 @@ async fn health(server: &TestServer, service: &str) -> i32 {
         .status
 }
 
-/// Polls `condition` every 50 ms for up to 10 s: for state that follows Redis' probe (once a second).
-async fn eventually<F: std::future::Future<Output = bool>>(what: &str, condition: impl Fn() -> F) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn gcra_in_redis_admits_the_burst_then_exactly_the_configured_rate() {
     let redis = RedisServer::shared();
@@ -361,9 +352,9 @@ async fn fail_open_keeps_serving_with_local_limits_and_shares_again_once_redis_r
 
     redis.restart();
     let up = redis_store(&store).readiness();
-    eventually("Redis to be seen again", || {
+    common::eventually("Redis to be seen again", || {
         let up = *up.borrow();
-        async move { up }
+        async move { up.then_some(()) }
     })
     .await;
     client
@@ -384,26 +375,27 @@ async fn fail_closed_answers_unavailable_and_is_not_ready_until_redis_returns() 
     let keys = LocalKeys::new();
     let (server, _store) = server_with_store(&keys, &redis, &unique_prefix(), "fail_closed").await;
     let mut client = server.client().await;
-    eventually("the token service to be ready", || async {
-        health(&server, "ivschat.v1.TokenService").await == ServingStatus::Serving as i32
+    common::eventually("the token service to be ready", || async {
+        (health(&server, "ivschat.v1.TokenService").await == ServingStatus::Serving as i32)
+            .then_some(())
     })
     .await;
     client.create_chat_token(for_user("ann")).await.unwrap();
 
     redis.stop();
     // The answer comes back (no hang); how fast is the store's business, bounded by redis_timeout.
-    let status = tokio::time::timeout(
-        Duration::from_secs(5),
+    let status = common::within(
+        "an answer, not a hang",
         client.create_chat_token(for_user("ann")),
     )
     .await
-    .expect("an answer, not a hang")
     .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     let retry = status.get_details_retry_info().expect("RetryInfo");
     assert!(retry.retry_delay.is_some());
-    eventually("the token service to report NOT_SERVING", || async {
-        health(&server, "ivschat.v1.TokenService").await == ServingStatus::NotServing as i32
+    common::eventually("the token service to report NOT_SERVING", || async {
+        (health(&server, "ivschat.v1.TokenService").await == ServingStatus::NotServing as i32)
+            .then_some(())
     })
     .await;
     assert_eq!(
@@ -413,8 +405,9 @@ async fn fail_closed_answers_unavailable_and_is_not_ready_until_redis_returns() 
     );
 
     redis.restart();
-    eventually("the token service to be ready again", || async {
-        health(&server, "ivschat.v1.TokenService").await == ServingStatus::Serving as i32
+    common::eventually("the token service to be ready again", || async {
+        (health(&server, "ivschat.v1.TokenService").await == ServingStatus::Serving as i32)
+            .then_some(())
     })
     .await;
     client
@@ -468,10 +461,12 @@ async fn a_read_only_replica_is_reported_as_such_and_readiness_does_not_flap() {
     };
     let (redis, store) = (stores.limits.redis(), &stores.limits);
     let mut ready = backend.readiness().expect("fail_closed follows Redis");
-    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|up| !*up))
-        .await
-        .expect("the first probe finds the replica read-only")
-        .unwrap();
+    common::within(
+        "the first probe to find the replica read-only",
+        ready.wait_for(|up| !*up),
+    )
+    .await
+    .unwrap();
     assert_eq!(redis.fault(), Some(RedisFault::ReadOnly));
     assert!(RedisFault::ReadOnly.is_misconfiguration());
     assert!(matches!(
@@ -483,4 +478,126 @@ async fn a_read_only_replica_is_reported_as_such_and_readiness_does_not_flap() {
     let flapped = tokio::time::timeout(Duration::from_millis(3500), ready.wait_for(|up| *up)).await;
     assert!(flapped.is_err(), "readiness flapped back to ready");
     assert_eq!(redis.fault(), Some(RedisFault::ReadOnly));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// `limiter.redis_timeout` against a Redis that is there but does not answer, and one that answers late.
+
+/// A "Redis" that accepts connections and never answers: what a hung server or a black-holed network
+/// looks like from here. The listener lives until the test binary exits.
+fn hung_redis() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream);
+        }
+    });
+    addr
+}
+
+/// Settings for a Redis at `addr` with `timeout` and `mode`.
+fn hung_config(keys: &LocalKeys, addr: std::net::SocketAddr, mode: &str, timeout: &str) -> Config {
+    let path = keys
+        .dir
+        .path()
+        .join(format!("config-{}.toml", uuid::Uuid::new_v4()));
+    std::fs::write(
+        &path,
+        format!(
+            "shutdown_drain_delay = \"0s\"\n\n[local_issuer]\nkeys_file = \"{}\"\n\n[limiter]\nbackend = \"redis\"\n\
+             redis_url = \"redis://{addr}\"\nkey_prefix = \"{}\"\nfailure_mode = \"{mode}\"\n\
+             redis_timeout = \"{timeout}\"\n\n[[rate_limits]]\nname = \"per-user\"\nkey = \"user\"\n\
+             rate = \"1/h\"\nburst = 1\n",
+            keys.path.display(),
+            unique_prefix(),
+        ),
+    )
+    .unwrap();
+    Config::load(Some(&path)).expect("valid config")
+}
+
+/// The most a loaded 2-core machine adds to a deadline before a call returns: well under redis-rs's own
+/// 1 s connection timeout, so a call that waited for it instead of `redis_timeout` fails.
+const MARGIN: Duration = Duration::from_millis(400);
+
+#[tokio::test]
+async fn a_hung_redis_fails_a_check_within_redis_timeout_not_redis_rs_timeouts() {
+    let keys = LocalKeys::new();
+    let config = hung_config(&keys, hung_redis(), "fail_closed", "50ms");
+    assert_eq!(
+        config.limiter.redis_timeout,
+        Duration::from_millis(50),
+        "the documented default"
+    );
+    let store = limits(&config);
+    let started = Instant::now();
+    let answer = common::within(
+        "a check against a hung Redis",
+        store.check(&[check("k", "1/s", 1, false)]),
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(
+        matches!(answer, Err(StoreError::Unavailable { .. })),
+        "{answer:?}"
+    );
+    assert!(
+        took < Duration::from_millis(50) + MARGIN,
+        "refused after {took:?}"
+    );
+    assert_eq!(store.redis().fault(), Some(RedisFault::Timeout));
+    // Once down, calls are decided at once, without waiting on Redis again.
+    let started = Instant::now();
+    let answer = store.check(&[check("k", "1/s", 1, false)]).await;
+    assert!(matches!(answer, Err(StoreError::Unavailable { .. })));
+    assert!(started.elapsed() < MARGIN, "{:?}", started.elapsed());
+}
+
+/// The same end to end, on the token service: fail_closed answers UNAVAILABLE with RetryInfo, fail_open
+/// issues the token from the local limits, both within `redis_timeout` plus the margin; positive control:
+/// fail_open's local limits still refuse past the burst, with RESOURCE_EXHAUSTED.
+#[tokio::test]
+async fn a_hung_redis_is_answered_within_redis_timeout_in_both_failure_modes() {
+    let keys = LocalKeys::new();
+    let hung = hung_redis();
+    let closed = TestServer::from_config(hung_config(&keys, hung, "fail_closed", "50ms")).await;
+    let open = TestServer::from_config(hung_config(&keys, hung, "fail_open", "50ms")).await;
+    let (mut closed_client, mut open_client) = (closed.client().await, open.client().await);
+
+    let started = Instant::now();
+    let status = common::within(
+        "CreateChatToken against a hung Redis (fail_closed)",
+        closed_client.create_chat_token(for_user("ann")),
+    )
+    .await
+    .unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.get_details_retry_info().is_some(), "{status:?}");
+    assert!(
+        took < Duration::from_millis(50) + MARGIN,
+        "answered after {took:?}"
+    );
+
+    let started = Instant::now();
+    common::within(
+        "CreateChatToken against a hung Redis (fail_open)",
+        open_client.create_chat_token(for_user("ann")),
+    )
+    .await
+    .expect("fail_open issues from the local limits");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(50) + MARGIN,
+        "answered after {took:?}"
+    );
+    let status = open_client
+        .create_chat_token(for_user("ann"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    closed.shutdown().await.unwrap();
+    open.shutdown().await.unwrap();
 }
