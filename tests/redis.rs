@@ -601,3 +601,43 @@ async fn a_hung_redis_is_answered_within_redis_timeout_in_both_failure_modes() {
     closed.shutdown().await.unwrap();
     open.shutdown().await.unwrap();
 }
+
+/// A Redis slower than redis-rs's own 500 ms response timeout but within `redis_timeout` decides: the
+/// setting is the one deadline (redis-rs's default used to cut every call at 500 ms, whatever it said).
+async fn a_slow_redis_decides(redis: RedisServer, extra: &str) {
+    let keys = LocalKeys::new();
+    let config = redis_config(
+        &keys,
+        &redis,
+        &unique_prefix(),
+        &format!("failure_mode = \"fail_closed\"\nredis_timeout = \"5s\"\n{extra}"),
+    );
+    let store = limits(&config);
+    let limit = [check("slow", "1/h", 1, false)];
+    assert_eq!(store.check(&limit).await.unwrap(), [Verdict::Allowed]);
+    // Every client's commands wait 1 s: Redis is slow, not gone.
+    let reply = redis.command(&["CLIENT", "PAUSE", "1000", "ALL"]);
+    assert!(reply.starts_with("+OK"), "{reply}");
+    let started = Instant::now();
+    let answer = common::within("a check against a slow Redis", store.check(&limit)).await;
+    let took = started.elapsed();
+    assert!(
+        matches!(answer.as_deref(), Ok([Verdict::Denied { .. }])),
+        "decided in Redis after {took:?}: {answer:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(500),
+        "Redis was paused: {took:?}"
+    );
+    assert_eq!(store.redis().fault(), None);
+}
+
+#[tokio::test]
+async fn a_redis_answering_within_a_long_redis_timeout_decides() {
+    a_slow_redis_decides(RedisServer::private(), "").await;
+}
+
+#[tokio::test]
+async fn a_redis_cluster_answering_within_a_long_redis_timeout_decides() {
+    a_slow_redis_decides(RedisServer::cluster(), "redis_cluster = true").await;
+}

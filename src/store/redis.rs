@@ -94,7 +94,10 @@ impl Connection {
                 None => redis::Client::open(info.clone()),
             }
             .expect(CHECKED);
+            // No response timeout of redis-rs's own: its 500 ms default would cut every call short of a
+            // longer `limiter.redis_timeout`, which [`SharedRedis::call`] applies to every call.
             let config = ConnectionManagerConfig::new()
+                .set_response_timeout(None)
                 .set_connection_timeout(Some(CONNECT_TIMEOUT))
                 .set_max_delay(MAX_RECONNECT_DELAY);
             Connection::Single(
