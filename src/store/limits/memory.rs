@@ -522,9 +522,12 @@ mod tests {
     #[test]
     fn concurrent_multi_key_checks_do_not_deadlock() {
         let store = store(1_000);
+        // The watchdog: each thread says when it is done; a deadlock fails the test instead of hanging it.
+        let (done, finished) = std::sync::mpsc::channel();
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let store = store.clone();
+                let done = done.clone();
                 std::thread::spawn(move || {
                     for i in 0..5_000 {
                         // Each thread names the keys in a different order.
@@ -540,9 +543,21 @@ mod tests {
                             .collect();
                         store.decide(&checks);
                     }
+                    done.send(()).unwrap();
                 })
             })
             .collect();
+        drop(done);
+        for _ in &threads {
+            match finished.recv_timeout(std::time::Duration::from_secs(60)) {
+                Ok(()) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("deadlocked: no thread finished its 5,000 checks within 60 s")
+                }
+                // A thread panicked: its join below says why.
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
         for thread in threads {
             thread.join().unwrap();
         }
