@@ -65,10 +65,12 @@ fn ban(arn: &str, id: &str, lasts: Option<Duration>, why: &str) -> Ban {
     }
 }
 
-/// The two replicas of a store: `writer` changes state, `reader` sees it.
+/// The two replicas of a store: `writer` changes state, `reader` sees it; `fresh` builds another one that
+/// has seen nothing, for questions a replica's local copy would answer after a first look (used ids).
 struct Replicas<M> {
     writer: M,
     reader: M,
+    fresh: Box<dyn Fn() -> M>,
 }
 
 /// Where the stores live.
@@ -105,21 +107,21 @@ where
     Fut: Future<Output = ()>,
 {
     let config = config(&shared, &unique_prefix());
-    let build = || Backend::new(&config.limiter).expect("no TLS files to read");
+    let build = move || match Backend::new(&config.limiter).expect("no TLS files to read") {
+        Backend::Memory(stores) => Store::Memory(stores.moderation),
+        Backend::Redis(stores) => Store::Redis(stores.moderation),
+    };
     let replicas = match (&shared, build()) {
-        (Shared::Memory, Backend::Memory(stores)) => Replicas {
-            reader: Store::Memory(stores.moderation.clone()),
-            writer: Store::Memory(stores.moderation),
+        (Shared::Memory, Store::Memory(store)) => Replicas {
+            reader: Store::Memory(store.clone()),
+            writer: Store::Memory(store.clone()),
+            fresh: Box::new(move || Store::Memory(store.clone())),
         },
-        (Shared::Redis(_) | Shared::Cluster(_), Backend::Redis(writer)) => {
-            let Backend::Redis(reader) = build() else {
-                unreachable!("the same settings build the same backend")
-            };
-            Replicas {
-                writer: Store::Redis(writer.moderation),
-                reader: Store::Redis(reader.moderation),
-            }
-        }
+        (Shared::Redis(_) | Shared::Cluster(_), writer @ Store::Redis(_)) => Replicas {
+            writer,
+            reader: build(),
+            fresh: Box::new(build),
+        },
         _ => panic!("the backend configured was not built"),
     };
     test(replicas).await;
@@ -207,7 +209,7 @@ async fn pages(store: &impl ModerationStore, arn: &str, limit: usize) -> Vec<Vec
 
 /// Bans: put in force, seen by the other replica, replaced, kept apart by room and user, lifted; pages
 /// cover every ban once at every page size, and end where the bans end.
-async fn bans_contract(Replicas { writer, reader }: Replicas<Store>) {
+async fn bans_contract(Replicas { writer, reader, .. }: Replicas<Store>) {
     let (lobby, other) = (room(ROOM), room(OTHER_ROOM));
 
     // A ban until unbanned, seen by the other replica exactly as made; its user only, its room only.
@@ -310,7 +312,7 @@ async fn bans_contract(Replicas { writer, reader }: Replicas<Store>) {
 
 /// Revocations: seen by the other replica, kept apart by room and user, and only moving forward whatever
 /// order the replicas write in.
-async fn revocations_contract(Replicas { writer, reader }: Replicas<Store>) {
+async fn revocations_contract(Replicas { writer, reader, .. }: Replicas<Store>) {
     let (lobby, other) = (room(ROOM), room(OTHER_ROOM));
     let keep = Duration::from_secs(60);
     // Whole microseconds, as Redis keeps them.
@@ -347,7 +349,7 @@ async fn revocations_contract(Replicas { writer, reader }: Replicas<Store>) {
 }
 
 /// Used token ids: the first use is the only one, for every replica; ids are kept apart.
-async fn used_contract(Replicas { writer, reader }: Replicas<Store>) {
+async fn used_contract(Replicas { writer, reader, .. }: Replicas<Store>) {
     let until = SystemTime::now() + Duration::from_secs(60);
     let id = uuid::Uuid::new_v4().to_string();
     assert!(writer.first_use(&id, until).await.unwrap(), "the first use");
@@ -416,7 +418,7 @@ async fn timed<T>(write: impl Future<Output = T>) -> (T, Duration) {
 }
 
 /// A ban ends at its end: in force (for the other replica, listed) until the instant before, over at it.
-async fn a_ban_ends_at_its_end(Replicas { writer, reader }: Replicas<Store>) {
+async fn a_ban_ends_at_its_end(Replicas { writer, reader, .. }: Replicas<Store>) {
     let lobby = room(ROOM);
     let ending = ban(ROOM, "brief", Some(Duration::from_millis(1500)), "spam");
     let end = ending.expires_at.unwrap();
@@ -440,7 +442,7 @@ async fn a_ban_ends_at_its_end(Replicas { writer, reader }: Replicas<Store>) {
 }
 
 /// A revocation is kept for `keep_for` from when it is made, and no longer.
-async fn a_revocation_is_kept_for_its_time(Replicas { writer, reader }: Replicas<Store>) {
+async fn a_revocation_is_kept_for_its_time(Replicas { writer, reader, .. }: Replicas<Store>) {
     let lobby = room(ROOM);
     let keep = Duration::from_millis(1500);
     // Whole microseconds, as Redis keeps them.
@@ -465,7 +467,7 @@ async fn a_revocation_is_kept_for_its_time(Replicas { writer, reader }: Replicas
 }
 
 /// A used token id stays used until `until`, then is forgotten.
-async fn a_used_token_is_kept_until_its_end(Replicas { writer, reader }: Replicas<Store>) {
+async fn a_used_token_is_kept_until_its_end(Replicas { writer, fresh, .. }: Replicas<Store>) {
     let id = uuid::Uuid::new_v4().to_string();
     // Longer than Redis' shortest record (1 s), so the record's end is `until`'s.
     let until = SystemTime::now() + Duration::from_millis(1500);
@@ -476,7 +478,10 @@ async fn a_used_token_is_kept_until_its_end(Replicas { writer, reader }: Replica
         until,
         until + took + Duration::from_millis(2),
         (false, true),
-        || async { reader.first_use(&id, until).await.unwrap() },
+        || {
+            let (replica, id) = (fresh(), id.clone());
+            async move { replica.first_use(&id, until).await.unwrap() }
+        },
     )
     .await;
 }
@@ -548,11 +553,22 @@ async fn verify(
 
 /// A single-use token verifies once; every replica refuses it as used just before, at and after `exp`,
 /// until `exp + leeway`, where it is refused as expired.
-async fn single_use_across_exp_and_leeway(Replicas { writer, reader }: Replicas<Store>) {
+async fn single_use_across_exp_and_leeway(
+    Replicas {
+        writer,
+        reader,
+        fresh,
+    }: Replicas<Store>,
+) {
     let (first, second) = (
         LocalModerator::new(writer, TOKEN_TTL, true),
         LocalModerator::new(reader, TOKEN_TTL, true),
     );
+    // Each question from a replica that has not seen the token yet: only the shared record can answer.
+    let ask = |token: &TokenClaims| {
+        let (verifier, token) = (LocalModerator::new(fresh(), TOKEN_TTL, true), token.clone());
+        async move { verify(&verifier, &token).await }
+    };
     let token = claims("viewer", SystemTime::now());
     let exp = token.token_expires_at;
     assert_eq!(verify(&first, &token).await, Ok(()), "the first use");
@@ -563,18 +579,20 @@ async fn single_use_across_exp_and_leeway(Replicas { writer, reader }: Replicas<
         "another token is its own"
     );
     let used = Err(TokenRejection::AlreadyUsed);
-    across("exp", exp, exp, (used, used), || verify(&second, &token)).await;
+    assert_eq!(
+        verify(&second, &token).await,
+        used,
+        "used through the other replica"
+    );
+    across("exp", exp, exp, (used, used), || ask(&token)).await;
     let last = exp + VERIFY_LEEWAY;
     let expired = Err(TokenRejection::Expired);
-    across("exp + leeway", last, last, (used, expired), || {
-        verify(&second, &token)
-    })
-    .await;
+    across("exp + leeway", last, last, (used, expired), || ask(&token)).await;
 }
 
 /// A disconnect revokes the tokens minted before it, for every replica, just before, at and after their
 /// `exp`, until `exp + leeway`, where they are refused as expired; a token minted after it verifies.
-async fn revocation_across_exp_and_leeway(Replicas { writer, reader }: Replicas<Store>) {
+async fn revocation_across_exp_and_leeway(Replicas { writer, reader, .. }: Replicas<Store>) {
     let (moderator, verifier) = (
         LocalModerator::new(writer, TOKEN_TTL, false),
         LocalModerator::new(reader, TOKEN_TTL, false),
