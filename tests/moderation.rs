@@ -107,16 +107,26 @@ async fn a_ban_refuses_only_the_banned_user_and_ends_on_time() {
         .await
         .unwrap();
 
-    // Refused up to the end of the ban, admitted from then on.
-    while SystemTime::now() < until - Duration::from_millis(200) {
-        let status = tokens
+    // Refused up to the end of the ban: every answer given wholly before `until` is a refusal (one that
+    // comes back after it may have been decided on either side, so it proves nothing); the last refusal
+    // comes close to the end. Admitted from then on.
+    let mut last_refusal = None;
+    while SystemTime::now() < until {
+        let answer = tokens
             .create_chat_token(token_request(ROOM_ARN, "troll"))
-            .await
-            .unwrap_err();
-        assert_banned(&status, Some(until), "spam links");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+            .await;
+        let answered = SystemTime::now();
+        if answered < until {
+            assert_banned(&answer.unwrap_err(), Some(until), "spam links");
+            last_refusal = Some(until.duration_since(answered).unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(until.duration_since(SystemTime::now()).unwrap_or_default()).await;
+    let early = last_refusal.expect("a refusal before the ban's end");
+    assert!(
+        early < Duration::from_millis(1000),
+        "the last refusal came {early:?} before the ban's end: too slow to tell"
+    );
     tokens
         .create_chat_token(token_request(ROOM_ARN, "troll"))
         .await
@@ -201,6 +211,10 @@ async fn list_bans_pages_through_every_ban_once_with_who_when_why_and_until() {
             .unwrap()
             .into_inner();
         pages += 1;
+        assert!(
+            pages <= 3,
+            "more pages than bans: the page token never ends"
+        );
         assert!(page.bans.len() <= 2);
         listed.extend(page.bans);
         if page.next_page_token.is_empty() {
@@ -370,17 +384,20 @@ impl Monitor {
     async fn client_commands(mut self, redis: &RedisServer, prefix: &str) -> Vec<String> {
         let marker = format!("{prefix}:end-of-count");
         redis.command(&["ECHO", &marker]);
-        let mut seen = Vec::new();
-        while let Some(line) = self.lines.next_line().await.unwrap() {
-            if line.contains(&marker) {
-                return seen;
+        common::within("MONITOR to show the marker", async {
+            let mut seen = Vec::new();
+            while let Some(line) = self.lines.next_line().await.unwrap() {
+                if line.contains(&marker) {
+                    return seen;
+                }
+                // The health probe (`<prefix>:probe`) runs every second whatever the requests do.
+                if line.contains(prefix) && !line.contains(" lua]") && !line.contains(":probe") {
+                    seen.push(line);
+                }
             }
-            // The health probe (`<prefix>:probe`) runs every second whatever the requests do.
-            if line.contains(prefix) && !line.contains(" lua]") && !line.contains(":probe") {
-                seen.push(line);
-            }
-        }
-        panic!("MONITOR ended before the marker");
+            panic!("MONITOR ended before the marker");
+        })
+        .await
     }
 }
 
@@ -944,13 +961,20 @@ async fn redis_list_bans_pages_skip_ended_bans_and_cover_the_rest_once() {
     let server =
         TestServer::from_config(redis_config(&keys, &redis.url(), FailureMode::FailClosed)).await;
     let mut moderation = moderation_client(&server).await;
+    let mut last_end = SystemTime::UNIX_EPOCH;
     for i in 0..6 {
         // Every other ban ends after a second.
         let seconds = if i % 2 == 0 { Some(1) } else { None };
-        moderation
+        let made = moderation
             .ban_user(ban(ROOM_ARN, &format!("user-{i}"), seconds, "r"))
             .await
+            .unwrap()
+            .into_inner()
+            .ban
             .unwrap();
+        if let Some(end) = made.expiration_time {
+            last_end = last_end.max(end.try_into().unwrap());
+        }
     }
     let list = |page_token: String| ListBansRequest {
         room_identifier: ROOM_ARN.into(),
@@ -965,10 +989,16 @@ async fn redis_list_bans_pages_skip_ended_bans_and_cover_the_rest_once() {
     assert_eq!(first.bans.len(), 2);
     assert!(!first.next_page_token.is_empty());
 
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Until the last of the ending bans has ended (to the millisecond, as bans are kept).
+    let wait = (last_end + Duration::from_millis(1)).duration_since(SystemTime::now());
+    tokio::time::sleep(wait.unwrap_or_default()).await;
     let mut users = Vec::new();
     let mut page_token = String::new();
-    loop {
+    for pages in 1.. {
+        assert!(
+            pages <= 3,
+            "more pages than bans: the page token never ends"
+        );
         let page = moderation
             .list_bans(list(page_token))
             .await
