@@ -615,8 +615,9 @@ async fn a_slow_redis_decides(redis: RedisServer, extra: &str) {
     let store = limits(&config);
     let limit = [check("slow", "1/h", 1, false)];
     assert_eq!(store.check(&limit).await.unwrap(), [Verdict::Allowed]);
-    // Every client's commands wait 1 s: Redis is slow, not gone.
-    let reply = redis.command(&["CLIENT", "PAUSE", "1000", "ALL"]);
+    // Every client's commands wait 1.5 s: Redis is slow, not gone. The check must still be waiting past
+    // redis-rs's 500 ms (asserted below) for the test to mean anything; 1.5 s leaves a stalled machine 1 s.
+    let reply = redis.command(&["CLIENT", "PAUSE", "1500", "ALL"]);
     assert!(reply.starts_with("+OK"), "{reply}");
     let started = Instant::now();
     let answer = common::within("a check against a slow Redis", store.check(&limit)).await;
