@@ -557,7 +557,7 @@ async fn a_ban_through_one_process_is_refused_by_another_sharing_redis() {
     let mut logs = Vec::new();
     for binary in [first, second] {
         binary.signal("-TERM");
-        let (status, log) = binary.wait();
+        let (status, log) = binary.exit().await;
         assert!(status.success());
         logs.extend(log);
     }

@@ -217,7 +217,7 @@ async fn two_service_processes_share_one_limit_instead_of_doubling_it() {
 
     for binary in [first, second] {
         binary.signal("-TERM");
-        let (status, log) = binary.wait();
+        let (status, log) = binary.exit().await;
         assert!(status.success(), "{log:?}");
         assert!(
             log.iter().all(|line| !line.contains(&url)),
@@ -277,9 +277,9 @@ async fn a_skewed_wall_clock_does_not_change_decisions() {
     );
 
     skewed.signal("-TERM");
-    let (_, log) = skewed.wait();
+    let (_, log) = skewed.exit().await;
     honest.signal("-TERM");
-    honest.wait();
+    honest.exit().await;
     // The skew really applied: the skewed process stamped its log lines ten minutes ahead.
     let stamp = log
         .iter()
