@@ -575,6 +575,14 @@ async fn a_hung_redis_is_answered_within_redis_timeout_in_both_failure_modes() {
     .unwrap_err();
     let took = started.elapsed();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(
+        status
+            .get_details_error_info()
+            .map(|info| info.reason)
+            .as_deref(),
+        Some("RATE_LIMITS_UNAVAILABLE"),
+        "{status:?}"
+    );
     assert!(status.get_details_retry_info().is_some(), "{status:?}");
     assert!(
         took < Duration::from_millis(50) + MARGIN,
