@@ -19,6 +19,10 @@ use std::future::Future;
 
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tonic_health::{ServingStatus, server::HealthReporter};
+use tonic_reflection::pb::{
+    v1::ServerReflectionRequest as ReflectionRequestV1,
+    v1alpha::ServerReflectionRequest as ReflectionRequestV1Alpha,
+};
 
 use crate::app::{App, Serving};
 use crate::door::{
@@ -36,6 +40,7 @@ use crate::proto::{
 use crate::telemetry::metrics::observe_in_flight;
 use crate::transport::{
     deadline::{self, DeadlineLayer},
+    decode_errors::ReportDecodeErrors,
     end_on_drain::EndOnDrain,
     inflight::{CallLimits, Calls, InFlightLayer},
     listener::{self, ConnectionLimits},
@@ -132,9 +137,17 @@ pub async fn run(
         let v1alpha = reflection()
             .build_v1alpha()
             .expect("the descriptor sets are valid");
+        // tonic-reflection ends its reply OK at a request it cannot decode: the wrapper decodes first
+        // (within the same bound) and ends the reply with that error, OUT_OF_RANGE for an oversized one.
         routes
-            .add_service(v1.max_decoding_message_size(max_request_bytes))
-            .add_service(v1alpha.max_decoding_message_size(max_request_bytes));
+            .add_service(ReportDecodeErrors::<_, ReflectionRequestV1>::new(
+                v1.max_decoding_message_size(max_request_bytes),
+                max_request_bytes,
+            ))
+            .add_service(ReportDecodeErrors::<_, ReflectionRequestV1Alpha>::new(
+                v1alpha.max_decoding_message_size(max_request_bytes),
+                max_request_bytes,
+            ));
     }
     if let Some(moderation_service) = moderation_service {
         routes.add_service(moderation_service);

@@ -763,52 +763,116 @@ async fn eleven_hundred_header_only_streams_on_one_connection_do_not_shut_out_an
     assert_eq!(refused.last().copied(), Some(2 * STREAMS - 1));
 }
 
-/// `grpc.reflection.v1.ServerReflectionRequest` with only its `host` (field 1) set.
+/// `grpc.reflection.v1.ServerReflectionRequest` (and v1alpha's) with only its `host` (field 1) set, and
+/// its `list_services` (field 7) when asked.
 #[derive(Clone, PartialEq, prost::Message)]
 struct ReflectionHost {
     #[prost(string, tag = "1")]
     host: String,
+    #[prost(string, optional, tag = "7")]
+    list_services: Option<String>,
+}
+
+/// Sends one `ReflectionHost` of `host_bytes` to `path` and returns how the first reply ended: the status
+/// of the call or of its first message; `Ok(true)` for a reply, `Ok(false)` for a stream that ended OK.
+async fn reflect_host(
+    server: &TestServer,
+    path: &'static str,
+    host_bytes: usize,
+) -> Result<bool, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(server.channel().await);
+    grpc.ready().await.unwrap();
+    let request = ReflectionHost {
+        host: "x".repeat(host_bytes),
+        list_services: None,
+    };
+    let response = grpc
+        .streaming::<_, ReflectionHost, (), _>(
+            tonic::Request::new(tokio_stream::iter([request])),
+            http::uri::PathAndQuery::from_static(path),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await?;
+    Ok(response.into_inner().message().await?.is_some())
 }
 
 #[tokio::test]
 async fn an_oversized_reflection_request_is_refused_not_echoed() {
     let server = TestServer::from_config(LocalKeys::new().config()).await;
+    for path in [
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ] {
+        // Refused before decoding, and said so: OUT_OF_RANGE, neither a reply echoing the request (before
+        // the bound, the 3 MiB host came back inside a 6 MiB reply) nor a stream ending OK with nothing
+        // (tonic-reflection's own answer to a request it cannot decode).
+        let refused = reflect_host(&server, path, 3 * 1024 * 1024).await;
+        match refused {
+            Err(status) => assert_eq!(status.code(), tonic::Code::OutOfRange, "{path}: {status:?}"),
+            Ok(reply) => {
+                panic!("{path}: a 3 MiB request must be refused, not ended OK (reply: {reply})")
+            }
+        }
+        // The same request within the bound is decoded and answered (it asks for nothing, so the answer
+        // is INVALID_ARGUMENT).
+        let answered = reflect_host(&server, path, 1024)
+            .await
+            .expect_err("a request without a question");
+        assert_eq!(
+            answered.code(),
+            tonic::Code::InvalidArgument,
+            "{path}: {answered:?}"
+        );
+    }
+}
+
+/// A `ServerReflectionRequest` whose `host` (a string) comes as a varint: it cannot be decoded.
+#[derive(Clone, PartialEq, prost::Message)]
+struct MalformedReflection {
+    #[prost(uint64, tag = "1")]
+    host: u64,
+}
+
+#[tokio::test]
+async fn a_reflection_stream_answers_up_to_the_request_it_cannot_decode_then_says_why() {
+    let server = TestServer::from_config(LocalKeys::new().config()).await;
+    let path = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+    // A question, then a message over the bound: the answer, then OUT_OF_RANGE.
     let mut grpc = tonic::client::Grpc::new(server.channel().await);
     grpc.ready().await.unwrap();
-    let request = ReflectionHost {
-        host: "x".repeat(3 * 1024 * 1024),
+    let list = ReflectionHost {
+        host: String::new(),
+        list_services: Some(String::new()),
     };
-    let outcome = grpc
-        .streaming::<_, ReflectionHost, (), _>(
-            tonic::Request::new(tokio_stream::iter([request])),
-            http::uri::PathAndQuery::from_static(
-                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-            ),
+    let oversized = ReflectionHost {
+        host: "x".repeat(3 * 1024 * 1024),
+        list_services: None,
+    };
+    let mut replies = grpc
+        .streaming::<_, ReflectionHost, ReflectionHost, _>(
+            tonic::Request::new(tokio_stream::iter([list, oversized])),
+            http::uri::PathAndQuery::from_static(path),
             tonic_prost::ProstCodec::default(),
         )
-        .await;
-    // Refused before decoding: at most an error, never a reply echoing the request (before the bound,
-    // the 3 MiB host came back inside a 6 MiB reply).
-    match outcome {
-        Err(status) => assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}"),
-        Ok(response) => match response.into_inner().message().await {
-            Ok(Some(_)) => panic!("no reply may come back for a 3 MiB request"),
-            Ok(None) => {}
-            Err(status) => assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}"),
-        },
-    }
-    // The same request within the bound is decoded and answered (it asks for nothing, so the answer is
-    // INVALID_ARGUMENT).
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        replies.message().await.unwrap().is_some(),
+        "the question is answered"
+    );
+    let refused = replies
+        .message()
+        .await
+        .expect_err("then the oversized request is refused");
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
+    // A message that is not a ServerReflectionRequest: INTERNAL, not OK.
     let mut grpc = tonic::client::Grpc::new(server.channel().await);
     grpc.ready().await.unwrap();
-    let reply = grpc
-        .streaming::<_, ReflectionHost, (), _>(
-            tonic::Request::new(tokio_stream::iter([ReflectionHost {
-                host: "x".repeat(1024),
-            }])),
-            http::uri::PathAndQuery::from_static(
-                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-            ),
+    let malformed = grpc
+        .streaming::<_, MalformedReflection, (), _>(
+            tonic::Request::new(tokio_stream::iter([MalformedReflection { host: 1 }])),
+            http::uri::PathAndQuery::from_static(path),
             tonic_prost::ProstCodec::default(),
         )
         .await
@@ -816,6 +880,6 @@ async fn an_oversized_reflection_request_is_refused_not_echoed() {
         .into_inner()
         .message()
         .await
-        .expect_err("a request without a question");
-    assert_eq!(reply.code(), tonic::Code::InvalidArgument, "{reply:?}");
+        .expect_err("a malformed request is refused");
+    assert_eq!(malformed.code(), tonic::Code::Internal, "{malformed:?}");
 }

@@ -8,11 +8,14 @@
 //! - [`inflight`]: counts calls in flight (shutdown ends when the last one does) and keeps them within
 //!   the cap on calls, the request byte budget and the streaming bounds.
 //! - [`deadline`]: every call's deadline, the caller's within the server's limits, and its end there.
+//! - [`decode_errors`]: ends a reflection stream with the error its request failed to decode with (an
+//!   oversized message: OUT_OF_RANGE), not with OK.
 //! - [`end_on_drain`]: ends health `Watch` streams when shutdown starts.
 //! - [`probe`]: the `health` command's client, a gRPC health check of this replica's own listener.
 //! - [`unknown_method`]: answers gRPC calls to methods not served, with ErrorInfo.
 
 pub mod deadline;
+pub mod decode_errors;
 pub mod end_on_drain;
 pub mod inflight;
 pub mod listener;
