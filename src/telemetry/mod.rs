@@ -166,7 +166,7 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
             .with_writer(stderr)
             .with_ansi(false)
             .fmt_fields(text::PlainFields)
-            .with_timer(text::UtcMicros)
+            .event_format(text::PlainLine::with_timer(text::UtcMicros))
             .with_filter(printed)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()

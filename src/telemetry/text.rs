@@ -1,6 +1,6 @@
 //! The text log line without colour, written with less machinery than tracing-subscriber's defaults and
-//! byte for byte the same: [`PlainFields`] formats span and event fields (a span's once, when it is
-//! made), [`UtcMicros`] the timestamp. Used when stderr is not a terminal, which is where a busy server's
+//! byte for byte the same: [`PlainLine`] writes the line, [`PlainFields`] formats span and event fields
+//! (a span's once, when it is made), [`UtcMicros`] the timestamp. Used when stderr is not a terminal, which is where a busy server's
 //! lines go; a terminal keeps tracing-subscriber's own formatters and their colours.
 //!
 //! What the defaults spend per field is `write!` over three painted pieces (name, `=`, value), each
@@ -14,14 +14,18 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use tracing::field::{Field, Visit};
+use tracing::{
+    Event, Level, Subscriber,
+    field::{Field, Visit},
+};
 use tracing_subscriber::{
     field::{RecordFields, VisitOutput},
     fmt::{
-        FormatFields,
+        FmtContext, FormatEvent, FormatFields, FormattedFields,
         format::{DefaultVisitor, Writer},
         time::FormatTime,
     },
+    registry::LookupSpan,
 };
 
 /// Fields as tracing-subscriber's `DefaultFields` formats them without colour.
@@ -152,6 +156,69 @@ impl Visit for PlainVisitor<'_> {
     }
 }
 
+/// The whole line as tracing-subscriber's `Full` format writes it without colour: time, level (right
+/// aligned in five), each span from the root with its formatted fields, the target, the event's fields.
+/// Written piece by piece instead of through `write!` over painted pieces.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct PlainLine<T> {
+    timer: T,
+}
+
+impl<T> PlainLine<T> {
+    pub(super) fn with_timer(timer: T) -> Self {
+        PlainLine { timer }
+    }
+}
+
+impl<S, N, T> FormatEvent<S, N> for PlainLine<T>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    T: FormatTime,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        if self.timer.format_time(&mut writer).is_err() {
+            writer.write_str("<unknown time>")?;
+        }
+        writer.write_str(match *meta.level() {
+            Level::TRACE => " TRACE ",
+            Level::DEBUG => " DEBUG ",
+            Level::INFO => "  INFO ",
+            Level::WARN => "  WARN ",
+            Level::ERROR => " ERROR ",
+        })?;
+        if let Some(scope) = ctx.event_scope() {
+            let mut seen = false;
+            for span in scope.from_root() {
+                writer.write_str(span.metadata().name())?;
+                seen = true;
+                let extensions = span.extensions();
+                if let Some(fields) = extensions.get::<FormattedFields<N>>()
+                    && !fields.is_empty()
+                {
+                    writer.write_char('{')?;
+                    writer.write_str(fields)?;
+                    writer.write_char('}')?;
+                }
+                writer.write_char(':')?;
+            }
+            if seen {
+                writer.write_char(' ')?;
+            }
+        }
+        writer.write_str(meta.target())?;
+        writer.write_str(": ")?;
+        ctx.format_fields(writer.by_ref(), event)?;
+        writer.write_char('\n')
+    }
+}
+
 /// The time as tracing-subscriber's `SystemTime` timer writes it: RFC 3339 in UTC with microseconds
 /// (`2026-12-04T20:49:29.527439Z`), from humantime's formatter, which fills one buffer instead of a
 /// `write!` per part.
@@ -263,6 +330,8 @@ mod tests {
             tracing::info!(message = "a message given as a field");
         });
         tracing::info!(later = 1u64);
+        tracing::debug!(level = "debug");
+        tracing::trace!(level = "trace");
     }
 
     fn captured(
@@ -288,7 +357,7 @@ mod tests {
                     .with_timer(Fixed),
             )
         });
-        let plain = captured(|out| {
+        let plain_fields = captured(|out| {
             Box::new(
                 tracing_subscriber::fmt::layer()
                     .with_writer(out)
@@ -297,8 +366,21 @@ mod tests {
                     .with_timer(Fixed),
             )
         });
-        assert_eq!(default.lines().count(), 8, "{default}");
+        let plain = captured(|out| {
+            Box::new(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(out)
+                    .with_ansi(false)
+                    .fmt_fields(PlainFields)
+                    .event_format(PlainLine::with_timer(Fixed)),
+            )
+        });
+        assert_eq!(default.lines().count(), 10, "{default}");
         assert!(default.contains("token_id_hash=9812ebdbe781"), "{default}");
+        assert!(default.contains("T  WARN "), "{default}");
+        assert!(default.contains("T ERROR "), "{default}");
+        assert!(default.contains("T TRACE "), "{default}");
+        assert_eq!(plain_fields, default);
         assert_eq!(plain, default);
     }
 
