@@ -8,6 +8,12 @@
 #                                         only the service's instructions are counted, not Redis's
 #   bench/callgrind.sh end-user 2000      production, every call bound to its end user by an RS256 ID token
 #                                         (a JWK set file and a token made ahead of time by loadgen)
+#   bench/callgrind.sh rooms 2000         production with 1,000 more callers, calls over 10,000 rooms × 1,000
+#                                         callers (10,000 distinct pairs, all seen in a 10,000-call warm-up)
+#   bench/callgrind.sh http1 2000         the embedded defaults through the REST-JSON door, HTTP/1.1 keep-alive
+#   bench/callgrind.sh h2c 2000           the same over h2c
+#   bench/callgrind.sh http1-sigv4 2000   the same as http1, every call SigV4-signed (identity.sources sigv4)
+#   bench/callgrind.sh h2c-sigv4 2000     the same as h2c, every call SigV4-signed
 #
 # The server runs under callgrind with instrumentation off; loadgen makes 300 warm-up calls, then
 # instrumentation is switched on for CALLS calls (64 in flight over 4 connections) and the counts dumped.
@@ -20,7 +26,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scenario=${1:?embedded, production, redis or end-user} calls=${2:-2000}
+scenarios="embedded, production, redis, end-user, rooms, http1, h2c, http1-sigv4 or h2c-sigv4"
+scenario=${1:?$scenarios} calls=${2:-2000}
 bin_dir=${BENCH_BIN_DIR:-target/release}
 out_dir=${CALLGRIND_OUT:-target/callgrind}
 command -v valgrind >/dev/null || {
@@ -28,10 +35,24 @@ command -v valgrind >/dev/null || {
   exit 1
 }
 mkdir -p "$out_dir"
-loadgen_args=()
+loadgen_args=() door=grpc warmup=300
 case $scenario in
   embedded) settings=() ;;
-  production | redis | end-user)
+  http1 | h2c | http1-sigv4 | h2c-sigv4)
+    settings=() door=http
+    [ "${scenario#h2c}" != "$scenario" ] && loadgen_args+=(--h2c)
+    if [ "${scenario%-sigv4}" != "$scenario" ]; then
+      key_id=CTSBENCH000000000001 secret=benchSecretAccessKey0000000000000000000
+      printf '[[keys]]\naccess_key_id = "%s"\nsecret_access_key = "%s"\nprincipal = "%s"\n' \
+        "$key_id" "$secret" spiffe://cluster.local/ns/chat/sa/web >"$out_dir/sigv4-credentials.toml"
+      settings=(
+        CTS_IDENTITY__SOURCES='["sigv4", "header"]'
+        CTS_IDENTITY__SIGV4__CREDENTIALS_FILE="$out_dir/sigv4-credentials.toml"
+      )
+      loadgen_args+=(--sign "$key_id:$secret")
+    fi
+    ;;
+  production | redis | end-user | rooms)
     settings=(
       CTS_POLICY__FILES='["deploy/policy/production.cedar"]'
       CTS_POLICY__ENTITIES_FILE=deploy/policy/production.entities.json
@@ -53,6 +74,24 @@ case $scenario in
         CTS_END_USER__ISSUERS="[{issuer=\"https://id.example.com\",audiences=[\"chat-app\"],jwks_file=\"$out_dir/end-user-jwks.json\"}]"
       )
     fi
+    if [ "$scenario" = rooms ]; then
+      # 1,000 more callers in the web group, serving the rooms' account; every (caller, room) pair of the
+      # measured calls was decided once in the warm-up.
+      python3 - deploy/policy/production.entities.json "$out_dir/entities-callers.json" <<'PY'
+import json, sys
+entities = json.load(open(sys.argv[1]))
+for i in range(1000):
+    entities.append({
+        "uid": {"type": "Caller", "id": f"spiffe://cluster.local/ns/caller-{i}/sa/web"},
+        "attrs": {"accounts": ["111111111111"]},
+        "parents": [{"type": "Group", "id": "web"}],
+    })
+json.dump(entities, open(sys.argv[2], "w"))
+PY
+      settings[1]=CTS_POLICY__ENTITIES_FILE="$out_dir/entities-callers.json"
+      loadgen_args=(--rooms 10000 --callers 1000)
+      warmup=10000
+    fi
     if [ "$scenario" = redis ]; then
       settings+=(
         CTS_LIMITER__BACKEND=redis
@@ -65,7 +104,7 @@ case $scenario in
     fi
     ;;
   *)
-    echo "unknown scenario $scenario: embedded, production, redis or end-user" >&2
+    echo "unknown scenario $scenario: $scenarios" >&2
     exit 1
     ;;
 esac
@@ -82,11 +121,12 @@ for _ in $(seq 1 600); do
   sleep 0.1
 done
 
+# Both loads start at call 0: the measured calls are ones the warm-up made (same rooms, callers, users).
 load() {
-  "$bin_dir/examples/loadgen" grpc --addr "127.0.0.1:$port" --requests "$1" --warmup 0 \
+  "$bin_dir/examples/loadgen" "$door" --addr "127.0.0.1:$port" --requests "$1" --warmup 0 \
     --concurrency 64 --connections 4 --max-seconds 600 "${loadgen_args[@]}" >/dev/null
 }
-load 300
+load "$warmup"
 callgrind_control --instr=on "$server" >/dev/null 2>&1
 load "$calls"
 callgrind_control --dump "$server" >/dev/null 2>&1

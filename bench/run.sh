@@ -6,7 +6,9 @@
 #                           (the test suite's check that the harness works; its figures mean nothing)
 #
 # Every gRPC row: examples/loadgen.rs, CreateChatToken with 64 calls in flight over 4 HTTP/2 connections,
-# every status checked. h2load (Debian's nghttp2-client, installed when missing) cross-checks the first
+# every status checked. The REST rows: the same calls as an AWS SDK makes them (POST /CreateChatToken,
+# JSON), over HTTP/1.1 keep-alive (64 connections) or h2c (4 connections), unsigned or SigV4-signed; their
+# ratio is to the gRPC door on the same settings (the embedded defaults row). h2load (Debian's nghttp2-client, installed when missing) cross-checks the first
 # two rows. Needs python3 and Redis (127.0.0.1:6379 when it answers, else a redis-server started here).
 # Environment: BENCH_REQUESTS (calls per row, default 100000; a row stops after 20 s), BENCH_USERS (distinct users of the RSS row,
 # default 1000000), BENCH_BIN_DIR (where the binaries are; default target/release, built here).
@@ -140,6 +142,22 @@ for i in range(20_000 - len(entities)):
     })
 json.dump(entities, open(sys.argv[2], "w"))
 PY
+# The production entities plus 1,000 callers (loadgen --callers: caller-N), serving the rooms' account.
+python3 - deploy/policy/production.entities.json "$work/entities-callers.json" <<'PY'
+import json, sys
+entities = json.load(open(sys.argv[1]))
+for i in range(1000):
+    entities.append({
+        "uid": {"type": "Caller", "id": f"spiffe://cluster.local/ns/caller-{i}/sa/web"},
+        "attrs": {"accounts": ["111111111111"]},
+        "parents": [{"type": "Group", "id": "web"}],
+    })
+json.dump(entities, open(sys.argv[2], "w"))
+PY
+# The SigV4 rows' key.
+sigv4_key=CTSBENCH000000000001:benchSecretAccessKey0000000000000000000
+printf '[[keys]]\naccess_key_id = "%s"\nsecret_access_key = "%s"\nprincipal = "%s"\n' \
+  "${sigv4_key%%:*}" "${sigv4_key#*:}" spiffe://cluster.local/ns/chat/sa/web >"$work/sigv4-credentials.toml"
 
 echo "measuring ($requests calls per row; $users distinct users for the RSS row)" >&2
 
@@ -157,6 +175,22 @@ start_service
 # shellcheck disable=SC2046
 measure "embedded defaults (audit on)" $(grpc_load)
 h2load_row "embedded defaults (audit on)"
+http_load() {
+  echo http --addr "127.0.0.1:$port" --requests "$requests" --warmup "$warmup" --concurrency 64 \
+    --connections 4 --server-pid "$server_pid"
+}
+# shellcheck disable=SC2046
+measure "REST door, HTTP/1.1 keep-alive" $(http_load)
+# shellcheck disable=SC2046
+measure "REST door, h2c" $(http_load) --h2c
+stop_server
+
+start_service CTS_IDENTITY__SOURCES='["sigv4", "header"]' \
+  CTS_IDENTITY__SIGV4__CREDENTIALS_FILE="$work/sigv4-credentials.toml"
+# shellcheck disable=SC2046
+measure "REST door, HTTP/1.1, SigV4-signed" $(http_load) --sign "$sigv4_key"
+# shellcheck disable=SC2046
+measure "REST door, h2c, SigV4-signed" $(http_load) --h2c --sign "$sigv4_key"
 stop_server
 
 start_service "${production[@]}" CTS_POLICY__ENTITIES_FILE=deploy/policy/production.entities.json \
@@ -169,6 +203,12 @@ start_service "${production[@]}" CTS_POLICY__ENTITIES_FILE="$work/entities-20k.j
   CTS_RATE_LIMITS="$three_limits"
 # shellcheck disable=SC2046
 measure "  same, 20,000 entities" $(grpc_load)
+stop_server
+
+start_service "${production[@]}" CTS_POLICY__ENTITIES_FILE="$work/entities-callers.json" \
+  CTS_RATE_LIMITS="$three_limits"
+# shellcheck disable=SC2046
+measure "  same, 10,000 rooms × 1,000 callers" $(grpc_load) --rooms 10000 --callers 1000
 stop_server
 
 redis_port=6379
@@ -230,7 +270,7 @@ def fields(text):
     return dict(part.split("=", 1) for part in text.split() if "=" in part)
 print(f"{'scenario':<46} {'req/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} {'p99.9 ms':>8} "
       f"{'errors':>6} {'peak RSS MiB':>12}")
-baseline = previous = None
+baseline = previous = grpc_door = None
 for name, text in rows:
     f = fields(text)
     if text.startswith("h2load"):
@@ -241,8 +281,16 @@ for name, text in rows:
         continue
     rps = float(f["rps"])
     baseline = baseline or rps
-    # Ratios to the baseline; the service's IVS rows to the direct SDK call just above them.
-    reference = previous if "through the service" in name else baseline
+    if name.startswith("embedded defaults"):
+        grpc_door = rps
+    # Ratios to the baseline; the service's IVS rows to the direct SDK call just above them, the REST
+    # door's to the gRPC door on the same settings.
+    if "through the service" in name:
+        reference = previous
+    elif name.startswith("REST door"):
+        reference = grpc_door
+    else:
+        reference = baseline
     previous = rps
     ms = lambda key: f"{int(f[key]) / 1000:.2f}"
     rss = f"{int(f['rss_peak_kib']) / 1024:.0f}" if "rss_peak_kib" in f else ""

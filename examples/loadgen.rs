@@ -7,6 +7,14 @@
 //! # The same, one distinct user id per call, then the server's peak and current RSS.
 //! cargo run --release --example loadgen -- grpc --addr 127.0.0.1:50051 --users 1000000 \
 //!   --requests 1000000 --server-pid "$(pgrep -n chat-token-service)"
+//! # 10,000 rooms and 1,000 callers (x-caller-id spiffe://cluster.local/ns/caller-N/sa/web; the server
+//! # needs those callers in its entities file, see bench/run.sh).
+//! cargo run --release --example loadgen -- grpc --addr 127.0.0.1:50051 --rooms 10000 --callers 1000
+//! # CreateChatToken over the IVS REST-JSON door: HTTP/1.1 keep-alive (one connection per call in
+//! # flight), or h2c (--h2c, over --connections), optionally SigV4-signed with a key of the server's
+//! # identity.sigv4.credentials_file.
+//! cargo run --release --example loadgen -- http --addr 127.0.0.1:50051 --h2c \
+//!   --sign CTSWEB0000000000001:webSecretAccessKey0000000000000000000000
 //! # CreateChatToken straight to an IVS Chat endpoint (the stub) through aws-sdk-ivschat.
 //! cargo run --release --example loadgen -- ivs --endpoint http://127.0.0.1:4566 --requests 20000
 //! # What unauthenticated clients can make the server hold: 64 connections × 100 streams, each with
@@ -36,11 +44,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use chat_token_service::proto::ivschat::v1::{
     CreateChatTokenRequest, token_service_client::TokenServiceClient,
 };
 use clap::{Args, Parser, Subcommand};
 use hdrhistogram::Histogram;
+use http_body_util::Full;
 use tokio::sync::Mutex;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client};
@@ -62,6 +72,22 @@ enum Command {
         /// every call's, so use it with `--users 1`.
         #[arg(long)]
         end_user_token: Option<String>,
+        #[command(flatten)]
+        load: Load,
+    },
+    /// CreateChatToken over the IVS REST-JSON door (`POST /CreateChatToken`, JSON), as an AWS SDK sends
+    /// it: HTTP/1.1 keep-alive with one connection per call in flight, or h2c over `--connections`.
+    Http {
+        /// The server, `host:port` (plaintext).
+        #[arg(long)]
+        addr: SocketAddr,
+        /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
+        #[arg(long)]
+        h2c: bool,
+        /// Sign every call with SigV4 (service `ivschat`, region `us-west-2`) with this
+        /// `ACCESS_KEY_ID:SECRET_ACCESS_KEY`; unsigned when absent.
+        #[arg(long)]
+        sign: Option<String>,
         #[command(flatten)]
         load: Load,
     },
@@ -149,18 +175,26 @@ struct Load {
     /// Calls in flight at any time.
     #[arg(long, default_value_t = 64)]
     concurrency: u64,
-    /// HTTP/2 connections the calls are spread over (gRPC only).
+    /// HTTP/2 connections the calls are spread over (gRPC and h2c).
     #[arg(long, default_value_t = 4)]
     connections: usize,
     /// Distinct user ids, `user-0` … `user-(N-1)`, one after the other; 1 sends `user-0` every time.
     #[arg(long, default_value_t = 1)]
     users: u64,
-    /// The room every call asks for.
+    /// The room every call asks for; with `--rooms N` above 1, call `i` asks for this ARN followed by
+    /// `-(i % N)`.
     #[arg(
         long,
         default_value = "arn:aws:ivschat:us-west-2:111111111111:room/lobby"
     )]
     room: String,
+    /// Distinct rooms, one after the other (see `--room`).
+    #[arg(long, default_value_t = 1)]
+    rooms: u64,
+    /// Distinct callers named in `x-caller-id`, `spiffe://cluster.local/ns/caller-N/sa/web` for N from 0
+    /// to `callers - 1`, one after the other; 0 (the default) sends no `x-caller-id`.
+    #[arg(long, default_value_t = 0)]
+    callers: u64,
     /// A server process whose peak and current RSS (from /proc) are reported after the run.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -291,11 +325,18 @@ fn tls_connector(ca: &std::path::Path) -> tokio_rustls::TlsConnector {
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
+/// What one call asks for.
+struct Call {
+    room: String,
+    user: String,
+    /// The `x-caller-id` to send, if any.
+    caller: Option<String>,
+}
+
 /// Something that makes one CreateChatToken call.
 trait Caller: Clone + Send + 'static {
-    /// Makes the call for `user`; the error says what went wrong.
-    fn call(&mut self, room: &str, user: String)
-    -> impl Future<Output = Result<(), String>> + Send;
+    /// Makes `call`; the error says what went wrong.
+    fn call(&mut self, call: Call) -> impl Future<Output = Result<(), String>> + Send;
 }
 
 #[derive(Clone)]
@@ -305,16 +346,22 @@ struct GrpcCaller {
 }
 
 impl Caller for GrpcCaller {
-    async fn call(&mut self, room: &str, user: String) -> Result<(), String> {
+    async fn call(&mut self, call: Call) -> Result<(), String> {
         let mut request = tonic::Request::new(CreateChatTokenRequest {
-            room_identifier: room.to_owned(),
-            user_id: user,
+            room_identifier: call.room,
+            user_id: call.user,
             ..Default::default()
         });
         if let Some(token) = &self.end_user_token {
             request
                 .metadata_mut()
                 .insert("x-end-user-token", token.clone());
+        }
+        if let Some(caller) = call.caller {
+            request.metadata_mut().insert(
+                "x-caller-id",
+                caller.parse().map_err(|_| "a caller id is ASCII")?,
+            );
         }
         match self.client.create_chat_token(request).await {
             Ok(response) if !response.get_ref().token.is_empty() => Ok(()),
@@ -328,12 +375,12 @@ impl Caller for GrpcCaller {
 struct IvsCaller(aws_sdk_ivschat::Client);
 
 impl Caller for IvsCaller {
-    async fn call(&mut self, room: &str, user: String) -> Result<(), String> {
+    async fn call(&mut self, call: Call) -> Result<(), String> {
         match self
             .0
             .create_chat_token()
-            .room_identifier(room)
-            .user_id(user)
+            .room_identifier(call.room)
+            .user_id(call.user)
             .send()
             .await
         {
@@ -345,6 +392,133 @@ impl Caller for IvsCaller {
             )),
         }
     }
+}
+
+/// An HTTP/1.1 connection (one call at a time) or an h2c one (shared by the workers given it).
+#[derive(Clone)]
+enum HttpConnection {
+    Http1(Arc<Mutex<hyper::client::conn::http1::SendRequest<Full<Bytes>>>>),
+    H2c(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+/// CreateChatToken over the REST-JSON door, signed with SigV4 when `key` is set.
+#[derive(Clone)]
+struct HttpCaller {
+    connection: HttpConnection,
+    host: Arc<str>,
+    /// Access key id and secret.
+    key: Option<Arc<(String, String)>>,
+}
+
+impl HttpCaller {
+    async fn connect(addr: SocketAddr, h2c: bool, key: Option<Arc<(String, String)>>) -> Self {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("cannot connect");
+        tcp.set_nodelay(true).expect("TCP_NODELAY");
+        let io = hyper_util::rt::TokioIo::new(tcp);
+        let connection = if h2c {
+            let (send, connection) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                    .await
+                    .expect("h2c handshake");
+            tokio::spawn(connection);
+            HttpConnection::H2c(send)
+        } else {
+            let (send, connection) = hyper::client::conn::http1::handshake(io)
+                .await
+                .expect("HTTP/1.1 handshake");
+            tokio::spawn(connection);
+            HttpConnection::Http1(Arc::new(Mutex::new(send)))
+        };
+        HttpCaller {
+            connection,
+            host: addr.to_string().into(),
+            key,
+        }
+    }
+
+    /// The request, signed as an AWS SDK signs it (host and content-type, the body's hash) when a key is set.
+    fn request(
+        &self,
+        body: Bytes,
+        caller: Option<String>,
+    ) -> Result<http::Request<Full<Bytes>>, String> {
+        let mut request = http::Request::post(format!("http://{}/CreateChatToken", self.host))
+            .header("host", &*self.host)
+            .header("content-type", "application/json");
+        if let Some(caller) = caller {
+            request = request.header("x-caller-id", caller);
+        }
+        let mut request = request.body(()).map_err(|e| e.to_string())?;
+        if let Some(key) = &self.key {
+            use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+            let identity =
+                aws_credential_types::Credentials::new(&key.0, &key.1, None, None, "loadgen")
+                    .into();
+            let params = aws_sigv4::sign::v4::SigningParams::builder()
+                .identity(&identity)
+                .region("us-west-2")
+                .name("ivschat")
+                .time(std::time::SystemTime::now())
+                .settings(SigningSettings::default())
+                .build()
+                .map_err(|e| e.to_string())?
+                .into();
+            let uri = request.uri().to_string();
+            let headers = request
+                .headers()
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.to_str().unwrap_or_default()));
+            let signable = SignableRequest::new("POST", &uri, headers, SignableBody::Bytes(&body))
+                .map_err(|e| e.to_string())?;
+            let (instructions, _) = sign(signable, &params)
+                .map_err(|e| e.to_string())?
+                .into_parts();
+            instructions.apply_to_request_http1x(&mut request);
+        }
+        Ok(request.map(|()| Full::new(body)))
+    }
+}
+
+impl Caller for HttpCaller {
+    async fn call(&mut self, call: Call) -> Result<(), String> {
+        let body = serde_json::to_vec(&serde_json::json!({
+            "roomIdentifier": call.room, "userId": call.user,
+        }))
+        .expect("JSON");
+        let request = self.request(body.into(), call.caller)?;
+        let response = match &mut self.connection {
+            HttpConnection::Http1(send) => {
+                let mut send = send.lock().await;
+                send.ready().await.map_err(|e| e.to_string())?;
+                send.send_request(request).await
+            }
+            HttpConnection::H2c(send) => {
+                send.ready().await.map_err(|e| e.to_string())?;
+                send.send_request(request).await
+            }
+        }
+        .map_err(|e| e.to_string())?;
+        let status = response.status();
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        if status == http::StatusCode::OK && body.starts_with(b"{") && contains(&body, b"\"token\"")
+        {
+            Ok(())
+        } else {
+            Err(format!("{status}: {}", String::from_utf8_lossy(&body)))
+        }
+    }
+}
+
+/// Whether `needle` occurs in `haystack`.
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
 }
 
 /// What one run measured.
@@ -378,6 +552,30 @@ async fn main() -> ExitCode {
                     client: TokenServiceClient::new(channel),
                     end_user_token: end_user_token.clone(),
                 });
+            }
+            measure(clients, &load).await
+        }
+        Command::Http {
+            addr,
+            h2c,
+            sign,
+            load,
+        } => {
+            let key = sign.map(|key| {
+                let (id, secret) = key
+                    .split_once(':')
+                    .expect("--sign takes ACCESS_KEY_ID:SECRET_ACCESS_KEY");
+                Arc::new((id.to_owned(), secret.to_owned()))
+            });
+            // HTTP/1.1 carries one call at a time: a connection per call in flight, as an SDK's pool has.
+            let connections = if h2c {
+                load.connections
+            } else {
+                load.concurrency as usize
+            };
+            let mut clients = Vec::with_capacity(connections);
+            for _ in 0..connections {
+                clients.push(HttpCaller::connect(addr, h2c, key.clone()).await);
             }
             measure(clients, &load).await
         }
@@ -525,7 +723,7 @@ async fn measure<C: Caller>(clients: Vec<C>, load: &Load) -> ExitCode {
 }
 
 /// Makes `count` calls (fewer if `load.max_seconds` pass first), `load.concurrency` at a time; call `i` is for
-/// user `(first + i) % load.users`.
+/// user `(first + i) % load.users`, in room `(first + i) % load.rooms` from caller `(first + i) % load.callers`.
 async fn run<C: Caller>(clients: &[C], load: &Load, count: u64, first: u64) -> Report {
     let next = Arc::new(AtomicU64::new(0));
     let first_error = Arc::new(Mutex::new(None));
@@ -535,8 +733,14 @@ async fn run<C: Caller>(clients: &[C], load: &Load, count: u64, first: u64) -> R
     let workers: Vec<_> = (0..load.concurrency)
         .map(|worker| {
             let mut client = clients[worker as usize % clients.len()].clone();
-            let (next, first_error, room, users) =
-                (next.clone(), first_error.clone(), room.clone(), load.users);
+            let (next, first_error, room, users, rooms, callers) = (
+                next.clone(),
+                first_error.clone(),
+                room.clone(),
+                load.users,
+                load.rooms,
+                load.callers,
+            );
             tokio::spawn(async move {
                 // Microseconds, 1 µs to 60 s, 3 significant digits.
                 let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
@@ -547,9 +751,20 @@ async fn run<C: Caller>(clients: &[C], load: &Load, count: u64, first: u64) -> R
                     if i >= count || Instant::now() >= stop_at {
                         break;
                     }
-                    let user = format!("user-{}", (first + i) % users);
+                    let n = first + i;
+                    let call = Call {
+                        room: if rooms > 1 {
+                            format!("{room}-{}", n % rooms)
+                        } else {
+                            room.to_string()
+                        },
+                        user: format!("user-{}", n % users),
+                        caller: (callers > 0).then(|| {
+                            format!("spiffe://cluster.local/ns/caller-{}/sa/web", n % callers)
+                        }),
+                    };
                     let sent = Instant::now();
-                    let result = client.call(&room, user).await;
+                    let result = client.call(call).await;
                     latencies.saturating_record(sent.elapsed().as_micros() as u64);
                     if let Err(error) = result {
                         errors += 1;

@@ -112,3 +112,75 @@ async fn the_redis_store_keeps_the_contract() {
     };
     contract(&stores.limits, "redis").await;
 }
+
+/// The scripts are invoked by their SHA: after `SCRIPT FLUSH` (what a Redis restart or a failover to a
+/// fresh replica does to the script cache) the next call meets NOSCRIPT, loads the script and still
+/// decides in Redis, for the limits alone and for the ban check riding with them.
+#[tokio::test]
+async fn a_flushed_script_cache_is_reloaded_on_the_next_call() {
+    let redis = RedisServer::private();
+    let Backend::Redis(stores) = store(LimiterBackend::Redis, Some(&redis)) else {
+        panic!("the Redis backend was configured");
+    };
+    let limit = check("noscript", "1/h", 2, false);
+    let verdicts = stores
+        .limits
+        .check(std::slice::from_ref(&limit))
+        .await
+        .unwrap();
+    assert_eq!(admitted(&verdicts), [true]);
+
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let flushed: String = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(flushed, "OK");
+
+    // Fail-closed: a call that could not reload the script would be refused, not decided in process.
+    let verdicts = stores
+        .limits
+        .check(std::slice::from_ref(&limit))
+        .await
+        .unwrap();
+    assert_eq!(
+        admitted(&verdicts),
+        [true],
+        "decided in Redis: the second of a burst of 2"
+    );
+    let verdicts = stores
+        .limits
+        .check(std::slice::from_ref(&limit))
+        .await
+        .unwrap();
+    assert_eq!(
+        admitted(&verdicts),
+        [false],
+        "Redis kept the state across the flush"
+    );
+
+    let _: String = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let gate = stores
+        .ban_gate
+        .as_ref()
+        .expect("a single node has the ban gate");
+    let room = chat_token_service::domain::RoomArn::parse(
+        "arn:aws:ivschat:us-west-2:111111111111:room/noscript",
+    )
+    .unwrap();
+    let user = chat_token_service::domain::UserId::parse("noscript-user".into()).unwrap();
+    let gated = gate
+        .check(&room, &user, &[check("noscript-gated", "1/h", 1, false)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&gated, chat_token_service::store::Gated::Verdicts(verdicts) if admitted(verdicts) == [true]),
+        "after a flush the fused script is loaded again"
+    );
+}

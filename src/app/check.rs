@@ -24,9 +24,11 @@ pub fn check(config_file: Option<&Path>) -> Result<String, Vec<String>> {
     let config = Config::load(config_file).map_err(|e| vec![e.to_string()])?;
     let mut problems = Vec::new();
 
-    if let Err(e) =
-        PolicyEngine::load_with_claims(policy_source(&config.policy), &config.end_user.claims)
-    {
+    if let Err(e) = PolicyEngine::load_with_claims(
+        policy_source(&config.policy),
+        &config.end_user.claims,
+        (&config.policy).into(),
+    ) {
         problems.push(format!("configuration error: policy.files: {e}"));
     }
     let keys = if config.issuer == IssuerKind::Local {

@@ -361,6 +361,7 @@ fn policy(config: &Config) -> Result<Arc<PolicyEngine>, PolicyError> {
     let engine = Arc::new(PolicyEngine::load_with_claims(
         source.clone(),
         &config.end_user.claims,
+        (&config.policy).into(),
     )?);
     match source {
         // Off loopback only in development mode: the configuration's load refuses it otherwise.

@@ -222,7 +222,7 @@ impl ModerationConfig {
 }
 
 /// Policy settings. See docs/policy.md for what a policy sees.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Cedar policy files, evaluated as one set. Empty (the default): the embedded development policy,
@@ -235,6 +235,27 @@ pub struct PolicyConfig {
     /// Evaluate policies and log what they would deny, but deny nothing: for trying a new policy on live
     /// traffic. Default `false`.
     pub shadow: bool,
+
+    /// How many decisions are kept, by caller, action, room and the context the policies read: live
+    /// (caller, room) pairs beyond it are decided by Cedar again. Bounds the memory whatever callers send
+    /// (a few hundred bytes an entry). At least 1. Default 16384.
+    pub decision_cache_entries: usize,
+
+    /// How many (caller, room) entity slices are kept, built again on a decision cache miss when
+    /// evicted (a few KB an entry). At least 1. Default 1024.
+    pub slice_cache_entries: usize,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            files: Vec::new(),
+            entities_file: None,
+            shadow: false,
+            decision_cache_entries: 16384,
+            slice_cache_entries: 1024,
+        }
+    }
 }
 
 impl PolicyConfig {
@@ -249,6 +270,18 @@ impl PolicyConfig {
                      deploy/policy/production.cedar), or run `serve --dev` to try the service out"
                 ),
             });
+        }
+        for (setting, entries) in [
+            ("policy.decision_cache_entries", self.decision_cache_entries),
+            ("policy.slice_cache_entries", self.slice_cache_entries),
+        ] {
+            if entries == 0 {
+                return Err(ConfigError::Invalid {
+                    setting: setting.into(),
+                    reason: "must be at least 1: an empty cache would have Cedar decide every call"
+                        .into(),
+                });
+            }
         }
         if self.entities_file.is_some() && self.files.is_empty() {
             return Err(ConfigError::Invalid {

@@ -567,3 +567,15 @@ fn end_user_settings_are_checked_at_their_edges() {
         "end_user.issuers[1].issuer",
     );
 }
+
+#[test]
+fn policy_cache_sizes_of_zero_are_refused() {
+    for setting in ["decision_cache_entries", "slice_cache_entries"] {
+        let err = load_str(&format!("[policy]\n{setting} = 0")).unwrap_err();
+        assert!(
+            err.to_string().contains(&format!("policy.{setting}")),
+            "{err}"
+        );
+        assert!(load_str(&format!("[policy]\n{setting} = 1")).is_ok());
+    }
+}

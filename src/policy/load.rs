@@ -11,10 +11,7 @@ use miette::Diagnostic;
 
 use super::cache::BoundedCache;
 use super::reads::ContextReads;
-use super::{
-    CachedDecision, DECISION_CACHE_ENTRIES, DEVELOPMENT_POLICY, PolicyError, PolicySource,
-    SLICE_CACHE_ENTRIES,
-};
+use super::{CacheSizes, CachedDecision, DEVELOPMENT_POLICY, PolicyError, PolicySource};
 use crate::domain::Action;
 
 /// One loaded, validated policy set and the entities it is evaluated with.
@@ -25,11 +22,11 @@ pub(super) struct Loaded {
     /// What every request's slice holds whatever its caller: the entities the policies name, their
     /// ancestors, and the actions.
     pub(super) shared: Vec<Entity>,
-    /// Slices already built, by caller id and room ARN: at most [`SLICE_CACHE_ENTRIES`].
+    /// Slices already built, by caller id and room ARN: about [`CacheSizes::slices`].
     pub(super) slices: BoundedCache<(String, String), Entities>,
     /// The context attributes the policies can read: the only ones each request's context holds.
     pub(super) context_reads: ContextReads,
-    /// Decisions already made, by the decision key: at most [`DECISION_CACHE_ENTRIES`].
+    /// Decisions already made, by the decision key: about [`CacheSizes::decisions`].
     pub(super) decisions: BoundedCache<String, CachedDecision>,
 }
 
@@ -44,7 +41,11 @@ pub(super) fn uid(entity_type: &str, id: &str) -> EntityUid {
     )
 }
 
-pub(super) fn load(source: &PolicySource, schema: &Schema) -> Result<Loaded, PolicyError> {
+pub(super) fn load(
+    source: &PolicySource,
+    schema: &Schema,
+    cache_sizes: CacheSizes,
+) -> Result<Loaded, PolicyError> {
     let (files, entities_file): (Vec<(String, String)>, _) = match source {
         PolicySource::Development => (
             vec![(
@@ -122,11 +123,11 @@ pub(super) fn load(source: &PolicySource, schema: &Schema) -> Result<Loaded, Pol
     }
     Ok(Loaded {
         context_reads: ContextReads::of(&policies),
-        decisions: BoundedCache::new(DECISION_CACHE_ENTRIES),
+        decisions: BoundedCache::new(cache_sizes.decisions),
         policies,
         entities,
         shared,
-        slices: BoundedCache::new(SLICE_CACHE_ENTRIES),
+        slices: BoundedCache::new(cache_sizes.slices),
     })
 }
 

@@ -25,16 +25,18 @@
 //! is reachable from the principal, the resource or a literal. The `Room` is made per request from its
 //! ARN, so the entities file may not define one (refused at load, naming it). Building a slice costs more
 //! than the decision (Cedar computes its transitive closure), and it depends only on the caller and the
-//! room, so the last [`SLICE_CACHE_ENTRIES`] slices are kept with the policy set they were made from (a
+//! room, so up to [`CacheSizes::slices`] slices are kept with the policy set they were made from (a
 //! reload starts afresh). Requests are not checked
 //! against the schema per call: their shape is fixed by this module, and a unit test checks every action's
 //! context against the schema.
 //!
 //! Decisions themselves are kept too: while a policy set is loaded, a decision depends only on the caller,
-//! the action, the room and the context attributes the policies read (`reads`), so the last
-//! [`DECISION_CACHE_ENTRIES`] are kept by exactly those (`decision_key`, every part length-prefixed). Calls
+//! the action, the room and the context attributes the policies read (`reads`), so up to
+//! [`CacheSizes::decisions`] are kept by exactly those (`decision_key`, every part length-prefixed). Calls
 //! that differ only in attributes no policy reads, the user id with the production policy for one, are
-//! decided once.
+//! decided once. Both caches are bounded, sharded and evict with S3-FIFO (`cache`): with more live
+//! (caller, room) pairs than they hold, the pairs that come back stay and the one-off ones go, instead
+//! of the whole cache emptying at once.
 
 mod cache;
 pub mod layer;
@@ -59,6 +61,7 @@ use cedar_policy::{
     SchemaFragment,
 };
 
+use crate::config::PolicyConfig;
 use crate::domain::{Action, Error, end_user::DEFAULT_POLICY_CLAIMS};
 use load::{Loaded, load, located, uid};
 use reads::{ContextReads, Read};
@@ -91,10 +94,32 @@ pub enum PolicySource {
 #[error("{0}")]
 pub struct PolicyError(pub(super) String);
 
-/// How many decisions are kept. When full, the cache starts afresh: a key holds what callers send (room
-/// ARN, capabilities, attribute keys), so this bounds its memory (a few hundred bytes an entry) whatever
-/// they send.
-pub const DECISION_CACHE_ENTRIES: usize = 1024;
+/// How many entries the engine's caches hold (`policy.decision_cache_entries`,
+/// `policy.slice_cache_entries`): a decision key holds what callers send (room ARN, capabilities,
+/// attribute keys), so the bounds cap the memory whatever they send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheSizes {
+    /// Decisions kept (a few hundred bytes each).
+    pub decisions: usize,
+    /// (caller, room) entity slices kept (a few KB each).
+    pub slices: usize,
+}
+
+impl From<&PolicyConfig> for CacheSizes {
+    fn from(config: &PolicyConfig) -> Self {
+        CacheSizes {
+            decisions: config.decision_cache_entries,
+            slices: config.slice_cache_entries,
+        }
+    }
+}
+
+impl Default for CacheSizes {
+    /// The configuration's defaults.
+    fn default() -> Self {
+        (&PolicyConfig::default()).into()
+    }
+}
 
 /// A decision as Cedar made it, with every policy id.
 #[derive(Debug)]
@@ -102,10 +127,6 @@ struct CachedDecision {
     allowed: bool,
     policy_ids: Vec<String>,
 }
-
-/// How many (caller, room) slices are kept. When full, the cache starts afresh: callers choose room
-/// ARNs, so this bounds the memory (a slice is a few KB), and the hot rooms come back at once.
-pub const SLICE_CACHE_ENTRIES: usize = 256;
 
 /// What the engine decided for one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -127,25 +148,33 @@ pub struct PolicyEngine {
     actions: HashMap<Action, EntityUid>,
     caller_type: EntityTypeName,
     room_type: EntityTypeName,
+    /// The bounds of each loaded set's caches.
+    cache_sizes: CacheSizes,
     /// Reloads refused because the new files did not parse or validate.
     refused_reloads: AtomicU64,
 }
 
 impl PolicyEngine {
     /// Loads and validates the policies of `source`, with the end-user claims policies see by default
-    /// ([`DEFAULT_POLICY_CLAIMS`]); any error stops here.
+    /// ([`DEFAULT_POLICY_CLAIMS`]) and the default cache sizes; any error stops here.
     pub fn load(source: PolicySource) -> Result<Self, PolicyError> {
-        Self::load_with_claims(source, &DEFAULT_POLICY_CLAIMS.map(str::to_owned))
+        Self::load_with_claims(
+            source,
+            &DEFAULT_POLICY_CLAIMS.map(str::to_owned),
+            CacheSizes::default(),
+        )
     }
 
     /// Loads and validates the policies of `source`, against the schema with `end_user_claims`
-    /// (`end_user.claims`) declared as the end user's claims; any error stops here.
+    /// (`end_user.claims`) declared as the end user's claims, caching as `cache_sizes` says; any error
+    /// stops here.
     pub fn load_with_claims(
         source: PolicySource,
         end_user_claims: &[String],
+        cache_sizes: CacheSizes,
     ) -> Result<Self, PolicyError> {
         let schema = schema(end_user_claims)?;
-        let loaded = load(&source, &schema)?;
+        let loaded = load(&source, &schema, cache_sizes)?;
         Ok(PolicyEngine {
             source,
             schema,
@@ -156,6 +185,7 @@ impl PolicyEngine {
                 .collect(),
             caller_type: EntityTypeName::from_str("Caller").expect("valid type name"),
             room_type: EntityTypeName::from_str("Room").expect("valid type name"),
+            cache_sizes,
             refused_reloads: AtomicU64::new(0),
         })
     }
@@ -168,7 +198,7 @@ impl PolicyEngine {
     /// Re-reads the files. On success the new set takes effect for the next request; on failure the
     /// current set stays in force, the refusal is counted, and the error says why.
     pub fn reload(&self) -> Result<(), PolicyError> {
-        match load(&self.source, &self.schema) {
+        match load(&self.source, &self.schema, self.cache_sizes) {
             Ok(loaded) => {
                 self.current.store(Arc::new(loaded));
                 Ok(())
@@ -216,7 +246,7 @@ impl PolicyEngine {
         );
         let decision = loaded
             .decisions
-            .get_or_try_insert(key, || self.ask_cedar(&loaded, request, read()))?;
+            .get_or_try_insert(&key, || self.ask_cedar(&loaded, request, read()))?;
         Ok(PolicyDecision {
             allowed: decision.allowed,
             policy_ids: if decision.allowed && !ids_when_allowed {

@@ -196,10 +196,22 @@ fn a_policy_that_reads_the_user_id_is_decided_per_user() {
     assert_eq!(engine.cached_decisions(), 3);
 }
 
+/// The development policy with caches of `decisions` and `slices` entries.
+fn with_cache_sizes(decisions: usize, slices: usize) -> PolicyEngine {
+    PolicyEngine::load_with_claims(
+        PolicySource::Development,
+        &DEFAULT_POLICY_CLAIMS.map(str::to_owned),
+        CacheSizes { decisions, slices },
+    )
+    .unwrap()
+}
+
 #[test]
-fn the_decision_cache_is_bounded() {
-    let engine = PolicyEngine::load(PolicySource::Development).unwrap();
-    for i in 0..=DECISION_CACHE_ENTRIES {
+fn the_decision_cache_is_bounded_and_keeps_the_pairs_that_come_back() {
+    let engine = with_cache_sizes(64, 64);
+    let hot = request("c", ROOM_111, &[], None);
+    assert!(engine.evaluate(&hot).unwrap().allowed);
+    for i in 0..1000 {
         let room = format!("arn:aws:ivschat:us-west-2:111111111111:room/r{i}");
         assert!(
             engine
@@ -207,8 +219,26 @@ fn the_decision_cache_is_bounded() {
                 .unwrap()
                 .allowed
         );
+        assert!(engine.evaluate(&hot).unwrap().allowed);
+        assert!(engine.cached_decisions() <= 64);
     }
-    assert_eq!(engine.cached_decisions(), 1, "started afresh when full");
+    let kept = engine.cached_decisions();
+    assert!(engine.evaluate(&hot).unwrap().allowed);
+    assert_eq!(engine.cached_decisions(), kept, "the hot pair was kept");
+}
+
+#[test]
+fn the_default_caches_hold_the_configured_defaults() {
+    let config = crate::config::PolicyConfig::default();
+    assert_eq!(
+        CacheSizes::default(),
+        CacheSizes {
+            decisions: config.decision_cache_entries,
+            slices: config.slice_cache_entries
+        }
+    );
+    assert_eq!(CacheSizes::default().decisions, 16384);
+    assert_eq!(CacheSizes::default().slices, 1024);
 }
 
 #[test]
@@ -348,7 +378,7 @@ fn a_decision_reaches_as_many_entities_with_20000_in_the_file_as_with_4() {
 
 #[test]
 fn slices_are_kept_per_caller_and_room_within_the_bound() {
-    let engine = PolicyEngine::load(PolicySource::Development).unwrap();
+    let engine = with_cache_sizes(64, 64);
     let kept = |engine: &PolicyEngine| engine.current.load().slices.len();
     for _ in 0..3 {
         assert!(
@@ -359,7 +389,7 @@ fn slices_are_kept_per_caller_and_room_within_the_bound() {
         );
     }
     assert_eq!(kept(&engine), 1);
-    for i in 0..SLICE_CACHE_ENTRIES + 10 {
+    for i in 0..64 + 10 {
         let caller = format!("caller-{i}");
         assert!(
             engine
@@ -367,7 +397,7 @@ fn slices_are_kept_per_caller_and_room_within_the_bound() {
                 .unwrap()
                 .allowed
         );
-        assert!(kept(&engine) <= SLICE_CACHE_ENTRIES);
+        assert!(kept(&engine) <= 64);
     }
 }
 

@@ -114,6 +114,31 @@ impl Connection {
         }
     }
 
+    /// Sends `evalsha`, an EVALSHA of `script`'s hash, and reads its answer as a `T`; on NOSCRIPT (a
+    /// restarted or failed-over Redis, a flushed script cache) loads `script` and sends it again. What
+    /// [`Self::invoke`] does, for a command built without an invocation's allocation per argument.
+    pub async fn evalsha<T: FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        evalsha: &redis::Cmd,
+    ) -> RedisResult<T> {
+        match self.query(evalsha).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                let load = script.prepare_invoke();
+                match self {
+                    Connection::Single(connection) => {
+                        load.load_async(&mut connection.clone()).await?
+                    }
+                    Connection::Cluster(connection) => {
+                        load.load_async(&mut connection.clone()).await?
+                    }
+                };
+                self.query(evalsha).await
+            }
+            answer => answer,
+        }
+    }
+
     /// Runs a script invocation (EVALSHA, loading the script on NOSCRIPT) and reads its answer as a `T`.
     pub async fn invoke<T: FromRedisValue>(
         &self,

@@ -25,6 +25,7 @@
 mod ids;
 pub mod metrics;
 mod otlp;
+mod text;
 
 pub(crate) use ids::tag_call;
 
@@ -154,10 +155,18 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
     let dropped = stderr.error_counter();
     metrics::observe_dropped_log_lines(move || dropped.dropped_lines());
     let fmt = match format {
+        // Colour codes only for people, with tracing-subscriber's own formatters.
+        LogFormat::Text if std::io::stderr().is_terminal() => tracing_subscriber::fmt::layer()
+            .with_writer(stderr)
+            .with_ansi(true)
+            .with_filter(printed)
+            .boxed(),
+        // Log collectors get plain text, the same bytes written by cheaper formatters (see `text`).
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(stderr)
-            // Colour codes only for people; log collectors get plain text.
-            .with_ansi(std::io::stderr().is_terminal())
+            .with_ansi(false)
+            .fmt_fields(text::PlainFields)
+            .event_format(text::PlainLine::with_timer(text::UtcMicros))
             .with_filter(printed)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()

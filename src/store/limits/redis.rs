@@ -3,7 +3,9 @@
 //!
 //! One Lua script (`gcra.lua`) holds the whole decision. It is loaded once per Redis server and then
 //! invoked by its SHA (EVALSHA; on NOSCRIPT, after a Redis restart or failover, it is loaded again and the
-//! call retried). It reads the clock with Redis' own `TIME`, so replicas whose clocks disagree still agree
+//! call retried). The EVALSHA command is built straight into one buffer (keys written through one reused
+//! string, numbers without a string of their own), not through redis-rs' script invocation, which keeps
+//! every key and argument in a vector of its own and copies them all again into the command. It reads the clock with Redis' own `TIME`, so replicas whose clocks disagree still agree
 //! on every decision, and it stores each key's theoretical arrival time with a TTL equal to the time to
 //! full recovery: a key that expires carries no information, so nothing is left behind.
 //!
@@ -90,22 +92,21 @@ impl RedisLimits {
             let key = key.clone();
             let probe = probe.clone();
             Box::pin(async move {
-                decide(connection, std::slice::from_ref(&probe), |_| key.clone())
-                    .await
-                    .map(drop)
+                decide(connection, std::slice::from_ref(&probe), |out, _| {
+                    out.push_str(&key)
+                })
+                .await
+                .map(drop)
             })
         })
     }
 
-    /// `<prefix>:rl:{<hex digest of key>}`.
-    fn redis_key(&self, key: &str) -> String {
-        let prefix = self.redis.prefix();
-        let mut redis_key = String::with_capacity(prefix.len() + 38);
-        redis_key.push_str(prefix);
+    /// Writes `<prefix>:rl:{<hex digest of key>}` to `redis_key`.
+    fn write_key(&self, redis_key: &mut String, key: &str) {
+        redis_key.push_str(self.redis.prefix());
         redis_key.push_str(":rl:{");
-        crate::key::push_digest_hex(&mut redis_key, key);
+        crate::key::push_digest_hex(redis_key, key);
         redis_key.push('}');
-        redis_key
     }
 
     /// On a single node, one script call: the record at `ban_key` if there is one (deciding nothing), else
@@ -116,13 +117,10 @@ impl RedisLimits {
         ban_key: String,
         checks: &[Check],
     ) -> RedisResult<AfterBan> {
-        let mut invocation = SCRIPT.prepare_invoke();
-        invocation.key(ban_key).arg("1");
-        for check in checks {
-            invocation.key(self.redis_key(&check.key));
-            push_args(&mut invocation, check);
-        }
-        match connection.invoke(&invocation).await? {
+        let evalsha = evalsha(Some(&ban_key), checks, |out, check| {
+            self.write_key(out, &check.key)
+        });
+        match connection.evalsha(&SCRIPT, &evalsha).await? {
             redis::Value::BulkString(record) => Ok(AfterBan::Banned(record)),
             redis::Value::Array(waits) => {
                 if waits.len() != checks.len() {
@@ -155,7 +153,10 @@ impl RedisLimits {
         connection: &Connection,
         checks: &[Check],
     ) -> RedisResult<Vec<Verdict>> {
-        decide(connection, checks, |check| self.redis_key(&check.key)).await
+        decide(connection, checks, |out, check| {
+            self.write_key(out, &check.key)
+        })
+        .await
     }
 }
 
@@ -172,30 +173,23 @@ impl LimiterStore for RedisLimits {
     }
 }
 
-/// Runs the script over `checks`, each stored at `key(check)`.
+/// Runs the script over `checks`, each stored at the key `key` writes for it.
 async fn decide(
     connection: &Connection,
     checks: &[Check],
-    key: impl Fn(&Check) -> String,
+    key: impl Fn(&mut String, &Check),
 ) -> RedisResult<Vec<Verdict>> {
     let waits: Vec<u64> = match connection {
         Connection::Single(_) => {
-            let mut invocation = SCRIPT.prepare_invoke();
-            // No ban key (see gcra.lua).
-            invocation.arg("0");
-            for check in checks {
-                invocation.key(key(check));
-                push_args(&mut invocation, check);
-            }
-            connection.invoke(&invocation).await?
+            connection
+                .evalsha(&SCRIPT, &evalsha(None, checks, key))
+                .await?
         }
         Connection::Cluster(_) => {
             let calls = checks.iter().map(|check| {
-                let mut invocation = SCRIPT.key(key(check));
-                invocation.arg("0");
-                push_args(&mut invocation, check);
+                let evalsha = evalsha(None, std::slice::from_ref(check), &key);
                 async move {
-                    let waits: Vec<u64> = connection.invoke(&invocation).await?;
+                    let waits: Vec<u64> = connection.evalsha(&SCRIPT, &evalsha).await?;
                     waits
                         .first()
                         .copied()
@@ -226,16 +220,41 @@ fn verdict(wait: u64) -> Verdict {
     }
 }
 
+/// EVALSHA of the script (see gcra.lua): `ban_key` if any, each check's key as `key` writes it, then
+/// the ban flag and each check's arguments.
+fn evalsha(
+    ban_key: Option<&str>,
+    checks: &[Check],
+    key: impl Fn(&mut String, &Check),
+) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(SCRIPT.get_hash())
+        .arg(checks.len() + usize::from(ban_key.is_some()));
+    if let Some(ban_key) = ban_key {
+        cmd.arg(ban_key);
+    }
+    let mut written = String::with_capacity(96);
+    for check in checks {
+        written.clear();
+        key(&mut written, check);
+        cmd.arg(written.as_str());
+    }
+    cmd.arg(if ban_key.is_some() { "1" } else { "0" });
+    for check in checks {
+        push_args(&mut cmd, check);
+    }
+    cmd
+}
+
 /// Appends a check's emission interval and tolerance in whole microseconds (at least 1 µs per request),
 /// and its shadow flag.
-fn push_args(invocation: &mut redis::ScriptInvocation<'_>, check: &Check) {
+fn push_args(cmd: &mut redis::Cmd, check: &Check) {
     let interval = u64::try_from(check.quota.emission_interval().as_micros())
         .unwrap_or(u64::MAX)
         .max(1);
     // B·T from the rounded T, so a full burst is still exactly B requests.
     let tolerance = interval.saturating_mul(u64::from(check.quota.burst().get()));
-    invocation
-        .arg(interval)
+    cmd.arg(interval)
         .arg(tolerance)
         .arg(if check.shadow { "1" } else { "0" });
 }
