@@ -9,7 +9,7 @@
 # every status checked. The REST rows: the same calls as an AWS SDK makes them (POST /CreateChatToken,
 # JSON), over HTTP/1.1 keep-alive (64 connections) or h2c (4 connections), unsigned or SigV4-signed; their
 # ratio is to the gRPC door on the same settings (the embedded defaults row). h2load (Debian's nghttp2-client, installed when missing) cross-checks the first
-# two rows. Needs python3 and Redis (127.0.0.1:6379 when it answers, else a redis-server started here).
+# two rows. Needs python3, openssl and Redis (127.0.0.1:6379 when it answers, else a redis-server started here).
 # Environment: BENCH_REQUESTS (calls per row, default 100000; a row stops after 20 s), BENCH_USERS (distinct users of the RSS row,
 # default 1000000), BENCH_BIN_DIR (where the binaries are; default target/release, built here).
 set -euo pipefail
@@ -199,6 +199,19 @@ start_service "${production[@]}" CTS_POLICY__ENTITIES_FILE=deploy/policy/product
 measure "production policy + 3 memory limits" $(grpc_load)
 stop_server
 
+# End-user binding: the caller is end-user-facing (the production policy then requires binding) and every
+# call forwards user-0's RS256 ID token, verified against a JWK set file (no identity provider to reach).
+openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -outform DER -out "$work/end-user-key.der" 2>/dev/null
+end_user_token=$("$loadgen" end-user-token --rsa-key "$work/end-user-key.der" --jwks "$work/end-user-jwks.json" \
+  --issuer https://id.example.com --audience chat-app --sub user-0)
+start_service CTS_POLICY__FILES='["deploy/policy/production.cedar"]' CTS_IDENTITY__SOURCES='["header"]' \
+  CTS_IDENTITY__ANONYMOUS_PRINCIPAL=spiffe://cluster.local/ns/chat/sa/web-gateway \
+  CTS_POLICY__ENTITIES_FILE=deploy/policy/production.entities.json CTS_RATE_LIMITS="$three_limits" \
+  CTS_END_USER__ISSUERS="[{issuer=\"https://id.example.com\",audiences=[\"chat-app\"],jwks_file=\"$work/end-user-jwks.json\"}]"
+# shellcheck disable=SC2046
+measure "  same, bound to the end user (RS256)" $(grpc_load) --end-user-token "$end_user_token"
+stop_server
+
 start_service "${production[@]}" CTS_POLICY__ENTITIES_FILE="$work/entities-20k.json" \
   CTS_RATE_LIMITS="$three_limits"
 # shellcheck disable=SC2046
@@ -269,8 +282,8 @@ rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1])]
 def fields(text):
     return dict(part.split("=", 1) for part in text.split() if "=" in part)
 print(f"{'scenario':<46} {'req/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} {'p99.9 ms':>8} "
-      f"{'errors':>6} {'peak RSS MiB':>12}")
-baseline = previous = grpc_door = None
+      f"{'errors':>6} {'peak RSS MiB':>12} {'CPU µs/call':>11} {'CPU ratio':>9}")
+baseline = previous = grpc_door = baseline_cpu = None
 for name, text in rows:
     f = fields(text)
     if text.startswith("h2load"):
@@ -294,6 +307,11 @@ for name, text in rows:
     previous = rps
     ms = lambda key: f"{int(f[key]) / 1000:.2f}"
     rss = f"{int(f['rss_peak_kib']) / 1024:.0f}" if "rss_peak_kib" in f else ""
+    # The server's own CPU per call, and its ratio to bare tonic's (the baseline row's).
+    cpu = float(f["server_cpu_us"]) if "server_cpu_us" in f else None
+    baseline_cpu = baseline_cpu or cpu
+    cpu_text = f"{cpu:.1f}" if cpu is not None else ""
+    cpu_ratio = f"{cpu / baseline_cpu:.2f}" if cpu and baseline_cpu else ""
     print(f"{name:<46} {rps:>8.0f} {rps / reference:>6.2f} {ms('p50_us'):>7} {ms('p99_us'):>7} "
-          f"{ms('p999_us'):>8} {f['errors']:>6} {rss:>12}")
+          f"{ms('p999_us'):>8} {f['errors']:>6} {rss:>12} {cpu_text:>11} {cpu_ratio:>9}")
 PY

@@ -33,6 +33,7 @@ fn a_tiny_benchmark_run_measures_every_scenario_without_a_failed_call() {
         "embedded defaults",
         "production policy + 3 memory limits",
         "20,000 entities",
+        "bound to the end user (RS256)",
         "10,000 rooms × 1,000 callers",
         "REST door, HTTP/1.1 keep-alive",
         "REST door, h2c",
@@ -46,4 +47,13 @@ fn a_tiny_benchmark_run_measures_every_scenario_without_a_failed_call() {
     ] {
         assert!(table.contains(scenario), "no {scenario:?} row in:\n{table}");
     }
+    // The server's CPU per call is measured for the baseline row, so every row has its CPU ratio.
+    let baseline = table
+        .lines()
+        .find(|l| l.starts_with("baseline: bare tonic"))
+        .unwrap();
+    assert!(
+        table.contains("CPU µs/call") && baseline.trim_end().ends_with("1.00"),
+        "no CPU per call for the baseline in:\n{table}"
+    );
 }
