@@ -453,6 +453,67 @@ fn signed_callers_are_identified_and_refusals_are_access_denied() {
 
 /// A rate limit refuses with ThrottlingException and Retry-After, after the SDK's own retries: the service
 /// saw every attempt.
+/// The signed Host must be a name callers reach the service by (`identity.sigv4.hosts`): a signature made
+/// for another name (a request relayed from elsewhere) gets the answer any bad signature gets, and the log
+/// says which check refused it; with the name among the hosts the same call is served.
+#[test]
+fn a_signature_for_a_host_outside_identity_sigv4_hosts_is_refused_like_any_bad_signature() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = signed_callers_config(dir.path(), "");
+    let room = format!("--room-identifier={ACCOUNT_111_ROOM}");
+    let web = Some((WEB_KEY_ID, WEB_SECRET));
+
+    // Served as chat.internal only: the CLI signs for 127.0.0.1:PORT.
+    let binary = Binary::start(&[
+        ("CTS_CONFIG", &config),
+        ("CTS_IDENTITY__SIGV4__HOSTS", r#"["chat.internal"]"#),
+    ]);
+    let output = cli(binary.addr, web, &[&room, "--user-id", "u"]);
+    assert_eq!(
+        output.status.code(),
+        Some(service_error_exit_code()),
+        "{}",
+        text(&output.stderr)
+    );
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("An error occurred (AccessDeniedException)")
+            && stderr.contains("the request signature is not valid for this service"),
+        "{stderr}"
+    );
+    let log = stop(binary);
+    assert!(
+        log.iter()
+            .any(|l| l.contains("the signed host is not one of identity.sigv4.hosts")),
+        "{log:?}"
+    );
+
+    // Positive control: the same call, with the name it is signed for among the hosts.
+    let binary = Binary::start(&[
+        ("CTS_CONFIG", &config),
+        (
+            "CTS_IDENTITY__SIGV4__HOSTS",
+            r#"["chat.internal", "127.0.0.1"]"#,
+        ),
+    ]);
+    let output = cli(
+        binary.addr,
+        web,
+        &[
+            &room,
+            "--user-id",
+            "u",
+            "--output",
+            "text",
+            "--query",
+            "token",
+        ],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).starts_with("v4.local."));
+    stop(binary);
+}
+
 #[test]
 fn rate_limited_calls_are_throttling_exceptions_after_the_sdks_retries() {
     let dir = tempfile::tempdir().unwrap();
