@@ -63,6 +63,21 @@ const DOCS_REDIS: &str = "127.0.0.1:6379";
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// `text` with each placeholder of `named` replaced by its address, in one pass: an address put in is
+/// never read again as a placeholder (the service on 127.0.0.1:63790 stays whole where Redis's placeholder
+/// is 127.0.0.1:6379).
+fn substitute(text: &str, named: &[(&str, String)]) -> String {
+    let marker = |i: usize| format!("\u{1}{i}\u{1}");
+    let mut text = text.to_owned();
+    for (i, (placeholder, _)) in named.iter().enumerate() {
+        text = text.replace(placeholder, &marker(i));
+    }
+    for (i, (_, addr)) in named.iter().enumerate() {
+        text = text.replace(&marker(i), addr);
+    }
+    text
+}
+
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -1199,26 +1214,29 @@ impl<'t> Page<'t> {
     /// [`Page::addresses`]; `service: false` leaves the service's address alone (a configuration's own
     /// `listen_addr`: the test starts servers on a port of their own anyway).
     fn addresses_of(&mut self, text: &str, service: bool) -> Result<String, String> {
-        let mut text = text.to_owned();
+        // Which placeholders the page's own text names is decided before anything is replaced, and the
+        // replacing goes through markers, so a real address that starts like another placeholder (the
+        // service on port 45660 reads "127.0.0.1:4566…", the stub's placeholder) is never taken for it.
+        let mut named: Vec<(&str, String)> = Vec::new();
         if service && text.contains(DOCS_SERVICE) {
             if self.server.is_none() {
                 self.server = Some(Server::start(self.dir.path(), &[], &[])?);
             }
             let addr = self.server.as_ref().unwrap().addr.to_string();
-            text = text.replace(DOCS_SERVICE, &addr);
+            named.push((DOCS_SERVICE, addr));
         }
         if text.contains(DOCS_STUB) {
             let (_, stub) = self
                 .stub
                 .as_ref()
                 .ok_or("names the IVS Chat stub before `cargo run --example ivschat_stub`")?;
-            text = text.replace(DOCS_STUB, &stub.addr.to_string());
+            named.push((DOCS_STUB, stub.addr.to_string()));
         }
         if text.contains(DOCS_REDIS) {
             let redis = self.redis.get_or_insert_with(RedisServer::shared);
-            text = text.replace(DOCS_REDIS, &redis.addr.to_string());
+            named.push((DOCS_REDIS, redis.addr.to_string()));
         }
-        Ok(text)
+        Ok(substitute(text, &named))
     }
 
     fn write(&self, relative: &str, contents: &str) -> PathBuf {
@@ -1585,6 +1603,22 @@ fn the_runner_fails_broken_examples() {
     assert!(tally.failures.is_empty(), "{:?}", tally.failures);
     assert_eq!(tally.skipped.len(), 1);
     assert_eq!(tally.outputs, 1);
+}
+
+/// Addresses put into an example are not taken for placeholders: a service on port 63790 or 45660 looks
+/// like Redis's or the stub's placeholder followed by a digit (seen as a flaky failure of this test).
+#[test]
+fn real_addresses_are_never_read_as_placeholders() {
+    let text = "grpcurl 127.0.0.1:50051; redis 127.0.0.1:6379; stub 127.0.0.1:4566";
+    let named = [
+        (DOCS_SERVICE, "127.0.0.1:63790".to_owned()),
+        (DOCS_REDIS, "127.0.0.1:45660".to_owned()),
+        (DOCS_STUB, "127.0.0.1:50051".to_owned()),
+    ];
+    assert_eq!(
+        substitute(text, &named),
+        "grpcurl 127.0.0.1:63790; redis 127.0.0.1:45660; stub 127.0.0.1:50051"
+    );
 }
 
 #[test]
