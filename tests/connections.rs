@@ -6,7 +6,12 @@ mod common;
 
 use common::PATIENCE;
 
-use std::{net::SocketAddr, num::NonZeroUsize, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    num::NonZeroUsize,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use chat_token_service::config::{Config, TlsConfig};
 use common::{
@@ -101,20 +106,45 @@ async fn header_only_streams_on_many_connections_take_no_call_slots() {
     }
 }
 
+/// How late after its timeout a loaded 2-core machine may close a connection; anything else that would
+/// close it (the idle timeout, 60 s by default) comes much later.
+const CLOSE_MARGIN: Duration = Duration::from_secs(3);
+
+/// A connection the server closed `held` after it opened (or went idle) was closed at `timeout`: not
+/// before, and not long after.
+fn assert_closed_at_the_edge(what: &str, held: Duration, timeout: Duration) {
+    assert!(
+        held >= timeout,
+        "{what}: closed after {held:?}, before its timeout of {timeout:?}"
+    );
+    assert!(
+        held < timeout + CLOSE_MARGIN,
+        "{what}: closed only after {held:?}, its timeout is {timeout:?}"
+    );
+}
+
+const PREFACE_TIMEOUT: Duration = Duration::from_millis(300);
+
 #[tokio::test]
 async fn a_silent_tcp_client_is_closed_after_the_preface_timeout_and_a_talking_one_is_not() {
     let keys = LocalKeys::new();
     let mut config = keys.config();
-    config.transport.preface_timeout = Duration::from_millis(300);
+    config.transport.preface_timeout = PREFACE_TIMEOUT;
     let server = TestServer::from_config(config).await;
 
+    // Closed at the timeout's edge: never before it (the server accepts after our connect returns, so its
+    // timer cannot start earlier), and well before anything else would close it.
+    let opened = Instant::now();
     let mut silent = TcpStream::connect(server.addr).await.unwrap();
     closed_by_server(&mut silent).await;
+    assert_closed_at_the_edge("a silent client", opened.elapsed(), PREFACE_TIMEOUT);
 
     // A client that sent only part of the preface is silent too.
+    let opened = Instant::now();
     let mut stalled = TcpStream::connect(server.addr).await.unwrap();
     stalled.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
     closed_by_server(&mut stalled).await;
+    assert_closed_at_the_edge("half a preface", opened.elapsed(), PREFACE_TIMEOUT);
 
     // A client that sends its preface at once keeps that very connection past the timeout: two calls on
     // one raw HTTP/2 connection (no reconnection could hide a close), 600 ms apart.
@@ -348,11 +378,13 @@ async fn connections_over_max_connections_are_closed_at_once() {
     .await;
 }
 
+const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+
 #[tokio::test]
 async fn an_idle_connection_is_closed_but_not_while_a_call_is_open() {
     let keys = LocalKeys::new();
     let mut config = keys.config();
-    config.transport.idle_timeout = Duration::from_secs(1);
+    config.transport.idle_timeout = IDLE_TIMEOUT;
     // PINGs every 200 ms: they do not count as activity.
     config.transport.keepalive_interval = Duration::from_millis(200);
     let server = TestServer::from_config(config).await;
@@ -372,13 +404,23 @@ async fn an_idle_connection_is_closed_but_not_while_a_call_is_open() {
         "a connection with a call open is not idle"
     );
 
-    // Once the call ends (the client resets it), the connection is idle and is closed.
-    drop((response, open_call, send));
+    // Once the call ends (the client resets it), the connection is idle and is closed, a whole
+    // idle_timeout later: the server ends the call after our reset, and keeps that end in whole
+    // milliseconds (so up to 1 ms earlier than it was). `send` stays: with the last handle gone, h2's
+    // client would close the connection itself, and the server's close would go unseen.
+    drop((response, open_call));
+    let idle = Instant::now();
     tokio::time::timeout(PATIENCE, &mut connection)
         .await
         .expect("an idle connection is closed")
         .unwrap()
         .ok();
+    assert_closed_at_the_edge(
+        "an idle connection",
+        idle.elapsed() + Duration::from_millis(1),
+        IDLE_TIMEOUT,
+    );
+    drop(send);
 }
 
 /// CPU time (user + system) the process `pid` has used.
