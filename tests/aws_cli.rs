@@ -130,20 +130,29 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// The AWS CLI's exit code for an error the service returned: 255 in version 1, 254 in version 2.
-/// The exit code the AWS CLI gives for a service error: 255 in version 1, 254 in version 2. It is asked
-/// `aws --version` (about a second of Python start-up) once per run of this binary.
+/// The exit code the AWS CLI gives for an error the service returned: 255 in version 1, 254 in version 2.
+/// Read off the version of the `awscli` package installed in the venv (its `.dist-info` directory), not by
+/// running `aws --version`: that is about a second of Python start-up, in every test process.
 fn service_error_exit_code() -> i32 {
-    static CODE: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
-    *CODE.get_or_init(|| {
-        let output = aws_client("aws", None).arg("--version").output().unwrap();
-        let version = text(&output.stdout) + &text(&output.stderr);
-        if version.starts_with("aws-cli/1.") {
-            255
-        } else {
-            254
+    let lib = venv().join("lib");
+    let site_packages = std::fs::read_dir(&lib)
+        .unwrap_or_else(|e| panic!("{}: {e}", lib.display()))
+        .map(|python| python.unwrap().path().join("site-packages"));
+    for dir in site_packages.filter(|dir| dir.is_dir()) {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            if let Some(version) = name
+                .strip_prefix("awscli-")
+                .and_then(|rest| rest.strip_suffix(".dist-info"))
+            {
+                return if version.starts_with("1.") { 255 } else { 254 };
+            }
         }
-    })
+    }
+    panic!(
+        "no awscli package in {}: run tests/run.sh, which installs it",
+        lib.display()
+    )
 }
 
 fn config_file(dir: &Path, toml: &str) -> String {
