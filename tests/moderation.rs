@@ -409,6 +409,7 @@ async fn one_redis_round_trip_per_token_request_with_the_ban_check_and_three_lim
     let key = generate_key();
     let env = [
         ("CTS_LIMITER__BACKEND", "redis"),
+        ("CTS_LIMITER__REDIS_TIMEOUT", common::REDIS_TIMEOUT_SETTING),
         ("CTS_LIMITER__REDIS_URL", url.as_str()),
         ("CTS_LIMITER__KEY_PREFIX", prefix.as_str()),
         ("CTS_LOCAL_ISSUER__KEY", key.as_str()),
@@ -486,6 +487,7 @@ async fn a_ban_through_one_process_is_refused_by_another_sharing_redis() {
     let key = generate_key();
     let env = [
         ("CTS_LIMITER__BACKEND", "redis"),
+        ("CTS_LIMITER__REDIS_TIMEOUT", common::REDIS_TIMEOUT_SETTING),
         ("CTS_LIMITER__REDIS_URL", url.as_str()),
         ("CTS_LIMITER__KEY_PREFIX", prefix.as_str()),
         ("CTS_LOCAL_ISSUER__KEY", key.as_str()),
@@ -887,6 +889,7 @@ async fn under_the_production_policy_a_web_caller_cannot_ban_and_a_moderator_can
 fn redis_config(keys: &LocalKeys, url: &str, mode: FailureMode) -> Config {
     let mut config = keys.config();
     config.limiter.backend = LimiterBackend::Redis;
+    config.limiter.redis_timeout = common::REDIS_TIMEOUT;
     config.limiter.redis_url = Some(RedisUrl::parse(url).unwrap());
     config.limiter.key_prefix = unique_prefix();
     config.limiter.failure_mode = mode;

@@ -28,18 +28,24 @@ use tonic_health::pb::{
 };
 use tonic_types::StatusExt;
 
-/// A config using Redis at `redis` with `prefix`, plus `extra` TOML (limits, failure mode).
+/// A config using Redis at `redis` with `prefix`, plus `extra` TOML (limits, failure mode), and
+/// [`common::REDIS_TIMEOUT`] unless `extra` sets `redis_timeout`.
 fn redis_config(keys: &LocalKeys, redis: &RedisServer, prefix: &str, extra: &str) -> Config {
     let path = keys
         .dir
         .path()
         .join(format!("config-{}.toml", uuid::Uuid::new_v4()));
     let (limiter, rest) = extra.split_once("\n\n").unwrap_or((extra, ""));
+    let timeout = if limiter.contains("redis_timeout") {
+        String::new()
+    } else {
+        format!("redis_timeout = \"{}\"\n", common::REDIS_TIMEOUT_SETTING)
+    };
     std::fs::write(
         &path,
         format!(
             "[local_issuer]\nkeys_file = \"{}\"\n\n{rest}\n\n[limiter]\nbackend = \"redis\"\n\
-             redis_url = \"{}\"\nkey_prefix = \"{prefix}\"\n{limiter}\n",
+             redis_url = \"{}\"\nkey_prefix = \"{prefix}\"\n{timeout}{limiter}\n",
             keys.path.display(),
             redis.url(),
         ),
@@ -189,6 +195,7 @@ async fn two_service_processes_share_one_limit_instead_of_doubling_it() {
     let url = redis.url();
     let env = [
         ("CTS_LIMITER__BACKEND", "redis"),
+        ("CTS_LIMITER__REDIS_TIMEOUT", common::REDIS_TIMEOUT_SETTING),
         ("CTS_LIMITER__REDIS_URL", url.as_str()),
         ("CTS_LIMITER__KEY_PREFIX", prefix.as_str()),
         (
@@ -234,6 +241,7 @@ async fn a_skewed_wall_clock_does_not_change_decisions() {
     let faketime = libfaketime().display().to_string();
     let env = [
         ("CTS_LIMITER__BACKEND", "redis"),
+        ("CTS_LIMITER__REDIS_TIMEOUT", common::REDIS_TIMEOUT_SETTING),
         ("CTS_LIMITER__REDIS_URL", url.as_str()),
         ("CTS_LIMITER__KEY_PREFIX", prefix.as_str()),
         (
