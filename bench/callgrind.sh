@@ -2,6 +2,8 @@
 # Instructions per CreateChatToken call in the server, counted by valgrind's callgrind: repeatable on a busy
 # machine, where wall-clock figures move ±20%. What BENCHMARKS.md's "Optimisations" figures come from.
 #
+#   bench/callgrind.sh baseline 2000      bare tonic serving the same proto (examples/bench_baseline.rs, a
+#                                         fixed token): what the service's own work adds is measured against it
 #   bench/callgrind.sh embedded 2000      the embedded defaults, 2,000 calls measured
 #   bench/callgrind.sh production 2000    deploy/policy/production.cedar + entities, 3 memory limits
 #   bench/callgrind.sh redis 2000         the same limits in Redis (REDIS_URL, default redis://127.0.0.1:6379);
@@ -26,7 +28,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scenarios="embedded, production, redis, end-user, rooms, http1, h2c, http1-sigv4 or h2c-sigv4"
+scenarios="baseline, embedded, production, redis, end-user, rooms, http1, h2c, http1-sigv4 or h2c-sigv4"
 scenario=${1:?$scenarios} calls=${2:-2000}
 bin_dir=${BENCH_BIN_DIR:-target/release}
 out_dir=${CALLGRIND_OUT:-target/callgrind}
@@ -36,7 +38,9 @@ command -v valgrind >/dev/null || {
 }
 mkdir -p "$out_dir"
 loadgen_args=() door=grpc warmup=300
+program=chat-token-service
 case $scenario in
+  baseline) settings=() program=examples/bench_baseline ;;
   embedded) settings=() ;;
   http1 | h2c | http1-sigv4 | h2c-sigv4)
     settings=() door=http
@@ -112,8 +116,12 @@ esac
 out=$out_dir/$scenario.callgrind
 rm -f "$out" "$out".*
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+program_args=()
+# The baseline takes its address as its argument; the service reads CTS_LISTEN_ADDR.
+[ "$scenario" = baseline ] && program_args=("127.0.0.1:$port")
 env -u RUST_LOG "${settings[@]}" CTS_LISTEN_ADDR="127.0.0.1:$port" valgrind --tool=callgrind \
-  --instr-atstart=no --callgrind-out-file="$out" "$bin_dir/chat-token-service" 2>"$out_dir/$scenario.log" &
+  --instr-atstart=no --callgrind-out-file="$out" "$bin_dir/$program" "${program_args[@]}" \
+  2>"$out_dir/$scenario.log" &
 server=$!
 trap 'kill "$server" 2>/dev/null || true' EXIT
 for _ in $(seq 1 600); do
