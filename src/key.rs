@@ -4,7 +4,7 @@
 //! - [`digest_hex`]: a 128-bit digest of a key in hex, so a store holds no user id or room ARN in clear and
 //!   its keys have a bounded length.
 
-use orion::hazardous::hash::blake2::blake2b::Blake2b;
+use blake2b_simd::Params;
 
 /// Bytes of BLAKE2b digest: 128 bits, no collision among any number of keys a store can hold.
 const DIGEST_BYTES: usize = 16;
@@ -26,13 +26,12 @@ pub fn digest_hex(value: &str) -> String {
 
 /// Appends [`digest_hex`]`(value)` to `key`, allocating nothing else.
 pub fn push_digest_hex(key: &mut String, value: &str) {
-    let mut hasher = Blake2b::new(DIGEST_BYTES).expect("16 bytes is a valid BLAKE2b size");
-    hasher
-        .update(value.as_bytes())
-        .expect("a fresh hasher accepts input");
-    let digest = hasher.finalize().expect("a fresh hasher finalizes once");
+    let digest = Params::new()
+        .hash_length(DIGEST_BYTES)
+        .hash(value.as_bytes());
     let mut hex = [0; 2 * DIGEST_BYTES];
-    hex::encode_to_slice(digest, &mut hex).expect("the buffer holds two digits per byte");
+    hex::encode_to_slice(digest.as_bytes(), &mut hex)
+        .expect("the buffer holds two digits per byte");
     key.push_str(std::str::from_utf8(&hex).expect("hex digits are ASCII"));
 }
 
