@@ -226,3 +226,36 @@ pub fn whole_millis(at: SystemTime) -> SystemTime {
         .unwrap_or_default();
     SystemTime::UNIX_EPOCH + Duration::from_millis(since_epoch.as_millis() as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ban(expires_at: Option<SystemTime>) -> Ban {
+        Ban {
+            room: RoomArn::parse("arn:aws:ivschat:us-west-2:123456789012:room/r").unwrap(),
+            user_id: UserId::parse("u".into()).unwrap(),
+            banned_by: Caller::new("moderator"),
+            created_at: SystemTime::UNIX_EPOCH,
+            expires_at,
+            reason: Reason::parse("r".into()).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_ban_is_in_force_until_its_end_that_instant_excluded() {
+        let end = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let ban = ban(Some(end));
+        assert!(ban.in_force(end - Duration::from_secs(3600)));
+        assert!(ban.in_force(end - Duration::from_nanos(1)));
+        assert!(!ban.in_force(end));
+        assert!(!ban.in_force(end + Duration::from_nanos(1)));
+    }
+
+    #[test]
+    fn a_ban_without_an_end_is_in_force_until_lifted() {
+        let ban = ban(None);
+        assert!(ban.in_force(SystemTime::UNIX_EPOCH));
+        assert!(ban.in_force(SystemTime::UNIX_EPOCH + Duration::from_secs(u32::MAX.into())));
+    }
+}

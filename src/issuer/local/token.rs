@@ -221,3 +221,45 @@ impl Payload {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Claims issued at `issued_at`, their token living `ttl`.
+    fn claims(issued_at: SystemTime, ttl: Duration) -> TokenClaims {
+        TokenClaims {
+            token_id: "t".into(),
+            room: RoomArn::parse("arn:aws:ivschat:us-west-2:123456789012:room/r").unwrap(),
+            user_id: UserId::parse("u".into()).unwrap(),
+            capabilities: Default::default(),
+            attributes: Default::default(),
+            issued_at,
+            token_expires_at: issued_at + ttl,
+            session_expires_at: issued_at + ttl,
+        }
+    }
+
+    const ONE_NS: Duration = Duration::from_nanos(1);
+
+    #[test]
+    fn a_token_verifies_from_leeway_before_nbf_until_leeway_after_exp_that_instant_excluded() {
+        // Issued 0.7 s into a second: `nbf` is that whole second.
+        let nbf = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let issued_at = nbf + Duration::from_millis(700);
+        let claims = claims(issued_at, Duration::from_secs(60));
+        let exp = claims.token_expires_at;
+
+        let at = |now| check_times(&claims, now);
+        assert_eq!(
+            at(nbf - VERIFY_LEEWAY - ONE_NS),
+            Err(VerifyError::NotYetValid)
+        );
+        assert_eq!(at(nbf - VERIFY_LEEWAY), Ok(()));
+        assert_eq!(at(issued_at), Ok(()));
+        assert_eq!(at(exp), Ok(()));
+        assert_eq!(at(exp + VERIFY_LEEWAY - ONE_NS), Ok(()));
+        assert_eq!(at(exp + VERIFY_LEEWAY), Err(VerifyError::Expired));
+        assert_eq!(at(exp + VERIFY_LEEWAY + ONE_NS), Err(VerifyError::Expired));
+    }
+}
