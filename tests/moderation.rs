@@ -889,7 +889,7 @@ async fn under_the_production_policy_a_web_caller_cannot_ban_and_a_moderator_can
 fn redis_config(keys: &LocalKeys, url: &str, mode: FailureMode) -> Config {
     let mut config = keys.config();
     config.limiter.backend = LimiterBackend::Redis;
-    config.limiter.redis_timeout = common::REDIS_TIMEOUT;
+    config.limiter.redis_timeout = common::redis_timeout();
     config.limiter.redis_url = Some(RedisUrl::parse(url).unwrap());
     config.limiter.key_prefix = unique_prefix();
     config.limiter.failure_mode = mode;

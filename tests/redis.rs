@@ -29,7 +29,7 @@ use tonic_health::pb::{
 use tonic_types::StatusExt;
 
 /// A config using Redis at `redis` with `prefix`, plus `extra` TOML (limits, failure mode), and
-/// [`common::REDIS_TIMEOUT`] unless `extra` sets `redis_timeout`.
+/// [`common::REDIS_TIMEOUT_SETTING`] unless `extra` sets `redis_timeout`.
 fn redis_config(keys: &LocalKeys, redis: &RedisServer, prefix: &str, extra: &str) -> Config {
     let path = keys
         .dir

@@ -159,7 +159,7 @@ async fn a_single_use_token_cannot_be_replayed_in_the_verify_leeway_in_redis() {
     let redis = RedisServer::shared();
     let (_keys, server) = single_use_server(|config| {
         config.limiter.backend = LimiterBackend::Redis;
-        config.limiter.redis_timeout = common::REDIS_TIMEOUT;
+        config.limiter.redis_timeout = common::redis_timeout();
         config.limiter.redis_url = Some(RedisUrl::parse(&redis.url()).unwrap());
         config.limiter.key_prefix = unique_prefix();
     })
@@ -202,7 +202,7 @@ async fn a_redis_revocation_only_moves_forward() {
     let redis = RedisServer::shared();
     let mut config = Config::default();
     config.limiter.backend = LimiterBackend::Redis;
-    config.limiter.redis_timeout = common::REDIS_TIMEOUT;
+    config.limiter.redis_timeout = common::redis_timeout();
     config.limiter.redis_url = Some(RedisUrl::parse(&redis.url()).unwrap());
     config.limiter.key_prefix = unique_prefix();
     // Decided in Redis or not at all: a store that fell back in process would not be under test.
@@ -840,7 +840,7 @@ async fn a_ban_for_a_room_the_issuer_does_not_serve_is_refused_and_never_stored(
     let server = TestServer::ivs(&stub, |config| {
         config.ivs.allowed_accounts = vec![AccountId::parse("111111111111").unwrap()];
         config.limiter.backend = LimiterBackend::Redis;
-        config.limiter.redis_timeout = common::REDIS_TIMEOUT;
+        config.limiter.redis_timeout = common::redis_timeout();
         config.limiter.redis_url = Some(RedisUrl::parse(&redis.url()).unwrap());
         config.limiter.key_prefix = prefix.clone();
     })

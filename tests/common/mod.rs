@@ -191,12 +191,16 @@ pub fn valid_request() -> CreateChatTokenRequest {
 /// loaded 2-core machine is slow, and finite, so a broken feature fails with a message instead of hanging.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
-/// `limiter.redis_timeout` for tests that are not about it. The default, 50 ms, is a production budget: on
-/// a loaded 2-core machine a Redis round trip sometimes takes longer, and the call then fails closed (or
-/// falls back to local state) for a reason the test is not about. Tests of the timeout set their own.
-pub const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
-/// [`REDIS_TIMEOUT`] as a setting (`CTS_LIMITER__REDIS_TIMEOUT`, a TOML value).
+/// `limiter.redis_timeout` for tests that are not about it, as a setting (`CTS_LIMITER__REDIS_TIMEOUT`, a
+/// TOML value; [`redis_timeout`] as a `Duration`). The default, 50 ms, is a production budget: on a loaded
+/// 2-core machine a Redis round trip sometimes takes longer, and the call then fails closed (or falls
+/// back to local state) for a reason the test is not about. Tests of the timeout set their own.
 pub const REDIS_TIMEOUT_SETTING: &str = "2s";
+
+/// [`REDIS_TIMEOUT_SETTING`] as a `Duration`, for configs built in Rust.
+pub fn redis_timeout() -> Duration {
+    humantime::parse_duration(REDIS_TIMEOUT_SETTING).expect("a valid duration")
+}
 
 /// Polls `check` every 10 ms until it gives a value; fails naming `what` after [`PATIENCE`].
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
