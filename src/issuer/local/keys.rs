@@ -16,13 +16,16 @@ use pasetors::{
 };
 use serde::Deserialize;
 
+use super::paseto::Sealer;
+
 /// One symmetric key and its PASERK id.
 pub(super) struct LocalKey {
     /// `k4.lid.…`, derived from the key itself, so it can never name the wrong key.
     pub(super) id: String,
     pub(super) key: SymmetricKey<V4>,
-    /// The footer of the tokens it encrypts, `{"kid":"k4.lid.…"}`: the same for every token, so built once.
-    pub(super) footer: String,
+    /// Its v4.local encryption with the footer of the tokens it encrypts, `{"kid":"k4.lid.…"}`: the same
+    /// for every token, so built once.
+    pub(super) sealer: Sealer,
 }
 
 impl LocalKey {
@@ -36,10 +39,12 @@ impl LocalKey {
         let mut paserk_id = String::new();
         id.fmt(&mut paserk_id)
             .expect("formatting a PASERK id into a String cannot fail");
+        let sealer =
+            Sealer::new(key.as_bytes(), footer.as_bytes()).expect("a v4 symmetric key is 32 bytes");
         LocalKey {
             id: paserk_id,
             key,
-            footer,
+            sealer,
         }
     }
 }

@@ -85,16 +85,11 @@ impl KeySet {
         &self,
         claims: &NewClaims<'_>,
     ) -> Result<String, pasetors::errors::Error> {
-        let active = self.active();
-        let payload =
-            serde_json::to_vec(claims).map_err(|_| pasetors::errors::Error::InvalidClaim)?;
-        super::paseto::encrypt(
-            active.key.as_bytes(),
-            &payload,
-            active.footer.as_bytes(),
-            IMPLICIT_ASSERTION,
-        )
-        .map_err(|_| pasetors::errors::Error::Encryption)
+        // Sized for the claims of a typical token, so the buffer is not grown while writing them.
+        let mut payload = Vec::with_capacity(PAYLOAD_CAPACITY);
+        serde_json::to_writer(&mut payload, claims)
+            .map_err(|_| pasetors::errors::Error::InvalidClaim)?;
+        Ok(self.active().sealer.seal(&payload, IMPLICIT_ASSERTION))
     }
 }
 
@@ -157,11 +152,11 @@ impl From<VerifyError> for TokenRejection {
 #[derive(Serialize)]
 pub(super) struct NewClaims<'a> {
     pub(super) jti: &'a str,
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(serialize_with = "rfc3339")]
     pub(super) iat: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(serialize_with = "rfc3339")]
     pub(super) nbf: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(serialize_with = "rfc3339")]
     pub(super) exp: OffsetDateTime,
     #[serde(rename = "roomArn")]
     pub(super) room_arn: &'a str,
@@ -170,8 +165,70 @@ pub(super) struct NewClaims<'a> {
     #[serde(serialize_with = "ivs_names")]
     pub(super) capabilities: &'a Capabilities,
     pub(super) attributes: &'a BTreeMap<String, String>,
-    #[serde(rename = "sessionExpirationTime", with = "time::serde::rfc3339")]
+    #[serde(rename = "sessionExpirationTime", serialize_with = "rfc3339")]
     pub(super) session_expiration_time: OffsetDateTime,
+}
+
+/// What the claims' JSON is written into: room for a token's fixed claims, an ARN and a user id with a
+/// few attributes; larger claims grow it.
+const PAYLOAD_CAPACITY: usize = 512;
+
+/// An instant as RFC 3339, byte for byte as `time::serde::rfc3339` writes it in UTC (`Z`, the fraction of
+/// a second without trailing zeros, none when whole), without its formatting machinery and allocation.
+/// Anything else (another offset, a year outside 0–9999) goes to `time`'s own, which refuses such years.
+fn rfc3339<S: Serializer>(at: &OffsetDateTime, serializer: S) -> Result<S::Ok, S::Error> {
+    let mut text = [0u8; RFC3339_MAX];
+    match write_rfc3339(*at, &mut text) {
+        Some(len) => serializer
+            .serialize_str(std::str::from_utf8(&text[..len]).expect("RFC 3339 digits are ASCII")),
+        None => time::serde::rfc3339::serialize(at, serializer),
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`, the longest [`write_rfc3339`] writes.
+const RFC3339_MAX: usize = 30;
+
+/// Writes `at` into `text` as [`rfc3339`] describes and returns its length; `None` when `at` is not in
+/// UTC or its year is outside 0–9999.
+fn write_rfc3339(at: OffsetDateTime, text: &mut [u8; RFC3339_MAX]) -> Option<usize> {
+    let year = at.year();
+    if !at.offset().is_utc() || !(0..10_000).contains(&year) {
+        return None;
+    }
+    let two_digits = |text: &mut [u8; RFC3339_MAX], at: usize, n: u32| {
+        text[at] = b'0' + (n / 10) as u8;
+        text[at + 1] = b'0' + (n % 10) as u8;
+    };
+    let year = year.unsigned_abs();
+    let (hour, minute, second, nanos) = at.to_hms_nano();
+    two_digits(text, 0, year / 100);
+    two_digits(text, 2, year % 100);
+    text[4] = b'-';
+    two_digits(text, 5, u8::from(at.month()).into());
+    text[7] = b'-';
+    two_digits(text, 8, at.day().into());
+    text[10] = b'T';
+    two_digits(text, 11, hour.into());
+    text[13] = b':';
+    two_digits(text, 14, minute.into());
+    text[16] = b':';
+    two_digits(text, 17, second.into());
+    let mut len = 19;
+    if nanos != 0 {
+        text[len] = b'.';
+        let mut digits = [0u8; 9];
+        let mut rest = nanos;
+        for digit in digits.iter_mut().rev() {
+            *digit = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        let trailing_zeros = digits.iter().rev().take_while(|&&d| d == b'0').count();
+        let kept = digits.len() - trailing_zeros;
+        text[len + 1..len + 1 + kept].copy_from_slice(&digits[..kept]);
+        len += 1 + kept;
+    }
+    text[len] = b'Z';
+    Some(len + 1)
 }
 
 /// Capabilities as IVS Chat names them, `["SEND_MESSAGE", …]`.
@@ -261,5 +318,69 @@ mod tests {
         assert_eq!(at(exp + VERIFY_LEEWAY - ONE_NS), Ok(()));
         assert_eq!(at(exp + VERIFY_LEEWAY), Err(VerifyError::Expired));
         assert_eq!(at(exp + VERIFY_LEEWAY + ONE_NS), Err(VerifyError::Expired));
+    }
+
+    /// `rfc3339` writes exactly what `time::serde::rfc3339` writes: at the ends of its year range, across
+    /// leap days and month ends, every count of trailing zeros in the fraction, and 10,000 instants spread
+    /// over 1970–2300; years it cannot write and other offsets go to `time` itself.
+    #[test]
+    fn rfc3339_writes_what_time_writes() {
+        let ours = |at: OffsetDateTime| {
+            let mut out = Vec::new();
+            rfc3339(&at, &mut serde_json::Serializer::new(&mut out)).map(|()| out)
+        };
+        let times = |at: OffsetDateTime| {
+            let mut out = Vec::new();
+            time::serde::rfc3339::serialize(&at, &mut serde_json::Serializer::new(&mut out))
+                .map(|()| out)
+        };
+        let same = |at: OffsetDateTime| {
+            let expected = times(at).unwrap();
+            assert_eq!(
+                String::from_utf8(ours(at).unwrap()).unwrap(),
+                String::from_utf8(expected).unwrap(),
+                "{at:?}"
+            );
+        };
+        let utc = |seconds: i64, nanos: u32| {
+            OffsetDateTime::from_unix_timestamp(seconds).unwrap()
+                + time::Duration::nanoseconds(nanos.into())
+        };
+        // 0000-01-01T00:00:00Z and 9999-12-31T23:59:59.999999999Z, the ends of RFC 3339's years.
+        same(utc(-62_167_219_200, 0));
+        same(utc(253_402_300_799, 999_999_999));
+        // 2000-02-29, 2100-02-28/03-01 (no leap day), 2024-12-31/2025-01-01, one second either side.
+        for midnight in [951_782_400, 4_107_542_400, 1_735_689_600] {
+            for offset in [-1, 0, 1] {
+                same(utc(midnight + offset, 0));
+            }
+        }
+        let mut nanos = 123_456_789;
+        for _ in 0..10 {
+            same(utc(1_800_000_000, nanos));
+            nanos /= 10;
+        }
+        for nanos in [1, 10, 100_000_000, 120_000_000, 999_999_990] {
+            same(utc(1_800_000_000, nanos));
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        for _ in 0..10_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let seconds = (seed % 10_413_792_000) as i64; // 1970 to 2300
+            same(utc(seconds, (seed >> 34) as u32 % 1_000_000_000));
+        }
+
+        // -0001-12-31T23:59:59Z: a year RFC 3339 cannot write, refused by both.
+        let year_minus_1 = utc(-62_167_219_201, 0);
+        assert!(times(year_minus_1).is_err() && ours(year_minus_1).is_err());
+        let east = utc(1_800_000_000, 5).to_offset(time::macros::offset!(+05:30));
+        assert_eq!(ours(east).unwrap(), times(east).unwrap());
+        assert!(
+            String::from_utf8(ours(east).unwrap())
+                .unwrap()
+                .ends_with("+05:30\"")
+        );
     }
 }
