@@ -1,13 +1,14 @@
 //! [`Caller`]: the internal service asking, and where its identity came from.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 /// Who is calling: a SPIFFE id, DNS name, certificate CN, header value or the anonymous principal,
 /// as the identity sources resolved it, with where it came from. Not secret: it names a service, not a
 /// person.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Caller {
-    id: String,
+    /// Shared: a call clones its caller a few times (door, audit, policy), a reference count each.
+    id: Arc<str>,
     source: Option<CallerSource>,
 }
 
@@ -47,7 +48,7 @@ impl CallerSource {
 
 impl Caller {
     /// A caller known by `id` from outside any request (tests, examples): no source is recorded.
-    pub fn new(id: impl Into<String>) -> Self {
+    pub fn new(id: impl Into<Arc<str>>) -> Self {
         Caller {
             id: id.into(),
             source: None,
@@ -55,7 +56,7 @@ impl Caller {
     }
 
     /// A caller a request identified as `id` through `source`.
-    pub fn with_source(id: impl Into<String>, source: CallerSource) -> Self {
+    pub fn with_source(id: impl Into<Arc<str>>, source: CallerSource) -> Self {
         Caller {
             id: id.into(),
             source: Some(source),
