@@ -17,9 +17,41 @@ use serde_json::Value;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum ContextReads {
     /// Only these paths (`["end_user", "verified"]`), each with everything under it.
-    Paths(BTreeSet<Vec<String>>),
+    Paths(PathTree),
     /// The context as a whole: every attribute.
     All,
+}
+
+/// Read paths as a tree of attribute names, so a lookup walks the path once instead of comparing it with
+/// every read path (a dozen lookups a decision: that scan was half of the production policy's decision
+/// key).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct PathTree {
+    /// A read path ends here: everything under this node is read.
+    whole: bool,
+    /// The attributes read under this node, in name order.
+    children: Vec<(String, PathTree)>,
+}
+
+impl PathTree {
+    fn of(paths: &BTreeSet<Vec<String>>) -> Self {
+        let mut root = PathTree::default();
+        for path in paths {
+            let mut node = &mut root;
+            for name in path {
+                let at = match node.children.iter().position(|(child, _)| child == name) {
+                    Some(at) => at,
+                    None => {
+                        node.children.push((name.clone(), PathTree::default()));
+                        node.children.len() - 1
+                    }
+                };
+                node = &mut node.children[at].1;
+            }
+            node.whole = true;
+        }
+        root
+    }
 }
 
 /// How much of the value at a path the policies can observe.
@@ -45,7 +77,12 @@ impl ContextReads {
                 _ => return ContextReads::All,
             }
         }
-        ContextReads::Paths(paths)
+        ContextReads::paths(&paths)
+    }
+
+    /// Reads of exactly `paths`.
+    pub(super) fn paths(paths: &BTreeSet<Vec<String>>) -> Self {
+        ContextReads::Paths(PathTree::of(paths))
     }
 
     /// Whether the context must hold the top-level `attribute`.
@@ -55,20 +92,26 @@ impl ContextReads {
 
     /// How much of the value at `path` (from the context's top) the policies can observe.
     pub(super) fn read(&self, path: &[&str]) -> Read {
-        let ContextReads::Paths(paths) = self else {
+        let ContextReads::Paths(root) = self else {
             return Read::Whole;
         };
-        let mut part = false;
-        for read in paths {
-            let common = read.iter().zip(path).take_while(|(a, b)| a == b).count();
-            if common == read.len() && common <= path.len() {
+        let mut node = root;
+        for name in path {
+            if node.whole {
                 return Read::Whole;
             }
-            if common == path.len() {
-                part = true;
+            match node.children.iter().find(|(child, _)| child == name) {
+                Some((_, child)) => node = child,
+                None => return Read::Nothing,
             }
         }
-        if part { Read::Part } else { Read::Nothing }
+        if node.whole {
+            Read::Whole
+        } else if node.children.is_empty() {
+            Read::Nothing
+        } else {
+            Read::Part
+        }
     }
 }
 
@@ -139,12 +182,67 @@ mod tests {
     }
 
     fn only(paths: &[&str]) -> ContextReads {
-        ContextReads::Paths(
-            paths
-                .iter()
-                .map(|path| path.split('.').map(str::to_owned).collect())
-                .collect(),
-        )
+        ContextReads::paths(&set(paths))
+    }
+
+    fn set(paths: &[&str]) -> BTreeSet<Vec<String>> {
+        paths
+            .iter()
+            .map(|path| path.split('.').map(str::to_owned).collect())
+            .collect()
+    }
+
+    /// What a read is by its definition: `Whole` when a read path is a prefix of `path` (or `path`
+    /// itself), `Part` when `path` is a proper prefix of one, else `Nothing`, comparing with every path.
+    fn read_by_scan(paths: &BTreeSet<Vec<String>>, path: &[&str]) -> Read {
+        let mut part = false;
+        for read in paths {
+            let common = read.iter().zip(path).take_while(|(a, b)| a == b).count();
+            if common == read.len() && common <= path.len() {
+                return Read::Whole;
+            }
+            if common == path.len() {
+                part = true;
+            }
+        }
+        if part { Read::Part } else { Read::Nothing }
+    }
+
+    /// The tree answers as the definition does, for every path of up to three names from a small
+    /// vocabulary, over read sets with nested, overlapping and prefix paths, the empty set included.
+    #[test]
+    fn the_tree_reads_as_the_definition_does() {
+        let names = ["a", "b", "c", "ab"];
+        let mut all_paths: Vec<Vec<&str>> = vec![vec![]];
+        for length in 1..=3 {
+            let mut longer = Vec::new();
+            for path in all_paths.iter().filter(|p| p.len() == length - 1) {
+                for name in names {
+                    let mut next = path.clone();
+                    next.push(name);
+                    longer.push(next);
+                }
+            }
+            all_paths.extend(longer);
+        }
+        for reads in [
+            &[][..],
+            &["a"],
+            &["a.b"],
+            &["a", "a.b"],
+            &["a.b", "a.c.a", "b", "ab.c"],
+            &["c.c.c", "c.a"],
+        ] {
+            let paths = set(reads);
+            let tree = ContextReads::paths(&paths);
+            for path in &all_paths {
+                assert_eq!(
+                    tree.read(path),
+                    read_by_scan(&paths, path),
+                    "{reads:?} {path:?}"
+                );
+            }
+        }
     }
 
     #[test]
