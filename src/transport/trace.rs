@@ -374,15 +374,17 @@ impl Call {
             debug_assert!(false, "only gRPC calls end with a gRPC status");
             return;
         };
-        let mut attributes = vec![
+        // On the stack, the error type last and left out when there is none: no allocation per call.
+        let attributes = [
             KeyValue::new("rpc.system.name", "grpc"),
             KeyValue::new("rpc.method", method),
             KeyValue::new("rpc.status_code", status),
+            KeyValue::new("error.type", error.unwrap_or_default()),
         ];
-        attributes.extend(error.map(|error| KeyValue::new("error.type", error)));
+        let attributes = &attributes[..if error.is_some() { 4 } else { 3 }];
         metrics()
             .rpc_server_duration
-            .record(self.started.elapsed().as_secs_f64(), &attributes);
+            .record(self.started.elapsed().as_secs_f64(), attributes);
     }
 
     /// Ends an HTTP API call with its response's `status`; server errors (5xx) mark the span as failed.
