@@ -119,7 +119,9 @@ port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0));
 program_args=()
 # The baseline takes its address as its argument; the service reads CTS_LISTEN_ADDR.
 [ "$scenario" = baseline ] && program_args=("127.0.0.1:$port")
-env -u RUST_LOG "${settings[@]}" CTS_LISTEN_ADDR="127.0.0.1:$port" valgrind --tool=callgrind \
+# CALLGRIND_ARGS adds valgrind options, e.g. "--cache-sim=yes" for simulated cache misses (D1mr, DLmr).
+# shellcheck disable=SC2086
+env -u RUST_LOG "${settings[@]}" CTS_LISTEN_ADDR="127.0.0.1:$port" valgrind --tool=callgrind ${CALLGRIND_ARGS:-} \
   --instr-atstart=no --callgrind-out-file="$out" "$bin_dir/$program" "${program_args[@]}" \
   2>"$out_dir/$scenario.log" &
 server=$!
