@@ -17,15 +17,17 @@
 //!   never a slower request.
 //! - **Audit**: one `audit` event per decision, written by the front doors (`door`).
 //!
-//! Log lines are formatted by the thread that writes them and written to stderr by a background thread
-//! through a queue of [`LOG_QUEUE_LINES`] lines: a call never waits on stderr. When stderr cannot keep up
-//! and the queue is full, lines are dropped and counted (`cts.log.dropped_lines`); [`Telemetry::shutdown`]
-//! writes out what is queued.
+//! Log lines are formatted by the thread that logs them, appended to a buffer of at most
+//! [`LOG_QUEUE_LINES`] lines and written to stderr in batches by a background thread (`writer`): a call
+//! never waits on stderr, and a line reaches it within a few milliseconds. When stderr cannot keep up and
+//! the buffer is full, lines are dropped and counted (`cts.log.dropped_lines`); [`Telemetry::shutdown`]
+//! writes out what is buffered.
 
 mod ids;
 pub mod metrics;
 mod otlp;
 mod text;
+mod writer;
 
 pub(crate) use ids::tag_call;
 
@@ -41,7 +43,6 @@ use opentelemetry_sdk::{
     trace::SdkTracerProvider,
 };
 use serde::{Deserialize, Serialize};
-use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{
     EnvFilter, Layer, filter::LevelFilter, layer::SubscriberExt, util::SubscriberInitExt,
 };
@@ -61,7 +62,7 @@ pub enum LogFormat {
 /// The installed providers and log writer; [`Telemetry::shutdown`] flushes what is still buffered.
 pub struct Telemetry {
     /// Dropping it writes out the queued log lines (waiting a bounded time) and ends the writer thread.
-    log_writer: WorkerGuard,
+    log_writer: writer::WriterGuard,
     /// `None` when no trace exporter is configured: then no OpenTelemetry layer is installed at all.
     tracer_provider: Option<SdkTracerProvider>,
     meter_provider: Option<SdkMeterProvider>,
@@ -74,9 +75,6 @@ pub struct TelemetryError(String);
 
 /// How long shutdown may spend flushing telemetry to a collector that may be gone.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The log writer thread's buffer in front of stderr.
-const LOG_WRITE_BUFFER: usize = 64 * 1024;
 
 /// How many log lines may wait for stderr before new ones are dropped: about a second of a busy
 /// server's audit lines, a few MB at most.
@@ -142,17 +140,9 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
             .with_filter(LevelFilter::INFO)
     });
     let printed = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let (stderr, log_writer) = NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .thread_name("log-writer")
-        // The writer thread drains the queue into this buffer and flushes it whenever the queue is empty:
-        // one write to stderr per burst of lines instead of one per line, and no line waits for more.
-        .finish(std::io::BufWriter::with_capacity(
-            LOG_WRITE_BUFFER,
-            std::io::stderr(),
-        ));
-    let dropped = stderr.error_counter();
+    let (stderr, log_writer) = writer::LogWriter::spawn(std::io::stderr(), LOG_QUEUE_LINES)
+        .map_err(|e| TelemetryError(format!("cannot start the log writer thread: {e}")))?;
+    let dropped = stderr.clone();
     metrics::observe_dropped_log_lines(move || dropped.dropped_lines());
     let fmt = match format {
         // Colour codes only for people, with tracing-subscriber's own formatters.
