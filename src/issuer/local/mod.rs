@@ -1,7 +1,7 @@
 //! The local issuer: mints its own encrypted, authenticated chat tokens, and verifies them.
 //!
-//! Tokens are [PASETO] `v4.local` (XChaCha20 + BLAKE2b-MAC; minted here on orion's primitives,
-//! opened by the `pasetors` crate): the claims are
+//! Tokens are [PASETO] `v4.local` (XChaCha20 + BLAKE2b-MAC; minted here on RustCrypto's `chacha20` and
+//! `blake2b_simd`, opened by the `pasetors` crate): the claims are
 //! encrypted, so the token reveals nothing to its holder, and authenticated, so nobody without the key can
 //! forge or alter one. The footer, authenticated but not encrypted, carries `kid`: the [PASERK] local id
 //! (`k4.lid.…`) of the key that encrypted the token, so keys can rotate: a [`KeySet`] encrypts with its one
