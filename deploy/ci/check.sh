@@ -223,6 +223,15 @@ serve() {
   cat "$work/server.log"
   fail "the server of $combination does not answer: $*"
 }
+# in_log PATTERN: prints the first line of the server's log matching PATTERN, waiting up to 2 s for it (the
+# service writes its log in batches, a few milliseconds after each line); fails when none came.
+in_log() {
+  for _ in $(seq 1 40); do
+    grep -m 1 "$1" "$work/server.log" && return 0
+    sleep 0.05
+  done
+  return 1
+}
 # stop: SIGTERM, as the kubelet sends it; the server drains and exits 0 within the grace period.
 stop() {
   kill -TERM "$server"
@@ -253,7 +262,7 @@ if grpcurl "${tls[@]}" -d "$request" 127.0.0.1:50051 ivschat.v1.TokenService/Cre
   fail "a call without a client certificate was served"
 fi
 # Refused by the server's handshake (its log says so), not by anything on the way.
-grep 'TLS handshake refused' "$work/server.log" | head -n 1 \
+in_log 'TLS handshake refused' \
   || fail "no refused handshake in the server's log: $(cat "$work/server.log")"
 echo "CreateChatToken without a client certificate: refused in the TLS handshake"
 if grpcurl "${tls[@]}" -cert "$work/stranger.crt" -key "$work/stranger.key" -d "$request" \
@@ -317,7 +326,7 @@ image_health() { (as_image "$1" "$image_binary" health); }
 image_args=(--dev)
 serve tryout image_health tryout
 image_args=()
-grep 'DEVELOPMENT MODE' "$work/server.log" || fail "no development-mode warning: $(cat "$work/server.log")"
+in_log 'DEVELOPMENT MODE' || fail "no development-mode warning: $(cat "$work/server.log")"
 grpcurl -plaintext -H 'x-caller-id: try-out' -d "$request" 127.0.0.1:50051 \
   ivschat.v1.TokenService/CreateChatToken >"$work/token.json"
 grep -q '"token"' "$work/token.json" || fail "no token in development mode: $(cat "$work/token.json")"
