@@ -406,17 +406,29 @@ impl Call {
             self.span.record("error.type", error.as_str());
             self.span.record("otel.status_code", "ERROR");
         }
-        let mut attributes = vec![
+        // On the stack, as for gRPC: the route and the error type follow when there are any.
+        let mut attributes = [
             KeyValue::new("http.request.method", method),
             KeyValue::new("url.scheme", scheme),
             KeyValue::new("network.protocol.version", version),
             KeyValue::new("http.response.status_code", code),
+            KeyValue::new("http.route", ""),
+            KeyValue::new("error.type", ""),
         ];
-        attributes.extend(route.map(|route| KeyValue::new("http.route", route)));
-        attributes.extend(error.map(|error| KeyValue::new("error.type", error)));
+        let mut len = 4;
+        for attribute in [
+            route.map(|route| KeyValue::new("http.route", route)),
+            error.map(|error| KeyValue::new("error.type", error)),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            attributes[len] = attribute;
+            len += 1;
+        }
         metrics()
             .http_server_duration
-            .record(self.started.elapsed().as_secs_f64(), &attributes);
+            .record(self.started.elapsed().as_secs_f64(), &attributes[..len]);
     }
 
     fn is_grpc(&self) -> bool {
