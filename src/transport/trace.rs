@@ -416,14 +416,12 @@ impl Call {
             KeyValue::new("error.type", ""),
         ];
         let mut len = 4;
-        for attribute in [
-            route.map(|route| KeyValue::new("http.route", route)),
-            error.map(|error| KeyValue::new("error.type", error)),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            attributes[len] = attribute;
+        if let Some(route) = route {
+            attributes[len] = KeyValue::new("http.route", route);
+            len += 1;
+        }
+        if let Some(error) = error {
+            attributes[len] = KeyValue::new("error.type", error);
             len += 1;
         }
         metrics()
