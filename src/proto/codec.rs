@@ -4,6 +4,10 @@
 //!
 //! The generated service uses it through `codec_path` in build.rs.
 //!
+//! Its buffers start at [`BUFFER_BYTES`] instead of tonic's 8 KiB: tonic allocates one for each request
+//! it decodes and one for each response it encodes, and this service's messages are a few hundred bytes
+//! (a token response about 500). A larger message grows its buffer as it needs.
+//!
 //! Its refusal carries `google.rpc.ErrorInfo` like every other error (AIP-193), reason
 //! [`UNDECODABLE`] in the service's error domain, which lives in `rescue` above this layer: the same
 //! words are written here, and a test of the rescue table holds them equal.
@@ -20,6 +24,18 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 /// `google.rpc.ErrorInfo.reason` of a request message that cannot be decoded.
 pub const UNDECODABLE: &str = "MESSAGE_UNDECODABLE";
+/// Bytes each call's decode and encode buffers start with. Under 1,008 so that glibc serves them as small
+/// requests: an allocation of 1,008 bytes or more (tonic's default is 8,192) first merges every free
+/// small chunk (`malloc_consolidate`), a walk over cold memory on every call.
+pub const BUFFER_BYTES: usize = 1000;
+/// Tonic's default: how much a server stream gathers before it yields (this service has none).
+const YIELD_THRESHOLD: usize = 32 * 1024;
+
+/// [`BUFFER_BYTES`] and tonic's yield threshold.
+fn buffer_settings() -> BufferSettings {
+    BufferSettings::new(BUFFER_BYTES, YIELD_THRESHOLD)
+}
+
 /// `rescue::ERROR_DOMAIN`, which this layer cannot name.
 pub const ERROR_DOMAIN: &str = "chat-token-service.internal";
 
@@ -44,7 +60,7 @@ where
     type Decoder = ProstDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder::new(BufferSettings::default())
+        ProstEncoder::new(buffer_settings())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
@@ -77,6 +93,6 @@ impl<U: Message + Default> Decoder for ProstDecoder<U> {
     }
 
     fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::default()
+        buffer_settings()
     }
 }
