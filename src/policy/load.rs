@@ -1,7 +1,13 @@
 //! Loading a policy set: the files read, parsed, validated against the schema, their entities checked, and
 //! what every request's slice shares picked once.
 
-use std::{collections::HashSet, fmt::Write as _, path::Path, str::FromStr};
+use std::{
+    collections::{HashMap, HashSet},
+    fmt::Write as _,
+    path::Path,
+    str::FromStr,
+    sync::Arc,
+};
 
 use cedar_policy::{
     Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet,
@@ -9,7 +15,7 @@ use cedar_policy::{
 };
 use miette::Diagnostic;
 
-use super::cache::BoundedCache;
+use super::cache::{BoundedCache, Digest, DigestBits, Digester};
 use super::reads::ContextReads;
 use super::{CacheSizes, CachedDecision, DEVELOPMENT_POLICY, PolicyError, PolicySource};
 use crate::domain::Action;
@@ -23,11 +29,17 @@ pub(super) struct Loaded {
     /// ancestors, and the actions.
     pub(super) shared: Vec<Entity>,
     /// Slices already built, by caller id and room ARN: about [`CacheSizes::slices`].
-    pub(super) slices: BoundedCache<(String, String), Entities>,
+    pub(super) slices: BoundedCache<(String, String), Arc<Entities>>,
     /// The context attributes the policies can read: the only ones each request's context holds.
     pub(super) context_reads: ContextReads,
-    /// Decisions already made, by the decision key: about [`CacheSizes::decisions`].
-    pub(super) decisions: BoundedCache<String, CachedDecision>,
+    /// Decisions already made, by the digest of their decision key: about [`CacheSizes::decisions`].
+    pub(super) decisions: BoundedCache<Digest, CachedDecision, DigestBits>,
+    /// Digests decision keys with a key of this load's own.
+    pub(super) digester: Digester,
+    /// Every policy's id, in the order cached decisions number them.
+    pub(super) policy_ids: Vec<String>,
+    /// The number of each policy, by its id.
+    pub(super) policy_numbers: HashMap<PolicyId, u32>,
 }
 
 pub(super) fn string(s: &str) -> RestrictedExpression {
@@ -121,9 +133,18 @@ pub(super) fn load(
             }
         });
     }
+    let policy_ids: Vec<String> = policies.policies().map(|p| p.id().to_string()).collect();
+    let policy_numbers = policies
+        .policies()
+        .zip(0..)
+        .map(|(policy, number)| (policy.id().clone(), number))
+        .collect();
     Ok(Loaded {
+        policy_ids,
+        policy_numbers,
         context_reads: ContextReads::of(&policies),
-        decisions: BoundedCache::new(cache_sizes.decisions),
+        decisions: BoundedCache::with_hasher(cache_sizes.decisions, DigestBits),
+        digester: Digester::new(),
         policies,
         entities,
         shared,

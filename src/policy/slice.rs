@@ -24,7 +24,7 @@ impl PolicyEngine {
         let key = (caller.to_owned(), room.as_str().to_owned());
         loaded
             .slices
-            .get_or_try_insert(&key, || self.slice(loaded, principal, room))
+            .get_or_try_insert(&key, || self.slice(loaded, principal, room).map(Arc::new))
     }
 
     /// The entities a decision about `principal` and `room` can reach (see the module docs): a lookup per
