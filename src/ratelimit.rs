@@ -250,7 +250,9 @@ where
                 let checked = async {
                     let verdicts = match (&gate, request.user_id()) {
                         (Some(gate), Some(user_id)) => {
-                            match gate.check(request.room(), user_id, &checks).await? {
+                            // Boxed: the gate's Redis call is most of this future's size, and inline it
+                            // would make every call's future a large allocation, Redis or not.
+                            match Box::pin(gate.check(request.room(), user_id, &checks)).await? {
                                 Gated::Banned(ban) => {
                                     return Err(Error::UserBanned {
                                         expires_at: ban.expires_at,

@@ -13,8 +13,16 @@ pub mod grpc;
 pub mod messaging;
 pub mod rest;
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
 
+use futures_util::{FutureExt, future::Either};
+use pin_project_lite::pin_project;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
@@ -114,11 +122,14 @@ impl Door {
 
     /// Sends `request` through the token stack and records the decision. With a `deadline`, gives up just
     /// before it with the deadline's error, cancelling any upstream call in flight.
-    pub async fn issue(
+    ///
+    /// A future of its own rather than an `async fn`, which would keep the request twice in every call's
+    /// future (its argument, and the call it moved into).
+    pub fn issue(
         &self,
         request: TokenRequest,
         deadline: Option<CallDeadline>,
-    ) -> Result<IssuedToken, Error> {
+    ) -> impl Future<Output = Result<IssuedToken, Error>> + use<> {
         // What the decision was about: never the user id or attribute values.
         let audit = tracing::info_span!(
             target: "audit",
@@ -133,8 +144,29 @@ impl Door {
             end_user_bound = request.end_user.is_some(),
             end_user_issuer = request.end_user.as_ref().map(|user| user.issuer.as_str()),
         );
-        let issued = within(deadline, self.stack.clone(), request).await;
-        audit.in_scope(|| match &issued {
+        Audited {
+            call: within(deadline, self.stack.clone(), request),
+            audit,
+        }
+    }
+}
+
+pin_project! {
+    /// [`Door::issue`]'s future: the call, then its audit line in the `audit` span.
+    struct Audited<F> {
+        #[pin]
+        call: F,
+        audit: tracing::Span,
+    }
+}
+
+impl<F: Future<Output = Result<IssuedToken, Error>>> Future for Audited<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let issued = ready!(this.call.poll(cx));
+        this.audit.in_scope(|| match &issued {
             Ok(token) => tracing::info!(
                 target: "audit",
                 outcome = "issued",
@@ -145,7 +177,7 @@ impl Door {
                 tracing::info!(target: "audit", outcome = error.outcome(), "token refused")
             }
         });
-        issued
+        Poll::Ready(issued)
     }
 }
 
@@ -312,11 +344,14 @@ pub const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
 
 /// Runs `request` through `stack`, giving up [`DEADLINE_MARGIN`] before `deadline` with its error; dropping
 /// the call cancels whatever it was waiting on (an upstream call, a store).
-async fn within<S, R>(
+///
+/// A combinator, not an `async fn`: an `async fn` would keep its arguments beside the call it moved them
+/// into, a second copy of the request in every call's future.
+fn within<S, R>(
     deadline: Option<CallDeadline>,
     stack: S,
     request: R,
-) -> Result<S::Response, Error>
+) -> impl Future<Output = Result<S::Response, Error>>
 where
     S: Service<R, Error = Error>,
 {
@@ -327,11 +362,12 @@ where
                 .at
                 .checked_sub(DEADLINE_MARGIN)
                 .unwrap_or(deadline.at);
-            tokio::time::timeout_at(at, call)
-                .await
-                .unwrap_or_else(|_| Err(deadline.error()))
+            Either::Left(
+                tokio::time::timeout_at(at, call)
+                    .map(move |outcome| outcome.unwrap_or_else(|_| Err(deadline.error()))),
+            )
         }
-        None => call.await,
+        None => Either::Right(call),
     }
 }
 

@@ -210,7 +210,9 @@ impl Verifier {
             Err(("unknown", Error::EndUserInvalid(EndUserRejection::Repeated)))
         } else {
             match value.to_str() {
-                Ok(token) => self.verify(token.trim()).await,
+                // Boxed: verifying (and perhaps fetching keys) is a large future, which inline would
+                // make every call's future larger, with a token or not.
+                Ok(token) => Box::pin(self.verify(token.trim())).await,
                 Err(_) => Err((
                     "unknown",
                     Error::EndUserInvalid(EndUserRejection::Malformed),
