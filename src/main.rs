@@ -146,8 +146,8 @@ fn report(result: Result<(), Box<dyn std::error::Error>>) -> ExitCode {
 /// glibc raises the threshold (up to 32 MiB) each time a mapped block is freed. The in-process rate
 /// limiter's tables grow by doubling (2 MiB a shard at a million users), so after the first growth the
 /// next tables came from the heap, and the holes the old ones left stayed resident: peak RSS at
-/// 1,000,000 users 60.4 and 61.9 MiB against 57.2 and 56.7 MiB with the threshold fixed (`bench/run.sh`'s
-/// RSS row, same build), at no measurable CPU cost. Blocks of 128 KiB or more are then always mapped,
+/// 1,000,000 users 60.4 and 61.9 MiB against 57.2 and 56.7 MiB with the threshold fixed (the load of
+/// `bench/run.sh`'s RSS row, one build run both ways), at no measurable CPU cost. Blocks of 128 KiB or more are then always mapped,
 /// and given back when freed; a call's own allocations are far smaller.
 fn keep_large_blocks_mapped() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
